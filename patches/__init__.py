@@ -1,0 +1,34 @@
+"""Model adapters, one module per family, chosen by ``config.model_type``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter
+from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    cls.model_type: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for `model`, matched on ``config.model_type``; a clear error for anything else."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"unsupported model type {model_type!r} ({type(model).__name__}); "
+            f"vtprune supports: {', '.join(supported_model_types())}"
+        )
+    return ADAPTERS[model_type](model)
+
+
+__all__ = ["ADAPTERS", "Adapter", "adapter_for", "supported_model_types"]

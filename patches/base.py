@@ -1,0 +1,154 @@
+"""Shared mechanics of the model adapters.
+
+An adapter knows where one model family keeps its language model, decoder
+layers, projector and visual spans; it knows nothing about policies. Family
+modules subclass `Adapter` and implement `find_images` (visual spans of one
+sample) and, where it differs, how pre-projector features are captured.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..layout import ImageLayout, SampleLayout, SubGrid
+
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+class Adapter:
+    """Base adapter: the structure every supported HF vision-language model shares.
+
+    ``model`` is the object the user wrapped (``...ForConditionalGeneration``
+    or the bare ``...Model``); ``base`` is the module whose forward receives
+    ``input_ids`` and the grid metadata and calls the language model.
+    """
+
+    model_type: ClassVar[str] = ""
+    #: True where position ids are M-RoPE rows (Qwen); `compact` positions are
+    #: then undefined (the rows are a 3-D grid, not a count)
+    mrope: ClassVar[bool] = False
+    #: inputs of the base forward that describe the visual content
+    grid_keys: ClassVar[tuple[str, ...]] = ()
+    #: methods of the base model that run the vision encoder (their grid arguments are recorded)
+    vision_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.base = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        if not hasattr(self.base, "language_model"):
+            raise TypeError(f"{type(model).__name__} has no language_model; is it a vision-language model?")
+        self.config = self.base.config
+        self.check_config()
+
+    # --- structure -----------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.base.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def text_config(self):
+        return self.language_model.config
+
+    def projector_module(self) -> nn.Module:
+        """Module whose input is the pre-projector visual features."""
+        raise NotImplementedError
+
+    def check_config(self) -> None:
+        """Refuse configurations the adapter cannot lay out (raise ValueError)."""
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """Position embeddings the decoder layers take, for the given position ids."""
+        return self.language_model.rotary_emb(hidden, position_ids)
+
+    # --- layouts -------------------------------------------------------
+    def layouts(self, captured: dict[str, Any], inputs_embeds: torch.Tensor) -> list[SampleLayout] | None:
+        """Visual layout of every sample, or None when the batch holds no visual tokens."""
+        input_ids = captured.get("input_ids")
+        if input_ids is None:
+            return None
+        device = inputs_embeds.device
+        bsz, seq_len = input_ids.shape
+        mask = captured.get("attention_mask")
+        valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones(bsz, seq_len, dtype=torch.bool)
+        valid = valid.to(device)
+        counter = {"image": 0, "video": 0}
+        layouts = []
+        any_visual = False
+        for b in range(bsz):
+            images = self.find_images(captured, input_ids[b], counter)
+            images = [
+                ImageLayout(
+                    index=i,
+                    positions=img.positions.to(device),
+                    grids=img.grids,
+                    newline_positions=img.newline_positions.to(device),
+                    kind=img.kind,
+                )
+                for i, img in enumerate(images)
+            ]
+            any_visual = any_visual or bool(images)
+            question = self.question_positions(input_ids[b], images, valid[b])
+            layouts.append(SampleLayout(images=images, question_positions=question, valid=valid[b]))
+        return layouts if any_visual else None
+
+    def find_images(self, captured: dict[str, Any], ids: torch.Tensor, counter: dict[str, int]) -> list[ImageLayout]:
+        """Images of one sample in order of appearance; `counter` tracks the batch-global image index."""
+        raise NotImplementedError
+
+    def visual_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def question_positions(self, ids: torch.Tensor, images: list[ImageLayout], valid: torch.Tensor) -> torch.Tensor:
+        """Text tokens after the last visual token (the question; the chat prefix and system prompt come before it)."""
+        device = valid.device
+        positions = torch.arange(ids.numel(), device=device)
+        text = valid & ~self.visual_token_mask(ids).to(device)
+        if images:
+            text &= positions >= max(img.span[1] for img in images)
+        return positions[text]
+
+    @staticmethod
+    def split_runs(positions: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        """Cut the sorted positions of visual tokens into consecutive chunks of the given sizes."""
+        total = sum(sizes)
+        if positions.numel() != total:
+            raise ValueError(
+                f"the sample holds {positions.numel()} visual placeholder tokens but its images need {total}; "
+                "inputs and image metadata do not match"
+            )
+        return list(torch.split(positions, sizes))
+
+    # --- features ------------------------------------------------------
+    def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
+        """Pre-projector features of image i of sample b, one row per patch token, span order."""
+        raise NotImplementedError
+
+    def global_image_index(self, layouts: list[SampleLayout], b: int, i: int, kind: str = "image") -> int:
+        before = sum(1 for s in layouts[:b] for img in s.images if img.kind == kind)
+        return before + sum(1 for img in layouts[b].images[:i] if img.kind == kind)
+
+    # --- decode ----------------------------------------------------------
+    def decode_positions_from_cache(self, outer: dict[str, Any]) -> bool:
+        """True when HF derives this decode step's positions from the cache length.
+
+        The cache holds the pruned length, so those positions need the removed
+        count added back (``positions="original"``).
+        """
+        return outer.get("position_ids") is None
+
+
+def single_grid_image(index: int, positions: torch.Tensor, height: int, width: int, frames: int = 1, kind: str = "image"):
+    """An ImageLayout with one sub-grid per frame and no newline tokens."""
+    grids = [SubGrid(f * height * width, height, width) for f in range(frames)]
+    return ImageLayout(index=index, positions=positions, grids=grids, newline_positions=_EMPTY, kind=kind)

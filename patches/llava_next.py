@@ -1,0 +1,79 @@
+"""LLaVA-NeXT (`llava_next`): anyres crops plus newline tokens.
+
+Each image is a base view (one square grid) followed by the unpadded
+high-resolution view, whose rows each end in an `image_newline` token. The
+newlines are structure: always kept, never counted in a budget. The patch
+tokens are indexed in span order with newlines skipped, so the two views
+are two sub-grids of one image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+from ..layout import ImageLayout, SampleLayout, SubGrid
+from .llava import LlavaAdapter
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    model_type = "llava_next"
+
+    def _views(self, image_size: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of the unpadded high-resolution view of an image of `image_size` (h, w)."""
+        vision = self.config.vision_config
+        side = self.grid_side
+        rows, cols = get_anyres_image_grid_shape(image_size.tolist(), self.config.image_grid_pinpoints, vision.image_size)
+        shape = unpad_image(torch.empty(0, rows * side, cols * side), image_size.tolist()).shape
+        return shape[1], shape[2]
+
+    def find_images(self, captured: dict[str, Any], ids: torch.Tensor, counter: dict[str, int]) -> list[ImageLayout]:
+        sizes = captured.get("image_sizes")
+        positions = torch.nonzero(self.visual_token_mask(ids)).flatten()
+        side = self.grid_side
+        images, cursor = [], 0
+        while cursor < positions.numel():
+            if sizes is None or counter["image"] >= len(sizes):
+                raise ValueError("llava_next: the prompt holds more image placeholders than `image_sizes` describes")
+            h, w = self._views(torch.as_tensor(sizes[counter["image"]]))
+            base = side * side
+            span = positions[cursor : cursor + base + h * (w + 1)]
+            if span.numel() != base + h * (w + 1):
+                raise ValueError(
+                    f"llava_next: image {counter['image']} needs {base + h * (w + 1)} placeholder tokens, "
+                    f"the prompt has {span.numel()}"
+                )
+            hires = span[base:].view(h, w + 1)
+            images.append(
+                ImageLayout(
+                    index=len(images),
+                    positions=torch.cat([span[:base], hires[:, :w].flatten()]),
+                    grids=[SubGrid(0, side, side), SubGrid(base, h, w)],
+                    newline_positions=hires[:, w],
+                )
+            )
+            cursor += span.numel()
+            counter["image"] += 1
+        return images
+
+    def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
+        feats = captured["pre_projector"][0]
+        sizes = captured["image_sizes"]
+        vision = self.config.vision_config
+        crops = [
+            image_size_to_num_patches(torch.as_tensor(s).tolist(), self.config.image_grid_pinpoints, vision.image_size)
+            for s in sizes
+        ]
+        g = self.global_image_index(layouts, b, i)
+        start = sum(crops[:g])
+        per_image = feats[start : start + crops[g]]
+        packed, _ = self.base.pack_image_features(
+            [per_image], torch.as_tensor(sizes[g : g + 1]), self.config.vision_feature_select_strategy, image_newline=None
+        )
+        return packed

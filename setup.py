@@ -1,0 +1,74 @@
+"""Packaging for vtprune.
+
+`patches/`, `cuda/` and `eval/` live at the top of the repository (the design
+card's layout) and are installed as `vtprune.patches`, `vtprune.cuda` and
+`vtprune.eval`, so a user only ever imports `vtprune`. `model_zoo.yaml` is
+copied into the installed package.
+"""
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).parent
+
+
+class BuildWithZoo(build_py):
+    """Copy the top-level model_zoo.yaml into the built `vtprune` package."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "vtprune" / "model_zoo.yaml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(HERE / "model_zoo.yaml", target)
+
+
+setup(
+    name="vtprune",
+    version="0.1.0",
+    description="Visual-token pruning for HuggingFace multimodal LLMs",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "vtprune",
+        "vtprune.policies",
+        "vtprune.ops",
+        "vtprune.toyvqa",
+        "vtprune.patches",
+        "vtprune.cuda",
+        "vtprune.eval",
+    ],
+    package_dir={
+        "vtprune": "vtprune",
+        "vtprune.patches": "patches",
+        "vtprune.cuda": "cuda",
+        "vtprune.eval": "eval",
+    },
+    package_data={
+        "vtprune.toyvqa": ["checkpoints/*/*"],
+        "vtprune.cuda": ["*.cu"],
+        "vtprune.eval": ["*.yaml", "tasks/*/*"],
+    },
+    cmdclass={"build_py": BuildWithZoo},
+    install_requires=[
+        # torch is not pinned here: a range that 2.13.0 satisfies keeps pip from
+        # replacing an installed CPU build with a multi-GB CUDA one.
+        "torch>=2.4,<2.14",
+        "transformers>=5.24,<5.25",
+        "safetensors",
+        "tokenizers",
+        "pyyaml",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "demo": ["scikit-image", "matplotlib"],
+        "test": ["pytest", "scikit-image", "matplotlib", "ruff"],
+        "eval": ["lmms-eval==0.7.3", "matplotlib", "tqdm"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["vtprune=vtprune.cli:main"]},
+)

@@ -1,0 +1,65 @@
+"""Shared test helpers: tiny models, batches, and independent references."""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, SampleSpec, make_inputs, tiny_model
+
+QWEN = ("qwen2_vl", "qwen2_5_vl")
+
+
+def model_for(family: str, attn: str = "sdpa", seed: int = 0, **geometry):
+    from vtprune.tiny import Geometry
+
+    return tiny_model(family, Geometry(**geometry) if geometry else None, attn=attn, seed=seed)
+
+
+def single_spec(family: str) -> SampleSpec:
+    return SampleSpec(images=((32, 48),) if family != "llava" else ((32, 32),), question=6)
+
+
+def mixed_specs(family: str) -> list[SampleSpec]:
+    """Unequal samples: different image sizes (where the family has them), two images, none, padding."""
+    if family == "llava":
+        return [SampleSpec(images=((32, 32),), question=4), SampleSpec(images=((32, 32), (32, 32)), question=7),
+                SampleSpec(question=9)]
+    specs = [SampleSpec(images=((32, 48),), question=4), SampleSpec(images=((48, 32), (32, 32)), question=7),
+             SampleSpec(question=9)]
+    if family in QWEN:
+        specs.append(SampleSpec(videos=((4, 32, 32),), question=3))
+    return specs
+
+
+def inputs(model, specs, seed: int = 0):
+    return make_inputs(model, specs, seed=seed)
+
+
+def visual_positions(family: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """Positions of every visual placeholder, found directly from the token ids (independent of adapters)."""
+    row = input_ids[0] if input_ids.dim() == 2 else input_ids
+    return torch.nonzero((row == IMAGE_TOKEN) | (row == VIDEO_TOKEN)).flatten()
+
+
+def last_logits(out, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return out.logits[:, -1]
+
+
+def hooks_left(model) -> list[str]:
+    """Names of modules that still carry hooks or an instance-bound forward."""
+    left = []
+    for name, module in model.named_modules():
+        bound = {"forward", "get_image_features", "get_video_features"} & set(module.__dict__)
+        if module._forward_hooks or module._forward_pre_hooks or bound:
+            left.append(name or "<root>")
+    return left
+
+
+def gen_kwargs(n: int, **extra) -> dict:
+    """generate() options; the random models must not emit placeholder ids (a no-cache step would read them as images)."""
+    from vtprune.tiny import VISION_END, VISION_START
+
+    kw = dict(max_new_tokens=n, do_sample=False, pad_token_id=0,
+              suppress_tokens=[IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END])
+    kw.update(extra)
+    return kw

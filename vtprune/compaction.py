@@ -1,0 +1,48 @@
+"""Sequence surgery: gather the kept rows of every tensor that carries sequence length.
+
+`keep_index` turns a per-sample keep mask into gather indices with re-padding;
+`gather_seq` applies them to hidden states, position ids (1-D or M-RoPE rows),
+masks and rotary tables. This is the one compaction op of the package (the
+CUDA kernel in `vtprune.cuda` accelerates it where a GPU is).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def keep_index(keep: torch.Tensor, pad_left: bool = True) -> torch.Tensor:
+    """Gather indices ``(B, L')`` for a keep mask ``(B, L)``; ``-1`` marks padding.
+
+    ``L'`` is the longest kept row; shorter rows are padded on the left (for
+    generation) or on the right, as the input was.
+    """
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if keep.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    slots = torch.arange(width, device=keep.device).expand(keep.shape[0], width)
+    if pad_left:
+        shift = width - counts
+        src = (slots - shift[:, None]).clamp(min=0)
+        index = torch.gather(order, 1, src)
+        return index.masked_fill(slots < shift[:, None], -1)
+    return order.masked_fill(slots >= counts[:, None], -1)
+
+
+def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Rows of `x` along sequence dim `dim` picked by `index` ``(B, L')``; ``-1`` gives zeros.
+
+    The batch dimension is the one just before `dim`; a batch size of 1 is
+    broadcast (rotary tables are often shared across the batch).
+    """
+    dim = dim % x.dim()
+    bdim = dim - 1
+    bsz, width = index.shape
+    if x.shape[bdim] != bsz:
+        x = x.expand(*x.shape[:bdim], bsz, *x.shape[bdim + 1 :])
+    view = [1] * x.dim()
+    view[bdim], view[dim] = bsz, width
+    target = list(x.shape)
+    target[dim] = width
+    picked = torch.gather(x, dim, index.clamp(min=0).view(view).expand(target))
+    return picked.masked_fill((index < 0).view(view), 0)

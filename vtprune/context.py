@@ -1,0 +1,76 @@
+"""What a policy sees when it selects: the typed meeting point of policies and adapters.
+
+A policy knows nothing about model families; an adapter knows nothing about
+policies. The runtime builds one `StageContext` per stage call and the policy
+asks it for features by (sample, image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .layout import SampleLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from patches.base import Adapter
+
+
+@dataclass
+class StageContext:
+    """Inputs of one pruning stage for the whole batch.
+
+    ``stage`` is ``"vision"``, ``"projector"`` or ``"llm"``; ``layer`` is the
+    decoder layer the sequence is pruned before (``llm`` only).
+    ``hidden`` is the sequence as it enters that point, ``(B, L, D)``:
+    merged input embeddings for vision/projector, the input of decoder layer
+    ``layer`` for llm. ``alive[b][i]`` are the grid indices (within image i's
+    own patch tokens, ascending) still present; ``seq_positions[b][i]`` are
+    where those tokens sit in ``hidden`` now.
+    """
+
+    stage: str
+    layer: int | None
+    layouts: list[SampleLayout]
+    hidden: torch.Tensor
+    alive: list[list[torch.Tensor]]
+    seq_positions: list[list[torch.Tensor]]
+    question_seq_positions: list[torch.Tensor]
+    adapter: Adapter
+    captured: dict[str, Any] = field(default_factory=dict)
+    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    position_embeddings: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.layouts)
+
+    def num_images(self, b: int) -> int:
+        return len(self.layouts[b].images)
+
+    def features(self, b: int, i: int) -> torch.Tensor:
+        """Current features of image i's alive tokens, ``(n, D)`` (post-projector at the projector stage)."""
+        return self.hidden[b, self.seq_positions[b][i]]
+
+    def pre_projector(self, b: int, i: int) -> torch.Tensor:
+        """Vision-encoder features of image i's alive tokens before the projector, ``(n, D')``."""
+        feats = self.adapter.pre_projector_features(self.captured, self.layouts, b, i)
+        return feats[self.alive[b][i].to(feats.device)]
+
+    def question(self, b: int) -> torch.Tensor:
+        """Current features of the sample's question tokens, ``(m, D)``."""
+        return self.hidden[b, self.question_seq_positions[b]]
+
+    def layer_input(self, layer: int) -> torch.Tensor:
+        """Hidden states entering decoder ``layer`` (captured during this prefill), ``(B, L, D)``."""
+        if layer not in self.layer_inputs:
+            raise KeyError(
+                f"the input of decoder layer {layer} was not captured; a policy lists the layers it reads "
+                f"in `needs_layer_inputs` (captured here: {sorted(self.layer_inputs)})"
+            )
+        return self.layer_inputs[layer]
+
+    def decoder_layer(self, layer: int) -> torch.nn.Module:
+        return self.adapter.decoder_layers[layer]

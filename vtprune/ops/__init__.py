@@ -1,0 +1,1 @@
+"""Shared numerical pieces: top-k, greedy selection loops, the attention probe."""

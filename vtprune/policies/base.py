@@ -1,0 +1,192 @@
+"""The policy interface, the Pipeline that chains policies, and the registry.
+
+A policy is a small dataclass that declares where it acts (``stage``) and
+turns a `StageContext` into a keep set per image. The common case is a
+score: implement `score` and the base class keeps the top ``k`` (ties go to
+the lowest index). Greedy methods override `select_image`, methods that pool
+one selection over all images of a sample override `select_sample`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..budget import resolve_budget, validate_keep
+from ..context import StageContext
+from ..ops.select import topk_indices
+
+STAGES = ("vision", "projector", "llm")
+POSITION_MODES = ("original", "compact")
+
+
+@dataclass
+class Selection:
+    """Kept tokens of one image: indices into its alive tokens, optionally new features.
+
+    ``values`` (``(k, D)``, same order as ``indices``) replace the kept tokens'
+    features, for policies that merge or pool (Pooling, VisionZip).
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor | None = None
+
+
+@dataclass
+class Policy:
+    """Base of every pruning policy.
+
+    Parameters:
+        keep: tokens per image (int >= 1) or fraction of each image's tokens
+            (float in (0, 1]).
+    """
+
+    keep: int | float = 64
+
+    name: ClassVar[str] = "policy"
+    stage: ClassVar[str] = "projector"
+    rounding: ClassVar[str] = "round"
+    #: decoder layers whose input hidden states the policy reads (llm stage)
+    needs_layer_inputs: ClassVar[tuple[int, ...]] = ()
+    #: the positions the policy's reference implementation uses
+    reference_positions: ClassVar[str] = "original"
+
+    def __post_init__(self) -> None:
+        self.keep = validate_keep(self.keep)
+
+    @property
+    def at(self) -> int | None:
+        """Decoder layer the sequence is pruned before (llm stage), else None."""
+        return None
+
+    @property
+    def stage_key(self) -> str:
+        return f"llm@{self.at}" if self.stage == "llm" else self.stage
+
+    def layer_inputs_needed(self) -> tuple[int, ...]:
+        return self.needs_layer_inputs
+
+    def budget(self, ctx: StageContext, b: int, i: int) -> int:
+        n_alive = int(ctx.alive[b][i].numel())
+        n_original = ctx.layouts[b].images[i].num_tokens
+        return resolve_budget(self.keep, n_alive, n_original, self.rounding)
+
+    def select(self, ctx: StageContext) -> list[list[Selection]]:
+        """Keep sets for every image of every sample: ``[sample][image]``."""
+        return [self.select_sample(ctx, b) for b in range(ctx.batch_size)]
+
+    def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
+        return [self.select_image(ctx, b, i, self.budget(ctx, b, i)) for i in range(ctx.num_images(b))]
+
+    def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
+        return Selection(topk_indices(self.score(ctx, b, i), k))
+
+    def score(self, ctx: StageContext, b: int, i: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement score() or select_image()")
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass
+class LLMStagePolicy(Policy):
+    """A policy that prunes between decoder layers ``at_layer - 1`` and ``at_layer`` (0-based).
+
+    ``at_layer=2`` means layers 0-1 see every visual token and layers 2.. see
+    the kept set.
+    """
+
+    at_layer: int = 2
+    stage: ClassVar[str] = "llm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.at_layer, bool) or not isinstance(self.at_layer, int) or self.at_layer < 1:
+            raise ValueError(
+                f"at_layer must be an int >= 1 (prune between decoder layers at_layer-1 and at_layer); "
+                f"got {self.at_layer!r}"
+            )
+
+    @property
+    def at(self) -> int:
+        return self.at_layer
+
+
+@dataclass
+class Pipeline:
+    """Several policies applied in order, e.g. ``Pipeline([DivPrune(keep=284), Random(at_layer=20, keep=38)])``.
+
+    Stages must not go backwards (vision, then projector, then llm layers in
+    increasing order); a later stage sees only the tokens earlier ones kept.
+    """
+
+    policies: list[Policy] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.policies = list(self.policies)
+        if not self.policies:
+            raise ValueError("Pipeline needs at least one policy; got an empty list")
+        for p in self.policies:
+            if isinstance(p, Pipeline):
+                raise TypeError("a Pipeline cannot contain a Pipeline; list the policies flat")
+            if not isinstance(p, Policy):
+                raise TypeError(f"Pipeline items must be vtprune policies; got {p!r} of type {type(p).__name__}")
+        order = [self._order(p) for p in self.policies]
+        if order != sorted(order):
+            got = ", ".join(p.stage_key for p in self.policies)
+            raise ValueError(
+                f"Pipeline stages must go forward (vision, projector, then llm layers in increasing order); "
+                f"got {got}"
+            )
+
+    @staticmethod
+    def _order(p: Policy) -> tuple[int, int]:
+        return (STAGES.index(p.stage), p.at or 0)
+
+    def early(self) -> list[Policy]:
+        """Policies applied before the first decoder layer (vision and projector stages)."""
+        return [p for p in self.policies if p.stage != "llm"]
+
+    def llm(self) -> list[Policy]:
+        return [p for p in self.policies if p.stage == "llm"]
+
+    def describe(self) -> str:
+        return " -> ".join(p.describe() for p in self.policies)
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make a policy available by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_policies() -> list[str]:
+    """Names accepted by `vtprune.wrap`."""
+    return sorted(_REGISTRY)
+
+
+def make_policy(policy: str | Policy | Pipeline, **options) -> Policy | Pipeline:
+    """A policy object from a registry name and options, or the given object."""
+    if isinstance(policy, (Policy, Pipeline)):
+        if options:
+            raise TypeError(
+                f"options {sorted(options)} were given with a policy object; set them on the object instead"
+            )
+        return policy
+    if not isinstance(policy, str):
+        raise TypeError(
+            f"policy must be a name from {available_policies()} or a vtprune policy object; got {policy!r}"
+        )
+    if policy not in _REGISTRY:
+        raise ValueError(f"unknown policy {policy!r}; available: {', '.join(available_policies())}")
+    cls = _REGISTRY[policy]
+    try:
+        return cls(**options)
+    except TypeError as err:
+        fields = sorted(f for f in cls.__dataclass_fields__)
+        raise TypeError(f"bad options for policy {policy!r}: {err}; it accepts {fields}") from None

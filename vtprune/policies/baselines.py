@@ -1,0 +1,130 @@
+"""Baselines every comparison needs: seeded random selection and spatial pooling."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..budget import split_budget
+from ..context import StageContext
+from .base import LLMStagePolicy, Policy, Selection, register
+
+STAGES_FOR_RANDOM = ("vision", "projector", "llm")
+
+
+def _image_generator(seed: int, b_image_index: int, n: int) -> torch.Generator:
+    # A seed per (image index within its sample, token count): a sample draws
+    # the same keep set whether it runs alone or inside a batch.
+    mixed = zlib.crc32(f"{seed}:{b_image_index}:{n}".encode())
+    return torch.Generator().manual_seed(mixed)
+
+
+@register
+@dataclass
+class Random(LLMStagePolicy):
+    """Keep a uniformly random subset of each image's visual tokens (seeded).
+
+    Works at any stage: ``stage="projector"`` (default), ``"vision"``, or the
+    llm stage by giving ``at_layer=k`` (then ``stage`` is ``"llm"``), as in
+    the information-horizon recipe (``Random(at_layer=20, keep=38)``).
+    """
+
+    keep: int | float = 64
+    seed: int = 0
+    at_layer: int | None = None
+    where: str = "projector"
+
+    name: ClassVar[str] = "random"
+
+    def __post_init__(self) -> None:
+        if self.at_layer is None:
+            Policy.__post_init__(self)
+            if self.where not in ("vision", "projector"):
+                raise ValueError(
+                    f"random: where must be 'vision' or 'projector' (or give at_layer=k for the llm stage); "
+                    f"got {self.where!r}"
+                )
+        else:
+            super().__post_init__()
+
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        return "llm" if self.at_layer is not None else self.where
+
+    @property
+    def at(self) -> int | None:
+        return self.at_layer
+
+    def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
+        n = int(ctx.alive[b][i].numel())
+        perm = torch.randperm(n, generator=_image_generator(self.seed, i, n))[:k]
+        return Selection(torch.sort(perm).values.to(ctx.hidden.device))
+
+    def describe(self) -> str:
+        where = f"llm@{self.at_layer}" if self.at_layer is not None else self.where
+        return f"random(seed={self.seed}, {where})"
+
+
+def _window_grid(h: int, w: int, k: int) -> list[tuple[int, int, int, int]]:
+    """Exactly `k` non-empty windows tiling an h x w grid, as (r0, r1, c0, c1).
+
+    Rows are cut into bands; each band is cut into the same number of
+    columns, except that the first ``k % bands`` bands get one more, so any
+    ``k <= h * w`` is met exactly with near-square windows.
+    """
+    k = max(1, min(k, h * w))
+    bands = round((k * h / w) ** 0.5)
+    bands = max(bands, -(-k // w), 1)
+    bands = min(bands, h, k)
+    per, extra = divmod(k, bands)
+    windows = []
+    for r in range(bands):
+        r0, r1 = r * h // bands, (r + 1) * h // bands
+        cols = per + (1 if r < extra else 0)
+        for c in range(cols):
+            windows.append((r0, r1, c * w // cols, (c + 1) * w // cols))
+    return windows
+
+
+@register
+@dataclass
+class Pooling(Policy):
+    """Spatial average pooling of each image's token grid down to the budget.
+
+    Each pooled token is the mean of its window and takes the position of the
+    window's first (top-left) token. Sub-grids (LLaVA-NeXT views, video
+    frames) are pooled separately with the budget split by size. Exactly
+    ``keep`` tokens come out for any budget (windows are near-square bands).
+    """
+
+    keep: int | float = 64
+    name: ClassVar[str] = "pooling"
+    stage: ClassVar[str] = "projector"
+
+    def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
+        image = ctx.layouts[b].images[i]
+        alive = ctx.alive[b][i]
+        if alive.numel() != image.num_tokens:
+            raise ValueError(
+                "pooling needs the image's whole token grid; put it first in a Pipeline "
+                f"(image {i} of sample {b} has {alive.numel()} of {image.num_tokens} tokens left)"
+            )
+        feats = ctx.features(b, i)
+        parts = split_budget([g.size for g in image.grids], k)
+        indices, values = [], []
+        for grid, kg in zip(image.grids, parts):
+            if kg == 0:
+                continue
+            block = feats[grid.offset : grid.offset + grid.size].float()
+            block = block.view(grid.height, grid.width, -1)
+            for r0, r1, c0, c1 in _window_grid(grid.height, grid.width, kg):
+                indices.append(grid.offset + r0 * grid.width + c0)
+                values.append(block[r0:r1, c0:c1].mean(dim=(0, 1)))
+        order = torch.tensor(indices, device=feats.device)
+        values = torch.stack(values).to(feats.dtype)
+        sort = torch.argsort(order)
+        return Selection(order[sort], values[sort])
+

@@ -1,0 +1,73 @@
+"""What the last prefill did: tokens before/after per image and stage, kept indices, selection time."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .layout import SampleLayout
+
+
+class Report:
+    """Describes the last prefill of a wrapped model (`vtprune.report(model)`).
+
+    `to_dict()` is plain JSON-able data: ``{"policy": str, "samples": [{"images":
+    [{"kind": str, "tokens": int, "stages": {STAGE: {"before": int, "after": int,
+    "kept": [int, ...], "ms": float}}}]}]}``. ``kept`` lists positions within the
+    image's own token grid (raster order, ascending, newlines skipped); STAGE is
+    ``vision``, ``projector`` or ``llm@K``. ``ms`` is the policy's selection
+    time for the whole batch at that stage (the same value in every image).
+    """
+
+    def __init__(self, policy: str, samples: list[dict[str, Any]] | None = None) -> None:
+        self.policy = policy
+        self.samples: list[dict[str, Any]] = samples or []
+
+    @property
+    def current(self) -> Report:
+        return self
+
+    def start(self, layouts: list[SampleLayout]) -> Report:
+        self.samples = [
+            {"images": [{"kind": img.kind, "tokens": img.num_tokens, "stages": {}} for img in s.images]}
+            for s in layouts
+        ]
+        return self
+
+    def record_no_images(self, batch_size: int) -> None:
+        self.samples = [{"images": []} for _ in range(batch_size)]
+
+    def stage(
+        self, key: str, before: list[list[torch.Tensor]], after: list[list[torch.Tensor]], ms: float
+    ) -> None:
+        for sample, bef, aft in zip(self.samples, before, after):
+            for image, b_i, a_i in zip(sample["images"], bef, aft):
+                name, n = key, 2
+                while name in image["stages"]:
+                    name, n = f"{key}#{n}", n + 1
+                image["stages"][name] = {
+                    "before": int(b_i.numel()),
+                    "after": int(a_i.numel()),
+                    "kept": a_i.tolist(),
+                    "ms": round(ms, 4),
+                }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "samples": copy.deepcopy(self.samples)}
+
+    def __str__(self) -> str:
+        lines = [f"vtprune report: {self.policy}"]
+        if not self.samples:
+            return lines[0] + "\n(no prefill yet)"
+        lines.append(f"{'sample':>6} {'image':>5} {'stage':<14} {'before':>7} {'after':>7} {'ms':>9}")
+        for s, sample in enumerate(self.samples):
+            if not sample["images"]:
+                lines.append(f"{s:>6} {'-':>5} {'(no visual tokens)':<14}")
+            for i, image in enumerate(sample["images"]):
+                for name, st in image["stages"].items():
+                    lines.append(f"{s:>6} {i:>5} {name:<14} {st['before']:>7} {st['after']:>7} {st['ms']:>9.3f}")
+        return "\n".join(lines)
+
+    __repr__ = __str__

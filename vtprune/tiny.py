@@ -1,0 +1,217 @@
+"""Small random-weight models of every supported family, built from configs (no downloads).
+
+Used by the tests, the demo and the CPU benchmark. ``tiny_model(family)``
+gives a model with real geometry knobs (image size, patch size, widths) and
+``make_inputs`` builds matching inputs (placeholder tokens, pixel values,
+grid metadata) without a processor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+VOCAB = 128
+IMAGE_TOKEN = 100
+VIDEO_TOKEN = 101
+VISION_START = 102
+VISION_END = 103
+
+
+@dataclass
+class Geometry:
+    """Sizes of a tiny model. ``image_size``/``patch`` set the token grid."""
+
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    image_size: int = 32
+    patch: int = 4
+
+
+def _text_kwargs(g: Geometry) -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=g.hidden,
+        intermediate_size=g.intermediate,
+        num_hidden_layers=g.layers,
+        num_attention_heads=g.heads,
+        num_key_value_heads=g.kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_config(family: str, geometry: Geometry | None = None):
+    g = geometry or Geometry()
+    if family in ("llava", "llava_next"):
+        vision = CLIPVisionConfig(
+            hidden_size=g.vision_hidden,
+            intermediate_size=2 * g.vision_hidden,
+            num_hidden_layers=g.vision_layers,
+            num_attention_heads=2,
+            image_size=g.image_size,
+            patch_size=g.patch,
+            projection_dim=g.vision_hidden,
+        )
+        text = LlamaConfig(**_text_kwargs(g))
+        common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+        if family == "llava":
+            return LlavaConfig(**common)
+        s = g.image_size
+        return LlavaNextConfig(image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **common)
+    text = dict(
+        _text_kwargs(g),
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+    )
+    vision = dict(
+        depth=g.vision_layers,
+        hidden_size=g.vision_hidden,
+        embed_dim=g.vision_hidden,
+        num_heads=2,
+        patch_size=g.patch,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_chans=3,
+        out_hidden_size=g.hidden,
+        hidden_act="silu",
+        intermediate_size=2 * g.vision_hidden,
+    )
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)
+    if family == "qwen2_vl":
+        vision.pop("out_hidden_size")
+        vision.pop("intermediate_size")
+        vision.update(mlp_ratio=2)
+        return Qwen2VLConfig(text_config=text, vision_config=dict(vision, hidden_size=g.hidden), **ids)
+    if family == "qwen2_5_vl":
+        vision.update(window_size=4 * g.patch * 2, fullatt_block_indexes=[g.vision_layers - 1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+}
+
+
+def tiny_model(family: str, geometry: Geometry | None = None, attn: str = "sdpa", seed: int = 0,
+               dtype: torch.dtype = torch.float32):
+    """A random-weight model of `family` in eval mode (deterministic for a seed)."""
+    config = tiny_config(family, geometry)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = _CLASSES[family]._from_config(config, attn_implementation=attn, dtype=dtype)
+    return model.eval()
+
+
+@dataclass
+class SampleSpec:
+    """One sample of a synthetic batch.
+
+    ``images``: a list of image sizes in pixels ``(height, width)`` (LLaVA
+    ignores the size: its images are always ``image_size`` square);
+    ``videos``: ``(frames, height, width)`` in pixels (Qwen only);
+    ``prefix``/``question``: text tokens before the first and after the last image.
+    """
+
+    images: tuple[tuple[int, int], ...] = ()
+    videos: tuple[tuple[int, int, int], ...] = ()
+    prefix: int = 3
+    question: int = 5
+
+
+def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = True) -> dict:
+    """Inputs for a tiny model: placeholder tokens, pixels and grid metadata, left padding."""
+    from .patches import adapter_for
+
+    family = model.config.model_type
+    adapter = adapter_for(model)
+    gen = torch.Generator().manual_seed(seed)
+    vision = model.config.vision_config
+    rows, pixels, videos, sizes, grids, vgrids = [], [], [], [], [], []
+
+    def text(n: int) -> list[int]:
+        return torch.randint(3, 90, (n,), generator=gen).tolist()
+
+    for spec in specs:
+        ids = [1] + text(spec.prefix)
+        for h, w in spec.images:
+            if family == "llava":
+                pixels.append(torch.randn(3, vision.image_size, vision.image_size, generator=gen))
+                ids += [IMAGE_TOKEN] * adapter.grid_side**2
+            elif family == "llava_next":
+                from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+                n_crops = image_size_to_num_patches([h, w], model.config.image_grid_pinpoints, vision.image_size)
+                pixels.append(torch.randn(n_crops, 3, vision.image_size, vision.image_size, generator=gen))
+                sizes.append([h, w])
+                rh, rw = adapter._views(torch.tensor([h, w]))
+                ids += [IMAGE_TOKEN] * (adapter.grid_side**2 + rh * (rw + 1))
+            else:
+                gh, gw = h // vision.patch_size, w // vision.patch_size
+                grids.append([1, gh, gw])
+                pixels.append(torch.randn(gh * gw, 3 * vision.temporal_patch_size * vision.patch_size**2, generator=gen))
+                ids += [VISION_START] + [IMAGE_TOKEN] * (gh * gw // 4) + [VISION_END]
+            ids += text(2)
+        for t, h, w in spec.videos:
+            gt, gh, gw = t // vision.temporal_patch_size, h // vision.patch_size, w // vision.patch_size
+            vgrids.append([gt, gh, gw])
+            videos.append(torch.randn(gt * gh * gw, 3 * vision.temporal_patch_size * vision.patch_size**2, generator=gen))
+            ids += [VISION_START] + [VIDEO_TOKEN] * (gt * gh * gw // 4) + [VISION_END] + text(2)
+        ids += text(spec.question)
+        rows.append(ids)
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(width - len(r), width) if pad_left else slice(0, len(r))
+        input_ids[b, sl] = torch.tensor(r)
+        mask[b, sl] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if pixels:
+        if family == "llava":
+            out["pixel_values"] = torch.stack(pixels)
+        elif family == "llava_next":
+            most = max(p.shape[0] for p in pixels)
+            padded = torch.zeros(len(pixels), most, *pixels[0].shape[1:])
+            for i, p in enumerate(pixels):
+                padded[i, : p.shape[0]] = p
+            out["pixel_values"] = padded
+            out["image_sizes"] = torch.tensor(sizes)
+        else:
+            out["pixel_values"] = torch.cat(pixels)
+            out["image_grid_thw"] = torch.tensor(grids)
+    if videos:
+        out["pixel_values_videos"] = torch.cat(videos)
+        out["video_grid_thw"] = torch.tensor(vgrids)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        out["mm_token_type_ids"] = (
+            (input_ids == IMAGE_TOKEN).long() + 2 * (input_ids == VIDEO_TOKEN).long()
+        ).int()
+    return out
