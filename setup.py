@@ -32,15 +32,9 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "vtprune",
-        "vtprune.policies",
-        "vtprune.ops",
-        "vtprune.toyvqa",
-        "vtprune.patches",
-        "vtprune.cuda",
-        "vtprune.eval",
-    ],
+    packages=["vtprune"]
+    + [f"vtprune.{p.parent.name}" for p in sorted((HERE / "vtprune").glob("*/__init__.py"))]
+    + ["vtprune.patches", "vtprune.cuda", "vtprune.eval"],
     package_dir={
         "vtprune": "vtprune",
         "vtprune.patches": "patches",

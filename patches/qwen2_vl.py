@@ -57,9 +57,9 @@ class Qwen2VLAdapter(Adapter):
         g = self.global_image_index(layouts, b, i, image.kind)
         # One encoder call per modality; find the one that encoded this kind.
         method = "get_image_features" if image.kind == "image" else "get_video_features"
-        for call, feats in zip(captured["vision_calls"], captured["pre_projector"]):
+        for call, features in zip(captured["vision_calls"], captured["pre_projector"]):
             if call["method"] == method:
-                grid_thw = call[f"{image.kind}_grid_thw"]
+                grid_thw, feats = call[f"{image.kind}_grid_thw"], features
                 break
         else:
             raise RuntimeError(f"no captured vision features for the {image.kind}s of this batch")

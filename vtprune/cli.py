@@ -1,0 +1,30 @@
+"""The `vtprune` command: demo, toyvqa."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": ("vtprune.demo", "every family on a real photo, unpruned and at a few budgets"),
+    "toyvqa": ("vtprune.toyvqa.cli", "the synthetic VQA task: train, score, export"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: vtprune COMMAND [options]", "", "commands:"]
+        lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+        print("\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
