@@ -1,4 +1,4 @@
-"""The `vtprune` command: demo, toyvqa."""
+"""The `vtprune` command: demo, bench, toyvqa."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "demo": ("vtprune.demo", "every family on a real photo, unpruned and at a few budgets"),
+    "bench": ("vtprune.eval.bench", "prefill time, selection time, KV cache per policy and budget"),
     "toyvqa": ("vtprune.toyvqa.cli", "the synthetic VQA task: train, score, export"),
 }
 

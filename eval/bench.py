@@ -1,0 +1,94 @@
+"""`vtprune bench`: prefill time, selection time and KV-cache size per policy and budget.
+
+Random-weight models with the real visual geometry (the demo's), one image
+of the astronaut photo. Runs of the unpruned model and of each budget are
+interleaved (round-robin over repeats, after a warm-up) so that drift in the
+machine's load hits them alike; ratios are to the unpruned run measured in
+the same process. Writes JSON and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from .. import api
+from ..demo import demo_inputs, demo_model, photo
+from ..measure import kv_cache_bytes
+from ..tiny import FAMILIES
+
+
+@torch.no_grad()
+def _prefill_ms(model, batch) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = model(**batch, use_cache=True, logits_to_keep=1)
+    return (time.perf_counter() - start) * 1000.0, out
+
+
+def bench_family(family: str, policy: str, budgets: list, repeats: int) -> list[dict]:
+    model = demo_model(family)
+    batch = demo_inputs(model, photo())
+    configs = [None, *budgets]
+    times: dict = {c: [] for c in configs}
+    select: dict = {c: [] for c in configs}
+    kv: dict = {}
+    for rep in range(repeats + 1):
+        for keep in configs:
+            if keep is None:
+                ms, out = _prefill_ms(model, batch)
+            else:
+                with api.pruned(model, policy, keep=keep):
+                    ms, out = _prefill_ms(model, batch)
+                    stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
+                    select[keep].append(sum(s["ms"] for s in stages.values()))
+            kv[keep] = kv_cache_bytes(out.cache)
+            if rep > 0:  # the first round is warm-up
+                times[keep].append(ms)
+    base = statistics.median(times[None])
+    n_visual = int((batch["input_ids"] == 100).sum())
+    seq = batch["input_ids"].shape[1]
+    rows = []
+    for keep in configs:
+        med = statistics.median(times[keep])
+        kept = n_visual if keep is None else min(keep, n_visual) if isinstance(keep, int) else round(n_visual * keep)
+        rows.append(dict(
+            family=family, policy="none" if keep is None else policy, keep="all" if keep is None else keep,
+            visual_before=n_visual, visual_after=kept, seq_len=seq - n_visual + kept,
+            prefill_ms=med, speedup=base / med, ideal_speedup=seq / (seq - n_visual + kept),
+            selection_ms=statistics.median(select[keep]) if select[keep] else 0.0,
+            kv_bytes=kv[keep], kv_ratio=kv[keep] / kv[None],
+        ))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| family | policy | keep | visual | prefill ms | speedup | token-ratio bound | selection ms | KV MB |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['family']} | {r['policy']} | {r['keep']} | {r['visual_before']}->{r['visual_after']} | "
+            f"{r['prefill_ms']:.1f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['selection_ms']:.2f} | "
+            f"{r['kv_bytes'] / 2**20:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vtprune bench", description=__doc__)
+    parser.add_argument("--policy", default="pooling")
+    parser.add_argument("--keep", nargs="+", default=["64"])
+    parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default="bench.json")
+    args = parser.parse_args(argv)
+    budgets = [float(k) if "." in k else int(k) for k in args.keep]
+    rows = [r for f in args.families for r in bench_family(f, args.policy, budgets, args.repeats)]
+    with open(args.json, "w") as fh:
+        json.dump({"threads": torch.get_num_threads(), "rows": rows}, fh, indent=1)
+    print(markdown(rows))
+    print(f"(torch threads: {torch.get_num_threads()}; JSON: {args.json})")
+    return 0
