@@ -1,0 +1,172 @@
+"""Tests of the toy VQA generator, processors and shipped checkpoints (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from vtprune.toyvqa import checkpoint_path, load, make_item, score
+from vtprune.toyvqa.questions import ANSWERS, TYPES
+from vtprune.toyvqa.scene import CANVAS, COLORS, cell_targets, render
+from vtprune.toyvqa.vocab import ARCHS, build_tokenizer, prompt
+
+# Floors for the shipped models on the first SLICE test items: well below the
+# measured accuracy (vtprune/toyvqa/checkpoints/*/metrics.json) but far above chance.
+SLICE = 60
+FLOORS = {"llava": 0.6, "qwen2_5_vl": 0.5}
+
+
+def test_items_are_deterministic_per_seed():
+    a_item, a_img, _ = make_item("test", 3)
+    b_item, b_img, _ = make_item("test", 3)
+    assert a_item == b_item
+    assert np.array_equal(np.asarray(a_img), np.asarray(b_img))
+
+
+def test_splits_differ():
+    for i in range(5):
+        test_img = np.asarray(make_item("test", i)[1])
+        for split in ("train", "validation"):
+            assert not np.array_equal(test_img, np.asarray(make_item(split, i)[1]))
+
+
+def test_render_sizes_share_the_scene():
+    _, _, scene = make_item("test", 2)
+    small, labels = render(scene, 336)
+    big, big_labels = render(scene, 448)
+    assert small.size == (336, 336) and big.size == (448, 448)
+    assert set(np.unique(labels)) == set(np.unique(big_labels))
+
+
+@pytest.fixture(scope="module")
+def items():
+    return [make_item("test", i) for i in range(100)]
+
+
+def test_types_balanced_and_answers_in_vocabulary(items):
+    assert Counter(it.type for it, _, _ in items) == {t: 20 for t in TYPES}
+    assert all(it.answer in ANSWERS for it, _, _ in items)
+
+
+def test_yes_no_balanced_and_true(items):
+    exist = [(it, sc) for it, _, sc in items if it.type == "exist"]
+    assert Counter(it.answer for it, _ in exist) == {"yes": 10, "no": 10}
+    assert {it.subtype for it, _ in exist} >= {
+        "positive",
+        "random",
+        "popular",
+        "adversarial",
+    }
+    for it, sc in exist:
+        color, shape = it.question.split()[3:5]
+        assert sc.has(color, shape) == (it.answer == "yes")
+
+
+def test_answers_match_the_scene(items):
+    for it, img, sc in items:
+        words = it.question.split()
+        if it.type == "count":
+            shape = {
+                "circles": "circle",
+                "squares": "square",
+                "triangles": "triangle",
+                "crosses": "cross",
+            }[words[2]]
+            assert int(it.answer) == sc.count(shape)
+        elif it.type == "color":
+            (obj,) = [o for o in sc.objects if o.shape == words[4]]
+            assert obj.color == it.answer
+        elif it.type == "position":
+            (obj,) = [
+                o for o in sc.objects if (o.color, o.shape) == (words[2], words[3])
+            ]
+            expect = {
+                "left": obj.x < CANVAS / 2,
+                "right": obj.x > CANVAS / 2,
+                "top": obj.y < CANVAS / 2,
+                "bottom": obj.y > CANVAS / 2,
+            }
+            assert expect[it.answer]
+        elif it.type == "reading":
+            assert it.answer == sc.char
+        # every object is drawn in its colour at its centre
+        pixels = np.asarray(img)
+        for o in sc.objects:
+            assert tuple(pixels[int(o.y), int(o.x)]) == COLORS[o.color]
+
+
+def test_count_answers_cover_zero_to_four(items):
+    assert {it.answer for it, _, _ in items if it.type == "count"} == {
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+    }
+
+
+def test_cell_targets_mark_objects():
+    _, _, scene = make_item("test", 0)
+    _, labels = render(scene, 336)
+    cells = cell_targets(scene, labels, 14)
+    assert cells.shape == (6, 576)
+    assert cells[3].sum() >= 1 and (cells[0] > 0).any() and (cells[2] > 0).any()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tokenizer_knows_every_prompt_word(arch):
+    tok = build_tokenizer(arch)
+    for i in range(25):
+        item = make_item("test", i)[0]
+        ids = tok(prompt(arch, item.question) + " " + item.answer)["input_ids"]
+        assert tok.unk_token_id not in ids
+    assert all(len(tok(a, add_special_tokens=False)["input_ids"]) == 1 for a in ANSWERS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_processor_round_trip(arch, tmp_path):
+    from vtprune.toyvqa.models import (
+        IMAGE_SIZE,
+        build_processor,
+        load_processor,
+        save_processor,
+    )
+
+    proc = build_processor(arch)
+    save_processor(proc, tmp_path)
+    loaded = load_processor(tmp_path)
+    item, img, _ = make_item("test", 0, size=IMAGE_SIZE[arch])
+    a = proc(images=[img], text=[prompt(arch, item.question)], return_tensors="pt")
+    b = loaded(images=[img], text=[prompt(arch, item.question)], return_tensors="pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all()
+    image_token = "<image>" if arch == "llava" else "<|image_pad|>"
+    n_visual = (
+        (a["input_ids"] == proc.tokenizer.convert_tokens_to_ids(image_token))
+        .sum()
+        .item()
+    )
+    assert n_visual == {"llava": 576, "qwen2_5_vl": 256}[arch]
+    if arch == "qwen2_5_vl":
+        assert "mm_token_type_ids" in a and a["mm_token_type_ids"].sum().item() == 256
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shipped_checkpoint_scores_above_floor(arch):
+    path = checkpoint_path(arch)
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"no shipped {arch} checkpoint at {path} yet")
+    import torch
+
+    torch.manual_seed(0)
+    model, processor = load(arch)
+    result = score(model, processor, n=SLICE, split="test", batch_size=20)
+    assert result["n"] == SLICE
+    assert result["overall"] >= FLOORS[arch], json.dumps(result)

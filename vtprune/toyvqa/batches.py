@@ -1,0 +1,106 @@
+"""Training batches: packed multi-question sequences plus dense per-token targets.
+
+Each training image carries several questions packed as successive chat turns
+(the image is encoded once for all of them) and the loss covers only the
+answer tokens. The generator also knows which object covers every image
+cell, so each visual token gets dense targets (colour, shape, character,
+object centre) for an auxiliary linear head on the projector output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerFast
+
+from vtprune.toyvqa.models import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, TOKEN_CELL
+from vtprune.toyvqa.questions import TYPES, ask, scene_for, split_rng
+from vtprune.toyvqa.scene import Difficulty, cell_targets, render
+from vtprune.toyvqa.vocab import end_of_answer, follow_up, prompt
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    """One training image with its packed token ids, labels and cell targets."""
+
+    image: Image.Image
+    input_ids: list[int]
+    labels: list[int]
+    cells: np.ndarray  # (4, n_visual_tokens)
+
+
+def n_visual_tokens(arch: str) -> int:
+    """Visual tokens per image in the LLM sequence."""
+    return (IMAGE_SIZE[arch] // TOKEN_CELL[arch]) ** 2
+
+
+def _expand_image(arch: str, text: str) -> str:
+    token = "<image>" if arch == "llava" else "<|image_pad|>"
+    return text.replace(token, token * n_visual_tokens(arch), 1)
+
+
+def make_sample(
+    arch: str,
+    tokenizer: PreTrainedTokenizerFast,
+    index: int,
+    n_questions: int,
+    difficulty: Difficulty,
+    split: str = "train",
+) -> Sample:
+    """Training sample ``index``: a scene and up to ``n_questions`` packed QA turns."""
+    rng = split_rng(split, index)
+    kind = TYPES[index % len(TYPES)]
+    scene, first = scene_for(rng, kind, difficulty)
+    qas = [first]
+    for _ in range(8 * n_questions):
+        if len(qas) >= n_questions:
+            break
+        qa = ask(scene, TYPES[rng.integers(len(TYPES))], rng)
+        if qa is not None and qa.question not in {q.question for q in qas}:
+            qas.append(qa)
+    image, label_map = render(scene, IMAGE_SIZE[arch])
+    eos = tokenizer.convert_tokens_to_ids(end_of_answer(arch))
+    ids: list[int] = []
+    labels: list[int] = []
+    for turn, qa in enumerate(qas):
+        text = _expand_image(arch, prompt(arch, qa.question)) if turn == 0 else follow_up(arch, qa.question)
+        q_ids = tokenizer(text, add_special_tokens=turn == 0)["input_ids"]
+        a_ids = tokenizer.convert_tokens_to_ids([qa.answer]) + [eos]
+        ids += q_ids + a_ids
+        labels += [IGNORE] * len(q_ids) + a_ids
+    return Sample(image, ids, labels, cell_targets(scene, label_map, TOKEN_CELL[arch]))
+
+
+def llava_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """CLIP normalisation, identical to ``CLIPImageProcessor`` on 336 px input."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
+
+
+def collate(arch: str, samples: list[Sample], pad_id: int, image_processor=None) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs, shifted-free labels and stacked cell targets."""
+    length = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        labels[i, :n] = torch.tensor(s.labels)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch["cells"] = torch.from_numpy(np.stack([s.cells for s in samples]))
+    images = [s.image for s in samples]
+    if arch == "llava":
+        batch["pixel_values"] = llava_pixels(images)
+    else:
+        out = image_processor(images=images, return_tensors="pt")
+        batch["pixel_values"] = out["pixel_values"]
+        batch["image_grid_thw"] = out["image_grid_thw"]
+    return batch

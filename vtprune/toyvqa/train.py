@@ -1,0 +1,258 @@
+"""Seeded, resumable CPU training of the toy VLMs.
+
+Stage 1 (``--pretrain-steps``) trains only the vision tower and projector on
+the dense per-token targets; stage 2 trains everything on packed QA turns
+(loss on answer tokens only) with the dense loss kept as an auxiliary term.
+Scenes follow a curriculum from large objects on a plain background to the
+target clutter over ``--curriculum-steps``.
+
+Every ``--ckpt-minutes`` the full state (model, dense head, optimizer, step,
+RNG) is written to ``OUT/ckpt-STEP.pt``; running the same command again
+resumes from the newest one. Losses and validation accuracy go to
+``OUT/log.jsonl``; the best validated model is saved with ``save_pretrained``
+to ``OUT/best/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vtprune.toyvqa.batches import IGNORE, collate, make_sample
+from vtprune.toyvqa.models import SIZES, build_model, build_processor
+from vtprune.toyvqa.scene import (
+    N_CHAR_CLASSES,
+    N_COLOR_CLASSES,
+    N_SHAPE_CLASSES,
+    Difficulty,
+)
+from vtprune.toyvqa.vocab import build_tokenizer
+
+HEAD_SPLITS = (N_COLOR_CLASSES, N_SHAPE_CLASSES, N_CHAR_CLASSES, 2, 2, 2)
+N_OBJECT_HEADS = 4  # heads whose class 0 is "background" (balanced loss)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommand's options."""
+    p.add_argument("--arch", required=True, choices=("llava", "qwen2_5_vl"))
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=4000,
+        help="total QA steps (the LR schedule length)",
+    )
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=300,
+        help="dense-only vision steps before QA",
+    )
+    p.add_argument("--curriculum-steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--questions", type=int, default=6, help="questions packed per image")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--dense-weight", type=float, default=0.5)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-n", type=int, default=200)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up then cosine decay to 10 % over pretrain + QA steps."""
+    total = args.pretrain_steps + args.steps
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def image_features(model, batch: dict[str, torch.Tensor]) -> BaseModelOutputWithPooling:
+    """Visual tokens after the projector (the features the LLM receives)."""
+    kwargs = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
+    return model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True, **kwargs)
+
+
+def dense_loss(head: nn.Linear, feats: BaseModelOutputWithPooling, cells: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the per-token heads against the generator's cell targets.
+
+    Objects cover a few dozen of the 576 cells, so for the object heads the
+    background and foreground cells are averaged separately and weighted
+    equally; otherwise the loss is low while shapes and glyphs stay unlearnt.
+    """
+    x = torch.stack(list(feats.pooler_output))  # (B, N, D)
+    logits = head(x).split(HEAD_SPLITS, dim=-1)
+    total = x.new_zeros(())
+    for k, lg in enumerate(logits):
+        target = cells[:, k].flatten()
+        ce = F.cross_entropy(lg.flatten(0, 1), target, reduction="none")
+        if k >= N_OBJECT_HEADS:
+            total = total + 0.25 * ce.mean()
+            continue
+        fg = target > 0
+        total = total + 0.5 * ce[~fg].mean()
+        if fg.any():
+            total = total + 0.5 * ce[fg].mean()
+    return total
+
+
+def qa_loss(model, batch: dict[str, torch.Tensor], feats: BaseModelOutputWithPooling) -> tuple[torch.Tensor, float]:
+    """Answer-token cross-entropy and answer-token accuracy (teacher forced)."""
+    kwargs = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
+    if "image_grid_thw" in batch:
+        kwargs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).long()
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        mm_encoder_outputs={"image": feats},
+        **kwargs,
+    )
+    logits = out.logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+    sel = target != IGNORE
+    acc = (logits.argmax(-1)[sel] == target[sel]).float().mean().item()
+    return loss, acc
+
+
+def _load_head(head: nn.Linear, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Restore the dense head and optimizer; a checkpoint with fewer head outputs
+    (from before the position heads were added) is grown, its head moments reset."""
+    old = state["head"]
+    if old["weight"].shape == head.weight.shape:
+        head.load_state_dict(old)
+        opt.load_state_dict(state["optimizer"])
+        return
+    rows = old["weight"].shape[0]
+    with torch.no_grad():
+        head.weight[:rows] = old["weight"]
+        head.bias[:rows] = old["bias"]
+    opt.load_state_dict(state["optimizer"])
+    for p in head.parameters():
+        opt.state.pop(p, None)
+
+
+def _newest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(out.glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _save_checkpoint(out: Path, step: int, model, head, opt, best: float) -> None:
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "head": head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "best": best,
+    }
+    tmp = out / f"ckpt-{step}.pt.tmp"
+    torch.save(state, tmp)
+    tmp.rename(out / f"ckpt-{step}.pt")
+    for old in sorted(out.glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-2]:
+        old.unlink()
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Run (or resume) training as configured by ``args``; returns an exit code."""
+    from vtprune.toyvqa.scoring import score
+
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(args.arch)
+    processor = build_processor(args.arch, tokenizer)
+    model = build_model(args.arch, tokenizer, seed=args.seed)
+    head = nn.Linear(SIZES[args.arch]["llm_width"], sum(HEAD_SPLITS))
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    step, best = 0, -1.0
+    ckpt = _newest_checkpoint(out)
+    if ckpt is not None:
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        _load_head(head, opt, state)
+        torch.set_rng_state(state["torch_rng"])
+        step, best = state["step"], state["best"]
+        print(f"resumed from {ckpt} at step {step}", flush=True)
+    else:
+        (out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    total = args.pretrain_steps + args.steps
+    last_ckpt = time.time()
+    model.train()
+    while step < total:
+        t0 = time.time()
+        qa_step = step - args.pretrain_steps
+        level = 0.0 if qa_step < 0 else min(1.0, qa_step / max(1, args.curriculum_steps))
+        difficulty = Difficulty.at(level)
+        n_q = 1 if qa_step < 0 else args.questions
+        samples = [make_sample(args.arch, tokenizer, step * args.batch + j, n_q, difficulty) for j in range(args.batch)]
+        batch = collate(args.arch, samples, tokenizer.pad_token_id, processor.image_processor)
+        t_data = time.time() - t0
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        feats = image_features(model, batch)
+        d_loss = dense_loss(head, feats, batch["cells"])
+        record = {
+            "step": step,
+            "level": round(level, 3),
+            "lr": round(lr_at(step, args), 6),
+            "dense": round(d_loss.item(), 4),
+        }
+        if qa_step < 0:
+            loss = d_loss
+        else:
+            q_loss, q_acc = qa_loss(model, batch, feats)
+            loss = q_loss + args.dense_weight * d_loss
+            record.update(qa=round(q_loss.item(), 4), qa_acc=round(q_acc, 4))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        record.update(
+            sec=round(time.time() - t0, 2),
+            data_sec=round(t_data, 2),
+            time=round(time.time(), 1),
+        )
+        if step % 10 == 0 or step < 5:
+            _log(out, record)
+            print(json.dumps(record), flush=True)
+        if qa_step >= 0 and (step % args.eval_every == 0 or step == total):
+            model.eval()
+            result = score(model, processor, n=args.eval_n, split="validation", batch_size=16)
+            model.train()
+            _log(out, {"step": step, "eval": result})
+            print(json.dumps({"step": step, "eval": result}), flush=True)
+            if result["overall"] >= best:
+                best = result["overall"]
+                model.save_pretrained(out / "best")
+                processor_save(processor, out / "best")
+                (out / "best" / "val.json").write_text(json.dumps({"step": step, **result}, indent=1))
+        if time.time() - last_ckpt > args.ckpt_minutes * 60 or step == total:
+            _save_checkpoint(out, step, model, head, opt, best)
+            last_ckpt = time.time()
+    return 0
+
+
+def processor_save(processor, path: Path) -> None:
+    """Save a toy processor (Qwen's without the absent video processor)."""
+    from vtprune.toyvqa.models import save_processor
+
+    save_processor(processor, path)
