@@ -416,21 +416,12 @@ class Runtime:
         layer_type = _layer_type(self.adapter.text_config, idx)
         if layer_type not in level.masks:
             m = level.masks
-            maker = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
-            level.masks[layer_type] = maker(
-                config=self.adapter.text_config,
-                inputs_embeds=m["embeds"],
-                attention_mask=m["mask2d"],
-                cache=m["cache"],
-                position_ids=None,
-                layer_idx=level.layer,
-            ) if maker is create_causal_mask else maker(
-                config=self.adapter.text_config,
-                inputs_embeds=m["embeds"],
-                attention_mask=m["mask2d"],
-                cache=m["cache"],
-                position_ids=None,
-            )
+            args = dict(config=self.adapter.text_config, inputs_embeds=m["embeds"], attention_mask=m["mask2d"],
+                        cache=m["cache"], position_ids=None)
+            if layer_type == "sliding_attention":
+                level.masks[layer_type] = create_sliding_window_causal_mask(**args)
+            else:  # sized against the level's own cache layer (trap 3)
+                level.masks[layer_type] = create_causal_mask(**args, layer_idx=level.layer)
         kwargs["attention_mask"] = level.masks[layer_type]
         if level.position_embeddings is not None:
             kwargs["position_embeddings"] = level.position_embeddings
