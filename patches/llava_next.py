@@ -76,4 +76,4 @@ class LlavaNextAdapter(LlavaAdapter):
         packed, _ = self.base.pack_image_features(
             [per_image], torch.as_tensor(sizes[g : g + 1]), self.config.vision_feature_select_strategy, image_newline=None
         )
-        return packed
+        return packed[0]

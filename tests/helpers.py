@@ -41,10 +41,6 @@ def visual_positions(family: str, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.nonzero((row == IMAGE_TOKEN) | (row == VIDEO_TOKEN)).flatten()
 
 
-def last_logits(out, mask: torch.Tensor | None = None) -> torch.Tensor:
-    return out.logits[:, -1]
-
-
 def hooks_left(model) -> list[str]:
     """Names of modules that still carry hooks or an instance-bound forward."""
     left = []
@@ -63,3 +59,57 @@ def gen_kwargs(n: int, **extra) -> dict:
               suppress_tokens=[IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END])
     kw.update(extra)
     return kw
+
+
+def sample_alone(batch, b, family):
+    """Sample b of a batch as a batch of one (padding removed, its own pixels and grids)."""
+    mask = batch["attention_mask"][b].bool()
+    ids = batch["input_ids"][b][mask].unsqueeze(0)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    def count(tok, row):
+        return int((batch["input_ids"][row] == tok).sum())
+
+    if family in QWEN:
+        out["mm_token_type_ids"] = batch["mm_token_type_ids"][b][mask].unsqueeze(0)
+        for kind, tok, pix in (("image", IMAGE_TOKEN, "pixel_values"), ("video", VIDEO_TOKEN, "pixel_values_videos")):
+            key = f"{kind}_grid_thw"
+            if key not in batch:
+                continue
+            grids = batch[key]
+            per_item = grids.prod(-1) // 4
+            # items of earlier rows
+            first = 0
+            consumed = 0
+            while consumed < sum(count(tok, r) for r in range(b)):
+                consumed += int(per_item[first])
+                first += 1
+            last, mine = first, 0
+            while mine < count(tok, b):
+                mine += int(per_item[last])
+                last += 1
+            if last > first:
+                patches = grids.prod(-1)
+                start = int(patches[:first].sum())
+                out[pix] = batch[pix][start : start + int(patches[first:last].sum())]
+                out[key] = grids[first:last]
+        return out
+    n_before = sum(_images_in_row(batch, r, family) for r in range(b))
+    n_mine = _images_in_row(batch, b, family)
+    if n_mine:
+        out["pixel_values"] = batch["pixel_values"][n_before : n_before + n_mine]
+        if family == "llava_next":
+            out["image_sizes"] = batch["image_sizes"][n_before : n_before + n_mine]
+    return out
+
+
+def _images_in_row(batch, row, family):
+    from vtprune.patches import adapter_for  # noqa: F401
+
+    from vtprune.tiny import IMAGE_TOKEN
+
+    n = int((batch["input_ids"][row] == IMAGE_TOKEN).sum())
+    if family == "llava":
+        return n // 64
+    # llava_next: count runs of placeholders (images are separated by text in these specs)
+    ids = (batch["input_ids"][row] == IMAGE_TOKEN).int()
+    return int(((ids[1:] - ids[:-1]) == 1).sum()) + int(ids[0])

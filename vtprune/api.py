@@ -34,9 +34,8 @@ def _build(model: nn.Module, policy, keep, positions: str, options: dict) -> Run
             "(temporal, height, width), so only positions='original' is defined for it"
         )
     for p in pipeline.policies:
-        bind = getattr(p, "bind", None)
-        if bind is not None:
-            bind(adapter)
+        p.bind(adapter)
+    pipeline = Pipeline(pipeline.policies)  # stage order again, now that per-model layers are known
     depth = adapter.num_layers
     for p in pipeline.llm():
         if not 1 <= p.at < depth:

@@ -13,7 +13,8 @@ def sanitize_scores(scores: torch.Tensor, what: str = "scores") -> torch.Tensor:
     NaN becomes -inf's finite stand-in (never preferred), +inf the largest
     finite value. A warning names how many entries were bad.
     """
-    scores = scores.float()
+    # Upcast low precisions; float64 scores (matrix entropy) are ranked as they are.
+    scores = scores if scores.dtype == torch.float64 else scores.float()
     bad = ~torch.isfinite(scores)
     if bool(bad.any()):
         warnings.warn(
@@ -21,7 +22,7 @@ def sanitize_scores(scores: torch.Tensor, what: str = "scores") -> torch.Tensor:
             RuntimeWarning,
             stacklevel=3,
         )
-        finfo = torch.finfo(torch.float32)
+        finfo = torch.finfo(scores.dtype)
         scores = torch.nan_to_num(scores, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
     return scores
 

@@ -1,9 +1,18 @@
 """Pruning policies. Each is a dataclass; `vtprune.available_policies()` lists them by name."""
 
 from .base import LLMStagePolicy, Pipeline, Policy, Selection, available_policies, make_policy, register
-from .baselines import Pooling, Random
+from .baselines import Fixed, Pooling, Random
+from .divprune import DivPrune
+from .entropyprune import EntropyPrune
+from .idpruner import IDPruner
+from .mmtok import MMTok
 
 __all__ = [
+    "DivPrune",
+    "EntropyPrune",
+    "Fixed",
+    "IDPruner",
+    "MMTok",
     "LLMStagePolicy",
     "Pipeline",
     "Policy",

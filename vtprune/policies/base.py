@@ -65,6 +65,9 @@ class Policy:
     def stage_key(self) -> str:
         return f"llm@{self.at}" if self.stage == "llm" else self.stage
 
+    def bind(self, adapter) -> None:
+        """Resolve per-model defaults and check the policy against the model (called by `wrap`)."""
+
     def layer_inputs_needed(self) -> tuple[int, ...]:
         return self.needs_layer_inputs
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -128,3 +128,50 @@ class Pooling(Policy):
         sort = torch.argsort(order)
         return Selection(order[sort], values[sort])
 
+
+
+@register
+@dataclass
+class Fixed(LLMStagePolicy):
+    """Keep given grid indices: ``kept[sample][image]`` (e.g. replayed from a report).
+
+    Useful to rerun a selection exactly, for instance to compare generation
+    with and without the KV cache under the same keep sets when a policy
+    depends on the prompt (recomputation sees the generated tokens too).
+    Acts at the projector stage, at ``where="vision"``, or before
+    ``at_layer``; ``keep`` is ignored (the lists are the budget).
+    """
+
+    kept: list = field(default_factory=list)
+    keep: int | float = 1
+    at_layer: int | None = None
+    where: str = "projector"
+
+    name: ClassVar[str] = "fixed"
+
+    def __post_init__(self) -> None:
+        Random.__post_init__(self)  # same stage rules as random
+        if not isinstance(self.kept, (list, tuple)):
+            raise TypeError(f"fixed: kept must be a list (samples) of lists (images) of indices; got {self.kept!r}")
+
+    stage = Random.stage
+    at = Random.at
+
+    def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
+        if b >= len(self.kept) or len(self.kept[b]) != ctx.num_images(b):
+            raise ValueError(
+                f"fixed: sample {b} has {ctx.num_images(b)} images but kept gives "
+                f"{len(self.kept[b]) if b < len(self.kept) else 'no'} lists"
+            )
+        out = []
+        for i, grid_indices in enumerate(self.kept[b]):
+            alive = ctx.alive[b][i]
+            want = torch.as_tensor(sorted(grid_indices), dtype=torch.long, device=alive.device)
+            idx = torch.searchsorted(alive, want)
+            if bool((idx >= alive.numel()).any()) or not torch.equal(alive[idx.clamp(max=alive.numel() - 1)], want):
+                raise ValueError(f"fixed: image {i} of sample {b}: some kept indices are not alive at this stage")
+            out.append(Selection(idx))
+        return out
+
+    def describe(self) -> str:
+        return "fixed"

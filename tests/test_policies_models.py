@@ -1,0 +1,117 @@
+"""The attention-free policies on every family: budgets, batching, cache, backends (SPEC 5 items 3, 4, 6, 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ATTNS
+from helpers import gen_kwargs, inputs, mixed_specs, model_for, sample_alone
+
+import vtprune
+from vtprune.policies import DivPrune, EntropyPrune, Fixed, IDPruner, MMTok
+
+POLICIES = {
+    "idpruner": lambda k: IDPruner(keep=k, per_image=True),
+    "idpruner_pooled": lambda k: IDPruner(keep=k),
+    "mmtok": lambda k: MMTok(keep=k),
+    "divprune": lambda k: DivPrune(keep=k),
+    "entropyprune": lambda k: EntropyPrune(keep=k),
+}
+
+
+PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok")
+
+
+def _stage(image):
+    (name, stage), = image["stages"].items()
+    return name, stage
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_budgets_and_cache(family, attn, policy):
+    model = model_for(family, attn)
+    batch = inputs(model, mixed_specs(family))
+    vtprune.wrap(model, POLICIES[policy](3))
+    kw = gen_kwargs(4)
+    cached = model.generate(**batch, **kw)
+    data = vtprune.report(model).to_dict()
+    if policy in PROMPT_CONDITIONED:
+        # Recomputation sees the generated tokens in the prompt too: replay the cached run's keep sets.
+        kept = [[_stage(i)[1]["kept"] for i in s["images"]] for s in data["samples"]]
+        vtprune.wrap(model, Fixed(kept=kept))
+    assert torch.equal(cached, model.generate(**batch, use_cache=False, **kw))
+    want_stage = "llm@2" if policy == "entropyprune" and family.startswith("llava") else (
+        "llm@1" if policy == "entropyprune" else "projector")
+    for sample in data["samples"]:
+        afters = []
+        for image in sample["images"]:
+            name, stage = _stage(image)
+            assert name == want_stage
+            assert stage["kept"] == sorted(set(stage["kept"])) and all(0 <= k < image["tokens"] for k in stage["kept"])
+            afters.append(stage["after"])
+            if policy != "idpruner_pooled":
+                assert stage["after"] == min(3, image["tokens"])
+        if policy == "idpruner_pooled":  # one selection over the sample's images: the total is exact
+            assert sum(afters) == min(3 * len(afters), sum(i["tokens"] for i in sample["images"]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_batch_equals_one_by_one(family, policy):
+    model = model_for(family, "sdpa")
+    vtprune.wrap(model, POLICIES[policy](0.25))
+    batch = inputs(model, mixed_specs(family))
+    together = model(**batch).logits[:, -1]
+    kept_together = vtprune.report(model).to_dict()["samples"]
+    for b in range(batch["input_ids"].shape[0]):
+        alone = model(**sample_alone(batch, b, family)).logits[:, -1]
+        assert vtprune.report(model).to_dict()["samples"][0] == kept_together[b] | {
+            "images": [dict(i, stages={k: dict(v, ms=i2["stages"][k]["ms"]) for k, v in i["stages"].items()})
+                       for i, i2 in zip(kept_together[b]["images"], vtprune.report(model).to_dict()["samples"][0]["images"])]
+        }
+        torch.testing.assert_close(alone[0], together[b], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_selections_do_not_depend_on_the_attention_backend(family, attn):
+    picks = {}
+    for name in (attn, "vtprune_noweights"):
+        model = model_for(family, name)
+        vtprune.wrap(model, EntropyPrune(keep=3))
+        model(**inputs(model, mixed_specs(family)))
+        picks[name] = [[_stage(i)[1]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
+    assert picks[attn] == picks["vtprune_noweights"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_models_select_and_generate(family, dtype):
+    model = model_for(family, "sdpa").to(dtype)
+    batch = inputs(model, mixed_specs(family))
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in batch:
+            batch[key] = batch[key].to(dtype)
+    for policy in ("mmtok", "divprune", "entropyprune", "idpruner"):
+        vtprune.wrap(model, POLICIES[policy](3))
+        out = model.generate(**batch, **gen_kwargs(2))
+        assert out.shape[1] == batch["input_ids"].shape[1] + 2
+        for sample in vtprune.report(model).to_dict()["samples"]:
+            for image in sample["images"]:
+                assert _stage(image)[1]["after"] == 3
+
+
+def test_bad_policy_options_leave_the_model_untouched(tmp_path):
+    model = model_for("llava", "sdpa")
+    for call, err, words in [
+        (lambda: vtprune.wrap(model, "idpruner", keep=4, lam=1.5), ValueError, "1.5"),
+        (lambda: vtprune.wrap(model, "mmtok", keep=4, tau_v=0), ValueError, "tau_v"),
+        (lambda: vtprune.wrap(model, "mmtok", keep=4, alpha=-1), ValueError, "alpha"),
+        (lambda: vtprune.wrap(model, "entropyprune", keep=4, at_layer=9), ValueError, "at_layer"),
+        (lambda: vtprune.wrap(model, "idpruner", keep=4, selector=str(tmp_path / "missing")), ValueError, "missing"),
+    ]:
+        with pytest.raises(err, match=words):
+            call()
+        assert not vtprune.is_wrapped(model)

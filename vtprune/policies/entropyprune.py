@@ -1,0 +1,122 @@
+"""EntropyPrune: matrix entropy of the visual tokens' queries, at the entropy-collapse layer (llm stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..context import StageContext
+from ..ops.entropy import matrix_entropy, validate_normalize
+from ..ops.probe import layer_queries
+from ..zoo import policy_defaults
+from .base import LLMStagePolicy, Policy, register
+
+
+@register
+@dataclass
+class EntropyPrune(LLMStagePolicy):
+    """Keep the visual tokens whose queries have the highest matrix entropy, pruning once before layer K.
+
+    Source: "EntropyPrune: Matrix Entropy Guided Visual Token Pruning for
+    Multimodal Large Language Models" (code YahongWang1/EntropyPrune). The
+    queries of decoder layer K-1 (its input norm and ``q_proj``, computed
+    by `vtprune.ops.probe.layer_queries`, pre-RoPE: the score is
+    RoPE-invariant) give each visual token an ``heads x head_dim`` matrix;
+    its score is the matrix entropy of `vtprune.ops.entropy.matrix_entropy`
+    (centred across heads, ``H x H`` dual Gram, float64 eigenvalues clamped
+    at 1e-10, normalised by ln H); the top scores are kept. Layers 0..K-1
+    see every visual token. Positions stay original, as in the reference.
+
+    Parameters:
+        keep: visual tokens per image from layer K on (int) or a fraction
+            of the image's tokens; default 64.
+        at_layer: K, 0-based like every ``at_layer``; None (default) is the
+            reference's choice per model: 2 for LLaVA-1.5/NeXT, 1 for Qwen.
+        normalize: None (default, the reference) or ``"trace"`` (eigenvalues
+            divided by their sum before the entropy).
+        average: False (default): ``keep`` is the count from layer K on.
+            True reads ``keep`` as the reference does, the average count over
+            all L layers: kept = ``int((L * keep - K * N) / (L - K))``
+            (LLaVA-1.5-7B: 192/128/64 -> 166/98/29); a fraction means
+            ``keep * N``. A target the formula cannot meet is an error.
+    """
+
+    keep: int | float = 64
+    at_layer: int | None = None
+    normalize: str | None = None
+    average: bool = False
+
+    name: ClassVar[str] = "entropyprune"
+    reference_positions: ClassVar[str] = "original"
+
+    def __post_init__(self) -> None:
+        if self.at_layer is None:
+            Policy.__post_init__(self)
+        else:
+            super().__post_init__()
+        validate_normalize(self.normalize)
+        if not isinstance(self.average, bool):
+            raise TypeError(f"entropyprune: average must be True or False; got {self.average!r}")
+        self._at = self.at_layer
+
+    @property
+    def at(self) -> int | None:
+        """K once known: ``at_layer``, or the per-model default after `bind`."""
+        return self._at
+
+    def bind(self, adapter) -> None:
+        """Resolve K for this model (``at_layer`` or the per-model default) and check it against the depth."""
+        at = self.at_layer
+        if at is None:
+            at = policy_defaults(adapter.model_type, self.name).get("at_layer")
+            if at is None:
+                raise ValueError(
+                    f"entropyprune: model_zoo.yaml has no reference layer for model type {adapter.model_type!r}; "
+                    "give at_layer explicitly"
+                )
+        depth = adapter.num_layers
+        if at >= depth:
+            raise ValueError(
+                f"entropyprune: at_layer={at} is past the model's depth; this model has {depth} decoder "
+                f"layers, so at_layer must be in [1, {depth - 1}]"
+            )
+        self._at = at
+
+    def layer_inputs_needed(self) -> tuple[int, ...]:
+        """The one decoder layer whose input is read: K-1."""
+        if self._at is None:
+            raise RuntimeError("entropyprune: at_layer is not resolved yet; bind(adapter) first")
+        return (self._at - 1,)
+
+    def budget(self, ctx: StageContext, b: int, i: int) -> int:
+        if not self.average:
+            return super().budget(ctx, b, i)
+        n_alive = int(ctx.alive[b][i].numel())
+        if n_alive == 0:
+            return 0
+        depth, at = ctx.adapter.num_layers, self._at
+        n = ctx.layouts[b].images[i].num_tokens
+        target = self.keep if isinstance(self.keep, int) else self.keep * n
+        kept = int((depth * target - at * n) / (depth - at))
+        if kept < 1:
+            raise ValueError(
+                f"entropyprune(average=True): an average of {target:g} visual tokens over {depth} layers cannot be "
+                f"met when layers 0..{at - 1} see all {n} tokens (the formula gives {kept}); raise keep above "
+                f"{(at * n + depth - at) / depth:g} or use average=False"
+            )
+        return min(kept, n_alive)
+
+    def score(self, ctx: StageContext, b: int, i: int) -> torch.Tensor:
+        layer = self._at - 1
+        hidden = ctx.layer_input(layer)[b, ctx.seq_positions[b][i]]
+        return matrix_entropy(layer_queries(ctx.decoder_layer(layer), hidden), self.normalize)
+
+    def describe(self) -> str:
+        options = [f"at_layer={self._at if self._at is not None else 'per-model'}"]
+        if self.normalize:
+            options.append(f"normalize={self.normalize}")
+        if self.average:
+            options.append("average")
+        return f"entropyprune({', '.join(options)})"
