@@ -1,4 +1,4 @@
-"""The `vtprune` command: demo, bench, toyvqa."""
+"""The `vtprune` command: demo, bench, calibrate-ecl, toyvqa."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "demo": ("vtprune.demo", "every family on a real photo, unpruned and at a few budgets"),
     "bench": ("vtprune.eval.bench", "prefill time, selection time, KV cache per policy and budget"),
+    "calibrate-ecl": ("vtprune.ecl", "per-layer matrix entropy of visual tokens; proposes EntropyPrune's layer"),
     "toyvqa": ("vtprune.toyvqa.cli", "the synthetic VQA task: train, score, export"),
 }
 
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: vtprune COMMAND [options]", "", "commands:"]
-        lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+        lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nunknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
