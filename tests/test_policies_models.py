@@ -115,3 +115,37 @@ def test_bad_policy_options_leave_the_model_untouched(tmp_path):
         with pytest.raises(err, match=words):
             call()
         assert not vtprune.is_wrapped(model)
+
+
+@torch.no_grad()
+def test_entropyprune_keeps_the_top_entropy_tokens_of_the_unwrapped_model(family):
+    """Independent truth: layer K-1's input from the unwrapped model, queries and entropy by brute force."""
+    from vtprune.ops.probe import layer_queries
+    from vtprune.ops.select import topk_indices
+    from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN
+
+    model = model_for(family, "sdpa")
+    batch = inputs(model, mixed_specs(family)[:1])
+    at = 2 if family.startswith("llava") else 1
+    seen = {}
+    layer = model.model.language_model.layers[at - 1]
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.update(h=args[0]))
+    model(**batch)
+    handle.remove()
+    ids = batch["input_ids"][0]
+    visual = torch.nonzero((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).flatten()
+    if family == "llava_next":  # skip newline rows: the learned image_newline vector at the LM input
+        lm_in = {}
+        handle = model.model.language_model.register_forward_pre_hook(
+            lambda _m, _a, kw: lm_in.update(e=kw["inputs_embeds"]), with_kwargs=True)
+        model(**batch)
+        handle.remove()
+        visual = visual[~(lm_in["e"][0, visual] == model.model.image_newline).all(-1)]
+    q = layer_queries(layer, seen["h"][0, visual])
+    r = q.double() - q.double().mean(1, keepdim=True)
+    lam = torch.linalg.eigvalsh(r @ r.transpose(1, 2) / q.shape[1]).clamp_min(1e-10)
+    entropy = -(lam * lam.log()).sum(-1) / torch.log(torch.tensor(float(q.shape[1]), dtype=torch.float64))
+    want = topk_indices(entropy, 5).tolist()
+    vtprune.wrap(model, EntropyPrune(keep=5))
+    model(**batch)
+    assert _stage(vtprune.report(model).to_dict()["samples"][0]["images"][0])[1]["kept"] == want

@@ -313,7 +313,7 @@ def test_entropyprune_per_model_layer(model_type, at):
     policy = EntropyPrune()
     assert policy.at is None
     policy.bind(FakeAdapter(model_type=model_type, num_layers=4))
-    assert policy.at == at and policy.layer_inputs_needed() == (at - 1,) and policy.stage_key == f"llm@{at}"
+    assert policy.at == at and policy.layer_queries_needed() == (at - 1,) and policy.stage_key == f"llm@{at}"
     policy.bind(FakeAdapter(model_type="qwen2_vl" if at == 2 else "llava"))  # rebinding re-resolves
     assert policy.at == 3 - at
 
@@ -322,7 +322,7 @@ def test_entropyprune_layer_checks():
     with pytest.raises(ValueError, match=r"at_layer=4 is past the model's depth; .* must be in \[1, 3\]"):
         EntropyPrune(at_layer=4).bind(FakeAdapter(num_layers=4))
     with pytest.raises(RuntimeError, match="bind"):
-        EntropyPrune().layer_inputs_needed()
+        EntropyPrune().layer_queries_needed()
     with pytest.raises(ValueError, match="give at_layer explicitly"):
         EntropyPrune().bind(FakeAdapter(model_type="idefics"))
 
@@ -353,11 +353,13 @@ def test_entropyprune_scores_layer_k_minus_1_queries():
     layers = [LlamaDecoderLayer(config, layer_idx=j).eval() for j in range(4)]
     adapter = FakeAdapter(model_type="llava", num_layers=4, layers=layers)
     ctx = make_ctx([{"images": [24, 10], "question": 3}, {"images": [], "question": 2}], adapter=adapter)
-    ctx.layer_inputs[1] = torch.randn_like(ctx.hidden)
+    hidden_in = torch.randn_like(ctx.hidden)
+    with torch.no_grad():  # what the runtime captures: layer 1's own q_proj output
+        ctx.layer_q[1] = layers[1].self_attn.q_proj(layers[1].input_layernorm(hidden_in))
     policy = EntropyPrune(keep=0.25)
     policy.bind(adapter)
     out = policy.select(ctx)
     for i, n in enumerate((24, 10)):
-        q = layer_queries(layers[1], ctx.layer_inputs[1][0, ctx.seq_positions[0][i]])
+        q = layer_queries(layers[1], hidden_in[0, ctx.seq_positions[0][i]])
         assert out[0][i].indices.tolist() == topk_indices(matrix_entropy(q), round(n * 0.25)).tolist()
     assert out[1] == []

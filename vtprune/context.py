@@ -41,6 +41,7 @@ class StageContext:
     adapter: Adapter
     captured: dict[str, Any] = field(default_factory=dict)
     layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_q: dict[int, torch.Tensor] = field(default_factory=dict)
     position_embeddings: Any = None
 
     @property
@@ -71,6 +72,22 @@ class StageContext:
                 f"in `needs_layer_inputs` (captured here: {sorted(self.layer_inputs)})"
             )
         return self.layer_inputs[layer]
+
+    def queries(self, layer: int, b: int, i: int) -> torch.Tensor:
+        """Pre-RoPE queries of decoder ``layer`` for image i's alive tokens, ``(n, heads, head_dim)``.
+
+        Taken from the layer's own ``q_proj`` output in this prefill (listed in
+        the policy's `layer_queries_needed`), so nothing is recomputed.
+        """
+        from .ops.probe import split_queries
+
+        if layer not in self.layer_q:
+            raise KeyError(
+                f"the queries of decoder layer {layer} were not captured; a policy lists the layers it reads "
+                f"in `layer_queries_needed()` (captured here: {sorted(self.layer_q)})"
+            )
+        q = self.layer_q[layer][b, self.seq_positions[b][i]]
+        return split_queries(self.decoder_layer(layer).self_attn, q)
 
     def decoder_layer(self, layer: int) -> torch.nn.Module:
         return self.adapter.decoder_layers[layer]

@@ -60,6 +60,7 @@ class PrefillState:
     pad_left: bool = True
     prefill: bool = True
     layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_q: dict[int, torch.Tensor] = field(default_factory=dict)
     inputs_embeds: torch.Tensor | None = None
 
     def level_for(self, layer: int) -> Level:
@@ -86,10 +87,12 @@ class Runtime:
         self._handles: list[Any] = []
         self._bound: list[tuple[torch.nn.Module, Any]] = []
         self.prune_layers = {p.at: p for p in pipeline.llm()}
-        needed = set()
+        needed, queries = set(), set()
         for p in pipeline.policies:
             needed.update(p.layer_inputs_needed())
+            queries.update(p.layer_queries_needed())
         self.needed_inputs = needed
+        self.needed_queries = queries
 
     # ------------------------------------------------------------------ install
     def install(self) -> None:
@@ -107,6 +110,10 @@ class Runtime:
         self._handles.append(base.register_forward_pre_hook(record, with_kwargs=True))
         self._handles.append(base.register_forward_hook(clear, with_kwargs=True, always_call=True))
         self._install_vision_capture()
+        for idx in sorted(self.needed_queries):
+            self._handles.append(
+                self.adapter.decoder_layers[idx].self_attn.q_proj.register_forward_hook(self._grab_queries(idx))
+            )
 
         lm = self.adapter.language_model
         self._bind(lm, self._lm_forward)
@@ -115,6 +122,13 @@ class Runtime:
             for idx, layer in enumerate(self.adapter.decoder_layers):
                 if idx >= first:
                     self._bind(layer, self._layer_forward_for(idx))
+
+    def _grab_queries(self, idx: int):
+        def grab(_module, _args, output):
+            if self.state is not None and self.state.prefill:
+                self.state.layer_q[idx] = output
+
+        return grab
 
     def _install_vision_capture(self) -> None:
         """Record the vision encoder's calls and the projector's inputs.
@@ -200,6 +214,7 @@ class Runtime:
             if self.state is not None:
                 self.state.prefill = False
                 self.state.layer_inputs.clear()
+                self.state.layer_q.clear()
 
     def _prefill_inputs(self) -> dict[str, Any]:
         """The base forward's inputs, completed with what the vision encoder was called with."""
@@ -382,6 +397,7 @@ class Runtime:
             adapter=self.adapter,
             captured=self.captured,
             layer_inputs=state.layer_inputs,
+            layer_q=state.layer_q,
             position_embeddings=kwargs.get("position_embeddings"),
         )
         hidden, alive, seq_pos = self._apply(policy, ctx, records)

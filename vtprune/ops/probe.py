@@ -33,7 +33,11 @@ def layer_queries(decoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tenso
     decoder layers.
     """
     attn = decoder_layer.self_attn
-    q = attn.q_proj(decoder_layer.input_layernorm(hidden))
+    return split_queries(attn, attn.q_proj(decoder_layer.input_layernorm(hidden)))
+
+
+def split_queries(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
+    """``q_proj`` output ``(..., heads * head_dim)`` -> pre-RoPE queries ``(..., heads, head_dim)`` (q_norm applied)."""
     head_dim = _head_dim(attn, q.shape[-1])
     q_norm = getattr(attn, "q_norm", None)
     per_head = q_norm is not None and getattr(q_norm, "weight", None) is not None and q_norm.weight.numel() == head_dim

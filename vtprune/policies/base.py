@@ -71,6 +71,10 @@ class Policy:
     def layer_inputs_needed(self) -> tuple[int, ...]:
         return self.needs_layer_inputs
 
+    def layer_queries_needed(self) -> tuple[int, ...]:
+        """Decoder layers whose ``q_proj`` output the policy reads (captured in prefill, not recomputed)."""
+        return ()
+
     def budget(self, ctx: StageContext, b: int, i: int) -> int:
         n_alive = int(ctx.alive[b][i].numel())
         n_original = ctx.layouts[b].images[i].num_tokens

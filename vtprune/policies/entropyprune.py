@@ -9,7 +9,6 @@ import torch
 
 from ..context import StageContext
 from ..ops.entropy import matrix_entropy, validate_normalize
-from ..ops.probe import layer_queries
 from ..zoo import policy_defaults
 from .base import LLMStagePolicy, Policy, register
 
@@ -84,8 +83,8 @@ class EntropyPrune(LLMStagePolicy):
             )
         self._at = at
 
-    def layer_inputs_needed(self) -> tuple[int, ...]:
-        """The one decoder layer whose input is read: K-1."""
+    def layer_queries_needed(self) -> tuple[int, ...]:
+        """The one decoder layer whose queries are read: K-1 (its own q_proj output, captured)."""
         if self._at is None:
             raise RuntimeError("entropyprune: at_layer is not resolved yet; bind(adapter) first")
         return (self._at - 1,)
@@ -109,9 +108,7 @@ class EntropyPrune(LLMStagePolicy):
         return min(kept, n_alive)
 
     def score(self, ctx: StageContext, b: int, i: int) -> torch.Tensor:
-        layer = self._at - 1
-        hidden = ctx.layer_input(layer)[b, ctx.seq_positions[b][i]]
-        return matrix_entropy(layer_queries(ctx.decoder_layer(layer), hidden), self.normalize)
+        return matrix_entropy(ctx.queries(self._at - 1, b, i), self.normalize)
 
     def describe(self) -> str:
         options = [f"at_layer={self._at if self._at is not None else 'per-model'}"]
