@@ -114,20 +114,26 @@ class Pooling(Policy):
             )
         feats = ctx.features(b, i)
         parts = split_budget([g.size for g in image.grids], k)
-        indices, values = [], []
+        labels, firsts = [], []
         for grid, kg in zip(image.grids, parts):
-            if kg == 0:
+            if kg == 0:  # a sub-grid with no budget (tiny fractions): its tokens go nowhere
+                labels.append(torch.full((grid.size,), -1, dtype=torch.long))
                 continue
-            block = feats[grid.offset : grid.offset + grid.size].float()
-            block = block.view(grid.height, grid.width, -1)
+            label = torch.empty(grid.height, grid.width, dtype=torch.long)
             for r0, r1, c0, c1 in _window_grid(grid.height, grid.width, kg):
-                indices.append(grid.offset + r0 * grid.width + c0)
-                values.append(block[r0:r1, c0:c1].mean(dim=(0, 1)))
-        order = torch.tensor(indices, device=feats.device)
-        values = torch.stack(values).to(feats.dtype)
+                label[r0:r1, c0:c1] = len(firsts)
+                firsts.append(grid.offset + r0 * grid.width + c0)
+            labels.append(label.flatten())
+        label = torch.cat(labels).to(feats.device)
+        src = feats.float()
+        if bool((label < 0).any()):
+            used = label >= 0
+            label, src = label[used], src[used]
+        sums = src.new_zeros(len(firsts), src.shape[-1]).index_add_(0, label, src)
+        counts = torch.bincount(label, minlength=len(firsts)).clamp_min(1)
+        order = torch.tensor(firsts, device=feats.device)
         sort = torch.argsort(order)
-        return Selection(order[sort], values[sort])
-
+        return Selection(order[sort], (sums / counts[:, None]).to(feats.dtype)[sort])
 
 
 @register
