@@ -36,6 +36,10 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
     broadcast (rotary tables are often shared across the batch).
     """
     dim = dim % x.dim()
+    if x.is_cuda and x.dim() == 3 and dim == 1 and x.shape[0] == index.shape[0]:
+        kernel = _kernel()
+        if kernel is not None:
+            return kernel.gather_seq(x, index)
     bdim = dim - 1
     bsz, width = index.shape
     if x.shape[bdim] != bsz:
@@ -46,3 +50,9 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
     target[dim] = width
     picked = torch.gather(x, dim, index.clamp(min=0).view(view).expand(target))
     return picked.masked_fill((index < 0).view(view), 0)
+
+
+def _kernel():
+    from .cuda import load
+
+    return load()

@@ -1,0 +1,49 @@
+"""The CUDA compaction kernel: compiles with plain nvcc here; on a GPU it equals the torch gather."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from importlib import resources
+
+import pytest
+import torch
+
+from vtprune.compaction import gather_seq, keep_index
+
+
+def _source():
+    return resources.files("vtprune.cuda") / "compaction.cu"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("define", [None, "VTPRUNE_STANDALONE_TEST"])
+def test_kernel_compiles_with_nvcc(tmp_path, define):
+    with resources.as_file(_source()) as src:
+        cmd = ["nvcc", "-c", str(src), "-o", str(tmp_path / "compaction.o")]
+        if define:
+            cmd = ["nvcc", f"-D{define}", str(src), "-o", str(tmp_path / "compaction_test")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_kernel_loader_falls_back_without_a_gpu():
+    from vtprune.cuda import load
+
+    if not torch.cuda.is_available():
+        assert load() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, width", [(torch.float32, 64), (torch.bfloat16, 4096), (torch.float16, 3)])
+def test_kernel_equals_torch_gather(dtype, width):
+    from vtprune.cuda import load
+
+    kernel = load()
+    assert kernel is not None
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, width, device="cuda").to(dtype)
+    keep = torch.rand(3, 50, device="cuda") > 0.6
+    index = keep_index(keep, pad_left=True)
+    want = gather_seq(x.cpu(), index.cpu())
+    assert torch.equal(kernel.gather_seq(x, index).cpu(), want)
