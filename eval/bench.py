@@ -65,6 +65,35 @@ def bench_family(family: str, policy: str, budgets: list, repeats: int) -> list[
     return rows
 
 
+def bench_compaction(length: int, kept: int, width: int, dtype=torch.float32, repeats: int = 20) -> dict:
+    """The compaction op (`gather_seq`) against a plain copy of the same kept bytes."""
+    from ..compaction import gather_seq, keep_index
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(1, length, width, device=device).to(dtype)
+    keep = torch.zeros(1, length, dtype=torch.bool, device=device)
+    keep[0, torch.randperm(length, device=device)[:kept]] = True
+    index = keep_index(keep)
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000.0)
+        return statistics.median(times)
+
+    gather = timed(lambda: gather_seq(x, index))
+    copy = timed(lambda: x[:, :kept].clone())
+    return dict(device=device, length=length, kept=kept, width=width, gather_ms=gather, copy_ms=copy,
+                ratio=gather / copy)
+
+
 def markdown(rows: list[dict]) -> str:
     head = "| family | policy | keep | visual | prefill ms | speedup | token-ratio bound | selection ms | KV MB |"
     lines = [head, "|" + "---|" * 9]
@@ -90,5 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "rows": rows}, fh, indent=1)
     print(markdown(rows))
+    comp = [bench_compaction(n, k, 4096) for n, k in ((600, 88), (2900, 340))]
+    print("\n| compaction | length -> kept | width | gather ms | plain copy ms | ratio |\n|---|---|---|---|---|---|")
+    for c in comp:
+        print(f"| {c['device']} | {c['length']} -> {c['kept']} | {c['width']} | {c['gather_ms']:.3f} | "
+              f"{c['copy_ms']:.3f} | {c['ratio']:.2f}x |")
+    with open(args.json) as fh:
+        data = json.load(fh)
+    data["compaction"] = comp
+    with open(args.json, "w") as fh:
+        json.dump(data, fh, indent=1)
     print(f"(torch threads: {torch.get_num_threads()}; JSON: {args.json})")
     return 0

@@ -44,12 +44,20 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
     bsz, width = index.shape
     if x.shape[bdim] != bsz:
         x = x.expand(*x.shape[:bdim], bsz, *x.shape[bdim + 1 :])
-    view = [1] * x.dim()
-    view[bdim], view[dim] = bsz, width
-    target = list(x.shape)
-    target[dim] = width
-    picked = torch.gather(x, dim, index.clamp(min=0).view(view).expand(target))
-    return picked.masked_fill((index < 0).view(view), 0)
+    rows = torch.arange(bsz, device=index.device)[:, None]
+    safe = index.clamp(min=0)
+    if bdim == 0:
+        # (B, L, ...): one index_select over flattened rows, about the cost of a plain copy.
+        flat = x.reshape(bsz * x.shape[1], *x.shape[2:])
+        picked = flat.index_select(0, (rows * x.shape[1] + safe).flatten()).view(bsz, width, *x.shape[2:])
+    else:  # leading dims (M-RoPE rows): advanced indexing, still whole rows
+        picked = x[(slice(None),) * bdim + (rows, safe)]
+    pad = index < 0
+    if bool(pad.any()):
+        view = [1] * x.dim()
+        view[bdim], view[dim] = bsz, width
+        picked = picked.masked_fill(pad.view(view), 0)
+    return picked
 
 
 def _kernel():
