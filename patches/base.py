@@ -32,6 +32,9 @@ class Adapter:
     mrope: ClassVar[bool] = False
     #: inputs of the base forward that describe the visual content
     grid_keys: ClassVar[tuple[str, ...]] = ()
+    #: text the family's chat template puts right after the user's question; with a tokenizer
+    #: (``vtprune.wrap(..., tokenizer=...)``) the question stops where one of them starts
+    template_markers: ClassVar[tuple[str, ...]] = ()
     #: methods of the base model that run the vision encoder (their grid arguments are recorded)
     vision_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
 
@@ -42,6 +45,21 @@ class Adapter:
             raise TypeError(f"{type(model).__name__} has no language_model; is it a vision-language model?")
         self.config = self.base.config
         self.check_config()
+        eos = getattr(self.text_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        # The question ends at an end-of-turn token (Qwen's <|im_end|> is its eos) or at a template marker.
+        self.stop_sequences: list[list[int]] = [[e] for e in eos]
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Learn the ids of the chat template's markers, so questions exclude the assistant prefix."""
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor carries one
+        if not hasattr(tokenizer, "encode"):
+            raise TypeError(f"tokenizer must be a transformers tokenizer or processor; got {type(tokenizer).__name__}")
+        for marker in self.template_markers:
+            for text in (marker, " " + marker):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in self.stop_sequences:
+                    self.stop_sequences.append(list(ids))
 
     # --- structure -----------------------------------------------------
     @property
@@ -110,13 +128,33 @@ class Adapter:
         raise NotImplementedError
 
     def question_positions(self, ids: torch.Tensor, images: list[ImageLayout], valid: torch.Tensor) -> torch.Tensor:
-        """Text tokens after the last visual token (the question; the chat prefix and system prompt come before it)."""
+        """The user's question: text after the last visual token, up to the chat template's end of turn.
+
+        The chat prefix and system prompt come before the image; the end of
+        turn is an eos token or (with a tokenizer) a template marker such as
+        LLaVA's ``ASSISTANT:``. Vision start/end tokens are not question text.
+        """
         device = valid.device
         positions = torch.arange(ids.numel(), device=device)
-        text = valid & ~self.visual_token_mask(ids).to(device)
+        text = valid & ~self.visual_token_mask(ids).to(device) & ~self.structure_token_mask(ids).to(device)
         if images:
             text &= positions >= max(img.span[1] for img in images)
-        return positions[text]
+        found = positions[text]
+        if found.numel():
+            end = self._first_stop(ids.tolist(), int(found[0]))
+            found = found[found < end]
+        return found
+
+    def _first_stop(self, ids: list[int], start: int) -> int:
+        for pos in range(start, len(ids)):
+            for seq in self.stop_sequences:
+                if ids[pos : pos + len(seq)] == seq:
+                    return pos
+        return len(ids)
+
+    def structure_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens that frame visual content (Qwen's vision start/end); never question text."""
+        return torch.zeros_like(ids, dtype=torch.bool)
 
     @staticmethod
     def split_runs(positions: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

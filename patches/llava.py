@@ -17,6 +17,7 @@ from .base import Adapter, single_grid_image
 class LlavaAdapter(Adapter):
     model_type = "llava"
     grid_keys = ("image_sizes",)
+    template_markers = ("ASSISTANT:",)
 
     def check_config(self) -> None:
         strategy = self.config.vision_feature_select_strategy

@@ -20,6 +20,7 @@ class Qwen2VLAdapter(Adapter):
     mrope = True
     grid_keys = ("image_grid_thw", "video_grid_thw")
     vision_methods = ("get_image_features", "get_video_features")
+    template_markers = ("<|im_end|>",)
 
     @property
     def merge(self) -> int:
@@ -30,6 +31,9 @@ class Qwen2VLAdapter(Adapter):
 
     def visual_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+
+    def structure_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids == self.config.vision_start_token_id) | (ids == self.config.vision_end_token_id)
 
     def find_images(self, captured: dict[str, Any], ids: torch.Tensor, counter: dict[str, int]) -> list[ImageLayout]:
         images = []

@@ -65,6 +65,7 @@ def test_invalid_keep(llava, keep, err, words):
         (lambda m: vtprune.wrap(m, Pipeline([Random(keep=4, at_layer=2), Pooling(keep=4)])), ValueError, "forward"),
         (lambda m: vtprune.wrap(m, Pipeline([])), ValueError, "at least one"),
         (lambda m: vtprune.report(m), ValueError, "not wrapped"),
+        (lambda m: vtprune.wrap(m, "mmtok", keep=4, tokenizer=object()), TypeError, "tokenizer must be"),
     ],
 )
 def test_invalid_options(llava, call, err, words):

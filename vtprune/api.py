@@ -19,9 +19,11 @@ def _runtime(model: nn.Module) -> Runtime | None:
     return model.__dict__.get(_ATTR)
 
 
-def _build(model: nn.Module, policy, keep, positions: str, options: dict) -> Runtime:
+def _build(model: nn.Module, policy, keep, positions: str, options: dict, tokenizer=None) -> Runtime:
     """Everything that can fail, before the model is touched."""
     adapter = adapter_for(model)
+    if tokenizer is not None:
+        adapter.set_tokenizer(tokenizer)
     if keep is not None:
         options = {"keep": keep, **options}
     policy = make_policy(policy, **options)
@@ -51,16 +53,18 @@ def _build(model: nn.Module, policy, keep, positions: str, options: dict) -> Run
 
 
 def wrap(model: nn.Module, policy: str | Policy | Pipeline, keep: int | float | None = None, *,
-         positions: str = "original", **options) -> nn.Module:
+         positions: str = "original", tokenizer=None, **options) -> nn.Module:
     """Prune visual tokens of `model` in prefill with `policy`; returns the same model object.
 
     ``keep``: tokens per image (int) or a fraction of each image's tokens (float
     in (0, 1]). ``positions``: ``"original"`` (kept tokens keep their position
-    ids) or ``"compact"`` (renumbered, 1-D RoPE models only). Other options go
-    to the policy. Wrapping a wrapped model replaces its policy. Invalid input
-    raises before anything is changed.
+    ids) or ``"compact"`` (renumbered, 1-D RoPE models only). ``tokenizer`` (or
+    the processor) lets text-conditioned policies see only the user's question,
+    without the chat template's assistant prefix. Other options go to the
+    policy. Wrapping a wrapped model replaces its policy. Invalid input raises
+    before anything is changed.
     """
-    runtime = _build(model, policy, keep, positions, options)
+    runtime = _build(model, policy, keep, positions, options, tokenizer)
     unwrap(model)
     try:
         runtime.install()
@@ -85,13 +89,13 @@ def is_wrapped(model: nn.Module) -> bool:
 
 @contextmanager
 def pruned(model: nn.Module, policy: str | Policy | Pipeline, keep: int | float | None = None, *,
-           positions: str = "original", **options) -> Iterator[nn.Module]:
+           positions: str = "original", tokenizer=None, **options) -> Iterator[nn.Module]:
     """Scoped `wrap`: the model is pruned inside the ``with`` block and restored after it.
 
     A policy the model was already wrapped with comes back afterwards.
     """
     previous = _runtime(model)
-    runtime = _build(model, policy, keep, positions, options)
+    runtime = _build(model, policy, keep, positions, options, tokenizer)
     if previous is not None:
         previous.remove()
         del model.__dict__[_ATTR]
