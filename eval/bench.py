@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -59,6 +60,7 @@ def bench_family(family: str, policy: str, budgets: list, repeats: int) -> list[
             family=family, policy="none" if keep is None else policy, keep="all" if keep is None else keep,
             visual_before=n_visual, visual_after=kept, seq_len=seq - n_visual + kept,
             prefill_ms=med, speedup=base / med, ideal_speedup=seq / (seq - n_visual + kept),
+            flops_speedup=prefill_flops(model, seq) / prefill_flops(model, seq - n_visual + kept),
             selection_ms=statistics.median(select[keep]) if select[keep] else 0.0,
             kv_bytes=kv[keep], kv_ratio=kv[keep] / kv[None],
         ))
@@ -94,14 +96,42 @@ def bench_compaction(length: int, kept: int, width: int, dtype=torch.float32, re
                 ratio=gather / copy)
 
 
+def _layer_params(layer: torch.nn.Module) -> int:
+    return sum(p.numel() for p in layer.parameters())
+
+
+def prefill_flops(model, seq_len: int) -> float:
+    """Estimated prefill FLOPs: the vision tower (fixed) plus the decoder on `seq_len` tokens.
+
+    Per layer: 2 x tokens x weights (matmuls) + 4 x tokens^2 x width
+    (scores and weighted sum); the LM head runs on the last token only.
+    """
+    from ..patches import adapter_for
+
+    adapter = adapter_for(model)
+    text = adapter.text_config
+    flops = 0.0
+    for layer in adapter.decoder_layers:
+        flops += 2 * seq_len * _layer_params(layer) + 4 * seq_len**2 * text.hidden_size
+    flops += 2 * text.hidden_size * text.vocab_size
+    vision = getattr(adapter.base, "vision_tower", None) or getattr(adapter.base, "visual", None)
+    vcfg = model.config.vision_config
+    patches = (vcfg.image_size // vcfg.patch_size) ** 2 + 1 if hasattr(vcfg, "image_size") else None
+    if vision is not None and patches is not None:
+        flops += 2 * patches * sum(p.numel() for p in vision.parameters()) + 4 * patches**2 * vcfg.hidden_size
+    return flops
+
+
 def markdown(rows: list[dict]) -> str:
-    head = "| family | policy | keep | visual | prefill ms | speedup | token-ratio bound | selection ms | KV MB |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| family | policy | keep | visual | prefill ms | speedup | FLOPs ratio (est.) | of ideal | "
+            "selection ms | selection / prefill | KV MB |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['family']} | {r['policy']} | {r['keep']} | {r['visual_before']}->{r['visual_after']} | "
-            f"{r['prefill_ms']:.1f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['selection_ms']:.2f} | "
-            f"{r['kv_bytes'] / 2**20:.2f} |"
+            f"{r['prefill_ms']:.1f} | {r['speedup']:.2f}x | {r['flops_speedup']:.2f}x | "
+            f"{r['speedup'] / r['flops_speedup']:.0%} | {r['selection_ms']:.2f} | "
+            f"{r['selection_ms'] / r['prefill_ms']:.1%} | {r['kv_bytes'] / 2**20:.2f} |"
         )
     return "\n".join(lines)
 
@@ -113,11 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default="bench.json")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); use fewer than the "
+                        "idle cores, oversubscribed threads make CPU timings meaningless")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     budgets = [float(k) if "." in k else int(k) for k in args.keep]
     rows = [r for f in args.families for r in bench_family(f, args.policy, budgets, args.repeats)]
     with open(args.json, "w") as fh:
-        json.dump({"threads": torch.get_num_threads(), "rows": rows}, fh, indent=1)
+        json.dump({"threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rows": rows}, fh, indent=1)
     print(markdown(rows))
     comp = [bench_compaction(n, k, 4096) for n, k in ((600, 88), (2900, 340))]
     print("\n| compaction | length -> kept | width | gather ms | plain copy ms | ratio |\n|---|---|---|---|---|---|")

@@ -104,7 +104,6 @@ def sample_alone(batch, b, family):
 
 def _images_in_row(batch, row, family):
     from vtprune.patches import adapter_for  # noqa: F401
-
     from vtprune.tiny import IMAGE_TOKEN
 
     n = int((batch["input_ids"][row] == IMAGE_TOKEN).sum())

@@ -123,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--png", help="save the photo with the LLaVA-1.5 kept patches (keep=64) highlighted")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     budgets = [float(k) if "." in k else int(k) for k in args.keep]
     print(f"vtprune demo: policy={args.policy}, photo=skimage astronaut, random-weight models with real geometry")
