@@ -8,7 +8,7 @@ from conftest import ATTNS
 from helpers import gen_kwargs, inputs, mixed_specs, model_for, sample_alone
 
 import vtprune
-from vtprune.policies import DivPrune, EntropyPrune, Fixed, IDPruner, MMTok
+from vtprune.policies import DivPrune, EntropyPrune, FastV, Fixed, IDPruner, MMTok
 
 POLICIES = {
     "idpruner": lambda k: IDPruner(keep=k, per_image=True),
@@ -16,10 +16,11 @@ POLICIES = {
     "mmtok": lambda k: MMTok(keep=k),
     "divprune": lambda k: DivPrune(keep=k),
     "entropyprune": lambda k: EntropyPrune(keep=k),
+    "fastv": lambda k: FastV(keep=k),
 }
 
 
-PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok")
+PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv")
 
 
 def _stage(image):
@@ -36,14 +37,15 @@ def test_budgets_and_cache(family, attn, policy):
     vtprune.wrap(model, POLICIES[policy](3))
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
+    want_stage = {"entropyprune": "llm@2" if family.startswith("llava") else "llm@1", "fastv": "llm@2"}.get(
+        policy, "projector")
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:
         # Recomputation sees the generated tokens in the prompt too: replay the cached run's keep sets.
         kept = [[_stage(i)[1]["kept"] for i in s["images"]] for s in data["samples"]]
-        vtprune.wrap(model, Fixed(kept=kept))
+        at = int(want_stage[4:]) if want_stage.startswith("llm@") else None
+        vtprune.wrap(model, Fixed(kept=kept, at_layer=at))
     assert torch.equal(cached, model.generate(**batch, use_cache=False, **kw))
-    want_stage = "llm@2" if policy == "entropyprune" and family.startswith("llava") else (
-        "llm@1" if policy == "entropyprune" else "projector")
     for sample in data["samples"]:
         afters = []
         for image in sample["images"]:

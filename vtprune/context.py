@@ -43,6 +43,7 @@ class StageContext:
     layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_q: dict[int, torch.Tensor] = field(default_factory=dict)
     position_embeddings: Any = None
+    mask2d: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -88,6 +89,18 @@ class StageContext:
             )
         q = self.layer_q[layer][b, self.seq_positions[b][i]]
         return split_queries(self.decoder_layer(layer).self_attn, q)
+
+    def rotary(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of sample b at this point of the sequence, ``(L, head_dim)`` each (llm stage)."""
+        if self.position_embeddings is None:
+            raise KeyError("position embeddings are only available at the llm stage")
+        return tuple(t[b if t.shape[0] > 1 else 0] for t in self.position_embeddings)
+
+    def valid(self, b: int) -> torch.Tensor:
+        """Non-padding positions of sample b in the current sequence, ``(L,)`` bool."""
+        if self.mask2d is None:
+            return torch.ones(self.hidden.shape[1], dtype=torch.bool, device=self.hidden.device)
+        return self.mask2d[b].bool()
 
     def decoder_layer(self, layer: int) -> torch.nn.Module:
         return self.adapter.decoder_layers[layer]

@@ -398,7 +398,13 @@ class Runtime:
             captured=self.captured,
             layer_inputs=state.layer_inputs,
             layer_q=state.layer_q,
-            position_embeddings=kwargs.get("position_embeddings"),
+            # Above an earlier prune point the layers run on that level's (gathered) rotary tables.
+            position_embeddings=(
+                prev.position_embeddings
+                if prev.layer > 0 and prev.position_embeddings is not None
+                else kwargs.get("position_embeddings")
+            ),
+            mask2d=prev.mask2d,
         )
         hidden, alive, seq_pos = self._apply(policy, ctx, records)
         keep = prev.mask2d.bool().clone()

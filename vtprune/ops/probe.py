@@ -47,3 +47,60 @@ def split_queries(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
     if per_head:
         q = q_norm(q)
     return q
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _split_keys(attn: nn.Module, k: torch.Tensor) -> torch.Tensor:
+    head_dim = _head_dim(attn, k.shape[-1])
+    k_norm = getattr(attn, "k_norm", None)
+    per_head = k_norm is not None and getattr(k_norm, "weight", None) is not None and k_norm.weight.numel() == head_dim
+    if k_norm is not None and not per_head:
+        k = k_norm(k)
+    k = k.view(*k.shape[:-1], k.shape[-1] // head_dim, head_dim)
+    return k_norm(k) if per_head else k
+
+
+@torch.no_grad()
+def attention_rows(
+    decoder_layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Attention probabilities of chosen query rows of one sample, mean over heads, ``(n_queries, L)`` in fp32.
+
+    Recomputes what ``decoder_layer``'s attention would weigh, without asking
+    the model for weights: its input norm, q/k projections (and q/k norms),
+    RoPE from the layer's own ``position_embeddings`` (cos, sin of shape
+    ``(L, head_dim)``, M-RoPE already folded in as the model does), grouped
+    KV heads repeated, the layer's scaling, the causal mask plus `key_valid`
+    (padding), softmax over keys. Only ``n_queries x L`` scores are formed,
+    `chunk` query rows at a time; no full attention map exists.
+    """
+    attn = decoder_layer.self_attn
+    x = decoder_layer.input_layernorm(hidden)
+    cos, sin = (t.float() for t in position_embeddings)
+    q = split_queries(attn, attn.q_proj(x[query_index])).float()
+    k = _split_keys(attn, attn.k_proj(x)).float()
+    q = q * cos[query_index, None] + _rotate_half(q) * sin[query_index, None]
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (L, H, d)
+    scale = getattr(attn, "scaling", q.shape[-1] ** -0.5)
+    keys = torch.arange(k.shape[0], device=k.device)
+    out = []
+    for start in range(0, q.shape[0], chunk):
+        rows = query_index[start : start + chunk]
+        scores = torch.einsum("qhd,khd->hqk", q[start : start + chunk], k) * scale
+        allowed = keys[None, :] <= rows[:, None]
+        if key_valid is not None:
+            allowed = allowed & key_valid[None, :]
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        out.append(torch.softmax(scores, dim=-1).mean(dim=0))
+    return torch.cat(out)

@@ -4,12 +4,14 @@ from .base import LLMStagePolicy, Pipeline, Policy, Selection, available_policie
 from .baselines import Fixed, Pooling, Random
 from .divprune import DivPrune
 from .entropyprune import EntropyPrune
+from .fastv import FastV
 from .idpruner import IDPruner
 from .mmtok import MMTok
 
 __all__ = [
     "DivPrune",
     "EntropyPrune",
+    "FastV",
     "Fixed",
     "IDPruner",
     "MMTok",

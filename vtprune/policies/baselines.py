@@ -22,6 +22,19 @@ def _image_generator(seed: int, b_image_index: int, n: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
+def _init_any_stage(policy: LLMStagePolicy) -> None:
+    """Validate a policy that acts at ``where`` (vision/projector) or, given ``at_layer``, at the llm stage."""
+    if policy.at_layer is None:
+        Policy.__post_init__(policy)
+        if policy.where not in ("vision", "projector"):
+            raise ValueError(
+                f"{policy.name}: where must be 'vision' or 'projector' (or give at_layer=k for the llm stage); "
+                f"got {policy.where!r}"
+            )
+    else:
+        LLMStagePolicy.__post_init__(policy)
+
+
 @register
 @dataclass
 class Random(LLMStagePolicy):
@@ -40,15 +53,7 @@ class Random(LLMStagePolicy):
     name: ClassVar[str] = "random"
 
     def __post_init__(self) -> None:
-        if self.at_layer is None:
-            Policy.__post_init__(self)
-            if self.where not in ("vision", "projector"):
-                raise ValueError(
-                    f"random: where must be 'vision' or 'projector' (or give at_layer=k for the llm stage); "
-                    f"got {self.where!r}"
-                )
-        else:
-            super().__post_init__()
+        _init_any_stage(self)
 
     @property
     def stage(self) -> str:  # type: ignore[override]
@@ -156,7 +161,7 @@ class Fixed(LLMStagePolicy):
     name: ClassVar[str] = "fixed"
 
     def __post_init__(self) -> None:
-        Random.__post_init__(self)  # same stage rules as random
+        _init_any_stage(self)
         if not isinstance(self.kept, (list, tuple)):
             raise TypeError(f"fixed: kept must be a list (samples) of lists (images) of indices; got {self.kept!r}")
 

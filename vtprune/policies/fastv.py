@@ -1,0 +1,81 @@
+"""FastV: the attention the last token pays each visual token, one layer before pruning (llm stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..context import StageContext
+from ..ops.probe import attention_rows
+from ..ops.select import topk_indices
+from ..zoo import policy_defaults
+from .base import LLMStagePolicy, Policy, Selection, register
+
+
+@register
+@dataclass
+class FastV(LLMStagePolicy):
+    """Keep the visual tokens the last prompt token attends to most in decoder layer K-1; prune before layer K.
+
+    Source: "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play
+    Inference Acceleration for Large Vision-Language Models" (FastV, code
+    pkunlp-icler/FastV). Score of a visual token = softmax attention of the
+    sequence's last token to it in layer K-1, mean over heads. The reference
+    asks the model for its attention map (eager attention); here the
+    attention probe (`vtprune.ops.probe.attention_rows`) recomputes only that
+    one row from the layer's input, so the model keeps SDPA/FlashAttention.
+    Positions stay original (the reference keeps position ids).
+
+    Parameters:
+        keep: visual tokens per image from layer K on (int) or fraction; default 64.
+        at_layer: K (0-based, as every ``at_layer``); None is the per-model
+            default from model_zoo.yaml (K = 2, the paper's setting).
+    """
+
+    keep: int | float = 64
+    at_layer: int | None = None
+
+    name: ClassVar[str] = "fastv"
+
+    def __post_init__(self) -> None:
+        if self.at_layer is None:
+            Policy.__post_init__(self)
+        else:
+            super().__post_init__()
+        self._at = self.at_layer
+
+    @property
+    def at(self) -> int | None:
+        return self._at
+
+    def bind(self, adapter) -> None:
+        at = self.at_layer
+        if at is None:
+            at = policy_defaults(adapter.model_type, self.name).get("at_layer")
+            if at is None:
+                raise ValueError(f"fastv: model_zoo.yaml has no layer for {adapter.model_type!r}; give at_layer")
+        if not 1 <= at < adapter.num_layers:
+            raise ValueError(f"fastv: at_layer={at} is outside 1..{adapter.num_layers - 1} for this model")
+        self._at = at
+
+    def layer_inputs_needed(self) -> tuple[int, ...]:
+        if self._at is None:
+            raise RuntimeError("fastv: at_layer is not resolved yet; bind(adapter) first")
+        return (self._at - 1,)
+
+    def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
+        if not ctx.num_images(b):
+            return []
+        layer = self._at - 1
+        valid = ctx.valid(b)
+        last = torch.nonzero(valid).flatten()[-1:]
+        row = attention_rows(ctx.decoder_layer(layer), ctx.layer_input(layer)[b], ctx.rotary(b), last, valid)[0]
+        return [
+            Selection(topk_indices(row[ctx.seq_positions[b][i]], self.budget(ctx, b, i)))
+            for i in range(ctx.num_images(b))
+        ]
+
+    def describe(self) -> str:
+        return f"fastv(at_layer={self._at if self._at is not None else 'per-model'})"
