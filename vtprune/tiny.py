@@ -81,9 +81,11 @@ def tiny_config(family: str, geometry: Geometry | None = None):
             return LlavaConfig(**common)
         s = g.image_size
         return LlavaNextConfig(image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **common)
+    half = g.hidden // g.heads // 2  # M-RoPE splits half the head dim into (t, h, w) sections
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text = dict(
         _text_kwargs(g),
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0},
     )
     vision = dict(
         depth=g.vision_layers,
