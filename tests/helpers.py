@@ -112,3 +112,23 @@ def _images_in_row(batch, row, family):
     # llava_next: count runs of placeholders (images are separated by text in these specs)
     ids = (batch["input_ids"][row] == IMAGE_TOKEN).int()
     return int(((ids[1:] - ids[:-1]) == 1).sum()) + int(ids[0])
+
+
+def patch_positions(model, batch, b: int = 0) -> torch.Tensor:
+    """Positions of sample b's patch tokens, found independently of the adapters.
+
+    Visual placeholders from the token ids; for LLaVA-NeXT the newline rows
+    are dropped by recognising the learned ``image_newline`` vector in the
+    language model's input.
+    """
+    ids = batch["input_ids"][b]
+    visual = torch.nonzero((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).flatten()
+    if model.config.model_type != "llava_next":
+        return visual
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    return visual[~(seen["e"][b, visual] == model.model.image_newline).all(-1)]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-from helpers import inputs, mixed_specs, model_for
+from helpers import inputs, mixed_specs, model_for, patch_positions
 
 import vtprune
 from vtprune.ops.probe import attention_rows
 from vtprune.ops.select import topk_indices
 from vtprune.policies import FastV
-from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN
 
 
 def _layer_inputs_and_eager_weights(family, layer_idx):
@@ -41,15 +40,7 @@ def test_probe_rows_equal_eager_attention_weights(family):
 def test_fastv_keeps_what_the_last_token_attends_to(family):
     model, batch, _layer, _seen, weights = _layer_inputs_and_eager_weights(family, 1)
     row = weights[0].mean(0)[-1]  # sample 0 is left-padded: its last token is the last column
-    ids = batch["input_ids"][0]
-    visual = torch.nonzero((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).flatten()
-    if family == "llava_next":  # newline rows are structure, not candidates
-        lm_in = {}
-        handle = model.model.language_model.register_forward_pre_hook(
-            lambda _m, _a, kw: lm_in.update(e=kw["inputs_embeds"]), with_kwargs=True)
-        model(**batch)
-        handle.remove()
-        visual = visual[~(lm_in["e"][0, visual] == model.model.image_newline).all(-1)]
+    visual = patch_positions(model, batch)
     vtprune.wrap(model, FastV(keep=4, at_layer=2))
     model(**batch)
     image = vtprune.report(model).to_dict()["samples"][0]["images"][0]

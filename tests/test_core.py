@@ -12,6 +12,7 @@ from helpers import (
     inputs,
     mixed_specs,
     model_for,
+    patch_positions,
     sample_alone,
     single_spec,
     visual_positions,
@@ -74,11 +75,8 @@ def test_projector_stage_equals_hand_pruned_inputs(family, attn):
     vtprune.unwrap(model)
 
     visual = visual_positions(family, batch["input_ids"])
-    if family == "llava_next":  # newline rows are the learned image_newline vector
-        is_newline = (embeds[0, visual] == model.model.image_newline).all(-1)
-        patch, newline = visual[~is_newline], visual[is_newline]
-    else:
-        patch, newline = visual, visual[:0]
+    patch = patch_positions(model, batch)
+    newline = visual[~torch.isin(visual, patch)]
     keep = torch.ones(embeds.shape[1], dtype=torch.bool)
     keep[patch] = False
     keep[patch[kept]] = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ATTNS
-from helpers import gen_kwargs, inputs, mixed_specs, model_for, sample_alone
+from helpers import gen_kwargs, inputs, mixed_specs, model_for, patch_positions, sample_alone
 
 import vtprune
 from vtprune.policies import DivPrune, EntropyPrune, FastV, Fixed, IDPruner, MMTok
@@ -124,7 +124,6 @@ def test_entropyprune_keeps_the_top_entropy_tokens_of_the_unwrapped_model(family
     """Independent truth: layer K-1's input from the unwrapped model, queries and entropy by brute force."""
     from vtprune.ops.probe import layer_queries
     from vtprune.ops.select import topk_indices
-    from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN
 
     model = model_for(family, "sdpa")
     batch = inputs(model, mixed_specs(family)[:1])
@@ -134,15 +133,7 @@ def test_entropyprune_keeps_the_top_entropy_tokens_of_the_unwrapped_model(family
     handle = layer.register_forward_pre_hook(lambda _m, args: seen.update(h=args[0]))
     model(**batch)
     handle.remove()
-    ids = batch["input_ids"][0]
-    visual = torch.nonzero((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).flatten()
-    if family == "llava_next":  # skip newline rows: the learned image_newline vector at the LM input
-        lm_in = {}
-        handle = model.model.language_model.register_forward_pre_hook(
-            lambda _m, _a, kw: lm_in.update(e=kw["inputs_embeds"]), with_kwargs=True)
-        model(**batch)
-        handle.remove()
-        visual = visual[~(lm_in["e"][0, visual] == model.model.image_newline).all(-1)]
+    visual = patch_positions(model, batch)
     q = layer_queries(layer, seen["h"][0, visual])
     r = q.double() - q.double().mean(1, keepdim=True)
     lam = torch.linalg.eigvalsh(r @ r.transpose(1, 2) / q.shape[1]).clamp_min(1e-10)

@@ -38,30 +38,26 @@ def layer_queries(decoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tenso
 
 def split_queries(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
     """``q_proj`` output ``(..., heads * head_dim)`` -> pre-RoPE queries ``(..., heads, head_dim)`` (q_norm applied)."""
-    head_dim = _head_dim(attn, q.shape[-1])
-    q_norm = getattr(attn, "q_norm", None)
-    per_head = q_norm is not None and getattr(q_norm, "weight", None) is not None and q_norm.weight.numel() == head_dim
-    if q_norm is not None and not per_head:
-        q = q_norm(q)
-    q = q.view(*q.shape[:-1], q.shape[-1] // head_dim, head_dim)
-    if per_head:
-        q = q_norm(q)
-    return q
+    return _split_heads(attn, q, getattr(attn, "q_norm", None))
+
+
+def _split_heads(attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """Projection output -> ``(..., heads, head_dim)``, with the attention's q/k norm where it has one.
+
+    The norm runs per head when its weight has ``head_dim`` entries (Qwen3),
+    over the whole projection otherwise, as the model's own forward does.
+    """
+    head_dim = _head_dim(attn, x.shape[-1])
+    per_head = norm is not None and getattr(norm, "weight", None) is not None and norm.weight.numel() == head_dim
+    if norm is not None and not per_head:
+        x = norm(x)
+    x = x.view(*x.shape[:-1], x.shape[-1] // head_dim, head_dim)
+    return norm(x) if per_head else x
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _split_keys(attn: nn.Module, k: torch.Tensor) -> torch.Tensor:
-    head_dim = _head_dim(attn, k.shape[-1])
-    k_norm = getattr(attn, "k_norm", None)
-    per_head = k_norm is not None and getattr(k_norm, "weight", None) is not None and k_norm.weight.numel() == head_dim
-    if k_norm is not None and not per_head:
-        k = k_norm(k)
-    k = k.view(*k.shape[:-1], k.shape[-1] // head_dim, head_dim)
-    return k_norm(k) if per_head else k
 
 
 @torch.no_grad()
@@ -87,7 +83,7 @@ def attention_rows(
     x = decoder_layer.input_layernorm(hidden)
     cos, sin = (t.float() for t in position_embeddings)
     q = split_queries(attn, attn.q_proj(x[query_index])).float()
-    k = _split_keys(attn, attn.k_proj(x)).float()
+    k = _split_heads(attn, attn.k_proj(x), getattr(attn, "k_norm", None)).float()
     q = q * cos[query_index, None] + _rotate_half(q) * sin[query_index, None]
     k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
     groups = q.shape[1] // k.shape[1]

@@ -122,6 +122,52 @@ class LLMStagePolicy(Policy):
 
 
 @dataclass
+class PerModelLayerPolicy(LLMStagePolicy):
+    """An llm-stage policy whose layer K, when ``at_layer`` is None, is the model's default from model_zoo.yaml.
+
+    `bind` resolves K for the wrapped model and checks it against the depth.
+    """
+
+    at_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.at_layer is None:
+            Policy.__post_init__(self)
+        else:
+            super().__post_init__()
+        self._at = self.at_layer
+
+    @property
+    def at(self) -> int | None:
+        """K once known: ``at_layer``, or the per-model default after `bind`."""
+        return self._at
+
+    def bind(self, adapter) -> None:
+        from ..zoo import policy_defaults
+
+        at = self.at_layer
+        if at is None:
+            at = policy_defaults(adapter.model_type, self.name).get("at_layer")
+            if at is None:
+                raise ValueError(
+                    f"{self.name}: model_zoo.yaml has no reference layer for model type {adapter.model_type!r}; "
+                    "give at_layer explicitly"
+                )
+        depth = adapter.num_layers
+        if not 1 <= at < depth:
+            raise ValueError(
+                f"{self.name}: at_layer={at} is past the model's depth; this model has {depth} decoder "
+                f"layers, so at_layer must be in [1, {depth - 1}]"
+            )
+        self._at = at
+
+    def resolved_layer(self) -> int:
+        if self._at is None:
+            raise RuntimeError(f"{self.name}: at_layer is not resolved yet; bind(adapter) first")
+        return self._at
+
+
+@dataclass
 class Pipeline:
     """Several policies applied in order, e.g. ``Pipeline([DivPrune(keep=284), Random(at_layer=20, keep=38)])``.
 

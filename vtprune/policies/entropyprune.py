@@ -9,13 +9,12 @@ import torch
 
 from ..context import StageContext
 from ..ops.entropy import matrix_entropy, validate_normalize
-from ..zoo import policy_defaults
-from .base import LLMStagePolicy, Policy, register
+from .base import PerModelLayerPolicy, register
 
 
 @register
 @dataclass
-class EntropyPrune(LLMStagePolicy):
+class EntropyPrune(PerModelLayerPolicy):
     """Keep the visual tokens whose queries have the highest matrix entropy, pruning once before layer K.
 
     Source: "EntropyPrune: Matrix Entropy Guided Visual Token Pruning for
@@ -51,43 +50,14 @@ class EntropyPrune(LLMStagePolicy):
     reference_positions: ClassVar[str] = "original"
 
     def __post_init__(self) -> None:
-        if self.at_layer is None:
-            Policy.__post_init__(self)
-        else:
-            super().__post_init__()
+        super().__post_init__()
         validate_normalize(self.normalize)
         if not isinstance(self.average, bool):
             raise TypeError(f"entropyprune: average must be True or False; got {self.average!r}")
-        self._at = self.at_layer
-
-    @property
-    def at(self) -> int | None:
-        """K once known: ``at_layer``, or the per-model default after `bind`."""
-        return self._at
-
-    def bind(self, adapter) -> None:
-        """Resolve K for this model (``at_layer`` or the per-model default) and check it against the depth."""
-        at = self.at_layer
-        if at is None:
-            at = policy_defaults(adapter.model_type, self.name).get("at_layer")
-            if at is None:
-                raise ValueError(
-                    f"entropyprune: model_zoo.yaml has no reference layer for model type {adapter.model_type!r}; "
-                    "give at_layer explicitly"
-                )
-        depth = adapter.num_layers
-        if at >= depth:
-            raise ValueError(
-                f"entropyprune: at_layer={at} is past the model's depth; this model has {depth} decoder "
-                f"layers, so at_layer must be in [1, {depth - 1}]"
-            )
-        self._at = at
 
     def layer_queries_needed(self) -> tuple[int, ...]:
         """The one decoder layer whose queries are read: K-1 (its own q_proj output, captured)."""
-        if self._at is None:
-            raise RuntimeError("entropyprune: at_layer is not resolved yet; bind(adapter) first")
-        return (self._at - 1,)
+        return (self.resolved_layer() - 1,)
 
     def budget(self, ctx: StageContext, b: int, i: int) -> int:
         if not self.average:

@@ -10,13 +10,12 @@ import torch
 from ..context import StageContext
 from ..ops.probe import attention_rows
 from ..ops.select import topk_indices
-from ..zoo import policy_defaults
-from .base import LLMStagePolicy, Policy, Selection, register
+from .base import PerModelLayerPolicy, Selection, register
 
 
 @register
 @dataclass
-class FastV(LLMStagePolicy):
+class FastV(PerModelLayerPolicy):
     """Keep the visual tokens the last prompt token attends to most in decoder layer K-1; prune before layer K.
 
     Source: "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play
@@ -39,31 +38,8 @@ class FastV(LLMStagePolicy):
 
     name: ClassVar[str] = "fastv"
 
-    def __post_init__(self) -> None:
-        if self.at_layer is None:
-            Policy.__post_init__(self)
-        else:
-            super().__post_init__()
-        self._at = self.at_layer
-
-    @property
-    def at(self) -> int | None:
-        return self._at
-
-    def bind(self, adapter) -> None:
-        at = self.at_layer
-        if at is None:
-            at = policy_defaults(adapter.model_type, self.name).get("at_layer")
-            if at is None:
-                raise ValueError(f"fastv: model_zoo.yaml has no layer for {adapter.model_type!r}; give at_layer")
-        if not 1 <= at < adapter.num_layers:
-            raise ValueError(f"fastv: at_layer={at} is outside 1..{adapter.num_layers - 1} for this model")
-        self._at = at
-
     def layer_inputs_needed(self) -> tuple[int, ...]:
-        if self._at is None:
-            raise RuntimeError("fastv: at_layer is not resolved yet; bind(adapter) first")
-        return (self._at - 1,)
+        return (self.resolved_layer() - 1,)
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if not ctx.num_images(b):
