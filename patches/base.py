@@ -172,9 +172,42 @@ class Adapter:
         """Pre-projector features of image i of sample b, one row per patch token, span order."""
         raise NotImplementedError
 
-    def global_image_index(self, layouts: list[SampleLayout], b: int, i: int, kind: str = "image") -> int:
+    def global_image_index(
+        self, layouts: list[SampleLayout], b: int, i: int, kind: str = "image", captured: dict | None = None
+    ) -> int:
+        """Index of image i of sample b among the images the vision encoder saw (in encoding order).
+
+        When generate() expanded the batch after encoding (beam search,
+        ``num_return_sequences``), ``captured["image_source"]`` maps the
+        expanded order back to the encoded one.
+        """
         before = sum(1 for s in layouts[:b] for img in s.images if img.kind == kind)
-        return before + sum(1 for img in layouts[b].images[:i] if img.kind == kind)
+        g = before + sum(1 for img in layouts[b].images[:i] if img.kind == kind)
+        source = (captured or {}).get("image_source")
+        return source[kind][g] if source else g
+
+    @staticmethod
+    def encoded(captured: dict[str, Any], key: str):
+        """Grid metadata as the vision encoder saw it (before any generate() batch expansion)."""
+        return captured.get("encoded", {}).get(key, captured.get(key))
+
+    def expand_metadata(self, captured: dict[str, Any], input_ids: torch.Tensor, expand: int) -> dict[str, Any]:
+        """Grid metadata for a batch that generate() repeated `expand` times per sample after encoding."""
+        counter = {"image": 0, "video": 0}
+        source: dict[str, list[int]] = {"image": [], "video": []}
+        for row in input_ids:
+            start = dict(counter)
+            self.find_images(captured, row, counter)
+            for _ in range(expand):
+                for kind in source:
+                    source[kind].extend(range(start[kind], counter[kind]))
+        out: dict[str, Any] = {"image_source": source, "encoded": {}}
+        for key in self.grid_keys:
+            if captured.get(key) is not None:
+                kind = "video" if key.startswith("video") else "image"
+                out["encoded"][key] = captured[key]
+                out[key] = captured[key][torch.as_tensor(source[kind], dtype=torch.long)]
+        return out
 
     # --- decode ----------------------------------------------------------
     def decode_positions_from_cache(self, outer: dict[str, Any]) -> bool:

@@ -48,4 +48,4 @@ class LlavaAdapter(Adapter):
 
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
         feats = captured["pre_projector"][0]
-        return feats[self.global_image_index(layouts, b, i)]
+        return feats[self.global_image_index(layouts, b, i, captured=captured)]

@@ -64,13 +64,13 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
         feats = captured["pre_projector"][0]
-        sizes = captured["image_sizes"]
+        sizes = self.encoded(captured, "image_sizes")
         vision = self.config.vision_config
         crops = [
             image_size_to_num_patches(torch.as_tensor(s).tolist(), self.config.image_grid_pinpoints, vision.image_size)
             for s in sizes
         ]
-        g = self.global_image_index(layouts, b, i)
+        g = self.global_image_index(layouts, b, i, captured=captured)
         start = sum(crops[:g])
         per_image = feats[start : start + crops[g]]
         packed, _ = self.base.pack_image_features(

@@ -58,7 +58,7 @@ class Qwen2VLAdapter(Adapter):
 
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
         image = layouts[b].images[i]
-        g = self.global_image_index(layouts, b, i, image.kind)
+        g = self.global_image_index(layouts, b, i, image.kind, captured=captured)
         # One encoder call per modality; find the one that encoded this kind.
         method = "get_image_features" if image.kind == "image" else "get_video_features"
         for call, features in zip(captured["vision_calls"], captured["pre_projector"]):

@@ -142,3 +142,19 @@ def test_entropyprune_keeps_the_top_entropy_tokens_of_the_unwrapped_model(family
     vtprune.wrap(model, EntropyPrune(keep=5))
     model(**batch)
     assert _stage(vtprune.report(model).to_dict()["samples"][0]["images"][0])[1]["kept"] == want
+
+
+@torch.no_grad()
+def test_beam_search_and_several_returns_prune_each_copy_alike(family):
+    """generate() encodes images once, then repeats every sample (beams, num_return_sequences)."""
+    model = model_for(family, "sdpa")
+    batch = inputs(model, mixed_specs(family))
+    vtprune.wrap(model, MMTok(keep=3))
+    model(**batch)
+    single = [[_stage(i)[1]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
+    kw = gen_kwargs(3, num_beams=2, num_return_sequences=2)
+    out = model.generate(**batch, **kw)
+    repeated = [[_stage(i)[1]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
+    assert repeated == [k for k in single for _ in range(2)]
+    vtprune.wrap(model, Fixed(kept=repeated))  # the same keep sets, recomputed without a cache
+    assert torch.equal(out, model.generate(**batch, use_cache=False, **kw))

@@ -165,6 +165,17 @@ class Runtime:
             self._bind(base, call, attr=name)
         self._handles.append(self.adapter.projector_module().register_forward_pre_hook(grab))
 
+        def expand(original, *args, **kwargs):
+            # generate() repeats each sample after encoding the images (beams, num_return_sequences)
+            sig = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+            size, ids = sig.get("expand_size", 1), sig.get("input_ids")
+            if size > 1 and ids is not None and self.vision["calls"]:
+                self.vision["expand"] = (size, ids)
+            return original(*args, **kwargs)
+
+        if hasattr(self.adapter.model, "_expand_inputs_for_generation"):
+            self._bind(self.adapter.model, expand, attr="_expand_inputs_for_generation")
+
     def _bind(self, module: torch.nn.Module, fn, attr: str = "forward") -> None:
         """Replace ``module.<attr>`` on this instance only; `remove` restores it."""
         previous = module.__dict__.get(attr)
@@ -225,6 +236,9 @@ class Runtime:
                     captured.setdefault(key, value)
         captured["vision_calls"] = self.vision["calls"]
         captured["pre_projector"] = self.vision["pre_projector"]
+        if "expand" in self.vision:
+            size, ids = self.vision["expand"]
+            captured.update(self.adapter.expand_metadata(captured, ids, size))
         self._vision_used = True
         return captured
 
