@@ -169,3 +169,15 @@ def test_pooling_values_are_window_means():
     assert kept == [0, 4, 32, 36]
     start = int(image[0])
     torch.testing.assert_close(seen["e"][0, start:start + 4], want)
+
+
+def test_prefill_from_inputs_embeds_only_warns_and_runs_unpruned(llava):
+    model, batch, ref, before = llava
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(batch["input_ids"][2:])
+        plain = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"][2:]).logits
+        with vtprune.pruned(model, "random", keep=2):
+            with pytest.warns(RuntimeWarning, match="inputs_embeds is not pruned"):
+                out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"][2:]).logits
+    assert torch.equal(out, plain)
+    _untouched(model, batch, ref, before)

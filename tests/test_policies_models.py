@@ -77,15 +77,15 @@ def test_batch_equals_one_by_one(family, policy):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_selections_do_not_depend_on_the_attention_backend(family, attn):
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_selections_do_not_depend_on_the_attention_backend(family, policy):
     picks = {}
-    for name in (attn, "vtprune_noweights"):
+    for name in ("eager", "sdpa", "vtprune_noweights"):
         model = model_for(family, name)
-        vtprune.wrap(model, EntropyPrune(keep=3))
+        vtprune.wrap(model, POLICIES[policy](3))
         model(**inputs(model, mixed_specs(family)))
         picks[name] = [[_stage(i)[1]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
-    assert picks[attn] == picks["vtprune_noweights"]
+    assert picks["eager"] == picks["sdpa"] == picks["vtprune_noweights"]
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +213,12 @@ class Runtime:
         embeds = bound.get("inputs_embeds")
         if embeds is None or self.outer is None:
             return original(*args, **kwargs)
+        if self.outer.get("input_ids") is None and (cache is None or cache.get_seq_length() == 0):
+            warnings.warn(
+                "vtprune: a prefill given only inputs_embeds is not pruned (visual spans are found from input_ids)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         prefill = cache is None or cache.get_seq_length() == 0
         if not prefill:
             call = self._decode(bound, embeds) if self.state is not None else bound
