@@ -209,6 +209,16 @@ class Adapter:
                 out[key] = captured[key][torch.as_tensor(source[kind], dtype=torch.long)]
         return out
 
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's transformer layers."""
+        raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
+
+    def vision_token_scores(
+        self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int, per_patch: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-ViT-token scores of every encoded crop ``(crops, T)`` -> one score per patch token of image i."""
+        raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
+
     # --- decode ----------------------------------------------------------
     def decode_positions_from_cache(self, outer: dict[str, Any]) -> bool:
         """True when HF derives this decode step's positions from the cache length.

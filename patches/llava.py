@@ -46,6 +46,13 @@ class LlavaAdapter(Adapter):
         counter["image"] += n_images
         return [single_grid_image(i, run, side, side) for i, run in enumerate(runs)]
 
+    def vision_layers(self):
+        tower = self.base.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def vision_token_scores(self, captured, layouts, b, i, per_patch):
+        return per_patch[self.global_image_index(layouts, b, i, captured=captured), 1:]  # CLS dropped
+
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
         feats = captured["pre_projector"][0]
         return feats[self.global_image_index(layouts, b, i, captured=captured)]

@@ -62,8 +62,14 @@ class LlavaNextAdapter(LlavaAdapter):
             counter["image"] += 1
         return images
 
+    def vision_token_scores(self, captured, layouts, b, i, per_patch):
+        return self._pack(captured, layouts, b, i, per_patch[:, 1:, None])[:, 0]
+
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
-        feats = captured["pre_projector"][0]
+        return self._pack(captured, layouts, b, i, captured["pre_projector"][0])
+
+    def _pack(self, captured, layouts, b, i, feats: torch.Tensor) -> torch.Tensor:
+        """Per-crop rows ``(crops, side^2, D)`` of image i -> its patch tokens in span order (newlines skipped)."""
         sizes = self.encoded(captured, "image_sizes")
         vision = self.config.vision_config
         crops = [

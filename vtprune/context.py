@@ -44,6 +44,7 @@ class StageContext:
     layer_q: dict[int, torch.Tensor] = field(default_factory=dict)
     position_embeddings: Any = None
     mask2d: torch.Tensor | None = None
+    _memo: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -89,6 +90,24 @@ class StageContext:
             )
         q = self.layer_q[layer][b, self.seq_positions[b][i]]
         return split_queries(self.decoder_layer(layer).self_attn, q)
+
+    def vision_attention(self, b: int, i: int, layer: int) -> torch.Tensor:
+        """Attention each of image i's alive patch tokens receives in vision-encoder ``layer`` (0-based).
+
+        Summed over all queries (CLS included), mean over heads, CLS column
+        dropped; recomputed by the ViT probe from the layer's captured input
+        (listed in the policy's `vision_layers_needed`), once per batch.
+        """
+        from .ops.probe import vit_attention_received
+
+        if ("vit", layer) not in self._memo:
+            inputs = self.captured.get("vision_layers", {}).get(layer)
+            if not inputs:
+                raise KeyError(f"vision layer {layer} was not captured; list it in `vision_layers_needed()`")
+            module = self.adapter.vision_layers()[layer]
+            self._memo[("vit", layer)] = torch.cat([vit_attention_received(module, h) for h in inputs])
+        scores = self.adapter.vision_token_scores(self.captured, self.layouts, b, i, self._memo[("vit", layer)])
+        return scores[self.alive[b][i].to(scores.device)]
 
     def rotary(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of sample b at this point of the sequence, ``(L, head_dim)`` each (llm stage)."""

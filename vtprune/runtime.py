@@ -81,19 +81,21 @@ class Runtime:
         self.positions = positions
         self.outer: dict[str, Any] | None = None
         self.captured: dict[str, Any] = {}
-        self.vision: dict[str, list] = {"calls": [], "pre_projector": []}
+        self.vision: dict[str, Any] = {"calls": [], "pre_projector": [], "layers": {}}
         self._vision_used = False
         self.state: PrefillState | None = None
         self.report = Report(policy=pipeline.describe(), samples=[])
         self._handles: list[Any] = []
         self._bound: list[tuple[torch.nn.Module, Any]] = []
         self.prune_layers = {p.at: p for p in pipeline.llm()}
-        needed, queries = set(), set()
+        needed, queries, vision_layers = set(), set(), set()
         for p in pipeline.policies:
             needed.update(p.layer_inputs_needed())
             queries.update(p.layer_queries_needed())
+            vision_layers.update(p.vision_layers_needed())
         self.needed_inputs = needed
         self.needed_queries = queries
+        self.needed_vision_layers = vision_layers
 
     # ------------------------------------------------------------------ install
     def install(self) -> None:
@@ -143,7 +145,7 @@ class Runtime:
 
         def fresh():
             if self._vision_used:
-                self.vision = {"calls": [], "pre_projector": []}
+                self.vision = {"calls": [], "pre_projector": [], "layers": {}}
                 self._vision_used = False
 
         def grab(_module, args):
@@ -165,6 +167,15 @@ class Runtime:
 
             self._bind(base, call, attr=name)
         self._handles.append(self.adapter.projector_module().register_forward_pre_hook(grab))
+        if self.needed_vision_layers:
+            layers = self.adapter.vision_layers()
+            for j in sorted(self.needed_vision_layers):
+
+                def grab_layer(_module, args, _j=j):
+                    fresh()
+                    self.vision["layers"].setdefault(_j, []).append(args[0])
+
+                self._handles.append(layers[j].register_forward_pre_hook(grab_layer))
 
         def expand(original, *args, **kwargs):
             # generate() repeats each sample after encoding the images (beams, num_return_sequences)
@@ -243,6 +254,7 @@ class Runtime:
                     captured.setdefault(key, value)
         captured["vision_calls"] = self.vision["calls"]
         captured["pre_projector"] = self.vision["pre_projector"]
+        captured["vision_layers"] = self.vision["layers"]
         if "expand" in self.vision:
             size, ids = self.vision["expand"]
             captured.update(self.adapter.expand_metadata(captured, ids, size))

@@ -100,3 +100,25 @@ def attention_rows(
         scores = scores.masked_fill(~allowed[None], float("-inf"))
         out.append(torch.softmax(scores, dim=-1).mean(dim=0))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def vit_attention_received(encoder_layer: nn.Module, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Attention each token of a CLIP-style ViT layer receives, summed over queries, mean over heads.
+
+    ``hidden`` ``(n_images, T, D)`` is the layer's input; returns ``(n_images, T)``
+    in fp32. Recomputes the layer's ``layer_norm1``, ``q_proj``/``k_proj`` and
+    scaling (no mask: the CLIP ViT attends fully), `chunk` query rows at a
+    time, so the ViT itself keeps SDPA/FlashAttention and no ``T x T`` map is
+    ever held per head for more than one chunk.
+    """
+    attn = encoder_layer.self_attn
+    x = encoder_layer.layer_norm1(hidden)
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(x).float().view(*x.shape[:2], heads, head_dim)
+    k = attn.k_proj(x).float().view(*x.shape[:2], heads, head_dim)
+    received = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=torch.float32)
+    for start in range(0, q.shape[1], chunk):
+        scores = torch.einsum("bqhd,bkhd->bhqk", q[:, start : start + chunk], k) * attn.scale
+        received += torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)
+    return received

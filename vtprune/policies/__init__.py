@@ -5,6 +5,7 @@ from .baselines import Fixed, Pooling, Random
 from .divprune import DivPrune
 from .entropyprune import EntropyPrune
 from .fastv import FastV
+from .hiprune import HiPrune
 from .idpruner import IDPruner
 from .mmtok import MMTok
 
@@ -13,6 +14,7 @@ __all__ = [
     "EntropyPrune",
     "FastV",
     "Fixed",
+    "HiPrune",
     "IDPruner",
     "MMTok",
     "LLMStagePolicy",

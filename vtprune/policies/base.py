@@ -71,6 +71,10 @@ class Policy:
     def layer_inputs_needed(self) -> tuple[int, ...]:
         return self.needs_layer_inputs
 
+    def vision_layers_needed(self) -> tuple[int, ...]:
+        """Vision-encoder layers (0-based) whose input hidden states the policy reads."""
+        return ()
+
     def layer_queries_needed(self) -> tuple[int, ...]:
         """Decoder layers whose ``q_proj`` output the policy reads (captured in prefill, not recomputed)."""
         return ()

@@ -1,0 +1,126 @@
+"""HiPrune: hierarchical ViT attention (object-layer anchors and buffers, deep-layer registers), vision stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..context import StageContext
+from ..ops.select import sanitize_scores, topk_indices
+from ..zoo import policy_defaults
+from .base import Policy, Selection, register
+
+
+@register
+@dataclass
+class HiPrune(Policy):
+    """Keep anchors, their buffers and registers chosen from two ViT layers' attention.
+
+    Source: "HiPrune: Training-Free Visual Token Pruning via Hierarchical
+    Attention in Vision-Language Models" (code Danielement321/HiPrune). The
+    score of a patch at a ViT layer is the attention it receives, summed
+    over all queries (CLS included), mean over heads, CLS column dropped
+    (`StageContext.vision_attention`, computed by the ViT probe from the
+    layer's captured input: the ViT keeps SDPA/FlashAttention). With budget
+    N' per image: anchors are the top ``round(alpha * N' / 5)`` tokens by the
+    object layer's score; buffers are each anchor's neighbours at flat index
+    +-1 and +-grid width, clamped to the grid as the reference does (no
+    row-wrap check unless ``wrap_correct``); registers fill the rest with the
+    top deep-layer scores among tokens not yet chosen (excluded with -inf;
+    the reference subtracts 1, which can under-fill). Exactly N' tokens are
+    kept. LLaVA-NeXT views are separate grids (neighbours stay in their
+    view). Positions: original (the LLaVA reference compacts).
+
+    Parameters:
+        keep: tokens per image (int) or fraction; default 64.
+        alpha: share of the budget spent on anchors and buffers; default 0.1.
+        object_layer: 1-based ViT layer of the anchors; None is the per-model
+            default from model_zoo.yaml (9 for CLIP-L/336).
+        deep_layer: 1-based ViT layer of the registers; None is the layer
+            whose output is the model's visual feature (second to last).
+        wrap_correct: drop +-1 neighbours that wrap to another row; default False.
+
+    Supported: LLaVA-1.5 and LLaVA-NeXT (CLIP ViT). The Qwen ViT (windowed
+    attention, 2x2 merge units) needs its own probe and is refused at wrap.
+    """
+
+    keep: int | float = 64
+    alpha: float = 0.1
+    object_layer: int | None = None
+    deep_layer: int | None = None
+    wrap_correct: bool = False
+
+    name: ClassVar[str] = "hiprune"
+    stage: ClassVar[str] = "vision"
+    reference_positions: ClassVar[str] = "compact"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"hiprune: alpha must be a number in [0, 1]; got {self.alpha!r}")
+        for name in ("object_layer", "deep_layer"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"hiprune: {name} must be a 1-based layer number >= 1 or None; got {value!r}")
+        self._layers: tuple[int, int] | None = None
+
+    def bind(self, adapter) -> None:
+        if adapter.model_type not in ("llava", "llava_next"):
+            raise ValueError(
+                f"hiprune: the ViT attention probe supports llava and llava_next; {adapter.model_type!r} "
+                "(windowed Qwen ViT) is not supported yet"
+            )
+        depth = len(adapter.vision_layers())
+        obj = self.object_layer or policy_defaults(adapter.model_type, self.name).get("object_layer")
+        if obj is None:
+            raise ValueError(f"hiprune: no object_layer default for {adapter.model_type!r}; give object_layer")
+        feature = adapter.config.vision_feature_layer
+        deep = self.deep_layer or (depth + feature + 1 if feature < 0 else feature)
+        for name, layer in (("object_layer", obj), ("deep_layer", deep)):
+            if not 1 <= layer <= depth:
+                raise ValueError(f"hiprune: {name}={layer} is outside this ViT's layers 1..{depth}")
+        self._layers = (obj - 1, deep - 1)
+
+    def vision_layers_needed(self) -> tuple[int, ...]:
+        if self._layers is None:
+            raise RuntimeError("hiprune: layers are not resolved yet; bind(adapter) first")
+        return tuple(sorted(set(self._layers)))
+
+    def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
+        image = ctx.layouts[b].images[i]
+        if ctx.alive[b][i].numel() != image.num_tokens:
+            raise ValueError("hiprune reads the whole ViT grid; put it first in a Pipeline")
+        obj_layer, deep_layer = self._layers
+        obj = sanitize_scores(ctx.vision_attention(b, i, obj_layer), "object-layer scores")
+        deep = sanitize_scores(ctx.vision_attention(b, i, deep_layer), "deep-layer scores")
+        n = obj.numel()
+        anchors = topk_indices(obj, min(n, round(self.alpha * k / 5)))
+        chosen = torch.zeros(n, dtype=torch.bool, device=obj.device)
+        chosen[anchors] = True
+        for anchor in anchors.tolist():
+            chosen[self._neighbours(image.grids, anchor)] = True
+        picked = torch.nonzero(chosen).flatten()
+        if picked.numel() > k:  # only for budgets too small for the buffers: keep the strongest
+            picked = picked[topk_indices(obj[picked], k)]
+            chosen.zero_()
+            chosen[picked] = True
+        rest = torch.nonzero(~chosen).flatten()  # excluded outright (the reference subtracts 1 instead)
+        registers = rest[topk_indices(deep[rest], k - picked.numel())] if k > picked.numel() else picked[:0]
+        return Selection(torch.cat([picked, registers]))
+
+    def _neighbours(self, grids, index: int) -> torch.Tensor:
+        for grid in grids:
+            if grid.offset <= index < grid.offset + grid.size:
+                local, width = index - grid.offset, grid.width
+                around = [local - 1, local + 1, local - width, local + width]
+                if self.wrap_correct:
+                    row = local // width
+                    around = [a for a in around if 0 <= a < grid.size and (abs(a - local) == width or a // width == row)]
+                around = [min(max(a, 0), grid.size - 1) for a in around]
+                return torch.tensor([grid.offset + a for a in around], dtype=torch.long)
+        raise IndexError(f"token {index} is outside the image's grids")
+
+    def describe(self) -> str:
+        return f"hiprune(alpha={self.alpha})"
