@@ -83,6 +83,7 @@ class Runtime:
         self.captured: dict[str, Any] = {}
         self.vision: dict[str, Any] = {"calls": [], "pre_projector": [], "layers": {}}
         self._vision_used = False
+        self._lm_signature: inspect.Signature | None = None
         self.state: PrefillState | None = None
         self.report = Report(policy=pipeline.describe(), samples=[])
         self._handles: list[Any] = []
@@ -217,23 +218,24 @@ class Runtime:
 
     # ----------------------------------------------------------- language model
     def _lm_forward(self, original, *args, **kwargs):
-        sig = inspect.signature(original)
-        bound = sig.bind_partial(*args, **kwargs).arguments
+        if self._lm_signature is None:
+            self._lm_signature = inspect.signature(original)
+        bound = self._lm_signature.bind_partial(*args, **kwargs).arguments
         extra = bound.pop("kwargs", {}) or {}
         cache = bound.get("cache")
         embeds = bound.get("inputs_embeds")
         if embeds is None or self.outer is None:
             return original(*args, **kwargs)
-        if self.outer.get("input_ids") is None and (cache is None or cache.get_seq_length() == 0):
+        prefill = cache is None or cache.get_seq_length() == 0
+        if not prefill:
+            call = self._decode(bound, embeds) if self.state is not None else bound
+            return original(**call, **extra)
+        if self.outer.get("input_ids") is None:
             warnings.warn(
                 "vtprune: a prefill given only inputs_embeds is not pruned (visual spans are found from input_ids)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        prefill = cache is None or cache.get_seq_length() == 0
-        if not prefill:
-            call = self._decode(bound, embeds) if self.state is not None else bound
-            return original(**call, **extra)
         self.state = None
         self.captured = self._prefill_inputs()
         call = self._prefill(bound, embeds)
