@@ -7,6 +7,7 @@ temporal frame. Positions are M-RoPE rows, so `compact` is not offered.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +32,18 @@ class Qwen2VLAdapter(Adapter):
 
     def visual_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+
+    def layouts(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
+        found = super().layouts(captured, inputs_embeds)
+        if found is not None and captured.get("mm_token_type_ids") is None:
+            # transformers 5.x then silently uses 1-D positions for the image tokens (no error, other logits)
+            warnings.warn(
+                f"{self.model_type}: inputs hold images but no mm_token_type_ids, so the model falls back to 1-D "
+                "positions for them; pass the processor's mm_token_type_ids",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return found
 
     def structure_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids == self.config.vision_start_token_id) | (ids == self.config.vision_end_token_id)

@@ -181,3 +181,13 @@ def test_prefill_from_inputs_embeds_only_warns_and_runs_unpruned(llava):
                 out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"][2:]).logits
     assert torch.equal(out, plain)
     _untouched(model, batch, ref, before)
+
+
+@torch.no_grad()
+def test_qwen_inputs_without_mm_token_type_ids_warn():
+    model = model_for("qwen2_5_vl", "sdpa")
+    batch = inputs(model, mixed_specs("qwen2_5_vl"))
+    batch.pop("mm_token_type_ids")
+    vtprune.wrap(model, "random", keep=2)
+    with pytest.warns(RuntimeWarning, match="mm_token_type_ids"):
+        model(**batch)
