@@ -16,10 +16,12 @@ from vtprune.toyvqa.questions import ANSWERS, TYPES
 from vtprune.toyvqa.scene import CANVAS, COLORS, cell_targets, render
 from vtprune.toyvqa.vocab import ARCHS, build_tokenizer, prompt
 
-# Floors for the shipped models on the first SLICE test items: well below the
-# measured accuracy (vtprune/toyvqa/checkpoints/*/metrics.json) but far above chance.
+# The shipped models must score on the first SLICE test items at least their
+# recorded test accuracy (metrics.json, 500 items) minus MARGIN, and never less
+# than MIN_FLOOR: answering each type's most common answer scores about 0.28.
 SLICE = 60
-FLOORS = {"llava": 0.6, "qwen2_5_vl": 0.5}
+MARGIN = 0.12
+MIN_FLOOR = 0.35
 
 
 def test_items_are_deterministic_per_seed():
@@ -83,9 +85,7 @@ def test_answers_match_the_scene(items):
             (obj,) = [o for o in sc.objects if o.shape == words[4]]
             assert obj.color == it.answer
         elif it.type == "position":
-            (obj,) = [
-                o for o in sc.objects if (o.color, o.shape) == (words[2], words[3])
-            ]
+            (obj,) = [o for o in sc.objects if (o.color, o.shape) == (words[2], words[3])]
             expect = {
                 "left": obj.x < CANVAS / 2,
                 "right": obj.x > CANVAS / 2,
@@ -148,11 +148,7 @@ def test_processor_round_trip(arch, tmp_path):
     for key in a:
         assert (a[key] == b[key]).all()
     image_token = "<image>" if arch == "llava" else "<|image_pad|>"
-    n_visual = (
-        (a["input_ids"] == proc.tokenizer.convert_tokens_to_ids(image_token))
-        .sum()
-        .item()
-    )
+    n_visual = (a["input_ids"] == proc.tokenizer.convert_tokens_to_ids(image_token)).sum().item()
     assert n_visual == {"llava": 576, "qwen2_5_vl": 256}[arch]
     if arch == "qwen2_5_vl":
         assert "mm_token_type_ids" in a and a["mm_token_type_ids"].sum().item() == 256
@@ -162,11 +158,10 @@ def test_processor_round_trip(arch, tmp_path):
 def test_shipped_checkpoint_scores_above_floor(arch):
     path = checkpoint_path(arch)
     if not (path / "model.safetensors").is_file():
-        pytest.skip(f"no shipped {arch} checkpoint at {path} yet")
-    import torch
-
-    torch.manual_seed(0)
+        pytest.skip(f"no shipped {arch} checkpoint at {path} yet (train it: see vtprune/toyvqa/train.py)")
+    recorded = json.loads((path / "metrics.json").read_text())["test"]["overall"]
     model, processor = load(arch)
     result = score(model, processor, n=SLICE, split="test", batch_size=20)
     assert result["n"] == SLICE
-    assert result["overall"] >= FLOORS[arch], json.dumps(result)
+    floor = max(MIN_FLOOR, recorded - MARGIN)
+    assert result["overall"] >= floor, json.dumps(result)

@@ -49,7 +49,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Model sizes; kept small so a step takes about a second on one CPU thread.
 SIZES: dict[str, dict[str, int]] = {
     "llava": {
-        "vit_width": 96,
+        "vit_width": 128,
         "vit_layers": 4,
         "vit_heads": 4,
         "llm_width": 128,
@@ -111,6 +111,7 @@ def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) ->
             tie_word_embeddings=False,
         )
         model = LlavaForConditionalGeneration(config)
+        _init_sincos_positions(model.model.vision_tower.embeddings.position_embedding.weight, 336 // 14)
     else:
         head_dim = s["llm_width"] // s["llm_heads"]
         quarter = head_dim // 8
@@ -161,6 +162,31 @@ def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) ->
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes (grid*grid, dim), as in MAE (He et al., 2022)."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angle = coord[:, None] * omega[None, :]
+        parts += [angle.sin(), angle.cos()]
+    codes = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(codes, (0, dim - codes.shape[1]))
+
+
+@torch.no_grad()
+def _init_sincos_positions(weight: torch.Tensor, grid: int) -> None:
+    """Start the CLIP position embeddings (CLS first) from 2-D sine-cosine codes.
+
+    With the default small random init the patch content swamps the position
+    signal, and the tiny ViT never learnt where things are (needed for object
+    shapes and left/right). The embeddings stay trainable.
+    """
+    weight[0].zero_()
+    weight[1:] = sincos_2d(grid, weight.shape[1])
 
 
 def build_image_processor(arch: str):

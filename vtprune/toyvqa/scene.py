@@ -27,7 +27,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 135, 0),
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
-CHAR_SCALE = 3  # glyph pixels per font pixel on the 336 canvas: 15x21 px
+CHAR_SCALE = 2  # glyph pixels per font pixel on the 336 canvas: 10x14 px
+# The glyph's top-left corner sits on this canvas grid, so at 336 px (and at
+# 448 px, where the grid is 56 px) it falls inside a single 14 px patch: a
+# glyph cut across patches was beyond what the tiny ViTs learnt on a CPU.
+CHAR_GRID = 42
+# Object boxes start on this canvas grid and their sides are multiples of it,
+# so each 14 px patch at 336 px sees one of few canonical edge pieces; with
+# free placement the tiny ViTs did not learn shapes in hours of CPU training.
+SNAP = 14
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ class Scene:
 
     objects: list[Obj]
     char: str
-    char_xy: tuple[float, float]
+    char_xy: tuple[float, float]  # top-left corner of the glyph box
     char_ink: int
     blobs: list[Blob]
     bg_base: tuple[int, int, int]
@@ -82,6 +90,7 @@ class Difficulty:
     max_size: float = 60.0
     n_blobs: tuple[int, int] = (4, 10)
     texture_amp: float = 14.0
+    snap: int = SNAP
 
     @staticmethod
     def at(level: float) -> Difficulty:
@@ -93,6 +102,13 @@ class Difficulty:
             n_blobs=(round(4 * level), round(2 + 8 * level)),
             texture_amp=4.0 + 10.0 * level,
         )
+
+    def size(self, rng: np.random.Generator) -> float:
+        """An object side: uniform, or a random multiple of ``snap`` in range."""
+        if not self.snap:
+            return float(rng.uniform(self.min_size, self.max_size))
+        lo, hi = -int(-self.min_size // self.snap), int(self.max_size // self.snap)
+        return float(self.snap * rng.integers(lo, hi + 1))
 
 
 TARGET = Difficulty()
@@ -118,12 +134,32 @@ def sample_specs(rng: np.random.Generator, kind: str) -> tuple[list[tuple[str, s
     return [(SHAPES[rng.integers(4)], colors[rng.integers(6)]) for _ in range(n)], None
 
 
-def _place(rng: np.random.Generator, half: float, boxes: list[tuple[float, float, float]]) -> tuple[float, float] | None:
-    """Rejection-sample a centre whose box (half-side ``half``) clears ``boxes``."""
+def _place_char(rng: np.random.Generator, boxes: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """Top-left corner, on the ``CHAR_GRID``, of a glyph box that clears ``boxes``."""
+    w, h, margin = 5 * CHAR_SCALE, 7 * CHAR_SCALE, 3.0
+    cells = [(i * CHAR_GRID, j * CHAR_GRID) for i in range(CANVAS // CHAR_GRID) for j in range(CANVAS // CHAR_GRID)]
+    for k in rng.permutation(len(cells)):
+        x, y = cells[k]
+        cx, cy = x + w / 2, y + h / 2
+        if all(abs(cx - bx) > w / 2 + bh + margin or abs(cy - by) > h / 2 + bh + margin for bx, by, bh in boxes):
+            return float(x), float(y)
+    return None
+
+
+def _place(
+    rng: np.random.Generator, half: float, boxes: list[tuple[float, float, float]], snap: int = 0
+) -> tuple[float, float] | None:
+    """Rejection-sample a centre whose box (half-side ``half``) clears ``boxes``.
+
+    With ``snap`` the box's top-left corner lies on a ``snap``-pixel grid.
+    """
     margin = 4.0
     for _ in range(200):
         x = float(rng.uniform(half + margin, CANVAS - half - margin))
         y = float(rng.uniform(half + margin, CANVAS - half - margin))
+        if snap:
+            x = min(max(snap * round((x - half) / snap), snap), CANVAS - 2 * half - snap) + half
+            y = min(max(snap * round((y - half) / snap), snap), CANVAS - 2 * half - snap) + half
         if all(abs(x - bx) > half + bh + margin or abs(y - by) > half + bh + margin for bx, by, bh in boxes):
             return x, y
     return None
@@ -136,15 +172,14 @@ def sample_scene(rng: np.random.Generator, kind: str = "any", difficulty: Diffic
         boxes: list[tuple[float, float, float]] = []
         objects: list[Obj] = []
         for shape, color in specs:
-            size = float(rng.uniform(difficulty.min_size, difficulty.max_size))
-            xy = _place(rng, size / 2, boxes)
+            size = difficulty.size(rng)
+            xy = _place(rng, size / 2, boxes, difficulty.snap)
             if xy is None:
                 break
             boxes.append((xy[0], xy[1], size / 2))
             objects.append(Obj(shape, color, xy[0], xy[1], size))
         else:
-            char_half = 7 * CHAR_SCALE / 2 + 2
-            cxy = _place(rng, char_half, boxes)
+            cxy = _place_char(rng, boxes)
             if cxy is not None:
                 break
     char = CHARS[rng.integers(len(CHARS))]
@@ -202,12 +237,10 @@ def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, s: float, fill) -> None:
 
 
 def _char_box(scene: Scene, size: int) -> tuple[np.ndarray, int, int]:
-    scale = max(1, round(CHAR_SCALE * size / CANVAS))
+    scale = max(1, CHAR_SCALE * size // CANVAS)
     mask = glyph(scene.char, scale)
     s = size / CANVAS
-    top = round(scene.char_xy[1] * s - mask.shape[0] / 2)
-    left = round(scene.char_xy[0] * s - mask.shape[1] / 2)
-    return mask, top, left
+    return mask, round(scene.char_xy[1] * s), round(scene.char_xy[0] * s)
 
 
 def render(scene: Scene, size: int = CANVAS) -> tuple[Image.Image, np.ndarray]:

@@ -66,6 +66,8 @@ def ship(run: str | Path, n: int = 500, force: bool = False) -> dict:
         (staged / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
+        for f in staged.iterdir():
+            f.chmod(0o644)
         shutil.move(str(staged), dest)
     size = sum(f.stat().st_size for f in dest.iterdir())
     return {"shipped": True, "path": str(dest), "bytes": size, "test": result}

@@ -191,6 +191,7 @@ def train(args: argparse.Namespace) -> int:
         torch.set_rng_state(state["torch_rng"])
         step, best = state["step"], state["best"]
         print(f"resumed from {ckpt} at step {step}", flush=True)
+        _log(out, {"step": step, "resumed_from": ckpt.name, "args": {k: str(v) for k, v in vars(args).items()}})
     else:
         (out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     total = args.pretrain_steps + args.steps
