@@ -125,10 +125,16 @@ def patch_positions(model, batch, b: int = 0) -> torch.Tensor:
     visual = torch.nonzero((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).flatten()
     if model.config.model_type != "llava_next":
         return visual
+    embeds = lm_input_embeds(model, batch)
+    return visual[~(embeds[b, visual] == model.model.image_newline).all(-1)]
+
+
+def lm_input_embeds(model, batch) -> torch.Tensor:
+    """The merged input embeddings the language model receives for `batch` (before any pruning)."""
     seen = {}
     handle = model.model.language_model.register_forward_pre_hook(
         lambda _m, _a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
     with torch.no_grad():
         model(**batch)
     handle.remove()
-    return visual[~(seen["e"][b, visual] == model.model.image_newline).all(-1)]
+    return seen["e"]

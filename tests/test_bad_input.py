@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import hooks_left, inputs, mixed_specs, model_for
+from helpers import hooks_left, inputs, lm_input_embeds, mixed_specs, model_for
 
 import vtprune
 from vtprune.budget import resolve_budget, split_budget
@@ -151,12 +151,8 @@ def test_pooling_values_are_window_means():
     model = model_for("llava", "sdpa")
     batch = inputs(model, mixed_specs("llava")[:1])
     seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
+    full = lm_input_embeds(model, batch)
     with torch.no_grad():
-        model(**batch)
-        handle.remove()
-        full = seen.pop("e")
         vtprune.wrap(model, "pooling", keep=4)  # 8 x 8 grid -> four 4 x 4 windows
         handle = model.model.language_model.layers[0].register_forward_pre_hook(
             lambda _m, args: seen.update(e=args[0]))
