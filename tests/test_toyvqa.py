@@ -165,3 +165,85 @@ def test_shipped_checkpoint_scores_above_floor(arch):
     assert result["n"] == SLICE
     floor = max(MIN_FLOOR, recorded - MARGIN)
     assert result["overall"] >= floor, json.dumps(result)
+
+
+def test_focus_names_the_objects_each_answer_depends_on():
+    from vtprune.toyvqa.questions import PLURAL, ask, split_rng
+    from vtprune.toyvqa.scene import sample_scene
+
+    singular = {v: k for k, v in PLURAL.items()}
+    seen = Counter()
+    for i in range(300):
+        rng = split_rng("train", i)
+        kind = TYPES[i % len(TYPES)]
+        scene = sample_scene(rng, kind)
+        qa = ask(scene, kind, rng)
+        if qa is None:
+            continue
+        seen[kind] += 1
+        words = qa.question.split()
+        objs = [scene.objects[j] for j in qa.focus if j >= 0]
+        if kind == "color":
+            assert len(objs) == 1 and objs[0].shape == words[-2] and objs[0].color == qa.answer
+        elif kind == "count":
+            assert len(objs) == int(qa.answer) and all(o.shape == singular[words[2]] for o in objs)
+        elif kind == "exist":
+            color, shape = words[3], words[4]
+            match = [o.color == color and o.shape == shape for o in objs]
+            assert all(match) if qa.answer == "yes" else not any(match)
+            assert qa.answer == "no" or objs
+        elif kind == "position":
+            (o,) = objs
+            assert (o.color, o.shape) == (words[2], words[3])
+            side = {"left": o.x < CANVAS / 2, "right": o.x > CANVAS / 2, "top": o.y < CANVAS / 2, "bottom": o.y > CANVAS / 2}
+            assert side[qa.answer]
+        else:
+            assert qa.focus == (-1,)
+    assert set(seen) == set(TYPES)
+
+
+def test_training_sample_focus_marks_answer_tokens_and_object_cells():
+    from vtprune.toyvqa.batches import make_sample
+    from vtprune.toyvqa.scene import Difficulty
+
+    tok = build_tokenizer("llava")
+    answers = set(tok.convert_tokens_to_ids(list(ANSWERS)))
+    for index in range(10):
+        sample = make_sample("llava", tok, index, 6, Difficulty.at(1.0))
+        assert sample.focus
+        for pos, cells in sample.focus:
+            assert sample.labels[pos] in answers and sample.labels[pos - 1] == -100
+            assert cells.shape == (576,) and 0 < cells.sum() < 576
+            # focus cells hold an object (colour) or the glyph (character)
+            assert ((sample.cells[0][cells] > 0) | (sample.cells[2][cells] > 0)).all()
+
+
+def test_grounding_rows_equal_the_eager_attention_weights():
+    import torch
+
+    from vtprune.toyvqa.batches import collate, make_sample
+    from vtprune.toyvqa.models import build_model, build_processor
+    from vtprune.toyvqa.scene import Difficulty
+    from vtprune.toyvqa.train import _AttentionInputs, grounded_rows, image_features
+
+    tok = build_tokenizer("llava")
+    model = build_model("llava", tok).eval()
+    model.set_attn_implementation("eager")
+    batch = collate("llava", [make_sample("llava", tok, i, 3, Difficulty.at(1.0)) for i in range(3)], tok.pad_token_id)
+    layers = model.model.language_model.layers
+    with torch.no_grad():
+        feats = image_features(model, batch)
+        probe = _AttentionInputs(layers, (1, 3))
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            mm_encoder_outputs={"image": feats},
+            output_attentions=True,
+        )
+        probe.remove()
+    sample, pos = batch["focus_rows"].unbind(1)
+    for layer in (1, 3):
+        hidden, rope = probe.seen[layer]
+        rows = grounded_rows(layers[layer].self_attn, hidden, rope, sample, pos - 1, 2)
+        torch.testing.assert_close(rows, out.attentions[layer][sample, :2, pos - 1], atol=1e-5, rtol=1e-4)
+    assert not any(layer.self_attn._forward_pre_hooks for layer in layers)

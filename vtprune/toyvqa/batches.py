@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vtprune.toyvqa.models import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, TOKEN_CELL
 from vtprune.toyvqa.questions import TYPES, ask, scene_for, split_rng
-from vtprune.toyvqa.scene import Difficulty, cell_targets, render
+from vtprune.toyvqa.scene import Difficulty, cell_owner, cell_targets, render
 from vtprune.toyvqa.vocab import end_of_answer, follow_up, prompt
 
 IGNORE = -100
@@ -31,7 +31,10 @@ class Sample:
     image: Image.Image
     input_ids: list[int]
     labels: list[int]
-    cells: np.ndarray  # (4, n_visual_tokens)
+    cells: np.ndarray  # (6, n_visual_tokens)
+    #: per turn: (index in ``input_ids`` of the answer token, bool mask of the
+    #: visual tokens covering the question's focus); turns without focus are left out
+    focus: list[tuple[int, np.ndarray]]
 
 
 def n_visual_tokens(arch: str) -> int:
@@ -64,16 +67,22 @@ def make_sample(
         if qa is not None and qa.question not in {q.question for q in qas}:
             qas.append(qa)
     image, label_map = render(scene, IMAGE_SIZE[arch])
+    owner = cell_owner(scene, label_map, TOKEN_CELL[arch])
+    glyph = len(scene.objects) + 1
     eos = tokenizer.convert_tokens_to_ids(end_of_answer(arch))
     ids: list[int] = []
     labels: list[int] = []
+    focus: list[tuple[int, np.ndarray]] = []
     for turn, qa in enumerate(qas):
         text = _expand_image(arch, prompt(arch, qa.question)) if turn == 0 else follow_up(arch, qa.question)
         q_ids = tokenizer(text, add_special_tokens=turn == 0)["input_ids"]
         a_ids = tokenizer.convert_tokens_to_ids([qa.answer]) + [eos]
+        cells = np.isin(owner, [glyph if i < 0 else i + 1 for i in qa.focus])
+        if cells.any():
+            focus.append((len(ids) + len(q_ids), cells))
         ids += q_ids + a_ids
         labels += [IGNORE] * len(q_ids) + a_ids
-    return Sample(image, ids, labels, cell_targets(scene, label_map, TOKEN_CELL[arch]))
+    return Sample(image, ids, labels, cell_targets(scene, label_map, TOKEN_CELL[arch]), focus)
 
 
 def llava_pixels(images: list[Image.Image]) -> torch.Tensor:
@@ -96,6 +105,10 @@ def collate(arch: str, samples: list[Sample], pad_id: int, image_processor=None)
         mask[i, :n] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     batch["cells"] = torch.from_numpy(np.stack([s.cells for s in samples]))
+    # focus: (sample, answer position) rows with their visual-token masks
+    rows = [(i, pos, cells) for i, s in enumerate(samples) for pos, cells in s.focus]
+    batch["focus_rows"] = torch.tensor([(i, pos) for i, pos, _ in rows], dtype=torch.long).reshape(-1, 2)
+    batch["focus_cells"] = torch.from_numpy(np.stack([c for *_, c in rows])) if rows else torch.zeros(0, 0, dtype=torch.bool)
     images = [s.image for s in samples]
     if arch == "llava":
         batch["pixel_values"] = llava_pixels(images)

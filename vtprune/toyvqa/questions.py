@@ -65,18 +65,34 @@ ANSWERS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class QA:
-    """One question about a scene: its type, the one-word answer, a subtype."""
+    """One question about a scene: its type, the one-word answer, a subtype.
+
+    ``focus`` lists the indexes (into ``scene.objects``) of the objects the
+    answer depends on, -1 standing for the glyph; training uses it to ground
+    the model's attention. It is empty when nothing in the image answers
+    (a count of 0, an absent shape).
+    """
 
     question: str
     answer: str
     type: str
     subtype: str = ""
+    focus: tuple[int, ...] = ()
+
+
+def _where(scene: Scene, shape: str | None = None, color: str | None = None) -> tuple[int, ...]:
+    """Indexes of the objects matching ``shape`` and ``color`` (None matches any)."""
+    return tuple(
+        i
+        for i, o in enumerate(scene.objects)
+        if (shape is None or o.shape == shape) and (color is None or o.color == color)
+    )
 
 
 def _exist(scene: Scene, rng: np.random.Generator, want_yes: bool, negative: str) -> QA:
     if want_yes:
         o = scene.objects[rng.integers(len(scene.objects))]
-        return QA(f"is there a {o.color} {o.shape} ?", "yes", "exist", "positive")
+        return QA(f"is there a {o.color} {o.shape} ?", "yes", "exist", "positive", _where(scene, o.shape, o.color))
     absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if not scene.has(c, s)]
     pool = absent
     if negative in ("popular", "adversarial"):
@@ -90,7 +106,8 @@ def _exist(scene: Scene, rng: np.random.Generator, want_yes: bool, negative: str
         adversarial = [(c, s) for c, s in absent if c in colors and s in shapes]
         pool = adversarial or pool
     c, s = pool[rng.integers(len(pool))]
-    return QA(f"is there a {c} {s} ?", "no", "exist", negative)
+    # nothing matches: the objects to check are those of the asked shape, else of the asked colour
+    return QA(f"is there a {c} {s} ?", "no", "exist", negative, _where(scene, s) or _where(scene, color=c))
 
 
 def ask(
@@ -106,14 +123,14 @@ def ask(
         if not unique:
             return None
         o = unique[rng.integers(len(unique))]
-        return QA(f"what color is the {o.shape} ?", o.color, "color")
+        return QA(f"what color is the {o.shape} ?", o.color, "color", focus=_where(scene, o.shape))
     if kind == "exist":
         yes = bool(rng.integers(2)) if want_yes is None else want_yes
         neg = NEGATIVES[rng.integers(3)] if negative is None else negative
         return _exist(scene, rng, yes, neg)
     if kind == "count":
         shape = scene.meta.get("count_shape") or SHAPES[rng.integers(4)]
-        return QA(f"how many {PLURAL[shape]} are there ?", str(scene.count(shape)), "count")
+        return QA(f"how many {PLURAL[shape]} are there ?", str(scene.count(shape)), "count", focus=_where(scene, shape))
     if kind == "position":
         axis = int(rng.integers(2))
         mid = CANVAS / 2
@@ -132,15 +149,17 @@ def ask(
                 "left" if o.x < mid else "right",
                 "position",
                 "horizontal",
+                _where(scene, o.shape, o.color),
             )
         return QA(
             f"is the {o.color} {o.shape} at the top or the bottom ?",
             "top" if o.y < mid else "bottom",
             "position",
             "vertical",
+            _where(scene, o.shape, o.color),
         )
     if kind == "reading":
-        return QA("what character is written in the image ?", scene.char, "reading")
+        return QA("what character is written in the image ?", scene.char, "reading", focus=(-1,))
     raise ValueError(f"unknown question type {kind!r}; expected one of {TYPES}")
 
 

@@ -285,6 +285,22 @@ N_SHAPE_CLASSES = 2 + len(SHAPES)  # background + shapes + "character"
 N_CHAR_CLASSES = 1 + len(CHARS)  # none + characters
 
 
+def cell_owner(scene: Scene, labels: np.ndarray, cell: int, min_frac: float = 0.12) -> np.ndarray:
+    """Who covers each cell of a ``cell``-pixel grid (row-major): 0 background,
+    ``i + 1`` for ``scene.objects[i]``, ``len(objects) + 1`` for the glyph.
+
+    A cell takes the label covering most of it if that covers ``min_frac`` of it.
+    """
+    size = labels.shape[0]
+    if size % cell:
+        raise ValueError(f"image size {size} is not a multiple of cell {cell}")
+    g = size // cell
+    blocks = labels.reshape(g, cell, g, cell).transpose(0, 2, 1, 3).reshape(g * g, cell * cell)
+    counts = np.stack([(blocks == k).sum(1) for k in range(1, len(scene.objects) + 2)], axis=1)
+    hit = counts.max(1) >= min_frac * cell * cell
+    return np.where(hit, counts.argmax(1) + 1, 0)
+
+
 def cell_targets(scene: Scene, labels: np.ndarray, cell: int, min_frac: float = 0.12) -> np.ndarray:
     """Per-cell dense targets for a ``cell``-pixel grid over the label map.
 
@@ -294,15 +310,8 @@ def cell_targets(scene: Scene, labels: np.ndarray, cell: int, min_frac: float = 
     most of it if that covers ``min_frac`` of it.
     """
     size = labels.shape[0]
-    if size % cell:
-        raise ValueError(f"image size {size} is not a multiple of cell {cell}")
     g = size // cell
-    n_lab = len(scene.objects) + 2
-    blocks = labels.reshape(g, cell, g, cell).transpose(0, 2, 1, 3).reshape(g * g, cell * cell)
-    counts = np.stack([(blocks == k).sum(1) for k in range(1, n_lab)], axis=1)
-    best = counts.argmax(1)
-    hit = counts.max(1) >= min_frac * cell * cell
-    who = np.where(hit, best + 1, 0)  # 0 bg, 1..n objects, n+1 char
+    who = cell_owner(scene, labels, cell, min_frac)
     color = np.zeros(g * g, dtype=np.int64)
     shape = np.zeros(g * g, dtype=np.int64)
     char = np.zeros(g * g, dtype=np.int64)
