@@ -222,7 +222,7 @@ def test_grounding_rows_equal_the_eager_attention_weights():
     import torch
 
     from vtprune.toyvqa.batches import collate, make_sample
-    from vtprune.toyvqa.models import build_model, build_processor
+    from vtprune.toyvqa.models import build_model
     from vtprune.toyvqa.scene import Difficulty
     from vtprune.toyvqa.train import _AttentionInputs, grounded_rows, image_features
 

@@ -83,9 +83,7 @@ class QA:
 def _where(scene: Scene, shape: str | None = None, color: str | None = None) -> tuple[int, ...]:
     """Indexes of the objects matching ``shape`` and ``color`` (None matches any)."""
     return tuple(
-        i
-        for i, o in enumerate(scene.objects)
-        if (shape is None or o.shape == shape) and (color is None or o.color == color)
+        i for i, o in enumerate(scene.objects) if (shape is None or o.shape == shape) and (color is None or o.color == color)
     )
 
 

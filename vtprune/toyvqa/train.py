@@ -141,9 +141,7 @@ class _AttentionInputs:
 
     def __init__(self, layers, which: tuple[int, ...]):
         self.seen: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.handles = [
-            layers[i].self_attn.register_forward_pre_hook(self._keeper(i), with_kwargs=True) for i in which
-        ]
+        self.handles = [layers[i].self_attn.register_forward_pre_hook(self._keeper(i), with_kwargs=True) for i in which]
 
     def _keeper(self, i: int):
         def hook(module, args, kwargs):
@@ -157,7 +155,9 @@ class _AttentionInputs:
             h.remove()
 
 
-def grounded_rows(attn: nn.Module, hidden: torch.Tensor, rope, sample: torch.Tensor, pos: torch.Tensor, heads: int) -> torch.Tensor:
+def grounded_rows(
+    attn: nn.Module, hidden: torch.Tensor, rope, sample: torch.Tensor, pos: torch.Tensor, heads: int
+) -> torch.Tensor:
     """Attention probabilities ``(R, heads, L)`` of query ``pos[r]`` of sample ``sample[r]``
     in the first ``heads`` heads, recomputed from the layer's own projections,
     RoPE and scaling under the causal mask (padding is on the right, so every
