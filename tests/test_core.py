@@ -201,6 +201,18 @@ def test_pipeline_stages_compose(family):
 
 
 @torch.no_grad()
+def test_second_llm_prune_point_batch_equals_alone(family):
+    """The second prune point gathers the first one's rotary tables and positions, not the full-length ones."""
+    model = model_for(family, "sdpa")
+    batch = inputs(model, mixed_specs(family))
+    vtprune.wrap(model, Pipeline([Random(keep=0.5, at_layer=1), Random(keep=0.25, at_layer=3, seed=5)]))
+    together = model(**batch).logits[:, -1]
+    for b in range(batch["input_ids"].shape[0]):
+        alone = model(**sample_alone(batch, b, family)).logits[:, -1]
+        torch.testing.assert_close(alone[0], together[b], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
 def test_sampled_generate_runs_and_kv_cache_is_smaller(family):
     model = model_for(family, "sdpa")
     batch = inputs(model, mixed_specs(family))

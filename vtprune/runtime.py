@@ -421,6 +421,11 @@ class Runtime:
         policy = self.prune_layers[idx]
         prev = state.level_for(idx)
         records = self.report.current
+        # Above an earlier prune point the layers run on that level's (gathered) rotary tables and positions;
+        # the decoder loop's kwargs still carry the full-length ones.
+        above = prev.layer > 0
+        rotary = prev.position_embeddings if above and prev.position_embeddings is not None else kwargs.get("position_embeddings")
+        position_ids = prev.position_ids if above and prev.position_ids is not None else kwargs.get("position_ids")
         ctx = StageContext(
             stage="llm",
             layer=idx,
@@ -433,12 +438,7 @@ class Runtime:
             captured=self.captured,
             layer_inputs=state.layer_inputs,
             layer_q=state.layer_q,
-            # Above an earlier prune point the layers run on that level's (gathered) rotary tables.
-            position_embeddings=(
-                prev.position_embeddings
-                if prev.layer > 0 and prev.position_embeddings is not None
-                else kwargs.get("position_embeddings")
-            ),
+            position_embeddings=rotary,
             mask2d=prev.mask2d,
         )
         hidden, alive, seq_pos = self._apply(policy, ctx, records)
@@ -456,10 +456,8 @@ class Runtime:
             level.position_ids = pos
             level.position_embeddings = self.adapter.rotary(hidden, pos)
         else:
-            pe = kwargs.get("position_embeddings")
-            level.position_embeddings = tuple(gather_seq(t, index, dim=-2) for t in pe) if pe is not None else None
-            pid = kwargs.get("position_ids")
-            level.position_ids = gather_seq(pid, index, dim=-1) if pid is not None else None
+            level.position_embeddings = tuple(gather_seq(t, index, dim=-2) for t in rotary) if rotary is not None else None
+            level.position_ids = gather_seq(position_ids, index, dim=-1) if position_ids is not None else None
         level.masks = {"mask2d": new_mask, "embeds": hidden, "cache": kwargs.get("cache")}
         state.levels.append(level)
         state.alive = alive
