@@ -78,6 +78,15 @@ class Adapter:
     def text_config(self):
         return self.language_model.config
 
+    def sub_blocks(self, layer: int) -> tuple[tuple[str, nn.Module], ...]:
+        """The residual sub-blocks of decoder ``layer`` in order, named: its attention, then its MLP.
+
+        Each module's input is the normed hidden state and its output is what
+        the layer adds to the residual stream (HF Llama/Qwen2 decoder layers).
+        """
+        decoder_layer = self.decoder_layers[layer]
+        return (("attention", decoder_layer.self_attn), ("mlp", decoder_layer.mlp))
+
     def projector_module(self) -> nn.Module:
         """Module whose input is the pre-projector visual features."""
         raise NotImplementedError

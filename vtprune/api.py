@@ -40,13 +40,14 @@ def _build(model: nn.Module, policy, keep, positions: str, options: dict, tokeni
     pipeline = Pipeline(pipeline.policies)  # stage order again, now that per-model layers are known
     depth = adapter.num_layers
     for p in pipeline.llm():
-        if not 1 <= p.at < depth:
-            raise ValueError(
-                f"{p.describe()}: at_layer={p.at} is outside this model's decoder (layers 0..{depth - 1}); "
-                f"allowed: 1..{depth - 1}"
-            )
+        for at in p.prune_layers():
+            if not 1 <= at < depth:
+                raise ValueError(
+                    f"{p.describe()}: at_layer={at} is outside this model's decoder (layers 0..{depth - 1}); "
+                    f"allowed: 1..{depth - 1}"
+                )
     for p in pipeline.policies:
-        for layer in p.layer_inputs_needed():
+        for layer in (*p.layer_inputs_needed(), *p.sub_block_layers()):
             if not 0 <= layer < depth:
                 raise ValueError(f"{p.describe()} reads decoder layer {layer}; the model has layers 0..{depth - 1}")
     return Runtime(adapter, pipeline, positions)

@@ -44,6 +44,9 @@ class StageContext:
     layer_q: dict[int, torch.Tensor] = field(default_factory=dict)
     position_embeddings: Any = None
     mask2d: torch.Tensor | None = None
+    #: ``(layer, part) -> (B, L)``: the policy's `sub_block_statistic` of each observed
+    #: sub-block so far in this prefill, aligned with ``hidden`` (llm stage)
+    sub_block_stats: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     _memo: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -120,6 +123,22 @@ class StageContext:
         if self.mask2d is None:
             return torch.ones(self.hidden.shape[1], dtype=torch.bool, device=self.hidden.device)
         return self.mask2d[b].bool()
+
+    def after_images(self, b: int) -> torch.Tensor:
+        """Positions of sample b's tokens from the end of its last image span to the end of the prompt.
+
+        Only visual patch tokens are ever pruned, so these tokens are the last
+        valid ones of the current sequence, as many as after the span in the
+        input (LLaVA-NeXT newlines are inside the span; Qwen's vision-end token
+        follows it). Empty for a sample without images.
+        """
+        layout = self.layouts[b]
+        valid = torch.nonzero(self.valid(b)).flatten()
+        if not layout.images:
+            return valid[:0]
+        end = max(img.span[1] for img in layout.images)
+        count = int(layout.valid[end:].sum())
+        return valid[valid.numel() - count :]
 
     def decoder_layer(self, layer: int) -> torch.nn.Module:
         return self.adapter.decoder_layers[layer]

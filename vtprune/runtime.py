@@ -4,7 +4,9 @@ Data path (SPEC section 3): a pre-hook on the base model records the batch's
 inputs; the language model's forward (replaced on the instance) builds the
 visual layout, runs the vision/projector-stage policies on the merged input
 embeddings, compacts every sequence tensor and calls the original forward on
-the shorter sequence. LLM-stage policies run inside wrapped decoder layers.
+the shorter sequence. LLM-stage policies run inside wrapped decoder layers
+(one policy may prune at several); policies that observe sub-blocks (TTV)
+get forward hooks on them that do work in prefill only.
 Decode steps never re-score: they translate the growing 2-D attention mask
 to the kept columns of each cache level and fix positions where HF derives
 them from the (pruned) cache length.
@@ -62,6 +64,8 @@ class PrefillState:
     prefill: bool = True
     layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_q: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: per policy (its index in the pipeline): ``(layer, part) -> (B, L)`` sub-block statistics
+    sub_block_stats: dict[int, dict[tuple[int, str], torch.Tensor]] = field(default_factory=dict)
     inputs_embeds: torch.Tensor | None = None
 
     def level_for(self, layer: int) -> Level:
@@ -88,7 +92,11 @@ class Runtime:
         self.report = Report(policy=pipeline.describe(), samples=[])
         self._handles: list[Any] = []
         self._bound: list[tuple[torch.nn.Module, Any]] = []
-        self.prune_layers = {p.at: p for p in pipeline.llm()}
+        # decoder layer -> (index in the pipeline, policy) that prunes before it; a progressive policy
+        # (TransPrune) appears at several layers (the Pipeline refuses two policies at one layer)
+        self.prune_layers: dict[int, tuple[int, Policy]] = {
+            layer: (index, p) for index, p in enumerate(pipeline.policies) for layer in p.prune_layers()
+        }
         needed, queries, vision_layers = set(), set(), set()
         for p in pipeline.policies:
             needed.update(p.layer_inputs_needed())
@@ -118,6 +126,11 @@ class Runtime:
             self._handles.append(
                 self.adapter.decoder_layers[idx].self_attn.q_proj.register_forward_hook(self._grab_queries(idx))
             )
+        for index, policy in enumerate(self.pipeline.policies):
+            for idx in policy.sub_block_layers():
+                for part, module in self.adapter.sub_blocks(idx):
+                    hook = self._observe_sub_block(index, policy, idx, part)
+                    self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
         lm = self.adapter.language_model
         self._bind(lm, self._lm_forward)
@@ -133,6 +146,20 @@ class Runtime:
                 self.state.layer_q[idx] = output
 
         return grab
+
+    def _observe_sub_block(self, index: int, policy: Policy, idx: int, part: str):
+        """Forward hook on a sub-block: the policy's statistic of its input and output, in prefill only."""
+
+        def observe(_module, args, kwargs, output):
+            state = self.state
+            if state is None or not state.prefill:
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            valid = state.level_for(idx).mask2d.bool()
+            state.sub_block_stats.setdefault(index, {})[(idx, part)] = policy.sub_block_statistic(x, y, valid)
+
+        return observe
 
     def _install_vision_capture(self) -> None:
         """Record the vision encoder's calls and the projector's inputs.
@@ -246,6 +273,7 @@ class Runtime:
                 self.state.prefill = False
                 self.state.layer_inputs.clear()
                 self.state.layer_q.clear()
+                self.state.sub_block_stats.clear()
 
     def _prefill_inputs(self) -> dict[str, Any]:
         """The base forward's inputs, completed with what the vision encoder was called with."""
@@ -356,7 +384,7 @@ class Runtime:
                 s_b.append(ctx.seq_positions[b][i][idx])
             alive.append(a_b)
             seq_pos.append(s_b)
-        records.stage(policy.stage_key, ctx.alive, alive, ms)
+        records.stage(f"llm@{ctx.layer}" if ctx.stage == "llm" else ctx.stage, ctx.alive, alive, ms)
         return hidden, alive, seq_pos
 
     def _decode(self, bound: dict[str, Any], embeds: torch.Tensor) -> dict[str, Any]:
@@ -418,7 +446,7 @@ class Runtime:
 
     def _prune_llm(self, idx: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         state = self.state
-        policy = self.prune_layers[idx]
+        index_in_pipeline, policy = self.prune_layers[idx]
         prev = state.level_for(idx)
         records = self.report.current
         # Above an earlier prune point the layers run on that level's (gathered) rotary tables and positions;
@@ -440,6 +468,7 @@ class Runtime:
             layer_q=state.layer_q,
             position_embeddings=rotary,
             mask2d=prev.mask2d,
+            sub_block_stats=state.sub_block_stats.get(index_in_pipeline, {}),
         )
         hidden, alive, seq_pos = self._apply(policy, ctx, records)
         keep = prev.mask2d.bool().clone()
@@ -451,6 +480,9 @@ class Runtime:
         new_mask = (index >= 0).long()
         level = Level(layer=idx, mask2d=new_mask, removed=prev.removed + prev.mask2d.sum(1) - new_mask.sum(1))
         hidden = gather_seq(hidden, index)
+        for stats in state.sub_block_stats.values():
+            for key, value in stats.items():
+                stats[key] = gather_seq(value, index)
         if self.positions == "compact":
             pos = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
             level.position_ids = pos

@@ -79,6 +79,33 @@ class Policy:
         """Decoder layers whose ``q_proj`` output the policy reads (captured in prefill, not recomputed)."""
         return ()
 
+    def prune_layers(self) -> tuple[int, ...]:
+        """Decoder layers the sequence is pruned before (llm stage), increasing; empty for the other stages.
+
+        One layer for most policies (``at``); a progressive policy (TransPrune)
+        prunes at several, and `select` is then called once per layer with
+        ``ctx.layer`` saying which.
+        """
+        return (self.at,) if self.stage == "llm" and self.at is not None else ()
+
+    def sub_block_layers(self) -> tuple[int, ...]:
+        """Decoder layers whose sub-blocks (attention, MLP) the policy observes in prefill.
+
+        For each, the runtime calls `sub_block_statistic` on every sub-block's
+        input and output and keeps the result aligned with the sequence
+        (re-indexed at every prune point): ``ctx.sub_block_stats``.
+        """
+        return ()
+
+    def sub_block_statistic(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """A per-token statistic ``(B, L)`` of one sub-block.
+
+        ``x``: the sub-block's input after its norm, ``y``: its output before
+        the residual add, both ``(B, L, D)``; ``valid``: ``(B, L)`` bool,
+        False at padding.
+        """
+        raise NotImplementedError(f"{type(self).__name__} observes sub-blocks but has no sub_block_statistic()")
+
     def budget(self, ctx: StageContext, b: int, i: int) -> int:
         n_alive = int(ctx.alive[b][i].numel())
         n_original = ctx.layouts[b].images[i].num_tokens
@@ -190,17 +217,23 @@ class Pipeline:
                 raise TypeError("a Pipeline cannot contain a Pipeline; list the policies flat")
             if not isinstance(p, Policy):
                 raise TypeError(f"Pipeline items must be vtprune policies; got {p!r} of type {type(p).__name__}")
-        order = [self._order(p) for p in self.policies]
+        order = [point for p in self.policies for point in self._points(p)]
         if order != sorted(order):
             got = ", ".join(p.stage_key for p in self.policies)
             raise ValueError(
                 f"Pipeline stages must go forward (vision, projector, then llm layers in increasing order); "
                 f"got {got}"
             )
+        layers = [layer for stage, layer in order if stage == STAGES.index("llm") and layer]
+        if len(set(layers)) != len(layers):
+            raise ValueError(
+                f"Pipeline policies prune before decoder layers {layers}; two policies cannot prune at the same layer"
+            )
 
     @staticmethod
-    def _order(p: Policy) -> tuple[int, int]:
-        return (STAGES.index(p.stage), p.at or 0)
+    def _points(p: Policy) -> list[tuple[int, int]]:
+        """Where `p` acts, as (stage, layer) pairs: one per prune layer at the llm stage (layer 0 while unresolved)."""
+        return [(STAGES.index(p.stage), layer) for layer in p.prune_layers()] or [(STAGES.index(p.stage), p.at or 0)]
 
     def early(self) -> list[Policy]:
         """Policies applied before the first decoder layer (vision and projector stages)."""
