@@ -8,7 +8,7 @@ from conftest import ATTNS
 from helpers import gen_kwargs, inputs, mixed_specs, model_for, patch_positions, sample_alone
 
 import vtprune
-from vtprune.policies import DivPrune, EntropyPrune, FastV, Fixed, IDPruner, MMTok
+from vtprune.policies import DivPrune, EntropyPrune, FastV, Fixed, IDPruner, MMTok, Pipeline, TransPrune
 
 POLICIES = {
     "idpruner": lambda k: IDPruner(keep=k, per_image=True),
@@ -17,15 +17,27 @@ POLICIES = {
     "divprune": lambda k: DivPrune(keep=k),
     "entropyprune": lambda k: EntropyPrune(keep=k),
     "fastv": lambda k: FastV(keep=k),
+    # a short schedule for the 4-layer tiny models; `keep` sets the last stage
+    "transprune": lambda k: TransPrune(keep=k, prune_after=(1, 3), ratios=(0.5, 0.25), ttv_from=1),
 }
 
 
-PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv")
+PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune")
 
 
 def _stage(image):
-    (name, stage), = image["stages"].items()
-    return name, stage
+    """The image's last stage, (name, record): the only one, or TransPrune's last prune point."""
+    return list(image["stages"].items())[-1]
+
+
+def _replay(data):
+    """`fixed` steps that redo every stage of a report (recomputation sees the generated tokens in the prompt too)."""
+    names = next(list(i["stages"]) for s in data["samples"] for i in s["images"])
+    steps = []
+    for name in names:
+        kept = [[i["stages"][name]["kept"] for i in s["images"]] for s in data["samples"]]
+        steps.append(Fixed(kept=kept, at_layer=int(name[4:]) if name.startswith("llm@") else None))
+    return Pipeline(steps)
 
 
 @torch.no_grad()
@@ -37,20 +49,17 @@ def test_budgets_and_cache(family, attn, policy):
     vtprune.wrap(model, POLICIES[policy](3))
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
-    want_stage = {"entropyprune": "llm@2" if family.startswith("llava") else "llm@1", "fastv": "llm@2"}.get(
-        policy, "projector")
+    want_stages = {"entropyprune": ["llm@2" if family.startswith("llava") else "llm@1"], "fastv": ["llm@2"],
+                   "transprune": ["llm@1", "llm@3"]}.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:
-        # Recomputation sees the generated tokens in the prompt too: replay the cached run's keep sets.
-        kept = [[_stage(i)[1]["kept"] for i in s["images"]] for s in data["samples"]]
-        at = int(want_stage[4:]) if want_stage.startswith("llm@") else None
-        vtprune.wrap(model, Fixed(kept=kept, at_layer=at))
+        vtprune.wrap(model, _replay(data))  # the cached run's keep sets, every stage
     assert torch.equal(cached, model.generate(**batch, use_cache=False, **kw))
     for sample in data["samples"]:
         afters = []
         for image in sample["images"]:
+            assert list(image["stages"]) == want_stages
             name, stage = _stage(image)
-            assert name == want_stage
             assert stage["kept"] == sorted(set(stage["kept"])) and all(0 <= k < image["tokens"] for k in stage["kept"])
             afters.append(stage["after"])
             if policy != "idpruner_pooled":
@@ -84,7 +93,8 @@ def test_selections_do_not_depend_on_the_attention_backend(family, policy):
         model = model_for(family, name)
         vtprune.wrap(model, POLICIES[policy](3))
         model(**inputs(model, mixed_specs(family)))
-        picks[name] = [[_stage(i)[1]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
+        samples = vtprune.report(model).to_dict()["samples"]
+        picks[name] = [[{k: v["kept"] for k, v in i["stages"].items()} for i in s["images"]] for s in samples]
     assert picks["eager"] == picks["sdpa"] == picks["vtprune_noweights"]
 
 
@@ -96,7 +106,7 @@ def test_low_precision_models_select_and_generate(family, dtype):
     for key in ("pixel_values", "pixel_values_videos"):
         if key in batch:
             batch[key] = batch[key].to(dtype)
-    for policy in ("mmtok", "divprune", "entropyprune", "idpruner"):
+    for policy in ("mmtok", "divprune", "entropyprune", "idpruner", "transprune"):
         vtprune.wrap(model, POLICIES[policy](3))
         out = model.generate(**batch, **gen_kwargs(2))
         assert out.shape[1] == batch["input_ids"].shape[1] + 2

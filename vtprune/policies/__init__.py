@@ -8,6 +8,7 @@ from .fastv import FastV
 from .hiprune import HiPrune
 from .idpruner import IDPruner
 from .mmtok import MMTok
+from .transprune import TransPrune
 
 __all__ = [
     "DivPrune",
@@ -23,6 +24,7 @@ __all__ = [
     "Pooling",
     "Random",
     "Selection",
+    "TransPrune",
     "available_policies",
     "make_policy",
     "register",
