@@ -34,7 +34,7 @@ setup(
     python_requires=">=3.10",
     packages=["vtprune"]
     + [f"vtprune.{p.parent.name}" for p in sorted((HERE / "vtprune").glob("*/__init__.py"))]
-    + ["vtprune.patches", "vtprune.cuda", "vtprune.eval"],
+    + ["vtprune.patches", "vtprune.cuda", "vtprune.eval", "vtprune.eval.tasks"],
     package_dir={
         "vtprune": "vtprune",
         "vtprune.patches": "patches",
@@ -44,7 +44,8 @@ setup(
     package_data={
         "vtprune.toyvqa": ["checkpoints/*/*"],
         "vtprune.cuda": ["*.cu"],
-        "vtprune.eval": ["*.yaml", "tasks/*/*"],
+        "vtprune.eval": ["*.yaml"],
+        "vtprune.eval.tasks": ["*/*"],
     },
     cmdclass={"build_py": BuildWithZoo},
     install_requires=[
@@ -61,8 +62,15 @@ setup(
     extras_require={
         "demo": ["scikit-image", "matplotlib"],
         "test": ["pytest", "scikit-image", "matplotlib", "ruff"],
-        "eval": ["lmms-eval==0.7.3", "matplotlib", "tqdm"],
+        # lmms-eval itself is installed separately with --no-deps (README): its own
+        # requirements would replace the installed torch. These are what its evaluator
+        # and HF model wrappers import (decord: wheels for x86-64 Linux only).
+        "eval": ["loguru", "sacrebleu", "evaluate", "pytz", "tenacity", "pytablewriter", "accelerate", "decord",
+                 "matplotlib", "tqdm"],
         "flash": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["vtprune=vtprune.cli:main"]},
+    entry_points={
+        "console_scripts": ["vtprune=vtprune.cli:main"],
+        "lmms_eval.models": ["vtprune=vtprune.eval.lmms_plugin:manifest"],  # lmms-eval --model vtprune
+    },
 )

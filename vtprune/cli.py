@@ -1,4 +1,4 @@
-"""The `vtprune` command: demo, bench, sweep, calibrate-ecl, toyvqa."""
+"""The `vtprune` command: demo, bench, eval, sweep, calibrate-ecl, toyvqa."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "demo": ("vtprune.demo", "every family on a real photo, unpruned and at a few budgets"),
     "bench": ("vtprune.eval.bench", "prefill time, selection time, KV cache per policy and budget"),
+    "eval": ("vtprune.eval.lmms", "lmms-eval tasks on a pruned model (policy and budget in --model_args)"),
     "sweep": ("vtprune.eval.sweep", "ablation grid (models x policies x budgets x tasks), resumable, with plots"),
     "calibrate-ecl": ("vtprune.ecl", "per-layer matrix entropy of visual tokens; proposes EntropyPrune's layer"),
     "toyvqa": ("vtprune.toyvqa.cli", "the synthetic VQA task: train, score, export"),

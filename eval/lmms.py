@@ -1,0 +1,371 @@
+"""`vtprune eval`: lmms-eval 0.7.3 in-process on a model pruned by vtprune.
+
+    vtprune eval --model_args pretrained=PATH,policy=idpruner,keep=64 --tasks toyvqa --limit 100
+
+The checkpoint's family (``config.model_type``) picks lmms-eval's own HF
+wrapper: ``llava_hf`` for LLaVA-1.5 and LLaVA-NeXT, ``qwen2_vl``,
+``qwen2_5_vl``. That wrapper loads the model as lmms-eval always does; its HF
+model is then wrapped by :func:`vtprune.wrap` and the wrapper instance is
+handed to lmms-eval's evaluator. ``--model_args`` carries both: the wrapper's
+own arguments (``pretrained``, ``dtype``, ``attn_implementation``,
+``device_map``, ...), and ``policy``, ``keep``, ``positions`` plus any other
+key, which goes to the policy (``importance=norm``, ``at_layer=2``, ...).
+Without ``policy`` (or with ``policy=none``) the model runs unpruned.
+
+Written to ``--output_path``: ``results.json`` (lmms-eval's results, plus a
+``vtprune`` summary), ``samples_TASK.jsonl`` (every item's response) and
+``vtprune_report.json`` (each prefill's time and, per image and stage, the
+visual tokens before and after pruning).
+
+lmms-eval logs failures and carries on (its own CLI then exits 0); this
+runner exits 1 when the evaluator raises, when lmms-eval logged an error
+(e.g. a failed ``generate``, which lmms-eval answers with an empty string),
+or when a task has no samples or no finite metric.
+
+Offline: ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` and
+``TRANSFORMERS_OFFLINE`` default to 1, so ``pretrained`` must be a local
+folder. Local tasks (``toyvqa``) are exported into ``--cache_dir`` when absent.
+
+Several GPUs, data parallel as lmms-eval does (one process per GPU, each
+with the whole model; results gathered on rank 0)::
+
+    accelerate launch --num_processes 8 -m vtprune.cli eval --model_args ... --tasks ...
+
+``--model vtprune`` in lmms-eval's own CLI is the same model
+(:mod:`vtprune.eval.lmms_plugin`), without the checks and the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .. import api
+from ..budget import validate_keep
+
+#: lmms-eval's HF wrapper for each supported ``config.model_type``.
+FAMILIES = {"llava": "llava_hf", "llava_next": "llava_hf", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+PRUNE_KEYS = ("policy", "keep", "positions")
+INSTALL_HINT = ("lmms-eval is not installed; install it without its dependencies (they would replace torch):\n"
+                "  pip install 'vtprune[eval]' && pip install --no-deps lmms-eval==0.7.3")
+
+
+class EvalFailed(RuntimeError):
+    """The evaluation ran but did not produce trustworthy results."""
+
+
+def offline() -> None:
+    """Hub access off unless the caller set these variables (checkpoints and data are local)."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+
+def parse_model_args(model_args: str | dict) -> dict:
+    """``key=value,...`` as lmms-eval parses it (numbers and booleans converted)."""
+    if isinstance(model_args, dict):
+        return dict(model_args)
+    from lmms_eval.utils import simple_parse_args_string
+
+    return simple_parse_args_string(model_args)
+
+
+def _wrapper_class(model_type: str, force_simple: bool):
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} has no lmms-eval runner here; supported: {', '.join(FAMILIES)}")
+    from lmms_eval.models import get_model
+
+    return get_model(FAMILIES[model_type], force_simple=force_simple)
+
+
+def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cpu", force_simple: bool = False):
+    """lmms-eval's own wrapper for the checkpoint's family, and the pruning arguments split off ``model_args``.
+
+    Returns ``(lm, prune)`` where ``prune`` holds ``policy``, ``keep``,
+    ``positions`` and the policy's options (every key the wrapper does not take).
+    """
+    args = parse_model_args(model_args)
+    if "pretrained" not in args:
+        raise ValueError(f"model_args needs pretrained=PATH (a local checkpoint folder); got {sorted(args)}")
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(str(args["pretrained"])).model_type
+    cls = _wrapper_class(model_type, force_simple)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    prune = {k: args.pop(k) for k in list(args) if k in PRUNE_KEYS or k not in accepted}
+    _, keep, _ = split_policy(prune)  # argument errors before the model loads
+    if keep is not None:
+        validate_keep(keep)
+    args = {"batch_size": batch_size, "device": device, **args}
+    if "device_map" in accepted and "device_map" not in args and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # llava_hf's default device_map="" is refused by transformers 5.x; under several
+        # processes it must stay "" (the wrapper then places each rank on its own GPU).
+        args["device_map"] = device
+    return cls(**args), prune
+
+
+def processor_of(lm):
+    """The HF processor lmms-eval's wrapper feeds the model with (the tokenizer if it has none)."""
+    for name in ("processor", "_image_processor"):
+        if getattr(lm, name, None) is not None:
+            return getattr(lm, name)
+    return lm.tokenizer
+
+
+def describe(prune: dict) -> str:
+    """``policy`` with its budget and options, e.g. ``idpruner keep=64 importance=norm`` (``none`` if unpruned)."""
+    policy = prune.get("policy", "none")
+    return " ".join([str(policy)] + [f"{k}={v}" for k, v in prune.items() if k != "policy"]) if policy != "none" else "none"
+
+
+def split_policy(prune: dict) -> tuple[str, int | float | None, dict]:
+    """``(policy, keep, options)`` from the pruning arguments; ``policy`` is ``none`` when absent."""
+    options = dict(prune)
+    policy = options.pop("policy", "none")
+    keep = options.pop("keep", None)
+    if policy == "none" and (options or keep is not None):
+        raise ValueError(f"model_args {sorted(prune)} need a policy (policy=NAME); without one the model runs unpruned")
+    return policy, keep, options
+
+
+@contextlib.contextmanager
+def pruned(lm, prune: dict) -> Iterator[PrefillLog]:
+    """``lm``'s HF model pruned as ``prune`` says (unpruned for ``policy=none``), with a :class:`PrefillLog` attached."""
+    policy, keep, options = split_policy(prune)
+    model = lm.model
+    if policy == "none":
+        scope = contextlib.nullcontext(model)
+    else:
+        scope = api.pruned(model, policy, keep, tokenizer=processor_of(lm), **options)
+    with scope:
+        log = PrefillLog(model, describe(prune))
+        try:
+            yield log
+        finally:
+            log.close()
+
+
+class PrefillLog:
+    """Each prefill of a model while lmms-eval runs it: wall time and vtprune's report (visual tokens per stage).
+
+    A forward with more than one new token is a prefill (lmms-eval's HF
+    wrappers decode one token per step); decode steps are not recorded.
+    """
+
+    def __init__(self, model: torch.nn.Module, policy: str) -> None:
+        self.model, self.policy = model, policy
+        self.records: list[dict] = []
+        self._start: float | None = None
+        self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                       model.register_forward_hook(self._after, with_kwargs=True)]
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available() and next(self.model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+
+    def _before(self, module, args, kwargs) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is not None and tokens.shape[1] > 1:
+            self._sync()
+            self._start = time.perf_counter()
+
+    def _after(self, module, args, kwargs, output) -> None:
+        if self._start is None:
+            return
+        self._sync()
+        record = {"ms": round((time.perf_counter() - self._start) * 1000.0, 3)}
+        self._start = None
+        if api.is_wrapped(self.model):
+            samples = api.report(self.model).to_dict()["samples"]
+            record["images"] = [{name: {k: st[k] for k in ("before", "after", "ms")} for name, st in image["stages"].items()}
+                                for sample in samples for image in sample["images"]]
+        self.records.append(record)
+
+    def gathered(self) -> list[dict]:
+        """Every rank's records (on a single process, this one's)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return list(self.records)
+        parts: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(parts, self.records)
+        return [r for part in parts for r in part]
+
+    def summary(self, records: list[dict] | None = None) -> dict:
+        """Means over prefills and images: visual tokens before/after (first and last stage), per stage, times."""
+        records = self.gathered() if records is None else records
+        out: dict = {"policy": self.policy, "prefills": len(records)}
+        if records:
+            out["prefill_ms"] = round(statistics.fmean(r["ms"] for r in records), 3)
+        images = [image for r in records for image in r.get("images", [])]
+        if images:
+            out["images"] = len(images)
+            stages: dict[str, dict[str, list]] = {}
+            for image in images:
+                for name, st in image.items():
+                    for key in ("before", "after", "ms"):
+                        stages.setdefault(name, {}).setdefault(key, []).append(st[key])
+            out["stages"] = {name: {k: round(statistics.fmean(v), 3) for k, v in vals.items()} for name, vals in stages.items()}
+            staged = [list(image.values()) for image in images if image]
+            if staged:
+                out["visual_tokens_before"] = round(statistics.fmean(s[0]["before"] for s in staged), 3)
+                out["visual_tokens_after"] = round(statistics.fmean(s[-1]["after"] for s in staged), 3)
+        return out
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def _check(results: dict | None, tasks: list[str], errors: list[str]) -> None:
+    if errors:
+        shown = "\n  ".join(errors[:5])
+        raise EvalFailed(f"lmms-eval logged {len(errors)} error(s) during the evaluation:\n  {shown}")
+    if results is None:
+        raise EvalFailed("lmms-eval returned no results")
+    scores = results.get("results", {})
+    for task in tasks:
+        if task not in scores:
+            raise EvalFailed(f"task {task!r} is missing from the results (got {sorted(scores)})")
+    for task, n in results.get("n-samples", {}).items():
+        if not n.get("effective"):
+            raise EvalFailed(f"task {task!r} evaluated no samples")
+    for task, metrics in scores.items():
+        values = [v for k, v in metrics.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))]
+        if not any(math.isfinite(v) for v in values):
+            raise EvalFailed(f"task {task!r} has no finite metric: {metrics}")
+
+
+def run(lm, log: PrefillLog, tasks: list[str], *, limit: float | None = None, output_path: str | Path | None = None,
+        gen_kwargs: str | None = None, include_path: list[str] | None = None, cache_dir: str | Path | None = None,
+        verbosity: str = "WARNING") -> tuple[dict, dict]:
+    """Evaluate ``lm`` (lmms-eval model instance, possibly pruned) on ``tasks``; check and write the results.
+
+    Returns ``(results, samples)``: lmms-eval's results dict with a
+    ``vtprune`` summary added, and the per-item samples per task. Raises
+    :class:`EvalFailed` when the evaluation did not really succeed.
+    """
+    from lmms_eval import evaluator
+    from lmms_eval.tasks import TaskManager
+    from loguru import logger
+
+    from .tasks import TOYVQA_N, prepare
+
+    n_local = int(limit) if limit is not None and limit >= 1 else TOYVQA_N
+    size = _toyvqa_image_size(lm.model)
+    include = prepare(tasks, n=n_local, image_size=size, cache_dir=cache_dir) + list(include_path or [])
+    # lmms-eval's index of its own tasks takes seconds to build: only when a task is not found without it.
+    task_manager = TaskManager(verbosity, include_path=include or None, include_defaults=False)
+    if not all(t in task_manager.all_tasks for t in tasks):
+        task_manager = TaskManager(verbosity, include_path=include or None)
+    errors: list[str] = []
+    sink = logger.add(lambda message: errors.append(message.record["message"]), level="ERROR")
+    try:
+        results = evaluator.simple_evaluate(
+            model=lm, tasks=tasks, limit=limit, batch_size=lm.batch_size, log_samples=True, bootstrap_iters=0,
+            gen_kwargs=gen_kwargs, task_manager=task_manager, verbosity=verbosity, process_docs_parallel=1)
+    except Exception as exc:
+        cause = _cause(exc)
+        raise EvalFailed(f"lmms-eval raised {type(cause).__name__}: {cause}") from exc
+    finally:
+        logger.remove(sink)
+    records = log.gathered()
+    if getattr(lm, "rank", 0) != 0:
+        return {}, {}
+    _check(results, tasks, errors)
+    samples = results.pop("samples", {})
+    results["vtprune"] = log.summary(records)
+    if output_path is not None:
+        write(Path(output_path), results, samples, records, results["vtprune"])
+    return results, samples
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error inside a tenacity RetryError (lmms-eval retries dataset loading and scoring)."""
+    last = getattr(exc, "last_attempt", None)
+    if last is not None and last.exception() is not None:
+        return last.exception()
+    return exc
+
+
+def _toyvqa_image_size(model) -> int:
+    from vtprune.toyvqa.models import IMAGE_SIZE
+
+    return IMAGE_SIZE.get(model.config.model_type, IMAGE_SIZE["llava"])
+
+
+def write(out: Path, results: dict, samples: dict, records: list[dict], summary: dict) -> None:
+    """``results.json``, ``samples_TASK.jsonl`` and ``vtprune_report.json`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    for task, rows in samples.items():
+        with (out / f"samples_{task}.jsonl").open("w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, default=_json_default) + "\n")
+    # {"summary": {...}, "prefills": [...]}, one prefill a line
+    lines = ",\n".join("  " + json.dumps(r) for r in records)
+    (out / "vtprune_report.json").write_text(
+        f'{{"summary": {json.dumps(summary, indent=2)},\n "prefills": [\n{lines}\n]}}\n')
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vtprune eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_args", required=True,
+                        help="pretrained=PATH[,policy=NAME,keep=N|F,positions=original|compact,OPTION=VALUE,...]")
+    parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names (local: toyvqa)")
+    parser.add_argument("--limit", type=float, help="first N items per task (N < 1: that fraction)")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output_path", default="runs/eval", help="folder for results.json and the vtprune report")
+    parser.add_argument("--gen_kwargs", help="generation settings over the tasks' own, e.g. max_new_tokens=16")
+    parser.add_argument("--include_path", action="append", help="extra folder of lmms-eval task YAMLs")
+    parser.add_argument("--cache_dir", help="where local task data is exported (default $VTPRUNE_CACHE or ~/.cache/vtprune)")
+    parser.add_argument("--force_simple", action="store_true", help="lmms-eval's 'simple' wrapper instead of the chat one")
+    parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument("--verbosity", default="WARNING")
+    args = parser.parse_args(argv)
+    offline()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError:
+        print(f"vtprune eval: {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        lm, prune = load_model(args.model_args, batch_size=args.batch_size, device=args.device,
+                               force_simple=args.force_simple)
+        with pruned(lm, prune) as log:
+            results, _ = run(lm, log, tasks, limit=args.limit, output_path=args.output_path, gen_kwargs=args.gen_kwargs,
+                             include_path=args.include_path, cache_dir=args.cache_dir, verbosity=args.verbosity)
+    except (EvalFailed, ValueError, TypeError, OSError) as exc:
+        print(f"vtprune eval: FAILED: {exc}", file=sys.stderr)
+        return 1
+    if results:
+        from lmms_eval.utils import make_table
+
+        print(make_table(results))
+        print(f"vtprune: {json.dumps(results['vtprune'])}")
+        print(f"results, samples and the vtprune report in {args.output_path}")
+    return 0

@@ -1,0 +1,99 @@
+"""`vtprune eval` end to end: lmms-eval 0.7.3 on the shipped toy LLaVA, unpruned and pruned.
+
+The accuracy lmms-eval reports must equal vtprune.toyvqa.scoring on the same
+items with the same checkpoint and policy, loaded independently (toyvqa.load,
+not lmms-eval's wrapper); a failed evaluation must exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import vtprune
+from vtprune import toyvqa
+from vtprune.cli import main
+
+if not os.environ.get("CI"):  # in CI (the README's test command installs it) a missing lmms-eval fails below
+    pytest.importorskip("lmms_eval")
+
+N = 20
+CHECKPOINT = toyvqa.checkpoint_path("llava")
+pytestmark = pytest.mark.skipif(not (CHECKPOINT / "config.json").exists(), reason="no shipped toy model")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vtprune-cache")
+
+
+def _eval(model_args: str, out, cache, *extra: str) -> int:
+    return main(["eval", "--model_args", model_args, "--tasks", "toyvqa", "--limit", str(N), "--device", "cpu",
+                 "--output_path", str(out), "--cache_dir", str(cache), *extra])
+
+
+@pytest.mark.parametrize("policy", [None, ("idpruner", 64)], ids=["unpruned", "idpruner-64"])
+def test_accuracy_equals_toyvqa_scoring(policy, tmp_path, cache):
+    model_args = f"pretrained={CHECKPOINT}" + (f",policy={policy[0]},keep={policy[1]}" if policy else "")
+    assert _eval(model_args, tmp_path, cache) == 0
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    metrics = results["results"]["toyvqa"]
+    assert results["n-samples"]["toyvqa"]["effective"] == N
+    summary = json.loads((tmp_path / "vtprune_report.json").read_text())["summary"]
+    assert summary == results["vtprune"] and summary["prefills"] == N
+    if policy:
+        assert summary["visual_tokens_before"] == 576 and summary["visual_tokens_after"] == policy[1]
+        assert summary["stages"]["projector"]["after"] == policy[1]
+    else:
+        assert summary["policy"] == "none" and "visual_tokens_after" not in summary
+
+    model, processor = toyvqa.load("llava")
+    if policy:
+        vtprune.wrap(model, policy[0], keep=policy[1], tokenizer=processor)
+    expected = toyvqa.score(model, processor, n=N, return_predictions=True)
+    assert metrics["accuracy,none"] == pytest.approx(expected["overall"])
+    for kind, value in expected["per_type"].items():
+        assert metrics[f"{kind},none"] == pytest.approx(value), kind
+    samples = [json.loads(line) for line in (tmp_path / "samples_toyvqa.jsonl").read_text().splitlines()]
+    answers = {s["doc"]["id"]: toyvqa.scoring.first_word(s["filtered_resps"][0]) for s in samples}
+    assert answers == {p["id"]: p["prediction"] for p in expected["predictions"]}
+
+
+def test_failed_generation_exits_nonzero(tmp_path, cache, monkeypatch, capsys):
+    """lmms-eval logs a failed generate() and scores an empty answer; the runner must fail instead."""
+    from transformers import LlavaForConditionalGeneration
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("generate exploded")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", broken)
+    assert _eval(f"pretrained={CHECKPOINT},policy=pooling,keep=32", tmp_path, cache) == 1
+    assert "generate exploded" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_arguments_exit_nonzero_before_loading(tmp_path, cache, capsys):
+    assert _eval(f"pretrained={CHECKPOINT},keep=64", tmp_path, cache) == 1  # a budget without a policy
+    assert "need a policy" in capsys.readouterr().err
+    assert _eval(f"pretrained={CHECKPOINT},policy=idpruner,keep=9.0", tmp_path, cache) == 1
+    assert "(0, 1]" in capsys.readouterr().err
+    assert _eval(f"pretrained={tmp_path / 'nothing'}", tmp_path, cache) == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("results, message", [
+    (None, "no results"),
+    ({"results": {}, "n-samples": {}}, "missing"),
+    ({"results": {"t": {"acc,none": 1.0}}, "n-samples": {"t": {"effective": 0}}}, "no samples"),
+    ({"results": {"t": {"acc,none": float("nan"), "acc_stderr,none": 0.1}}, "n-samples": {"t": {"effective": 3}}}, "finite"),
+])
+def test_results_that_are_not_a_success_are_refused(results, message):
+    from vtprune.eval.lmms import EvalFailed, _check
+
+    with pytest.raises(EvalFailed, match=message):
+        _check(results, ["t"], errors=[])
+    with pytest.raises(EvalFailed, match="logged 1 error"):
+        _check({"results": {"t": {"acc,none": 1.0}}, "n-samples": {"t": {"effective": 1}}}, ["t"], errors=["Error in generating"])
