@@ -277,6 +277,9 @@ def run(lm, log: PrefillLog, tasks: list[str], *, limit: float | None = None, ou
         task_manager = TaskManager(verbosity, include_path=include or None)
     errors: list[str] = []
     sink = logger.add(lambda message: errors.append(message.record["message"]), level="ERROR")
+    # evaluate() ends with lm.clean(), which deletes the wrapper's modules; put them back so that
+    # one loaded model serves several runs (the sweep). The pruning context holds them anyway.
+    modules = {k: v for k, v in vars(lm).items() if isinstance(v, torch.nn.Module)}
     try:
         results = evaluator.simple_evaluate(
             model=lm, tasks=tasks, limit=limit, batch_size=lm.batch_size, log_samples=True, bootstrap_iters=0,
@@ -286,6 +289,8 @@ def run(lm, log: PrefillLog, tasks: list[str], *, limit: float | None = None, ou
         raise EvalFailed(f"lmms-eval raised {type(cause).__name__}: {cause}") from exc
     finally:
         logger.remove(sink)
+        for name, module in modules.items():
+            setattr(lm, name, module)
     records = log.gathered()
     if getattr(lm, "rank", 0) != 0:
         return {}, {}

@@ -7,15 +7,28 @@ needs). Afterwards: ``summary.md`` (accuracy, retained, agreement, prefill
 time per run) and two PNG plots (accuracy retained vs tokens kept and vs
 prefill time).
 
-Tasks today: ``toyvqa`` (offline, the shipped or a saved toy model).
+Tasks:
+
+- ``toyvqa``: the offline scorer (:func:`vtprune.toyvqa.score`) on the
+  first ``n`` test items; prefill time is the median of a batch of 8.
+- ``lmms:NAME``: lmms-eval task NAME run through ``vtprune eval`` (lmms-eval's
+  own wrapper for the model's family, first ``n`` items; ``lmms:toyvqa`` is
+  the same toyvqa items as an lmms-eval task). Accuracy is the task's first
+  metric; prefill time is the mean over the evaluation's prefills (batch 1).
+  Each run also leaves lmms-eval's results, samples and the vtprune report in
+  ``out/lmms/MODEL/TASK/POLICY-KEEP/``.
+
+Models are toyvqa arch names (the shipped checkpoints) or checkpoint folders.
 Example ``sweep.yaml``::
 
     out: runs/sweep
-    models: [llava]                   # toyvqa arch names or checkpoint folders
+    models: [llava]
     policies: [divprune, mmtok, "idpruner:prompt", fastv]
     budgets: [64, 32]
-    tasks: [toyvqa]
+    tasks: [toyvqa, "lmms:toyvqa"]
     n: 200
+    model_args: ""                    # optional, more lmms-eval wrapper args (dtype=bfloat16,...)
+    device: cpu                       # optional, for lmms tasks
 """
 
 from __future__ import annotations
@@ -38,13 +51,17 @@ def _key(row: dict) -> tuple:
     return (row["model"], row["task"], row["policy"], str(row["keep"]), row["n"])
 
 
+LMMS = "lmms:"
+
+
 def _grid(cfg: dict) -> list[tuple[str, str, str, object]]:
     policies = list(dict.fromkeys([*BASELINES, *cfg.get("policies", [])]))
     runs = []
     for model in cfg["models"]:
         for task in cfg.get("tasks", ["toyvqa"]):
-            if task != "toyvqa":
-                raise ValueError(f"unknown task {task!r}; available offline: toyvqa")
+            if task != "toyvqa" and not (task.startswith(LMMS) and task[len(LMMS):]):
+                raise ValueError(f"unknown task {task!r}; use toyvqa (offline scorer) or lmms:NAME (an lmms-eval task, "
+                                 "e.g. lmms:toyvqa)")
             runs.append((model, task, "none", "all"))
             runs += [(model, task, p, k) for p in policies for k in cfg["budgets"]]
     return runs
@@ -86,6 +103,43 @@ def run_one(model, processor, policy: str, keep, n: int, base: dict | None) -> d
     return row
 
 
+def _policy_args(policy: str, keep) -> dict:
+    """``name:variant`` (IDPruner's importance) as the runner's pruning arguments."""
+    name, _, variant = policy.partition(":")
+    if name == "none":
+        return {}
+    return {"policy": name, "keep": keep, **({"importance": variant} if variant else {})}
+
+
+def run_lmms(lm, task: str, policy: str, keep, n: int, base: dict | None, out: Path, cache_dir=None) -> dict:
+    """One run of lmms-eval task ``task`` through the ``vtprune eval`` runner; the same row fields as :func:`run_one`."""
+    from . import lmms
+
+    start = time.perf_counter()
+    with lmms.pruned(lm, _policy_args(policy, keep)) as log:
+        results, samples = lmms.run(lm, log, [task], limit=n, output_path=out, cache_dir=cache_dir)
+    metrics = {k.split(",")[0]: v for k, v in results["results"][task].items()
+               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    primary = results["configs"][task]["metric_list"][0]["metric"]
+    summary = results["vtprune"]
+    kept = summary.get("visual_tokens_after")
+    row = dict(policy=policy, keep=keep, kept_tokens=int(kept) if kept is not None and kept == int(kept) else kept,
+               accuracy=metrics[primary], metric=primary, metrics=metrics, prefill_ms=summary["prefill_ms"],
+               seconds=time.perf_counter() - start)
+    predictions = [{"doc_id": s["doc_id"], "prediction": str(s["filtered_resps"][0]).strip().lower()}
+                   for s in sorted(samples[task], key=lambda s: s["doc_id"])]
+    if base is not None:
+        pairs = list(zip(predictions, base["predictions"]))
+        row["agreement"] = sum(a["prediction"] == b["prediction"] for a, b in pairs) / max(1, len(pairs))
+        row["retained"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
+    row["predictions"] = predictions
+    return row
+
+
+def _checkpoint(model_ref: str) -> Path:
+    return toyvqa.checkpoint_path(model_ref) if model_ref in toyvqa.ARCHS else Path(model_ref)
+
+
 def sweep(cfg: dict) -> list[dict]:
     out = Path(cfg.get("out", "runs/sweep"))
     out.mkdir(parents=True, exist_ok=True)
@@ -97,21 +151,34 @@ def sweep(cfg: dict) -> list[dict]:
             done[_key(row)] = row
     n = int(cfg.get("n", 200))
     runs = _grid(cfg)
-    loaded: dict[str, tuple] = {}
+    loaded: dict[tuple[str, str], object] = {}
     from tqdm import tqdm
 
     for model_ref, task, policy, keep in tqdm(runs, desc="sweep", unit="run"):
         key = (model_ref, task, policy, str(keep), n)
         if key in done:
             continue
-        if model_ref not in loaded:
-            loaded = {model_ref: toyvqa.load(model_ref)}
-        model, processor = loaded[model_ref]
+        kind = "lmms" if task.startswith(LMMS) else "toyvqa"
+        if (model_ref, kind) not in loaded:  # one model in memory at a time
+            if kind == "lmms":
+                from .lmms import load_model, offline
+
+                offline()
+                model_args = ",".join(a for a in (f"pretrained={_checkpoint(model_ref)}", cfg.get("model_args")) if a)
+                loaded = {(model_ref, kind): load_model(model_args, device=cfg.get("device", "cpu"))[0]}
+            else:
+                loaded = {(model_ref, kind): toyvqa.load(model_ref)}
         base = done.get((model_ref, task, "none", "all", n))
         if policy != "none" and base is None:
             raise RuntimeError("the unpruned run of each model comes first in the grid")
         base_view = None if base is None else {"accuracy": base["accuracy"], "predictions": base["predictions"]}
-        row = run_one(model, processor, policy, keep, n, base_view)
+        if kind == "lmms":
+            run_dir = out / "lmms" / Path(model_ref).name / task[len(LMMS):] / f"{policy.replace(':', '-')}-{keep}"
+            row = run_lmms(loaded[(model_ref, kind)], task[len(LMMS):], policy, keep, n, base_view, run_dir,
+                           cfg.get("cache_dir"))
+        else:
+            model, processor = loaded[(model_ref, kind)]
+            row = run_one(model, processor, policy, keep, n, base_view)
         row.update(model=model_ref, task=task, n=n)
         with results.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -135,13 +202,18 @@ def write_summary(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # one line per policy, and per model and task when the grid has several
+    several = len({(r["model"], r["task"]) for r in rows}) > 1
+    lines = dict.fromkeys((r["model"], r["task"], r["policy"]) for r in rows if r["policy"] != "none")
     for x_key, label, name in (("kept_tokens", "visual tokens kept per image", "retained_vs_tokens.png"),
-                               ("prefill_ms", "prefill ms (batch of 8)", "retained_vs_prefill.png")):
+                               ("prefill_ms", "prefill ms (toyvqa: batch of 8; lmms: mean, batch 1)", "retained_vs_prefill.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "none"):
-            pts = sorted((r[x_key], r["retained"]) for r in rows if r["policy"] == policy and r.get("retained") is not None)
+        for model, task, policy in lines:
+            pts = sorted((r[x_key], r["retained"]) for r in rows
+                         if (r["model"], r["task"], r["policy"]) == (model, task, policy) and r.get("retained") is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        label=f"{Path(model).name}/{task}/{policy}" if several else policy)
         ax.axhline(1.0, color="grey", linestyle=":")
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy retained (vs unpruned)")

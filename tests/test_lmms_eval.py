@@ -97,3 +97,27 @@ def test_results_that_are_not_a_success_are_refused(results, message):
         _check(results, ["t"], errors=[])
     with pytest.raises(EvalFailed, match="logged 1 error"):
         _check({"results": {"t": {"acc,none": 1.0}}, "n-samples": {"t": {"effective": 1}}}, ["t"], errors=["Error in generating"])
+
+
+def test_sweep_runs_lmms_tasks_beside_the_offline_scorer(tmp_path, cache):
+    import yaml
+
+    from vtprune.eval.sweep import main as sweep
+
+    cfg = {"out": str(tmp_path / "out"), "models": ["llava"], "budgets": [32], "n": 5, "cache_dir": str(cache),
+           "tasks": ["toyvqa", "lmms:toyvqa"]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert sweep([str(path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["policy"]) for r in rows] == [(t, p) for t in cfg["tasks"] for p in ("none", "random", "pooling")]
+    direct, via_lmms = rows[:3], rows[3:]
+    for a, b in zip(direct, via_lmms):  # the same items and model: the same accuracy and kept tokens either way
+        assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["kept_tokens"] == b["kept_tokens"]
+    assert via_lmms[0]["metric"] == "accuracy" and set(via_lmms[0]["metrics"]) >= {"accuracy", "color", "reading"}
+    assert all(0.0 <= r["agreement"] <= 1.0 for r in via_lmms[1:])
+    assert (tmp_path / "out" / "lmms" / "llava" / "toyvqa" / "pooling-32" / "vtprune_report.json").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**cfg, "tasks": ["mme"]}))
+    with pytest.raises(ValueError, match="lmms:NAME"):
+        sweep([str(bad)])
