@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
@@ -222,10 +223,25 @@ class Adapter:
         """The vision encoder's transformer layers."""
         raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
 
-    def vision_token_scores(
-        self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int, per_patch: torch.Tensor
+    @property
+    def feature_vision_layer(self) -> int:
+        """1-based number of the vision-encoder layer whose output becomes the visual features."""
+        return len(self.vision_layers())
+
+    def vision_attention_received(self, layer: int, call: LayerCall) -> torch.Tensor:
+        """Attention each token of one captured call of vision ``layer`` (0-based) receives, per ViT token."""
+        raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
+
+    def vision_token_values(
+        self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int, per_call: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Per-ViT-token scores of every encoded crop ``(crops, T)`` -> one score per patch token of image i."""
+        """Per-ViT-token values of every encoder call (``(..., T)`` or ``(..., T, d)``) -> one row per patch token of image i.
+
+        ``per_call`` holds one tensor per captured vision-encoder call, in call
+        order, shaped as the layer saw its tokens; the result follows image i's
+        patch tokens in span order (CLS dropped, crops packed, Qwen merge units
+        averaged and restored to raster order).
+        """
         raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
 
     # --- decode ----------------------------------------------------------

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
+from ..ops.probe import vit_attention_received
 from .base import Adapter, single_grid_image
 
 
@@ -50,8 +52,17 @@ class LlavaAdapter(Adapter):
         tower = self.base.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers
 
-    def vision_token_scores(self, captured, layouts, b, i, per_patch):
-        return per_patch[self.global_image_index(layouts, b, i, captured=captured), 1:]  # CLS dropped
+    @property
+    def feature_vision_layer(self) -> int:
+        feature = self.config.vision_feature_layer  # an index into hidden_states, whose entry 0 is the embeddings
+        return len(self.vision_layers()) + feature + 1 if feature < 0 else feature
+
+    def vision_attention_received(self, layer: int, call: LayerCall) -> torch.Tensor:
+        return vit_attention_received(self.vision_layers()[layer], call.hidden)
+
+    def vision_token_values(self, captured, layouts, b, i, per_call):
+        per_crop = torch.cat(per_call)
+        return per_crop[self.global_image_index(layouts, b, i, captured=captured), 1:]  # CLS dropped
 
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
         feats = captured["pre_projector"][0]

@@ -62,8 +62,11 @@ class LlavaNextAdapter(LlavaAdapter):
             counter["image"] += 1
         return images
 
-    def vision_token_scores(self, captured, layouts, b, i, per_patch):
-        return self._pack(captured, layouts, b, i, per_patch[:, 1:, None])[:, 0]
+    def vision_token_values(self, captured, layouts, b, i, per_call):
+        per_crop = torch.cat(per_call)[:, 1:]  # CLS dropped
+        rows = per_crop if per_crop.dim() == 3 else per_crop[..., None]
+        packed = self._pack(captured, layouts, b, i, rows)
+        return packed if per_crop.dim() == 3 else packed[:, 0]
 
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
         return self._pack(captured, layouts, b, i, captured["pre_projector"][0])

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
+from ..ops.probe import packed_vit_attention_received
 from .base import Adapter, single_grid_image
 
 
@@ -70,23 +72,45 @@ class Qwen2VLAdapter(Adapter):
         return None
 
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
+        unit = self.merge**2
+        per_call = [feats.reshape(feats.shape[0] // unit, unit * feats.shape[-1]) for feats in captured["pre_projector"]]
+        return self._image_rows(captured, layouts, b, i, per_call)
+
+    def vision_layers(self):
+        return self.base.visual.blocks
+
+    def vision_attention_received(self, layer: int, call: LayerCall) -> torch.Tensor:
+        # the block's own attention segments (windows or whole images/frames) and rotary tables
+        return packed_vit_attention_received(
+            self.vision_layers()[layer], call.hidden, call.kwargs["cu_seqlens"], call.kwargs["position_embeddings"]
+        )
+
+    def vision_token_values(self, captured, layouts, b, i, per_call):
+        unit = self.merge**2
+        merged = [t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1) for t in per_call]
+        return self._image_rows(captured, layouts, b, i, merged)
+
+    def _image_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor]) -> torch.Tensor:
+        """One row per merge unit of every encoder call (the ViT's order) -> image i's rows in raster order.
+
+        The ViT runs once per modality (all images, then all videos, packed);
+        rows are un-permuted where the ViT reordered merge units into windows
+        (`merger_order`) and split by each item's own grid.
+        """
         image = layouts[b].images[i]
         g = self.global_image_index(layouts, b, i, image.kind, captured=captured)
-        # One encoder call per modality; find the one that encoded this kind.
         method = "get_image_features" if image.kind == "image" else "get_video_features"
-        for call, features in zip(captured["vision_calls"], captured["pre_projector"]):
+        for call, values in zip(captured["vision_calls"], per_call):
             if call["method"] == method:
-                grid_thw, feats = call[f"{image.kind}_grid_thw"], features
+                grid_thw, rows = call[f"{image.kind}_grid_thw"], values
                 break
         else:
-            raise RuntimeError(f"no captured vision features for the {image.kind}s of this batch")
-        unit = self.merge**2
-        merged = feats.reshape(feats.shape[0] // unit, unit * feats.shape[-1])
+            raise RuntimeError(f"no captured vision encoder call for the {image.kind}s of this batch")
         order = self.merger_order(grid_thw)
         if order is not None:
-            merged = merged[torch.argsort(order.to(merged.device))]
-        sizes = (grid_thw.prod(-1) // unit).tolist()
-        return torch.split(merged, sizes)[g]
+            rows = rows[torch.argsort(order.to(rows.device))]
+        sizes = (grid_thw.prod(-1) // self.merge**2).tolist()
+        return torch.split(rows, sizes)[g]
 
     def decode_positions_from_cache(self, outer: dict[str, Any]) -> bool:
         # Qwen derives decode positions from the 2-D mask when it has one.

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
-from helpers import gen_kwargs, inputs, mixed_specs, model_for, sample_alone
+from helpers import QWEN, gen_kwargs, hooks_left, inputs, mixed_specs, model_for, sample_alone
+from transformers import AttentionInterface
+from transformers.vision_utils import get_vision_window_index
 
 import vtprune
 from vtprune.context import StageContext
 from vtprune.layout import SampleLayout
-from vtprune.ops.probe import vit_attention_received
+from vtprune.ops.probe import packed_vit_attention_received, vit_attention_received
 from vtprune.patches.base import single_grid_image
 from vtprune.policies import HiPrune
 
-CLIP_FAMILIES = ("llava", "llava_next")
+_RECORDED: list = []
+
+
+def _recording_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The Qwen ViT's own eager attention, one call per attention segment, with its weights recorded."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+    out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    _RECORDED.append((module, weights.detach()))
+    return out, weights
+
+
+AttentionInterface.register("vtprune_test_record", _recording_attention)
 
 
 @torch.no_grad()
@@ -27,6 +43,100 @@ def test_vit_probe_equals_eager_attention_column_sums():
     handle.remove()
     want = out.attentions[1].sum(dim=2).mean(dim=1)  # (images, T): received, summed over queries, mean over heads
     torch.testing.assert_close(vit_attention_received(layer, seen["h"], chunk=7), want, rtol=1e-5, atol=1e-5)
+
+
+def _eager_received(model, batch) -> tuple[dict, dict]:
+    """Brute force from the ViT's own eager weights: per block, the attention each patch receives, per call.
+
+    Returns ``{block: [received of the image call, of the video call]}`` (the
+    block's token order, summed over the queries of every segment the block
+    attended within, mean over heads) and ``{block: [LayerCall-like (hidden,
+    kwargs) per call]}`` from a pre-hook.
+    """
+    visual = model.model.visual
+    blocks = list(visual.blocks)
+    seen: dict = {j: [] for j in range(len(blocks))}
+    handles = [
+        blk.register_forward_pre_hook(lambda _m, a, kw, _j=j: seen[_j].append((a[0], kw)), with_kwargs=True)
+        for j, blk in enumerate(blocks)
+    ]
+    previous = visual.config._attn_implementation
+    visual.config._attn_implementation = "vtprune_test_record"
+    _RECORDED.clear()
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        visual.config._attn_implementation = previous
+        for h in handles:
+            h.remove()
+    owner = {id(blk.attn): j for j, blk in enumerate(blocks)}
+    segments: dict = {j: [] for j in range(len(blocks))}
+    for module, weights in _RECORDED:
+        segments[owner[id(module)]].append(weights[0].float().mean(0).sum(0))  # (len,): column sums, mean over heads
+    received = {}
+    for j, segs in segments.items():
+        flat = torch.cat(segs)
+        sizes = [hidden.shape[0] for hidden, _ in seen[j]]
+        received[j] = list(torch.split(flat, sizes))
+    return received, seen
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", QWEN)
+def test_packed_vit_probe_equals_eager_weights_of_every_block(family):
+    """Windowed and full-attention blocks, several images of different sizes and a video, chunked probe."""
+    model = model_for(family, "eager")
+    batch = inputs(model, mixed_specs(family))
+    received, seen = _eager_received(model, batch)
+    blocks = model.model.visual.blocks
+    for j, block in enumerate(blocks):
+        for (hidden, kwargs), want in zip(seen[j], received[j], strict=True):
+            for chunk in (3, 256):
+                got = packed_vit_attention_received(block, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], chunk)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if family == "qwen2_5_vl":  # block 0 attends within windows: more segments than images and frames
+        cu = seen[0][0][1]["cu_seqlens"]
+        assert cu.numel() - 1 > batch["image_grid_thw"].shape[0]
+
+
+@dataclass
+class _SeeingHiPrune(HiPrune):
+    """HiPrune that also records the per-image scores it was given."""
+
+    def select_image(self, ctx, b, i, k):
+        self.seen[(b, i)] = {layer: ctx.vision_attention(b, i, layer).clone() for layer in self._layers}
+        return super().select_image(ctx, b, i, k)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_scores_per_image_equal_eager_weights_folded_and_unpermuted(family):
+    """Per image: eager column sums, 2x2 merge units averaged, window permutation undone, split by each grid."""
+    model = model_for(family, "eager")
+    batch = inputs(model, mixed_specs(family))
+    received, _ = _eager_received(model, batch)
+    vision = model.config.vision_config
+    want = {}
+    for j, per_call in received.items():
+        items = []
+        for rows, key in zip(per_call, ("image_grid_thw", "video_grid_thw"), strict=True):
+            grid = batch[key]
+            merged = rows.view(-1, 4).mean(1)
+            if family == "qwen2_5_vl":
+                window_index, _ = get_vision_window_index(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)
+                merged = merged[torch.argsort(window_index)]
+            items.extend(torch.split(merged, (grid.prod(-1) // 4).tolist()))
+        want[j] = items  # images of every sample in order, then videos
+    policy = _SeeingHiPrune(keep=5, object_layer=1, deep_layer=2)
+    policy.seen = {}
+    vtprune.wrap(model, policy)
+    model(**batch)
+    order = [(0, 0), (1, 0), (1, 1), (3, 0)]  # sample 2 has no image; sample 3 is the video
+    assert sorted(policy.seen) == sorted(order)
+    for j in (0, 1):
+        for (b, i), expected in zip(order, want[j], strict=True):
+            torch.testing.assert_close(policy.seen[(b, i)][j], expected, rtol=1e-5, atol=1e-5)
 
 
 class _Scores(StageContext):
@@ -67,11 +177,10 @@ def test_wrap_correct_drops_row_wrapping_neighbours():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", CLIP_FAMILIES)
 def test_hiprune_budgets_cache_and_batch(family):
     model = model_for(family, "sdpa")
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, HiPrune(keep=10, object_layer=1))
+    vtprune.wrap(model, HiPrune(keep=10, object_layer=1, deep_layer=2))
     kw = gen_kwargs(4)
     assert torch.equal(model.generate(**batch, **kw), model.generate(**batch, use_cache=False, **kw))
     together = model(**batch).logits[:, -1]
@@ -84,9 +193,13 @@ def test_hiprune_budgets_cache_and_batch(family):
 
 
 def test_hiprune_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="qwen2_5_vl"):
-        vtprune.wrap(model_for("qwen2_5_vl"), "hiprune", keep=8)
-    with pytest.raises(ValueError, match="object_layer=9 is outside this ViT's layers 1..2"):
+    model = model_for("qwen2_5_vl")
+    with pytest.raises(ValueError, match=r"object_layer=16 .*outside this ViT's layers 1..2"):
+        vtprune.wrap(model, "hiprune", keep=8)  # block 16 is the default; the tiny ViT has 2 blocks
+    with pytest.raises(ValueError, match=r"deep_layer=3 is outside this ViT's layers 1..2"):
+        vtprune.wrap(model, "hiprune", keep=8, object_layer=1, deep_layer=3)
+    assert not vtprune.is_wrapped(model) and not hooks_left(model)
+    with pytest.raises(ValueError, match=r"object_layer=9 .*outside this ViT's layers 1..2"):
         vtprune.wrap(model_for("llava"), "hiprune", keep=8)
     with pytest.raises(ValueError, match="alpha"):
         HiPrune(alpha=2)

@@ -19,6 +19,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @dataclass
+class LayerCall:
+    """One call of a vision-encoder layer, as its forward pre-hook saw it (captured in prefill)."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The layer's input hidden states."""
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+
+@dataclass
 class StageContext:
     """Inputs of one pruning stage for the whole batch.
 
@@ -47,7 +60,7 @@ class StageContext:
     #: ``(layer, part) -> (B, L)``: the policy's `sub_block_statistic` of each observed
     #: sub-block so far in this prefill, aligned with ``hidden`` (llm stage)
     sub_block_stats: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    _memo: dict[Any, torch.Tensor] = field(default_factory=dict)
+    _memo: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -97,20 +110,24 @@ class StageContext:
     def vision_attention(self, b: int, i: int, layer: int) -> torch.Tensor:
         """Attention each of image i's alive patch tokens receives in vision-encoder ``layer`` (0-based).
 
-        Summed over all queries (CLS included), mean over heads, CLS column
-        dropped; recomputed by the ViT probe from the layer's captured input
-        (listed in the policy's `vision_layers_needed`), once per batch.
+        Summed over all queries of the layer's attention (CLS included; Qwen:
+        the queries of the same window or image), mean over heads, CLS column
+        dropped, Qwen merge units averaged; recomputed by the ViT probe from the
+        layer's captured input (listed in the policy's `vision_layers_needed`),
+        once per batch.
         """
-        from .ops.probe import vit_attention_received
-
-        if ("vit", layer) not in self._memo:
-            inputs = self.captured.get("vision_layers", {}).get(layer)
-            if not inputs:
-                raise KeyError(f"vision layer {layer} was not captured; list it in `vision_layers_needed()`")
-            module = self.adapter.vision_layers()[layer]
-            self._memo[("vit", layer)] = torch.cat([vit_attention_received(module, h) for h in inputs])
-        scores = self.adapter.vision_token_scores(self.captured, self.layouts, b, i, self._memo[("vit", layer)])
+        per_call = self._vision_per_call("received", layer, self.adapter.vision_attention_received)
+        scores = self.adapter.vision_token_values(self.captured, self.layouts, b, i, per_call)
         return scores[self.alive[b][i].to(scores.device)]
+
+    def _vision_per_call(self, what: str, layer: int, probe) -> list[torch.Tensor]:
+        """``probe(layer, call)`` of every captured call of vision-encoder ``layer``, memoised for the batch."""
+        if (what, layer) not in self._memo:
+            calls = self.captured.get("vision_layers", {}).get(layer)
+            if not calls:
+                raise KeyError(f"vision layer {layer} was not captured; list it in `vision_layers_needed()`")
+            self._memo[(what, layer)] = [probe(layer, call) for call in calls]
+        return self._memo[(what, layer)]
 
     def rotary(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of sample b at this point of the sequence, ``(L, head_dim)`` each (llm stage)."""

@@ -25,7 +25,7 @@ import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .compaction import gather_seq, keep_index
-from .context import StageContext
+from .context import LayerCall, StageContext
 from .layout import SampleLayout
 from .policies.base import Pipeline, Policy, Selection
 from .report import Report
@@ -199,11 +199,12 @@ class Runtime:
             layers = self.adapter.vision_layers()
             for j in sorted(self.needed_vision_layers):
 
-                def grab_layer(_module, args, _j=j):
+                def grab_layer(_module, args, kwargs, _j=j):
                     fresh()
-                    self.vision["layers"].setdefault(_j, []).append(args[0])
+                    # the Qwen ViT blocks get their attention segments and rotary tables as keyword arguments
+                    self.vision["layers"].setdefault(_j, []).append(LayerCall(args, kwargs))
 
-                self._handles.append(layers[j].register_forward_pre_hook(grab_layer))
+                self._handles.append(layers[j].register_forward_pre_hook(grab_layer, with_kwargs=True))
 
         def expand(original, *args, **kwargs):
             # generate() repeats each sample after encoding the images (beams, num_return_sequences)

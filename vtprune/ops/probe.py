@@ -1,8 +1,9 @@
-"""Probes into a decoder layer's attention inputs, computed on the side.
+"""Probes into a layer's attention, computed on the side from the layer's captured input.
 
 The model's own attention keeps running under SDPA or FlashAttention-2 and
-never has to return weights; a policy that needs a layer's queries gets
-them here from the layer's input hidden states.
+never has to return weights; a policy that needs a layer's queries, keys or
+attention statistics gets them here, recomputed exactly as the layer
+computes them, in chunks.
 """
 
 from __future__ import annotations
@@ -121,4 +122,62 @@ def vit_attention_received(encoder_layer: nn.Module, hidden: torch.Tensor, chunk
     for start in range(0, q.shape[1], chunk):
         scores = torch.einsum("bqhd,bkhd->bhqk", q[:, start : start + chunk], k) * attn.scale
         received += torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)
+    return received
+
+
+def _packed_qk(block: nn.Module, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated queries and keys ``(L, heads, head_dim)`` of a packed ViT block, in the model's dtype.
+
+    As the block does: ``norm1``, the fused ``attn.qkv`` projection, then the
+    2-D vision RoPE applied in fp32 and cast back to the model's dtype.
+    """
+    attn = block.attn
+    x = block.norm1(hidden)
+    q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).unbind(1)
+    cos, sin = (t.float().unsqueeze(-2) for t in position_embeddings)
+    rotated = []
+    for t in (q, k):
+        t32 = t.float()
+        rotated.append((t32 * cos + _rotate_half(t32) * sin).to(t.dtype))
+    return rotated[0], rotated[1]
+
+
+@torch.no_grad()
+def packed_vit_attention_received(
+    block: nn.Module,
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Attention each token of a packed ViT block receives, summed over queries, mean over heads, ``(L,)`` fp32.
+
+    For the Qwen2-VL / Qwen2.5-VL vision blocks: ``hidden`` ``(L, D)`` is the
+    block's input (every image and frame of one encoder call, packed, in the
+    block's own token order: merge units, window-permuted on Qwen2.5-VL),
+    ``cu_seqlens`` and ``position_embeddings`` are what the block was called
+    with. Attention stays inside each ``cu_seqlens`` segment, as in the block
+    (a window, or a whole image / video frame on full-attention blocks).
+    Queries and keys are recomputed as the block computes them (`_packed_qk`);
+    scores use the block's scaling and a softmax over the segment's keys.
+    Segments of equal length are batched, ``chunk`` query rows at a time, so
+    no ``L x L`` map is formed.
+    """
+    q, k = (t.float() for t in _packed_qk(block, hidden, position_embeddings))
+    scale = block.attn.scaling
+    bounds = cu_seqlens.to(torch.long).cpu()
+    starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+    received = torch.zeros(q.shape[0], device=q.device, dtype=torch.float32)
+    for length in torch.unique(lengths).tolist():
+        if length == 0:
+            continue
+        rows = (starts[lengths == length, None] + torch.arange(length)).to(q.device)  # (segments, length)
+        per_step = max(1, chunk // length)
+        for group in torch.split(rows, per_step):
+            keys = k[group]  # (g, length, H, d)
+            for start in range(0, length, chunk):
+                queries = q[group[:, start : start + chunk]]
+                scores = torch.einsum("gqhd,gkhd->ghqk", queries, keys) * scale
+                got = torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)  # (g, length)
+                received.index_add_(0, group.flatten(), got.flatten())
     return received

@@ -21,29 +21,40 @@ class HiPrune(Policy):
     Source: "HiPrune: Training-Free Visual Token Pruning via Hierarchical
     Attention in Vision-Language Models" (code Danielement321/HiPrune). The
     score of a patch at a ViT layer is the attention it receives, summed
-    over all queries (CLS included), mean over heads, CLS column dropped
-    (`StageContext.vision_attention`, computed by the ViT probe from the
-    layer's captured input: the ViT keeps SDPA/FlashAttention). With budget
-    N' per image: anchors are the top ``round(alpha * N' / 5)`` tokens by the
-    object layer's score; buffers are each anchor's neighbours at flat index
-    +-1 and +-grid width, clamped to the grid as the reference does (no
-    row-wrap check unless ``wrap_correct``); registers fill the rest with the
-    top deep-layer scores among tokens not yet chosen (excluded with -inf;
-    the reference subtracts 1, which can under-fill). Exactly N' tokens are
-    kept. LLaVA-NeXT views are separate grids (neighbours stay in their
-    view). Positions: original (the LLaVA reference compacts).
+    over all queries, mean over heads (`StageContext.vision_attention`,
+    computed by the ViT probe from the layer's captured input: the ViT keeps
+    SDPA/FlashAttention). CLIP (LLaVA): CLS query included, CLS column
+    dropped. Qwen2-VL / Qwen2.5-VL: the queries of the same attention segment
+    as the block itself uses (a window, or the whole image / video frame on
+    full-attention blocks; the reference's eager path; its FlashAttention
+    path takes a softmax across all images and windows), the 4 patch scores of
+    each 2x2 merge unit averaged and the window permutation undone, so scores
+    follow the merged tokens' raster order (the reference also softmaxes the
+    merged scores: a monotone map, same ranking). With budget N' per image:
+    anchors are the top ``round(alpha * N' / 5)`` tokens by the object
+    layer's score; buffers are each anchor's neighbours at flat index +-1 and
+    +-grid width, clamped to the grid as the reference does (no row-wrap check
+    unless ``wrap_correct``), with each image's own (merged) grid width (the
+    Qwen reference uses the first image's width for every image); registers
+    fill the rest with the top deep-layer scores among tokens not yet chosen
+    (excluded with -inf; the reference subtracts 1, which can under-fill).
+    Exactly N' tokens are kept. LLaVA-NeXT views and Qwen video frames are
+    separate grids (neighbours stay in their view or frame). Budgets are per
+    image (the Qwen reference pools the sample's images, batch size 1).
+    Positions: original (the LLaVA reference compacts; the Qwen one keeps the
+    original M-RoPE positions).
 
     Parameters:
         keep: tokens per image (int) or fraction; default 64.
         alpha: share of the budget spent on anchors and buffers; default 0.1.
         object_layer: 1-based ViT layer of the anchors; None is the per-model
-            default from model_zoo.yaml (9 for CLIP-L/336).
+            default from model_zoo.yaml (9 for CLIP-L/336, block 16 for the
+            32-block Qwen ViTs). A layer the ViT does not have is an error at
+            wrap time (no clamping: tiny test models pass layers explicitly).
         deep_layer: 1-based ViT layer of the registers; None is the layer
-            whose output is the model's visual feature (second to last).
+            whose output is the model's visual feature (CLIP: second to last;
+            Qwen: the last block).
         wrap_correct: drop +-1 neighbours that wrap to another row; default False.
-
-    Supported: LLaVA-1.5 and LLaVA-NeXT (CLIP ViT). The Qwen ViT (windowed
-    attention, 2x2 merge units) needs its own probe and is refused at wrap.
     """
 
     keep: int | float = 64
@@ -67,20 +78,20 @@ class HiPrune(Policy):
         self._layers: tuple[int, int] | None = None
 
     def bind(self, adapter) -> None:
-        if adapter.model_type not in ("llava", "llava_next"):
-            raise ValueError(
-                f"hiprune: the ViT attention probe supports llava and llava_next; {adapter.model_type!r} "
-                "(windowed Qwen ViT) is not supported yet"
-            )
-        depth = len(adapter.vision_layers())
+        try:
+            depth = len(adapter.vision_layers())
+        except NotImplementedError as err:
+            raise ValueError(f"hiprune needs the ViT attention probe: {err}") from None
         obj = self.object_layer or policy_defaults(adapter.model_type, self.name).get("object_layer")
         if obj is None:
             raise ValueError(f"hiprune: no object_layer default for {adapter.model_type!r}; give object_layer")
-        feature = adapter.config.vision_feature_layer
-        deep = self.deep_layer or (depth + feature + 1 if feature < 0 else feature)
+        deep = self.deep_layer or adapter.feature_vision_layer
         for name, layer in (("object_layer", obj), ("deep_layer", deep)):
             if not 1 <= layer <= depth:
-                raise ValueError(f"hiprune: {name}={layer} is outside this ViT's layers 1..{depth}")
+                origin = "" if getattr(self, name) else f" (the {adapter.model_type} default)"
+                raise ValueError(
+                    f"hiprune: {name}={layer}{origin} is outside this ViT's layers 1..{depth}; give {name} in 1..{depth}"
+                )
         self._layers = (obj - 1, deep - 1)
 
     def vision_layers_needed(self) -> tuple[int, ...]:
