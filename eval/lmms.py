@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from .. import api
-from ..budget import validate_keep
+from ..policies.base import make_policy
 
 #: lmms-eval's HF wrapper for each supported ``config.model_type``.
 FAMILIES = {"llava": "llava_hf", "llava_next": "llava_hf", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
@@ -103,15 +103,24 @@ def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cp
     cls = _wrapper_class(model_type, force_simple)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
     prune = {k: args.pop(k) for k in list(args) if k in PRUNE_KEYS or k not in accepted}
-    _, keep, _ = split_policy(prune)  # argument errors before the model loads
-    if keep is not None:
-        validate_keep(keep)
+    _check_policy(prune, f"lmms-eval's {cls.__name__} takes {sorted(accepted)}")
     args = {"batch_size": batch_size, "device": device, **args}
     if "device_map" in accepted and "device_map" not in args and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # llava_hf's default device_map="" is refused by transformers 5.x; under several
         # processes it must stay "" (the wrapper then places each rank on its own GPU).
         args["device_map"] = device
     return cls(**args), prune
+
+
+def _check_policy(prune: dict, wrapper_args: str) -> None:
+    """Argument errors before the model loads (the policy object is built again, bound, by ``wrap``)."""
+    policy, keep, options = split_policy(prune)
+    if policy == "none":
+        return
+    try:
+        make_policy(policy, **({"keep": keep} if keep is not None else {}), **options)
+    except TypeError as exc:  # an unknown option: perhaps a misspelt argument of the wrapper
+        raise TypeError(f"{exc}. Keys of model_args go to the policy unless {wrapper_args}") from None
 
 
 def processor_of(lm):
@@ -242,7 +251,7 @@ def _check(results: dict | None, tasks: list[str], errors: list[str]) -> None:
         raise EvalFailed("lmms-eval returned no results")
     scores = results.get("results", {})
     for task in tasks:
-        if task not in scores:
+        if task not in scores and task not in results.get("groups", {}):
             raise EvalFailed(f"task {task!r} is missing from the results (got {sorted(scores)})")
     for task, n in results.get("n-samples", {}).items():
         if not n.get("effective"):
