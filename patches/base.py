@@ -36,6 +36,8 @@ class Adapter:
     #: text the family's chat template puts right after the user's question; with a tokenizer
     #: (``vtprune.wrap(..., tokenizer=...)``) the question stops where one of them starts
     template_markers: ClassVar[tuple[str, ...]] = ()
+    #: True where the vision encoder has a CLS token (`vision_cls_attention`)
+    vision_cls: ClassVar[bool] = False
     #: methods of the base model that run the vision encoder (their grid arguments are recorded)
     vision_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
 
@@ -231,6 +233,22 @@ class Adapter:
     def vision_attention_received(self, layer: int, call: LayerCall) -> torch.Tensor:
         """Attention each token of one captured call of vision ``layer`` (0-based) receives, per ViT token."""
         raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
+
+    def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
+        """Attention the CLS token pays each token in one captured call of vision ``layer``, summed over heads."""
+        raise NotImplementedError(f"{self.model_type}: its vision encoder has no CLS token")
+
+    def vision_keys(self, layer: int, call: LayerCall) -> torch.Tensor:
+        """Keys of one captured call of vision ``layer`` as the layer computes them, mean over heads, per ViT token."""
+        raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector applied to rows shaped as `pre_projector_features` gives them -> post-projector rows.
+
+        Calls ``forward`` directly: module hooks (vtprune's own capture of the
+        projector's input among them) must not see a policy's side computation.
+        """
+        return self.projector_module().forward(features)
 
     def vision_token_values(
         self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int, per_call: list[torch.Tensor]

@@ -12,13 +12,14 @@ import torch
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
-from ..ops.probe import vit_attention_received
+from ..ops.probe import vit_attention_from, vit_attention_received, vit_keys
 from .base import Adapter, single_grid_image
 
 
 class LlavaAdapter(Adapter):
     model_type = "llava"
     grid_keys = ("image_sizes",)
+    vision_cls = True
     template_markers = ("ASSISTANT:",)
 
     def check_config(self) -> None:
@@ -59,6 +60,12 @@ class LlavaAdapter(Adapter):
 
     def vision_attention_received(self, layer: int, call: LayerCall) -> torch.Tensor:
         return vit_attention_received(self.vision_layers()[layer], call.hidden)
+
+    def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
+        return vit_attention_from(self.vision_layers()[layer], call.hidden, query=0)
+
+    def vision_keys(self, layer: int, call: LayerCall) -> torch.Tensor:
+        return vit_keys(self.vision_layers()[layer], call.hidden)
 
     def vision_token_values(self, captured, layouts, b, i, per_call):
         per_crop = torch.cat(per_call)

@@ -14,7 +14,7 @@ import torch
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
-from ..ops.probe import packed_vit_attention_received
+from ..ops.probe import packed_vit_attention_received, packed_vit_keys
 from .base import Adapter, single_grid_image
 
 
@@ -84,6 +84,13 @@ class Qwen2VLAdapter(Adapter):
         return packed_vit_attention_received(
             self.vision_layers()[layer], call.hidden, call.kwargs["cu_seqlens"], call.kwargs["position_embeddings"]
         )
+
+    def vision_keys(self, layer: int, call: LayerCall) -> torch.Tensor:
+        return packed_vit_keys(self.vision_layers()[layer], call.hidden, call.kwargs["position_embeddings"])
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        # rows are whole merge units (unit * D'); the merger normalises each patch, then merges the unit
+        return super().project(features.reshape(-1, features.shape[-1] // self.merge**2))
 
     def vision_token_values(self, captured, layouts, b, i, per_call):
         unit = self.merge**2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import AttentionInterface
 
 from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, SampleSpec, make_inputs, tiny_model
 
@@ -138,3 +139,55 @@ def lm_input_embeds(model, batch) -> torch.Tensor:
         model(**batch)
     handle.remove()
     return seen["e"]
+
+
+_RECORDED: list = []
+
+
+def _recording_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The Qwen ViT's own eager attention, one call per attention segment, with its weights recorded."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+    out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    _RECORDED.append((module, weights.detach()))
+    return out, weights
+
+
+AttentionInterface.register("vtprune_test_record", _recording_attention)
+
+
+def eager_vit_received(model, batch) -> tuple[dict, dict]:
+    """Brute force from the ViT's own eager weights: per block, the attention each patch receives, per call.
+
+    Returns ``{block: [received of the image call, of the video call]}`` (the
+    block's token order, summed over the queries of every segment the block
+    attended within, mean over heads) and ``{block: [LayerCall-like (hidden,
+    kwargs) per call]}`` from a pre-hook.
+    """
+    visual = model.model.visual
+    blocks = list(visual.blocks)
+    seen: dict = {j: [] for j in range(len(blocks))}
+    handles = [
+        blk.register_forward_pre_hook(lambda _m, a, kw, _j=j: seen[_j].append((a[0], kw)), with_kwargs=True)
+        for j, blk in enumerate(blocks)
+    ]
+    previous = visual.config._attn_implementation
+    visual.config._attn_implementation = "vtprune_test_record"
+    _RECORDED.clear()
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        visual.config._attn_implementation = previous
+        for h in handles:
+            h.remove()
+    owner = {id(blk.attn): j for j, blk in enumerate(blocks)}
+    segments: dict = {j: [] for j in range(len(blocks))}
+    for module, weights in _RECORDED:
+        segments[owner[id(module)]].append(weights[0].float().mean(0).sum(0))  # (len,): column sums, mean over heads
+    received = {}
+    for j, segs in segments.items():
+        flat = torch.cat(segs)
+        sizes = [hidden.shape[0] for hidden, _ in seen[j]]
+        received[j] = list(torch.split(flat, sizes))
+    return received, seen

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import QWEN, gen_kwargs, hooks_left, inputs, mixed_specs, model_for, sample_alone
-from transformers import AttentionInterface
+from helpers import QWEN, eager_vit_received, gen_kwargs, hooks_left, inputs, mixed_specs, model_for, sample_alone
 from transformers.vision_utils import get_vision_window_index
 
 import vtprune
@@ -16,20 +15,6 @@ from vtprune.layout import SampleLayout
 from vtprune.ops.probe import packed_vit_attention_received, vit_attention_received
 from vtprune.patches.base import single_grid_image
 from vtprune.policies import HiPrune
-
-_RECORDED: list = []
-
-
-def _recording_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """The Qwen ViT's own eager attention, one call per attention segment, with its weights recorded."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
-
-    out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    _RECORDED.append((module, weights.detach()))
-    return out, weights
-
-
-AttentionInterface.register("vtprune_test_record", _recording_attention)
 
 
 @torch.no_grad()
@@ -45,50 +30,13 @@ def test_vit_probe_equals_eager_attention_column_sums():
     torch.testing.assert_close(vit_attention_received(layer, seen["h"], chunk=7), want, rtol=1e-5, atol=1e-5)
 
 
-def _eager_received(model, batch) -> tuple[dict, dict]:
-    """Brute force from the ViT's own eager weights: per block, the attention each patch receives, per call.
-
-    Returns ``{block: [received of the image call, of the video call]}`` (the
-    block's token order, summed over the queries of every segment the block
-    attended within, mean over heads) and ``{block: [LayerCall-like (hidden,
-    kwargs) per call]}`` from a pre-hook.
-    """
-    visual = model.model.visual
-    blocks = list(visual.blocks)
-    seen: dict = {j: [] for j in range(len(blocks))}
-    handles = [
-        blk.register_forward_pre_hook(lambda _m, a, kw, _j=j: seen[_j].append((a[0], kw)), with_kwargs=True)
-        for j, blk in enumerate(blocks)
-    ]
-    previous = visual.config._attn_implementation
-    visual.config._attn_implementation = "vtprune_test_record"
-    _RECORDED.clear()
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        visual.config._attn_implementation = previous
-        for h in handles:
-            h.remove()
-    owner = {id(blk.attn): j for j, blk in enumerate(blocks)}
-    segments: dict = {j: [] for j in range(len(blocks))}
-    for module, weights in _RECORDED:
-        segments[owner[id(module)]].append(weights[0].float().mean(0).sum(0))  # (len,): column sums, mean over heads
-    received = {}
-    for j, segs in segments.items():
-        flat = torch.cat(segs)
-        sizes = [hidden.shape[0] for hidden, _ in seen[j]]
-        received[j] = list(torch.split(flat, sizes))
-    return received, seen
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("family", QWEN)
 def test_packed_vit_probe_equals_eager_weights_of_every_block(family):
     """Windowed and full-attention blocks, several images of different sizes and a video, chunked probe."""
     model = model_for(family, "eager")
     batch = inputs(model, mixed_specs(family))
-    received, seen = _eager_received(model, batch)
+    received, seen = eager_vit_received(model, batch)
     blocks = model.model.visual.blocks
     for j, block in enumerate(blocks):
         for (hidden, kwargs), want in zip(seen[j], received[j], strict=True):
@@ -115,7 +63,7 @@ def test_qwen_scores_per_image_equal_eager_weights_folded_and_unpermuted(family)
     """Per image: eager column sums, 2x2 merge units averaged, window permutation undone, split by each grid."""
     model = model_for(family, "eager")
     batch = inputs(model, mixed_specs(family))
-    received, _ = _eager_received(model, batch)
+    received, _ = eager_vit_received(model, batch)
     vision = model.config.vision_config
     want = {}
     for j, per_call in received.items():

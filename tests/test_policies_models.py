@@ -8,7 +8,18 @@ from conftest import ATTNS
 from helpers import gen_kwargs, inputs, mixed_specs, model_for, patch_positions, sample_alone
 
 import vtprune
-from vtprune.policies import DivPrune, EntropyPrune, FastV, Fixed, HiPrune, IDPruner, MMTok, Pipeline, TransPrune
+from vtprune.policies import (
+    DivPrune,
+    EntropyPrune,
+    FastV,
+    Fixed,
+    HiPrune,
+    IDPruner,
+    MMTok,
+    Pipeline,
+    TransPrune,
+    VisionZip,
+)
 
 POLICIES = {
     "idpruner": lambda k: IDPruner(keep=k, per_image=True),
@@ -21,6 +32,7 @@ POLICIES = {
     "transprune": lambda k: TransPrune(keep=k, prune_after=(1, 3), ratios=(0.5, 0.25), ttv_from=1),
     # the tiny ViTs have 2 layers (the defaults, 9 / block 16, are refused there); alpha=1 so anchors and buffers show
     "hiprune": lambda k: HiPrune(keep=k, alpha=1.0, object_layer=1, deep_layer=2),
+    "visionzip": lambda k: VisionZip(keep=k),  # per-model defaults (LLaVA: 10/64 of k contextual; Qwen: 5 % of N)
 }
 
 
@@ -52,7 +64,8 @@ def test_budgets_and_cache(family, attn, policy):
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
     want_stages = {"entropyprune": ["llm@2" if family.startswith("llava") else "llm@1"], "fastv": ["llm@2"],
-                   "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"]}.get(policy, ["projector"])
+                   "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
+                   "visionzip": ["vision"]}.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:
         vtprune.wrap(model, _replay(data))  # the cached run's keep sets, every stage
@@ -108,7 +121,7 @@ def test_low_precision_models_select_and_generate(family, dtype):
     for key in ("pixel_values", "pixel_values_videos"):
         if key in batch:
             batch[key] = batch[key].to(dtype)
-    for policy in ("mmtok", "divprune", "entropyprune", "idpruner", "transprune", "hiprune"):
+    for policy in ("mmtok", "divprune", "entropyprune", "idpruner", "transprune", "hiprune", "visionzip"):
         vtprune.wrap(model, POLICIES[policy](3))
         out = model.generate(**batch, **gen_kwargs(2))
         assert out.shape[1] == batch["input_ids"].shape[1] + 2

@@ -116,9 +116,32 @@ class StageContext:
         layer's captured input (listed in the policy's `vision_layers_needed`),
         once per batch.
         """
-        per_call = self._vision_per_call("received", layer, self.adapter.vision_attention_received)
-        scores = self.adapter.vision_token_values(self.captured, self.layouts, b, i, per_call)
-        return scores[self.alive[b][i].to(scores.device)]
+        return self._vision_values("received", self.adapter.vision_attention_received, b, i, layer)
+
+    def vision_cls_attention(self, b: int, i: int, layer: int) -> torch.Tensor:
+        """Attention the CLS token pays each of image i's alive patch tokens in vision ``layer`` (0-based).
+
+        Summed over heads, softmax over every token of the crop (CLS
+        included); CLIP encoders only (``adapter.vision_cls``).
+        """
+        return self._vision_values("cls", self.adapter.vision_cls_attention, b, i, layer)
+
+    def vision_keys(self, b: int, i: int, layer: int) -> torch.Tensor:
+        """Keys of image i's alive patch tokens in vision ``layer`` (0-based), mean over heads, ``(n, head_dim)``.
+
+        As the layer computes them (Qwen: after the vision RoPE, the 4 patches
+        of each merge unit averaged).
+        """
+        return self._vision_values("keys", self.adapter.vision_keys, b, i, layer)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's projector applied to pre-projector rows (as `pre_projector` gives them)."""
+        return self.adapter.project(features)
+
+    def _vision_values(self, what: str, probe, b: int, i: int, layer: int) -> torch.Tensor:
+        per_call = self._vision_per_call(what, layer, probe)
+        values = self.adapter.vision_token_values(self.captured, self.layouts, b, i, per_call)
+        return values[self.alive[b][i].to(values.device)]
 
     def _vision_per_call(self, what: str, layer: int, probe) -> list[torch.Tensor]:
         """``probe(layer, call)`` of every captured call of vision-encoder ``layer``, memoised for the batch."""

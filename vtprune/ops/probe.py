@@ -125,6 +125,31 @@ def vit_attention_received(encoder_layer: nn.Module, hidden: torch.Tensor, chunk
     return received
 
 
+@torch.no_grad()
+def vit_attention_from(encoder_layer: nn.Module, hidden: torch.Tensor, query: int = 0) -> torch.Tensor:
+    """Attention one query token of a CLIP-style ViT layer pays every token, summed over heads, ``(n_images, T)`` fp32.
+
+    ``query=0`` is the CLS token (VisionZip's dominant-token score, which
+    sums over heads). Recomputed from the layer's input as `vit_attention_received`
+    does; only that one row is formed.
+    """
+    attn = encoder_layer.self_attn
+    x = encoder_layer.layer_norm1(hidden)
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(x[:, query : query + 1]).float().view(x.shape[0], 1, heads, head_dim)
+    k = attn.k_proj(x).float().view(*x.shape[:2], heads, head_dim)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale
+    return torch.softmax(scores, dim=-1)[:, :, 0].sum(dim=1)
+
+
+@torch.no_grad()
+def vit_keys(encoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Keys of a CLIP-style ViT layer (``k_proj`` of its ``layer_norm1``), mean over heads, ``(n_images, T, head_dim)`` fp32."""
+    attn = encoder_layer.self_attn
+    k = attn.k_proj(encoder_layer.layer_norm1(hidden)).float()
+    return k.view(*k.shape[:2], attn.num_heads, attn.head_dim).mean(dim=2)
+
+
 def _packed_qk(block: nn.Module, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated queries and keys ``(L, heads, head_dim)`` of a packed ViT block, in the model's dtype.
 
@@ -181,3 +206,12 @@ def packed_vit_attention_received(
                 got = torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)  # (g, length)
                 received.index_add_(0, group.flatten(), got.flatten())
     return received
+
+
+@torch.no_grad()
+def packed_vit_keys(
+    block: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Rotated keys of a packed ViT block (as the block computes them), mean over heads, ``(L, head_dim)`` fp32."""
+    _, k = _packed_qk(block, hidden, position_embeddings)
+    return k.float().mean(dim=1)

@@ -9,6 +9,7 @@ from .hiprune import HiPrune
 from .idpruner import IDPruner
 from .mmtok import MMTok
 from .transprune import TransPrune
+from .visionzip import VisionZip
 
 __all__ = [
     "DivPrune",
@@ -25,6 +26,7 @@ __all__ = [
     "Random",
     "Selection",
     "TransPrune",
+    "VisionZip",
     "available_policies",
     "make_policy",
     "register",

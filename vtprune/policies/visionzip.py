@@ -1,0 +1,269 @@
+"""VisionZip: dominant tokens by ViT attention plus merged contextual tokens, vision stage."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import ClassVar
+
+import torch
+
+from ..context import StageContext
+from ..ops.greedy import finite_fp32
+from ..ops.select import sanitize_scores, topk_indices
+from ..zoo import policy_defaults
+from .base import Policy, Selection, register
+
+DOMINANT_SCORES = ("cls", "received")
+MERGES = ("reference", "mean")
+#: the LLaVA reference's split: 54+10, 108+20, 162+30 of 64/128/192 (and LLaVA-NeXT's 135+25 .. 540+100)
+REFERENCE_CONTEXTUAL_SHARE = 10 / 64
+
+
+def contextual_groups(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's grouping of the non-dominant tokens: evenly spaced targets, the rest joins the most similar.
+
+    ``keys`` ``(r, d)`` are the tokens' keys in grid order. Targets are rows
+    ``0, step, 2 step, ..`` (``step = max(1, r // count)``, the first
+    ``count``); every other row joins the target with the largest cosine
+    similarity of keys (ties: the first target). Returns the target rows
+    ``(count,)`` and each row's group ``(r,)`` (a target is its own group).
+    """
+    r = keys.shape[0]
+    targets = torch.arange(0, r, max(1, r // count), device=keys.device)[:count]
+    keys = finite_fp32(keys, "keys")
+    normed = keys / keys.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    is_target = torch.zeros(r, dtype=torch.bool, device=keys.device)
+    is_target[targets] = True
+    similarity = sanitize_scores(normed[~is_target] @ normed[targets].T, "key similarities")
+    group = torch.empty(r, dtype=torch.long, device=keys.device)
+    group[targets] = torch.arange(targets.numel(), device=keys.device)
+    group[~is_target] = similarity.argmax(dim=-1)
+    return targets, group
+
+
+def merge_groups(features: torch.Tensor, targets: torch.Tensor, group: torch.Tensor, merge: str = "reference") -> torch.Tensor:
+    """One feature per group ``(count, D)`` in fp32, in target order.
+
+    ``"reference"`` (the official code): the target's feature plus the mean
+    of the features that joined it (the target alone when none did).
+    ``"mean"``: the plain mean over the whole group, target included.
+    """
+    features = finite_fp32(features, "features")
+    joined = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    joined[targets] = False
+    count = targets.numel()
+    sums = features.new_zeros(count, features.shape[1]).index_add_(0, group[joined], features[joined])
+    counts = torch.bincount(group[joined], minlength=count).to(features.dtype)[:, None]
+    if merge == "reference":
+        return features[targets] + sums / counts.clamp_min(1)
+    return (features[targets] + sums) / (counts + 1)
+
+
+@register
+@dataclass
+class VisionZip(Policy):
+    """Keep the dominant tokens by ViT attention and merge the rest into a few contextual tokens.
+
+    Source: "VisionZip: Longer is Better but Not Necessary in Vision Language
+    Models" (Yang et al., CVPR 2025; code dvlab-research/VisionZip, now
+    JIA-Lab-research/VisionZip). Per image, budget k = d dominant + c
+    contextual tokens:
+
+    - dominant: the top d tokens by a score at one ViT layer (by default the
+      layer whose output is the visual feature: CLIP's second to last, the
+      Qwen ViT's last block). ``"cls"`` (LLaVA reference): the attention the
+      CLS token pays each patch, summed over heads. ``"received"`` (the
+      Qwen2.5-VL reference, ``Qwen2_5_VL/qwen2_5vl_visionzip.py``, for an
+      encoder without CLS): the attention a token receives,
+      summed over queries, mean over heads, within the block's own attention
+      segments, 2x2 merge units averaged. Computed by the ViT probe from the
+      layer's captured input; the ViT keeps SDPA/FlashAttention.
+    - contextual: the remaining tokens, in grid order, are grouped by
+      `contextual_groups` (c evenly spaced targets; every other token joins
+      its most similar target by cosine of that layer's keys, mean over heads:
+      raw CLIP keys; Qwen: rotated keys averaged over each merge unit) and
+      each group becomes one token at its target's position, merged by
+      `merge_groups` (returned as ``Selection.values``).
+
+    Where features are merged follows each reference: LLaVA merges the ViT
+    features (the projector's input) and projects the merged ones
+    (``merge_before_projector=True``); Qwen2.5-VL merges the merger's output
+    embeddings (False). Split of the budget: the LLaVA reference's 54+10 /
+    108+20 / 162+30 (LLaVA-NeXT: 135+25 / 270+50 / 540+100) are all
+    ``c = round(k * 10 / 64)``, the rule used for any other budget; the
+    Qwen2.5-VL reference keeps ``int(0.65 N)`` dominant and
+    ``max(int(0.05 N), 1)`` contextual tokens of N (70 % retention; 45 % + 5 %
+    at 50 %), so there ``c = max(int(0.05 N), 1)`` and ``d = k - c``
+    (``contextual_fraction``). Per-model defaults in model_zoo.yaml.
+
+    Departures from the reference: exactly k tokens, the CLS token not among
+    them (the LLaVA reference also passes the CLS feature on, so its "64" is
+    65 tokens; LLaVA drops CLS from the visual tokens, which have no slot for
+    it); kept tokens stay in grid order with original positions (the LLaVA
+    reference appends the contextual tokens after the dominant ones and
+    renumbers, ``reference_positions``; the Qwen one keeps positions);
+    budgets per image and per video (the Qwen reference, batch size 1, pools
+    all images of the prompt into one selection and leaves videos unpruned;
+    the LLaVA-NeXT reference splits per crop); the probe's attention stays
+    inside each attention segment, as the ViT's (the Qwen reference's
+    FlashAttention path takes the softmax across segments; its eager path does
+    not).
+
+    Parameters:
+        keep: tokens per image (int) or fraction (float in (0, 1]); default 64.
+        contextual: contextual tokens per image (int >= 0), or their share of
+            the budget (float in [0, 1), rounded); None: the per-model default.
+        contextual_fraction: contextual tokens as a share of the image's
+            tokens N, ``max(int(N * f), 1)`` (the Qwen reference's 0.05); give
+            this or ``contextual``, not both.
+        layer: 1-based ViT layer of the scores and keys; None: the layer whose
+            output is the visual feature.
+        dominant_score: ``"cls"`` or ``"received"``; None: the per-model
+            default (cls for CLIP, received for Qwen).
+        merge: ``"reference"`` (target + mean of the joined tokens, as the
+            official code) or ``"mean"`` (plain group mean); default ``"reference"``.
+        merge_before_projector: merge the projector's input and project the
+            result (True) or merge the projected features (False); None: the
+            per-model default.
+    """
+
+    keep: int | float = 64
+    contextual: int | float | None = None
+    contextual_fraction: float | None = None
+    layer: int | None = None
+    dominant_score: str | None = None
+    merge: str = "reference"
+    merge_before_projector: bool | None = None
+
+    name: ClassVar[str] = "visionzip"
+    stage: ClassVar[str] = "vision"
+    rounding: ClassVar[str] = "round"
+    reference_positions: ClassVar[str] = "compact"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_contextual(self.contextual, self.contextual_fraction)
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1):
+            raise ValueError(f"visionzip: layer must be a 1-based layer number >= 1 or None; got {self.layer!r}")
+        if self.dominant_score is not None and self.dominant_score not in DOMINANT_SCORES:
+            raise ValueError(f"visionzip: dominant_score must be one of {DOMINANT_SCORES} or None; got {self.dominant_score!r}")
+        if self.merge not in MERGES:
+            raise ValueError(f"visionzip: merge must be one of {MERGES}; got {self.merge!r}")
+        if self.merge_before_projector not in (None, True, False):
+            raise ValueError(
+                f"visionzip: merge_before_projector must be True, False or None; got {self.merge_before_projector!r}"
+            )
+        self._resolved: dict | None = None
+
+    def bind(self, adapter) -> None:
+        try:
+            depth = len(adapter.vision_layers())
+        except NotImplementedError as err:
+            raise ValueError(f"visionzip needs the ViT attention probe: {err}") from None
+        defaults = policy_defaults(adapter.model_type, self.name)
+        layer = self.layer or adapter.feature_vision_layer
+        if not 1 <= layer <= depth:
+            origin = "" if self.layer else f" (the {adapter.model_type} feature layer)"
+            raise ValueError(
+                f"visionzip: layer={layer}{origin} is outside this ViT's layers 1..{depth}; give layer in 1..{depth}"
+            )
+        score = self.dominant_score or defaults.get("dominant_score", "received")
+        if score == "cls" and not adapter.vision_cls:
+            raise ValueError(
+                f"visionzip: dominant_score='cls' needs a vision encoder with a CLS token; {adapter.model_type}'s has "
+                "none (use 'received', the Qwen2.5-VL reference's score)"
+            )
+        contextual, fraction = self.contextual, self.contextual_fraction
+        if contextual is None and fraction is None:
+            contextual = defaults.get("contextual")
+            fraction = defaults.get("contextual_fraction")
+            if contextual is None and fraction is None:
+                contextual = REFERENCE_CONTEXTUAL_SHARE
+            _check_contextual(contextual, fraction)
+        before = self.merge_before_projector
+        if before is None:
+            before = bool(defaults.get("merge_before_projector", False))
+        self._resolved = {
+            "layer": layer - 1,
+            "score": score,
+            "contextual": contextual,
+            "fraction": fraction,
+            "before": before,
+        }
+
+    def vision_layers_needed(self) -> tuple[int, ...]:
+        return (self._settings()["layer"],)
+
+    def split(self, k: int, n: int) -> tuple[int, int]:
+        """(dominant, contextual) counts for budget ``k`` of an image with ``n`` tokens (after `bind`)."""
+        settings = self._settings()
+        contextual, fraction = settings["contextual"], settings["fraction"]
+        if fraction is not None:
+            c = max(int(n * fraction), 1)
+        elif isinstance(contextual, Integral):
+            c = int(contextual)
+        else:
+            c = math.floor(k * contextual + 0.5)
+        c = min(c, k)
+        return k - c, c
+
+    def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
+        image = ctx.layouts[b].images[i]
+        n = int(ctx.alive[b][i].numel())
+        if n != image.num_tokens:
+            raise ValueError("visionzip reads the whole ViT grid; put it first in a Pipeline")
+        if k >= n:
+            return Selection(torch.arange(n, device=ctx.hidden.device))
+        settings = self._settings()
+        layer = settings["layer"]
+        dominant_count, contextual_count = self.split(k, n)
+        if settings["score"] == "cls":
+            score = ctx.vision_cls_attention(b, i, layer)
+        else:
+            score = ctx.vision_attention(b, i, layer)
+        dominant = topk_indices(sanitize_scores(score, "dominant-token scores"), dominant_count)
+        projected = ctx.features(b, i)
+        dominant = dominant.to(projected.device)
+        if contextual_count == 0:
+            return Selection(dominant)
+        rest = torch.ones(n, dtype=torch.bool, device=projected.device)
+        rest[dominant] = False
+        rest = torch.nonzero(rest).flatten()
+        keys = ctx.vision_keys(b, i, layer).to(projected.device)
+        targets, group = contextual_groups(keys[rest], contextual_count)
+        if settings["before"]:
+            pre = ctx.pre_projector(b, i).to(projected.device)
+            merged = ctx.project(merge_groups(pre[rest], targets, group, self.merge).to(pre.dtype))
+        else:
+            merged = merge_groups(projected[rest], targets, group, self.merge)
+        values = torch.cat([projected[dominant], merged.to(projected.dtype)])
+        return Selection(torch.cat([dominant, rest[targets]]), values)
+
+    def _settings(self) -> dict:
+        if self._resolved is None:
+            raise RuntimeError("visionzip: the layer and split are not resolved yet; bind(adapter) first")
+        return self._resolved
+
+    def describe(self) -> str:
+        return f"visionzip(merge={self.merge})"
+
+
+def _check_contextual(contextual: object, fraction: object) -> None:
+    if contextual is not None and fraction is not None:
+        raise ValueError(
+            f"visionzip: give contextual (count or share of the budget) or contextual_fraction (share of the image's "
+            f"tokens), not both; got contextual={contextual!r}, contextual_fraction={fraction!r}"
+        )
+    if contextual is not None:
+        count_ok = isinstance(contextual, Integral) and not isinstance(contextual, bool) and contextual >= 0
+        share_ok = isinstance(contextual, float) and math.isfinite(contextual) and 0 <= contextual < 1
+        if not (count_ok or share_ok):
+            raise ValueError(
+                f"visionzip: contextual must be an int count >= 0 or a float share of the budget in [0, 1); got {contextual!r}"
+            )
+    if fraction is not None:
+        ok = isinstance(fraction, Real) and not isinstance(fraction, bool) and math.isfinite(float(fraction))
+        if not (ok and 0 < float(fraction) < 1):
+            raise ValueError(f"visionzip: contextual_fraction must be a float in (0, 1); got {fraction!r}")
