@@ -1,8 +1,9 @@
 """Copy a trained run's best model into the package (``vtprune/toyvqa/checkpoints/ARCH``).
 
 The shipped folder holds the ``save_pretrained`` model (safetensors), the
-processor files, the run's training log and a ``metrics.json`` with the test
-accuracy per question type. A run replaces the shipped model only if it
+processor files, the run's training log (and those of the runs it was
+initialised from, ``training_log.initN.jsonl``) and a ``metrics.json`` with
+the test accuracy per question type. A run replaces the shipped model only if it
 scores higher on the test slice (or with ``force``).
 """
 
@@ -15,15 +16,31 @@ import tempfile
 from pathlib import Path
 
 
-def training_seconds(log: Path) -> float:
-    """Wall time spent training, from the log's timestamps (restart gaps left out)."""
+def training_seconds(log: Path, up_to_step: int | None = None) -> float:
+    """Wall time spent training, from the log's timestamps (restart gaps left out),
+    counting records up to ``up_to_step`` when given."""
     times = []
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        if "time" in record:
+        if "time" in record and (up_to_step is None or record.get("step", 0) <= up_to_step):
             times.append(record["time"])
     gaps = [b - a for a, b in itertools.pairwise(times)]
     return float(sum(g for g in gaps if 0 < g < 300))
+
+
+def lineage(run: Path) -> list[tuple[Path, int | None]]:
+    """The runs that trained ``run/best``: ``run`` itself, then the run whose
+    ``best/`` it was started from with ``--init`` (and so on), each with the
+    step its contribution ends at (None for ``run``: all of it)."""
+    chain: list[tuple[Path, int | None]] = [(run, None)]
+    while True:
+        args = chain[-1][0] / "args.json"
+        init = json.loads(args.read_text()).get("init", "None") if args.is_file() else "None"
+        parent = Path(init).parent
+        if init == "None" or Path(init).name != "best" or not (parent / "log.jsonl").is_file():
+            return chain
+        val = Path(init) / "val.json"
+        chain.append((parent, json.loads(val.read_text()).get("step") if val.is_file() else None))
 
 
 def ship(run: str | Path, n: int = 500, force: bool = False) -> dict:
@@ -47,6 +64,7 @@ def ship(run: str | Path, n: int = 500, force: bool = False) -> dict:
                 "test": result,
             }
     val = json.loads((best / "val.json").read_text()) if (best / "val.json").is_file() else {}
+    chain = lineage(run)
     n_params = sum(p.numel() for p in model.parameters())
     metrics = {
         "arch": arch,
@@ -54,15 +72,21 @@ def ship(run: str | Path, n: int = 500, force: bool = False) -> dict:
         "validation": val,
         "step": val.get("step"),
         "parameters": n_params,
-        "training_seconds": round(training_seconds(run / "log.jsonl")),
+        "training_seconds": round(sum(training_seconds(r / "log.jsonl", upto) for r, upto in chain)),
         "train_args": json.loads((run / "args.json").read_text()) if (run / "args.json").is_file() else {},
     }
+    if len(chain) > 1:
+        metrics["initialised_from"] = [
+            {"run": r.name, "step": upto, "train_args": json.loads((r / "args.json").read_text())} for r, upto in chain[1:]
+        ]
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         staged = Path(tmp) / arch
         model.save_pretrained(staged)
         save_processor(processor, staged)
         shutil.copy(run / "log.jsonl", staged / "training_log.jsonl")
+        for depth, (r, _) in enumerate(chain[1:], start=1):
+            shutil.copy(r / "log.jsonl", staged / f"training_log.init{depth}.jsonl")
         (staged / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
