@@ -208,14 +208,22 @@ def test_training_sample_focus_marks_answer_tokens_and_object_cells():
 
     tok = build_tokenizer("llava")
     answers = set(tok.convert_tokens_to_ids(list(ANSWERS)))
+    counts = 0
     for index in range(10):
         sample = make_sample("llava", tok, index, 6, Difficulty.at(1.0))
         assert sample.focus
-        for pos, cells in sample.focus:
+        for pos, cells, count in sample.focus:
             assert sample.labels[pos] in answers and sample.labels[pos - 1] == -100
-            assert cells.shape == (576,) and 0 < cells.sum() < 576
-            # focus cells hold an object (colour) or the glyph (character)
-            assert ((sample.cells[0][cells] > 0) | (sample.cells[2][cells] > 0)).all()
+            assert cells.shape == (576,) and cells.sum() < 576
+            if count:
+                # one centre cell per counted object (the generator's centre targets)
+                assert cells.sum() == int(tok.convert_ids_to_tokens(sample.labels[pos]))
+                assert (sample.cells[3][cells] == 1).all()
+                counts += 1
+            else:
+                # focus cells hold an object (colour) or the glyph (character)
+                assert cells.any() and ((sample.cells[0][cells] > 0) | (sample.cells[2][cells] > 0)).all()
+    assert counts
 
 
 def test_grounding_rows_equal_the_eager_attention_weights():

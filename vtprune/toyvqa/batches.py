@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vtprune.toyvqa.models import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, TOKEN_CELL
 from vtprune.toyvqa.questions import TYPES, ask, scene_for, split_rng
-from vtprune.toyvqa.scene import Difficulty, cell_owner, cell_targets, render
+from vtprune.toyvqa.scene import CANVAS, Difficulty, cell_owner, cell_targets, render
 from vtprune.toyvqa.vocab import end_of_answer, follow_up, prompt
 
 IGNORE = -100
@@ -32,9 +32,11 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     cells: np.ndarray  # (6, n_visual_tokens)
-    #: per turn: (index in ``input_ids`` of the answer token, bool mask of the
-    #: visual tokens covering the question's focus); turns without focus are left out
-    focus: list[tuple[int, np.ndarray]]
+    #: per turn: (index in ``input_ids`` of the answer token, bool mask of
+    #: visual tokens, whether it is a count). For a count, the mask marks the
+    #: centre cell of each counted object (none for a count of 0); otherwise
+    #: the cells covering the question's focus, and turns without focus are left out.
+    focus: list[tuple[int, np.ndarray, bool]]
 
 
 def n_visual_tokens(arch: str) -> int:
@@ -72,17 +74,33 @@ def make_sample(
     eos = tokenizer.convert_tokens_to_ids(end_of_answer(arch))
     ids: list[int] = []
     labels: list[int] = []
-    focus: list[tuple[int, np.ndarray]] = []
+    focus: list[tuple[int, np.ndarray, bool]] = []
     for turn, qa in enumerate(qas):
         text = _expand_image(arch, prompt(arch, qa.question)) if turn == 0 else follow_up(arch, qa.question)
         q_ids = tokenizer(text, add_special_tokens=turn == 0)["input_ids"]
         a_ids = tokenizer.convert_tokens_to_ids([qa.answer]) + [eos]
-        cells = np.isin(owner, [glyph if i < 0 else i + 1 for i in qa.focus])
-        if cells.any():
-            focus.append((len(ids) + len(q_ids), cells))
+        if qa.type == "count":
+            focus.append((len(ids) + len(q_ids), _centre_cells(scene, qa.focus, arch, owner.size), True))
+        else:
+            cells = np.isin(owner, [glyph if i < 0 else i + 1 for i in qa.focus])
+            if cells.any():
+                focus.append((len(ids) + len(q_ids), cells, False))
         ids += q_ids + a_ids
         labels += [IGNORE] * len(q_ids) + a_ids
     return Sample(image, ids, labels, cell_targets(scene, label_map, TOKEN_CELL[arch]), focus)
+
+
+def _centre_cells(scene, objects: tuple[int, ...], arch: str, n_cells: int) -> np.ndarray:
+    """Mask of the cells holding the centres of ``scene.objects[objects]`` (one per object)."""
+    grid = IMAGE_SIZE[arch] // TOKEN_CELL[arch]
+    scale = IMAGE_SIZE[arch] / CANVAS
+    mask = np.zeros(n_cells, dtype=bool)
+    for i in objects:
+        o = scene.objects[i]
+        row = min(int(o.y * scale) // TOKEN_CELL[arch], grid - 1)
+        col = min(int(o.x * scale) // TOKEN_CELL[arch], grid - 1)
+        mask[row * grid + col] = True
+    return mask
 
 
 def llava_pixels(images: list[Image.Image]) -> torch.Tensor:
@@ -106,9 +124,10 @@ def collate(arch: str, samples: list[Sample], pad_id: int, image_processor=None)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     batch["cells"] = torch.from_numpy(np.stack([s.cells for s in samples]))
     # focus: (sample, answer position) rows with their visual-token masks
-    rows = [(i, pos, cells) for i, s in enumerate(samples) for pos, cells in s.focus]
-    batch["focus_rows"] = torch.tensor([(i, pos) for i, pos, _ in rows], dtype=torch.long).reshape(-1, 2)
-    batch["focus_cells"] = torch.from_numpy(np.stack([c for *_, c in rows])) if rows else torch.zeros(0, 0, dtype=torch.bool)
+    rows = [(i, pos, cells, count) for i, s in enumerate(samples) for pos, cells, count in s.focus]
+    batch["focus_rows"] = torch.tensor([(i, pos) for i, pos, _, _ in rows], dtype=torch.long).reshape(-1, 2)
+    batch["focus_cells"] = torch.from_numpy(np.stack([r[2] for r in rows])) if rows else torch.zeros(0, 0, dtype=torch.bool)
+    batch["focus_count"] = torch.tensor([r[3] for r in rows], dtype=torch.bool)
     images = [s.image for s in samples]
     if arch == "llava":
         batch["pixel_values"] = llava_pixels(images)

@@ -188,7 +188,9 @@ def qa_loss(
     each answer puts on the visual tokens of the question's focus (mean over
     the first ``ground_heads`` heads of each of ``ground_layers``): the
     generator knows where the answer is, so the LLM is told where to look
-    instead of having to discover it among 576 visual tokens. Only those
+    instead of having to discover it among 576 visual tokens. For a count
+    the target is equal shares on the first token and on each counted
+    object's centre cell (see `vtprune.toyvqa.batches.Sample.focus`). Only those
     attention rows are recomputed (the model keeps its SDPA attention); the
     loss is 0 when no layer is grounded.
     """
@@ -218,12 +220,23 @@ def qa_loss(
         sample, pos = batch["focus_rows"].unbind(1)
         visual = (batch["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(len(batch["input_ids"]), -1)
         cells = batch["focus_cells"].to(logits.dtype)
+        count = batch["focus_count"]
         for layer in ground_layers:
             hidden, rope = probe.seen[layer]
             rows = grounded_rows(layers[layer].self_attn, hidden, rope, sample, pos - 1, ground_heads)
             on_visual = rows.gather(2, visual[sample][:, None].expand(-1, rows.shape[1], -1))
+            # look-up questions: -log of the mass on the focus tokens
             mass = (on_visual * cells[:, None]).sum(-1)
-            ground = ground - mass.clamp_min(1e-6).log().mean() / len(ground_layers)
+            per_row = -mass.clamp_min(1e-6).log()
+            # counts: cross-entropy to equal shares on the first token (a sink) and on
+            # each counted object's centre; the sink's share 1/(n+1) then encodes n,
+            # where a look-up would normalise the count away
+            log_a = rows.clamp_min(1e-6).log()
+            log_centres = (log_a.gather(2, visual[sample][:, None].expand(-1, rows.shape[1], -1)) * cells[:, None]).sum(-1)
+            n = cells.sum(-1, keepdim=True)
+            per_count = -(log_a[..., 0] + log_centres) / (n + 1)
+            per_row = torch.where(count[:, None], per_count, per_row)
+            ground = ground + per_row.mean() / len(ground_layers)
     return loss, acc, ground
 
 
