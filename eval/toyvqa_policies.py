@@ -21,30 +21,49 @@ import torch
 from .. import api, toyvqa
 
 DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "entropyprune",
-                    "fastv"]
+                    "fastv", "transprune", "hiprune", "visionzip"]
+
+#: Layer choices for the toy models, whose defaults in model_zoo.yaml assume
+#: full-depth checkpoints (HiPrune's object layer 9 of a 24-layer ViT,
+#: TransPrune's layers 7-12 of 32): the same relative places in the toy
+#: models' 4-layer LLMs and 4-layer (LLaVA) / 3-block (Qwen) ViTs.
+TOY_OPTIONS: dict[str, dict[str, dict]] = {
+    "llava": {
+        "hiprune": {"object_layer": 2},
+        "transprune": {"prune_after": (1, 2, 3), "ratios": (0.875, 0.625, 0.125), "ttv_from": 1},
+    },
+    "qwen2_5_vl": {
+        "hiprune": {"object_layer": 1},
+        "transprune": {"prune_after": (1, 2, 3), "ratios": (0.875, 0.625, 0.125), "ttv_from": 1},
+    },
+}
 
 
-def _policy(spec: str) -> tuple[str, dict]:
+def _policy(spec: str, arch: str) -> tuple[str, dict]:
     name, _, variant = spec.partition(":")
-    return name, ({"importance": variant} if variant else {})
+    options = dict(TOY_OPTIONS.get(arch, {}).get(name, {}))
+    if variant:
+        options["importance"] = variant
+    return name, options
 
 
 def run(model_ref: str, policies: list[str], budgets: list, n: int, batch_size: int) -> list[dict]:
     model, processor = toyvqa.load(model_ref)
+    arch = model.config.model_type
     rows = []
     start = time.perf_counter()
     base = toyvqa.score(model, processor, n=n, batch_size=batch_size, return_predictions=True)
     rows.append(dict(policy="none", keep="all", overall=base["overall"], per_type=base["per_type"],
                      retained=1.0, agree=1.0, seconds=time.perf_counter() - start))
     for spec in policies:
-        name, options = _policy(spec)
+        name, options = _policy(spec, arch)
         for keep in budgets:
             start = time.perf_counter()
             with api.pruned(model, name, keep=keep, tokenizer=processor, **options):
                 res = toyvqa.score(model, processor, n=n, batch_size=batch_size, return_predictions=True)
             pairs = list(zip(res["predictions"], base["predictions"]))
             agree = sum(a["prediction"] == b["prediction"] for a, b in pairs) / max(1, len(pairs))
-            rows.append(dict(policy=spec, keep=keep, overall=res["overall"], per_type=res["per_type"],
+            rows.append(dict(policy=spec, options=options, keep=keep, overall=res["overall"], per_type=res["per_type"],
                              retained=res["overall"] / base["overall"] if base["overall"] else float("nan"),
                              agree=agree, seconds=time.perf_counter() - start))
             print(f"{spec:<16} keep={keep!s:<5} acc={res['overall']:.3f} agree={agree:.3f}", flush=True)
