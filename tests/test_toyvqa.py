@@ -190,8 +190,7 @@ def test_focus_names_the_objects_each_answer_depends_on():
         elif kind == "exist":
             color, shape = words[3], words[4]
             match = [o.color == color and o.shape == shape for o in objs]
-            assert all(match) if qa.answer == "yes" else not any(match)
-            assert qa.answer == "no" or objs
+            assert (all(match) and objs) if qa.answer == "yes" else not objs
         elif kind == "position":
             (o,) = objs
             assert (o.color, o.shape) == (words[2], words[3])
@@ -221,8 +220,9 @@ def test_training_sample_focus_marks_answer_tokens_and_object_cells():
                 assert (sample.cells[3][cells] == 1).all()
                 counts += 1
             else:
-                # focus cells hold an object (colour) or the glyph (character)
-                assert cells.any() and ((sample.cells[0][cells] > 0) | (sample.cells[2][cells] > 0)).all()
+                # focus cells hold an object (colour) or the glyph (character); none for a "no"
+                assert cells.any() != (tok.convert_ids_to_tokens(sample.labels[pos]) == "no")
+                assert ((sample.cells[0][cells] > 0) | (sample.cells[2][cells] > 0)).all()
     assert counts
 
 

@@ -35,7 +35,9 @@ class Sample:
     #: per turn: (index in ``input_ids`` of the answer token, bool mask of
     #: visual tokens, whether it is a count). For a count, the mask marks the
     #: centre cell of each counted object (none for a count of 0); otherwise
-    #: the cells covering the question's focus, and turns without focus are left out.
+    #: the cells covering the question's focus, empty for an existence
+    #: question answered "no" (attention then belongs on the first token, a
+    #: sink); other turns without focus are left out.
     focus: list[tuple[int, np.ndarray, bool]]
 
 
@@ -83,7 +85,7 @@ def make_sample(
             focus.append((len(ids) + len(q_ids), _centre_cells(scene, qa.focus, arch, owner.size), True))
         else:
             cells = np.isin(owner, [glyph if i < 0 else i + 1 for i in qa.focus])
-            if cells.any():
+            if cells.any() or qa.type == "exist":
                 focus.append((len(ids) + len(q_ids), cells, False))
         ids += q_ids + a_ids
         labels += [IGNORE] * len(q_ids) + a_ids

@@ -188,9 +188,11 @@ def qa_loss(
     each answer puts on the visual tokens of the question's focus (mean over
     the first ``ground_heads`` heads of each of ``ground_layers``): the
     generator knows where the answer is, so the LLM is told where to look
-    instead of having to discover it among 576 visual tokens. For a count
-    the target is equal shares on the first token and on each counted
-    object's centre cell (see `vtprune.toyvqa.batches.Sample.focus`). Only those
+    instead of having to discover it among 576 visual tokens. When nothing
+    answers (an existence question whose answer is "no") the mass belongs on
+    the first token, a sink; for a count the target is equal shares on the
+    sink and on each counted object's centre cell (see
+    `vtprune.toyvqa.batches.Sample.focus`). Only those
     attention rows are recomputed (the model keeps its SDPA attention); the
     loss is 0 when no layer is grounded.
     """
@@ -225,8 +227,9 @@ def qa_loss(
             hidden, rope = probe.seen[layer]
             rows = grounded_rows(layers[layer].self_attn, hidden, rope, sample, pos - 1, ground_heads)
             on_visual = rows.gather(2, visual[sample][:, None].expand(-1, rows.shape[1], -1))
-            # look-up questions: -log of the mass on the focus tokens
-            mass = (on_visual * cells[:, None]).sum(-1)
+            # look-up questions: -log of the mass on the focus tokens (on the
+            # first token, a sink, when nothing in the image answers)
+            mass = torch.where(cells.any(-1, keepdim=True), (on_visual * cells[:, None]).sum(-1), rows[..., 0])
             per_row = -mass.clamp_min(1e-6).log()
             # counts: cross-entropy to equal shares on the first token (a sink) and on
             # each counted object's centre; the sink's share 1/(n+1) then encodes n,
