@@ -142,7 +142,7 @@ def test_idpruner_fraction_budget_is_rounded_over_the_sample():
 
 def test_idpruner_per_image_budgets():
     ctx = make_ctx([{"images": [30, 20], "question": 4}])
-    out = IDPruner(keep=0.25, per_image=True, lam=0.3).select(ctx)
+    out = IDPruner(keep=0.25, per_image=True, lam=0.3, importance="prompt").select(ctx)
     q = ctx.question(0).mean(dim=0)
     for i, n in enumerate((30, 20)):
         x = ctx.features(0, i)
@@ -152,7 +152,7 @@ def test_idpruner_per_image_budgets():
 
 def test_idpruner_prompt_importance_without_question_falls_back_to_norm():
     ctx = make_ctx([{"images": [25], "question": 0}])
-    assert kept(IDPruner(keep=6).select(ctx)) == kept(IDPruner(keep=6, importance="norm").select(ctx))
+    assert kept(IDPruner(keep=6, importance="prompt").select(ctx)) == kept(IDPruner(keep=6, importance="norm").select(ctx))
 
 
 def test_idpruner_keeps_everything_when_budget_covers_the_sample():

@@ -43,11 +43,12 @@ class IDPruner(Policy):
             the selection problem. Default None.
         importance: training-free importance used when ``selector`` is None
             (the reference has none; reports say "IDPruner-TF", never the
-            published method): ``"prompt"`` (default), the cosine of each
-            token to the mean embedding of the sample's question tokens
-            (falls back to ``"norm"`` for a sample without question tokens);
-            ``"norm"``, the L2 norm of each token's feature. The default is
-            provisional, to be settled by measurement on the toyvqa models.
+            published method): ``"norm"`` (default), the L2 norm of each
+            token's feature; ``"prompt"``, the cosine of each token to the
+            mean embedding of the sample's question tokens (falls back to
+            ``"norm"`` for a sample without question tokens). ``"norm"``
+            retained more accuracy on both trained toyvqa models at 64 and
+            32 tokens (93-96 % against 82-93 %; README, "Accuracy under pruning").
         per_image: False (default, the reference) pools all images of a
             sample; True selects per image with per-image budgets.
     """
@@ -55,7 +56,7 @@ class IDPruner(Policy):
     keep: int | float = 64
     lam: float = 0.5
     selector: str | None = None
-    importance: str = "prompt"
+    importance: str = "norm"
     per_image: bool = False
 
     name: ClassVar[str] = "idpruner"
