@@ -56,7 +56,8 @@ def _split_heads(attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> to
     return norm(x) if per_head else x
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's half rotation, ``(x1, x2) -> (-x2, x1)`` over the last dimension, as the HF models do."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -85,8 +86,8 @@ def attention_rows(
     cos, sin = (t.float() for t in position_embeddings)
     q = split_queries(attn, attn.q_proj(x[query_index])).float()
     k = _split_heads(attn, attn.k_proj(x), getattr(attn, "k_norm", None)).float()
-    q = q * cos[query_index, None] + _rotate_half(q) * sin[query_index, None]
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    q = q * cos[query_index, None] + rotate_half(q) * sin[query_index, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (L, H, d)
     scale = getattr(attn, "scaling", q.shape[-1] ** -0.5)
@@ -163,7 +164,7 @@ def _packed_qk(block: nn.Module, hidden: torch.Tensor, position_embeddings) -> t
     rotated = []
     for t in (q, k):
         t32 = t.float()
-        rotated.append((t32 * cos + _rotate_half(t32) * sin).to(t.dtype))
+        rotated.append((t32 * cos + rotate_half(t32) * sin).to(t.dtype))
     return rotated[0], rotated[1]
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vtprune.ops.probe import rotate_half
 from vtprune.toyvqa.batches import IGNORE, collate, make_sample
 from vtprune.toyvqa.models import SIZES, build_model, build_processor, model_class
 from vtprune.toyvqa.scene import (
@@ -129,11 +130,6 @@ def dense_loss(head: nn.Linear, feats: BaseModelOutputWithPooling, cells: torch.
     return total
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class _AttentionInputs:
     """Forward pre-hooks keeping the inputs of chosen decoder layers' ``self_attn``
     (normed hidden states and the model's RoPE cos/sin), so attention rows can
@@ -167,8 +163,8 @@ def grounded_rows(
     q = attn.q_proj(hidden[sample, pos]).view(len(pos), -1, head_dim)[:, :heads]
     k = attn.k_proj(hidden[sample]).view(len(pos), hidden.shape[1], -1, head_dim)
     k = k.repeat_interleave(attn.num_key_value_groups, dim=2)[:, :, :heads]
-    q = q * cos[sample, pos][:, None] + _rotate_half(q) * sin[sample, pos][:, None]
-    k = k * cos[sample][:, :, None] + _rotate_half(k) * sin[sample][:, :, None]
+    q = q * cos[sample, pos][:, None] + rotate_half(q) * sin[sample, pos][:, None]
+    k = k * cos[sample][:, :, None] + rotate_half(k) * sin[sample][:, :, None]
     scores = torch.einsum("rhd,rkhd->rhk", q, k) * attn.scaling
     keys = torch.arange(hidden.shape[1], device=hidden.device)
     scores = scores.masked_fill((keys[None, :] > pos[:, None])[:, None], float("-inf"))
