@@ -230,10 +230,9 @@ def qa_loss(
             # counts: cross-entropy to equal shares on the first token (a sink) and on
             # each counted object's centre; the sink's share 1/(n+1) then encodes n,
             # where a look-up would normalise the count away
-            log_a = rows.clamp_min(1e-6).log()
-            log_centres = (log_a.gather(2, visual[sample][:, None].expand(-1, rows.shape[1], -1)) * cells[:, None]).sum(-1)
+            log_centres = (on_visual.clamp_min(1e-6).log() * cells[:, None]).sum(-1)
             n = cells.sum(-1, keepdim=True)
-            per_count = -(log_a[..., 0] + log_centres) / (n + 1)
+            per_count = -(rows[..., 0].clamp_min(1e-6).log() + log_centres) / (n + 1)
             per_row = torch.where(count[:, None], per_count, per_row)
             ground = ground + per_row.mean() / len(ground_layers)
     return loss, acc, ground
