@@ -255,3 +255,32 @@ def test_grounding_rows_equal_the_eager_attention_weights():
         rows = grounded_rows(layers[layer].self_attn, hidden, rope, sample, pos - 1, 2)
         torch.testing.assert_close(rows, out.attentions[layer][sample, :2, pos - 1], atol=1e-5, rtol=1e-4)
     assert not any(layer.self_attn._forward_pre_hooks for layer in layers)
+
+
+def test_type_weights_shift_the_question_mix_and_default_is_unchanged():
+    from vtprune.toyvqa.batches import make_sample
+    from vtprune.toyvqa.scene import Difficulty
+    from vtprune.toyvqa.train import type_weights
+
+    assert type_weights("") is None
+    assert type_weights("exist=3, position=0") == (1.0, 3.0, 1.0, 0.0, 1.0)
+    for bad, says in [("exist", "TYPE=WEIGHT"), ("colour=2", "TYPE=WEIGHT"), ("exist=x", "not a number"), ("exist=-1", ">= 0")]:
+        with pytest.raises(ValueError, match=says):
+            type_weights(bad)
+
+    tok = build_tokenizer("llava")
+    level = Difficulty.at(1.0)
+
+    def mix(weights):
+        seen = Counter()
+        for index in range(40):
+            sample = make_sample("llava", tok, index, 6, level, weights=weights)
+            for pos, _, _ in sample.focus:
+                seen[tok.convert_ids_to_tokens(sample.labels[pos])] += 1
+        return seen
+
+    # only exist questions after the first turn: yes/no answers dominate
+    only_exist = mix(type_weights("color=0,count=0,position=0,reading=0"))
+    assert only_exist["yes"] + only_exist["no"] > 0.7 * sum(only_exist.values())
+    plain = mix(None)
+    assert plain["yes"] + plain["no"] < 0.4 * sum(plain.values())

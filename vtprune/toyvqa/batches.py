@@ -58,16 +58,23 @@ def make_sample(
     n_questions: int,
     difficulty: Difficulty,
     split: str = "train",
+    weights: tuple[float, ...] | None = None,
 ) -> Sample:
-    """Training sample ``index``: a scene and up to ``n_questions`` packed QA turns."""
+    """Training sample ``index``: a scene and up to ``n_questions`` packed QA turns.
+
+    ``weights`` (one per question type, default uniform) sets how often each
+    type is drawn for the follow-up questions.
+    """
     rng = split_rng(split, index)
     kind = TYPES[index % len(TYPES)]
     scene, first = scene_for(rng, kind, difficulty)
     qas = [first]
+    probs = None if weights is None else np.asarray(weights, dtype=float) / sum(weights)
     for _ in range(8 * n_questions):
         if len(qas) >= n_questions:
             break
-        qa = ask(scene, TYPES[rng.integers(len(TYPES))], rng)
+        kind = TYPES[rng.integers(len(TYPES))] if weights is None else TYPES[rng.choice(len(TYPES), p=probs)]
+        qa = ask(scene, kind, rng)
         if qa is not None and qa.question not in {q.question for q in qas}:
             qas.append(qa)
     image, label_map = render(scene, IMAGE_SIZE[arch])

@@ -38,6 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vtprune.ops.probe import rotate_half
 from vtprune.toyvqa.batches import IGNORE, collate, make_sample
 from vtprune.toyvqa.models import SIZES, build_model, build_processor, model_class
+from vtprune.toyvqa.questions import TYPES
 from vtprune.toyvqa.scene import (
     N_CHAR_CLASSES,
     N_COLOR_CLASSES,
@@ -85,11 +86,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ground-heads", type=int, default=2)
     p.add_argument("--init", type=Path, default=None, help="start a new run from this saved model folder")
+    p.add_argument(
+        "--sample-offset",
+        type=int,
+        default=0,
+        help="first training-scene index (a run started with --init can see scenes its parent did not)",
+    )
+    p.add_argument(
+        "--type-weights",
+        default="",
+        help="relative frequency of the question types for packed follow-up questions, e.g. 'exist=3,position=2'",
+    )
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+
+
+def type_weights(text: str) -> tuple[float, ...] | None:
+    """Parse ``--type-weights`` ('exist=3,position=2'; unnamed types weigh 1) into one weight per type."""
+    if not text.strip():
+        return None
+    weights = dict.fromkeys(TYPES, 1.0)
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            raise ValueError(f"--type-weights entry {part!r} is not TYPE=WEIGHT with TYPE one of {TYPES}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--type-weights entry {part!r}: weight {value!r} is not a number") from None
+        if weights[name] < 0:
+            raise ValueError(f"--type-weights entry {part!r}: weight must be >= 0")
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"--type-weights {text!r} gives every type weight 0")
+    return tuple(weights[t] for t in TYPES)
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -292,6 +325,7 @@ def train(args: argparse.Namespace) -> int:
     processor = build_processor(args.arch, tokenizer)
     model = build_model(args.arch, tokenizer, seed=args.seed)
     ground_layers = tuple(int(x) for x in str(args.ground_layers).split(",") if x.strip()) if args.ground_weight > 0 else ()
+    weights = type_weights(args.type_weights)
     head = nn.Linear(SIZES[args.arch]["llm_width"], sum(HEAD_SPLITS))
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -320,7 +354,8 @@ def train(args: argparse.Namespace) -> int:
         level = 0.0 if qa_step < 0 else min(1.0, qa_step / max(1, args.curriculum_steps))
         difficulty = Difficulty.at(level)
         n_q = 1 if qa_step < 0 else args.questions
-        samples = [make_sample(args.arch, tokenizer, step * args.batch + j, n_q, difficulty) for j in range(args.batch)]
+        first = args.sample_offset + step * args.batch
+        samples = [make_sample(args.arch, tokenizer, first + j, n_q, difficulty, weights=weights) for j in range(args.batch)]
         batch = collate(args.arch, samples, tokenizer.pad_token_id, processor.image_processor)
         t_data = time.time() - t0
         for group in opt.param_groups:
