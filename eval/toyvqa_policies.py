@@ -23,25 +23,11 @@ from .. import api, toyvqa
 DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "entropyprune",
                     "fastv", "transprune", "hiprune", "visionzip"]
 
-#: Layer choices for the toy models, whose defaults in model_zoo.yaml assume
-#: full-depth checkpoints (HiPrune's object layer 9 of a 24-layer ViT,
-#: TransPrune's layers 7-12 of 32): the same relative places in the toy
-#: models' 4-layer LLMs and 4-layer (LLaVA) / 3-block (Qwen) ViTs.
-TOY_OPTIONS: dict[str, dict[str, dict]] = {
-    "llava": {
-        "hiprune": {"object_layer": 2},
-        "transprune": {"prune_after": (1, 2, 3), "ratios": (0.875, 0.625, 0.125), "ttv_from": 1},
-    },
-    "qwen2_5_vl": {
-        "hiprune": {"object_layer": 1},
-        "transprune": {"prune_after": (1, 2, 3), "ratios": (0.875, 0.625, 0.125), "ttv_from": 1},
-    },
-}
-
-
-def _policy(spec: str, arch: str) -> tuple[str, dict]:
+def _policy(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:IMPORTANCE`` -> (name, options). Layer defaults for the toy
+    models' depth come from their own model_zoo.yaml entries."""
     name, _, variant = spec.partition(":")
-    options = dict(TOY_OPTIONS.get(arch, {}).get(name, {}))
+    options = {}
     if variant:
         options["importance"] = variant
     return name, options
@@ -49,14 +35,13 @@ def _policy(spec: str, arch: str) -> tuple[str, dict]:
 
 def run(model_ref: str, policies: list[str], budgets: list, n: int, batch_size: int) -> list[dict]:
     model, processor = toyvqa.load(model_ref)
-    arch = model.config.model_type
     rows = []
     start = time.perf_counter()
     base = toyvqa.score(model, processor, n=n, batch_size=batch_size, return_predictions=True)
     rows.append(dict(policy="none", keep="all", overall=base["overall"], per_type=base["per_type"],
                      retained=1.0, agree=1.0, seconds=time.perf_counter() - start))
     for spec in policies:
-        name, options = _policy(spec, arch)
+        name, options = _policy(spec)
         for keep in budgets:
             start = time.perf_counter()
             with api.pruned(model, name, keep=keep, tokenizer=processor, **options):
