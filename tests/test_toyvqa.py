@@ -223,6 +223,20 @@ def test_training_sample_focus_marks_answer_tokens_and_object_cells():
                 # focus cells hold an object (colour) or the glyph (character); none for a "no"
                 assert cells.any() != (tok.convert_ids_to_tokens(sample.labels[pos]) == "no")
                 assert ((sample.cells[0][cells] > 0) | (sample.cells[2][cells] > 0)).all()
+        # word rows: one per turn whose question names a shape, pointing at that turn's words
+        from vtprune.toyvqa.questions import PLURAL
+
+        tokens = tok.convert_ids_to_tokens(sample.input_ids)
+        shapes = {*PLURAL, *PLURAL.values()}
+        expected = []
+        for start in [i for i, t in enumerate(tokens) if t == "USER"]:
+            end = tokens.index("ASSISTANT", start)
+            named = [i for i in range(start, end) if tokens[i] in shapes]
+            if named:
+                colour = [i for i in range(start, end) if tokens[i] in COLORS]
+                expected.append((end + 2, colour[-1] if colour else -1, named[-1]))
+        assert sample.words == expected
+        assert all(sample.labels[answer] != -100 for answer, _, _ in sample.words)
     assert counts
 
 

@@ -9,7 +9,7 @@ object centre) for an auxiliary linear head on the projector output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from vtprune.toyvqa.models import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, TOKEN_CELL
-from vtprune.toyvqa.questions import TYPES, ask, scene_for, split_rng
-from vtprune.toyvqa.scene import CANVAS, Difficulty, cell_owner, cell_targets, render
+from vtprune.toyvqa.questions import PLURAL, TYPES, ask, scene_for, split_rng
+from vtprune.toyvqa.scene import CANVAS, COLOR_NAMES, SHAPES, Difficulty, cell_owner, cell_targets, render
 from vtprune.toyvqa.vocab import end_of_answer, follow_up, prompt
 
 IGNORE = -100
@@ -39,6 +39,9 @@ class Sample:
     #: question answered "no" (attention then belongs on the first token, a
     #: sink); other turns without focus are left out.
     focus: list[tuple[int, np.ndarray, bool]]
+    #: per turn naming a shape: (index in ``input_ids`` of the answer token,
+    #: index of the question's colour word or -1, index of its shape word)
+    words: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def n_visual_tokens(arch: str) -> int:
@@ -84,6 +87,9 @@ def make_sample(
     ids: list[int] = []
     labels: list[int] = []
     focus: list[tuple[int, np.ndarray, bool]] = []
+    words: list[tuple[int, int, int]] = []
+    colour_ids = set(tokenizer.convert_tokens_to_ids(list(COLOR_NAMES)))
+    shape_ids = set(tokenizer.convert_tokens_to_ids([*SHAPES, *PLURAL.values()]))
     for turn, qa in enumerate(qas):
         text = _expand_image(arch, prompt(arch, qa.question)) if turn == 0 else follow_up(arch, qa.question)
         q_ids = tokenizer(text, add_special_tokens=turn == 0)["input_ids"]
@@ -94,9 +100,14 @@ def make_sample(
             cells = np.isin(owner, [glyph if i < 0 else i + 1 for i in qa.focus])
             if cells.any() or qa.type == "exist":
                 focus.append((len(ids) + len(q_ids), cells, False))
+        shape = [j for j, t in enumerate(q_ids) if t in shape_ids]
+        if shape:
+            colour = [j for j, t in enumerate(q_ids) if t in colour_ids]
+            answer = len(ids) + len(q_ids)
+            words.append((answer, len(ids) + colour[-1] if colour else -1, len(ids) + shape[-1]))
         ids += q_ids + a_ids
         labels += [IGNORE] * len(q_ids) + a_ids
-    return Sample(image, ids, labels, cell_targets(scene, label_map, TOKEN_CELL[arch]), focus)
+    return Sample(image, ids, labels, cell_targets(scene, label_map, TOKEN_CELL[arch]), focus, words)
 
 
 def _centre_cells(scene, objects: tuple[int, ...], arch: str, n_cells: int) -> np.ndarray:
@@ -137,6 +148,8 @@ def collate(arch: str, samples: list[Sample], pad_id: int, image_processor=None)
     batch["focus_rows"] = torch.tensor([(i, pos) for i, pos, _, _ in rows], dtype=torch.long).reshape(-1, 2)
     batch["focus_cells"] = torch.from_numpy(np.stack([r[2] for r in rows])) if rows else torch.zeros(0, 0, dtype=torch.bool)
     batch["focus_count"] = torch.tensor([r[3] for r in rows], dtype=torch.bool)
+    # words: (sample, answer position, colour-word position or -1, shape-word position)
+    batch["word_rows"] = torch.tensor([(i, *w) for i, s in enumerate(samples) for w in s.words], dtype=torch.long).reshape(-1, 4)
     images = [s.image for s in samples]
     if arch == "llava":
         batch["pixel_values"] = llava_pixels(images)

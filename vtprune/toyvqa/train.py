@@ -85,6 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="LLM layers (0-based) whose first --ground-heads heads are grounded",
     )
     p.add_argument("--ground-heads", type=int, default=2)
+    p.add_argument(
+        "--word-ground-layer",
+        type=int,
+        default=-1,
+        help="LLM layer (0-based) whose head 0 is grounded on the question's colour word (its shape word when it "
+        "names no colour) and head 1 on its shape word, at the token predicting the answer (-1: off)",
+    )
     p.add_argument("--init", type=Path, default=None, help="start a new run from this saved model folder")
     p.add_argument(
         "--sample-offset",
@@ -210,7 +217,8 @@ def qa_loss(
     feats: BaseModelOutputWithPooling,
     ground_layers: tuple[int, ...] = (),
     ground_heads: int = 0,
-) -> tuple[torch.Tensor, float, torch.Tensor]:
+    word_layer: int = -1,
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """Answer-token cross-entropy, answer-word accuracy (teacher forced) and the grounding loss.
 
     The grounding loss is -log of the attention mass that the token predicting
@@ -224,13 +232,20 @@ def qa_loss(
     `vtprune.toyvqa.batches.Sample.focus`). Only those
     attention rows are recomputed (the model keeps its SDPA attention); the
     loss is 0 when no layer is grounded.
+
+    The word loss (``word_layer`` >= 0) does the same one step earlier, on
+    the question: head 0 of that layer is asked to attend to the question's
+    colour word (its shape word when it names none) and head 1 to its shape
+    word, so that the queries of the grounded layers can hold the
+    colour-shape conjunction that existence and position questions ask for.
     """
     kwargs = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
     if "image_grid_thw" in batch:
         kwargs["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).long()
     grounded = bool(ground_layers) and ground_heads > 0 and len(batch["focus_rows"]) > 0
     layers = model.model.language_model.layers
-    probe = _AttentionInputs(layers, ground_layers if grounded else ())
+    worded = word_layer >= 0 and len(batch["word_rows"]) > 0
+    probe = _AttentionInputs(layers, (ground_layers if grounded else ()) + ((word_layer,) if worded else ()))
     try:
         out = model(
             input_ids=batch["input_ids"],
@@ -268,7 +283,14 @@ def qa_loss(
             per_count = -(rows[..., 0].clamp_min(1e-6).log() + log_centres) / (n + 1)
             per_row = torch.where(count[:, None], per_count, per_row)
             ground = ground + per_row.mean() / len(ground_layers)
-    return loss, acc, ground
+    word = loss.new_zeros(())
+    if worded:
+        sample, pos, colour, shape = batch["word_rows"].unbind(1)
+        hidden, rope = probe.seen[word_layer]
+        rows = grounded_rows(layers[word_layer].self_attn, hidden, rope, sample, pos - 1, 2)  # (R, 2, L)
+        targets = torch.stack([torch.where(colour >= 0, colour, shape), shape], dim=1)  # (R, 2)
+        word = -rows.gather(2, targets[..., None]).squeeze(-1).clamp_min(1e-6).log().mean()
+    return loss, acc, ground, word
 
 
 def _load_head(head: nn.Linear, opt: torch.optim.Optimizer, state: dict) -> None:
@@ -326,6 +348,10 @@ def train(args: argparse.Namespace) -> int:
     model = build_model(args.arch, tokenizer, seed=args.seed)
     ground_layers = tuple(int(x) for x in str(args.ground_layers).split(",") if x.strip()) if args.ground_weight > 0 else ()
     weights = type_weights(args.type_weights)
+    depth = SIZES[args.arch]["llm_layers"]
+    for layer in (*ground_layers, args.word_ground_layer):
+        if not -1 <= layer < depth:
+            raise ValueError(f"grounded LLM layer {layer} is outside 0..{depth - 1} (0-based; -1 turns word grounding off)")
     head = nn.Linear(SIZES[args.arch]["llm_width"], sum(HEAD_SPLITS))
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -371,9 +397,13 @@ def train(args: argparse.Namespace) -> int:
         if qa_step < 0:
             loss = d_loss
         else:
-            q_loss, q_acc, g_loss = qa_loss(model, batch, feats, ground_layers, args.ground_heads)
-            loss = q_loss + args.dense_weight * d_loss + args.ground_weight * g_loss
+            q_loss, q_acc, g_loss, w_loss = qa_loss(
+                model, batch, feats, ground_layers, args.ground_heads, args.word_ground_layer
+            )
+            loss = q_loss + args.dense_weight * d_loss + args.ground_weight * (g_loss + w_loss)
             record.update(qa=round(q_loss.item(), 4), qa_acc=round(q_acc, 4), ground=round(g_loss.item(), 4))
+            if args.word_ground_layer >= 0:
+                record["word"] = round(w_loss.item(), 4)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
