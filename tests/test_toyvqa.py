@@ -236,6 +236,9 @@ def test_training_sample_focus_marks_answer_tokens_and_object_cells():
                 colour = [i for i in range(start, end) if tokens[i] in COLORS]
                 expected.append((end + 2, colour[-1] if colour else -1, named[-1]))
         assert sample.words == expected
+        # far: exactly the answers "right" / "bottom" of position questions
+        said = {pos: tok.convert_ids_to_tokens(sample.labels[pos]) for pos, _, _ in sample.focus}
+        assert sample.far == [p for p, a in said.items() if a in ("right", "bottom")]
         assert all(sample.labels[answer] != -100 for answer, _, _ in sample.words)
     assert counts
 

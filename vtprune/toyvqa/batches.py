@@ -42,6 +42,8 @@ class Sample:
     #: per turn naming a shape: (index in ``input_ids`` of the answer token,
     #: index of the question's colour word or -1, index of its shape word)
     words: list[tuple[int, int, int]] = field(default_factory=list)
+    #: answer-token indexes of position questions answered "right" or "bottom"
+    far: list[int] = field(default_factory=list)
 
 
 def n_visual_tokens(arch: str) -> int:
@@ -88,6 +90,7 @@ def make_sample(
     labels: list[int] = []
     focus: list[tuple[int, np.ndarray, bool]] = []
     words: list[tuple[int, int, int]] = []
+    far: list[int] = []
     colour_ids = set(tokenizer.convert_tokens_to_ids(list(COLOR_NAMES)))
     shape_ids = set(tokenizer.convert_tokens_to_ids([*SHAPES, *PLURAL.values()]))
     for turn, qa in enumerate(qas):
@@ -100,6 +103,8 @@ def make_sample(
             cells = np.isin(owner, [glyph if i < 0 else i + 1 for i in qa.focus])
             if cells.any() or qa.type == "exist":
                 focus.append((len(ids) + len(q_ids), cells, False))
+            if qa.type == "position" and qa.answer in ("right", "bottom"):
+                far.append(len(ids) + len(q_ids))
         shape = [j for j, t in enumerate(q_ids) if t in shape_ids]
         if shape:
             colour = [j for j, t in enumerate(q_ids) if t in colour_ids]
@@ -107,7 +112,7 @@ def make_sample(
             words.append((answer, len(ids) + colour[-1] if colour else -1, len(ids) + shape[-1]))
         ids += q_ids + a_ids
         labels += [IGNORE] * len(q_ids) + a_ids
-    return Sample(image, ids, labels, cell_targets(scene, label_map, TOKEN_CELL[arch]), focus, words)
+    return Sample(image, ids, labels, cell_targets(scene, label_map, TOKEN_CELL[arch]), focus, words, far)
 
 
 def _centre_cells(scene, objects: tuple[int, ...], arch: str, n_cells: int) -> np.ndarray:
@@ -148,6 +153,7 @@ def collate(arch: str, samples: list[Sample], pad_id: int, image_processor=None)
     batch["focus_rows"] = torch.tensor([(i, pos) for i, pos, _, _ in rows], dtype=torch.long).reshape(-1, 2)
     batch["focus_cells"] = torch.from_numpy(np.stack([r[2] for r in rows])) if rows else torch.zeros(0, 0, dtype=torch.bool)
     batch["focus_count"] = torch.tensor([r[3] for r in rows], dtype=torch.bool)
+    batch["focus_far"] = torch.tensor([pos in samples[i].far for i, pos, _, _ in rows], dtype=torch.bool)
     # words: (sample, answer position, colour-word position or -1, shape-word position)
     batch["word_rows"] = torch.tensor([(i, *w) for i, s in enumerate(samples) for w in s.words], dtype=torch.long).reshape(-1, 4)
     images = [s.image for s in samples]

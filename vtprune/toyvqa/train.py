@@ -86,6 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ground-heads", type=int, default=2)
     p.add_argument(
+        "--position-split",
+        action="store_true",
+        help="ground position questions answered right/bottom on equal shares of the sink and the object "
+        "(left/top: the object alone), so the sink's share encodes the side as it encodes a count",
+    )
+    p.add_argument(
         "--word-ground-layer",
         type=int,
         default=-1,
@@ -218,6 +224,7 @@ def qa_loss(
     ground_layers: tuple[int, ...] = (),
     ground_heads: int = 0,
     word_layer: int = -1,
+    position_split: bool = False,
 ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """Answer-token cross-entropy, answer-word accuracy (teacher forced) and the grounding loss.
 
@@ -238,6 +245,11 @@ def qa_loss(
     colour word (its shape word when it names none) and head 1 to its shape
     word, so that the queries of the grounded layers can hold the
     colour-shape conjunction that existence and position questions ask for.
+
+    With ``position_split``, a position question answered "right" or
+    "bottom" is grounded on equal shares of the sink and the object (the
+    object alone for "left" or "top"): the side is then read from the sink's
+    share, as a count is, instead of only from the object's value vector.
     """
     kwargs = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
     if "image_grid_thw" in batch:
@@ -282,6 +294,11 @@ def qa_loss(
             n = cells.sum(-1, keepdim=True)
             per_count = -(rows[..., 0].clamp_min(1e-6).log() + log_centres) / (n + 1)
             per_row = torch.where(count[:, None], per_count, per_row)
+            if position_split:
+                # far side (right/bottom): half on the sink, half on the object
+                object_mass = (on_visual * cells[:, None]).sum(-1)
+                per_far = -(rows[..., 0].clamp_min(1e-6).log() + object_mass.clamp_min(1e-6).log()) / 2
+                per_row = torch.where(batch["focus_far"][:, None], per_far, per_row)
             ground = ground + per_row.mean() / len(ground_layers)
     word = loss.new_zeros(())
     if worded:
@@ -398,7 +415,7 @@ def train(args: argparse.Namespace) -> int:
             loss = d_loss
         else:
             q_loss, q_acc, g_loss, w_loss = qa_loss(
-                model, batch, feats, ground_layers, args.ground_heads, args.word_ground_layer
+                model, batch, feats, ground_layers, args.ground_heads, args.word_ground_layer, args.position_split
             )
             loss = q_loss + args.dense_weight * d_loss + args.ground_weight * (g_loss + w_loss)
             record.update(qa=round(q_loss.item(), 4), qa_acc=round(q_acc, 4), ground=round(g_loss.item(), 4))
