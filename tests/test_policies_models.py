@@ -24,6 +24,7 @@ from vtprune.policies import (
 POLICIES = {
     "idpruner": lambda k: IDPruner(keep=k, per_image=True),
     "idpruner_pooled": lambda k: IDPruner(keep=k),
+    "idpruner_received": lambda k: IDPruner(keep=k, importance="received"),
     "mmtok": lambda k: MMTok(keep=k),
     "divprune": lambda k: DivPrune(keep=k),
     "entropyprune": lambda k: EntropyPrune(keep=k),
@@ -77,9 +78,9 @@ def test_budgets_and_cache(family, attn, policy):
             name, stage = _stage(image)
             assert stage["kept"] == sorted(set(stage["kept"])) and all(0 <= k < image["tokens"] for k in stage["kept"])
             afters.append(stage["after"])
-            if policy != "idpruner_pooled":
+            if policy not in ("idpruner_pooled", "idpruner_received"):
                 assert stage["after"] == min(3, image["tokens"])
-        if policy == "idpruner_pooled":  # one selection over the sample's images: the total is exact
+        if policy in ("idpruner_pooled", "idpruner_received"):  # one selection over the sample's images: the total is exact
             assert sum(afters) == min(3 * len(afters), sum(i["tokens"] for i in sample["images"]))
 
 
@@ -183,3 +184,29 @@ def test_beam_search_and_several_returns_prune_each_copy_alike(family):
     assert repeated == [k for k in single for _ in range(2)]
     vtprune.wrap(model, Fixed(kept=repeated))  # the same keep sets, recomputed without a cache
     assert torch.equal(out, model.generate(**batch, use_cache=False, **kw))
+
+
+@torch.no_grad()
+def test_idpruner_received_importance_equals_brute_force_on_llava():
+    """importance='received': MMR over the projected features with the eager ViT's attention received at the feature layer."""
+    from helpers import lm_input_embeds, visual_positions
+    from test_greedy_ops import brute_mmr
+
+    from vtprune.tiny import SampleSpec
+
+    model = model_for("llava", "eager")
+    batch = inputs(model, [SampleSpec(images=((32, 32), (32, 32)), question=5)])
+    tower = model.model.vision_tower
+    layer = len(tower.encoder.layers) + model.config.vision_feature_layer  # 0-based; its output is the feature
+    attn = tower(batch["pixel_values"], output_attentions=True).attentions[layer]  # (images, heads, T, T)
+    received = attn.float().mean(1).sum(1)[:, 1:]  # every query (CLS too), mean over heads, CLS column dropped
+    width = model.config.text_config.hidden_size
+    feats = lm_input_embeds(model, batch)[0][visual_positions("llava", batch["input_ids"])].view(2, -1, width)
+    vtprune.wrap(model, IDPruner(keep=6, importance="received", per_image=True))
+    try:
+        model(**batch)
+        images = vtprune.report(model).to_dict()["samples"][0]["images"]
+    finally:
+        vtprune.unwrap(model)
+    for g, image in enumerate(images):
+        assert image["stages"]["projector"]["kept"] == brute_mmr(feats[g], received[g], 6, 0.5)

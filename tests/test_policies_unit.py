@@ -90,7 +90,7 @@ def test_registered_by_name(name):
         (lambda: IDPruner(lam=-0.1), r"lam must be a number in \[0, 1\]; got -0.1"),
         (lambda: IDPruner(lam=1.5), r"lam must be a number in \[0, 1\]; got 1.5"),
         (lambda: IDPruner(lam=True), r"lam must be a number in \[0, 1\]; got True"),
-        (lambda: IDPruner(importance="attention"), r"importance must be one of \('prompt', 'norm'\)"),
+        (lambda: IDPruner(importance="attention"), r"importance must be one of \('prompt', 'norm', 'received'\)"),
         (lambda: IDPruner(keep=9.0), r"keep as a fraction must be in \(0, 1\]; got 9.0"),
         (lambda: MMTok(alpha=-1), r"alpha must be a finite number >= 0; got -1"),
         (lambda: MMTok(tau_v=0), r"tau_v must be a finite number > 0; got 0"),
