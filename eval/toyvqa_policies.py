@@ -3,7 +3,7 @@
     python -m vtprune.eval.toyvqa_policies --model llava --keep 64 32 --n 300
 
 ``--model`` is a shipped arch name (``llava``, ``qwen2_5_vl``) or a saved
-checkpoint folder. Policies are registry names; ``idpruner:norm`` /
+checkpoint folder. Policies are registry names; ``idpruner:received`` / ``idpruner:norm`` /
 ``idpruner:prompt`` pick IDPruner's training-free importance. Every run uses
 the same test items; accuracy retained is relative to the unpruned run, and
 agreement counts answers equal to the unpruned model's. Writes JSON and
@@ -20,8 +20,8 @@ import torch
 
 from .. import api, toyvqa
 
-DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "entropyprune",
-                    "fastv", "transprune", "hiprune", "visionzip"]
+DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "idpruner:received",
+                    "entropyprune", "fastv", "transprune", "hiprune", "visionzip"]
 
 def _policy(spec: str) -> tuple[str, dict]:
     """``NAME`` or ``NAME:IMPORTANCE`` -> (name, options). Layer defaults for the toy

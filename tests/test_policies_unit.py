@@ -136,7 +136,7 @@ def test_idpruner_pools_images_of_a_sample():
 
 def test_idpruner_fraction_budget_is_rounded_over_the_sample():
     ctx = make_ctx([{"images": [30, 21], "question": 3}])
-    out = IDPruner(keep=0.25).select(ctx)
+    out = IDPruner(keep=0.25, importance="norm").select(ctx)
     assert sum(s.indices.numel() for s in out[0]) == round(51 * 0.25)
 
 
@@ -157,7 +157,7 @@ def test_idpruner_prompt_importance_without_question_falls_back_to_norm():
 
 def test_idpruner_keeps_everything_when_budget_covers_the_sample():
     ctx = make_ctx([{"images": [3, 2], "question": 1}])
-    assert kept(IDPruner(keep=10).select(ctx)) == [[[0, 1, 2], [0, 1]]]
+    assert kept(IDPruner(keep=10, importance="norm").select(ctx)) == [[[0, 1, 2], [0, 1]]]
 
 
 def test_split_pooled():
@@ -363,3 +363,9 @@ def test_entropyprune_scores_layer_k_minus_1_queries():
         q = layer_queries(layers[1], hidden_in[0, ctx.seq_positions[0][i]])
         assert out[0][i].indices.tolist() == topk_indices(matrix_entropy(q), round(n * 0.25)).tolist()
     assert out[1] == []
+
+
+def test_idpruner_received_importance_needs_binding():
+    ctx = make_ctx([{"images": [12], "question": 3}])
+    with pytest.raises(RuntimeError, match="bind"):
+        IDPruner(keep=4).select(ctx)
