@@ -178,7 +178,7 @@ class PerModelLayerPolicy(LLMStagePolicy):
 
         at = self.at_layer
         if at is None:
-            at = policy_defaults(adapter.model_type, self.name, adapter.config).get("at_layer")
+            at = policy_defaults(adapter.model_type, self.name, getattr(adapter, "config", None)).get("at_layer")
             if at is None:
                 raise ValueError(
                     f"{self.name}: model_zoo.yaml has no reference layer for model type {adapter.model_type!r}; "

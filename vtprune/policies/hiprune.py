@@ -82,7 +82,8 @@ class HiPrune(Policy):
             depth = len(adapter.vision_layers())
         except NotImplementedError as err:
             raise ValueError(f"hiprune needs the ViT attention probe: {err}") from None
-        obj = self.object_layer or policy_defaults(adapter.model_type, self.name, adapter.config).get("object_layer")
+        defaults = policy_defaults(adapter.model_type, self.name, getattr(adapter, "config", None))
+        obj = self.object_layer or defaults.get("object_layer")
         if obj is None:
             raise ValueError(f"hiprune: no object_layer default for {adapter.model_type!r}; give object_layer")
         deep = self.deep_layer or adapter.feature_vision_layer

@@ -105,7 +105,7 @@ class TransPrune(Policy):
     def bind(self, adapter) -> None:
         from ..zoo import policy_defaults
 
-        defaults = policy_defaults(adapter.model_type, self.name, adapter.config)
+        defaults = policy_defaults(adapter.model_type, self.name, getattr(adapter, "config", None))
         given = {"prune_after": self.prune_after, "ratios": self.ratios, "ttv_from": self.ttv_from}
         resolved = {k: v if v is not None else defaults.get(k) for k, v in given.items()}
         missing = sorted(k for k, v in resolved.items() if v is None)

@@ -162,7 +162,7 @@ class VisionZip(Policy):
             depth = len(adapter.vision_layers())
         except NotImplementedError as err:
             raise ValueError(f"visionzip needs the ViT attention probe: {err}") from None
-        defaults = policy_defaults(adapter.model_type, self.name, adapter.config)
+        defaults = policy_defaults(adapter.model_type, self.name, getattr(adapter, "config", None))
         layer = self.layer or adapter.feature_vision_layer
         if not 1 <= layer <= depth:
             origin = "" if self.layer else f" (the {adapter.model_type} feature layer)"
