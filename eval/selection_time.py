@@ -1,6 +1,7 @@
 """Time each policy's selection math on random features of real model geometry.
 
-Covers the attention-free policies (IDPruner, MMTok, DivPrune, EntropyPrune):
+Covers the attention-free policies (IDPruner, MMTok, DivPrune, EntropyPrune) and the ViT probe
+of IDPruner's default `received` importance (LLaVA shapes: one CLIP-L/336 layer per view):
 the ops each runs once per image, on the features the runtime hands it, in
 fp32 on one device. Per case and policy it reports the median over repeats
 after warm-up, split into the one-off part (pairwise matrix, coverage
@@ -28,7 +29,7 @@ from torch import nn
 
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
-from vtprune.ops.probe import layer_queries
+from vtprune.ops.probe import layer_queries, vit_attention_received
 from vtprune.policies.mmtok import coverage_matrix
 from vtprune.policies.selector import VisionSelector
 
@@ -40,6 +41,16 @@ SIZES = [(576, 64), (2880, 320), (8192, 819)]  # 8192 keeps 10 %
 DEFAULT_CASES = [("llava", 576, 64), ("llava", 2880, 320), ("qwen", 8192, 819)]
 QUESTION_TOKENS = 32
 SELECTOR_HIDDEN = 1792
+CLIP_L = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096, "tokens": 577}  # 336 px / 14 + CLS
+
+
+def _clip_layer(device: torch.device) -> nn.Module:
+    """One CLIP-L/336 encoder layer (random weights): what the ViT probe of IDPruner's `received` importance reads."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    config = CLIPVisionConfig(**{k: v for k, v in CLIP_L.items() if k != "tokens"})
+    return CLIPEncoderLayer(config).to(device).eval()
 
 
 class _ProbeLayer(nn.Module):
@@ -93,7 +104,20 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
     def prompt_importance():
         return cosine_similarity(visual, question.mean(dim=0, keepdim=True))[:, 0]
 
-    cases = {
+    cases = {}
+    if shape == "llava":  # the CLIP probe; one 577-token layer per 576-patch view
+        vit = _clip_layer(device)
+        views = torch.randn(max(1, n // 576), CLIP_L["tokens"], CLIP_L["hidden_size"], generator=g).to(device)
+
+        def received_importance():
+            return vit_attention_received(vit, views).flatten()[:n]
+
+        cases["idpruner (TF, received)"] = (
+            lambda: mmr_select(visual, received_importance(), k),
+            received_importance,
+            "ViT probe, feature layer",
+        )
+    cases |= {
         # name: (whole selection, one-off part, label of the one-off part)
         "idpruner (TF, prompt)": (
             lambda: mmr_select(visual, prompt_importance(), k),
@@ -124,6 +148,8 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
         "mmtok": lambda: coverage_select(cover, k),
         "entropyprune": lambda: topk(matrix_entropy(queries), k),
     }
+    if shape == "llava":
+        loops["idpruner (TF, received)"] = lambda: mmr_select(visual, received_importance(), k, similarity=sim)
     rows = []
     for name, (whole, part, part_label) in cases.items():
         with torch.no_grad():
@@ -177,8 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     for shape, n, k in cases:
         big = n >= 4096
         repeats, warmup = (args.big_repeats, 0) if big else (args.repeats, args.warmup)
+        before = len(rows)
         rows.extend(time_case(shape, n, k, repeats, warmup, device))
-        print(markdown(rows[-5:]).split("\n", 2)[-1], flush=True)
+        print(markdown(rows[before:]).split("\n", 2)[-1], flush=True)
     result = {
         "device": str(device),
         "threads": torch.get_num_threads(),
