@@ -27,10 +27,7 @@ def _policy(spec: str) -> tuple[str, dict]:
     """``NAME`` or ``NAME:IMPORTANCE`` -> (name, options). Layer defaults for the toy
     models' depth come from their own model_zoo.yaml entries."""
     name, _, variant = spec.partition(":")
-    options = {}
-    if variant:
-        options["importance"] = variant
-    return name, options
+    return name, ({"importance": variant} if variant else {})
 
 
 def run(model_ref: str, policies: list[str], budgets: list, n: int, batch_size: int) -> list[dict]:

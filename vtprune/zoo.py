@@ -57,3 +57,8 @@ def policy_defaults(model_type: str, policy: str, config=None) -> dict[str, Any]
     if name is not None:
         out.update(zoo()["checkpoints"][name].get("defaults", {}).get(policy, {}))
     return out
+
+
+def adapter_defaults(adapter, policy: str) -> dict[str, Any]:
+    """`policy_defaults` for a bound model adapter: its family, and its config when it has one."""
+    return policy_defaults(adapter.model_type, policy, getattr(adapter, "config", None))

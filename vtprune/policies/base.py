@@ -22,6 +22,14 @@ STAGES = ("vision", "projector", "llm")
 POSITION_MODES = ("original", "compact")
 
 
+def probe_depth(adapter, who: str) -> int:
+    """Number of the adapter's ViT layers, or a ValueError naming `who` when its ViT attention probe is missing."""
+    try:
+        return len(adapter.vision_layers())
+    except NotImplementedError as err:
+        raise ValueError(f"{who} needs the ViT attention probe: {err}") from None
+
+
 @dataclass
 class Selection:
     """Kept tokens of one image: indices into its alive tokens, optionally new features.
@@ -174,11 +182,11 @@ class PerModelLayerPolicy(LLMStagePolicy):
         return self._at
 
     def bind(self, adapter) -> None:
-        from ..zoo import policy_defaults
+        from ..zoo import adapter_defaults
 
         at = self.at_layer
         if at is None:
-            at = policy_defaults(adapter.model_type, self.name, getattr(adapter, "config", None)).get("at_layer")
+            at = adapter_defaults(adapter, self.name).get("at_layer")
             if at is None:
                 raise ValueError(
                     f"{self.name}: model_zoo.yaml has no reference layer for model type {adapter.model_type!r}; "

@@ -9,8 +9,8 @@ import torch
 
 from ..context import StageContext
 from ..ops.select import sanitize_scores, topk_indices
-from ..zoo import policy_defaults
-from .base import Policy, Selection, register
+from ..zoo import adapter_defaults
+from .base import Policy, Selection, probe_depth, register
 
 
 @register
@@ -78,12 +78,8 @@ class HiPrune(Policy):
         self._layers: tuple[int, int] | None = None
 
     def bind(self, adapter) -> None:
-        try:
-            depth = len(adapter.vision_layers())
-        except NotImplementedError as err:
-            raise ValueError(f"hiprune needs the ViT attention probe: {err}") from None
-        defaults = policy_defaults(adapter.model_type, self.name, getattr(adapter, "config", None))
-        obj = self.object_layer or defaults.get("object_layer")
+        depth = probe_depth(adapter, "hiprune")
+        obj = self.object_layer or adapter_defaults(adapter, self.name).get("object_layer")
         if obj is None:
             raise ValueError(f"hiprune: no object_layer default for {adapter.model_type!r}; give object_layer")
         deep = self.deep_layer or adapter.feature_vision_layer

@@ -12,7 +12,7 @@ import torch
 from ..budget import resolve_budget
 from ..context import StageContext
 from ..ops.greedy import cosine_similarity, finite_fp32, mmr_select
-from .base import Policy, Selection, register
+from .base import Policy, Selection, probe_depth, register
 from .selector import VisionSelector, load_selector
 
 IMPORTANCE_SOURCES = ("prompt", "norm", "received")
@@ -89,10 +89,7 @@ class IDPruner(Policy):
             self._scorer.check_features(adapter.text_config.hidden_size)
         self._vision_layer = None
         if self._scorer is None and self.importance == "received":
-            try:
-                adapter.vision_layers()
-            except NotImplementedError as err:
-                raise ValueError(f"idpruner: importance='received' needs the ViT attention probe: {err}") from None
+            probe_depth(adapter, "idpruner: importance='received'")
             self._vision_layer = adapter.feature_vision_layer - 1
 
     def vision_layers_needed(self) -> tuple[int, ...]:

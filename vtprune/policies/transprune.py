@@ -103,9 +103,9 @@ class TransPrune(Policy):
         return self.prune_after[0] if self.prune_after else None
 
     def bind(self, adapter) -> None:
-        from ..zoo import policy_defaults
+        from ..zoo import adapter_defaults
 
-        defaults = policy_defaults(adapter.model_type, self.name, getattr(adapter, "config", None))
+        defaults = adapter_defaults(adapter, self.name)
         given = {"prune_after": self.prune_after, "ratios": self.ratios, "ttv_from": self.ttv_from}
         resolved = {k: v if v is not None else defaults.get(k) for k, v in given.items()}
         missing = sorted(k for k, v in resolved.items() if v is None)

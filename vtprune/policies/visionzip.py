@@ -12,8 +12,8 @@ import torch
 from ..context import StageContext
 from ..ops.greedy import finite_fp32
 from ..ops.select import sanitize_scores, topk_indices
-from ..zoo import policy_defaults
-from .base import Policy, Selection, register
+from ..zoo import adapter_defaults
+from .base import Policy, Selection, probe_depth, register
 
 DOMINANT_SCORES = ("cls", "received")
 MERGES = ("reference", "mean")
@@ -158,11 +158,8 @@ class VisionZip(Policy):
         self._resolved: dict | None = None
 
     def bind(self, adapter) -> None:
-        try:
-            depth = len(adapter.vision_layers())
-        except NotImplementedError as err:
-            raise ValueError(f"visionzip needs the ViT attention probe: {err}") from None
-        defaults = policy_defaults(adapter.model_type, self.name, getattr(adapter, "config", None))
+        depth = probe_depth(adapter, "visionzip")
+        defaults = adapter_defaults(adapter, self.name)
         layer = self.layer or adapter.feature_vision_layer
         if not 1 <= layer <= depth:
             origin = "" if self.layer else f" (the {adapter.model_type} feature layer)"

@@ -285,7 +285,8 @@ def qa_loss(
             on_visual = rows.gather(2, visual[sample][:, None].expand(-1, rows.shape[1], -1))
             # look-up questions: -log of the mass on the focus tokens (on the
             # first token, a sink, when nothing in the image answers)
-            mass = torch.where(cells.any(-1, keepdim=True), (on_visual * cells[:, None]).sum(-1), rows[..., 0])
+            object_mass = (on_visual * cells[:, None]).sum(-1)
+            mass = torch.where(cells.any(-1, keepdim=True), object_mass, rows[..., 0])
             per_row = -mass.clamp_min(1e-6).log()
             # counts: cross-entropy to equal shares on the first token (a sink) and on
             # each counted object's centre; the sink's share 1/(n+1) then encodes n,
@@ -296,7 +297,6 @@ def qa_loss(
             per_row = torch.where(count[:, None], per_count, per_row)
             if position_split:
                 # far side (right/bottom): half on the sink, half on the object
-                object_mass = (on_visual * cells[:, None]).sum(-1)
                 per_far = -(rows[..., 0].clamp_min(1e-6).log() + object_mass.clamp_min(1e-6).log()) / 2
                 per_row = torch.where(batch["focus_far"][:, None], per_far, per_row)
             ground = ground + per_row.mean() / len(ground_layers)
