@@ -49,10 +49,12 @@ setup(
     },
     cmdclass={"build_py": BuildWithZoo},
     install_requires=[
-        # torch is not pinned here: a range that 2.13.0 satisfies keeps pip from
-        # replacing an installed CPU build with a multi-GB CUDA one.
-        "torch>=2.4,<2.14",
-        "transformers>=5.24,<5.25",
+        # No upper bound on torch: none is measured. CI and the README install CPU
+        # torch 2.13.0 first, and a range it satisfies keeps pip from replacing it.
+        "torch>=2.4",
+        # transformers 5.24 is the newest release and the one tested; the model
+        # files vtprune hooks are those of 5.x (a major release may move them).
+        "transformers>=5.24,<6",
         "safetensors",
         "tokenizers",
         "pyyaml",
@@ -63,10 +65,17 @@ setup(
         "demo": ["scikit-image", "matplotlib"],
         "test": ["pytest", "scikit-image", "matplotlib", "ruff"],
         # lmms-eval itself is installed separately with --no-deps (README): its own
-        # requirements would replace the installed torch. These are what its evaluator
-        # and HF model wrappers import (decord: wheels for x86-64 Linux only).
+        # requirements would replace the installed torch. These are what its evaluator,
+        # its HF model wrappers and its common tasks import (decord: wheels for x86-64
+        # Linux only). filelock<4.3: lmms-eval 0.7.3 imports filelock._api, gone in 4.3.
         "eval": ["loguru", "sacrebleu", "evaluate", "pytz", "tenacity", "pytablewriter", "accelerate", "decord",
-                 "matplotlib", "tqdm"],
+                 "matplotlib", "tqdm", "filelock<4.3", "einops", "ftfy", "httpx", "jsonlines", "nltk", "numexpr",
+                 "openpyxl", "protobuf", "python-dotenv", "sentencepiece", "tiktoken", "zss", "zstandard", "pybind11",
+                 "tqdm-multiprocess", "scikit-learn"],
+        # lmms-eval's Qwen wrappers: qwen-vl-utils imports torchvision, which must match
+        # the installed torch (PyPI's torchvision wheels are CUDA builds: on a CPU-only
+        # torch, take torchvision from the PyTorch CPU index).
+        "eval-qwen": ["qwen-vl-utils", "torchvision"],
         "flash": ["flash-attn"],
     },
     entry_points={

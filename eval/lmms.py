@@ -57,8 +57,10 @@ from ..policies.base import make_policy
 #: lmms-eval's HF wrapper for each supported ``config.model_type``.
 FAMILIES = {"llava": "llava_hf", "llava_next": "llava_hf", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
 PRUNE_KEYS = ("policy", "keep", "positions")
-INSTALL_HINT = ("lmms-eval is not installed; install it without its dependencies (they would replace torch):\n"
-                "  pip install 'vtprune[eval]' && pip install --no-deps lmms-eval==0.7.3")
+INSTALL_HINT = ("lmms-eval is not installed; install it without its dependencies (they would replace torch), "
+                "from the vtprune clone:\n  pip install '.[eval]' && pip install --no-deps lmms-eval==0.7.3")
+#: What lmms-eval's wrapper for each family imports beyond the ``[eval]`` extra.
+WRAPPER_NEEDS = {"qwen2_vl": ("qwen_vl_utils", "torchvision"), "qwen2_5_vl": ("qwen_vl_utils", "torchvision")}
 
 
 class EvalFailed(RuntimeError):
@@ -83,9 +85,24 @@ def parse_model_args(model_args: str | dict) -> dict:
 def _wrapper_class(model_type: str, force_simple: bool):
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} has no lmms-eval runner here; supported: {', '.join(FAMILIES)}")
+    missing = [name for name in WRAPPER_NEEDS.get(model_type, ()) if not _importable(name)]
+    if missing:
+        raise ImportError(
+            f"lmms-eval's {FAMILIES[model_type]} wrapper (model_type {model_type!r}) needs {', '.join(missing)}, "
+            "which cannot be imported here. Install them from the vtprune clone with pip install '.[eval-qwen]' "
+            "(torchvision must be the build that matches your torch: on a CPU-only torch, take it from the "
+            "PyTorch CPU index). LLaVA families need neither.")
     from lmms_eval.models import get_model
 
     return get_model(FAMILIES[model_type], force_simple=force_simple)
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # torchvision beside a mismatched torch raises RuntimeError, not ImportError
+        return False
+    return True
 
 
 def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cpu", force_simple: bool = False):
@@ -339,12 +356,39 @@ def write(out: Path, results: dict, samples: dict, records: list[dict], summary:
         f'{{"summary": {json.dumps(summary, indent=2)},\n "prefills": [\n{lines}\n]}}\n')
 
 
+def _print_include_path(args) -> int:
+    from .tasks import LOCAL_TASKS, TOYVQA_N, prepare
+
+    tasks = [t.strip() for t in args.print_include_path.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in LOCAL_TASKS]
+    if unknown or not tasks:
+        print(f"vtprune eval: --print-include-path takes local tasks ({', '.join(LOCAL_TASKS)}); got {tasks}. "
+              "lmms-eval's own tasks need no include path.", file=sys.stderr)
+        return 2
+    n = int(args.limit) if args.limit is not None and args.limit >= 1 else TOYVQA_N
+    size = 336  # the LLaVA toy model's; --model_args pretrained=PATH picks the checkpoint family's
+    if args.model_args:
+        from transformers import AutoConfig
+
+        from vtprune.toyvqa.models import IMAGE_SIZE
+
+        pretrained = parse_model_args(args.model_args).get("pretrained")
+        if pretrained is not None:
+            size = IMAGE_SIZE.get(AutoConfig.from_pretrained(str(pretrained)).model_type, size)
+    for folder in prepare(tasks, n=n, image_size=size, cache_dir=args.cache_dir):
+        print(folder)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_args", required=True,
+    parser.add_argument("--model_args",
                         help="pretrained=PATH[,policy=NAME,keep=N|F,positions=original|compact,OPTION=VALUE,...]")
-    parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names (local: toyvqa)")
+    parser.add_argument("--tasks", help="comma-separated lmms-eval task names (local: toyvqa)")
+    parser.add_argument("--print-include-path", metavar="TASKS", dest="print_include_path",
+                        help="export the local tasks among TASKS (e.g. toyvqa) and print the folder that "
+                             "lmms-eval's --include_path takes, then exit")
     parser.add_argument("--limit", type=float, help="first N items per task (N < 1: that fraction)")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -356,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--verbosity", default="WARNING")
     args = parser.parse_args(argv)
+    if args.print_include_path is not None:
+        return _print_include_path(args)
+    if not args.model_args or not args.tasks:
+        parser.error("--model_args and --tasks are required (or --print-include-path TASKS)")
     offline()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -373,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         with pruned(lm, prune) as log:
             results, _ = run(lm, log, tasks, limit=args.limit, output_path=args.output_path, gen_kwargs=args.gen_kwargs,
                              include_path=args.include_path, cache_dir=args.cache_dir, verbosity=args.verbosity)
-    except (EvalFailed, ValueError, TypeError, OSError) as exc:
+    except (EvalFailed, ValueError, TypeError, OSError, ImportError) as exc:
         print(f"vtprune eval: FAILED: {exc}", file=sys.stderr)
         return 1
     if results:

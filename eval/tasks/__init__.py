@@ -6,8 +6,11 @@ live in ``toyvqa/``; the items are exported on demand (JSONL + PNG, by
 ``toyvqa.yaml`` that includes the template and names that data. The folder is
 what lmms-eval's ``--include_path`` takes::
 
-    from vtprune.eval.tasks import prepare
-    print(prepare(["toyvqa"], n=500))   # then: lmms-eval --include_path THAT --tasks toyvqa ...
+    vtprune eval --print-include-path toyvqa   # then: lmms-eval --include_path THAT --tasks toyvqa ...
+
+The YAML names this installation's template by absolute path; a cached
+folder written by another installation (a recreated venv) gets its YAML
+rewritten, so a stale cache never breaks a run.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ def prepare_toyvqa(n: int = TOYVQA_N, image_size: int = 336, cache_dir: str | Pa
     from vtprune.toyvqa.export import export
 
     target = cache_root(cache_dir) / "toyvqa" / f"test-n{n}-{image_size}px"
-    if (target / "toyvqa.yaml").is_file():
+    if (target / "toyvqa.yaml").is_file() and (target / "test.jsonl").is_file():
+        if not _yaml_is_current(target):
+            _write_task_yaml(target, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -58,16 +63,30 @@ def prepare_toyvqa(n: int = TOYVQA_N, image_size: int = 336, cache_dir: str | Pa
     return target
 
 
-def _write_task_yaml(folder: Path, final: Path) -> None:
+def _task_config(final: Path) -> dict:
     # Paths name the final folder: the YAML is read only after the rename.
-    # JSON is valid YAML, and quotes every path safely.
-    config = {
+    return {
         "include": str(HERE / "toyvqa" / "_default_template_yaml"),
         "task": "toyvqa",
         "dataset_kwargs": {"data_files": {"test": str(final / "test.jsonl")}, "cache_dir": str(final / "hf_datasets")},
         "lmms_eval_specific_kwargs": {"default": {"root": str(final)}},
     }
-    (folder / "toyvqa.yaml").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _yaml_is_current(folder: Path) -> bool:
+    """Whether ``folder``'s task YAML is the one this installation writes (same template, same data paths)."""
+    try:
+        return json.loads((folder / "toyvqa.yaml").read_text()) == _task_config(folder)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_task_yaml(folder: Path, final: Path) -> None:
+    # JSON is valid YAML, and quotes every path safely. Written beside and renamed
+    # over, so a concurrent reader sees the old YAML or the new one, never half.
+    staging = folder / f".toyvqa.yaml.{os.getpid()}"
+    staging.write_text(json.dumps(_task_config(final), indent=2) + "\n")
+    staging.replace(folder / "toyvqa.yaml")
 
 
 def prepare(tasks: list[str], n: int = TOYVQA_N, image_size: int = 336, cache_dir: str | Path | None = None) -> list[str]:

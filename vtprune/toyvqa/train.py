@@ -332,6 +332,12 @@ def _newest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A resume checkpoint, unpickled with ``weights_only=True``: tensors and plain
+    values only, so a planted ``ckpt-*.pt`` cannot run code."""
+    return torch.load(path, weights_only=True)
+
+
 def _save_checkpoint(out: Path, step: int, model, head, opt, best: float) -> None:
     state = {
         "step": step,
@@ -375,7 +381,7 @@ def train(args: argparse.Namespace) -> int:
     step, best = 0, -1.0
     ckpt = _newest_checkpoint(out)
     if ckpt is not None:
-        state = torch.load(ckpt, weights_only=False)
+        state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
         _load_head(head, opt, state)
         torch.set_rng_state(state["torch_rng"])

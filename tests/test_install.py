@@ -1,0 +1,108 @@
+"""What a fresh install must give a user: one package from the repo root or anywhere, a task cache that
+survives a recreated venv, a folder for lmms-eval's --include_path, safe checkpoint loading."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(code: str, cwd: Path) -> str:
+    env = dict(os.environ, PYTHONPATH="")
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_repo_root_imports_the_whole_package():
+    """From the repo root the source folder vtprune/ shadows any installed copy: its subpackages must still resolve."""
+    out = _run("import vtprune, vtprune.patches, vtprune.cuda, vtprune.eval, vtprune.eval.tasks\n"
+               "print(vtprune.__file__); print(vtprune.patches.__file__); print(vtprune.eval.tasks.__file__)", ROOT)
+    init, patches, tasks = (Path(line) for line in out.splitlines())
+    assert init == ROOT / "vtprune" / "__init__.py"
+    assert patches == ROOT / "patches" / "__init__.py"
+    assert tasks == ROOT / "eval" / "tasks" / "__init__.py"
+
+
+def test_repo_root_runs_a_module_command():
+    out = _run("import runpy, sys; sys.argv = ['vtprune.cli', '--help']; runpy.run_module('vtprune.cli', run_name='__main__')",
+               ROOT)
+    assert "calibrate-ecl" in out and "eval" in out
+
+
+def test_stale_task_cache_is_rebuilt(tmp_path):
+    """A cached toyvqa folder whose YAML includes another (deleted) installation's template is rewritten."""
+    from vtprune.eval.tasks import HERE, prepare_toyvqa
+
+    folder = prepare_toyvqa(n=2, cache_dir=tmp_path)
+    config = json.loads((folder / "toyvqa.yaml").read_text())
+    template = HERE / "toyvqa" / "_default_template_yaml"
+    assert Path(config["include"]) == template
+    config["include"] = "/old-venv/lib/python3.11/site-packages/vtprune/eval/tasks/toyvqa/_default_template_yaml"
+    (folder / "toyvqa.yaml").write_text(json.dumps(config))
+    data = (folder / "test.jsonl").read_bytes()
+
+    again = prepare_toyvqa(n=2, cache_dir=tmp_path)
+    assert again == folder
+    assert Path(json.loads((folder / "toyvqa.yaml").read_text())["include"]) == template
+    assert (folder / "test.jsonl").read_bytes() == data  # the exported items are kept
+    assert not list(folder.glob(".toyvqa.yaml.*"))
+
+
+def test_print_include_path_prints_a_folder(tmp_path, capsys):
+    from vtprune.eval.lmms import main
+
+    assert main(["--print-include-path", "toyvqa", "--limit", "2", "--cache_dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and (Path(lines[0]) / "toyvqa.yaml").is_file()
+    assert Path(lines[0]).parent.parent == tmp_path
+
+
+def test_print_include_path_refuses_tasks_that_need_none(capsys):
+    from vtprune.eval.lmms import main
+
+    assert main(["--print-include-path", "gqa"]) == 2
+    assert "toyvqa" in capsys.readouterr().err
+
+
+def test_qwen_wrapper_without_its_imports_is_a_clear_error(monkeypatch):
+    from vtprune.eval import lmms
+
+    monkeypatch.setattr(lmms, "_importable", lambda name: name != "torchvision")
+    with pytest.raises(ImportError, match=r"torchvision.*\[eval-qwen\]"):
+        lmms._wrapper_class("qwen2_5_vl", force_simple=False)
+
+
+def test_resume_checkpoint_loads_weights_only(tmp_path):
+    from vtprune.toyvqa.train import _save_checkpoint, load_checkpoint
+
+    model, head = nn.Linear(3, 2), nn.Linear(2, 4)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    _save_checkpoint(tmp_path, 7, model, head, opt, best=0.5)
+    state = load_checkpoint(tmp_path / "ckpt-7.pt")
+    assert state["step"] == 7 and state["best"] == 0.5
+    assert torch.equal(state["model"]["weight"], model.weight)
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("echo planted",))
+
+
+def test_resume_refuses_a_planted_pickle(tmp_path):
+    from vtprune.toyvqa.train import load_checkpoint
+
+    path = tmp_path / "ckpt-1.pt"
+    path.write_bytes(pickle.dumps({"step": _Planted()}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
