@@ -103,6 +103,6 @@ def test_resume_refuses_a_planted_pickle(tmp_path):
     from vtprune.toyvqa.train import load_checkpoint
 
     path = tmp_path / "ckpt-1.pt"
-    path.write_bytes(pickle.dumps({"step": _Planted()}))
+    path.write_bytes(pickle.dumps({"step": _Planted()}, protocol=2))
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path)
