@@ -15,6 +15,7 @@ from torch import nn
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
+from ..sequence import SequenceTensor
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -40,6 +41,10 @@ class Adapter:
     vision_cls: ClassVar[bool] = False
     #: methods of the base model that run the vision encoder (their grid arguments are recorded)
     vision_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
+    #: language-model inputs beyond embeddings, mask and positions that carry sequence length (or rows of
+    #: visual positions) and must be shortened by every prune, e.g. Qwen3-VL's visual-position mask and
+    #: DeepStack features; the runtime shortens exactly these, so a family adds them here, not in the runtime
+    sequence_tensors: ClassVar[tuple[SequenceTensor, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -89,6 +94,15 @@ class Adapter:
         """
         decoder_layer = self.decoder_layers[layer]
         return (("attention", decoder_layer.self_attn), ("mlp", decoder_layer.mlp))
+
+    def query_module(self, layer: int) -> nn.Module:
+        """The module of decoder ``layer`` whose output is its pre-RoPE queries (``q_proj``)."""
+        return self.decoder_layers[layer].self_attn.q_proj
+
+    def layer_type(self, layer: int) -> str:
+        """The attention kind of decoder ``layer`` (``full_attention`` or ``sliding_attention``), from the config."""
+        kinds = getattr(self.text_config, "layer_types", None)
+        return kinds[layer] if kinds else "full_attention"
 
     def projector_module(self) -> nn.Module:
         """Module whose input is the pre-projector visual features."""

@@ -29,8 +29,7 @@ from vtprune.tiny import SampleSpec
     ],
 )
 def test_budget_split_follows_the_references(family, keep, n, want):
-    policy = VisionZip(keep=keep)
-    policy.bind(adapter_for(model_for(family)))
+    policy = VisionZip(keep=keep).bind(adapter_for(model_for(family)))
     assert policy.split(keep, n) == want
 
 
@@ -43,8 +42,7 @@ def test_explicit_splits():
         ({"contextual": 80}, (0, 64)),
         ({"contextual_fraction": 0.1}, (7, 57)),
     ]:
-        policy = VisionZip(keep=64, **options)
-        policy.bind(adapter)
+        policy = VisionZip(keep=64, **options).bind(adapter)
         assert policy.split(64, 576) == want, options
 
 

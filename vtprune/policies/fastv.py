@@ -14,7 +14,7 @@ from .base import PerModelLayerPolicy, Selection, register
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class FastV(PerModelLayerPolicy):
     """Keep the visual tokens the last prompt token attends to most in decoder layer K-1; prune before layer K.
 
@@ -44,7 +44,7 @@ class FastV(PerModelLayerPolicy):
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if not ctx.num_images(b):
             return []
-        layer = self._at - 1
+        layer = self.resolved_layer() - 1
         valid = ctx.valid(b)
         last = torch.nonzero(valid).flatten()[-1:]
         row = attention_rows(ctx.decoder_layer(layer), ctx.layer_input(layer)[b], ctx.rotary(b), last, valid)[0]
@@ -54,4 +54,4 @@ class FastV(PerModelLayerPolicy):
         ]
 
     def describe(self) -> str:
-        return f"fastv(at_layer={self._at if self._at is not None else 'per-model'})"
+        return f"fastv(at_layer={self.at_layer if self.at_layer is not None else 'per-model'})"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral, Real
 from typing import ClassVar
 
 import torch
 
+from ..checks import check_bool
 from ..context import StageContext
 from ..ops.greedy import finite_fp32
 from ..ops.select import sanitize_scores, topk_indices
@@ -62,7 +63,7 @@ def merge_groups(features: torch.Tensor, targets: torch.Tensor, group: torch.Ten
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class VisionZip(Policy):
     """Keep the dominant tokens by ViT attention and merge the rest into a few contextual tokens.
 
@@ -141,6 +142,8 @@ class VisionZip(Policy):
     stage: ClassVar[str] = "vision"
     rounding: ClassVar[str] = "round"
     reference_positions: ClassVar[str] = "compact"
+    zoo_fields: ClassVar[tuple[str, ...]] = ("dominant_score", "merge_before_projector")
+    needs_whole_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -151,43 +154,47 @@ class VisionZip(Policy):
             raise ValueError(f"visionzip: dominant_score must be one of {DOMINANT_SCORES} or None; got {self.dominant_score!r}")
         if self.merge not in MERGES:
             raise ValueError(f"visionzip: merge must be one of {MERGES}; got {self.merge!r}")
-        if self.merge_before_projector not in (None, True, False):
-            raise ValueError(
-                f"visionzip: merge_before_projector must be True, False or None; got {self.merge_before_projector!r}"
-            )
-        self._resolved: dict | None = None
+        check_bool(self.name, "merge_before_projector", self.merge_before_projector, allow_none=True)
 
-    def bind(self, adapter) -> None:
+    def bind(self, adapter) -> Policy:
+        """The zoo's contextual split applies only when neither ``contextual`` nor ``contextual_fraction`` is given."""
+        bound = super().bind(adapter)
+        if self.contextual is None and self.contextual_fraction is None:
+            defaults = adapter_defaults(adapter, self.name)
+            contextual, fraction = defaults.get("contextual"), defaults.get("contextual_fraction")
+            if contextual is None and fraction is None:
+                contextual = REFERENCE_CONTEXTUAL_SHARE
+            bound = replace(bound, contextual=contextual, contextual_fraction=fraction)
+        return bound
+
+    def resolve(self, adapter) -> Policy:
         depth = probe_depth(adapter, "visionzip")
-        defaults = adapter_defaults(adapter, self.name)
         layer = self.layer or adapter.feature_vision_layer
         if not 1 <= layer <= depth:
             origin = "" if self.layer else f" (the {adapter.model_type} feature layer)"
             raise ValueError(
                 f"visionzip: layer={layer}{origin} is outside this ViT's layers 1..{depth}; give layer in 1..{depth}"
             )
-        score = self.dominant_score or defaults.get("dominant_score", "received")
+        score = self.dominant_score or "received"
         if score == "cls" and not adapter.vision_cls:
             raise ValueError(
                 f"visionzip: dominant_score='cls' needs a vision encoder with a CLS token; {adapter.model_type}'s has "
                 "none (use 'received', the Qwen2.5-VL reference's score)"
             )
-        contextual, fraction = self.contextual, self.contextual_fraction
-        if contextual is None and fraction is None:
-            contextual = defaults.get("contextual")
-            fraction = defaults.get("contextual_fraction")
-            if contextual is None and fraction is None:
-                contextual = REFERENCE_CONTEXTUAL_SHARE
-            _check_contextual(contextual, fraction)
-        before = self.merge_before_projector
-        if before is None:
-            before = bool(defaults.get("merge_before_projector", False))
-        self._resolved = {
-            "layer": layer - 1,
-            "score": score,
-            "contextual": contextual,
-            "fraction": fraction,
-            "before": before,
+        before = bool(self.merge_before_projector)
+        return replace(self, layer=layer, dominant_score=score, merge_before_projector=before)
+
+    def _settings(self) -> dict:
+        if self.layer is None or self.dominant_score is None or self.merge_before_projector is None or (
+            self.contextual is None and self.contextual_fraction is None
+        ):
+            raise RuntimeError("visionzip: the layer and split are not resolved yet; bind(adapter) first")
+        return {
+            "layer": self.layer - 1,
+            "score": self.dominant_score,
+            "contextual": self.contextual,
+            "fraction": self.contextual_fraction,
+            "before": self.merge_before_projector,
         }
 
     def vision_layers_needed(self) -> tuple[int, ...]:
@@ -237,11 +244,6 @@ class VisionZip(Policy):
             merged = merge_groups(projected[rest], targets, group, self.merge)
         values = torch.cat([projected[dominant], merged.to(projected.dtype)])
         return Selection(torch.cat([dominant, rest[targets]]), values)
-
-    def _settings(self) -> dict:
-        if self._resolved is None:
-            raise RuntimeError("visionzip: the layer and split are not resolved yet; bind(adapter) first")
-        return self._resolved
 
     def describe(self) -> str:
         return f"visionzip(merge={self.merge})"
