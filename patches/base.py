@@ -16,6 +16,7 @@ from torch import nn
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from ..sequence import SequenceTensor
+from .attention import attention_rows, split_queries
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -98,6 +99,15 @@ class Adapter:
     def query_module(self, layer: int) -> nn.Module:
         """The module of decoder ``layer`` whose output is its pre-RoPE queries (``q_proj``)."""
         return self.decoder_layers[layer].self_attn.q_proj
+
+    def decoder_queries(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """`query_module` output of decoder ``layer`` ``(..., H * d)`` -> pre-RoPE queries ``(..., H, d)``."""
+        return split_queries(self.decoder_layers[layer].self_attn, q)
+
+    def attention_rows(self, layer: int, hidden: torch.Tensor, position_embeddings, query_index: torch.Tensor,
+                       key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The probe's causal attention rows of decoder ``layer`` for one sample (`patches.attention.attention_rows`)."""
+        return attention_rows(self.decoder_layers[layer], hidden, position_embeddings, query_index, key_valid)
 
     def layer_type(self, layer: int) -> str:
         """The attention kind of decoder ``layer`` (``full_attention`` or ``sliding_attention``), from the config."""

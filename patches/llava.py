@@ -12,7 +12,7 @@ import torch
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
-from ..ops.probe import vit_attention_from, vit_attention_received, vit_keys
+from .attention import vit_attention_from, vit_attention_received, vit_keys
 from .base import Adapter, single_grid_image
 
 

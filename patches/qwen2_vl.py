@@ -14,7 +14,7 @@ import torch
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
-from ..ops.probe import packed_vit_attention_received, packed_vit_keys
+from .attention import packed_vit_attention_received, packed_vit_keys
 from .base import Adapter, single_grid_image
 
 
