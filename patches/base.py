@@ -40,6 +40,8 @@ class Adapter:
     template_markers: ClassVar[tuple[str, ...]] = ()
     #: True where the vision encoder has a CLS token (`vision_cls_attention`)
     vision_cls: ClassVar[bool] = False
+    #: lmms-eval's HF model wrapper that loads this family (the eval runner reads it)
+    lmms_model: ClassVar[str] = ""
     #: methods of the base model that run the vision encoder (their grid arguments are recorded)
     vision_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     #: language-model inputs beyond embeddings, mask and positions that carry sequence length (or rows of

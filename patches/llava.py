@@ -18,6 +18,7 @@ from .base import Adapter, single_grid_image
 
 class LlavaAdapter(Adapter):
     model_type = "llava"
+    lmms_model = "llava_hf"
     grid_keys = ("image_sizes",)
     vision_cls = True
     template_markers = ("ASSISTANT:",)

@@ -20,6 +20,7 @@ from .base import Adapter, single_grid_image
 
 class Qwen2VLAdapter(Adapter):
     model_type = "qwen2_vl"
+    lmms_model = "qwen2_vl"
     mrope = True
     grid_keys = ("image_grid_thw", "video_grid_thw")
     vision_methods = ("get_image_features", "get_video_features")
