@@ -50,6 +50,11 @@ class Adapter:
     #: visual positions) and must be shortened by every prune, e.g. Qwen3-VL's visual-position mask and
     #: DeepStack features; the runtime shortens exactly these, so a family adds them here, not in the runtime
     sequence_tensors: ClassVar[tuple[SequenceTensor, ...]] = ()
+    #: methods of the language model that its decoder loop calls with those tensors between layers, as
+    #: ``{method: {argument: declared tensor name}}`` (Qwen3-VL: ``{"_deepstack_process": {"visual_pos_masks":
+    #: "visual_pos_masks", "visual_embeds": "deepstack_visual_embeds"}}``); after an llm-stage prune each
+    #: such argument gets the level's shortened tensor (a ``rows_of`` one: the level's rows of what was passed)
+    sequence_methods: ClassVar[dict[str, dict[str, str]]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

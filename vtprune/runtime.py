@@ -119,8 +119,38 @@ class Runtime:
             for idx, layer in enumerate(self.adapter.decoder_layers):
                 if idx >= first:
                     self._bind(layer, self._layer_forward_for(idx))
+        for name, arguments in self.adapter.sequence_methods.items():
+            self._bind(self.adapter.language_model, self._sequence_method_for(name, arguments), attr=name)
         if hasattr(self.adapter.model, "generate"):
             self._bind(self.adapter.model, self._generate, attr="generate")
+
+    def _sequence_method_for(self, name: str, arguments: dict[str, str]):
+        """A language-model method the decoder loop calls with declared sequence tensors: give it the level's."""
+        sig = inspect.signature(getattr(self.adapter.language_model, name))
+        rows_of = {t.name for t in self.adapter.sequence_tensors if t.rows_of is not None}
+
+        def call(original, *args, **kwargs):
+            record = self.record
+            state = record.state if record is not None else None
+            if state is None:
+                return original(*args, **kwargs)
+            level = state.level_for(record.current_layer)
+            if level.layer == 0:
+                return original(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs).arguments
+            for argument, tensor in arguments.items():
+                value = bound.get(argument)
+                if value is None:
+                    continue
+                if tensor in rows_of:
+                    rows = level.row_index.get(tensor)
+                    if rows is not None:
+                        bound[argument] = value.index_select(0, rows.to(value.device))
+                elif level.extras.get(tensor) is not None:
+                    bound[argument] = level.extras[tensor]
+            return original(**bound)
+
+        return call
 
     def _generate(self, original, *args, **kwargs):
         """One record for the whole generate call: its encoder calls, forwards and selections."""
@@ -273,8 +303,12 @@ class Runtime:
         try:
             out = original(**call, **extra)
         finally:
-            record.state, record.in_prefill = None, False
+            record.state, record.in_prefill, record.current_layer = None, False, 0
             record.end_prefill()
+            if state is not None:  # the decode steps need masks and positions, not the prefill's extra tensors
+                for level in state.levels:
+                    level.extras = {}
+                state.sequence = replace(state.sequence, extras={})
         filled = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
         if state is not None and filled is not None:
             self._states[filled] = state
@@ -349,8 +383,10 @@ class Runtime:
             layouts, alive, seq_pos, pad_left=pad_left, compact_positions=self.plan.positions == "compact",
             declared=declared,
         )
-        level = Level(layer=0, mask2d=short.mask2d, removed=valid.sum(1) - short.mask2d.sum(1))
-        state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=_kept(short), pad_left=pad_left)
+        level = Level(layer=0, mask2d=short.mask2d, removed=valid.sum(1) - short.mask2d.sum(1), extras=short.extras)
+        # row indices count from level 0's rows (what the language model gets), not from the input's
+        kept = replace(_kept(short), row_index={})
+        state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left)
         call = dict(bound)
         call["inputs_embeds"] = short.hidden
         call["attention_mask"] = short.mask2d
@@ -441,6 +477,7 @@ class Runtime:
             state = record.state if record is not None else None
             if state is None:
                 return original(hidden_states, *args, **kwargs)
+            record.current_layer = idx
             if record.in_prefill:
                 if idx in self.plan.layer_inputs:
                     record.layer_inputs[idx] = hidden_states
@@ -463,7 +500,7 @@ class Runtime:
         rotary = prev.position_embeddings if above and prev.position_embeddings is not None else kwargs.get("position_embeddings")
         position_ids = prev.position_ids if above and prev.position_ids is not None else kwargs.get("position_ids")
         declared = self.adapter.sequence_tensors
-        extras = dict(prev.extras) if above else {t.name: kwargs.get(t.name) for t in declared}
+        extras = dict(prev.extras)  # level 0's: what the prefill handed the language model, already shortened
         sequence = replace(state.sequence, hidden=hidden, mask2d=prev.mask2d, rotary=rotary, position_ids=position_ids,
                            extras=extras, stats=list(record.sub_block_stats.values()))
         ctx = StageContext(
@@ -494,6 +531,7 @@ class Runtime:
             position_embeddings=short.rotary,
             position_ids=short.position_ids,
             extras=short.extras,
+            row_index=short.row_index,
         )
         level.masks = {"mask2d": short.mask2d, "embeds": short.hidden, "cache": kwargs.get("cache")}
         state.levels.append(level)
