@@ -12,7 +12,7 @@ from transformers.vision_utils import get_vision_window_index
 import vtprune
 from vtprune.context import StageContext
 from vtprune.layout import SampleLayout
-from vtprune.ops.probe import packed_vit_attention_received, vit_attention_received
+from vtprune.patches.attention import packed_vit_attention_received, vit_attention_received
 from vtprune.patches.base import single_grid_image
 from vtprune.policies import HiPrune
 
@@ -48,12 +48,15 @@ def test_packed_vit_probe_equals_eager_weights_of_every_block(family):
         assert cu.numel() - 1 > batch["image_grid_thw"].shape[0]
 
 
-@dataclass
+_SEEN: dict = {}
+
+
+@dataclass(frozen=True)
 class _SeeingHiPrune(HiPrune):
-    """HiPrune that also records the per-image scores it was given."""
+    """HiPrune that also records the per-image scores it was given (policies are immutable: into _SEEN)."""
 
     def select_image(self, ctx, b, i, k):
-        self.seen[(b, i)] = {layer: ctx.vision_attention(b, i, layer).clone() for layer in self._layers}
+        _SEEN[(b, i)] = {layer: ctx.vision_attention(b, i, layer).clone() for layer in self.layers}
         return super().select_image(ctx, b, i, k)
 
 
@@ -77,14 +80,14 @@ def test_qwen_scores_per_image_equal_eager_weights_folded_and_unpermuted(family)
             items.extend(torch.split(merged, (grid.prod(-1) // 4).tolist()))
         want[j] = items  # images of every sample in order, then videos
     policy = _SeeingHiPrune(keep=5, object_layer=1, deep_layer=2)
-    policy.seen = {}
+    _SEEN.clear()
     vtprune.wrap(model, policy)
     model(**batch)
     order = [(0, 0), (1, 0), (1, 1), (3, 0)]  # sample 2 has no image; sample 3 is the video
-    assert sorted(policy.seen) == sorted(order)
+    assert sorted(_SEEN) == sorted(order)
     for j in (0, 1):
         for (b, i), expected in zip(order, want[j], strict=True):
-            torch.testing.assert_close(policy.seen[(b, i)][j], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(_SEEN[(b, i)][j], expected, rtol=1e-5, atol=1e-5)
 
 
 class _Scores(StageContext):
@@ -106,8 +109,7 @@ def test_anchors_buffers_registers_known_answer():
     obj = torch.zeros(16)
     obj[5], obj[15] = 2.0, 1.0  # anchors: 5 (row 1, col 1) and 15 (last)
     deep = torch.arange(16, dtype=torch.float32)  # registers prefer high indices
-    policy = HiPrune(keep=10, alpha=1.0)  # round(1.0 * 10 / 5) = 2 anchors
-    policy._layers = (0, 1)
+    policy = HiPrune(keep=10, alpha=1.0, object_layer=1, deep_layer=2)  # round(1.0 * 10 / 5) = 2 anchors
     kept = sorted(policy.select_image(_ctx(obj, deep), 0, 0, 10).indices.tolist())
     # anchor 5 -> 4, 6, 1, 9; anchor 15 -> 14, 16 clamped to 15, 11, 19 clamped to 15
     chosen = {5, 4, 6, 1, 9, 15, 14, 11}
@@ -118,8 +120,7 @@ def test_anchors_buffers_registers_known_answer():
 def test_wrap_correct_drops_row_wrapping_neighbours():
     obj = torch.zeros(16)
     obj[4] = 1.0  # first column of row 1: flat -1 is the end of row 0
-    policy = HiPrune(keep=5, alpha=1.0, wrap_correct=True)
-    policy._layers = (0, 1)
+    policy = HiPrune(keep=5, alpha=1.0, wrap_correct=True, object_layer=1, deep_layer=2)
     kept = policy.select_image(_ctx(obj, torch.zeros(16)), 0, 0, 5).indices.tolist()
     assert {4, 5, 0, 8} <= set(kept) and 3 not in kept[:4]
 

@@ -11,8 +11,9 @@ from vtprune.context import StageContext
 from vtprune.layout import ImageLayout, SampleLayout, SubGrid
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import coverage_select, divprune_select, mmr_select
-from vtprune.ops.probe import layer_queries
 from vtprune.ops.select import topk_indices
+from vtprune.patches.attention import layer_queries
+from vtprune.patches.base import Adapter
 from vtprune.policies.base import make_policy
 from vtprune.policies.divprune import DivPrune
 from vtprune.policies.entropyprune import EntropyPrune
@@ -35,6 +36,8 @@ class FakeAdapter:
 
     def pre_projector_features(self, captured, layouts, b, i):
         return self.pre[b, i]
+
+    decoder_queries = Adapter.decoder_queries
 
 
 def make_ctx(samples, adapter=None, seed=0, stage="projector", layer=None):
@@ -263,7 +266,7 @@ def test_coverage_matrix_rows():
 def test_mmtok_selects_by_coverage_with_per_model_text_temperature(model_type, tau_t):
     adapter = FakeAdapter(model_type=model_type)
     ctx = make_ctx([{"images": [40, 30], "question": 4}], adapter=adapter)
-    out = MMTok(keep=0.1).select(ctx)
+    out = MMTok(keep=0.1).bind(ctx.adapter).select(ctx)
     for i, n in enumerate((40, 30)):
         cover = coverage_matrix(ctx.features(0, i), adapter.pre[0, i], ctx.question(0), 0.5, 0.2, tau_t)
         assert out[0][i].indices.tolist() == coverage_select(cover, int(n * 0.1)).indices.tolist()  # floor
@@ -273,16 +276,16 @@ def test_mmtok_without_question_uses_visual_rows_only():
     adapter = FakeAdapter()
     ctx = make_ctx([{"images": [30], "question": 0}], adapter=adapter)
     cover = coverage_matrix(ctx.features(0, 0), adapter.pre[0, 0], None)
-    assert kept(MMTok(keep=7).select(ctx)) == [[coverage_select(cover, 7).indices.tolist()]]
+    assert kept(MMTok(keep=7).bind(ctx.adapter).select(ctx)) == [[coverage_select(cover, 7).indices.tolist()]]
 
 
 def test_mmtok_per_crop_on_llava_next():
     adapter = FakeAdapter(model_type="llava_next")
     grids = [SubGrid(0, 4, 4), SubGrid(16, 4, 8)]
     ctx = make_ctx([{"images": [grids], "question": 3}], adapter=adapter)
-    out = MMTok(keep=12).select(ctx)[0][0].indices
+    out = MMTok(keep=12).bind(adapter).select(ctx)[0][0].indices
     assert int((out < 16).sum()) == 4 and int((out >= 16).sum()) == 8  # 12 split 16:32
-    whole = MMTok(keep=12, per_crop=False).select(ctx)[0][0].indices
+    whole = MMTok(keep=12, per_crop=False).bind(adapter).select(ctx)[0][0].indices
     v, pre, q = ctx.features(0, 0), adapter.pre[0, 0], ctx.question(0)
     assert whole.tolist() == coverage_select(coverage_matrix(v, pre, q), 12).indices.tolist()
     first = coverage_select(coverage_matrix(v[:16], pre[:16], q), 4).indices.tolist()
@@ -312,10 +315,10 @@ def test_divprune_per_image():
 def test_entropyprune_per_model_layer(model_type, at):
     policy = EntropyPrune()
     assert policy.at is None
-    policy.bind(FakeAdapter(model_type=model_type, num_layers=4))
-    assert policy.at == at and policy.layer_queries_needed() == (at - 1,) and policy.stage_key == f"llm@{at}"
-    policy.bind(FakeAdapter(model_type="qwen2_vl" if at == 2 else "llava"))  # rebinding re-resolves
-    assert policy.at == 3 - at
+    bound = policy.bind(FakeAdapter(model_type=model_type, num_layers=4))
+    assert bound.at == at and bound.layer_queries_needed() == (at - 1,) and bound.stage_key == f"llm@{at}"
+    assert policy.at is None and policy == EntropyPrune()  # binding never writes onto the user's object
+    assert policy.bind(FakeAdapter(model_type="qwen2_vl" if at == 2 else "llava")).at == 3 - at  # per model
 
 
 def test_entropyprune_layer_checks():
@@ -330,16 +333,14 @@ def test_entropyprune_layer_checks():
 @pytest.mark.parametrize("keep, expected", [(192, 166), (128, 98), (64, 29)])
 def test_entropyprune_average_budget_matches_reference(keep, expected):
     ctx = make_ctx([{"images": [576], "question": 1}], adapter=FakeAdapter(num_layers=32))
-    policy = EntropyPrune(keep=keep, average=True)
-    policy.bind(ctx.adapter)
+    policy = EntropyPrune(keep=keep, average=True).bind(ctx.adapter)
     assert policy.budget(ctx, 0, 0) == expected
     assert EntropyPrune(keep=keep, at_layer=2).budget(ctx, 0, 0) == keep
 
 
 def test_entropyprune_average_unreachable_is_an_error():
     ctx = make_ctx([{"images": [576], "question": 1}], adapter=FakeAdapter(num_layers=4))
-    policy = EntropyPrune(keep=64, average=True)
-    policy.bind(ctx.adapter)
+    policy = EntropyPrune(keep=64, average=True).bind(ctx.adapter)
     with pytest.raises(ValueError, match="cannot be met .* raise keep above 288.5"):
         policy.budget(ctx, 0, 0)
 
@@ -356,8 +357,7 @@ def test_entropyprune_scores_layer_k_minus_1_queries():
     hidden_in = torch.randn_like(ctx.hidden)
     with torch.no_grad():  # what the runtime captures: layer 1's own q_proj output
         ctx.layer_q[1] = layers[1].self_attn.q_proj(layers[1].input_layernorm(hidden_in))
-    policy = EntropyPrune(keep=0.25)
-    policy.bind(adapter)
+    policy = EntropyPrune(keep=0.25).bind(adapter)
     out = policy.select(ctx)
     for i, n in enumerate((24, 10)):
         q = layer_queries(layers[1], hidden_in[0, ctx.seq_positions[0][i]])

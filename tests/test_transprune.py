@@ -333,7 +333,7 @@ def test_defaults_come_from_the_model_zoo():
     policy = TransPrune()
     assert policy.at is None and policy.prune_layers() == ()
     model = model_for("qwen2_5_vl", "sdpa", layers=13)
-    policy.bind(adapter_for(model))
+    policy = policy.bind(adapter_for(model))
     assert policy.schedule() == ((7, 9, 12), (0.875, 0.625, 0.125), 7)
     assert policy.prune_layers() == (7, 9, 12) and policy.sub_block_layers() == tuple(range(6, 12))
     assert policy.describe() == "transprune(after=7,9,12, ratios=0.875,0.625,0.125, ttv_from=7)"

@@ -34,11 +34,9 @@ def test_toy_checkpoints_match_their_entries_and_move_the_reference_layers(toy):
 
     # the policies bound to the toy model pick them up
     adapter = adapter_for(model)
-    policy = TransPrune()
-    policy.bind(adapter)
+    policy = TransPrune().bind(adapter)
     assert policy.prune_layers() == (1, 2, 3)
-    hip = HiPrune(keep=32)
-    hip.bind(adapter)
+    hip = HiPrune(keep=32).bind(adapter)
     assert hip.vision_layers_needed()[0] == {"llava": 2, "qwen2_5_vl": 1}[config.model_type] - 1
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
 
-from .patches import adapter_for
-from .policies.base import POSITION_MODES, Pipeline, Policy, make_policy
+from .plan import build_plan
+from .policies.base import Pipeline, Policy
 from .report import Report
 from .runtime import Runtime
 
@@ -19,38 +21,40 @@ def _runtime(model: nn.Module) -> Runtime | None:
     return model.__dict__.get(_ATTR)
 
 
-def _build(model: nn.Module, policy, keep, positions: str, options: dict, tokenizer=None) -> Runtime:
-    """Everything that can fail, before the model is touched."""
-    adapter = adapter_for(model)
-    if tokenizer is not None:
-        adapter.set_tokenizer(tokenizer)
-    if keep is not None:
-        options = {"keep": keep, **options}
-    policy = make_policy(policy, **options)
-    pipeline = policy if isinstance(policy, Pipeline) else Pipeline([policy])
-    if positions not in POSITION_MODES:
-        raise ValueError(f"positions must be one of {POSITION_MODES}; got {positions!r}")
-    if positions == "compact" and adapter.mrope:
-        raise ValueError(
-            f"positions='compact' renumbers 1-D positions; {adapter.model_type} uses M-RoPE rows "
-            "(temporal, height, width), so only positions='original' is defined for it"
-        )
-    for p in pipeline.policies:
-        p.bind(adapter)
-    pipeline = Pipeline(pipeline.policies)  # stage order again, now that per-model layers are known
-    depth = adapter.num_layers
-    for p in pipeline.llm():
-        for at in p.prune_layers():
-            if not 1 <= at < depth:
-                raise ValueError(
-                    f"{p.describe()}: at_layer={at} is outside this model's decoder (layers 0..{depth - 1}); "
-                    f"allowed: 1..{depth - 1}"
-                )
-    for p in pipeline.policies:
-        for layer in (*p.layer_inputs_needed(), *p.sub_block_layers()):
-            if not 0 <= layer < depth:
-                raise ValueError(f"{p.describe()} reads decoder layer {layer}; the model has layers 0..{depth - 1}")
-    return Runtime(adapter, pipeline, positions)
+def _attach(model: nn.Module, runtime: Runtime) -> None:
+    """Install `runtime` on `model`; on failure nothing of it is left."""
+    try:
+        runtime.install()
+    except BaseException:
+        runtime.remove()
+        raise
+    model.__dict__[_ATTR] = runtime
+    # copy.deepcopy looks __deepcopy__ up on the instance: a copy gets its own hooks, bound to itself
+    model.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_wrapped, model)
+
+
+def _detach(model: nn.Module) -> Runtime | None:
+    runtime = model.__dict__.pop(_ATTR, None)
+    model.__dict__.pop("__deepcopy__", None)
+    if runtime is not None:
+        runtime.remove()
+    return runtime
+
+
+def _deepcopy_wrapped(model: nn.Module, memo: dict) -> nn.Module:
+    """`copy.deepcopy` of a wrapped model: an independent model wrapped with the same policy.
+
+    The bound forwards close over the original's modules, so they are not
+    copied: the original is unwrapped for the copy (bit-exact), rewrapped
+    after it, and the copy is wrapped with the same configuration.
+    """
+    runtime = _detach(model)
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        _attach(model, runtime)
+    _attach(clone, Runtime(runtime.plan.rebuild(clone)))
+    return clone
 
 
 def wrap(model: nn.Module, policy: str | Policy | Pipeline, keep: int | float | None = None, *,
@@ -62,25 +66,25 @@ def wrap(model: nn.Module, policy: str | Policy | Pipeline, keep: int | float | 
     ids) or ``"compact"`` (renumbered, 1-D RoPE models only). ``tokenizer`` (or
     the processor) lets text-conditioned policies see only the user's question,
     without the chat template's assistant prefix. Other options go to the
-    policy. Wrapping a wrapped model replaces its policy. Invalid input raises
-    before anything is changed.
+    policy. The policy object is a configuration: wrapping binds a resolved
+    copy to this model and never changes it, so one object can wrap several
+    models. Wrapping a wrapped model replaces its policy; invalid input raises
+    before anything is changed, and a failed re-wrap keeps the previous policy.
     """
-    runtime = _build(model, policy, keep, positions, options, tokenizer)
-    unwrap(model)
+    runtime = Runtime(build_plan(model, policy, keep, positions, options, tokenizer))
+    previous = _detach(model)
     try:
-        runtime.install()
+        _attach(model, runtime)
     except BaseException:
-        runtime.remove()
+        if previous is not None:
+            _attach(model, previous)
         raise
-    model.__dict__[_ATTR] = runtime
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Remove every hook and bound method vtprune installed; the model behaves exactly as before."""
-    runtime = model.__dict__.pop(_ATTR, None)
-    if runtime is not None:
-        runtime.remove()
+    _detach(model)
     return model
 
 
@@ -95,25 +99,19 @@ def pruned(model: nn.Module, policy: str | Policy | Pipeline, keep: int | float 
 
     A policy the model was already wrapped with comes back afterwards.
     """
-    previous = _runtime(model)
-    runtime = _build(model, policy, keep, positions, options, tokenizer)
-    if previous is not None:
-        previous.remove()
-        del model.__dict__[_ATTR]
+    runtime = Runtime(build_plan(model, policy, keep, positions, options, tokenizer))
+    previous = _detach(model)
     try:
-        runtime.install()
-        model.__dict__[_ATTR] = runtime
+        _attach(model, runtime)
         yield model
     finally:
-        unwrap(model)
-        runtime.remove()
+        _detach(model)
         if previous is not None:
-            previous.install()
-            model.__dict__[_ATTR] = previous
+            _attach(model, previous)
 
 
 def report(model: nn.Module) -> Report:
-    """The report of the model's last prefill (tokens per image and stage, kept indices, timing)."""
+    """The report of the model's last call (tokens per image and stage, kept indices, timing, the bound policy)."""
     runtime = _runtime(model)
     if runtime is None:
         raise ValueError(f"{type(model).__name__} is not wrapped by vtprune; call vtprune.wrap(model, ...) first")

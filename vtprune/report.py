@@ -11,23 +11,28 @@ from .layout import SampleLayout
 
 
 class Report:
-    """Describes the last prefill of a wrapped model (`vtprune.report(model)`).
+    """Describes the last call of a wrapped model (`vtprune.report(model)`): its prefill.
 
-    `to_dict()` is plain JSON-able data: ``{"policy": str, "samples": [{"images":
+    A call is one ``generate`` (its first prefill: the selection every later
+    step reuses) or one forward outside ``generate`` that ran a prefill;
+    decode-only forwards leave the report as it is. ``config`` is the bound
+    policy's configuration (`Policy.to_dict`, resolved for the model).
+    `to_dict()` is plain JSON-able data: ``{"policy": str, "config": dict, "samples": [{"images":
     [{"kind": str, "tokens": int, "stages": {STAGE: {"before": int, "after": int,
     "kept": [int, ...], "ms": float}}}]}]}``. ``kept`` lists positions within the
     image's own token grid (raster order, ascending, newlines skipped); STAGE is
-    ``vision``, ``projector`` or ``llm@K``. ``ms`` is the policy's selection
+    ``vision`` (selected from vision-encoder signals, applied where the
+    projector stage is: the vision tower itself sees every token),
+    ``projector`` or ``llm@K``. ``ms`` is the policy's selection
     time for the whole batch at that stage (the same value in every image).
     """
 
-    def __init__(self, policy: str, samples: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, policy: str, samples: list[dict[str, Any]] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.policy = policy
         self.samples: list[dict[str, Any]] = samples or []
-
-    @property
-    def current(self) -> Report:
-        return self
+        #: the bound policy's configuration as plain data (`Policy.to_dict`, resolved for the model)
+        self.config: dict[str, Any] = config or {}
 
     def start(self, layouts: list[SampleLayout]) -> Report:
         self.samples = [
@@ -55,7 +60,7 @@ class Report:
                 }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "samples": copy.deepcopy(self.samples)}
+        return {"policy": self.policy, "config": copy.deepcopy(self.config), "samples": copy.deepcopy(self.samples)}
 
     def __str__(self) -> str:
         lines = [f"vtprune report: {self.policy}"]

@@ -1,7 +1,11 @@
 """The policy interface, the Pipeline that chains policies, and the registry.
 
-A policy is a small dataclass that declares where it acts (``stage``) and
-turns a `StageContext` into a keep set per image. The common case is a
+A policy is a small frozen dataclass: an immutable configuration (hashable,
+comparable, `to_dict()` for reports) that declares where it acts (``stage``)
+and turns a `StageContext` into a keep set per image. `bind` resolves it
+against one model (per-model defaults from model_zoo.yaml, checks against the
+model's depth) into a new, resolved policy; the object the user made is never
+changed, so one policy object can be wrapped onto several models. The common case is a
 score: implement `score` and the base class keeps the top ``k`` (ties go to
 the lowest index). Greedy methods override `select_image`, methods that pool
 one selection over all images of a sample override `select_sample`.
@@ -9,12 +13,14 @@ one selection over all images of a sample override `select_sample`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..budget import resolve_budget, validate_keep
+from ..checks import check_int
 from ..context import StageContext
 from ..ops.select import topk_indices
 
@@ -42,9 +48,15 @@ class Selection:
     values: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Policy:
-    """Base of every pruning policy.
+    """Base of every pruning policy: an immutable configuration.
+
+    Subclasses are ``@dataclass(frozen=True)``; `__post_init__` may normalise
+    fields with `_set`. Fields listed in ``zoo_fields`` mean "the model's
+    default" when None: `bind` fills them from model_zoo.yaml (family, then a
+    matching ``checkpoints:`` entry) and `resolve` checks the result against
+    the model, both into a new object.
 
     Parameters:
         keep: tokens per image (int >= 1) or fraction of each image's tokens
@@ -60,9 +72,17 @@ class Policy:
     needs_layer_inputs: ClassVar[tuple[int, ...]] = ()
     #: the positions the policy's reference implementation uses
     reference_positions: ClassVar[str] = "original"
+    #: fields whose None is resolved from model_zoo.yaml by `bind` (the same way for every policy)
+    zoo_fields: ClassVar[tuple[str, ...]] = ()
+    #: True for policies that read each image's whole grid: they must come first in a Pipeline
+    needs_whole_grid: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        self.keep = validate_keep(self.keep)
+        self._set("keep", validate_keep(self.keep))
+
+    def _set(self, name: str, value: Any) -> None:
+        """Normalise a field while the frozen object is being built."""
+        object.__setattr__(self, name, value)
 
     @property
     def at(self) -> int | None:
@@ -73,8 +93,27 @@ class Policy:
     def stage_key(self) -> str:
         return f"llm@{self.at}" if self.stage == "llm" else self.stage
 
-    def bind(self, adapter) -> None:
-        """Resolve per-model defaults and check the policy against the model (called by `wrap`)."""
+    def bind(self, adapter) -> Policy:
+        """This configuration resolved for one model (called by `wrap`); `self` is left unchanged.
+
+        None-valued ``zoo_fields`` take the model's defaults from model_zoo.yaml,
+        then `resolve` derives and checks what needs the model. Every error
+        is raised here, before any hook is installed.
+        """
+        from ..zoo import adapter_defaults
+
+        defaults = adapter_defaults(adapter, self.name) if self.zoo_fields else {}
+        changes = {f: defaults[f] for f in self.zoo_fields if getattr(self, f) is None and defaults.get(f) is not None}
+        bound = dataclasses.replace(self, **changes) if changes else self
+        return bound.resolve(adapter)
+
+    def resolve(self, adapter) -> Policy:
+        """Fill what the model alone determines and check the policy against it (a new object, or `self`)."""
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain JSON-able data: ``{"name": ..., field: value, ...}``."""
+        return {"name": self.name, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}}
 
     def layer_inputs_needed(self) -> tuple[int, ...]:
         return self.needs_layer_inputs
@@ -136,7 +175,17 @@ class Policy:
         return self.name
 
 
-@dataclass
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+@dataclass(frozen=True)
 class LLMStagePolicy(Policy):
     """A policy that prunes between decoder layers ``at_layer - 1`` and ``at_layer`` (0-based).
 
@@ -149,64 +198,60 @@ class LLMStagePolicy(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.at_layer, bool) or not isinstance(self.at_layer, int) or self.at_layer < 1:
-            raise ValueError(
-                f"at_layer must be an int >= 1 (prune between decoder layers at_layer-1 and at_layer); "
-                f"got {self.at_layer!r}"
-            )
+        check_int(self.name, "at_layer", self.at_layer, minimum=1)  # prune between layers at_layer-1 and at_layer
 
     @property
     def at(self) -> int:
         return self.at_layer
 
 
-@dataclass
+@dataclass(frozen=True)
 class PerModelLayerPolicy(LLMStagePolicy):
     """An llm-stage policy whose layer K, when ``at_layer`` is None, is the model's default from model_zoo.yaml.
 
-    `bind` resolves K for the wrapped model and checks it against the depth.
+    `bind` returns a copy with K resolved for the wrapped model and checked against the depth.
     """
 
     at_layer: int | None = None
+    zoo_fields: ClassVar[tuple[str, ...]] = ("at_layer",)
 
     def __post_init__(self) -> None:
         if self.at_layer is None:
             Policy.__post_init__(self)
         else:
             super().__post_init__()
-        self._at = self.at_layer
 
     @property
     def at(self) -> int | None:
-        """K once known: ``at_layer``, or the per-model default after `bind`."""
-        return self._at
+        """K once known: ``at_layer`` (given, or the per-model default in a bound copy)."""
+        return self.at_layer
 
-    def bind(self, adapter) -> None:
-        from ..zoo import adapter_defaults
-
+    def resolve(self, adapter) -> Policy:
         at = self.at_layer
         if at is None:
-            at = adapter_defaults(adapter, self.name).get("at_layer")
-            if at is None:
-                raise ValueError(
-                    f"{self.name}: model_zoo.yaml has no reference layer for model type {adapter.model_type!r}; "
-                    "give at_layer explicitly"
-                )
-        depth = adapter.num_layers
-        if not 1 <= at < depth:
             raise ValueError(
-                f"{self.name}: at_layer={at} is past the model's depth; this model has {depth} decoder "
-                f"layers, so at_layer must be in [1, {depth - 1}]"
+                f"{self.name}: model_zoo.yaml has no reference layer for model type {adapter.model_type!r}; "
+                "give at_layer explicitly"
             )
-        self._at = at
+        check_decoder_layer(self.name, "at_layer", at, adapter.num_layers)
+        return self
 
     def resolved_layer(self) -> int:
-        if self._at is None:
+        if self.at_layer is None:
             raise RuntimeError(f"{self.name}: at_layer is not resolved yet; bind(adapter) first")
-        return self._at
+        return self.at_layer
 
 
-@dataclass
+def check_decoder_layer(who: str, name: str, layer: int, depth: int) -> None:
+    """The one range check of a prune layer: decoder layers 1..depth-1 (layer 0 sees the whole sequence)."""
+    if not 1 <= layer < depth:
+        raise ValueError(
+            f"{who}: {name}={layer} is past the model's depth; this model has {depth} decoder "
+            f"layers 0..{depth - 1}, so {name} must be in [1, {depth - 1}]"
+        )
+
+
+@dataclass(frozen=True)
 class Pipeline:
     """Several policies applied in order, e.g. ``Pipeline([DivPrune(keep=284), Random(at_layer=20, keep=38)])``.
 
@@ -214,10 +259,10 @@ class Pipeline:
     increasing order); a later stage sees only the tokens earlier ones kept.
     """
 
-    policies: list[Policy] = field(default_factory=list)
+    policies: tuple[Policy, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        self.policies = list(self.policies)
+        object.__setattr__(self, "policies", tuple(self.policies))
         if not self.policies:
             raise ValueError("Pipeline needs at least one policy; got an empty list")
         for p in self.policies:
@@ -237,6 +282,19 @@ class Pipeline:
             raise ValueError(
                 f"Pipeline policies prune before decoder layers {layers}; two policies cannot prune at the same layer"
             )
+        for position, p in enumerate(self.policies):
+            if position and p.needs_whole_grid:
+                raise ValueError(
+                    f"{p.describe()} reads each image's whole token grid; put it first in a Pipeline "
+                    f"(it is at position {position} of {', '.join(q.stage_key for q in self.policies)})"
+                )
+
+    def bind(self, adapter) -> Pipeline:
+        """Every policy resolved for one model, and the stage order checked again with the resolved layers."""
+        return Pipeline([p.bind(adapter) for p in self.policies])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": "pipeline", "policies": [p.to_dict() for p in self.policies]}
 
     @staticmethod
     def _points(p: Policy) -> list[tuple[int, int]]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from numbers import Integral
 from typing import ClassVar
 
 import torch
 
 from ..budget import split_budget
+from ..checks import check_int
 from ..context import StageContext
 from .base import LLMStagePolicy, Policy, Selection, register
 
@@ -26,50 +29,72 @@ def _init_any_stage(policy: LLMStagePolicy) -> None:
     """Validate a policy that acts at ``where`` (vision/projector) or, given ``at_layer``, at the llm stage."""
     if policy.at_layer is None:
         Policy.__post_init__(policy)
-        if policy.where not in ("vision", "projector"):
+        if policy.where not in (None, "vision", "projector"):
             raise ValueError(
                 f"{policy.name}: where must be 'vision' or 'projector' (or give at_layer=k for the llm stage); "
                 f"got {policy.where!r}"
             )
     else:
         LLMStagePolicy.__post_init__(policy)
+        if policy.where is not None:
+            raise ValueError(
+                f"{policy.name}: where={policy.where!r} and at_layer={policy.at_layer} name two stages; give "
+                "at_layer for the llm stage or where for the vision/projector stage, not both"
+            )
+
+
+def warn_nonfinite(ctx: StageContext, b: int, i: int, who: str) -> None:
+    """Warn once per image when its features hold NaN/inf (the selection stays deterministic)."""
+    if not bool(torch.isfinite(ctx.features(b, i)).all()):
+        warnings.warn(
+            f"{who}: image {i} of sample {b} has NaN or inf features (check the pixel values); "
+            "the selection is deterministic but the model's output will not be meaningful",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class Random(LLMStagePolicy):
     """Keep a uniformly random subset of each image's visual tokens (seeded).
 
-    Works at any stage: ``stage="projector"`` (default), ``"vision"``, or the
+    Works at the projector stage (default), at ``where="vision"`` or at the
     llm stage by giving ``at_layer=k`` (then ``stage`` is ``"llm"``), as in
     the information-horizon recipe (``Random(at_layer=20, keep=38)``).
+    ``where="vision"`` selects at the same point as ``"projector"`` (after
+    the projector, before the first decoder layer; the vision tower always
+    sees every token): it only labels the stage in the report, so a Pipeline
+    can order it before projector-stage policies.
     """
 
     keep: int | float = 64
     seed: int = 0
     at_layer: int | None = None
-    where: str = "projector"
+    where: str | None = None
 
     name: ClassVar[str] = "random"
 
     def __post_init__(self) -> None:
         _init_any_stage(self)
+        check_int(self.name, "seed", self.seed)
 
     @property
     def stage(self) -> str:  # type: ignore[override]
-        return "llm" if self.at_layer is not None else self.where
+        return "llm" if self.at_layer is not None else (self.where or "projector")
 
     @property
     def at(self) -> int | None:
         return self.at_layer
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
+        warn_nonfinite(ctx, b, i, "random")
         n = int(ctx.alive[b][i].numel())
         perm = torch.randperm(n, generator=_image_generator(self.seed, i, n))[:k]
         return Selection(torch.sort(perm).values.to(ctx.hidden.device))
 
     def describe(self) -> str:
-        where = f"llm@{self.at_layer}" if self.at_layer is not None else self.where
+        where = f"llm@{self.at_layer}" if self.at_layer is not None else self.stage
         return f"random(seed={self.seed}, {where})"
 
 
@@ -95,7 +120,7 @@ def _window_grid(h: int, w: int, k: int) -> list[tuple[int, int, int, int]]:
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class Pooling(Policy):
     """Spatial average pooling of each image's token grid down to the budget.
 
@@ -108,6 +133,7 @@ class Pooling(Policy):
     keep: int | float = 64
     name: ClassVar[str] = "pooling"
     stage: ClassVar[str] = "projector"
+    needs_whole_grid: ClassVar[bool] = True
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         image = ctx.layouts[b].images[i]
@@ -117,6 +143,7 @@ class Pooling(Policy):
                 "pooling needs the image's whole token grid; put it first in a Pipeline "
                 f"(image {i} of sample {b} has {alive.numel()} of {image.num_tokens} tokens left)"
             )
+        warn_nonfinite(ctx, b, i, "pooling")
         feats = ctx.features(b, i)
         parts = split_budget([g.size for g in image.grids], k)
         labels, firsts = [], []
@@ -142,7 +169,7 @@ class Pooling(Policy):
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class Fixed(LLMStagePolicy):
     """Keep given grid indices: ``kept[sample][image]`` (e.g. replayed from a report).
 
@@ -153,17 +180,16 @@ class Fixed(LLMStagePolicy):
     ``at_layer``; ``keep`` is ignored (the lists are the budget).
     """
 
-    kept: list = field(default_factory=list)
+    kept: tuple = ()
     keep: int | float = 1
     at_layer: int | None = None
-    where: str = "projector"
+    where: str | None = None
 
     name: ClassVar[str] = "fixed"
 
     def __post_init__(self) -> None:
         _init_any_stage(self)
-        if not isinstance(self.kept, (list, tuple)):
-            raise TypeError(f"fixed: kept must be a list (samples) of lists (images) of indices; got {self.kept!r}")
+        self._set("kept", _kept_lists(self.kept))
 
     stage = Random.stage
     at = Random.at
@@ -177,7 +203,7 @@ class Fixed(LLMStagePolicy):
         out = []
         for i, grid_indices in enumerate(self.kept[b]):
             alive = ctx.alive[b][i]
-            want = torch.as_tensor(sorted(grid_indices), dtype=torch.long, device=alive.device)
+            want = torch.as_tensor(grid_indices, dtype=torch.long, device=alive.device)
             idx = torch.searchsorted(alive, want)
             if bool((idx >= alive.numel()).any()) or not torch.equal(alive[idx.clamp(max=alive.numel() - 1)], want):
                 raise ValueError(f"fixed: image {i} of sample {b}: some kept indices are not alive at this stage")
@@ -186,3 +212,25 @@ class Fixed(LLMStagePolicy):
 
     def describe(self) -> str:
         return "fixed"
+
+
+def _kept_lists(kept: object) -> tuple:
+    """``kept[sample][image]`` as nested tuples of ascending, distinct ints (hashable, like every policy)."""
+    if not isinstance(kept, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in kept):
+        raise TypeError(f"fixed: kept must be a list (samples) of lists (images) of indices; got {kept!r}")
+    out = []
+    for b, sample in enumerate(kept):
+        images = []
+        for i, indices in enumerate(sample):
+            if not isinstance(indices, (list, tuple)) or not all(_is_index(k) for k in indices):
+                raise TypeError(f"fixed: kept[{b}][{i}] must be a list of int grid indices >= 0; got {indices!r}")
+            if len(set(indices)) != len(indices):
+                duplicates = sorted({k for k in indices if list(indices).count(k) > 1})
+                raise ValueError(f"fixed: kept[{b}][{i}] lists indices {duplicates} more than once; each is kept once")
+            images.append(tuple(sorted(int(k) for k in indices)))
+        out.append(tuple(images))
+    return tuple(out)
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0

@@ -13,7 +13,7 @@ from .base import Policy, Selection, register
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class DivPrune(Policy):
     """Keep the most diverse visual tokens of each image (greedy max-min on cosine distance).
 

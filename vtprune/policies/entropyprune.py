@@ -7,20 +7,21 @@ from typing import ClassVar
 
 import torch
 
+from ..checks import check_bool
 from ..context import StageContext
 from ..ops.entropy import matrix_entropy, validate_normalize
 from .base import PerModelLayerPolicy, register
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class EntropyPrune(PerModelLayerPolicy):
     """Keep the visual tokens whose queries have the highest matrix entropy, pruning once before layer K.
 
     Source: "EntropyPrune: Matrix Entropy Guided Visual Token Pruning for
     Multimodal Large Language Models" (code YahongWang1/EntropyPrune). The
     queries of decoder layer K-1 (its input norm and ``q_proj``, computed
-    by `vtprune.ops.probe.layer_queries`, pre-RoPE: the score is
+    by `vtprune.patches.attention.layer_queries`, pre-RoPE: the score is
     RoPE-invariant) give each visual token an ``heads x head_dim`` matrix;
     its score is the matrix entropy of `vtprune.ops.entropy.matrix_entropy`
     (centred across heads, ``H x H`` dual Gram, float64 eigenvalues clamped
@@ -52,8 +53,7 @@ class EntropyPrune(PerModelLayerPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_normalize(self.normalize)
-        if not isinstance(self.average, bool):
-            raise TypeError(f"entropyprune: average must be True or False; got {self.average!r}")
+        check_bool(self.name, "average", self.average)
 
     def layer_queries_needed(self) -> tuple[int, ...]:
         """The one decoder layer whose queries are read: K-1 (its own q_proj output, captured)."""
@@ -65,7 +65,7 @@ class EntropyPrune(PerModelLayerPolicy):
         n_alive = int(ctx.alive[b][i].numel())
         if n_alive == 0:
             return 0
-        depth, at = ctx.adapter.num_layers, self._at
+        depth, at = ctx.adapter.num_layers, self.resolved_layer()
         n = ctx.layouts[b].images[i].num_tokens
         target = self.keep if isinstance(self.keep, int) else self.keep * n
         kept = int((depth * target - at * n) / (depth - at))
@@ -78,10 +78,10 @@ class EntropyPrune(PerModelLayerPolicy):
         return min(kept, n_alive)
 
     def score(self, ctx: StageContext, b: int, i: int) -> torch.Tensor:
-        return matrix_entropy(ctx.queries(self._at - 1, b, i), self.normalize)
+        return matrix_entropy(ctx.queries(self.resolved_layer() - 1, b, i), self.normalize)
 
     def describe(self) -> str:
-        options = [f"at_layer={self._at if self._at is not None else 'per-model'}"]
+        options = [f"at_layer={self.at_layer if self.at_layer is not None else 'per-model'}"]
         if self.normalize:
             options.append(f"normalize={self.normalize}")
         if self.average:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
+from ..checks import check_bool, check_int, check_number
 from ..context import StageContext
 from ..ops.select import sanitize_scores, topk_indices
-from ..zoo import adapter_defaults
 from .base import Policy, Selection, probe_depth, register
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class HiPrune(Policy):
     """Keep anchors, their buffers and registers chosen from two ViT layers' attention.
 
@@ -66,41 +66,44 @@ class HiPrune(Policy):
     name: ClassVar[str] = "hiprune"
     stage: ClassVar[str] = "vision"
     reference_positions: ClassVar[str] = "compact"
+    zoo_fields: ClassVar[tuple[str, ...]] = ("object_layer",)
+    needs_whole_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"hiprune: alpha must be a number in [0, 1]; got {self.alpha!r}")
+        check_number(self.name, "alpha", self.alpha, 0, 1)
         for name in ("object_layer", "deep_layer"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"hiprune: {name} must be a 1-based layer number >= 1 or None; got {value!r}")
-        self._layers: tuple[int, int] | None = None
+            check_int(self.name, f"{name} (a 1-based layer number)", getattr(self, name), minimum=1, allow_none=True)
+        check_bool(self.name, "wrap_correct", self.wrap_correct)
 
-    def bind(self, adapter) -> None:
+    def resolve(self, adapter) -> Policy:
         depth = probe_depth(adapter, "hiprune")
-        obj = self.object_layer or adapter_defaults(adapter, self.name).get("object_layer")
-        if obj is None:
+        if self.object_layer is None:
             raise ValueError(f"hiprune: no object_layer default for {adapter.model_type!r}; give object_layer")
         deep = self.deep_layer or adapter.feature_vision_layer
-        for name, layer in (("object_layer", obj), ("deep_layer", deep)):
+        for name, layer in (("object_layer", self.object_layer), ("deep_layer", deep)):
             if not 1 <= layer <= depth:
-                origin = "" if getattr(self, name) else f" (the {adapter.model_type} default)"
+                origin = "" if name == "object_layer" or self.deep_layer else f" (the {adapter.model_type} default)"
                 raise ValueError(
                     f"hiprune: {name}={layer}{origin} is outside this ViT's layers 1..{depth}; give {name} in 1..{depth}"
                 )
-        self._layers = (obj - 1, deep - 1)
+        return replace(self, deep_layer=deep) if deep != self.deep_layer else self
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        """0-based (object, deep) ViT layers; known once both are given or resolved by `bind`."""
+        if self.object_layer is None or self.deep_layer is None:
+            raise RuntimeError("hiprune: layers are not resolved yet; bind(adapter) first")
+        return self.object_layer - 1, self.deep_layer - 1
 
     def vision_layers_needed(self) -> tuple[int, ...]:
-        if self._layers is None:
-            raise RuntimeError("hiprune: layers are not resolved yet; bind(adapter) first")
-        return tuple(sorted(set(self._layers)))
+        return tuple(sorted(set(self.layers)))
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         image = ctx.layouts[b].images[i]
         if ctx.alive[b][i].numel() != image.num_tokens:
             raise ValueError("hiprune reads the whole ViT grid; put it first in a Pipeline")
-        obj_layer, deep_layer = self._layers
+        obj_layer, deep_layer = self.layers
         obj = sanitize_scores(ctx.vision_attention(b, i, obj_layer), "object-layer scores")
         deep = sanitize_scores(ctx.vision_attention(b, i, deep_layer), "deep-layer scores")
         n = obj.numel()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from numbers import Real
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from ..budget import resolve_budget
+from ..checks import check_bool, check_int, check_number
 from ..context import StageContext
 from ..ops.greedy import cosine_similarity, finite_fp32, mmr_select
 from .base import Policy, Selection, probe_depth, register
@@ -19,7 +19,7 @@ IMPORTANCE_SOURCES = ("prompt", "norm", "received")
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class IDPruner(Policy):
     """Keep visual tokens that are important and not redundant (greedy MMR).
 
@@ -55,6 +55,8 @@ class IDPruner(Policy):
             68-69 % / 85-86 % (README, "Accuracy under pruning").
         per_image: False (default, the reference) pools all images of a
             sample; True selects per image with per-image budgets.
+        vision_layer: 1-based ViT layer of ``importance="received"``; None
+            (default) is the layer whose output is the visual feature.
     """
 
     keep: int | float = 64
@@ -62,6 +64,7 @@ class IDPruner(Policy):
     selector: str | None = None
     importance: str = "received"
     per_image: bool = False
+    vision_layer: int | None = None
 
     name: ClassVar[str] = "idpruner"
     stage: ClassVar[str] = "projector"
@@ -69,31 +72,53 @@ class IDPruner(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.lam, bool) or not isinstance(self.lam, Real) or not 0.0 <= float(self.lam) <= 1.0:
-            raise ValueError(f"idpruner: lam must be a number in [0, 1]; got {self.lam!r}")
-        self.lam = float(self.lam)
+        self._set("lam", check_number(self.name, "lam", self.lam, 0, 1))
         if self.importance not in IMPORTANCE_SOURCES:
             raise ValueError(f"idpruner: importance must be one of {IMPORTANCE_SOURCES}; got {self.importance!r}")
-        if not isinstance(self.per_image, bool):
-            raise TypeError(f"idpruner: per_image must be True or False; got {self.per_image!r}")
-        self._scorer: VisionSelector | None = None
-        self._vision_layer: int | None = None
+        check_bool(self.name, "per_image", self.per_image)
+        check_int(self.name, "vision_layer", self.vision_layer, minimum=1, allow_none=True)
+        scorer: VisionSelector | None = None
         if self.selector is not None:
             if not isinstance(self.selector, (str, os.PathLike)):
                 raise TypeError(f"idpruner: selector must be a directory path or None; got {self.selector!r}")
-            self._scorer = load_selector(self.selector)
+            if not str(self.selector).strip():
+                raise ValueError(
+                    "idpruner: selector='' names no directory; give the scorer's local folder, or None for IDPruner-TF"
+                )
+            scorer = load_selector(self.selector)
+        # the loaded weights belong to the configuration (the path), not to a model; not a field, so
+        # equality and hashing see the path only
+        self._set("_scorer", scorer)
 
-    def bind(self, adapter) -> None:
+    def resolve(self, adapter) -> Policy:
         """Check the selector against the model before any hook is installed; resolve the probe layer."""
         if self._scorer is not None:
             self._scorer.check_features(adapter.text_config.hidden_size)
-        self._vision_layer = None
-        if self._scorer is None and self.importance == "received":
-            probe_depth(adapter, "idpruner: importance='received'")
-            self._vision_layer = adapter.feature_vision_layer - 1
+            return self
+        if self.importance != "received":
+            return self
+        depth = probe_depth(adapter, "idpruner: importance='received'")
+        layer = self.vision_layer or adapter.feature_vision_layer
+        if not 1 <= layer <= depth:
+            raise ValueError(
+                f"idpruner: vision_layer={layer} is outside this ViT's layers 1..{depth}; give vision_layer in 1..{depth}"
+            )
+        if layer == self.vision_layer:
+            return self
+        return replace(self, vision_layer=layer)
+
+    @property
+    def _received_layer(self) -> int | None:
+        """0-based ViT layer of the received importance (known after `bind`), None when unused."""
+        if self._scorer is not None or self.importance != "received" or self.vision_layer is None:
+            return None
+        return self.vision_layer - 1
 
     def vision_layers_needed(self) -> tuple[int, ...]:
-        return () if self._vision_layer is None else (self._vision_layer,)
+        if self._scorer is None and self.importance == "received" and self.vision_layer is None:
+            raise RuntimeError("idpruner: importance='received' needs the ViT layer; bind(adapter) first")
+        layer = self._received_layer
+        return () if layer is None else (layer,)
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         n_images = ctx.num_images(b)
@@ -114,9 +139,10 @@ class IDPruner(Policy):
         if self._scorer is not None:
             return self._scorer.score(features)
         if self.importance == "received":
-            if self._vision_layer is None:
+            layer = self._received_layer
+            if layer is None:
                 raise RuntimeError("idpruner: importance='received' needs the ViT layer; bind(adapter) first")
-            received = [ctx.vision_attention(b, i, self._vision_layer).to(features.device) for i in images]
+            received = [ctx.vision_attention(b, i, layer).to(features.device) for i in images]
             return torch.cat(received) if len(received) > 1 else received[0]
         if self.importance == "prompt":
             question = ctx.question(b)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Real
 from typing import ClassVar
 
@@ -12,7 +12,6 @@ import torch
 from ..budget import split_budget
 from ..context import StageContext
 from ..ops.greedy import cosine_similarity, coverage_select, finite_fp32
-from ..zoo import policy_defaults
 from .base import Policy, Selection, register
 
 
@@ -54,7 +53,7 @@ def _positive(name: str, value: object, allow_zero: bool = False) -> float:
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class MMTok(Policy):
     """Keep the visual tokens that best cover the question and the image (greedy maximum coverage).
 
@@ -93,44 +92,39 @@ class MMTok(Policy):
     stage: ClassVar[str] = "projector"
     rounding: ClassVar[str] = "floor"
     reference_positions: ClassVar[str] = "compact"
+    zoo_fields: ClassVar[tuple[str, ...]] = ("tau_t", "per_crop")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.alpha = _positive("alpha", self.alpha, allow_zero=True)
-        self.tau_v = _positive("tau_v", self.tau_v)
+        self._set("alpha", _positive("alpha", self.alpha, allow_zero=True))
+        self._set("tau_v", _positive("tau_v", self.tau_v))
         if self.tau_t is not None:
-            self.tau_t = _positive("tau_t", self.tau_t)
+            self._set("tau_t", _positive("tau_t", self.tau_t))
         if self.per_crop is not None and not isinstance(self.per_crop, bool):
             raise TypeError(f"mmtok: per_crop must be True, False or None (per model); got {self.per_crop!r}")
 
-    def text_temperature(self, model_type: str) -> float:
-        """``tau_t``, or the reference's value for `model_type` when it is None."""
-        if self.tau_t is not None:
-            return self.tau_t
-        tau_t = policy_defaults(model_type, self.name).get("tau_t")
-        if tau_t is None:
+    def resolve(self, adapter) -> Policy:
+        """Check that the model has a reference text temperature (or that tau_t is given); per_crop defaults off."""
+        if self.tau_t is None:
             raise ValueError(
-                f"mmtok: model_zoo.yaml has no reference tau_t for model type {model_type!r}; "
+                f"mmtok: model_zoo.yaml has no reference tau_t for model type {adapter.model_type!r}; "
                 "give tau_t explicitly"
             )
-        return float(tau_t)
+        return replace(self, per_crop=False) if self.per_crop is None else self
 
-    def bind(self, adapter) -> None:
-        """Check that the model has a reference text temperature (or that tau_t is given)."""
-        self.text_temperature(adapter.model_type)
+    def _bound(self) -> tuple[float, bool]:
+        if self.tau_t is None or self.per_crop is None:
+            raise RuntimeError("mmtok: tau_t and per_crop are not resolved yet; bind(adapter) first")
+        return self.tau_t, self.per_crop
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         visual = ctx.features(b, i)
         n = visual.shape[0]
         if k >= n:
             return Selection(torch.arange(n, device=visual.device))
-        model_type = ctx.adapter.model_type
+        tau_t, per_crop = self._bound()
         visual_pre = ctx.pre_projector(b, i).to(visual.device)
         question = ctx.question(b)
-        tau_t = self.text_temperature(model_type)
-        per_crop = self.per_crop
-        if per_crop is None:
-            per_crop = bool(policy_defaults(model_type, self.name).get("per_crop", False))
         grids = ctx.layouts[b].images[i].grids
         if not per_crop or len(grids) == 1:
             cover = coverage_matrix(visual, visual_pre, question, self.alpha, self.tau_v, tau_t)

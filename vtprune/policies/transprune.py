@@ -10,8 +10,8 @@ from typing import ClassVar
 import torch
 
 from ..budget import resolve_budget, validate_keep
+from ..checks import check_bool
 from ..context import StageContext
-from ..ops.probe import attention_rows
 from ..ops.select import topk_indices
 from ..ops.transition import token_transition
 from .base import Policy, Selection, register
@@ -20,7 +20,7 @@ _EPS = 1e-8  # the reference's guard when each score is normalised by its sum
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class TransPrune(Policy):
     """Prune visual tokens at several decoder layers by TTV plus instruction-guided attention.
 
@@ -39,7 +39,7 @@ class TransPrune(Policy):
       tokens from the end of the last image span to the end of the prompt to
       every key, in the next layer (its input norm, q/k projections, RoPE,
       GQA, causal mask), mean over heads and those rows, image columns.
-      Recomputed by the attention probe (`vtprune.ops.probe.attention_rows`),
+      Recomputed by the attention probe (`StageContext.attention_rows`),
       so the model keeps SDPA/FlashAttention.
     - Score of an image's alive tokens: ``TTV / sum(TTV) + IGA / sum(IGA)``
       (each plus 1e-8); the top ``int(N0 * r)`` are kept, N0 the image's
@@ -81,54 +81,46 @@ class TransPrune(Policy):
     stage: ClassVar[str] = "llm"
     rounding: ClassVar[str] = "floor"
     reference_positions: ClassVar[str] = "compact"
+    zoo_fields: ClassVar[tuple[str, ...]] = ("prune_after", "ratios", "ttv_from")
 
     def __post_init__(self) -> None:
         if self.keep is not None:
-            self.keep = validate_keep(self.keep)
+            self._set("keep", validate_keep(self.keep))
         for flag in ("ttv_only", "abs_cos"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"transprune: {flag} must be True or False; got {getattr(self, flag)!r}")
-        self.prune_after = _layers(self.prune_after)
-        self.ratios = _ratios(self.ratios)
-        self.ttv_from = _ttv_from(self.ttv_from)
-        self._schedule = None
-        if None not in (self.prune_after, self.ratios, self.ttv_from):
-            self._schedule = _check_schedule(self.prune_after, self.ratios, self.ttv_from)
+            check_bool(self.name, flag, getattr(self, flag))
+        self._set("prune_after", _layers(self.prune_after))
+        self._set("ratios", _ratios(self.ratios))
+        self._set("ttv_from", _ttv_from(self.ttv_from))
+        if self._resolved:
+            _check_schedule(self.prune_after, self.ratios, self.ttv_from)
+
+    @property
+    def _resolved(self) -> bool:
+        return None not in (self.prune_after, self.ratios, self.ttv_from)
 
     @property
     def at(self) -> int | None:
         """The first prune layer once known."""
-        if self._schedule is not None:
-            return self._schedule[0][0]
         return self.prune_after[0] if self.prune_after else None
 
-    def bind(self, adapter) -> None:
-        from ..zoo import adapter_defaults
-
-        defaults = adapter_defaults(adapter, self.name)
-        given = {"prune_after": self.prune_after, "ratios": self.ratios, "ttv_from": self.ttv_from}
-        resolved = {k: v if v is not None else defaults.get(k) for k, v in given.items()}
-        missing = sorted(k for k, v in resolved.items() if v is None)
+    def resolve(self, adapter) -> Policy:
+        missing = [k for k in self.zoo_fields if getattr(self, k) is None]
         if missing:
             raise ValueError(
-                f"transprune: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; "
-                "give them explicitly"
+                f"transprune: model_zoo.yaml has no {', '.join(sorted(missing))} for model type "
+                f"{adapter.model_type!r}; give them explicitly"
             )
-        self._schedule = _check_schedule(
-            _layers(resolved["prune_after"]),
-            _ratios(resolved["ratios"]),
-            _ttv_from(resolved["ttv_from"]),
-            depth=adapter.num_layers,
-        )
+        _check_schedule(self.prune_after, self.ratios, self.ttv_from, depth=adapter.num_layers)
+        return self
 
     def schedule(self) -> tuple[tuple[int, ...], tuple[float, ...], int]:
         """(prune_after, ratios, ttv_from) as resolved for the wrapped model."""
-        if self._schedule is None:
+        if not self._resolved:
             raise RuntimeError("transprune: the schedule is not resolved yet; bind(adapter) first")
-        return self._schedule
+        return self.prune_after, self.ratios, self.ttv_from
 
     def prune_layers(self) -> tuple[int, ...]:
-        return self._schedule[0] if self._schedule else ()
+        return self.prune_after if self._resolved else ()
 
     def sub_block_layers(self) -> tuple[int, ...]:
         """0-based layers whose TTV is accumulated: 1-based ``ttv_from`` through the last prune layer."""
@@ -173,13 +165,12 @@ class TransPrune(Policy):
         rows = ctx.after_images(b)
         if not rows.numel():
             return None
-        layer = ctx.decoder_layer(ctx.layer)
-        return attention_rows(layer, ctx.hidden[b], ctx.rotary(b), rows, ctx.valid(b)).mean(dim=0)
+        return ctx.attention_rows(ctx.layer, ctx.hidden[b], b, rows).mean(dim=0)
 
     def describe(self) -> str:
-        if self._schedule is None:
+        if not self._resolved:
             return "transprune(per-model schedule)"
-        layers, ratios, ttv_from = self._schedule
+        layers, ratios, ttv_from = self.schedule()
         options = [f"after={','.join(map(str, layers))}", f"ratios={','.join(f'{r:g}' for r in ratios)}", f"ttv_from={ttv_from}"]
         if self.keep is not None:
             options.append(f"keep={self.keep}")

@@ -1,0 +1,47 @@
+"""The checks of policy options, in one place: strict types, the value and the allowed range in every message.
+
+``True`` is not an int and ``"yes"`` is not a bool here: a config that says
+``per_image: "false"`` is an error, not a truthy string.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+
+def check_bool(who: str, name: str, value: object, allow_none: bool = False) -> bool | None:
+    """`value` if it is a bool (or None where allowed), else a TypeError."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{who}: {name} must be {allowed}; got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def check_int(who: str, name: str, value: object, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    """`value` as an int if it is one (not a bool) and at least `minimum`, else a ValueError."""
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, Integral) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+    if not ok:
+        bound = f" >= {minimum}" if minimum is not None else ""
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{who}: {name} must be an int{bound}{none}; got {value!r}")
+    return int(value)
+
+
+def check_number(who: str, name: str, value: object, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False, allow_none: bool = False) -> float | None:
+    """`value` as a float if it is a finite real (not a bool) inside the interval, else a ValueError."""
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok:
+        v = float(value)
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{who}: {name} must be a number in {interval}; got {value!r}")
+    return float(value)

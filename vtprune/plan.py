@@ -1,0 +1,96 @@
+"""The bound plan: one policy configuration resolved against one model, at wrap.
+
+`build_plan` does everything that can fail before the model is touched: it
+finds the adapter, turns names and options into a policy, resolves every
+policy against the model (`Policy.bind`: model_zoo.yaml defaults, depth and
+layer checks) and derives what the runtime must capture. The policy object
+the user gave is never changed; the `Plan` holds the resolved copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .patches import Adapter, adapter_for
+from .policies.base import POSITION_MODES, Pipeline, Policy, check_decoder_layer, make_policy
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A policy bound to one wrapped model: the resolved pipeline and what the runtime needs from the model.
+
+    ``config`` is the configuration as the user gave it (a policy or a
+    Pipeline); ``pipeline`` the same policies resolved for this model.
+    ``prune_layers`` maps a decoder layer to the (index in the pipeline,
+    policy) that prunes before it; a progressive policy (TransPrune) appears
+    at several layers.
+    """
+
+    adapter: Adapter
+    config: Policy | Pipeline
+    pipeline: Pipeline
+    positions: str
+    tokenizer: Any
+    prune_layers: dict[int, tuple[int, Policy]]
+    layer_inputs: frozenset[int]
+    layer_queries: frozenset[int]
+    vision_layers: frozenset[int]
+
+    def first_wrapped_layer(self) -> int | None:
+        """The first decoder layer whose forward the runtime must see (None: no llm-stage work)."""
+        if not self.prune_layers:
+            return None
+        return min(min(self.prune_layers), min(self.layer_inputs, default=10**9))
+
+    def rebuild(self, model: nn.Module) -> Plan:
+        """The same configuration bound to another model (a deep copy of this one)."""
+        return build_plan(model, self.config, None, self.positions, {}, self.tokenizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (what the report records)."""
+        policies = self.pipeline.policies
+        out = policies[0].to_dict() if len(policies) == 1 else self.pipeline.to_dict()
+        return {**out, "positions": self.positions}
+
+
+def build_plan(model: nn.Module, policy, keep, positions: str, options: dict, tokenizer=None) -> Plan:
+    """Everything that can fail, before the model is touched."""
+    adapter = adapter_for(model)
+    if tokenizer is not None:
+        adapter.set_tokenizer(tokenizer)
+    if keep is not None:
+        options = {"keep": keep, **options}
+    config = make_policy(policy, **options)
+    pipeline = config if isinstance(config, Pipeline) else Pipeline([config])
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}; got {positions!r}")
+    if positions == "compact" and adapter.mrope:
+        raise ValueError(
+            f"positions='compact' renumbers 1-D positions; {adapter.model_type} uses M-RoPE rows "
+            "(temporal, height, width), so only positions='original' is defined for it"
+        )
+    bound = pipeline.bind(adapter)  # stage order checked again, now that per-model layers are known
+    depth = adapter.num_layers
+    for p in bound.llm():
+        for at in p.prune_layers():
+            check_decoder_layer(p.describe(), "at_layer", at, depth)
+    for p in bound.policies:
+        for layer in (*p.layer_inputs_needed(), *p.sub_block_layers(), *p.layer_queries_needed()):
+            if not 0 <= layer < depth:
+                raise ValueError(f"{p.describe()} reads decoder layer {layer}; the model has layers 0..{depth - 1}")
+    if any(p.layer_queries_needed() for p in bound.policies):
+        adapter.query_module(0)  # the adapter must know where the queries are (raises otherwise)
+    return Plan(
+        adapter=adapter,
+        config=config,
+        pipeline=bound,
+        positions=positions,
+        tokenizer=tokenizer,
+        prune_layers={layer: (i, p) for i, p in enumerate(bound.policies) for layer in p.prune_layers()},
+        layer_inputs=frozenset(x for p in bound.policies for x in p.layer_inputs_needed()),
+        layer_queries=frozenset(x for p in bound.policies for x in p.layer_queries_needed()),
+        vision_layers=frozenset(x for p in bound.policies for x in p.vision_layers_needed()),
+    )

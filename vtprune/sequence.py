@@ -1,0 +1,221 @@
+"""Every tensor that carries sequence length, held in one object with one `compact`.
+
+The prefill (after the vision/projector stages) and every llm-stage prune
+point shorten the sequence the same way: build the keep mask from the kept
+visual tokens, turn it into gather indices with re-padding (`keep_index`),
+and gather the hidden states, the 2-D mask, the position ids (1-D or M-RoPE
+rows), the rotary tables, the policies' sub-block statistics and whatever
+extra tensors the model family carries (declared by its adapter as
+`SequenceTensor`, e.g. Qwen3-VL's visual-position mask and DeepStack
+features). Decode steps translate the growing 2-D mask and the positions
+with `Level.decode_mask` / `PrefillState.decode_positions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .compaction import gather_seq, keep_index
+from .layout import SampleLayout
+
+
+@dataclass(frozen=True)
+class SequenceTensor:
+    """An adapter's declaration of one extra tensor of the language model's inputs that a prune must shorten.
+
+    ``name`` is the keyword the language model (or its decoder layers)
+    takes. With ``rows_of=None`` the tensor carries sequence length along
+    ``dim`` (batch just before it), like an attention mask. With
+    ``rows_of="<mask name>"`` its rows along ``dim`` are the True entries,
+    in row-major order, of that declared ``(B, L)`` bool mask (DeepStack
+    features are rows of the visual positions): a prune keeps the rows whose
+    position it keeps. A list or tuple of such tensors (one per layer) is
+    shortened element by element.
+    """
+
+    name: str
+    dim: int = 1
+    rows_of: str | None = None
+
+
+@dataclass
+class Sequence:
+    """The sequence at one point of the prefill, for the whole batch.
+
+    ``alive[b][i]``: grid indices of image i still present; ``seq_positions[b][i]``:
+    where they sit now; ``question_positions[b]``: the question's tokens now.
+    ``stats`` are the dicts of per-token statistics ``(B, L)`` the policies
+    accumulate (shortened in place, so their owners see the new rows).
+    """
+
+    hidden: torch.Tensor
+    mask2d: torch.Tensor
+    position_ids: torch.Tensor | None
+    alive: list[list[torch.Tensor]]
+    seq_positions: list[list[torch.Tensor]]
+    question_positions: list[torch.Tensor]
+    rotary: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    stats: list[dict] = field(default_factory=list)
+    #: for each ``rows_of`` extra: the rows kept since level 0 (indices into level 0's rows), for the
+    #: copies of it the decoder loop still holds at level 0's length
+    row_index: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def compact(
+        self,
+        layouts: list[SampleLayout],
+        alive: list[list[torch.Tensor]],
+        seq_positions: list[list[torch.Tensor]],
+        *,
+        pad_left: bool,
+        compact_positions: bool,
+        declared: tuple[SequenceTensor, ...] = (),
+        rotary_fn=None,
+    ) -> tuple[Sequence, torch.Tensor]:
+        """Keep only the visual tokens at ``seq_positions`` (current positions, after a selection) and every other valid token.
+
+        Returns the shortened sequence and the gather index ``(B, L')``
+        (``-1``: padding). ``compact_positions`` renumbers 0..L'-1 (and
+        recomputes rotary tables with ``rotary_fn`` where this point has
+        them); otherwise positions and rotary tables are gathered.
+        """
+        keep = self.mask2d.bool().clone()
+        for b, sample in enumerate(layouts):
+            if sample.images:
+                keep[b, torch.cat(self.seq_positions[b])] = False
+                keep[b, torch.cat(seq_positions[b])] = True
+        index = keep_index(keep, pad_left)
+        new_mask = (index >= 0).long()
+        hidden = gather_seq(self.hidden, index)
+        rotary, positions = self.rotary, self.position_ids
+        if compact_positions:
+            renumbered = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
+            if positions is not None and positions.dim() > 2:
+                renumbered = renumbered.expand(*positions.shape[:-2], *renumbered.shape)
+            positions = renumbered
+            rotary = rotary_fn(hidden, renumbered) if rotary is not None else None
+        else:
+            rotary = tuple(gather_seq(t, index, dim=-2) for t in rotary) if rotary is not None else None
+            positions = gather_seq(positions, index, dim=-1) if positions is not None else None
+        for stats in self.stats:
+            for key, value in stats.items():
+                stats[key] = gather_seq(value, index)
+        old_len = self.mask2d.shape[1]
+        extras, rows = _gather_extras(self.extras, declared, keep, index)
+        row_index = {name: self.row_index[name][r] if name in self.row_index else r for name, r in rows.items()}
+        shortened = replace(
+            self,
+            hidden=hidden,
+            mask2d=new_mask,
+            position_ids=positions,
+            rotary=rotary,
+            alive=alive,
+            seq_positions=remap(seq_positions, index, old_len),
+            question_positions=remap([[q] for q in self.question_positions], index, old_len, flat=True),
+            extras=extras,
+            row_index=row_index,
+        )
+        return shortened, index
+
+
+def _gather_extras(extras: dict[str, Any], declared: tuple[SequenceTensor, ...], keep: torch.Tensor,
+                   index: torch.Tensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The declared extras shortened, and for each ``rows_of`` one the indices of the rows it kept."""
+    out, kept_rows = dict(extras), {}
+    for spec in declared:
+        value = extras.get(spec.name)
+        if value is None:
+            continue
+        if spec.rows_of is None:
+            out[spec.name] = _each(value, lambda t, d=spec.dim: gather_seq(t, index, dim=d))
+        else:
+            mask = extras.get(spec.rows_of)  # the mask before this prune (``out`` may hold the shortened one)
+            if mask is None:
+                raise RuntimeError(f"{spec.name} is declared as rows of {spec.rows_of!r}, which the inputs lack")
+            # kept flags of the mask's positions, row-major: one per row of the tensor
+            rows = torch.nonzero(keep[mask.bool()]).flatten()
+            out[spec.name] = _each(value, lambda t, d=spec.dim, r=rows: t.index_select(d, r.to(t.device)))
+            kept_rows[spec.name] = rows
+    return out, kept_rows
+
+
+def _each(value, fn):
+    if isinstance(value, (list, tuple)):
+        return type(value)(fn(t) for t in value)
+    return fn(value)
+
+
+def remap(seq_pos, index: torch.Tensor, old_len: int, flat: bool = False):
+    """Positions in the old sequence -> positions in the gathered one (``index`` from `keep_index`).
+
+    Dropped positions map to -1; with ``flat`` they are left out.
+    """
+    bsz, width = index.shape
+    new_of_old = torch.full((bsz, old_len), -1, dtype=torch.long, device=index.device)
+    slots = torch.arange(width, device=index.device).expand(bsz, width)
+    valid = index >= 0
+    new_of_old[valid.nonzero(as_tuple=True)[0], index[valid]] = slots[valid]
+    out = []
+    for b, per_image in enumerate(seq_pos):
+        mapped = []
+        for pos in per_image:
+            m = new_of_old[b, pos]
+            mapped.append(m[m >= 0] if flat else m)
+        out.append(mapped[0] if flat else mapped)
+    return out
+
+
+@dataclass
+class Level:
+    """One stretch of decoder layers that sees the same (pruned) sequence.
+
+    Level 0 starts at layer 0 (after the vision/projector stages); each
+    llm-stage prune point starts a new level. ``mask2d`` is the 2-D padding
+    mask of the prefill tokens the level's caches hold; ``removed`` counts,
+    per sample, the valid prefill tokens dropped up to this level.
+    ``masks``, ``position_embeddings``, ``position_ids`` and ``extras`` are
+    what the level's layers get instead of the decoder loop's full-length
+    ones (set in the prefill and at every decode step, levels above 0);
+    ``row_index`` selects the level's rows of a ``rows_of`` extra from the
+    copy the decoder loop holds (level 0's rows).
+    """
+
+    layer: int
+    mask2d: torch.Tensor
+    removed: torch.Tensor
+    masks: dict[str, Any] = field(default_factory=dict)
+    position_embeddings: Any = None
+    position_ids: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    row_index: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, mask: torch.Tensor | None, cache, q: int) -> torch.Tensor:
+        """The level's prefill mask plus one column per token since the prefill (trap 2)."""
+        past = cache.get_seq_length(self.layer)
+        new_cols = past - self.mask2d.shape[1] + q
+        if mask is not None and mask.dim() == 2:
+            tail = mask[:, mask.shape[1] - new_cols :]
+        else:
+            tail = self.mask2d.new_ones(self.mask2d.shape[0], new_cols)
+        return torch.cat([self.mask2d, tail.to(self.mask2d)], dim=1)
+
+
+@dataclass
+class PrefillState:
+    """What a prefill leaves for the decode steps that follow it (kept with the cache it filled)."""
+
+    full_len: int
+    levels: list[Level]
+    layouts: list[SampleLayout]
+    sequence: Sequence
+    pad_left: bool = True
+
+    def level_for(self, layer: int) -> Level:
+        current = self.levels[0]
+        for level in self.levels:
+            if level.layer <= layer:
+                current = level
+        return current
