@@ -458,3 +458,28 @@ def test_qwen3_vl_deepstack_needs_only_an_adapter_declaration(monkeypatch):
             cached = model.generate(**batch, **gen_kwargs(3))
             assert torch.equal(model.generate(**batch, use_cache=False, **gen_kwargs(3)), cached)
         vtprune.unwrap(model)
+
+
+# --- the cache argument's two names ---------------------------------------------------------------
+
+
+def test_decode_step_reads_past_key_values_as_cache():
+    """transformers 5.24 renames ``past_key_values`` to ``cache`` (the old name goes at 5.40): a user's
+    decode step with either name continues from the pruned prefill the same way."""
+    model = model_for("llava")
+    batch = inputs(model, mixed_specs("llava"))
+    vtprune.wrap(model, Random(keep=3, seed=0))
+    steps = {}
+    for name in ("cache", "past_key_values"):
+        with torch.no_grad():
+            out = model(**batch, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            kept = cache.get_seq_length()
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
+            step = model(input_ids=token, attention_mask=mask, use_cache=True, **{name: cache})
+        steps[name] = (step.logits, kept, cache.get_seq_length())
+    assert steps["cache"][1] < batch["input_ids"].shape[1]  # the prefill was pruned
+    assert steps["cache"][2] == steps["cache"][1] + 1
+    assert torch.equal(steps["cache"][0], steps["past_key_values"][0])
+    assert steps["cache"][1:] == steps["past_key_values"][1:]

@@ -271,6 +271,9 @@ class Runtime:
             self._lm_signature = inspect.signature(original)
         bound = self._lm_signature.bind_partial(*args, **kwargs).arguments
         extra = bound.pop("kwargs", {}) or {}
+        if bound.get("cache") is None and "past_key_values" in extra:
+            # the name transformers 5.24 retires (at 5.40) in favour of cache=: read both
+            bound["cache"] = extra.pop("past_key_values")
         cache = bound.get("cache")
         embeds = bound.get("inputs_embeds")
         record = self.record

@@ -229,7 +229,7 @@ class StageRunner:
             extras=short.extras,
             row_index=short.row_index,
         )
-        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden, "cache": kwargs.get("cache")}
+        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden, "cache": kwargs.get("cache", kwargs.get("past_key_values"))}
         state.levels.append(level)
         state.sequence = _kept(short)
         return short.hidden
