@@ -37,6 +37,8 @@ from .llava_next import LlavaNextAdapter
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_type = "llava_onevision"
+    #: lmms-eval 0.7.3's HF LLaVA wrapper loads OneVision checkpoints (its `llava_onevision` one needs the LLaVA repo)
+    lmms_model = "llava_hf"
     vision_cls = False
     #: ``batch_num_images`` decides which images get crops; ``pixel_values_videos`` is read for its frame count only
     grid_keys = ("image_sizes", "batch_num_images", "pixel_values_videos")

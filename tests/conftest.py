@@ -9,7 +9,7 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
-from vtprune.tiny import FAMILIES  # noqa: E402  (the one table of supported families, as tiny models)
+from vtprune.patches import supported_model_types  # noqa: E402  (the one table of model types)
 
 torch.set_num_threads(1)
 
@@ -26,6 +26,6 @@ AttentionMaskInterface.register("vtprune_noweights", sdpa_mask)
 ATTNS = ("eager", "sdpa", "vtprune_noweights")
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=supported_model_types())
 def family(request):
     return request.param

@@ -28,7 +28,10 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision")
+from .patches import supported_model_types
+
+#: the tiny models follow the one table of supported model types (each needs its config below)
+FAMILIES = tuple(supported_model_types())
 VOCAB = 128
 IMAGE_TOKEN = 100
 VIDEO_TOKEN = 101
