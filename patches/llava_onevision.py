@@ -137,6 +137,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if sizes is None or counter["image"] >= len(sizes):
             raise ValueError(f"{self.model_type}: the prompt holds more image placeholders than `image_sizes` describes")
         flags = self._with_crops(captured.get("batch_num_images"))
+        if flags is not None and counter["image"] >= len(flags):
+            raise ValueError(f"{self.model_type}: the prompt holds more images than `batch_num_images` counts")
         crops = True if flags is None else flags[counter["image"]]
         return self.image_token_count(sizes[counter["image"]], crops)
 

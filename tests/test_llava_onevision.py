@@ -184,3 +184,20 @@ def test_generate_with_beams_repeats_crops_flags_and_videos():
     model.generate(**batch, **gen_kwargs(2, num_beams=2, num_return_sequences=2))
     repeated = [[i["stages"]["vision"]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
     assert repeated == [k for k in single for _ in range(2)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", sorted(set(vtprune.policies.available_policies()) - {"fixed"}))
+def test_every_policy_runs_with_the_family_defaults_at_the_real_depths(policy):
+    """model_zoo.yaml's llava_onevision defaults bind (no 'no reference' refusal) on SigLIP's 26 layers and a 28-layer LLM."""
+    model = model_for(FAMILY, layers=28, vision_layers=26)
+    batch = inputs(model, mixed_specs(FAMILY))
+    vtprune.wrap(model, policy, keep=4)
+    out = model.generate(**batch, **gen_kwargs(2))
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+    for sample in vtprune.report(model).to_dict()["samples"]:
+        afters = [list(i["stages"].values())[-1]["after"] for i in sample["images"]]
+        if policy == "idpruner":  # one selection over the sample's images (the reference's): the total is exact
+            assert sum(afters) == min(4 * len(afters), sum(i["tokens"] for i in sample["images"]))
+        else:
+            assert afters == [min(4, i["tokens"]) for i in sample["images"]]
