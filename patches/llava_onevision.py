@@ -56,11 +56,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 f"{self.model_type}: vision_feature_select_strategy={strategy!r} is not supported; SigLIP has no CLS "
                 "token, so 'default' would drop a patch; vtprune lays out the 'full' grids every released checkpoint uses"
             )
-        if not isinstance(self.config.vision_feature_layer, int):
+
+    @property
+    def feature_vision_layer(self) -> int:
+        feature = self.config.vision_feature_layer
+        if not isinstance(feature, int):  # the layout does not depend on it; only a default ViT layer does
             raise ValueError(
-                f"{self.model_type}: vision_feature_layer={self.config.vision_feature_layer!r} concatenates several "
-                "ViT layers; vtprune supports one feature layer (an int), as the released checkpoints use"
+                f"{self.model_type}: vision_feature_layer={feature!r} concatenates several ViT layers, so there is "
+                "no one feature layer to default to; give the policy's ViT layer explicitly"
             )
+        return super().feature_vision_layer
 
     # --- geometry ------------------------------------------------------------
     @property

@@ -174,6 +174,20 @@ def test_a_config_dropping_a_siglip_patch_is_refused():
 
 
 @torch.no_grad()
+def test_several_feature_layers_need_an_explicit_vit_layer():
+    config = tiny_config(FAMILY)
+    config.vision_feature_layer = [-2, -1]  # the projector takes both layers' features, concatenated
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    with pytest.raises(ValueError, match="give the policy's ViT layer explicitly"):
+        vtprune.wrap(model, VisionZip(keep=4))
+    assert not vtprune.is_wrapped(model)
+    vtprune.wrap(model, VisionZip(keep=4, layer=2))
+    model(**inputs(model, mixed_specs(FAMILY)))
+    assert all(i["stages"]["vision"]["after"] == 4 for i in vtprune.report(model).to_dict()["samples"][0]["images"])
+
+
+@torch.no_grad()
 def test_generate_with_beams_repeats_crops_flags_and_videos():
     """generate() encodes once, then repeats samples: per-sample batch_num_images and per-video frames follow."""
     model = model_for(FAMILY)
