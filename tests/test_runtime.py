@@ -132,6 +132,7 @@ def test_deepcopy_is_an_independent_wrapped_model(family):
             p.mul_(0.5)
     assert torch.equal(_run(clone, batch)[0], changed)
     vtprune.unwrap(clone)
+    assert not {"generate", "__deepcopy__", "_expand_inputs_for_generation"} & set(clone.__dict__)
     with torch.no_grad():
         assert clone(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # unwrapped: nothing pruned
 

@@ -279,7 +279,8 @@ class Runtime:
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(STATIC_CACHE_REFUSED)
         if cache is not None and cache.get_seq_length() > 0:
-            state = self._states.get(cache)
+            with self._report_lock:
+                state = self._states.get(cache)
             call = self.stages.decode(record, state, bound, embeds) if state is not None else bound
             record.state = state
             try:
@@ -310,7 +311,8 @@ class Runtime:
                 state.sequence = replace(state.sequence, extras={})
         filled = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
         if state is not None and filled is not None:
-            self._states[filled] = state
+            with self._report_lock:  # one lock for what threads share: the report and the cache -> state map
+                self._states[filled] = state
         return out
 
     # ------------------------------------------------------------ decoder layers
