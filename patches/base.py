@@ -249,10 +249,20 @@ class Adapter:
         out: dict[str, Any] = {"image_source": source, "encoded": {}}
         for key in self.grid_keys:
             if captured.get(key) is not None:
-                kind = "video" if key.startswith("video") else "image"
                 out["encoded"][key] = captured[key]
-                out[key] = captured[key][torch.as_tensor(source[kind], dtype=torch.long)]
+                out[key] = self.expand_grid_value(key, captured[key], source, expand)
         return out
+
+    def expand_grid_value(self, key: str, value, source: dict[str, list[int]], expand: int):
+        """Grid metadata `key` of the encoded batch -> the expanded batch's (`expand_metadata`).
+
+        By default `value` holds one row per encoded image (or video, for
+        ``video*`` keys), gathered in the expanded order ``source``; a family
+        whose metadata is per sample (LLaVA-OneVision's ``batch_num_images``)
+        overrides this.
+        """
+        kind = "video" if key.startswith("video") else "image"
+        return value[torch.as_tensor(source[kind], dtype=torch.long)]
 
     def vision_layers(self) -> nn.ModuleList:
         """The vision encoder's transformer layers."""

@@ -28,6 +28,10 @@ def mixed_specs(family: str) -> list[SampleSpec]:
                 SampleSpec(question=9)]
     specs = [SampleSpec(images=((32, 48),), question=4), SampleSpec(images=((48, 32), (32, 32)), question=7),
              SampleSpec(question=9)]
+    if family == "llava_onevision":
+        # a one-image prompt gets anyres crops (64 x 64: a 2 x 2 grid the model shrinks, anyres_max), the images of a
+        # multi-image prompt a base view each; a video of pooled frames after an image
+        specs.append(SampleSpec(images=((64, 64),), videos=((2, 32, 32),), question=3))
     if family in QWEN:
         specs.append(SampleSpec(videos=((4, 32, 32),), question=3))
     return specs
@@ -99,9 +103,22 @@ def sample_alone(batch, b, family):
     n_mine = _images_in_row(batch, b, family)
     if n_mine:
         out["pixel_values"] = batch["pixel_values"][n_before : n_before + n_mine]
-        if family == "llava_next":
+        if family in ("llava_next", "llava_onevision"):
             out["image_sizes"] = batch["image_sizes"][n_before : n_before + n_mine]
+        if family == "llava_onevision":
+            out["batch_num_images"] = torch.tensor([n_mine])
+    if family == "llava_onevision" and "pixel_values_videos" in batch:
+        v_before = sum(_runs(batch["input_ids"][r] == VIDEO_TOKEN) for r in range(b))
+        v_mine = _runs(batch["input_ids"][b] == VIDEO_TOKEN)
+        if v_mine:
+            out["pixel_values_videos"] = batch["pixel_values_videos"][v_before : v_before + v_mine]
     return out
+
+
+def _runs(flags: torch.Tensor) -> int:
+    """Runs of True in a 1-D bool tensor (the placeholder spans of a row; text separates them in these specs)."""
+    ids = flags.int()
+    return int(((ids[1:] - ids[:-1]) == 1).sum()) + int(ids[0])
 
 
 def _images_in_row(batch, row, family):
@@ -111,21 +128,21 @@ def _images_in_row(batch, row, family):
     n = int((batch["input_ids"][row] == IMAGE_TOKEN).sum())
     if family == "llava":
         return n // 64
-    # llava_next: count runs of placeholders (images are separated by text in these specs)
-    ids = (batch["input_ids"][row] == IMAGE_TOKEN).int()
-    return int(((ids[1:] - ids[:-1]) == 1).sum()) + int(ids[0])
+    # llava_next, llava_onevision: count runs of placeholders (images are separated by text in these specs)
+    return _runs(batch["input_ids"][row] == IMAGE_TOKEN)
 
 
 def patch_positions(model, batch, b: int = 0) -> torch.Tensor:
     """Positions of sample b's patch tokens, found independently of the adapters.
 
     Visual placeholders from the token ids; for LLaVA-NeXT the newline rows
-    are dropped by recognising the learned ``image_newline`` vector in the
+    (LLaVA-OneVision: also the one after a multi-image view or a video) are
+    dropped by recognising the learned ``image_newline`` vector in the
     language model's input.
     """
     ids = batch["input_ids"][b]
     visual = torch.nonzero((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).flatten()
-    if model.config.model_type != "llava_next":
+    if model.config.model_type not in ("llava_next", "llava_onevision"):
         return visual
     embeds = lm_input_embeds(model, batch)
     return visual[~(embeds[b, visual] == model.model.image_newline).all(-1)]

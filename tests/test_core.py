@@ -242,7 +242,7 @@ def test_manual_decode_loop_continues_from_unpruned_positions(family):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family_1d", ["llava", "llava_next"])
+@pytest.mark.parametrize("family_1d", ["llava", "llava_next", "llava_onevision"])
 @pytest.mark.parametrize("stage", ["projector", "llm"])
 def test_compact_positions(family_1d, stage):
     model = model_for(family_1d, "sdpa")

@@ -26,6 +26,7 @@ from vtprune.tiny import SampleSpec
         ("qwen2_5_vl", 700, 1000, (650, 50)),  # the Qwen reference: int(0.65 N) + max(int(0.05 N), 1)
         ("qwen2_5_vl", 500, 1000, (450, 50)),
         ("qwen2_vl", 3, 24, (2, 1)),
+        ("llava_onevision", 64, 7290, (54, 10)),  # the LLaVA split of a count budget (zoo: no OneVision reference)
     ],
 )
 def test_budget_split_follows_the_references(family, keep, n, want):

@@ -18,10 +18,14 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
 from .patches import supported_model_types
@@ -84,6 +88,8 @@ def tiny_config(family: str, geometry: Geometry | None = None):
             return LlavaConfig(**common)
         s = g.image_size
         return LlavaNextConfig(image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **common)
+    if family == "llava_onevision":
+        return _onevision_config(g)
     half = g.hidden // g.heads // 2  # M-RoPE splits half the head dim into (t, h, w) sections
     section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text = dict(
@@ -116,11 +122,43 @@ def tiny_config(family: str, geometry: Geometry | None = None):
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
+def _onevision_config(g: Geometry) -> LlavaOnevisionConfig:
+    """LLaVA-OneVision: a SigLIP tower (no CLS token) and a Qwen2 decoder, as the released checkpoints.
+
+    The real geometry is 384 px crops of 27 x 27 = 729 tokens and ``anyres_max_9``; here the crops are
+    ``image_size`` square and the maximum is 2 crops, so the tiny 2 x 2 crop grid (256 tokens) is
+    downsampled by the model as a large real image is (the ``anyres_max`` path), while 1 x 2 grids are not.
+    Features: the last layer's output, every token ("full"), as the checkpoints.
+    """
+    vision = SiglipVisionConfig(
+        hidden_size=g.vision_hidden,
+        intermediate_size=2 * g.vision_hidden,
+        num_hidden_layers=g.vision_layers,
+        num_attention_heads=2,
+        image_size=g.image_size,
+        patch_size=g.patch,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(**_text_kwargs(g))
+    s = g.image_size
+    return LlavaOnevisionConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        vision_aspect_ratio="anyres_max_2",
+    )
+
+
 _CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
 
 
@@ -140,7 +178,7 @@ class SampleSpec:
 
     ``images``: a list of image sizes in pixels ``(height, width)`` (LLaVA
     ignores the size: its images are always ``image_size`` square);
-    ``videos``: ``(frames, height, width)`` in pixels (Qwen only);
+    ``videos``: ``(frames, height, width)`` in pixels (Qwen; LLaVA-OneVision reads only the frame count);
     ``prefix``/``question``: text tokens before the first and after the last image.
     """
 
@@ -163,10 +201,18 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
     def text(n: int) -> list[int]:
         return torch.randint(3, 90, (n,), generator=gen).tolist()
 
+    counts = []  # images per sample (LLaVA-OneVision's batch_num_images)
     for spec in specs:
         ids = [1] + text(spec.prefix)
+        counts.append(len(spec.images))
         for h, w in spec.images:
-            if family == "llava":
+            if family == "llava_onevision":
+                # as its processor: the image of a one-image prompt gets anyres crops, those of a multi-image one a base view
+                crops = adapter.num_crops([h, w]) if len(spec.images) == 1 else 1
+                pixels.append(torch.randn(crops, 3, vision.image_size, vision.image_size, generator=gen))
+                sizes.append([h, w])
+                ids += [IMAGE_TOKEN] * adapter.image_token_count([h, w], crops > 1)
+            elif family == "llava":
                 pixels.append(torch.randn(3, vision.image_size, vision.image_size, generator=gen))
                 ids += [IMAGE_TOKEN] * adapter.grid_side**2
             elif family == "llava_next":
@@ -184,6 +230,10 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
                 ids += [VISION_START] + [IMAGE_TOKEN] * (gh * gw // 4) + [VISION_END]
             ids += text(2)
         for t, h, w in spec.videos:
+            if family == "llava_onevision":  # every frame one square view; `h`, `w` are ignored
+                videos.append(torch.randn(t, 3, vision.image_size, vision.image_size, generator=gen))
+                ids += [VIDEO_TOKEN] * adapter.video_token_count(t) + text(2)
+                continue
             gt, gh, gw = t // vision.temporal_patch_size, h // vision.patch_size, w // vision.patch_size
             vgrids.append([gt, gh, gw])
             videos.append(torch.randn(gt * gh * gw, 3 * vision.temporal_patch_size * vision.patch_size**2, generator=gen))
@@ -202,17 +252,21 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
     if pixels:
         if family == "llava":
             out["pixel_values"] = torch.stack(pixels)
-        elif family == "llava_next":
+        elif family in ("llava_next", "llava_onevision"):
             most = max(p.shape[0] for p in pixels)
             padded = torch.zeros(len(pixels), most, *pixels[0].shape[1:])
             for i, p in enumerate(pixels):
                 padded[i, : p.shape[0]] = p
             out["pixel_values"] = padded
             out["image_sizes"] = torch.tensor(sizes)
+            if family == "llava_onevision":
+                out["batch_num_images"] = torch.tensor(counts)
         else:
             out["pixel_values"] = torch.cat(pixels)
             out["image_grid_thw"] = torch.tensor(grids)
-    if videos:
+    if videos and family == "llava_onevision":
+        out["pixel_values_videos"] = torch.stack(videos)  # (videos, frames, 3, H, W): equal frame counts
+    elif videos:
         out["pixel_values_videos"] = torch.cat(videos)
         out["video_grid_thw"] = torch.tensor(vgrids)
     if family in ("qwen2_vl", "qwen2_5_vl"):

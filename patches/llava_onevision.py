@@ -1,0 +1,224 @@
+"""LLaVA-OneVision (`llava_onevision`): a SigLIP tower without CLS, anyres-max crops, newline tokens, pooled video.
+
+Every view is one square SigLIP grid (27 x 27 = 729 tokens per 384 px crop in
+the released checkpoints; no CLS token, so every token is a patch). As the
+model lays out its placeholders (transformers 5.24, ``pack_image_features``
+and ``get_video_features``):
+
+- the image of a one-image prompt (``batch_num_images`` 1, or not given): the
+  base view, then the unpadded high-resolution view whose rows each end in an
+  `image_newline` token. Past ``anyres_max_N`` (N crops' worth of tokens, times
+  1.1^2) the model first shrinks that view bilinearly, so one of its tokens
+  mixes several patches;
+- an image of a multi-image prompt: its base view, then one newline;
+- a video: every frame's grid bilinearly pooled to ceil(side / 2)^2 tokens
+  (14 x 14 = 196), the frames in order, then one newline.
+
+Newlines are structure, as on LLaVA-NeXT: always kept, never counted. Where
+the model mixes patches into a token (a shrunk view, a pooled frame), the
+per-patch values a policy asks for (ViT attention received, keys,
+pre-projector features) are mixed by the model's own packing and pooling, so
+they follow the tokens the language model sees.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from ..context import LayerCall
+from ..layout import ImageLayout, SampleLayout, SubGrid
+from .base import Adapter
+from .llava_next import LlavaNextAdapter
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    model_type = "llava_onevision"
+    #: lmms-eval 0.7.3's HF LLaVA wrapper loads OneVision checkpoints (its `llava_onevision` one needs the LLaVA repo)
+    lmms_model = "llava_hf"
+    vision_cls = False
+    #: ``batch_num_images`` decides which images get crops; ``pixel_values_videos`` is read for its frame count only
+    grid_keys = ("image_sizes", "batch_num_images", "pixel_values_videos")
+    vision_methods = ("get_image_features", "get_video_features")
+    template_markers = ("<|im_end|>",)
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self._view_shapes: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def check_config(self) -> None:
+        strategy = self.config.vision_feature_select_strategy
+        if strategy != "full":
+            raise ValueError(
+                f"{self.model_type}: vision_feature_select_strategy={strategy!r} is not supported; SigLIP has no CLS "
+                "token, so 'default' would drop a patch; vtprune lays out the 'full' grids every released checkpoint uses"
+            )
+
+    @property
+    def feature_vision_layer(self) -> int:
+        feature = self.config.vision_feature_layer
+        if not isinstance(feature, int):  # the layout does not depend on it; only a default ViT layer does
+            raise ValueError(
+                f"{self.model_type}: vision_feature_layer={feature!r} concatenates several ViT layers, so there is "
+                "no one feature layer to default to; give the policy's ViT layer explicitly"
+            )
+        return super().feature_vision_layer
+
+    # --- geometry ------------------------------------------------------------
+    @property
+    def pooled_side(self) -> int:
+        """Tokens per side of a video frame after the model's 2x bilinear pooling (``apply_pooling``)."""
+        return math.ceil(self.grid_side / 2)
+
+    def num_crops(self, image_size) -> int:
+        """Views of an image with anyres crops: the base view plus the crops of its best grid pinpoint."""
+        size = [int(x) for x in image_size]
+        return image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+
+    def _views(self, image_size: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of the high-resolution view as the model packs it (unpadded, shrunk past anyres_max).
+
+        Read from the model's own `pack_image_features` applied to a marker
+        tensor (1 at the newlines), so the layout is the model's by construction.
+        """
+        key = tuple(int(x) for x in image_size)
+        if key not in self._view_shapes:
+            base = self.grid_side**2
+            marker = torch.zeros(self.num_crops(key), base, 1)
+            packed, _ = self.base.pack_image_features(
+                [marker], torch.tensor([key]), image_newline=torch.ones(1),
+                vision_aspect_ratio=self.config.vision_aspect_ratio,
+            )
+            hires = packed[0][base:, 0]
+            rows = int(hires.sum())
+            self._view_shapes[key] = rows, hires.numel() // rows - 1
+        return self._view_shapes[key]
+
+    def image_token_count(self, image_size, crops: bool) -> int:
+        """Placeholder tokens of one image: base view + (rows of the high-resolution view + newlines, or one newline)."""
+        if not crops:
+            return self.grid_side**2 + 1
+        rows, cols = self._views(torch.as_tensor(image_size))
+        return self.grid_side**2 + rows * (cols + 1)
+
+    def video_token_count(self, frames: int) -> int:
+        """Placeholder tokens of a video of ``frames`` frames: pooled grids plus one newline."""
+        return frames * self.pooled_side**2 + 1
+
+    def _with_crops(self, counts) -> list[bool] | None:
+        """Per image (in the order of ``counts``' samples), whether it has anyres crops; None: all do."""
+        if counts is None:
+            return None
+        return [int(n) == 1 for n in torch.as_tensor(counts).tolist() for _ in range(int(n))]
+
+    # --- layouts -------------------------------------------------------------
+    def visual_token_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+
+    def find_images(self, captured: dict[str, Any], ids: torch.Tensor, counter: dict[str, int]) -> list[ImageLayout]:
+        visual = torch.nonzero(self.visual_token_mask(ids)).flatten()
+        images, cursor = [], 0
+        while cursor < visual.numel():
+            kind = "video" if int(ids[visual[cursor]]) == self.config.video_token_id else "image"
+            need = self._video_need(captured, counter) if kind == "video" else self._image_need(captured, counter)
+            span = visual[cursor : cursor + need]
+            token = self.config.video_token_id if kind == "video" else self.config.image_token_id
+            if span.numel() != need or bool((ids[span] != token).any()):
+                raise ValueError(
+                    f"{self.model_type}: {kind} {counter[kind]} needs {need} consecutive {kind} placeholder tokens, "
+                    f"the prompt has {int((ids[visual[cursor:]] == token).cumprod(0).sum())}; inputs and "
+                    f"{'pixel_values_videos' if kind == 'video' else 'image_sizes / batch_num_images'} do not match"
+                )
+            images.append(self._layout(len(images), span, kind, captured, counter))
+            cursor += need
+            counter[kind] += 1
+        return images
+
+    def _image_need(self, captured, counter) -> int:
+        sizes = captured.get("image_sizes")
+        if sizes is None or counter["image"] >= len(sizes):
+            raise ValueError(f"{self.model_type}: the prompt holds more image placeholders than `image_sizes` describes")
+        flags = self._with_crops(captured.get("batch_num_images"))
+        if flags is not None and counter["image"] >= len(flags):
+            raise ValueError(f"{self.model_type}: the prompt holds more images than `batch_num_images` counts")
+        crops = True if flags is None else flags[counter["image"]]
+        return self.image_token_count(sizes[counter["image"]], crops)
+
+    def _video_need(self, captured, counter) -> int:
+        pixels = captured.get("pixel_values_videos")
+        source = captured.get("image_source")  # generate() repeated the samples after encoding
+        videos = 0 if pixels is None else len(source["video"]) if source else pixels.shape[0]
+        if counter["video"] >= videos:
+            raise ValueError(
+                f"{self.model_type}: the prompt holds more video placeholders than `pixel_values_videos` holds videos"
+            )
+        return self.video_token_count(pixels.shape[1])
+
+    def _layout(self, index: int, span: torch.Tensor, kind: str, captured, counter) -> ImageLayout:
+        side, base = self.grid_side, self.grid_side**2
+        if kind == "video":
+            frames, pooled = (span.numel() - 1) // self.pooled_side**2, self.pooled_side
+            grids = [SubGrid(f * pooled * pooled, pooled, pooled) for f in range(frames)]
+            return ImageLayout(index=index, positions=span[:-1], grids=grids, newline_positions=span[-1:], kind="video")
+        if span.numel() == base + 1:  # a base view and its newline
+            return ImageLayout(index=index, positions=span[:base], grids=[SubGrid(0, side, side)],
+                               newline_positions=span[base:])
+        rows, cols = self._views(torch.as_tensor(captured["image_sizes"][counter["image"]]))
+        hires = span[base:].view(rows, cols + 1)
+        return ImageLayout(
+            index=index,
+            positions=torch.cat([span[:base], hires[:, :cols].flatten()]),
+            grids=[SubGrid(0, side, side), SubGrid(base, rows, cols)],
+            newline_positions=hires[:, cols],
+        )
+
+    def expand_grid_value(self, key: str, value, source: dict[str, list[int]], expand: int):
+        if key == "batch_num_images":  # one count per sample: each sample is repeated `expand` times
+            return torch.as_tensor(value).repeat_interleave(expand)
+        if key == "pixel_values_videos":  # read for its frame count only (equal for every video of a batch)
+            return value
+        return super().expand_grid_value(key, value, source, expand)
+
+    # --- features ------------------------------------------------------------
+    def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
+        return Adapter.vision_cls_attention(self, layer, call)  # SigLIP has no CLS token: a clear error
+
+    def vision_token_values(self, captured, layouts, b, i, per_call):
+        rows = self._call_rows(captured, layouts[b].images[i].kind, per_call)  # no CLS to drop
+        if rows.dim() == 3:
+            return self._pack(captured, layouts, b, i, rows)
+        return self._pack(captured, layouts, b, i, rows[..., None])[:, 0]
+
+    def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
+        rows = self._call_rows(captured, layouts[b].images[i].kind, captured["pre_projector"])
+        return self._pack(captured, layouts, b, i, rows)
+
+    @staticmethod
+    def _call_rows(captured, kind: str, per_call: list[torch.Tensor]) -> torch.Tensor:
+        """The per-view rows of the encoder call for `kind` (one call per vision method, in call order)."""
+        method = "get_image_features" if kind == "image" else "get_video_features"
+        for call, rows in zip(captured["vision_calls"], per_call):
+            if call["method"] == method:
+                return rows
+        raise RuntimeError(f"no captured vision encoder call for the {kind}s of this batch")
+
+    def _pack(self, captured, layouts, b, i, views: torch.Tensor) -> torch.Tensor:
+        """Per-view rows ``(views, side^2, D)`` of every image (video frame) of one call -> image i's tokens, span order."""
+        kind = layouts[b].images[i].kind
+        g = self.global_image_index(layouts, b, i, kind, captured=captured)
+        if kind == "video":
+            frames = self.encoded(captured, "pixel_values_videos").shape[1]
+            pooled = self.base.apply_pooling(views[g * frames : (g + 1) * frames])
+            return pooled.flatten(0, 1)
+        sizes = self.encoded(captured, "image_sizes")
+        flags = self._with_crops(self.encoded(captured, "batch_num_images")) or [True] * len(sizes)
+        crops = [self.num_crops(s) if c else 1 for s, c in zip(sizes, flags)]
+        start = sum(crops[:g])
+        packed, _ = self.base.pack_image_features(
+            [views[start : start + crops[g]]], torch.as_tensor(sizes[g : g + 1]),
+            vision_aspect_ratio=self.config.vision_aspect_ratio,
+        )
+        return packed[0]
