@@ -9,6 +9,7 @@ cache; generated tokens of random weights are ids, not words.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import numpy as np
@@ -55,6 +56,15 @@ def demo_inputs(model, image: np.ndarray, question_tokens: int = 12) -> dict:
         rows, cols = adapter._views(pix["image_sizes"][0])
         ids = prefix + [IMAGE_TOKEN] * (adapter.grid_side**2 + rows * (cols + 1)) + question
         return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        side = model.config.vision_config.image_size
+        proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                               image_grid_pinpoints=model.config.image_grid_pinpoints)
+        pix = proc(image, return_tensors="pt")
+        ids = prefix + [IMAGE_TOKEN] * adapter.image_token_count(pix["image_sizes"][0], crops=True) + question
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
     from transformers import Qwen2VLImageProcessorPil
 
     vision = model.config.vision_config
@@ -70,10 +80,14 @@ def demo_inputs(model, image: np.ndarray, question_tokens: int = 12) -> dict:
 
 def demo_model(family: str):
     geometry = DEMO_GEOMETRY
+    if family == "llava_onevision":  # 384 px SigLIP views of 27 x 27 = 729 tokens, as the released checkpoints
+        geometry = dataclasses.replace(geometry, image_size=384)
     model = tiny_model(family, geometry)
     if family == "llava_next":
         model.config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672]]
         model.model.config.image_grid_pinpoints = model.config.image_grid_pinpoints
+    if family == "llava_onevision":  # the checkpoints' cap: up to 9 crops' worth of tokens before shrinking
+        model.config.vision_aspect_ratio = model.model.config.vision_aspect_ratio = "anyres_max_9"
     return model
 
 
@@ -136,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     budgets = [float(k) if "." in k else int(k) for k in args.keep]
     print(f"vtprune demo: policy={args.policy}, photo=skimage astronaut, random-weight models with real geometry")
-    print(f"{'family':<11} {'keep':>5} {'visual':>11} {'prefill ms':>10} {'speedup':>7} {'KV MB':>7} "
+    print(f"{'family':<15} {'keep':>5} {'visual':>11} {'prefill ms':>10} {'speedup':>7} {'KV MB':>7} "
           f"{'agree':>5}  generated ids")
     png_kept = None
     for family in args.families:
         for row in run_family(family, args.policy, budgets, args.new_tokens, args.repeats):
-            print(f"{row['family']:<11} {str(row['keep']):>5} {row['before']:>5}->{row['after']:<5} "
+            print(f"{row['family']:<15} {str(row['keep']):>5} {row['before']:>5}->{row['after']:<5} "
                   f"{row['prefill_ms']:>10.1f} {row['speedup']:>6.2f}x {row['kv_mb']:>7.2f} {row['agree']:>5.2f}  "
                   f"{row['generated']}")
             if family == "llava" and row["keep"] == 64:
