@@ -7,7 +7,7 @@ from transformers import AttentionInterface
 
 from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, SampleSpec, make_inputs, tiny_model
 
-QWEN = ("qwen2_vl", "qwen2_5_vl")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_5")
 
 
 def model_for(family: str, attn: str = "sdpa", seed: int = 0, **geometry):

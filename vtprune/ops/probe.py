@@ -38,7 +38,15 @@ def layer_queries(decoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tenso
 
 
 def split_queries(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
-    """``q_proj`` output ``(..., heads * head_dim)`` -> pre-RoPE queries ``(..., heads, head_dim)`` (q_norm applied)."""
+    """``q_proj`` output ``(..., heads * head_dim)`` -> pre-RoPE queries ``(..., heads, head_dim)`` (q_norm applied).
+
+    Gated attention (Qwen3.5: ``q_proj`` gives ``heads * 2 * head_dim``,
+    each head's queries followed by its output gate) keeps the queries only.
+    """
+    head_dim = _head_dim(attn, q.shape[-1])
+    heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+    if heads is not None and q.shape[-1] == 2 * heads * head_dim:
+        q = q.view(*q.shape[:-1], heads, 2 * head_dim)[..., :head_dim].reshape(*q.shape[:-1], heads * head_dim)
     return _split_heads(attn, q, getattr(attn, "q_norm", None))
 
 
@@ -60,6 +68,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """RoPE's half rotation, ``(x1, x2) -> (-x2, x1)`` over the last dimension, as the HF models do."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the HF decoders apply it; with partial RoPE (tables narrower than the head) the rest passes through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, rest = x[..., :rot], x[..., rot:]
+    return torch.cat([head * cos + rotate_half(head) * sin, rest], dim=-1)
 
 
 @torch.no_grad()
@@ -86,8 +103,7 @@ def attention_rows(
     cos, sin = (t.float() for t in position_embeddings)
     q = split_queries(attn, attn.q_proj(x[query_index])).float()
     k = _split_heads(attn, attn.k_proj(x), getattr(attn, "k_norm", None)).float()
-    q = q * cos[query_index, None] + rotate_half(q) * sin[query_index, None]
-    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    q, k = _rope(q, cos[query_index, None], sin[query_index, None]), _rope(k, cos[:, None], sin[:, None])
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (L, H, d)
     scale = getattr(attn, "scaling", q.shape[-1] ** -0.5)
