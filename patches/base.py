@@ -21,6 +21,7 @@ from transformers.masking_utils import (
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from ..sequence import SequenceTensor
+from .attention import attention_rows, split_queries
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -44,6 +45,8 @@ class Adapter:
     template_markers: ClassVar[tuple[str, ...]] = ()
     #: True where the vision encoder has a CLS token (`vision_cls_attention`)
     vision_cls: ClassVar[bool] = False
+    #: lmms-eval's HF model wrapper that loads this family (the eval runner reads it)
+    lmms_model: ClassVar[str] = ""
     #: methods of the base model that run the vision encoder (their grid arguments are recorded)
     vision_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     #: language-model inputs beyond embeddings, mask and positions that carry sequence length (or rows of
@@ -103,6 +106,15 @@ class Adapter:
     def query_module(self, layer: int) -> nn.Module:
         """The module of decoder ``layer`` whose output is its pre-RoPE queries (``q_proj``)."""
         return self.decoder_layers[layer].self_attn.q_proj
+
+    def decoder_queries(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """`query_module` output of decoder ``layer`` ``(..., H * d)`` -> pre-RoPE queries ``(..., H, d)``."""
+        return split_queries(self.decoder_layers[layer].self_attn, q)
+
+    def attention_rows(self, layer: int, hidden: torch.Tensor, position_embeddings, query_index: torch.Tensor,
+                       key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The probe's causal attention rows of decoder ``layer`` for one sample (`patches.attention.attention_rows`)."""
+        return attention_rows(self.decoder_layers[layer], hidden, position_embeddings, query_index, key_valid)
 
     def layer_type(self, layer: int) -> str:
         """The attention kind of decoder ``layer`` (``full_attention`` or ``sliding_attention``), from the config."""

@@ -12,12 +12,13 @@ import torch
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
-from ..ops.probe import vit_attention_from, vit_attention_received, vit_keys
+from .attention import vit_attention_from, vit_attention_received, vit_keys
 from .base import Adapter, single_grid_image
 
 
 class LlavaAdapter(Adapter):
     model_type = "llava"
+    lmms_model = "llava_hf"
     grid_keys = ("image_sizes",)
     vision_cls = True
     template_markers = ("ASSISTANT:",)

@@ -36,6 +36,7 @@ from .qwen2_vl import Qwen2VLAdapter
 
 class Qwen3_5Adapter(Qwen2VLAdapter):
     model_type = "qwen3_5"
+    lmms_model = "qwen3_5"
 
     def check_config(self) -> None:
         if not getattr(self.text_config, "layer_types", None):

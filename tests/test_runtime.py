@@ -341,3 +341,19 @@ def test_family_knowledge_is_asked_of_the_adapter(family):
     assert adapter.query_module(first) is adapter.decoder_layers[first].self_attn.q_proj
     assert adapter.layer_type(first) == "full_attention"
     assert family in QWEN or adapter.sequence_tensors == ()
+
+
+def test_one_table_of_supported_model_types():
+    """patches.ADAPTERS is the table; tiny models, fixtures, model_zoo.yaml and the eval runner follow it."""
+    from conftest import supported_model_types as fixture_types
+
+    from vtprune import tiny, zoo
+    from vtprune.eval.lmms import FAMILIES
+    from vtprune.patches import ADAPTERS, supported_model_types
+
+    types = supported_model_types()
+    assert types == sorted(ADAPTERS) and fixture_types() == types and sorted(tiny.FAMILIES) == types
+    assert set(types) <= set(zoo.zoo()["families"]) and sorted(FAMILIES) == types
+    assert set(QWEN) == {t for t in types if ADAPTERS[t].mrope}
+    for model_type in types:
+        assert adapter_for(tiny.tiny_model(model_type)).model_type == model_type

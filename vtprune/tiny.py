@@ -26,7 +26,10 @@ from transformers import (
     Qwen3_5ForConditionalGeneration,
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_5")
+from .patches import supported_model_types
+
+#: the tiny models follow the one table of supported model types (each needs its config below)
+FAMILIES = tuple(supported_model_types())
 #: families whose video frames each sit in their own vision start/end pair after a timestamp (text)
 TIMESTAMPED_VIDEO = ("qwen3_5",)
 VOCAB = 128
