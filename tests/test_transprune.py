@@ -119,7 +119,8 @@ def _brute_force(family, batch, prune_after, ratios, ttv_from, ttv_only=False, a
     layers = model.model.language_model.layers
     for at, ratio in zip(prune_after, ratios):
         sub_blocks, attention = {}, {}
-        handles = [layers[at].self_attn.register_forward_hook(_store(attention, "weights", lambda _a, _k, out: out[1][0]))]
+        handles = [] if ttv_only else [
+            layers[at].self_attn.register_forward_hook(_store(attention, "weights", lambda _a, _k, out: out[1][0]))]
         for j in range(previous, at):
             mixer = "self_attn" if hasattr(layers[j], "self_attn") else "linear_attn"  # Qwen3.5: Gated DeltaNet
             for part in (mixer, "mlp"):

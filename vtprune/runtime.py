@@ -30,6 +30,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+
 from .call import CallRecord
 from .context import LayerCall, StageContext
 from .plan import Plan
