@@ -48,7 +48,7 @@ def test_a_config_differing_in_one_field_matches_no_checkpoint(toy):
     assert policy_defaults(other.model_type, "transprune", other)["prune_after"] == [7, 9, 12]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_5"])
 def test_tiny_test_models_use_the_family_defaults(family):
     model = tiny_model(family)
     assert checkpoint_for(model.config) is None
