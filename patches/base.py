@@ -45,6 +45,8 @@ class Adapter:
     template_markers: ClassVar[tuple[str, ...]] = ()
     #: True where the vision encoder has a CLS token (`vision_cls_attention`)
     vision_cls: ClassVar[bool] = False
+    #: True where each image has exactly one CLS token (one crop per image: `vision_cls_feature`)
+    vision_cls_per_image: ClassVar[bool] = False
     #: lmms-eval's HF model wrapper that loads this family (the eval runner reads it)
     lmms_model: ClassVar[str] = ""
     #: methods of the base model that run the vision encoder (their grid arguments are recorded)
@@ -53,6 +55,11 @@ class Adapter:
     #: visual positions) and must be shortened by every prune, e.g. Qwen3-VL's visual-position mask and
     #: DeepStack features; the runtime shortens exactly these, so a family adds them here, not in the runtime
     sequence_tensors: ClassVar[tuple[SequenceTensor, ...]] = ()
+    #: methods of the language model that its decoder loop calls with those tensors between layers, as
+    #: ``{method: {argument: declared tensor name}}`` (Qwen3-VL: ``{"_deepstack_process": {"visual_pos_masks":
+    #: "visual_pos_masks", "visual_embeds": "deepstack_visual_embeds"}}``); after an llm-stage prune each
+    #: such argument gets the level's shortened tensor (a ``rows_of`` one: the level's rows of what was passed)
+    sequence_methods: ClassVar[dict[str, dict[str, str]]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -299,6 +306,11 @@ class Adapter:
     def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
         """Attention the CLS token pays each token in one captured call of vision ``layer``, summed over heads."""
         raise NotImplementedError(f"{self.model_type}: its vision encoder has no CLS token")
+
+    def vision_cls_feature(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int,
+                           calls: list[LayerCall]) -> torch.Tensor:
+        """The CLS row of image i's hidden states in the captured calls of one vision layer, ``(D',)``."""
+        raise NotImplementedError(f"{self.model_type}: its vision encoder has no CLS token per image")
 
     def vision_keys(self, layer: int, call: LayerCall) -> torch.Tensor:
         """Keys of one captured call of vision ``layer`` as the layer computes them, mean over heads, per ViT token."""

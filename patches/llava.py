@@ -21,6 +21,7 @@ class LlavaAdapter(Adapter):
     lmms_model = "llava_hf"
     grid_keys = ("image_sizes",)
     vision_cls = True
+    vision_cls_per_image = True
     template_markers = ("ASSISTANT:",)
 
     def check_config(self) -> None:
@@ -64,6 +65,10 @@ class LlavaAdapter(Adapter):
 
     def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
         return vit_attention_from(self.vision_layers()[layer], call.hidden, query=0)
+
+    def vision_cls_feature(self, captured, layouts, b, i, calls):
+        per_image = torch.cat([call.hidden for call in calls])
+        return per_image[self.global_image_index(layouts, b, i, captured=captured), 0]
 
     def vision_keys(self, layer: int, call: LayerCall) -> torch.Tensor:
         return vit_keys(self.vision_layers()[layer], call.hidden)

@@ -133,6 +133,18 @@ class StageContext:
         """
         return self._vision_values("cls", self.adapter.vision_cls_attention, b, i, layer)
 
+    def vision_cls_feature(self, b: int, i: int, layer: int) -> torch.Tensor:
+        """The CLS token's hidden state entering vision ``layer`` (0-based) for image i, ``(D',)``.
+
+        The output of layer ``layer - 1``: with ``layer`` one past the
+        scoring layer, the CLS row of the same hidden states the visual
+        features come from (CLIP encoders, ``adapter.vision_cls``).
+        """
+        calls = self.captured.get("vision_layers", {}).get(layer)
+        if not calls:
+            raise KeyError(f"vision layer {layer} was not captured; list it in `vision_layers_needed()`")
+        return self.adapter.vision_cls_feature(self.captured, self.layouts, b, i, calls)
+
     def vision_keys(self, b: int, i: int, layer: int) -> torch.Tensor:
         """Keys of image i's alive patch tokens in vision ``layer`` (0-based), mean over heads, ``(n, head_dim)``.
 
@@ -186,6 +198,3 @@ class StageContext:
         end = max(img.span[1] for img in layout.images)
         count = int(layout.valid[end:].sum())
         return valid[valid.numel() - count :]
-
-    def decoder_layer(self, layer: int) -> torch.nn.Module:
-        return self.adapter.decoder_layers[layer]
