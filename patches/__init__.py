@@ -15,10 +15,11 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_5 import Qwen3_5Adapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_type: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaOnevisionAdapter)
+    for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaOnevisionAdapter, Qwen3_5Adapter)
 }
 
 

@@ -5,7 +5,8 @@ read a layer's modules for it, one set per kind of attention:
 
 - decoder layers of the HF Llama / Qwen2 / Qwen2-VL / Qwen2.5-VL / Qwen3
   language models (``input_layernorm``, ``self_attn.q_proj``/``k_proj`` and
-  the ``q_norm``/``k_norm`` where present);
+  the ``q_norm``/``k_norm`` where present), and Qwen3.5's gated
+  full-attention layers (queries and output gate interleaved in ``q_proj``);
 - CLIP ViT layers (LLaVA: ``layer_norm1``, ``self_attn.q_proj``/``k_proj``);
 - packed Qwen ViT blocks (``norm1``, the fused ``attn.qkv``, the 2-D vision RoPE).
 """
@@ -48,7 +49,16 @@ def layer_queries(decoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tenso
 
 
 def split_queries(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
-    """``q_proj`` output ``(..., heads * head_dim)`` -> pre-RoPE queries ``(..., heads, head_dim)`` (q_norm applied)."""
+    """``q_proj`` output ``(..., heads * head_dim)`` -> pre-RoPE queries ``(..., heads, head_dim)`` (q_norm applied).
+
+    Gated attention (Qwen3.5's full-attention layers: ``q_proj`` gives
+    ``heads * 2 * head_dim``, each head's queries followed by its output
+    gate) keeps the queries only, as the layer's forward splits them.
+    """
+    head_dim = _head_dim(attn, q.shape[-1])
+    heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+    if heads is not None and q.shape[-1] == 2 * heads * head_dim:
+        q = q.view(*q.shape[:-1], heads, 2 * head_dim)[..., :head_dim].reshape(*q.shape[:-1], heads * head_dim)
     return _split_heads(attn, q, getattr(attn, "q_norm", None))
 
 

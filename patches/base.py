@@ -12,6 +12,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+)
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
@@ -122,6 +127,37 @@ class Adapter:
         """The attention kind of decoder ``layer`` (``full_attention`` or ``sliding_attention``), from the config."""
         kinds = getattr(self.text_config, "layer_types", None)
         return kinds[layer] if kinds else "full_attention"
+
+    def attention_layers(self) -> tuple[int, ...]:
+        """Decoder layers with softmax attention: queries and keys an attention probe can read.
+
+        Every layer but linear-attention ones (``layer_type``); a hybrid model
+        (Qwen3.5's Gated DeltaNet layers) has only a few.
+        """
+        return tuple(i for i in range(self.num_layers) if self.layer_type(i) != "linear_attention")
+
+    def seq_length_layer(self) -> int:
+        """The decoder layer whose cache ``Cache.get_seq_length()`` reads when no layer is named.
+
+        transformers reads layer 0, or on hybrid caches the first layer that
+        holds keys and values (linear-attention layers hold a fixed-size state).
+        """
+        return min(self.attention_layers(), default=0)
+
+    def layer_mask(self, layer_type: str, layer: int, mask_kwargs: dict[str, Any]) -> Any:
+        """The attention mask decoder layers of ``layer_type`` get above an llm-stage prune point.
+
+        ``mask_kwargs`` describe the level's sequence (its 2-D mask, embeddings,
+        cache); ``layer`` is the first layer of that type in the level, whose
+        cache sizes a causal mask (trap 3). Linear-attention layers take the
+        2-D padding mask itself, trimmed to the new tokens, as transformers
+        builds it for them.
+        """
+        if layer_type == "sliding_attention":
+            return create_sliding_window_causal_mask(**mask_kwargs)
+        if layer_type == "linear_attention":
+            return create_recurrent_attention_mask(**mask_kwargs)
+        return create_causal_mask(**mask_kwargs, layer_idx=layer)
 
     def projector_module(self) -> nn.Module:
         """Module whose input is the pre-projector visual features."""

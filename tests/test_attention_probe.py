@@ -7,6 +7,7 @@ from helpers import inputs, mixed_specs, model_for, patch_positions
 
 import vtprune
 from vtprune.ops.select import topk_indices
+from vtprune.patches import adapter_for
 from vtprune.patches.attention import attention_rows
 from vtprune.policies import FastV
 
@@ -21,7 +22,9 @@ def _layer_inputs_and_eager_weights(family, layer_idx):
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
     handle.remove()
-    return model, batch, layer, seen, out.attentions[layer_idx]
+    # only softmax-attention layers return weights (Qwen3.5's linear-attention layers have none)
+    attention_layers = list(adapter_for(model).attention_layers())
+    return model, batch, layer, seen, out.attentions[attention_layers.index(layer_idx)]
 
 
 def test_probe_rows_equal_eager_attention_weights(family):

@@ -37,6 +37,10 @@ POLICIES = {
 }
 
 
+# the per-family defaults of model_zoo.yaml where they differ (qwen3_5: K-1 = 3, its first full-attention layer)
+ENTROPY_LAYER = {"llava": 2, "llava_next": 2, "qwen3_5": 4}
+FASTV_LAYER = {"qwen3_5": 4}
+
 PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune")
 
 
@@ -64,7 +68,7 @@ def test_budgets_and_cache(family, attn, policy):
     vtprune.wrap(model, POLICIES[policy](3))
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
-    want_stages = {"entropyprune": ["llm@2" if family.startswith("llava") else "llm@1"], "fastv": ["llm@2"],
+    want_stages = {"entropyprune": [f"llm@{ENTROPY_LAYER.get(family, 1)}"], "fastv": [f"llm@{FASTV_LAYER.get(family, 2)}"],
                    "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
                    "visionzip": ["vision"]}.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
@@ -153,7 +157,7 @@ def test_entropyprune_keeps_the_top_entropy_tokens_of_the_unwrapped_model(family
 
     model = model_for(family, "sdpa")
     batch = inputs(model, mixed_specs(family)[:1])
-    at = 2 if family.startswith("llava") else 1
+    at = ENTROPY_LAYER.get(family, 1)
     seen = {}
     layer = model.model.language_model.layers[at - 1]
     handle = layer.register_forward_pre_hook(lambda _m, args: seen.update(h=args[0]))

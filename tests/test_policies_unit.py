@@ -311,14 +311,16 @@ def test_divprune_per_image():
 # --- EntropyPrune ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type, at", [("llava", 2), ("llava_next", 2), ("qwen2_vl", 1), ("qwen2_5_vl", 1)])
+@pytest.mark.parametrize("model_type, at", [("llava", 2), ("llava_next", 2), ("qwen2_vl", 1), ("qwen2_5_vl", 1),
+                                            ("qwen3_5", 4)])
 def test_entropyprune_per_model_layer(model_type, at):
     policy = EntropyPrune()
     assert policy.at is None
-    bound = policy.bind(FakeAdapter(model_type=model_type, num_layers=4))
+    bound = policy.bind(FakeAdapter(model_type=model_type, num_layers=5))
     assert bound.at == at and bound.layer_queries_needed() == (at - 1,) and bound.stage_key == f"llm@{at}"
     assert policy.at is None and policy == EntropyPrune()  # binding never writes onto the user's object
-    assert policy.bind(FakeAdapter(model_type="qwen2_vl" if at == 2 else "llava")).at == 3 - at  # per model
+    other = "qwen2_vl" if at == 2 else "llava"
+    assert policy.bind(FakeAdapter(model_type=other)).at == {"llava": 2, "qwen2_vl": 1}[other]  # per model
 
 
 def test_entropyprune_layer_checks():

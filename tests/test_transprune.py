@@ -19,6 +19,17 @@ from vtprune.tiny import IMAGE_TOKEN, SampleSpec
 
 # The paper's ratios on the 4-layer tiny models: prune after 1-based layers 1, 2, 3, TTV from layer 1.
 SCHEDULE = dict(prune_after=(1, 2, 3), ratios=(0.875, 0.625, 0.125), ttv_from=1)
+# Qwen3.5's IGA needs a full-attention layer after each prune point (the tiny model's 1 and 3); TTV still
+# runs over the linear-attention layers 0 and 2 (their token mixer is the Gated DeltaNet)
+HYBRID_SCHEDULE = dict(prune_after=(1, 3), ratios=(0.875, 0.125), ttv_from=1)
+
+
+def schedule_for(family: str) -> dict:
+    return HYBRID_SCHEDULE if family == "qwen3_5" else SCHEDULE
+
+
+def _names(schedule: dict) -> list[str]:
+    return [f"llm@{k}" for k in schedule["prune_after"]]
 
 
 def _stages(report, b=0, i=0):
@@ -108,9 +119,11 @@ def _brute_force(family, batch, prune_after, ratios, ttv_from, ttv_only=False, a
     layers = model.model.language_model.layers
     for at, ratio in zip(prune_after, ratios):
         sub_blocks, attention = {}, {}
-        handles = [layers[at].self_attn.register_forward_hook(_store(attention, "weights", lambda _a, _k, out: out[1][0]))]
+        handles = [] if ttv_only else [
+            layers[at].self_attn.register_forward_hook(_store(attention, "weights", lambda _a, _k, out: out[1][0]))]
         for j in range(previous, at):
-            for part in ("self_attn", "mlp"):
+            mixer = "self_attn" if hasattr(layers[j], "self_attn") else "linear_attn"  # Qwen3.5: Gated DeltaNet
+            for part in (mixer, "mlp"):
                 hook = _store(
                     sub_blocks, (j, part), lambda args, kwargs, out: (args[0] if args else kwargs["hidden_states"], out)
                 )
@@ -151,11 +164,12 @@ def _brute_force(family, batch, prune_after, ratios, ttv_from, ttv_only=False, a
 def test_keep_sets_equal_brute_force_from_hooked_tensors_and_eager_weights(family, attn):
     model = model_for(family, attn)
     batch = inputs(model, [single_spec(family)])
-    want = _brute_force(family, batch, **SCHEDULE)
-    vtprune.wrap(model, TransPrune(**SCHEDULE))
+    schedule = schedule_for(family)
+    want = _brute_force(family, batch, **schedule)
+    vtprune.wrap(model, TransPrune(**schedule))
     model(**batch)
     got = _stages(vtprune.report(model))
-    assert list(got) == ["llm@1", "llm@2", "llm@3"]
+    assert list(got) == _names(schedule)
     assert [got[name]["kept"] for name in got] == want
 
 
@@ -185,16 +199,17 @@ def test_variants_equal_brute_force(variant, baseline):
 def test_stage_counts_are_int_of_the_original_count(family):
     model = model_for(family, "sdpa")
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, TransPrune(**SCHEDULE))
+    schedule = schedule_for(family)
+    vtprune.wrap(model, TransPrune(**schedule))
     model(**batch)
     seen = 0
     for sample in vtprune.report(model).to_dict()["samples"]:
         for image in sample["images"]:
             n0, before = image["tokens"], image["tokens"]
             stages = image["stages"]
-            assert list(stages) == ["llm@1", "llm@2", "llm@3"]
+            assert list(stages) == _names(schedule)
             kept = set(range(n0))
-            for stage, ratio in zip(stages.values(), SCHEDULE["ratios"]):
+            for stage, ratio in zip(stages.values(), schedule["ratios"]):
                 assert (stage["before"], stage["after"]) == (before, max(1, int(n0 * ratio)))
                 assert stage["kept"] == sorted(stage["kept"]) and set(stage["kept"]) <= kept
                 before, kept = stage["after"], set(stage["kept"])
@@ -219,7 +234,8 @@ def test_full_ratios_give_the_unwrapped_logits(family):
     model = model_for(family, "sdpa")
     batch = inputs(model, mixed_specs(family))
     ref = model(**batch).logits
-    vtprune.wrap(model, TransPrune(prune_after=(1, 2, 3), ratios=(1.0, 1.0, 1.0), ttv_from=1))
+    schedule = schedule_for(family)
+    vtprune.wrap(model, TransPrune(**dict(schedule, ratios=(1.0,) * len(schedule["ratios"]))))
     out = model(**batch).logits
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-6)

@@ -19,6 +19,23 @@ def kv_cache_bytes(cache) -> int:
     return total
 
 
+def cache_bytes_by_kind(cache) -> dict[str, int]:
+    """Bytes a transformers Cache holds, per kind of layer state.
+
+    ``"kv"``: keys and values of the attention layers (what `kv_cache_bytes`
+    counts); ``"linear_state"``: the convolution and recurrent states of
+    linear-attention layers (Qwen3.5's Gated DeltaNet), whose size does not
+    depend on the sequence length, so pruning leaves them as they are.
+    """
+    linear = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("conv_states", "recurrent_states"):
+            for t in (getattr(layer, name, None) or {}).values():
+                if isinstance(t, torch.Tensor):
+                    linear += t.numel() * t.element_size()
+    return {"kv": kv_cache_bytes(cache), "linear_state": linear}
+
+
 @torch.no_grad()
 def time_prefill(model, batch: dict, repeats: int = 3, warmup: int = 1) -> tuple[float, object]:
     """Median wall time (ms) of one prefill forward with a cache, and the last output."""

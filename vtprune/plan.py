@@ -81,8 +81,17 @@ def build_plan(model: nn.Module, policy, keep, positions: str, options: dict, to
         for layer in (*p.layer_inputs_needed(), *p.sub_block_layers(), *p.layer_queries_needed()):
             if not 0 <= layer < depth:
                 raise ValueError(f"{p.describe()} reads decoder layer {layer}; the model has layers 0..{depth - 1}")
-    if any(p.layer_queries_needed() for p in bound.policies):
-        adapter.query_module(0)  # the adapter must know where the queries are (raises otherwise)
+    attention = adapter.attention_layers()
+    for p in bound.policies:
+        for layer in p.attention_layers_needed():
+            if layer not in attention:
+                raise ValueError(
+                    f"{p.describe()} reads the attention of decoder layer {layer}, a {adapter.layer_type(layer)} "
+                    f"layer of this {adapter.model_type} model (no queries and keys to score); its layers with "
+                    f"softmax attention are {list(attention)}: choose the policy's layers so that it reads one of them"
+                )
+    for layer in sorted({x for p in bound.policies for x in p.layer_queries_needed()}):
+        adapter.query_module(layer)  # the adapter must know where the queries are (raises otherwise)
     return Plan(
         adapter=adapter,
         config=config,

@@ -192,10 +192,8 @@ class Level:
     extras: dict[str, Any] = field(default_factory=dict)
     row_index: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def decode_mask(self, mask: torch.Tensor | None, cache, q: int) -> torch.Tensor:
-        """The level's prefill mask plus one column per token since the prefill (trap 2)."""
-        past = cache.get_seq_length(self.layer)
-        new_cols = past - self.mask2d.shape[1] + q
+    def decode_mask(self, mask: torch.Tensor | None, new_cols: int) -> torch.Tensor:
+        """The level's prefill mask plus one column per token since the prefill, this step's included (trap 2)."""
         if mask is not None and mask.dim() == 2:
             tail = mask[:, mask.shape[1] - new_cols :]
         else:

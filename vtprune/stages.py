@@ -13,7 +13,6 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .call import CallRecord
 from .context import StageContext
@@ -162,20 +161,24 @@ class StageRunner:
         call = dict(bound)
         q = embeds.shape[1]
         level0 = state.levels[0]
+        # get_seq_length() reads one cache layer (hybrid models: the first that holds keys), so its level
+        # says how many tokens came since the prefill, the same count for every level
+        counted = state.level_for(self.adapter.seq_length_layer())
+        past = cache.get_seq_length()
+        new_cols = past - counted.mask2d.shape[1] + q
         mask = bound.get("attention_mask")
-        call["attention_mask"] = level0.decode_mask(mask, cache, q)
+        call["attention_mask"] = level0.decode_mask(mask, new_cols)
         positions = bound.get("position_ids")
         from_cache = self.adapter.decode_positions_from_cache(record.outer)
         if positions is None:
-            past = cache.get_seq_length()
             positions = (torch.arange(q, device=embeds.device) + past).expand(embeds.shape[0], q)
         if self.plan.positions == "original" and from_cache:
-            positions = positions + level0.removed.view(-1, 1).to(positions)
+            positions = positions + counted.removed.view(-1, 1).to(positions)
         elif self.plan.positions == "compact" and not from_cache:
             positions = positions - level0.removed.view(-1, 1).to(positions)
         call["position_ids"] = positions
         for level in state.levels[1:]:
-            level.masks = {"mask2d": level.decode_mask(mask, cache, q), "embeds": embeds, "cache": cache}
+            level.masks = {"mask2d": level.decode_mask(mask, new_cols), "embeds": embeds, "cache": cache}
             level.extras = {}
             if self.plan.positions == "compact":
                 shifted = positions - (level.removed - level0.removed).view(-1, 1).to(positions)
@@ -229,7 +232,8 @@ class StageRunner:
             extras=short.extras,
             row_index=short.row_index,
         )
-        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden, "cache": kwargs.get("cache", kwargs.get("past_key_values"))}
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden, "cache": cache}
         state.levels.append(level)
         state.sequence = _kept(short)
         return short.hidden
@@ -241,10 +245,7 @@ class StageRunner:
             m = level.masks
             args = dict(config=self.adapter.text_config, inputs_embeds=m["embeds"], attention_mask=m["mask2d"],
                         cache=m["cache"], position_ids=None)
-            if layer_type == "sliding_attention":
-                level.masks[layer_type] = create_sliding_window_causal_mask(**args)
-            else:  # sized against the level's own cache layer (trap 3)
-                level.masks[layer_type] = create_causal_mask(**args, layer_idx=level.layer)
+            level.masks[layer_type] = self.adapter.layer_mask(layer_type, idx, args)  # sized by this level's cache
         kwargs["attention_mask"] = level.masks[layer_type]
         if level.position_embeddings is not None:
             kwargs["position_embeddings"] = level.position_embeddings

@@ -25,6 +25,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -32,6 +34,8 @@ from .patches import supported_model_types
 
 #: the tiny models follow the one table of supported model types (each needs its config below)
 FAMILIES = tuple(supported_model_types())
+#: families whose video frames each sit in their own vision start/end pair after a timestamp (text)
+TIMESTAMPED_VIDEO = ("qwen3_5",)
 VOCAB = 128
 IMAGE_TOKEN = 100
 VIDEO_TOKEN = 101
@@ -119,6 +123,8 @@ def tiny_config(family: str, geometry: Geometry | None = None):
     if family == "qwen2_5_vl":
         vision.update(window_size=4 * g.patch * 2, fullatt_block_indexes=[g.vision_layers - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen3_5":
+        return _qwen3_5_config(g, ids)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
@@ -151,6 +157,36 @@ def _onevision_config(g: Geometry) -> LlavaOnevisionConfig:
         image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
         vision_aspect_ratio="anyres_max_2",
     )
+def _qwen3_5_config(g: Geometry, ids: dict) -> Qwen3_5Config:
+    """Qwen3.5: Gated DeltaNet (linear attention) layers with full attention at every odd layer.
+
+    One layer more than the other families (5 by default: linear, full,
+    linear, full, linear): three linear layers, two full-attention ones, and
+    layer 3 full as in the real 3:1 pattern (full attention at 3, 7, 11, ...),
+    so the zoo's FastV / EntropyPrune default (K-1 = 3) fits. Gated
+    attention with partial RoPE (a quarter of the head dim, as the real
+    models) and interleaved M-RoPE sections over the rotated dims.
+    """
+    layers = g.layers + 1
+    head_dim = 2 * g.hidden // g.heads
+    text = dict(
+        _text_kwargs(g),
+        num_hidden_layers=layers,
+        head_dim=head_dim,
+        layer_types=["full_attention" if i % 2 else "linear_attention" for i in range(layers)],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=g.hidden // g.heads,
+        linear_value_head_dim=g.hidden // g.heads,
+        linear_num_key_heads=g.kv_heads,
+        linear_num_value_heads=g.heads,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    )
+    side = 2 * g.image_size // g.patch  # the learned position table is resampled to each grid
+    vision = dict(depth=g.vision_layers, hidden_size=g.vision_hidden, intermediate_size=2 * g.vision_hidden, num_heads=2,
+                  patch_size=g.patch, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=g.hidden,
+                  num_position_embeddings=side * side)
+    return Qwen3_5Config(text_config=text, vision_config=vision, **ids)
 
 
 _CLASSES = {
@@ -159,6 +195,7 @@ _CLASSES = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "qwen3_5": Qwen3_5ForConditionalGeneration,
 }
 
 
@@ -237,6 +274,11 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
             gt, gh, gw = t // vision.temporal_patch_size, h // vision.patch_size, w // vision.patch_size
             vgrids.append([gt, gh, gw])
             videos.append(torch.randn(gt * gh * gw, 3 * vision.temporal_patch_size * vision.patch_size**2, generator=gen))
+            if family in TIMESTAMPED_VIDEO:  # <timestamp> <start> frame <end>, per frame
+                for _ in range(gt):
+                    ids += text(1) + [VISION_START] + [VIDEO_TOKEN] * (gh * gw // 4) + [VISION_END]
+                ids += text(2)
+                continue
             ids += [VISION_START] + [VIDEO_TOKEN] * (gt * gh * gw // 4) + [VISION_END] + text(2)
         ids += text(spec.question)
         rows.append(ids)
@@ -269,7 +311,7 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
     elif videos:
         out["pixel_values_videos"] = torch.cat(videos)
         out["video_grid_thw"] = torch.tensor(vgrids)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_5"):
         out["mm_token_type_ids"] = (
             (input_ids == IMAGE_TOKEN).long() + 2 * (input_ids == VIDEO_TOKEN).long()
         ).int()

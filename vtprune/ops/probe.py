@@ -18,6 +18,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the HF decoders apply it; with partial RoPE (tables narrower than the head) the rest passes through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, rest = x[..., :rot], x[..., rot:]
+    return torch.cat([head * cos + rotate_half(head) * sin, rest], dim=-1)
+
+
 @torch.no_grad()
 def causal_rows(
     q: torch.Tensor,
@@ -32,12 +41,12 @@ def causal_rows(
     """Causal attention probabilities of chosen query rows, mean over heads, ``(n_queries, L)`` in fp32.
 
     ``q`` ``(n_queries, H, d)`` and ``k`` ``(L, H_kv, d)`` are pre-RoPE fp32;
-    ``cos``/``sin`` ``(L, d)`` fp32 the layer's rotary tables. RoPE is applied,
+    ``cos``/``sin`` ``(L, d)`` fp32 the layer's rotary tables (narrower than ``d``
+    with partial RoPE: the first dims rotate, as in Qwen3.5). RoPE is applied,
     grouped KV heads repeated, keys after a query row or outside `key_valid`
     masked, softmax over keys; `chunk` query rows at a time.
     """
-    q = q * cos[query_index, None] + rotate_half(q) * sin[query_index, None]
-    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    q, k = _rope(q, cos[query_index, None], sin[query_index, None]), _rope(k, cos[:, None], sin[:, None])
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (L, H, d)
     keys = torch.arange(k.shape[0], device=k.device)

@@ -126,6 +126,14 @@ class Policy:
         """Decoder layers whose ``q_proj`` output the policy reads (captured in prefill, not recomputed)."""
         return ()
 
+    def attention_layers_needed(self) -> tuple[int, ...]:
+        """Decoder layers whose softmax attention (queries, keys) the policy reads.
+
+        `wrap` refuses a model whose layer there has none (a linear-attention
+        layer of a hybrid model such as Qwen3.5), naming the layers that have.
+        """
+        return ()
+
     def prune_layers(self) -> tuple[int, ...]:
         """Decoder layers the sequence is pruned before (llm stage), increasing; empty for the other stages.
 

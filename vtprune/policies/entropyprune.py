@@ -59,6 +59,9 @@ class EntropyPrune(PerModelLayerPolicy):
         """The one decoder layer whose queries are read: K-1 (its own q_proj output, captured)."""
         return (self.resolved_layer() - 1,)
 
+    def attention_layers_needed(self) -> tuple[int, ...]:
+        return self.layer_queries_needed()
+
     def budget(self, ctx: StageContext, b: int, i: int) -> int:
         if not self.average:
             return super().budget(ctx, b, i)

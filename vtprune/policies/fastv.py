@@ -40,6 +40,9 @@ class FastV(PerModelLayerPolicy):
     def layer_inputs_needed(self) -> tuple[int, ...]:
         return (self.resolved_layer() - 1,)
 
+    def attention_layers_needed(self) -> tuple[int, ...]:
+        return (self.resolved_layer() - 1,)
+
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if not ctx.num_images(b):
             return []

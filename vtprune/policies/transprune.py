@@ -122,6 +122,10 @@ class TransPrune(Policy):
     def prune_layers(self) -> tuple[int, ...]:
         return self.prune_after if self._resolved else ()
 
+    def attention_layers_needed(self) -> tuple[int, ...]:
+        """IGA reads the attention of the layer each prune point comes before (none with ``ttv_only``)."""
+        return () if self.ttv_only else self.prune_layers()
+
     def sub_block_layers(self) -> tuple[int, ...]:
         """0-based layers whose TTV is accumulated: 1-based ``ttv_from`` through the last prune layer."""
         layers, _, ttv_from = self.schedule()
