@@ -276,6 +276,20 @@ class Adapter:
         """
         raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
 
+    def language_model_methods(self) -> dict[str, Any]:
+        """Methods of the language model that read `sequence_tensors` inside its own forward, to bind per instance.
+
+        ``name -> fn(original, state, *args, **kwargs)``. An llm-stage prune
+        shortens the sequence inside the decoder loop, where it cannot rewrite
+        the loop's local variables (Qwen3-VL adds DeepStack features at the
+        visual positions after decoder layers 0-2 from locals); such a method
+        gets the running prefill's `PrefillState` (None outside a prefill),
+        whose ``levels[0].extras`` hold the declared tensors as the language
+        model received them and ``levels[-1].extras`` as the current level's
+        layers see them. Default: none.
+        """
+        return {}
+
     # --- decode ----------------------------------------------------------
     def decode_positions_from_cache(self, outer: dict[str, Any]) -> bool:
         """True when HF derives this decode step's positions from the cache length.

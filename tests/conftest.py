@@ -24,6 +24,6 @@ AttentionMaskInterface.register("vtprune_noweights", sdpa_mask)
 ATTNS = ("eager", "sdpa", "vtprune_noweights")
 
 
-@pytest.fixture(params=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"))
+@pytest.fixture(params=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
 def family(request):
     return request.param

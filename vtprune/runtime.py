@@ -114,6 +114,8 @@ class Runtime:
                     self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
         self._bind(self.adapter.language_model, self._lm_forward)
+        for attr, method in self.adapter.language_model_methods().items():
+            self._bind(self.adapter.language_model, self._with_prefill_state(method), attr=attr)
         first = plan.first_wrapped_layer()
         if first is not None:
             for idx, layer in enumerate(self.adapter.decoder_layers):
@@ -132,6 +134,16 @@ class Runtime:
             return original(*args, **kwargs)
         finally:
             self._close(record)
+
+    def _with_prefill_state(self, method):
+        """An adapter's language-model method, called with this thread's running prefill state (or None)."""
+
+        def call(original, *args, **kwargs):
+            record = self.record
+            state = record.state if record is not None and record.in_prefill else None
+            return method(original, state, *args, **kwargs)
+
+        return call
 
     def _grab_queries(self, idx: int):
         def grab(_module, _args, output):
@@ -178,11 +190,18 @@ class Runtime:
 
             def call(original, *args, _sig=sig, _name=name, **kwargs):
                 record = self.record
-                if record is not None:
-                    bound = _sig.bind_partial(*args, **kwargs).arguments
-                    meta = {k: v for k, v in bound.items() if k in self.adapter.grid_keys}
-                    record.fresh_vision().calls.append({"method": _name, **meta})
-                return original(*args, **kwargs)
+                # one encoder call even where one vision method runs another (Qwen3-VL's
+                # get_video_features calls get_image_features with the video grid)
+                if record is None or getattr(self._local, "in_vision_method", False):
+                    return original(*args, **kwargs)
+                bound = _sig.bind_partial(*args, **kwargs).arguments
+                meta = {k: v for k, v in bound.items() if k in self.adapter.grid_keys}
+                record.fresh_vision().calls.append({"method": _name, **meta})
+                self._local.in_vision_method = True
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._local.in_vision_method = False
 
             self._bind(base, call, attr=name)
         self._handles.append(self.adapter.projector_module().register_forward_pre_hook(grab))
@@ -349,7 +368,7 @@ class Runtime:
             layouts, alive, seq_pos, pad_left=pad_left, compact_positions=self.plan.positions == "compact",
             declared=declared,
         )
-        level = Level(layer=0, mask2d=short.mask2d, removed=valid.sum(1) - short.mask2d.sum(1))
+        level = Level(layer=0, mask2d=short.mask2d, removed=valid.sum(1) - short.mask2d.sum(1), extras=short.extras)
         state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=_kept(short), pad_left=pad_left)
         call = dict(bound)
         call["inputs_embeds"] = short.hidden
@@ -463,7 +482,8 @@ class Runtime:
         rotary = prev.position_embeddings if above and prev.position_embeddings is not None else kwargs.get("position_embeddings")
         position_ids = prev.position_ids if above and prev.position_ids is not None else kwargs.get("position_ids")
         declared = self.adapter.sequence_tensors
-        extras = dict(prev.extras) if above else {t.name: kwargs.get(t.name) for t in declared}
+        # (declared tensors the decoder layers do not take are the ones the language model got: level 0's)
+        extras = dict(prev.extras) if above else {t.name: kwargs.get(t.name, prev.extras.get(t.name)) for t in declared}
         sequence = replace(state.sequence, hidden=hidden, mask2d=prev.mask2d, rotary=rotary, position_ids=position_ids,
                            extras=extras, stats=list(record.sub_block_stats.values()))
         ctx = StageContext(

@@ -22,9 +22,19 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+#: families whose visual placeholders are Qwen's (vision start/end tokens, grids in ``*_grid_thw``, M-RoPE)
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+#: families whose video prompts put a timestamp before every temporal frame (Qwen3-VL's processor)
+TIMESTAMPED_VIDEO = ("qwen3_vl", "qwen3_vl_moe")
+#: text tokens of one frame timestamp in the tiny inputs (the processor writes ``<1.0 seconds>``)
+TIMESTAMP_TOKENS = 3
 VOCAB = 128
 IMAGE_TOKEN = 100
 VIDEO_TOKEN = 101
@@ -110,7 +120,32 @@ def tiny_config(family: str, geometry: Geometry | None = None):
     if family == "qwen2_5_vl":
         vision.update(window_size=4 * g.patch * 2, fullatt_block_indexes=[g.vision_layers - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        return _qwen3_vl_config(family, g, text, vision, ids)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def _qwen3_vl_config(family: str, g: Geometry, text: dict, vision: dict, ids: dict):
+    """Qwen3-VL: q/k norms per head, interleaved M-RoPE, a learned ViT position table and three DeepStack taps.
+
+    The real models tap ViT blocks 8/16/24 of 27 and add the taps after decoder
+    layers 0-2; the tiny ViT taps its first three blocks (at least three
+    blocks), so ``at_layer`` 1 and 2 prune inside the DeepStack range here too.
+    """
+    head_dim = g.hidden // g.heads
+    half = head_dim // 2  # interleaved sections (as 24/20/20 of 64): h at 1::3, w at 2::3, t on the rest
+    hw = half // 3
+    text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [half - 2 * hw, hw, hw], "mrope_interleaved": True})
+    depth = max(g.vision_layers, 3)
+    side = max(g.image_size // g.patch, 2)
+    vision.update(depth=depth, deepstack_visual_indexes=[0, 1, 2], num_position_embeddings=side * side)
+    for key in ("embed_dim", "in_chans"):
+        vision.pop(key)
+    if family == "qwen3_vl":
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=g.intermediate // 2, decoder_sparse_step=1)
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
 
 
 _CLASSES = {
@@ -118,6 +153,8 @@ _CLASSES = {
     "llava_next": LlavaNextForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
+    "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
 }
 
 
@@ -137,7 +174,8 @@ class SampleSpec:
 
     ``images``: a list of image sizes in pixels ``(height, width)`` (LLaVA
     ignores the size: its images are always ``image_size`` square);
-    ``videos``: ``(frames, height, width)`` in pixels (Qwen only);
+    ``videos``: ``(frames, height, width)`` in pixels (Qwen only; Qwen3-VL puts a
+    timestamp of `TIMESTAMP_TOKENS` text tokens before each temporal frame);
     ``prefix``/``question``: text tokens before the first and after the last image.
     """
 
@@ -184,7 +222,12 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
             gt, gh, gw = t // vision.temporal_patch_size, h // vision.patch_size, w // vision.patch_size
             vgrids.append([gt, gh, gw])
             videos.append(torch.randn(gt * gh * gw, 3 * vision.temporal_patch_size * vision.patch_size**2, generator=gen))
-            ids += [VISION_START] + [VIDEO_TOKEN] * (gt * gh * gw // 4) + [VISION_END] + text(2)
+            if family in TIMESTAMPED_VIDEO:  # every frame: its timestamp (text), then its own vision span
+                for _ in range(gt):
+                    ids += text(TIMESTAMP_TOKENS) + [VISION_START] + [VIDEO_TOKEN] * (gh * gw // 4) + [VISION_END]
+                ids += text(2)
+            else:
+                ids += [VISION_START] + [VIDEO_TOKEN] * (gt * gh * gw // 4) + [VISION_END] + text(2)
         ids += text(spec.question)
         rows.append(ids)
 
@@ -212,7 +255,7 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
     if videos:
         out["pixel_values_videos"] = torch.cat(videos)
         out["video_grid_thw"] = torch.tensor(vgrids)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in QWEN_FAMILIES:
         out["mm_token_type_ids"] = (
             (input_ids == IMAGE_TOKEN).long() + 2 * (input_ids == VIDEO_TOKEN).long()
         ).int()
