@@ -190,18 +190,11 @@ class Runtime:
 
             def call(original, *args, _sig=sig, _name=name, **kwargs):
                 record = self.record
-                # one encoder call even where one vision method runs another (Qwen3-VL's
-                # get_video_features calls get_image_features with the video grid)
-                if record is None or getattr(self._local, "in_vision_method", False):
-                    return original(*args, **kwargs)
-                bound = _sig.bind_partial(*args, **kwargs).arguments
-                meta = {k: v for k, v in bound.items() if k in self.adapter.grid_keys}
-                record.fresh_vision().calls.append({"method": _name, **meta})
-                self._local.in_vision_method = True
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    self._local.in_vision_method = False
+                if record is not None:
+                    bound = _sig.bind_partial(*args, **kwargs).arguments
+                    meta = {k: v for k, v in bound.items() if k in self.adapter.grid_keys}
+                    record.fresh_vision().calls.append({"method": _name, **meta})
+                return original(*args, **kwargs)
 
             self._bind(base, call, attr=name)
         self._handles.append(self.adapter.projector_module().register_forward_pre_hook(grab))
