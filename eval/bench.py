@@ -20,6 +20,7 @@ import torch
 from .. import api
 from ..demo import demo_inputs, demo_model, photo
 from ..measure import kv_cache_bytes
+from ..patches import adapter_for
 from ..tiny import FAMILIES
 
 
@@ -50,7 +51,7 @@ def bench_family(family: str, policy: str, budgets: list, repeats: int) -> list[
             if rep > 0:  # the first round is warm-up
                 times[keep].append(ms)
     base = statistics.median(times[None])
-    n_visual = int((batch["input_ids"] == 100).sum())
+    n_visual = int(adapter_for(model).visual_token_mask(batch["input_ids"]).sum())
     seq = batch["input_ids"].shape[1]
     rows = []
     for keep in configs:

@@ -52,10 +52,11 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..patches import ADAPTERS
 from ..policies.base import make_policy
 
 #: lmms-eval's HF wrapper for each supported ``config.model_type``.
-FAMILIES = {"llava": "llava_hf", "llava_next": "llava_hf", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+FAMILIES = {t: adapter.lmms_model for t, adapter in ADAPTERS.items()}
 PRUNE_KEYS = ("policy", "keep", "positions")
 INSTALL_HINT = ("lmms-eval is not installed; install it without its dependencies (they would replace torch):\n"
                 "  pip install 'vtprune[eval]' && pip install --no-deps lmms-eval==0.7.3")

@@ -1,4 +1,9 @@
-"""Model adapters, one module per family, chosen by ``config.model_type``."""
+"""Model adapters, one module per family, chosen by ``config.model_type``.
+
+`ADAPTERS` is the one table of supported model types: the API, the tiny
+test models, the demo, ``calibrate-ecl``, the test fixtures and the
+lmms-eval runner all read it (a new family adds its adapter here).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
 
 
 def supported_model_types() -> list[str]:
+    """The ``config.model_type`` values vtprune can wrap (the keys of `ADAPTERS`), sorted."""
     return sorted(ADAPTERS)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from ..sequence import SequenceTensor
+from .attention import attention_rows, split_queries
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -39,6 +40,10 @@ class Adapter:
     template_markers: ClassVar[tuple[str, ...]] = ()
     #: True where the vision encoder has a CLS token (`vision_cls_attention`)
     vision_cls: ClassVar[bool] = False
+    #: True where each image has exactly one CLS token (one crop per image: `vision_cls_feature`)
+    vision_cls_per_image: ClassVar[bool] = False
+    #: lmms-eval's HF model wrapper that loads this family (the eval runner reads it)
+    lmms_model: ClassVar[str] = ""
     #: methods of the base model that run the vision encoder (their grid arguments are recorded)
     vision_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     #: language-model inputs beyond embeddings, mask and positions that carry sequence length (or rows of
@@ -98,6 +103,15 @@ class Adapter:
     def query_module(self, layer: int) -> nn.Module:
         """The module of decoder ``layer`` whose output is its pre-RoPE queries (``q_proj``)."""
         return self.decoder_layers[layer].self_attn.q_proj
+
+    def decoder_queries(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """`query_module` output of decoder ``layer`` ``(..., H * d)`` -> pre-RoPE queries ``(..., H, d)``."""
+        return split_queries(self.decoder_layers[layer].self_attn, q)
+
+    def attention_rows(self, layer: int, hidden: torch.Tensor, position_embeddings, query_index: torch.Tensor,
+                       key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The probe's causal attention rows of decoder ``layer`` for one sample (`patches.attention.attention_rows`)."""
+        return attention_rows(self.decoder_layers[layer], hidden, position_embeddings, query_index, key_valid)
 
     def layer_type(self, layer: int) -> str:
         """The attention kind of decoder ``layer`` (``full_attention`` or ``sliding_attention``), from the config."""
@@ -251,6 +265,11 @@ class Adapter:
     def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
         """Attention the CLS token pays each token in one captured call of vision ``layer``, summed over heads."""
         raise NotImplementedError(f"{self.model_type}: its vision encoder has no CLS token")
+
+    def vision_cls_feature(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int,
+                           calls: list[LayerCall]) -> torch.Tensor:
+        """The CLS row of image i's hidden states in the captured calls of one vision layer, ``(D',)``."""
+        raise NotImplementedError(f"{self.model_type}: its vision encoder has no CLS token per image")
 
     def vision_keys(self, layer: int, call: LayerCall) -> torch.Tensor:
         """Keys of one captured call of vision ``layer`` as the layer computes them, mean over heads, per ViT token."""

@@ -12,14 +12,16 @@ import torch
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
-from ..ops.probe import vit_attention_from, vit_attention_received, vit_keys
+from .attention import vit_attention_from, vit_attention_received, vit_keys
 from .base import Adapter, single_grid_image
 
 
 class LlavaAdapter(Adapter):
     model_type = "llava"
+    lmms_model = "llava_hf"
     grid_keys = ("image_sizes",)
     vision_cls = True
+    vision_cls_per_image = True
     template_markers = ("ASSISTANT:",)
 
     def check_config(self) -> None:
@@ -63,6 +65,10 @@ class LlavaAdapter(Adapter):
 
     def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
         return vit_attention_from(self.vision_layers()[layer], call.hidden, query=0)
+
+    def vision_cls_feature(self, captured, layouts, b, i, calls):
+        per_image = torch.cat([call.hidden for call in calls])
+        return per_image[self.global_image_index(layouts, b, i, captured=captured), 0]
 
     def vision_keys(self, layer: int, call: LayerCall) -> torch.Tensor:
         return vit_keys(self.vision_layers()[layer], call.hidden)

@@ -24,6 +24,7 @@ from .llava import LlavaAdapter
 
 class LlavaNextAdapter(LlavaAdapter):
     model_type = "llava_next"
+    vision_cls_per_image = False  # one CLS per crop: VisionZip's reference budgets each crop instead
 
     def _views(self, image_size: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the unpadded high-resolution view of an image of `image_size` (h, w)."""

@@ -15,6 +15,7 @@ from .qwen2_vl import Qwen2VLAdapter
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     model_type = "qwen2_5_vl"
+    lmms_model = "qwen2_5_vl"
 
     def merger_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
         vision = self.config.vision_config

@@ -14,12 +14,13 @@ import torch
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
-from ..ops.probe import packed_vit_attention_received, packed_vit_keys
+from .attention import packed_vit_attention_received, packed_vit_keys
 from .base import Adapter, single_grid_image
 
 
 class Qwen2VLAdapter(Adapter):
     model_type = "qwen2_vl"
+    lmms_model = "qwen2_vl"
     mrope = True
     grid_keys = ("image_grid_thw", "video_grid_thw")
     vision_methods = ("get_image_features", "get_video_features")

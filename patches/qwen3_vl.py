@@ -43,6 +43,7 @@ DEEPSTACK = "deepstack_visual_embeds"
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_type = "qwen3_vl"
+    lmms_model = "qwen3_vl"  # lmms-eval's wrapper loads the dense and the MoE checkpoints alike
     sequence_tensors = (SequenceTensor(MASK), SequenceTensor(DEEPSTACK, dim=0, rows_of=MASK))
 
     def language_model_methods(self) -> dict[str, Any]:

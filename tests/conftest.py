@@ -9,6 +9,8 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
+from vtprune.patches import supported_model_types  # noqa: E402  (the one table of model types)
+
 torch.set_num_threads(1)
 
 
@@ -24,6 +26,6 @@ AttentionMaskInterface.register("vtprune_noweights", sdpa_mask)
 ATTNS = ("eager", "sdpa", "vtprune_noweights")
 
 
-@pytest.fixture(params=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
+@pytest.fixture(params=supported_model_types())
 def family(request):
     return request.param

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from vtprune.patches import ADAPTERS
 from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, SampleSpec, make_inputs, tiny_model
 
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN = tuple(t for t, adapter in ADAPTERS.items() if adapter.mrope)  # the M-RoPE (Qwen) families
 
 
 def model_for(family: str, attn: str = "sdpa", seed: int = 0, **geometry):

@@ -6,8 +6,8 @@ import torch
 from helpers import inputs, mixed_specs, model_for, patch_positions
 
 import vtprune
-from vtprune.ops.probe import attention_rows
 from vtprune.ops.select import topk_indices
+from vtprune.patches.attention import attention_rows
 from vtprune.policies import FastV
 
 

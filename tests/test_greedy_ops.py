@@ -14,8 +14,8 @@ from vtprune.ops.greedy import (
     minmax_normalize,
     mmr_select,
 )
-from vtprune.ops.probe import layer_queries
 from vtprune.ops.select import topk_indices
+from vtprune.patches.attention import layer_queries
 
 SEEDS = range(4)
 

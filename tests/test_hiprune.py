@@ -12,7 +12,7 @@ from transformers.vision_utils import get_vision_window_index
 import vtprune
 from vtprune.context import StageContext
 from vtprune.layout import SampleLayout
-from vtprune.ops.probe import packed_vit_attention_received, vit_attention_received
+from vtprune.patches.attention import packed_vit_attention_received, vit_attention_received
 from vtprune.patches.base import single_grid_image
 from vtprune.policies import HiPrune
 

@@ -148,8 +148,8 @@ def test_bad_policy_options_leave_the_model_untouched(tmp_path):
 @torch.no_grad()
 def test_entropyprune_keeps_the_top_entropy_tokens_of_the_unwrapped_model(family):
     """Independent truth: layer K-1's input from the unwrapped model, queries and entropy by brute force."""
-    from vtprune.ops.probe import layer_queries
     from vtprune.ops.select import topk_indices
+    from vtprune.patches.attention import layer_queries
 
     model = model_for(family, "sdpa")
     batch = inputs(model, mixed_specs(family)[:1])

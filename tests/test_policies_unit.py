@@ -11,8 +11,9 @@ from vtprune.context import StageContext
 from vtprune.layout import ImageLayout, SampleLayout, SubGrid
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import coverage_select, divprune_select, mmr_select
-from vtprune.ops.probe import layer_queries
 from vtprune.ops.select import topk_indices
+from vtprune.patches.attention import layer_queries
+from vtprune.patches.base import Adapter
 from vtprune.policies.base import make_policy
 from vtprune.policies.divprune import DivPrune
 from vtprune.policies.entropyprune import EntropyPrune
@@ -35,6 +36,8 @@ class FakeAdapter:
 
     def pre_projector_features(self, captured, layouts, b, i):
         return self.pre[b, i]
+
+    decoder_queries = Adapter.decoder_queries
 
 
 def make_ctx(samples, adapter=None, seed=0, stage="projector", layer=None):

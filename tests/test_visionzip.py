@@ -64,11 +64,15 @@ def test_groups_and_merges_known_answer():
     torch.testing.assert_close(lone[1], torch.eye(3)[2])
 
 
-def _brute_visionzip(score, keys, feats, dominant_count, contextual_count, merge):
-    """VisionZip for one image with plain loops: kept indices -> fp64 value of each contextual token."""
+def _brute_visionzip(score, keys, feats, dominant_count, contextual_count, merge, cls=None):
+    """VisionZip for one image with plain loops: kept indices -> fp64 value of each contextual token.
+
+    With ``cls`` (the CLS feature), the CLS token is one of the dominant tokens (the LLaVA reference:
+    CLS + d - 1 patches) and takes the slot of the first patch not otherwise kept.
+    """
     n = score.numel()
     order = sorted(range(n), key=lambda j: (-float(score[j]), j))
-    dominant = sorted(order[:dominant_count])
+    dominant = sorted(order[: dominant_count - (cls is not None)])
     rest = [j for j in range(n) if j not in dominant]
     step = max(1, len(rest) // contextual_count)
     targets = list(range(0, len(rest), step))[:contextual_count]
@@ -88,7 +92,12 @@ def _brute_visionzip(score, keys, feats, dominant_count, contextual_count, merge
             merged[rest[t]] = target + (sum(others) / len(others) if others else 0)
         else:
             merged[rest[t]] = (target + sum(others, torch.zeros_like(target))) / (1 + len(others))
-    return sorted(dominant + [rest[t] for t in targets]), merged
+    kept = dominant + [rest[t] for t in targets]
+    if cls is not None:
+        slot = min(j for j in range(n) if j not in kept)
+        merged[slot] = cls.double()
+        kept.append(slot)
+    return sorted(kept), merged
 
 
 def _pruned_embeds(model, batch):
@@ -105,14 +114,14 @@ def _pruned_embeds(model, batch):
 
 
 def _check_against_brute_force(model, batch, items, policy, dominant_count, contextual_count, project=None):
-    """``items``: per image, (positions in the sequence, score, keys, features to merge, unwrapped embeddings)."""
+    """``items``: per image, (positions in the sequence, score, keys, features to merge, unwrapped embeddings[, CLS])."""
     vtprune.wrap(model, policy)
     pruned = _pruned_embeds(model, batch)
     images = vtprune.report(model).to_dict()["samples"][0]["images"]
     keep_mask = torch.ones(batch["input_ids"].shape[1], dtype=torch.bool)
     expected = []
-    for (positions, score, keys, feats, embeds), image in zip(items, images, strict=True):
-        kept, merged = _brute_visionzip(score, keys, feats, dominant_count, contextual_count, policy.merge)
+    for (positions, score, keys, feats, embeds, *cls), image in zip(items, images, strict=True):
+        kept, merged = _brute_visionzip(score, keys, feats, dominant_count, contextual_count, policy.merge, *cls)
         assert image["stages"]["vision"]["kept"] == kept
         keep_mask[positions] = False
         keep_mask[positions[kept]] = True
@@ -142,11 +151,16 @@ def test_llava_equals_brute_force_from_eager_cls_attention(merge):
     k = attn_layer.self_attn.k_proj(attn_layer.layer_norm1(out.hidden_states[layer]))
     keys = k.view(*k.shape[:2], attn_layer.self_attn.num_heads, -1).mean(2)[:, 1:]
     feats = out.hidden_states[layer + 1][:, 1:]  # the pre-projector features (CLS dropped)
+    cls_feature = out.hidden_states[layer + 1][:, 0]  # the reference passes the CLS token on too
     embeds = lm_input_embeds(model, batch)[0]
     visual = visual_positions("llava", batch["input_ids"]).view(2, -1)
-    items = [(visual[g], cls[g], keys[g], feats[g], embeds[visual[g]]) for g in range(2)]
-    policy = VisionZip(keep=12, contextual=4, merge=merge)
-    _check_against_brute_force(model, batch, items, policy, 8, 4, project=model.model.multi_modal_projector)
+    project = model.model.multi_modal_projector
+    items = [(visual[g], cls[g], keys[g], feats[g], embeds[visual[g]], cls_feature[g]) for g in range(2)]
+    policy = VisionZip(keep=12, contextual=4, merge=merge)  # CLS + 7 dominant patches + 4 contextual, as the reference
+    _check_against_brute_force(model, batch, items, policy, 8, 4, project=project)
+    items = [item[:5] for item in items]
+    _check_against_brute_force(model, batch, items, VisionZip(keep=12, contextual=4, merge=merge, cls_token=False), 8, 4,
+                               project=project)
 
 
 @torch.no_grad()
@@ -186,13 +200,34 @@ def test_qwen_equals_brute_force_from_eager_weights(family, merge):
 
 
 @torch.no_grad()
-def test_default_split_on_qwen_keeps_exact_budgets():
+def test_default_split_on_qwen_keeps_the_reference_counts():
+    """int(0.65 N) + max(int(0.05 N), 1) at keep=0.7, as the Qwen2.5-VL reference; exact_keep=True: round(0.7 N)."""
     model = model_for("qwen2_5_vl", "sdpa")
     batch = inputs(model, [SampleSpec(images=((32, 48),), videos=((4, 32, 32),), question=5)])
     vtprune.wrap(model, VisionZip(keep=0.7))
     model(**batch)
     images = vtprune.report(model).to_dict()["samples"][0]["images"]
+    want = [int(0.65 * i["tokens"]) + max(int(0.05 * i["tokens"]), 1) for i in images]
+    assert [i["stages"]["vision"]["after"] for i in images] == want
+    vtprune.wrap(model, VisionZip(keep=0.7, exact_keep=True))
+    model(**batch)
+    images = vtprune.report(model).to_dict()["samples"][0]["images"]
     assert [i["stages"]["vision"]["after"] for i in images] == [round(0.7 * i["tokens"]) for i in images]
+
+
+def test_reference_counts_at_the_papers_sizes():
+    """LLaVA: CLS + 53 + 10 = 64 of 576; Qwen: 178 of 256 at keep=0.7 (round(0.7 * 256) would be 179)."""
+    from types import SimpleNamespace
+
+    from vtprune.layout import SampleLayout
+    from vtprune.patches.base import single_grid_image
+
+    llava = VisionZip(keep=64).bind(adapter_for(model_for("llava")))
+    assert llava.cls_token and llava.split(64, 576) == (54, 10)  # 54 dominant tokens: CLS + 53 patches
+    qwen = VisionZip(keep=0.7).bind(adapter_for(model_for("qwen2_5_vl")))
+    layout = SampleLayout([single_grid_image(0, torch.arange(256), 16, 16)], torch.arange(0), torch.ones(256).bool())
+    ctx = SimpleNamespace(alive=[[torch.arange(256)]], layouts=[layout])
+    assert qwen.budget(ctx, 0, 0) == 178 and qwen.split(178, 256) == (166, 12)
 
 
 def test_bad_options_leave_the_model_untouched():

@@ -97,15 +97,22 @@ class StageContext:
         Taken from the layer's own ``q_proj`` output in this prefill (listed in
         the policy's `layer_queries_needed`), so nothing is recomputed.
         """
-        from .ops.probe import split_queries
-
         if layer not in self.layer_q:
             raise KeyError(
                 f"the queries of decoder layer {layer} were not captured; a policy lists the layers it reads "
                 f"in `layer_queries_needed()` (captured here: {sorted(self.layer_q)})"
             )
         q = self.layer_q[layer][b, self.seq_positions[b][i]]
-        return split_queries(self.decoder_layer(layer).self_attn, q)
+        return self.adapter.decoder_queries(layer, q)
+
+    def attention_rows(self, layer: int, hidden: torch.Tensor, b: int, rows: torch.Tensor) -> torch.Tensor:
+        """Causal attention of sample b's query ``rows`` to every key in decoder ``layer``, mean over heads, ``(n, L)`` fp32.
+
+        Recomputed by the attention probe from ``hidden`` ``(L, D)`` (the
+        layer's input for this sample) with this point's rotary tables and
+        padding, so the model's own attention never returns weights.
+        """
+        return self.adapter.attention_rows(layer, hidden, self.rotary(b), rows, self.valid(b))
 
     def vision_attention(self, b: int, i: int, layer: int) -> torch.Tensor:
         """Attention each of image i's alive patch tokens receives in vision-encoder ``layer`` (0-based).
@@ -125,6 +132,18 @@ class StageContext:
         included); CLIP encoders only (``adapter.vision_cls``).
         """
         return self._vision_values("cls", self.adapter.vision_cls_attention, b, i, layer)
+
+    def vision_cls_feature(self, b: int, i: int, layer: int) -> torch.Tensor:
+        """The CLS token's hidden state entering vision ``layer`` (0-based) for image i, ``(D',)``.
+
+        The output of layer ``layer - 1``: with ``layer`` one past the
+        scoring layer, the CLS row of the same hidden states the visual
+        features come from (CLIP encoders, ``adapter.vision_cls``).
+        """
+        calls = self.captured.get("vision_layers", {}).get(layer)
+        if not calls:
+            raise KeyError(f"vision layer {layer} was not captured; list it in `vision_layers_needed()`")
+        return self.adapter.vision_cls_feature(self.captured, self.layouts, b, i, calls)
 
     def vision_keys(self, b: int, i: int, layer: int) -> torch.Tensor:
         """Keys of image i's alive patch tokens in vision ``layer`` (0-based), mean over heads, ``(n, head_dim)``.

@@ -32,7 +32,10 @@ def photo() -> np.ndarray:
 
 def demo_inputs(model, image: np.ndarray, question_tokens: int = 12) -> dict:
     """Processor-equivalent inputs for one image and a short prompt (token ids are synthetic)."""
+    from .patches import adapter_for
+
     family = model.config.model_type
+    adapter = adapter_for(model)
     rng = np.random.default_rng(0)
     question = rng.integers(3, 90, question_tokens).tolist()
     prefix = [1, 5, 6, 7]
@@ -41,7 +44,7 @@ def demo_inputs(model, image: np.ndarray, question_tokens: int = 12) -> dict:
 
         proc = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
         pix = proc(image, return_tensors="pt")
-        ids = prefix + [IMAGE_TOKEN] * 576 + question
+        ids = prefix + [IMAGE_TOKEN] * adapter.grid_side**2 + question
         return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
     if family == "llava_next":
         from transformers import LlavaNextImageProcessorPil
@@ -49,16 +52,16 @@ def demo_inputs(model, image: np.ndarray, question_tokens: int = 12) -> dict:
         proc = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                           image_grid_pinpoints=model.config.image_grid_pinpoints)
         pix = proc(image, return_tensors="pt")
-        from .patches import adapter_for
-
-        rows, cols = adapter_for(model)._views(pix["image_sizes"][0])
-        ids = prefix + [IMAGE_TOKEN] * (576 + rows * (cols + 1)) + question
+        rows, cols = adapter._views(pix["image_sizes"][0])
+        ids = prefix + [IMAGE_TOKEN] * (adapter.grid_side**2 + rows * (cols + 1)) + question
         return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
     from transformers import Qwen2VLImageProcessorPil
 
-    proc = Qwen2VLImageProcessorPil(min_pixels=QWEN_PIXELS, max_pixels=QWEN_PIXELS, patch_size=14, merge_size=2)
+    vision = model.config.vision_config
+    proc = Qwen2VLImageProcessorPil(min_pixels=QWEN_PIXELS, max_pixels=QWEN_PIXELS, patch_size=vision.patch_size,
+                                    merge_size=adapter.merge)
     pix = proc(image, return_tensors="pt")
-    n = int(pix["image_grid_thw"].prod()) // 4
+    n = int(pix["image_grid_thw"].prod()) // adapter.merge**2
     ids = prefix + [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END] + question
     ids_t = torch.tensor([ids])
     return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), **pix,

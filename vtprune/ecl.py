@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .ops.entropy import matrix_entropy
-from .patches import adapter_for
+from .patches import adapter_for, supported_model_types
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def entropy_curve(model, batch: dict) -> list[float]:
     adapter = adapter_for(model)
     out = model(**batch, output_hidden_states=True, use_cache=False)
     states = out.hidden_states
-    layouts = adapter.layouts({**batch, **_vision_meta(batch)}, states[0])
+    layouts = adapter.layouts({**batch, **{k: v for k, v in batch.items() if k in adapter.grid_keys}}, states[0])
     if layouts is None:
         raise ValueError("calibrate-ecl needs inputs with images; the batch holds no visual tokens")
     curve = []
@@ -45,10 +45,6 @@ def entropy_curve(model, batch: dict) -> list[float]:
         ]
         curve.append(float(np.mean(values)))
     return curve
-
-
-def _vision_meta(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("image_sizes", "image_grid_thw", "video_grid_thw")}
 
 
 def propose_collapse_layer(curve: list[float]) -> int:
@@ -87,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune calibrate-ecl", description=__doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="local model directory (loaded offline with its processor)")
-    source.add_argument("--tiny", default="llava", choices=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"),
+    source.add_argument("--tiny", default="llava", choices=supported_model_types(),
                         help="a random-weight model of this family with the demo geometry (default: llava)")
     parser.add_argument("--n", type=int, default=2, help="number of photos (1-4, default 2)")
     parser.add_argument("--json", help="append the result as one JSON row to this file")

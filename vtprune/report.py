@@ -21,7 +21,9 @@ class Report:
     [{"kind": str, "tokens": int, "stages": {STAGE: {"before": int, "after": int,
     "kept": [int, ...], "ms": float}}}]}]}``. ``kept`` lists positions within the
     image's own token grid (raster order, ascending, newlines skipped); STAGE is
-    ``vision``, ``projector`` or ``llm@K``. ``ms`` is the policy's selection
+    ``vision`` (selected from vision-encoder signals, applied where the
+    projector stage is: the vision tower itself sees every token),
+    ``projector`` or ``llm@K``. ``ms`` is the policy's selection
     time for the whole batch at that stage (the same value in every image).
     """
 

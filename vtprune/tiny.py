@@ -28,10 +28,11 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-#: families whose visual placeholders are Qwen's (vision start/end tokens, grids in ``*_grid_thw``, M-RoPE)
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-#: families whose video prompts put a timestamp before every temporal frame (Qwen3-VL's processor)
+from .patches import ADAPTERS, supported_model_types
+
+#: the tiny models follow the one table of supported model types (each needs its config below)
+FAMILIES = tuple(supported_model_types())
+#: families whose video prompts put a timestamp (text) before every temporal frame (Qwen3-VL's processor)
 TIMESTAMPED_VIDEO = ("qwen3_vl", "qwen3_vl_moe")
 #: text tokens of one frame timestamp in the tiny inputs (the processor writes ``<1.0 seconds>``)
 TIMESTAMP_TOKENS = 3
@@ -255,7 +256,7 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
     if videos:
         out["pixel_values_videos"] = torch.cat(videos)
         out["video_grid_thw"] = torch.tensor(vgrids)
-    if family in QWEN_FAMILIES:
+    if ADAPTERS[family].mrope:  # the Qwen families
         out["mm_token_type_ids"] = (
             (input_ids == IMAGE_TOKEN).long() + 2 * (input_ids == VIDEO_TOKEN).long()
         ).int()

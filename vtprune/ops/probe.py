@@ -1,59 +1,15 @@
-"""Probes into a layer's attention, computed on the side from the layer's captured input.
+"""The attention probe's math: attention statistics from queries and keys, computed on the side, in chunks.
 
 The model's own attention keeps running under SDPA or FlashAttention-2 and
-never has to return weights; a policy that needs a layer's queries, keys or
-attention statistics gets them here, recomputed exactly as the layer
-computes them, in chunks.
+never has to return weights. The adapter (``vtprune.patches``) knows where a
+family keeps its norms and projections and produces queries and keys exactly
+as the layer computes them (`vtprune.patches.attention`); the functions here
+only see tensors, so no model-family module name lives in ``ops/``.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-
-def _head_dim(attn: nn.Module, width: int) -> int:
-    head_dim = getattr(attn, "head_dim", None)
-    if head_dim is None:
-        config = attn.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if width % head_dim:
-        raise ValueError(f"q_proj gives {width} features, not a multiple of head_dim={head_dim}")
-    return head_dim
-
-
-@torch.no_grad()
-def layer_queries(decoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Pre-RoPE query vectors ``(..., heads, head_dim)`` of `decoder_layer` for `hidden` ``(..., D)``.
-
-    Runs the layer's ``input_layernorm`` and ``self_attn.q_proj`` (and the
-    attention's ``q_norm`` where it has one, as Qwen3 does: per head when its
-    weight has ``head_dim`` entries, over the whole projection otherwise),
-    in the model's dtype, exactly as the layer's own forward does before
-    RoPE. Works for the HF Llama, Qwen2, Qwen2-VL, Qwen2.5-VL and Qwen3
-    decoder layers.
-    """
-    attn = decoder_layer.self_attn
-    return split_queries(attn, attn.q_proj(decoder_layer.input_layernorm(hidden)))
-
-
-def split_queries(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
-    """``q_proj`` output ``(..., heads * head_dim)`` -> pre-RoPE queries ``(..., heads, head_dim)`` (q_norm applied)."""
-    return _split_heads(attn, q, getattr(attn, "q_norm", None))
-
-
-def _split_heads(attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
-    """Projection output -> ``(..., heads, head_dim)``, with the attention's q/k norm where it has one.
-
-    The norm runs per head when its weight has ``head_dim`` entries (Qwen3),
-    over the whole projection otherwise, as the model's own forward does.
-    """
-    head_dim = _head_dim(attn, x.shape[-1])
-    per_head = norm is not None and getattr(norm, "weight", None) is not None and norm.weight.numel() == head_dim
-    if norm is not None and not per_head:
-        x = norm(x)
-    x = x.view(*x.shape[:-1], x.shape[-1] // head_dim, head_dim)
-    return norm(x) if per_head else x
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -63,34 +19,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_rows(
-    decoder_layer: nn.Module,
-    hidden: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+def causal_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     query_index: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None,
+    scale: float,
     chunk: int = 256,
 ) -> torch.Tensor:
-    """Attention probabilities of chosen query rows of one sample, mean over heads, ``(n_queries, L)`` in fp32.
+    """Causal attention probabilities of chosen query rows, mean over heads, ``(n_queries, L)`` in fp32.
 
-    Recomputes what ``decoder_layer``'s attention would weigh, without asking
-    the model for weights: its input norm, q/k projections (and q/k norms),
-    RoPE from the layer's own ``position_embeddings`` (cos, sin of shape
-    ``(L, head_dim)``, M-RoPE already folded in as the model does), grouped
-    KV heads repeated, the layer's scaling, the causal mask plus `key_valid`
-    (padding), softmax over keys. Only ``n_queries x L`` scores are formed,
-    `chunk` query rows at a time; no full attention map exists.
+    ``q`` ``(n_queries, H, d)`` and ``k`` ``(L, H_kv, d)`` are pre-RoPE fp32;
+    ``cos``/``sin`` ``(L, d)`` fp32 the layer's rotary tables. RoPE is applied,
+    grouped KV heads repeated, keys after a query row or outside `key_valid`
+    masked, softmax over keys; `chunk` query rows at a time.
     """
-    attn = decoder_layer.self_attn
-    x = decoder_layer.input_layernorm(hidden)
-    cos, sin = (t.float() for t in position_embeddings)
-    q = split_queries(attn, attn.q_proj(x[query_index])).float()
-    k = _split_heads(attn, attn.k_proj(x), getattr(attn, "k_norm", None)).float()
     q = q * cos[query_index, None] + rotate_half(q) * sin[query_index, None]
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (L, H, d)
-    scale = getattr(attn, "scaling", q.shape[-1] ** -0.5)
     keys = torch.arange(k.shape[0], device=k.device)
     out = []
     for start in range(0, q.shape[0], chunk):
@@ -105,95 +54,38 @@ def attention_rows(
 
 
 @torch.no_grad()
-def vit_attention_received(encoder_layer: nn.Module, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Attention each token of a CLIP-style ViT layer receives, summed over queries, mean over heads.
+def received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
+    """Attention each token receives under full attention, summed over queries, mean over heads.
 
-    ``hidden`` ``(n_images, T, D)`` is the layer's input; returns ``(n_images, T)``
-    in fp32. Recomputes the layer's ``layer_norm1``, ``q_proj``/``k_proj`` and
-    scaling (no mask: the CLIP ViT attends fully), `chunk` query rows at a
-    time, so the ViT itself keeps SDPA/FlashAttention and no ``T x T`` map is
-    ever held per head for more than one chunk.
+    ``q``, ``k`` ``(n, T, H, d)`` fp32 -> ``(n, T)`` fp32, `chunk` query rows at a time.
     """
-    attn = encoder_layer.self_attn
-    x = encoder_layer.layer_norm1(hidden)
-    heads, head_dim = attn.num_heads, attn.head_dim
-    q = attn.q_proj(x).float().view(*x.shape[:2], heads, head_dim)
-    k = attn.k_proj(x).float().view(*x.shape[:2], heads, head_dim)
-    received = torch.zeros(x.shape[0], x.shape[1], device=x.device, dtype=torch.float32)
+    out = torch.zeros(q.shape[0], q.shape[1], device=q.device, dtype=torch.float32)
     for start in range(0, q.shape[1], chunk):
-        scores = torch.einsum("bqhd,bkhd->bhqk", q[:, start : start + chunk], k) * attn.scale
-        received += torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)
-    return received
+        scores = torch.einsum("bqhd,bkhd->bhqk", q[:, start : start + chunk], k) * scale
+        out += torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)
+    return out
 
 
 @torch.no_grad()
-def vit_attention_from(encoder_layer: nn.Module, hidden: torch.Tensor, query: int = 0) -> torch.Tensor:
-    """Attention one query token of a CLIP-style ViT layer pays every token, summed over heads, ``(n_images, T)`` fp32.
-
-    ``query=0`` is the CLS token (VisionZip's dominant-token score, which
-    sums over heads). Recomputed from the layer's input as `vit_attention_received`
-    does; only that one row is formed.
-    """
-    attn = encoder_layer.self_attn
-    x = encoder_layer.layer_norm1(hidden)
-    heads, head_dim = attn.num_heads, attn.head_dim
-    q = attn.q_proj(x[:, query : query + 1]).float().view(x.shape[0], 1, heads, head_dim)
-    k = attn.k_proj(x).float().view(*x.shape[:2], heads, head_dim)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale
+def row_summed_over_heads(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query row ``q`` ``(n, 1, H, d)`` to every key ``(n, T, H, d)``, summed over heads, ``(n, T)``."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     return torch.softmax(scores, dim=-1)[:, :, 0].sum(dim=1)
 
 
 @torch.no_grad()
-def vit_keys(encoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Keys of a CLIP-style ViT layer (``k_proj`` of its ``layer_norm1``), mean over heads, ``(n_images, T, head_dim)`` fp32."""
-    attn = encoder_layer.self_attn
-    k = attn.k_proj(encoder_layer.layer_norm1(hidden)).float()
-    return k.view(*k.shape[:2], attn.num_heads, attn.head_dim).mean(dim=2)
-
-
-def _packed_qk(block: nn.Module, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated queries and keys ``(L, heads, head_dim)`` of a packed ViT block, in the model's dtype.
-
-    As the block does: ``norm1``, the fused ``attn.qkv`` projection, then the
-    2-D vision RoPE applied in fp32 and cast back to the model's dtype.
-    """
-    attn = block.attn
-    x = block.norm1(hidden)
-    q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).unbind(1)
-    cos, sin = (t.float().unsqueeze(-2) for t in position_embeddings)
-    rotated = []
-    for t in (q, k):
-        t32 = t.float()
-        rotated.append((t32 * cos + rotate_half(t32) * sin).to(t.dtype))
-    return rotated[0], rotated[1]
-
-
-@torch.no_grad()
-def packed_vit_attention_received(
-    block: nn.Module,
-    hidden: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    chunk: int = 256,
+def segment_received(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, chunk: int = 256
 ) -> torch.Tensor:
-    """Attention each token of a packed ViT block receives, summed over queries, mean over heads, ``(L,)`` fp32.
+    """Attention each token of a packed sequence receives inside its ``cu_seqlens`` segment, ``(L,)`` fp32.
 
-    For the Qwen2-VL / Qwen2.5-VL vision blocks: ``hidden`` ``(L, D)`` is the
-    block's input (every image and frame of one encoder call, packed, in the
-    block's own token order: merge units, window-permuted on Qwen2.5-VL),
-    ``cu_seqlens`` and ``position_embeddings`` are what the block was called
-    with. Attention stays inside each ``cu_seqlens`` segment, as in the block
-    (a window, or a whole image / video frame on full-attention blocks).
-    Queries and keys are recomputed as the block computes them (`_packed_qk`);
-    scores use the block's scaling and a softmax over the segment's keys.
-    Segments of equal length are batched, ``chunk`` query rows at a time, so
-    no ``L x L`` map is formed.
+    ``q``, ``k`` ``(L, H, d)`` fp32, already rotated. Segments of equal
+    length are batched, ``chunk`` query rows at a time, so no ``L x L`` map
+    is formed; summed over queries, mean over heads.
     """
-    q, k = (t.float() for t in _packed_qk(block, hidden, position_embeddings))
-    scale = block.attn.scaling
     bounds = cu_seqlens.to(torch.long).cpu()
     starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
-    received = torch.zeros(q.shape[0], device=q.device, dtype=torch.float32)
+    out = torch.zeros(q.shape[0], device=q.device, dtype=torch.float32)
     for length in torch.unique(lengths).tolist():
         if length == 0:
             continue
@@ -205,14 +97,21 @@ def packed_vit_attention_received(
                 queries = q[group[:, start : start + chunk]]
                 scores = torch.einsum("gqhd,gkhd->ghqk", queries, keys) * scale
                 got = torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)  # (g, length)
-                received.index_add_(0, group.flatten(), got.flatten())
-    return received
+                out.index_add_(0, group.flatten(), got.flatten())
+    return out
 
 
-@torch.no_grad()
-def packed_vit_keys(
-    block: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """Rotated keys of a packed ViT block (as the block computes them), mean over heads, ``(L, head_dim)`` fp32."""
-    _, k = _packed_qk(block, hidden, position_embeddings)
-    return k.float().mean(dim=1)
+# The module-level probes that take a layer moved to `vtprune.patches.attention` (they name the family's
+# modules); these names stay importable from here for existing callers.
+_MOVED = (
+    "attention_rows", "layer_queries", "split_queries", "vit_attention_received", "vit_attention_from", "vit_keys",
+    "packed_vit_attention_received", "packed_vit_keys",
+)
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        from ..patches import attention
+
+        return getattr(attention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ class EntropyPrune(PerModelLayerPolicy):
     Source: "EntropyPrune: Matrix Entropy Guided Visual Token Pruning for
     Multimodal Large Language Models" (code YahongWang1/EntropyPrune). The
     queries of decoder layer K-1 (its input norm and ``q_proj``, computed
-    by `vtprune.ops.probe.layer_queries`, pre-RoPE: the score is
+    by `vtprune.patches.attention.layer_queries`, pre-RoPE: the score is
     RoPE-invariant) give each visual token an ``heads x head_dim`` matrix;
     its score is the matrix entropy of `vtprune.ops.entropy.matrix_entropy`
     (centred across heads, ``H x H`` dual Gram, float64 eigenvalues clamped

@@ -8,7 +8,6 @@ from typing import ClassVar
 import torch
 
 from ..context import StageContext
-from ..ops.probe import attention_rows
 from ..ops.select import topk_indices
 from .base import PerModelLayerPolicy, Selection, register
 
@@ -23,7 +22,7 @@ class FastV(PerModelLayerPolicy):
     pkunlp-icler/FastV). Score of a visual token = softmax attention of the
     sequence's last token to it in layer K-1, mean over heads. The reference
     asks the model for its attention map (eager attention); here the
-    attention probe (`vtprune.ops.probe.attention_rows`) recomputes only that
+    attention probe (`StageContext.attention_rows`) recomputes only that
     one row from the layer's input, so the model keeps SDPA/FlashAttention.
     Positions stay original (the reference keeps position ids).
 
@@ -47,7 +46,7 @@ class FastV(PerModelLayerPolicy):
         layer = self.resolved_layer() - 1
         valid = ctx.valid(b)
         last = torch.nonzero(valid).flatten()[-1:]
-        row = attention_rows(ctx.decoder_layer(layer), ctx.layer_input(layer)[b], ctx.rotary(b), last, valid)[0]
+        row = ctx.attention_rows(layer, ctx.layer_input(layer)[b], b, last)[0]
         return [
             Selection(topk_indices(row[ctx.seq_positions[b][i]], self.budget(ctx, b, i)))
             for i in range(ctx.num_images(b))

@@ -97,8 +97,13 @@ def _read_config(root: Path) -> dict:
         raise SelectorNotFoundError(f"selector directory {str(root)!r} has no config.json")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"selector config {str(config_path)!r} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"selector config {str(config_path)!r} must be a JSON object with in_features and hidden_dim; "
+            f"got a {type(config).__name__}"
+        )
     arch = config.get("architecture", ARCHITECTURE)
     if arch != ARCHITECTURE:
         raise ValueError(f"selector {str(root)!r}: architecture must be {ARCHITECTURE!r}; got {arch!r}")
@@ -107,7 +112,6 @@ def _read_config(root: Path) -> dict:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"selector config {str(config_path)!r}: {key} must be an int >= 1; got {value!r}")
     return config
-
 
 
 def load_selector(path: str | os.PathLike) -> VisionSelector:
@@ -131,7 +135,11 @@ def load_selector(path: str | os.PathLike) -> VisionSelector:
         raise SelectorNotFoundError(f"selector directory {str(root)!r} has no *.safetensors weights file")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        for name, tensor in load_file(str(file)).items():
+        try:
+            loaded = load_file(str(file))
+        except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+            raise ValueError(f"selector weights {str(file)!r} are not a readable safetensors file: {err}") from None
+        for name, tensor in loaded.items():
             tensors[strip_prefixes(name)] = tensor
     missing = [name for name in REQUIRED if name not in tensors]
     if missing:

@@ -12,7 +12,6 @@ import torch
 from ..budget import resolve_budget, validate_keep
 from ..checks import check_bool
 from ..context import StageContext
-from ..ops.probe import attention_rows
 from ..ops.select import topk_indices
 from ..ops.transition import token_transition
 from .base import Policy, Selection, register
@@ -40,7 +39,7 @@ class TransPrune(Policy):
       tokens from the end of the last image span to the end of the prompt to
       every key, in the next layer (its input norm, q/k projections, RoPE,
       GQA, causal mask), mean over heads and those rows, image columns.
-      Recomputed by the attention probe (`vtprune.ops.probe.attention_rows`),
+      Recomputed by the attention probe (`StageContext.attention_rows`),
       so the model keeps SDPA/FlashAttention.
     - Score of an image's alive tokens: ``TTV / sum(TTV) + IGA / sum(IGA)``
       (each plus 1e-8); the top ``int(N0 * r)`` are kept, N0 the image's
@@ -166,8 +165,7 @@ class TransPrune(Policy):
         rows = ctx.after_images(b)
         if not rows.numel():
             return None
-        layer = ctx.decoder_layer(ctx.layer)
-        return attention_rows(layer, ctx.hidden[b], ctx.rotary(b), rows, ctx.valid(b)).mean(dim=0)
+        return ctx.attention_rows(ctx.layer, ctx.hidden[b], b, rows).mean(dim=0)
 
     def describe(self) -> str:
         if not self._resolved:

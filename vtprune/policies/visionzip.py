@@ -93,16 +93,23 @@ class VisionZip(Policy):
     (``merge_before_projector=True``); Qwen2.5-VL merges the merger's output
     embeddings (False). Split of the budget: the LLaVA reference's 54+10 /
     108+20 / 162+30 (LLaVA-NeXT: 135+25 / 270+50 / 540+100) are all
-    ``c = round(k * 10 / 64)``, the rule used for any other budget; the
-    Qwen2.5-VL reference keeps ``int(0.65 N)`` dominant and
-    ``max(int(0.05 N), 1)`` contextual tokens of N (70 % retention; 45 % + 5 %
-    at 50 %), so there ``c = max(int(0.05 N), 1)`` and ``d = k - c``
-    (``contextual_fraction``). Per-model defaults in model_zoo.yaml.
+    ``c = round(k * 10 / 64)``, the rule used for any other budget. The
+    LLaVA reference's d dominant tokens are the CLS token plus d - 1 patches
+    (``visionzip(dominant=54, contextual=10)`` feeds the LLM CLS + 53 + 10 =
+    64 tokens); with ``cls_token=True`` (the LLaVA-1.5 default) vtprune keeps
+    the same counts: d - 1 dominant patches, c contextual tokens, and the
+    projected CLS feature of the scoring layer's output in the slot of the
+    first patch not otherwise kept (the sequence has no slot of its own for
+    it; the reference puts it first). The Qwen2.5-VL reference keeps
+    ``int(0.65 N)`` dominant and ``max(int(0.05 N), 1)`` contextual tokens of
+    N at 70 % retention (45 % + 5 % at 50 %): with ``contextual_fraction`` f
+    and a fractional ``keep`` the count is ``int((keep - f) N) +
+    max(int(f N), 1)`` (178 of 256 at 0.7, where ``round(0.7 N)`` is 179;
+    ``exact_keep=True`` keeps ``round(keep N)`` instead), split as
+    ``c = max(int(f N), 1)`` and ``d = k - c``. Per-model defaults in
+    model_zoo.yaml.
 
-    Departures from the reference: exactly k tokens, the CLS token not among
-    them (the LLaVA reference also passes the CLS feature on, so its "64" is
-    65 tokens; LLaVA drops CLS from the visual tokens, which have no slot for
-    it); kept tokens stay in grid order with original positions (the LLaVA
+    Departures from the reference: kept tokens stay in grid order with original positions (the LLaVA
     reference appends the contextual tokens after the dominant ones and
     renumbers, ``reference_positions``; the Qwen one keeps positions);
     budgets per image and per video (the Qwen reference, batch size 1, pools
@@ -128,6 +135,13 @@ class VisionZip(Policy):
         merge_before_projector: merge the projector's input and project the
             result (True) or merge the projected features (False); None: the
             per-model default.
+        cls_token: count the CLS token among the dominant tokens and keep its
+            feature, as the LLaVA reference (CLIP encoders, one crop per
+            image); None: the per-model default (True for LLaVA-1.5). False
+            keeps d dominant patches instead (54 + 10 patches at 64).
+        exact_keep: with ``contextual_fraction`` and a fractional ``keep``,
+            keep ``round(keep * N)`` tokens instead of the reference's
+            ``int((keep - f) N) + max(int(f N), 1)``; default False.
     """
 
     keep: int | float = 64
@@ -137,12 +151,14 @@ class VisionZip(Policy):
     dominant_score: str | None = None
     merge: str = "reference"
     merge_before_projector: bool | None = None
+    cls_token: bool | None = None
+    exact_keep: bool = False
 
     name: ClassVar[str] = "visionzip"
     stage: ClassVar[str] = "vision"
     rounding: ClassVar[str] = "round"
     reference_positions: ClassVar[str] = "compact"
-    zoo_fields: ClassVar[tuple[str, ...]] = ("dominant_score", "merge_before_projector")
+    zoo_fields: ClassVar[tuple[str, ...]] = ("dominant_score", "merge_before_projector", "cls_token")
     needs_whole_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -155,6 +171,8 @@ class VisionZip(Policy):
         if self.merge not in MERGES:
             raise ValueError(f"visionzip: merge must be one of {MERGES}; got {self.merge!r}")
         check_bool(self.name, "merge_before_projector", self.merge_before_projector, allow_none=True)
+        check_bool(self.name, "cls_token", self.cls_token, allow_none=True)
+        check_bool(self.name, "exact_keep", self.exact_keep)
 
     def bind(self, adapter) -> Policy:
         """The zoo's contextual split applies only when neither ``contextual`` nor ``contextual_fraction`` is given."""
@@ -182,12 +200,23 @@ class VisionZip(Policy):
                 "none (use 'received', the Qwen2.5-VL reference's score)"
             )
         before = bool(self.merge_before_projector)
-        return replace(self, layer=layer, dominant_score=score, merge_before_projector=before)
+        cls_token = bool(self.cls_token)
+        if cls_token and not (adapter.vision_cls and adapter.vision_cls_per_image):
+            raise ValueError(
+                f"visionzip: cls_token=True keeps each image's CLS token; {adapter.model_type}'s vision encoder has "
+                "no single CLS token per image (give cls_token=False)"
+            )
+        if cls_token and layer >= depth:
+            raise ValueError(
+                f"visionzip: cls_token=True reads the CLS feature from the output of ViT layer {layer}, the input of "
+                f"layer {layer + 1}; this ViT has layers 1..{depth} (give layer in 1..{depth - 1} or cls_token=False)"
+            )
+        return replace(self, layer=layer, dominant_score=score, merge_before_projector=before, cls_token=cls_token)
 
     def _settings(self) -> dict:
         if self.layer is None or self.dominant_score is None or self.merge_before_projector is None or (
             self.contextual is None and self.contextual_fraction is None
-        ):
+        ) or self.cls_token is None:
             raise RuntimeError("visionzip: the layer and split are not resolved yet; bind(adapter) first")
         return {
             "layer": self.layer - 1,
@@ -198,7 +227,19 @@ class VisionZip(Policy):
         }
 
     def vision_layers_needed(self) -> tuple[int, ...]:
-        return (self._settings()["layer"],)
+        layer = self._settings()["layer"]
+        return (layer, layer + 1) if self.cls_token else (layer,)  # the CLS feature: the input of the next layer
+
+    def budget(self, ctx: StageContext, b: int, i: int) -> int:
+        """The reference's count with ``contextual_fraction`` and a fractional ``keep``; else the usual budget."""
+        if self.exact_keep or self.contextual_fraction is None or isinstance(self.keep, int):
+            return super().budget(ctx, b, i)
+        n_alive, n = int(ctx.alive[b][i].numel()), ctx.layouts[b].images[i].num_tokens
+        if n_alive == 0:
+            return 0
+        f = self.contextual_fraction
+        dominant = max(0, int(n * round(self.keep - f, 12)))  # round: 0.7 - 0.05 is 0.6499..., the reference's 0.65
+        return max(1, min(dominant + max(int(n * f), 1), n_alive))
 
     def split(self, k: int, n: int) -> tuple[int, int]:
         """(dominant, contextual) counts for budget ``k`` of an image with ``n`` tokens (after `bind`)."""
@@ -227,23 +268,34 @@ class VisionZip(Policy):
             score = ctx.vision_cls_attention(b, i, layer)
         else:
             score = ctx.vision_attention(b, i, layer)
-        dominant = topk_indices(sanitize_scores(score, "dominant-token scores"), dominant_count)
+        with_cls = self.cls_token and dominant_count >= 1  # the CLS token is one of the dominant tokens
+        dominant = topk_indices(sanitize_scores(score, "dominant-token scores"), dominant_count - int(with_cls))
         projected = ctx.features(b, i)
         dominant = dominant.to(projected.device)
-        if contextual_count == 0:
+        if contextual_count == 0 and not with_cls:
             return Selection(dominant)
-        rest = torch.ones(n, dtype=torch.bool, device=projected.device)
-        rest[dominant] = False
-        rest = torch.nonzero(rest).flatten()
-        keys = ctx.vision_keys(b, i, layer).to(projected.device)
-        targets, group = contextual_groups(keys[rest], contextual_count)
-        if settings["before"]:
-            pre = ctx.pre_projector(b, i).to(projected.device)
-            merged = ctx.project(merge_groups(pre[rest], targets, group, self.merge).to(pre.dtype))
-        else:
-            merged = merge_groups(projected[rest], targets, group, self.merge)
-        values = torch.cat([projected[dominant], merged.to(projected.dtype)])
-        return Selection(torch.cat([dominant, rest[targets]]), values)
+        kept, values = [dominant], [projected[dominant]]
+        if contextual_count:
+            rest = torch.ones(n, dtype=torch.bool, device=projected.device)
+            rest[dominant] = False
+            rest = torch.nonzero(rest).flatten()
+            keys = ctx.vision_keys(b, i, layer).to(projected.device)
+            targets, group = contextual_groups(keys[rest], contextual_count)
+            if settings["before"]:
+                pre = ctx.pre_projector(b, i).to(projected.device)
+                merged = ctx.project(merge_groups(pre[rest], targets, group, self.merge).to(pre.dtype))
+            else:
+                merged = merge_groups(projected[rest], targets, group, self.merge)
+            kept.append(rest[targets])
+            values.append(merged.to(projected.dtype))
+        if with_cls:
+            free = torch.ones(n, dtype=torch.bool, device=projected.device)
+            free[torch.cat(kept)] = False
+            slot = torch.nonzero(free).flatten()[:1]  # the first patch not otherwise kept (k < n: one exists)
+            cls = ctx.vision_cls_feature(b, i, layer + 1).to(projected.device)
+            kept.append(slot)
+            values.append(ctx.project(cls[None]).to(projected.dtype))
+        return Selection(torch.cat(kept), torch.cat(values))
 
     def describe(self) -> str:
         return f"visionzip(merge={self.merge})"

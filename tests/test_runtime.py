@@ -1,0 +1,358 @@
+"""The runtime under real use: bound plans, per-call state, threads, copies, grad, caches (issue 11)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import threading
+
+import pytest
+import torch
+from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, single_spec
+from test_policies_models import POLICIES
+
+import vtprune
+from vtprune.patches import adapter_for
+from vtprune.policies import EntropyPrune, Fixed, HiPrune, IDPruner, Pipeline, Pooling, Random, VisionZip
+from vtprune.sequence import Sequence, SequenceTensor
+
+
+def _kept(model):
+    """Kept indices of every image and stage of the last call (timings left out)."""
+    return [[{k: v["kept"] for k, v in image["stages"].items()} for image in s["images"]]
+            for s in vtprune.report(model).to_dict()["samples"]]
+
+
+def _run(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits, _kept(model)
+
+
+# --- one policy object, several models ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: EntropyPrune(keep=3),
+    lambda: IDPruner(keep=3),
+    lambda: VisionZip(keep=4),
+    lambda: HiPrune(keep=3, object_layer=1),
+], ids=["entropyprune", "idpruner", "visionzip", "hiprune"])
+def test_one_policy_object_on_two_families(make):
+    policy = make()
+    before = copy.deepcopy(policy.to_dict())
+    llava, qwen = model_for("llava"), model_for("qwen2_5_vl")
+    llava_batch, qwen_batch = inputs(llava, mixed_specs("llava")), inputs(qwen, mixed_specs("qwen2_5_vl"))
+    vtprune.wrap(llava, make())
+    want = _run(llava, llava_batch)
+    vtprune.unwrap(llava)
+
+    vtprune.wrap(llava, policy)
+    vtprune.wrap(qwen, policy)
+    got_llava, got_qwen = _run(llava, llava_batch), _run(qwen, qwen_batch)
+    assert torch.equal(got_llava[0], want[0]) and got_llava[1] == want[1]
+    vtprune.unwrap(qwen)
+    vtprune.wrap(qwen, make())
+    fresh_qwen = _run(qwen, qwen_batch)
+    assert torch.equal(got_qwen[0], fresh_qwen[0]) and got_qwen[1] == fresh_qwen[1]
+    assert policy.to_dict() == before and policy == make()
+
+
+def test_policies_are_immutable_hashable_configurations():
+    a, b = EntropyPrune(keep=8), EntropyPrune(keep=8)
+    assert a == b and hash(a) == hash(b) and len({a, b, EntropyPrune(keep=9)}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.keep = 4
+    assert a.to_dict() == {"name": "entropyprune", "keep": 8, "at_layer": None, "normalize": None, "average": False}
+    fixed = Fixed(kept=[[[3, 1]]])
+    assert fixed.kept == (((1, 3),),) and hash(fixed) == hash(Fixed(kept=(((1, 3),),)))
+    pipeline = Pipeline([Pooling(keep=6), Random(keep=2, at_layer=1)])
+    assert hash(pipeline) == hash(Pipeline([Pooling(keep=6), Random(keep=2, at_layer=1)]))
+    assert pipeline.to_dict()["policies"][1] == {"name": "random", "keep": 2, "seed": 0, "at_layer": 1, "where": None}
+
+
+def test_report_records_the_bound_configuration():
+    model = model_for("llava")
+    vtprune.wrap(model, "entropyprune", keep=3)
+    with torch.no_grad():
+        model(**inputs(model, [single_spec("llava")]))
+    config = vtprune.report(model).to_dict()["config"]
+    assert config["name"] == "entropyprune" and config["at_layer"] == 2 and config["positions"] == "original"
+    json.dumps(vtprune.report(model).to_dict())
+
+
+# --- per-call state ----------------------------------------------------------------------------------
+
+
+def test_two_threads_on_one_model_equal_one_thread(family):
+    model = model_for(family)
+    batches = [inputs(model, mixed_specs(family)), inputs(model, [single_spec(family)], seed=1)]
+    vtprune.wrap(model, Pipeline([Random(keep=3, seed=1), Random(keep=2, at_layer=2)]))
+    with torch.no_grad():
+        want = [model(**b).logits for b in batches]
+        want_gen = [model.generate(**b, **gen_kwargs(2)) for b in batches]
+    errors, results = [], {}
+
+    def work(t):
+        try:
+            with torch.no_grad():
+                for step in range(4):
+                    j = (t + step) % 2
+                    results[t, step] = (j, model(**batches[j]).logits, model.generate(**batches[j], **gen_kwargs(2)))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 8
+    for j, logits, gen in results.values():
+        assert torch.equal(logits, want[j]) and torch.equal(gen, want_gen[j])
+
+
+def test_deepcopy_is_an_independent_wrapped_model(family):
+    model = model_for(family)
+    batch = inputs(model, [single_spec(family)])
+    vtprune.wrap(model, "random", keep=3)
+    ref, _ = _run(model, batch)
+    clone = copy.deepcopy(model)
+    assert vtprune.is_wrapped(clone) and vtprune.is_wrapped(model)
+    assert torch.equal(_run(clone, batch)[0], ref)
+    with torch.no_grad():
+        for p in model.model.language_model.layers.parameters():  # the original's decoder only
+            p.mul_(0.5)
+    assert torch.equal(_run(clone, batch)[0], ref)
+    changed, _ = _run(model, batch)
+    assert not torch.equal(changed, ref)
+    with torch.no_grad():
+        for p in clone.model.language_model.layers.parameters():
+            p.mul_(0.5)
+    assert torch.equal(_run(clone, batch)[0], changed)
+    vtprune.unwrap(clone)
+    with torch.no_grad():
+        assert clone(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # unwrapped: nothing pruned
+
+
+def test_static_cache_is_refused_clearly_at_the_call(family):
+    model = model_for(family)
+    batch = inputs(model, [single_spec(family)])
+    vtprune.wrap(model, "random", keep=3)
+    with torch.no_grad(), pytest.raises(ValueError, match="static cache"):
+        model.generate(**batch, **gen_kwargs(2), cache_implementation="static")
+    with torch.no_grad():
+        model.generate(**batch, **gen_kwargs(2))  # still usable
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_forward_with_autograd_equals_no_grad(family, policy):
+    model = model_for(family)
+    batch = inputs(model, mixed_specs(family))
+    vtprune.wrap(model, POLICIES[policy](3))
+    with torch.no_grad():
+        want = model(**batch).logits
+        kept = _kept(model)
+    got = model(**batch).logits
+    assert got.requires_grad
+    assert torch.equal(got.detach(), want) and _kept(model) == kept
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_generate_without_cache_equals_cached_for_every_policy(family, policy):
+    """SPEC invariant 3 without replaying keep sets through `fixed`: generate selects once per call."""
+    model = model_for(family)
+    batch = inputs(model, mixed_specs(family))
+    vtprune.wrap(model, POLICIES[policy](3))
+    kw = gen_kwargs(4)
+    cached = model.generate(**batch, **kw)
+    kept = _kept(model)
+    assert torch.equal(model.generate(**batch, use_cache=False, **kw), cached)
+    assert _kept(model) == kept  # the report is the call's selection, not a recomputation step's
+
+
+@torch.no_grad()
+def test_encoder_called_directly_between_calls_does_not_leak():
+    model = model_for("llava_next")
+    batch = inputs(model, mixed_specs("llava_next"))
+    vtprune.wrap(model, "random", keep=3)
+    want = model.generate(**batch, **gen_kwargs(3))
+    kept = _kept(model)
+    one = inputs(model, [single_spec("llava_next")], seed=3)
+    model.model.get_image_features(pixel_values=one["pixel_values"], image_sizes=one["image_sizes"])
+    model.get_image_features(pixel_values=one["pixel_values"], image_sizes=one["image_sizes"])
+    assert torch.equal(model.generate(**batch, **gen_kwargs(3)), want)
+    assert _kept(model) == kept
+
+
+@torch.no_grad()
+def test_report_describes_only_the_last_call(family):
+    model = model_for(family)
+    vtprune.wrap(model, "random", keep=2)
+    model(**inputs(model, mixed_specs(family)))
+    assert len(vtprune.report(model).to_dict()["samples"]) == len(mixed_specs(family))
+    from vtprune.tiny import SampleSpec
+
+    model(**inputs(model, [SampleSpec(question=5)]))
+    assert vtprune.report(model).to_dict()["samples"] == [{"images": []}]
+    first = model(**inputs(model, [single_spec(family)]), use_cache=True)
+    stages = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]
+    nxt = first.logits[:, -1:].argmax(-1)
+    model(input_ids=nxt, cache=first.cache, use_cache=True)  # a decode step: still that prefill's report
+    assert vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"] == stages
+
+
+# --- smaller items -----------------------------------------------------------------------------------
+
+
+def test_fixed_refuses_duplicate_indices():
+    with pytest.raises(ValueError, match=r"kept\[0\]\[0\] lists indices \[3\] more than once"):
+        Fixed(kept=[[[1, 3, 3]]])
+    with pytest.raises(TypeError, match="int grid indices"):
+        Fixed(kept=[[[1, True]]])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["random", "pooling"])
+def test_nan_pixels_warn_for_random_and_pooling(name):
+    model = model_for("llava")
+    batch = inputs(model, [single_spec("llava")])
+    batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+    vtprune.wrap(model, name, keep=3)
+    with pytest.warns(RuntimeWarning, match="NaN or inf features"):
+        model(**batch)
+    assert len(_kept(model)[0][0]["projector"]) == 3
+
+
+def test_pipeline_order_errors_at_wrap():
+    model = model_for("llava")
+    for pipeline in ([Random(keep=4, where="vision"), HiPrune(keep=2)], [Random(keep=4), Pooling(keep=2)],
+                     [Random(keep=8, where="vision"), VisionZip(keep=4)]):
+        with pytest.raises(ValueError, match="whole token grid; put it first in a Pipeline"):
+            vtprune.wrap(model, Pipeline(pipeline))
+    assert not vtprune.is_wrapped(model)
+
+
+def test_failed_rewrap_keeps_the_previous_policy(monkeypatch):
+    model = model_for("llava")
+    batch = inputs(model, [single_spec("llava")])
+    vtprune.wrap(model, "random", keep=3)
+    want = _run(model, batch)
+    with pytest.raises(ValueError):
+        vtprune.wrap(model, "random", keep=0)
+    assert _run(model, batch)[1] == want[1]
+    from vtprune.runtime import Runtime
+
+    original, calls = Runtime._install_vision_capture, []
+
+    def broken(self):  # the new policy's install fails half-way; the previous one reinstalls
+        calls.append(self)
+        if len(calls) == 1:
+            raise RuntimeError("install failed")
+        original(self)
+
+    monkeypatch.setattr(Runtime, "_install_vision_capture", broken)
+    with pytest.raises(RuntimeError, match="install failed"):
+        vtprune.wrap(model, "random", keep=5)
+    monkeypatch.undo()
+    assert vtprune.is_wrapped(model) and vtprune.report(model).policy.startswith("random")
+    got = _run(model, batch)
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+
+@pytest.mark.parametrize("make, err, words", [
+    (lambda: Random(seed="1"), ValueError, "seed must be an int"),
+    (lambda: Random(seed=1.5), ValueError, "seed must be an int"),
+    (lambda: HiPrune(wrap_correct="yes"), TypeError, "wrap_correct must be True or False"),
+    (lambda: IDPruner(per_image="false"), TypeError, "per_image must be True or False"),
+    (lambda: VisionZip(merge_before_projector=1), TypeError, "merge_before_projector must be True, False or None"),
+    (lambda: EntropyPrune(average=1), TypeError, "average must be True or False"),
+    (lambda: Random(where="vision", at_layer=2), ValueError, "not both"),
+    (lambda: Fixed(kept=[], where="projector", at_layer=2), ValueError, "not both"),
+    (lambda: IDPruner(selector=""), ValueError, "selector='' names no directory"),
+])
+def test_strict_option_checks(make, err, words):
+    with pytest.raises(err, match=words):
+        make()
+
+
+@pytest.mark.parametrize("config, weights, words", [
+    (b"\xff\xfe not utf-8", None, "config.json' is not valid JSON"),
+    (b"[1, 2]", None, "must be a JSON object"),
+    (json.dumps({"in_features": 16, "hidden_dim": 6}).encode(), b"not a safetensors file", "w.safetensors' are not"),
+])
+def test_selector_folder_errors_name_the_file(tmp_path, config, weights, words):
+    folder = tmp_path / "sel"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(config)
+    if weights is not None:
+        (folder / "w.safetensors").write_bytes(weights)
+    with pytest.raises(ValueError, match=words):
+        IDPruner(selector=str(folder))
+
+
+def test_the_vision_stage_is_a_label_of_the_projector_point():
+    """``where="vision"`` selects where ``projector`` does (documented): same keep set and logits."""
+    model = model_for("llava")
+    batch = inputs(model, mixed_specs("llava"))
+    vtprune.wrap(model, Random(keep=3, where="vision"))
+    vision = _run(model, batch)
+    vtprune.wrap(model, Random(keep=3))
+    projector = _run(model, batch)
+    assert torch.equal(vision[0], projector[0])
+    assert [[s["vision"] for s in sample] for sample in vision[1]] == [
+        [s["projector"] for s in sample] for sample in projector[1]
+    ]
+
+
+# --- the sequence object ----------------------------------------------------------------------------
+
+
+def test_sequence_compact_shortens_declared_extras():
+    from vtprune.layout import SampleLayout
+    from vtprune.patches.base import single_grid_image
+
+    # one sample: 2 text tokens, a 2x2 image at 2..5, 2 text tokens
+    layout = SampleLayout(images=[single_grid_image(0, torch.arange(2, 6), 2, 2)],
+                          question_positions=torch.tensor([6, 7]), valid=torch.ones(8, dtype=torch.bool))
+    visual = torch.zeros(1, 8, dtype=torch.bool)
+    visual[0, 2:6] = True
+    features = [torch.arange(4.0)[:, None] * 10, torch.arange(4.0)[:, None] * 100]  # one row per visual token
+    seq = Sequence(hidden=torch.arange(8.0).view(1, 8, 1), mask2d=torch.ones(1, 8, dtype=torch.long),
+                   position_ids=torch.arange(8).view(1, 8), alive=[[torch.arange(4)]],
+                   seq_positions=[[torch.arange(2, 6)]], question_positions=[torch.tensor([6, 7])],
+                   extras={"visual_pos_masks": visual, "deepstack": features})
+    declared = (SequenceTensor("visual_pos_masks"), SequenceTensor("deepstack", dim=0, rows_of="visual_pos_masks"))
+    short, index = seq.compact([layout], [[torch.tensor([1, 3])]], [[torch.tensor([3, 5])]], pad_left=True,
+                               compact_positions=False, declared=declared)
+    assert index.tolist() == [[0, 1, 3, 5, 6, 7]]
+    assert short.hidden.flatten().tolist() == [0, 1, 3, 5, 6, 7]
+    assert short.position_ids.tolist() == [[0, 1, 3, 5, 6, 7]]
+    assert short.extras["visual_pos_masks"].tolist() == [[False, False, True, True, False, False]]
+    assert [f.flatten().tolist() for f in short.extras["deepstack"]] == [[10, 30], [100, 300]]
+    assert short.seq_positions[0][0].tolist() == [2, 3] and short.question_positions[0].tolist() == [4, 5]
+
+
+def test_family_knowledge_is_asked_of_the_adapter(family):
+    adapter = adapter_for(model_for(family))
+    assert adapter.query_module(0) is adapter.decoder_layers[0].self_attn.q_proj
+    assert adapter.layer_type(0) == "full_attention"
+    assert family in QWEN or adapter.sequence_tensors == ()
+
+
+def test_one_table_of_supported_model_types():
+    """patches.ADAPTERS is the table; tiny models, fixtures, model_zoo.yaml and the eval runner follow it."""
+    from conftest import supported_model_types as fixture_types
+
+    from vtprune import tiny, zoo
+    from vtprune.eval.lmms import FAMILIES
+    from vtprune.patches import ADAPTERS, supported_model_types
+
+    types = supported_model_types()
+    assert types == sorted(ADAPTERS) and fixture_types() == types and sorted(tiny.FAMILIES) == types
+    assert set(types) <= set(zoo.zoo()["families"]) and sorted(FAMILIES) == types
+    assert set(QWEN) == {t for t in types if ADAPTERS[t].mrope}
+    for model_type in types:
+        assert adapter_for(tiny.tiny_model(model_type)).model_type == model_type
