@@ -50,6 +50,11 @@ class Adapter:
     #: visual positions) and must be shortened by every prune, e.g. Qwen3-VL's visual-position mask and
     #: DeepStack features; the runtime shortens exactly these, so a family adds them here, not in the runtime
     sequence_tensors: ClassVar[tuple[SequenceTensor, ...]] = ()
+    #: methods of the language model that its decoder loop calls with those tensors between layers, as
+    #: ``{method: {argument: declared tensor name}}`` (Qwen3-VL: ``{"_deepstack_process": {"visual_pos_masks":
+    #: "visual_pos_masks", "visual_embeds": "deepstack_visual_embeds"}}``); after an llm-stage prune each
+    #: such argument gets the level's shortened tensor (a ``rows_of`` one: the level's rows of what was passed)
+    sequence_methods: ClassVar[dict[str, dict[str, str]]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -294,20 +299,6 @@ class Adapter:
         averaged and restored to raster order).
         """
         raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
-
-    def language_model_methods(self) -> dict[str, Any]:
-        """Methods of the language model that read `sequence_tensors` inside its own forward, to bind per instance.
-
-        ``name -> fn(original, state, *args, **kwargs)``. An llm-stage prune
-        shortens the sequence inside the decoder loop, where it cannot rewrite
-        the loop's local variables (Qwen3-VL adds DeepStack features at the
-        visual positions after decoder layers 0-2 from locals); such a method
-        gets the running prefill's `PrefillState` (None outside a prefill),
-        whose ``levels[0].extras`` hold the declared tensors as the language
-        model received them and ``levels[-1].extras`` as the current level's
-        layers see them. Default: none.
-        """
-        return {}
 
     # --- decode ----------------------------------------------------------
     def decode_positions_from_cache(self, outer: dict[str, Any]) -> bool:

@@ -132,6 +132,7 @@ def test_deepcopy_is_an_independent_wrapped_model(family):
             p.mul_(0.5)
     assert torch.equal(_run(clone, batch)[0], changed)
     vtprune.unwrap(clone)
+    assert not {"generate", "__deepcopy__", "_expand_inputs_for_generation"} & set(clone.__dict__)
     with torch.no_grad():
         assert clone(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # unwrapped: nothing pruned
 
@@ -356,3 +357,104 @@ def test_one_table_of_supported_model_types():
     assert set(QWEN) == {t for t in types if ADAPTERS[t].mrope}
     for model_type in types:
         assert adapter_for(tiny.tiny_model(model_type)).model_type == model_type
+
+
+# --- a new family is an adapter declaration ------------------------------------------------------
+
+
+def _tiny_qwen3_vl():
+    """A random-weight Qwen3-VL (DeepStack) and a batch, built as the tiny Qwen2.5-VL inputs are."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, make_inputs
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0, "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_parameters=rope,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=4096),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.config.model_type = "qwen2_5_vl"  # the tiny input builder lays Qwen prompts out by family name
+    try:
+        batch = make_inputs(model, mixed_specs("qwen2_5_vl")[:3])
+    finally:
+        model.config.model_type = "qwen3_vl"
+    return model, batch
+
+
+def test_qwen3_vl_deepstack_needs_only_an_adapter_declaration(monkeypatch):
+    """DeepStack features and visual-position masks are shortened by every prune through declarations alone."""
+    from vtprune import patches
+    from vtprune.patches.qwen2_vl import Qwen2VLAdapter
+
+    class Qwen3VLAdapter(Qwen2VLAdapter):  # the whole family-specific part of the runtime
+        model_type = "qwen3_vl"
+        sequence_tensors = (SequenceTensor("visual_pos_masks"),
+                            SequenceTensor("deepstack_visual_embeds", dim=0, rows_of="visual_pos_masks"))
+        sequence_methods = {"_deepstack_process": {"visual_pos_masks": "visual_pos_masks",
+                                                   "visual_embeds": "deepstack_visual_embeds"}}
+
+    monkeypatch.setitem(patches.ADAPTERS, "qwen3_vl", Qwen3VLAdapter)
+    model, batch = _tiny_qwen3_vl()
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    full = dict(seen)
+
+    # projector stage == the unwrapped language model on hand-pruned inputs, DeepStack rows pruned alike
+    vtprune.wrap(model, "random", keep=2, seed=4)
+    with torch.no_grad():
+        pruned = model(**batch, use_cache=False).logits
+    kept = vtprune.report(model).to_dict()["samples"]
+    vtprune.unwrap(model)
+    visual = full["visual_pos_masks"]
+    keep = batch["attention_mask"].bool().clone()
+    keep &= ~visual
+    for b, sample in enumerate(kept):
+        positions = torch.nonzero(visual[b]).flatten()
+        offset = 0
+        for image in sample["images"]:
+            keep[b, positions[offset:][image["stages"]["projector"]["kept"]]] = True
+            offset += image["tokens"]
+    rows = keep[visual]
+    for b in range(keep.shape[0]):
+        seq = torch.nonzero(keep[b]).flatten()
+        first_row = int(visual[:b].sum())
+        mine = rows[first_row : first_row + int(visual[b].sum())]
+        with torch.no_grad():
+            out = model.model.language_model(
+                inputs_embeds=full["inputs_embeds"][b : b + 1, seq],
+                position_ids=full["position_ids"][..., b : b + 1, seq],
+                attention_mask=torch.ones(1, seq.numel(), dtype=torch.long),
+                visual_pos_masks=visual[b : b + 1, seq],
+                deepstack_visual_embeds=[d[first_row : first_row + int(visual[b].sum())][mine]
+                                         for d in full["deepstack_visual_embeds"]],
+                use_cache=False,
+            )
+            hand = model.lm_head(out.last_hidden_state)[0, -1]
+        torch.testing.assert_close(pruned[b, -1], hand, rtol=1e-4, atol=1e-5)
+
+    # llm stage inside the DeepStack layers, and after them: cache == no cache, identity at full budget
+    for at_layer in (1, 3):
+        vtprune.wrap(model, "random", keep=1.0, at_layer=at_layer)
+        with torch.no_grad():
+            same = model(**batch).logits
+        with torch.no_grad():
+            vtprune.unwrap(model)
+            ref = model(**batch).logits
+        valid = batch["attention_mask"].bool()
+        assert torch.equal(same[valid], ref[valid])
+        vtprune.wrap(model, "random", keep=2, at_layer=at_layer)
+        with torch.no_grad():
+            cached = model.generate(**batch, **gen_kwargs(3))
+            assert torch.equal(model.generate(**batch, use_cache=False, **gen_kwargs(3)), cached)
+        vtprune.unwrap(model)

@@ -55,6 +55,8 @@ class CallRecord:
     #: (generate(use_cache=False) recomputes the prompt every step: it must not re-select)
     selections: dict[tuple[int, int | None], list[list[Selection]]] = field(default_factory=dict)
     prefills: int = 0
+    #: the last wrapped decoder layer that ran in this forward (which level the decoder loop is at)
+    current_layer: int = 0
     #: True while the running forward's language model runs a prefill (hooks capture only then)
     in_prefill: bool = False
     #: the call's report (its first prefill's) and the one the running prefill writes

@@ -198,6 +198,3 @@ class StageContext:
         end = max(img.span[1] for img in layout.images)
         count = int(layout.valid[end:].sum())
         return valid[valid.numel() - count :]
-
-    def decoder_layer(self, layer: int) -> torch.nn.Module:
-        return self.adapter.decoder_layers[layer]

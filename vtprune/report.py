@@ -34,10 +34,6 @@ class Report:
         #: the bound policy's configuration as plain data (`Policy.to_dict`, resolved for the model)
         self.config: dict[str, Any] = config or {}
 
-    @property
-    def current(self) -> Report:
-        return self
-
     def start(self, layouts: list[SampleLayout]) -> Report:
         self.samples = [
             {"images": [{"kind": img.kind, "tokens": img.num_tokens, "stages": {}} for img in s.images]}

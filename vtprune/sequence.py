@@ -60,6 +60,9 @@ class Sequence:
     rotary: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
     stats: list[dict] = field(default_factory=list)
+    #: for each ``rows_of`` extra: the rows kept since level 0 (indices into level 0's rows), for the
+    #: copies of it the decoder loop still holds at level 0's length
+    row_index: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def compact(
         self,
@@ -101,6 +104,8 @@ class Sequence:
             for key, value in stats.items():
                 stats[key] = gather_seq(value, index)
         old_len = self.mask2d.shape[1]
+        extras, rows = _gather_extras(self.extras, declared, keep, index)
+        row_index = {name: self.row_index[name][r] if name in self.row_index else r for name, r in rows.items()}
         shortened = replace(
             self,
             hidden=hidden,
@@ -110,14 +115,16 @@ class Sequence:
             alive=alive,
             seq_positions=remap(seq_positions, index, old_len),
             question_positions=remap([[q] for q in self.question_positions], index, old_len, flat=True),
-            extras=_gather_extras(self.extras, declared, keep, index),
+            extras=extras,
+            row_index=row_index,
         )
         return shortened, index
 
 
 def _gather_extras(extras: dict[str, Any], declared: tuple[SequenceTensor, ...], keep: torch.Tensor,
-                   index: torch.Tensor) -> dict[str, Any]:
-    out = dict(extras)
+                   index: torch.Tensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The declared extras shortened, and for each ``rows_of`` one the indices of the rows it kept."""
+    out, kept_rows = dict(extras), {}
     for spec in declared:
         value = extras.get(spec.name)
         if value is None:
@@ -131,7 +138,8 @@ def _gather_extras(extras: dict[str, Any], declared: tuple[SequenceTensor, ...],
             # kept flags of the mask's positions, row-major: one per row of the tensor
             rows = torch.nonzero(keep[mask.bool()]).flatten()
             out[spec.name] = _each(value, lambda t, d=spec.dim, r=rows: t.index_select(d, r.to(t.device)))
-    return out
+            kept_rows[spec.name] = rows
+    return out, kept_rows
 
 
 def _each(value, fn):
@@ -170,7 +178,9 @@ class Level:
     per sample, the valid prefill tokens dropped up to this level.
     ``masks``, ``position_embeddings``, ``position_ids`` and ``extras`` are
     what the level's layers get instead of the decoder loop's full-length
-    ones (set in the prefill and at every decode step, levels above 0).
+    ones (set in the prefill and at every decode step, levels above 0);
+    ``row_index`` selects the level's rows of a ``rows_of`` extra from the
+    copy the decoder loop holds (level 0's rows).
     """
 
     layer: int
@@ -180,6 +190,7 @@ class Level:
     position_embeddings: Any = None
     position_ids: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    row_index: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, mask: torch.Tensor | None, cache, q: int) -> torch.Tensor:
         """The level's prefill mask plus one column per token since the prefill (trap 2)."""

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..budget import resolve_budget, validate_keep
+from ..checks import check_int
 from ..context import StageContext
 from ..ops.select import topk_indices
 
@@ -197,11 +198,7 @@ class LLMStagePolicy(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.at_layer, bool) or not isinstance(self.at_layer, int) or self.at_layer < 1:
-            raise ValueError(
-                f"at_layer must be an int >= 1 (prune between decoder layers at_layer-1 and at_layer); "
-                f"got {self.at_layer!r}"
-            )
+        check_int(self.name, "at_layer", self.at_layer, minimum=1)  # prune between layers at_layer-1 and at_layer
 
     @property
     def at(self) -> int:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..checks import check_bool
+from ..checks import check_bool, check_int, check_number
 from ..context import StageContext
 from ..ops.select import sanitize_scores, topk_indices
 from .base import Policy, Selection, probe_depth, register
@@ -71,12 +71,9 @@ class HiPrune(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"hiprune: alpha must be a number in [0, 1]; got {self.alpha!r}")
+        check_number(self.name, "alpha", self.alpha, 0, 1)
         for name in ("object_layer", "deep_layer"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"hiprune: {name} must be a 1-based layer number >= 1 or None; got {value!r}")
+            check_int(self.name, f"{name} (a 1-based layer number)", getattr(self, name), minimum=1, allow_none=True)
         check_bool(self.name, "wrap_correct", self.wrap_correct)
 
     def resolve(self, adapter) -> Policy:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from numbers import Real
 from typing import ClassVar
 
 import torch
 
 from ..budget import resolve_budget
-from ..checks import check_bool, check_int
+from ..checks import check_bool, check_int, check_number
 from ..context import StageContext
 from ..ops.greedy import cosine_similarity, finite_fp32, mmr_select
 from .base import Policy, Selection, probe_depth, register
@@ -73,9 +72,7 @@ class IDPruner(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.lam, bool) or not isinstance(self.lam, Real) or not 0.0 <= float(self.lam) <= 1.0:
-            raise ValueError(f"idpruner: lam must be a number in [0, 1]; got {self.lam!r}")
-        self._set("lam", float(self.lam))
+        self._set("lam", check_number(self.name, "lam", self.lam, 0, 1))
         if self.importance not in IMPORTANCE_SOURCES:
             raise ValueError(f"idpruner: importance must be one of {IMPORTANCE_SOURCES}; got {self.importance!r}")
         check_bool(self.name, "per_image", self.per_image)

@@ -1,0 +1,266 @@
+"""What the runtime does at each pruning point: the stages run, the sequence shortened, decode steps translated.
+
+`StageRunner` holds only the bound `Plan`; everything a call captures comes
+in through its `CallRecord` and the `PrefillState` of the cache being
+filled, so one runner serves every thread and call of a wrapped model.
+The runtime (`vtprune.runtime`) wires it into the model's forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .call import CallRecord
+from .context import StageContext
+from .plan import Plan
+from .policies.base import Policy, Selection
+from .report import Report
+from .sequence import Level, PrefillState, Sequence
+
+
+class StageRunner:
+    """The vision/projector stages at prefill, the llm-stage prune points, and the decode-step translation."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.adapter = plan.adapter
+
+    def prefill_inputs(self, record: CallRecord) -> dict[str, Any]:
+        """The base forward's inputs, completed with what the vision encoder was called with."""
+        vision = record.vision
+        captured = {k: v for k, v in record.outer.items() if v is not None}
+        for call in vision.calls:
+            for key, value in call.items():
+                if key != "method" and value is not None:
+                    captured.setdefault(key, value)
+        captured["vision_calls"] = vision.calls
+        captured["pre_projector"] = vision.pre_projector
+        captured["vision_layers"] = vision.layers
+        if vision.expand is not None:
+            size, ids = vision.expand
+            captured.update(self.adapter.expand_metadata(captured, ids, size))
+        vision.used = True
+        return captured
+
+    def prefill(self, record: CallRecord, bound: dict[str, Any], embeds: torch.Tensor):
+        """Run the vision/projector-stage policies and shorten the sequence: (the call's inputs, the state)."""
+        report = Report(policy=self.plan.pipeline.describe(), config=self.plan.to_dict())
+        if record.report is None:  # a call's report is its first prefill (generate(use_cache=False) has many)
+            record.report = report
+        record.prefill_report = report
+        layouts = self.adapter.layouts(record.captured, embeds)
+        if layouts is None:
+            report.record_no_images(embeds.shape[0])
+            return bound, None
+        bsz, seq_len = embeds.shape[:2]
+        mask = bound.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(
+                f"vtprune needs a 2-D attention mask (batch, length) to prune; got a {mask.dim()}-D mask"
+            )
+        valid = torch.stack([s.valid for s in layouts])
+        positions = bound.get("position_ids")
+        if positions is None:
+            positions = torch.arange(seq_len, device=embeds.device).expand(bsz, seq_len)
+        declared = self.adapter.sequence_tensors
+        sequence = Sequence(
+            hidden=embeds,
+            mask2d=valid.long(),
+            position_ids=positions,
+            alive=[[torch.arange(img.num_tokens, device=embeds.device) for img in s.images] for s in layouts],
+            seq_positions=[[img.positions for img in s.images] for s in layouts],
+            question_positions=[s.question_positions for s in layouts],
+            extras={t.name: bound.get(t.name) for t in declared},
+        )
+        report.start(layouts)
+        hidden, alive, seq_pos = embeds, sequence.alive, sequence.seq_positions
+        for index, policy in enumerate(self.plan.pipeline.policies):
+            if policy.stage == "llm":
+                continue
+            ctx = StageContext(
+                stage=policy.stage,
+                layer=None,
+                layouts=layouts,
+                hidden=hidden,
+                alive=alive,
+                seq_positions=seq_pos,
+                question_seq_positions=sequence.question_positions,
+                adapter=self.adapter,
+                captured=record.captured,
+            )
+            hidden, alive, seq_pos = self.apply(record, index, policy, ctx, report)
+        pad_left = not bool((~valid[:, -1]).any())
+        short, _ = replace(sequence, hidden=hidden).compact(
+            layouts, alive, seq_pos, pad_left=pad_left, compact_positions=self.plan.positions == "compact",
+            declared=declared,
+        )
+        level = Level(layer=0, mask2d=short.mask2d, removed=valid.sum(1) - short.mask2d.sum(1), extras=short.extras)
+        # row indices count from level 0's rows (what the language model gets), not from the input's
+        kept = replace(_kept(short), row_index={})
+        state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left)
+        call = dict(bound)
+        call["inputs_embeds"] = short.hidden
+        call["attention_mask"] = short.mask2d
+        call["position_ids"] = short.position_ids
+        for name, value in short.extras.items():
+            if value is not None:
+                call[name] = value
+        return call, state
+
+    def apply(self, record: CallRecord, index: int, policy: Policy, ctx: StageContext, report: Report):
+        """Run one policy (or reuse the call's earlier selection), then narrow the alive sets and write merged features.
+
+        Selection runs without autograd: it needs no gradient, and the greedy
+        ops write into preallocated buffers.
+        """
+        start = time.perf_counter()
+        key = (index, ctx.layer)
+        selections = record.selections.get(key) if record.prefills > 1 else None
+        if selections is not None and not _same_images(selections, ctx):
+            selections = None
+        if selections is None:
+            with torch.no_grad():
+                selections = policy.select(ctx)
+            if record.prefills == 1:
+                record.selections[key] = selections
+        if ctx.hidden.is_cuda:
+            torch.cuda.synchronize(ctx.hidden.device)
+        ms = (time.perf_counter() - start) * 1000.0
+        hidden = ctx.hidden
+        alive, seq_pos = [], []
+        wrote = False
+        for b, per_image in enumerate(selections):
+            if len(per_image) != ctx.num_images(b):
+                raise RuntimeError(
+                    f"{policy.describe()} returned {len(per_image)} selections for sample {b} with "
+                    f"{ctx.num_images(b)} images"
+                )
+            a_b, s_b = [], []
+            for i, sel in enumerate(per_image):
+                idx = sel.indices.to(device=hidden.device, dtype=torch.long)
+                order = torch.argsort(idx)
+                idx = idx[order]
+                if sel.values is not None:
+                    if not wrote:
+                        hidden, wrote = hidden.clone(), True
+                    hidden[b, ctx.seq_positions[b][i][idx]] = sel.values[order.to(sel.values.device)].to(hidden)
+                a_b.append(ctx.alive[b][i][idx])
+                s_b.append(ctx.seq_positions[b][i][idx])
+            alive.append(a_b)
+            seq_pos.append(s_b)
+        report.stage(f"llm@{ctx.layer}" if ctx.stage == "llm" else ctx.stage, ctx.alive, alive, ms)
+        return hidden, alive, seq_pos
+
+    def decode(self, record: CallRecord, state: PrefillState, bound: dict[str, Any], embeds: torch.Tensor):
+        """One decode step's inputs: each level's 2-D mask translated to its kept columns, positions fixed (traps 2-4)."""
+        cache = bound["cache"]
+        call = dict(bound)
+        q = embeds.shape[1]
+        level0 = state.levels[0]
+        mask = bound.get("attention_mask")
+        call["attention_mask"] = level0.decode_mask(mask, cache, q)
+        positions = bound.get("position_ids")
+        from_cache = self.adapter.decode_positions_from_cache(record.outer)
+        if positions is None:
+            past = cache.get_seq_length()
+            positions = (torch.arange(q, device=embeds.device) + past).expand(embeds.shape[0], q)
+        if self.plan.positions == "original" and from_cache:
+            positions = positions + level0.removed.view(-1, 1).to(positions)
+        elif self.plan.positions == "compact" and not from_cache:
+            positions = positions - level0.removed.view(-1, 1).to(positions)
+        call["position_ids"] = positions
+        for level in state.levels[1:]:
+            level.masks = {"mask2d": level.decode_mask(mask, cache, q), "embeds": embeds, "cache": cache}
+            level.extras = {}
+            if self.plan.positions == "compact":
+                shifted = positions - (level.removed - level0.removed).view(-1, 1).to(positions)
+                level.position_ids = shifted
+                level.position_embeddings = self.adapter.rotary(embeds, shifted)
+            else:
+                level.position_ids = None
+                level.position_embeddings = None
+        return call
+
+    def prune_llm(self, record: CallRecord, state: PrefillState, idx: int, hidden: torch.Tensor,
+                   kwargs: dict[str, Any]) -> torch.Tensor:
+        index_in_pipeline, policy = self.plan.prune_layers[idx]
+        prev = state.level_for(idx)
+        # Above an earlier prune point the layers run on that level's (gathered) rotary tables, positions and
+        # extras; the decoder loop's kwargs still carry the full-length ones.
+        above = prev.layer > 0
+        rotary = prev.position_embeddings if above and prev.position_embeddings is not None else kwargs.get("position_embeddings")
+        position_ids = prev.position_ids if above and prev.position_ids is not None else kwargs.get("position_ids")
+        declared = self.adapter.sequence_tensors
+        extras = dict(prev.extras)  # level 0's: what the prefill handed the language model, already shortened
+        sequence = replace(state.sequence, hidden=hidden, mask2d=prev.mask2d, rotary=rotary, position_ids=position_ids,
+                           extras=extras, stats=list(record.sub_block_stats.values()))
+        ctx = StageContext(
+            stage="llm",
+            layer=idx,
+            layouts=state.layouts,
+            hidden=hidden,
+            alive=sequence.alive,
+            seq_positions=sequence.seq_positions,
+            question_seq_positions=sequence.question_positions,
+            adapter=self.adapter,
+            captured=record.captured,
+            layer_inputs=record.layer_inputs,
+            layer_q=record.layer_q,
+            position_embeddings=rotary,
+            mask2d=prev.mask2d,
+            sub_block_stats=record.sub_block_stats.get(index_in_pipeline, {}),
+        )
+        hidden, alive, seq_pos = self.apply(record, index_in_pipeline, policy, ctx, record.prefill_report)
+        short, _ = replace(sequence, hidden=hidden).compact(
+            state.layouts, alive, seq_pos, pad_left=state.pad_left,
+            compact_positions=self.plan.positions == "compact", declared=declared, rotary_fn=self.adapter.rotary,
+        )
+        level = Level(
+            layer=idx,
+            mask2d=short.mask2d,
+            removed=prev.removed + prev.mask2d.sum(1) - short.mask2d.sum(1),
+            position_embeddings=short.rotary,
+            position_ids=short.position_ids,
+            extras=short.extras,
+            row_index=short.row_index,
+        )
+        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden, "cache": kwargs.get("cache")}
+        state.levels.append(level)
+        state.sequence = _kept(short)
+        return short.hidden
+
+    def substitute(self, level: Level, idx: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs = dict(kwargs)
+        layer_type = self.adapter.layer_type(idx)
+        if layer_type not in level.masks:
+            m = level.masks
+            args = dict(config=self.adapter.text_config, inputs_embeds=m["embeds"], attention_mask=m["mask2d"],
+                        cache=m["cache"], position_ids=None)
+            if layer_type == "sliding_attention":
+                level.masks[layer_type] = create_sliding_window_causal_mask(**args)
+            else:  # sized against the level's own cache layer (trap 3)
+                level.masks[layer_type] = create_causal_mask(**args, layer_idx=level.layer)
+        kwargs["attention_mask"] = level.masks[layer_type]
+        if level.position_embeddings is not None:
+            kwargs["position_embeddings"] = level.position_embeddings
+        if "position_ids" in kwargs and kwargs["position_ids"] is not None and level.position_ids is not None:
+            kwargs["position_ids"] = level.position_ids
+        for name, value in level.extras.items():
+            if kwargs.get(name) is not None and value is not None:
+                kwargs[name] = value
+        return kwargs
+
+
+def _kept(sequence: Sequence) -> Sequence:
+    """What the state keeps of a sequence between prune points and decode steps (no activations)."""
+    return replace(sequence, hidden=None, rotary=None, stats=[])
+
+
+def _same_images(selections: list[list[Selection]], ctx: StageContext) -> bool:
+    """Whether a stored selection fits this batch (same samples, same images per sample)."""
+    return len(selections) == ctx.batch_size and all(len(s) == ctx.num_images(b) for b, s in enumerate(selections))
