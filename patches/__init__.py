@@ -16,10 +16,12 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_5 import Qwen3_5Adapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_type: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaOnevisionAdapter, Qwen3_5Adapter)
+    for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaOnevisionAdapter, Qwen3_5Adapter,
+                Qwen3VLAdapter, Qwen3VLMoeAdapter)
 }
 
 

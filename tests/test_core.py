@@ -82,11 +82,17 @@ def test_projector_stage_equals_hand_pruned_inputs(family, attn):
     keep[patch[kept]] = True
     keep[newline] = True
     seq = torch.nonzero(keep).flatten()
+    deepstack = {}
+    if seen.get("visual_pos_masks") is not None:  # Qwen3-VL: the DeepStack rows of the kept visual positions
+        mask = seen["visual_pos_masks"]
+        deepstack = dict(visual_pos_masks=mask[:, seq],
+                         deepstack_visual_embeds=[rows[keep[mask[0]]] for rows in seen["deepstack_visual_embeds"]])
     out = model.model.language_model(
         inputs_embeds=embeds[:, seq],
         position_ids=positions[..., seq],
         attention_mask=torch.ones(1, seq.numel(), dtype=torch.long),
         use_cache=False,
+        **deepstack,
     )
     hand = model.lm_head(out.last_hidden_state)
     assert len(kept) == 5

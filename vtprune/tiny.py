@@ -27,15 +27,23 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     SiglipVisionConfig,
 )
 
-from .patches import supported_model_types
+from .patches import ADAPTERS, supported_model_types
 
 #: the tiny models follow the one table of supported model types (each needs its config below)
 FAMILIES = tuple(supported_model_types())
-#: families whose video frames each sit in their own vision start/end pair after a timestamp (text)
-TIMESTAMPED_VIDEO = ("qwen3_5",)
+#: families whose video prompts put a timestamp (text) before every temporal frame, each frame in its own
+#: vision span, and the text tokens of one timestamp in the tiny inputs (Qwen3-VL's processor writes
+#: ``<1.0 seconds>``)
+TIMESTAMP_FAMILY_TOKENS = {"qwen3_5": 1, "qwen3_vl": 3, "qwen3_vl_moe": 3}
+TIMESTAMPED_VIDEO = tuple(TIMESTAMP_FAMILY_TOKENS)
+TIMESTAMP_TOKENS = TIMESTAMP_FAMILY_TOKENS["qwen3_vl"]
 VOCAB = 128
 IMAGE_TOKEN = 100
 VIDEO_TOKEN = 101
@@ -125,6 +133,8 @@ def tiny_config(family: str, geometry: Geometry | None = None):
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     if family == "qwen3_5":
         return _qwen3_5_config(g, ids)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        return _qwen3_vl_config(family, g, text, vision, ids)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
@@ -157,6 +167,8 @@ def _onevision_config(g: Geometry) -> LlavaOnevisionConfig:
         image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
         vision_aspect_ratio="anyres_max_2",
     )
+
+
 def _qwen3_5_config(g: Geometry, ids: dict) -> Qwen3_5Config:
     """Qwen3.5: Gated DeltaNet (linear attention) layers with full attention at every odd layer.
 
@@ -189,6 +201,29 @@ def _qwen3_5_config(g: Geometry, ids: dict) -> Qwen3_5Config:
     return Qwen3_5Config(text_config=text, vision_config=vision, **ids)
 
 
+def _qwen3_vl_config(family: str, g: Geometry, text: dict, vision: dict, ids: dict):
+    """Qwen3-VL: q/k norms per head, interleaved M-RoPE, a learned ViT position table and three DeepStack taps.
+
+    The real models tap ViT blocks 8/16/24 of 27 and add the taps after decoder
+    layers 0-2; the tiny ViT taps its first three blocks (at least three
+    blocks), so ``at_layer`` 1 and 2 prune inside the DeepStack range here too.
+    """
+    head_dim = g.hidden // g.heads
+    half = head_dim // 2  # interleaved sections (as 24/20/20 of 64): h at 1::3, w at 2::3, t on the rest
+    hw = half // 3
+    text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [half - 2 * hw, hw, hw], "mrope_interleaved": True})
+    depth = max(g.vision_layers, 3)
+    side = max(g.image_size // g.patch, 2)
+    vision.update(depth=depth, deepstack_visual_indexes=[0, 1, 2], num_position_embeddings=side * side)
+    for key in ("embed_dim", "in_chans"):
+        vision.pop(key)
+    if family == "qwen3_vl":
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=g.intermediate // 2, decoder_sparse_step=1)
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
+
+
 _CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
@@ -196,6 +231,8 @@ _CLASSES = {
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
     "qwen3_5": Qwen3_5ForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
+    "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
 }
 
 
@@ -215,7 +252,8 @@ class SampleSpec:
 
     ``images``: a list of image sizes in pixels ``(height, width)`` (LLaVA
     ignores the size: its images are always ``image_size`` square);
-    ``videos``: ``(frames, height, width)`` in pixels (Qwen; LLaVA-OneVision reads only the frame count);
+    ``videos``: ``(frames, height, width)`` in pixels (Qwen; LLaVA-OneVision reads only the frame count;
+    the `TIMESTAMPED_VIDEO` families put a timestamp of text tokens before each temporal frame);
     ``prefix``/``question``: text tokens before the first and after the last image.
     """
 
@@ -274,12 +312,12 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
             gt, gh, gw = t // vision.temporal_patch_size, h // vision.patch_size, w // vision.patch_size
             vgrids.append([gt, gh, gw])
             videos.append(torch.randn(gt * gh * gw, 3 * vision.temporal_patch_size * vision.patch_size**2, generator=gen))
-            if family in TIMESTAMPED_VIDEO:  # <timestamp> <start> frame <end>, per frame
+            if family in TIMESTAMPED_VIDEO:  # every frame: its timestamp (text), then its own vision span
                 for _ in range(gt):
-                    ids += text(1) + [VISION_START] + [VIDEO_TOKEN] * (gh * gw // 4) + [VISION_END]
+                    ids += text(TIMESTAMP_FAMILY_TOKENS[family]) + [VISION_START] + [VIDEO_TOKEN] * (gh * gw // 4) + [VISION_END]
                 ids += text(2)
-                continue
-            ids += [VISION_START] + [VIDEO_TOKEN] * (gt * gh * gw // 4) + [VISION_END] + text(2)
+            else:
+                ids += [VISION_START] + [VIDEO_TOKEN] * (gt * gh * gw // 4) + [VISION_END] + text(2)
         ids += text(spec.question)
         rows.append(ids)
 
@@ -311,7 +349,7 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
     elif videos:
         out["pixel_values_videos"] = torch.cat(videos)
         out["video_grid_thw"] = torch.tensor(vgrids)
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_5"):
+    if ADAPTERS[family].mrope:  # the Qwen families
         out["mm_token_type_ids"] = (
             (input_ids == IMAGE_TOKEN).long() + 2 * (input_ids == VIDEO_TOKEN).long()
         ).int()
