@@ -38,7 +38,7 @@ POLICIES = {
 
 
 # the per-family defaults of model_zoo.yaml where they differ (qwen3_5: K-1 = 3, its first full-attention layer)
-ENTROPY_LAYER = {"llava": 2, "llava_next": 2, "qwen3_5": 4}
+ENTROPY_LAYER = {"llava": 2, "llava_next": 2, "llava_onevision": 2, "qwen3_5": 4}
 FASTV_LAYER = {"qwen3_5": 4}
 
 PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune")
