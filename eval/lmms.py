@@ -22,9 +22,12 @@ runner exits 1 when the evaluator raises, when lmms-eval logged an error
 (e.g. a failed ``generate``, which lmms-eval answers with an empty string),
 or when a task has no samples or no finite metric.
 
-Offline: ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` and
-``TRANSFORMERS_OFFLINE`` default to 1, so ``pretrained`` must be a local
-folder. Local tasks (``toyvqa``) are exported into ``--cache_dir`` when absent.
+Network: the runner leaves the user's environment alone, so on a networked
+machine ``pretrained=llava-hf/llava-1.5-7b-hf`` downloads the checkpoint and
+lmms-eval's tasks download their data. ``--offline`` sets ``HF_HUB_OFFLINE``,
+``HF_DATASETS_OFFLINE`` and ``TRANSFORMERS_OFFLINE`` to 1 (then ``pretrained``
+must be a local folder or already cached); variables the user set are kept
+either way. Local tasks (``toyvqa``) are exported into ``--cache_dir`` when absent.
 
 Several GPUs, data parallel as lmms-eval does (one process per GPU, each
 with the whole model; results gathered on rank 0)::
@@ -65,9 +68,16 @@ class EvalFailed(RuntimeError):
     """The evaluation ran but did not produce trustworthy results."""
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
 def offline() -> None:
-    """Hub access off unless the caller set these variables (checkpoints and data are local)."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    """Hub and dataset downloads off (``--offline``); a variable the user already set keeps its value.
+
+    Called only when asked: without it the runner respects the environment as
+    it is, so a networked machine downloads checkpoints and task data.
+    """
+    for name in OFFLINE_VARIABLES:
         os.environ.setdefault(name, "1")
 
 
@@ -96,7 +106,7 @@ def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cp
     """
     args = parse_model_args(model_args)
     if "pretrained" not in args:
-        raise ValueError(f"model_args needs pretrained=PATH (a local checkpoint folder); got {sorted(args)}")
+        raise ValueError(f"model_args needs pretrained=PATH (a checkpoint folder or hub id); got {sorted(args)}")
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(str(args["pretrained"])).model_type
@@ -168,13 +178,15 @@ class PrefillLog:
     """Each prefill of a model while lmms-eval runs it: wall time and vtprune's report (visual tokens per stage).
 
     A forward with more than one new token is a prefill (lmms-eval's HF
-    wrappers decode one token per step); decode steps are not recorded.
+    wrappers decode one token per step); decode steps are not recorded. Each
+    record holds the wall ms and the batch size of that prefill.
     """
 
     def __init__(self, model: torch.nn.Module, policy: str) -> None:
         self.model, self.policy = model, policy
         self.records: list[dict] = []
         self._start: float | None = None
+        self._batch = 1
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True)]
 
@@ -192,6 +204,7 @@ class PrefillLog:
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         if tokens is not None and tokens.shape[1] > 1:
+            self._batch = int(tokens.shape[0])
             self._sync()
             self._start = time.perf_counter()
 
@@ -199,7 +212,7 @@ class PrefillLog:
         if self._start is None:
             return
         self._sync()
-        record = {"ms": round((time.perf_counter() - self._start) * 1000.0, 3)}
+        record = {"ms": round((time.perf_counter() - self._start) * 1000.0, 3), "batch": self._batch}
         self._start = None
         if api.is_wrapped(self.model):
             samples = api.report(self.model).to_dict()["samples"]
@@ -221,6 +234,10 @@ class PrefillLog:
         out: dict = {"policy": self.policy, "prefills": len(records)}
         if records:
             out["prefill_ms"] = round(statistics.fmean(r["ms"] for r in records), 3)
+            # the median per batch size: what the sweep's "prefill ms, batch B" columns show
+            sizes = sorted({r.get("batch", 1) for r in records})
+            out["prefill_ms_median_by_batch"] = {
+                str(b): round(statistics.median(r["ms"] for r in records if r.get("batch", 1) == b), 3) for b in sizes}
         images = [image for r in records for image in r.get("images", [])]
         if images:
             out["images"] = len(images)
@@ -355,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force_simple", action="store_true", help="lmms-eval's 'simple' wrapper instead of the chat one")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--verbosity", default="WARNING")
+    parser.add_argument("--offline", action="store_true",
+                        help="no downloads: set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE=1 "
+                             "(default: the environment as it is)")
     args = parser.parse_args(argv)
-    offline()
+    if args.offline:
+        offline()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.limit is not None and args.limit >= 1:

@@ -1,4 +1,4 @@
-"""The `vtprune` command: demo, bench, eval, sweep, calibrate-ecl, toyvqa."""
+"""The `vtprune` command: demo, bench, eval, sweep, stability, show, calibrate-ecl, toyvqa."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {
     "bench": ("vtprune.eval.bench", "prefill time, selection time, KV cache per policy and budget"),
     "eval": ("vtprune.eval.lmms", "lmms-eval tasks on a pruned model (policy and budget in --model_args)"),
     "sweep": ("vtprune.eval.sweep", "ablation grid (models x policies x budgets x tasks), resumable, with plots"),
+    "stability": ("vtprune.eval.stability", "Jaccard of kept sets and answer agreement under noise, 1-px shift, JPEG"),
     "calibrate-ecl": ("vtprune.ecl", "per-layer matrix entropy of visual tokens; proposes EntropyPrune's layer"),
     "toyvqa": ("vtprune.toyvqa.cli", "the synthetic VQA task: train, score, export"),
 }
