@@ -129,8 +129,20 @@ def _check_policy(prune: dict, wrapper_args: str) -> None:
         return
     try:
         make_policy(policy, **({"keep": keep} if keep is not None else {}), **options)
-    except TypeError as exc:  # an unknown option: perhaps a misspelt argument of the wrapper
-        raise TypeError(f"{exc}. Keys of model_args go to the policy unless {wrapper_args}") from None
+    except TypeError:  # an unknown option: perhaps a misspelt argument of the wrapper
+        unknown = sorted(set(options) - set(policy_options(policy)))
+        raise TypeError(f"policy {policy!r} has no option {', '.join(unknown) or sorted(options)}; its options: "
+                        f"{', '.join(policy_options(policy))}. Keys of model_args go to the policy unless "
+                        f"{wrapper_args}") from None
+
+
+def policy_options(policy: str) -> list[str]:
+    """The options a registry policy takes (its dataclass init fields; class-level constants excluded)."""
+    import dataclasses
+
+    from ..policies.base import _REGISTRY
+
+    return sorted(f.name for f in dataclasses.fields(_REGISTRY[policy]) if f.init and f.name != "keep")
 
 
 def processor_of(lm):
