@@ -61,13 +61,14 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-image", "matplotlib"],
-        "test": ["pytest", "scikit-image", "matplotlib", "ruff"],
+        "test": ["pytest", "scikit-image", "matplotlib", "ruff", "ray"],  # ray: the sweep's --backend ray test
         # lmms-eval itself is installed separately with --no-deps (README): its own
         # requirements would replace the installed torch. These are what its evaluator
         # and HF model wrappers import (decord: wheels for x86-64 Linux only).
         "eval": ["loguru", "sacrebleu", "evaluate", "pytz", "tenacity", "pytablewriter", "accelerate", "decord",
                  "matplotlib", "tqdm"],
         "flash": ["flash-attn"],
+        "ray": ["ray"],  # vtprune sweep --backend ray
     },
     entry_points={
         "console_scripts": ["vtprune=vtprune.cli:main"],

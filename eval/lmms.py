@@ -30,9 +30,17 @@ must be a local folder or already cached); variables the user set are kept
 either way. Local tasks (``toyvqa``) are exported into ``--cache_dir`` when absent.
 
 Several GPUs, data parallel as lmms-eval does (one process per GPU, each
-with the whole model; results gathered on rank 0)::
+with the whole model; lmms-eval shards the documents by rank and gathers the
+results, the vtprune report is gathered on rank 0, each prefill tagged with
+its rank)::
 
     accelerate launch --num_processes 8 -m vtprune.cli eval --model_args ... --tasks ...
+
+On CPUs the same path runs over gloo, tested with 2 processes (accelerate's
+``--cpu`` flag starts a single process unless MPI is set up; its
+torch.distributed launcher with ``ACCELERATE_USE_CPU`` gives one per rank)::
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m vtprune.cli eval ... --device cpu
 
 ``--model vtprune`` in lmms-eval's own CLI is the same model
 (:mod:`vtprune.eval.lmms_plugin`), without the checks and the report.
@@ -115,9 +123,12 @@ def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cp
     prune = {k: args.pop(k) for k in list(args) if k in PRUNE_KEYS or k not in accepted}
     _check_policy(prune, f"lmms-eval's {cls.__name__} takes {sorted(accepted)}")
     args = {"batch_size": batch_size, "device": device, **args}
-    if "device_map" in accepted and "device_map" not in args and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # llava_hf's default device_map="" is refused by transformers 5.x; under several
-        # processes it must stay "" (the wrapper then places each rank on its own GPU).
+    if "device_map" in accepted and "device_map" not in args and (
+            int(os.environ.get("WORLD_SIZE", "1")) == 1 or str(device) == "cpu"):
+        # llava_hf's default device_map="" is refused by transformers 5.x; under several GPU
+        # processes it must stay "" (the wrapper then places each rank on its own GPU). CPU
+        # processes (accelerate launch --cpu, gloo) each hold the whole model on the CPU; the
+        # evaluator shards the documents by rank either way.
         args["device_map"] = device
     return cls(**args), prune
 
@@ -233,12 +244,12 @@ class PrefillLog:
         self.records.append(record)
 
     def gathered(self) -> list[dict]:
-        """Every rank's records (on a single process, this one's)."""
+        """Every rank's records, each tagged with its ``rank`` (on a single process, this one's)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return list(self.records)
+            return [{**r, "rank": 0} for r in self.records]
         parts: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather_object(parts, self.records)
-        return [r for part in parts for r in part]
+        return [{**r, "rank": rank} for rank, part in enumerate(parts) for r in part]
 
     def summary(self, records: list[dict] | None = None) -> dict:
         """Means over prefills and images: visual tokens before/after (first and last stage), per stage, times."""

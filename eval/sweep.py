@@ -47,6 +47,7 @@ or hub ids (downloaded unless ``offline: true``). Example ``sweep.yaml``
     tasks: [toyvqa, "lmms:toyvqa"]
     n: 200
     stability: 8                      # optional: Jaccard column on 8 toyvqa items
+    timed_items: 8                    # optional: toyvqa items timed at batch 1, and the size of the timed batch
     model_args: ""                    # optional, more lmms-eval wrapper args (dtype=bfloat16,...)
     batch_size: 1                     # optional, lmms-eval's batch size (it moves lmms-eval scores)
     device: cpu                       # optional, for lmms tasks
@@ -161,13 +162,13 @@ def _prefill_items(model, processor, size: int = TIMED_ITEMS) -> tuple[list[dict
     return singles, dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
 
 
-def _time_toyvqa(model, processor) -> dict[str, float]:
-    """``{"1": median over 8 items of one batch-1 prefill, "8": median of 3 prefills of a batch of 8}``."""
-    singles, batch = _prefill_items(model, processor)
+def _time_toyvqa(model, processor, size: int = TIMED_ITEMS) -> dict[str, float]:
+    """``{"1": median over 8 items of one batch-1 prefill, "8": median of 3 prefills of a batch of 8}`` (8: ``size``)."""
+    singles, batch = _prefill_items(model, processor, size)
     b1 = statistics.median(time_prefill(model, b, repeats=1, warmup=1 if i == 0 else 0)[0]
                            for i, b in enumerate(singles))
     b8, _ = time_prefill(model, batch, repeats=3)
-    return {"1": round(b1, 3), str(TIMED_ITEMS): round(b8, 3)}
+    return {"1": round(b1, 3), str(size): round(b8, 3)}
 
 
 def _policy_options(policy: str) -> tuple[str, dict]:
@@ -191,7 +192,8 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def run_one(model, processor, policy: str, keep, n: int, base: dict | None, stability: int = 0) -> dict:
+def run_one(model, processor, policy: str, keep, n: int, base: dict | None, stability: int = 0,
+            timed_items: int = TIMED_ITEMS) -> dict:
     """One toyvqa run: accuracy (batch 16), prefill times at batch 1 and 8, optionally selection stability."""
     from ..zoo import checkpoint_for
 
@@ -199,12 +201,12 @@ def run_one(model, processor, policy: str, keep, n: int, base: dict | None, stab
     start = time.perf_counter()
     row = dict(policy=policy, keep=keep, checkpoint=checkpoint_for(model.config))
     if policy == "none":
-        row["prefill_ms"] = _time_toyvqa(model, processor)
+        row["prefill_ms"] = _time_toyvqa(model, processor, timed_items)
         res = toyvqa.score(model, processor, n=n, return_predictions=True)
         row.update(kept_tokens=None, visual_tokens=None)
     else:
         with api.pruned(model, name, keep=keep, tokenizer=processor, **options):
-            row["prefill_ms"] = _time_toyvqa(model, processor)
+            row["prefill_ms"] = _time_toyvqa(model, processor, timed_items)
             image = api.report(model).to_dict()["samples"][0]["images"][0]
             row.update(kept_tokens=list(image["stages"].values())[-1]["after"], visual_tokens=image["tokens"])
             res = toyvqa.score(model, processor, n=n, return_predictions=True)
@@ -293,7 +295,7 @@ class Runner:
         else:
             model, processor = loaded
             row = run_one(model, processor, policy, keep, n if n is not None else toyvqa_n(),
-                          base, int(self.cfg.get("stability") or 0))
+                          base, int(self.cfg.get("stability") or 0), int(self.cfg.get("timed_items", TIMED_ITEMS)))
         row.update(model=model_ref, task=task, n=n)
         return row
 
@@ -316,7 +318,7 @@ def _append(results: Path, row: dict) -> None:
         fh.flush()
 
 
-def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None) -> list[dict]:
+def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None, ray_workers: int | None = None) -> list[dict]:
     out = Path(cfg.get("out", "runs/sweep"))
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "n": None if cfg.get("n", 200) is None else int(cfg.get("n", 200))}
@@ -330,7 +332,7 @@ def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None) -> 
     runs = _grid(cfg)
     todo = [r for r in runs if (r[0], r[1], r[2], str(r[3]), n) not in done]
     if backend == "ray":
-        _sweep_ray(cfg, todo, done, results, ray_address)
+        _sweep_ray(cfg, todo, done, results, ray_address, ray_workers)
     elif backend == "local":
         from tqdm import tqdm
 
@@ -350,8 +352,11 @@ def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None) -> 
     return rows
 
 
-def _sweep_ray(cfg: dict, todo: list[tuple], done: dict, results: Path, address: str | None) -> None:
+def _sweep_ray(cfg: dict, todo: list[tuple], done: dict, results: Path, address: str | None,
+               workers: int | None = None) -> None:
     """The grid on a Ray cluster: unpruned runs first (their answers are the reference), then the rest."""
+    if not todo:
+        return
     try:
         import ray
     except ImportError:
@@ -360,7 +365,13 @@ def _sweep_ray(cfg: dict, todo: list[tuple], done: dict, results: Path, address:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        # workers import this very vtprune (a source checkout may shadow an installed copy)
+        import os
+
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        ray.init(address=address, num_cpus=workers if address is None else None, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     remote = ray.remote(_ray_run)
     n = cfg["n"]
     try:
@@ -568,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("local", "ray"), default="local",
                         help="local (default): one process; ray: one Ray task per run")
     parser.add_argument("--ray-address", help="Ray cluster address (default: start a local instance)")
+    parser.add_argument("--ray-workers", type=int, help="CPUs (= concurrent runs) of the local Ray instance")
     parser.add_argument("--offline", action="store_true", help="no downloads (sets HF_*_OFFLINE=1)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -585,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["offline"] = True
     if args.threads:
         cfg["threads"] = args.threads
-    rows = sweep(cfg, backend=args.backend, ray_address=args.ray_address)
+    rows = sweep(cfg, backend=args.backend, ray_address=args.ray_address, ray_workers=args.ray_workers)
     out = Path(cfg.get("out", "runs/sweep"))
     print((out / "summary.md").read_text())
     print(f"{len(rows)} runs; results, summary and plots in {out}")
