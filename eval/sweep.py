@@ -55,8 +55,9 @@ or hub ids (downloaded unless ``offline: true``). Example ``sweep.yaml``
 
 ``--backend ray`` runs the grid on a Ray cluster (``ray.init(address=...)``
 from ``--ray-address``, default: a local instance): the unpruned runs first,
-then every other run as one Ray task, each worker loading the model it
-needs; the driver writes every row into the same resumable JSONL.
+then every other run as one Ray task (one GPU each when ``device`` is cuda,
+``ray_gpus_per_run`` to change it), each worker loading the model it needs;
+the driver writes every row into the same resumable JSONL.
 """
 
 from __future__ import annotations
@@ -372,7 +373,9 @@ def _sweep_ray(cfg: dict, todo: list[tuple], done: dict, results: Path, address:
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         ray.init(address=address, num_cpus=workers if address is None else None, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    remote = ray.remote(_ray_run)
+    # one GPU per run on a GPU cluster (each run holds its whole model), none for CPU runs
+    gpus = cfg.get("ray_gpus_per_run", 1 if str(cfg.get("device", "cpu")).startswith("cuda") else 0)
+    remote = ray.remote(num_gpus=gpus, num_cpus=1)(_ray_run)
     n = cfg["n"]
     try:
         for phase in ([r for r in todo if r[2] == "none"], [r for r in todo if r[2] != "none"]):
@@ -540,8 +543,10 @@ def _plots(rows: list[dict], out: Path) -> None:
                 return r.get("prefill_ms", {}).get(first)
 
             for policy in policies:
-                pts = sorted((x_of(r), r["retained"]) for r in mine
-                             if r["policy"] == policy and r.get("retained") is not None and x_of(r) is not None)
+                # joined in budget order (not x order: prefill times need not fall with the budget)
+                pts = [(x_of(r), r["retained"]) for r in sorted(
+                    (r for r in mine if r["policy"] == policy and r.get("retained") is not None
+                     and x_of(r) is not None), key=lambda r: r.get("kept_tokens") or 0)]
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=policy, alpha=0.85, **style[policy])
                 if x_name == "tokens":  # the papers' points for this checkpoint
