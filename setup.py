@@ -44,7 +44,7 @@ setup(
     package_data={
         "vtprune.toyvqa": ["checkpoints/*/*"],
         "vtprune.cuda": ["*.cu"],
-        "vtprune.eval": ["*.yaml"],
+        "vtprune.eval": ["*.yaml", "configs/*.yaml"],
         "vtprune.eval.tasks": ["*/*"],
     },
     cmdclass={"build_py": BuildWithZoo},
@@ -63,7 +63,7 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-image", "matplotlib"],
-        "test": ["pytest", "scikit-image", "matplotlib", "ruff"],
+        "test": ["pytest", "scikit-image", "matplotlib", "ruff", "ray"],  # ray: the sweep's --backend ray test
         # lmms-eval itself is installed separately with --no-deps (README): its own
         # requirements would replace the installed torch. These are what its evaluator,
         # its HF model wrappers and its common tasks import (decord: wheels for x86-64
@@ -77,6 +77,7 @@ setup(
         # torch, take torchvision from the PyTorch CPU index).
         "eval-qwen": ["qwen-vl-utils", "torchvision"],
         "flash": ["flash-attn"],
+        "ray": ["ray"],  # vtprune sweep --backend ray
     },
     entry_points={
         "console_scripts": ["vtprune=vtprune.cli:main"],

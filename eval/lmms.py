@@ -22,14 +22,25 @@ runner exits 1 when the evaluator raises, when lmms-eval logged an error
 (e.g. a failed ``generate``, which lmms-eval answers with an empty string),
 or when a task has no samples or no finite metric.
 
-Offline: ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` and
-``TRANSFORMERS_OFFLINE`` default to 1, so ``pretrained`` must be a local
-folder. Local tasks (``toyvqa``) are exported into ``--cache_dir`` when absent.
+Network: the runner leaves the user's environment alone, so on a networked
+machine ``pretrained=llava-hf/llava-1.5-7b-hf`` downloads the checkpoint and
+lmms-eval's tasks download their data. ``--offline`` sets ``HF_HUB_OFFLINE``,
+``HF_DATASETS_OFFLINE`` and ``TRANSFORMERS_OFFLINE`` to 1 (then ``pretrained``
+must be a local folder or already cached); variables the user set are kept
+either way. Local tasks (``toyvqa``) are exported into ``--cache_dir`` when absent.
 
 Several GPUs, data parallel as lmms-eval does (one process per GPU, each
-with the whole model; results gathered on rank 0)::
+with the whole model; lmms-eval shards the documents by rank and gathers the
+results, the vtprune report is gathered on rank 0, each prefill tagged with
+its rank)::
 
     accelerate launch --num_processes 8 -m vtprune.cli eval --model_args ... --tasks ...
+
+On CPUs the same path runs over gloo, tested with 2 processes (accelerate's
+``--cpu`` flag starts a single process unless MPI is set up; its
+torch.distributed launcher with ``ACCELERATE_USE_CPU`` gives one per rank)::
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m vtprune.cli eval ... --device cpu
 
 ``--model vtprune`` in lmms-eval's own CLI is the same model
 (:mod:`vtprune.eval.lmms_plugin`), without the checks and the report.
@@ -68,9 +79,16 @@ class EvalFailed(RuntimeError):
     """The evaluation ran but did not produce trustworthy results."""
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
 def offline() -> None:
-    """Hub access off unless the caller set these variables (checkpoints and data are local)."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    """Hub and dataset downloads off (``--offline``); a variable the user already set keeps its value.
+
+    Called only when asked: without it the runner respects the environment as
+    it is, so a networked machine downloads checkpoints and task data.
+    """
+    for name in OFFLINE_VARIABLES:
         os.environ.setdefault(name, "1")
 
 
@@ -114,7 +132,7 @@ def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cp
     """
     args = parse_model_args(model_args)
     if "pretrained" not in args:
-        raise ValueError(f"model_args needs pretrained=PATH (a local checkpoint folder); got {sorted(args)}")
+        raise ValueError(f"model_args needs pretrained=PATH (a checkpoint folder or hub id); got {sorted(args)}")
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(str(args["pretrained"])).model_type
@@ -123,9 +141,12 @@ def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cp
     prune = {k: args.pop(k) for k in list(args) if k in PRUNE_KEYS or k not in accepted}
     _check_policy(prune, f"lmms-eval's {cls.__name__} takes {sorted(accepted)}")
     args = {"batch_size": batch_size, "device": device, **args}
-    if "device_map" in accepted and "device_map" not in args and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # llava_hf's default device_map="" is refused by transformers 5.x; under several
-        # processes it must stay "" (the wrapper then places each rank on its own GPU).
+    if "device_map" in accepted and "device_map" not in args and (
+            int(os.environ.get("WORLD_SIZE", "1")) == 1 or str(device) == "cpu"):
+        # llava_hf's default device_map="" is refused by transformers 5.x; under several GPU
+        # processes it must stay "" (the wrapper then places each rank on its own GPU). CPU
+        # processes (accelerate launch --cpu, gloo) each hold the whole model on the CPU; the
+        # evaluator shards the documents by rank either way.
         args["device_map"] = device
     return cls(**args), prune
 
@@ -137,8 +158,20 @@ def _check_policy(prune: dict, wrapper_args: str) -> None:
         return
     try:
         make_policy(policy, **({"keep": keep} if keep is not None else {}), **options)
-    except TypeError as exc:  # an unknown option: perhaps a misspelt argument of the wrapper
-        raise TypeError(f"{exc}. Keys of model_args go to the policy unless {wrapper_args}") from None
+    except TypeError:  # an unknown option: perhaps a misspelt argument of the wrapper
+        unknown = sorted(set(options) - set(policy_options(policy)))
+        raise TypeError(f"policy {policy!r} has no option {', '.join(unknown) or sorted(options)}; its options: "
+                        f"{', '.join(policy_options(policy))}. Keys of model_args go to the policy unless "
+                        f"{wrapper_args}") from None
+
+
+def policy_options(policy: str) -> list[str]:
+    """The options a registry policy takes (its dataclass init fields; class-level constants excluded)."""
+    import dataclasses
+
+    from ..policies.base import _REGISTRY
+
+    return sorted(f.name for f in dataclasses.fields(_REGISTRY[policy]) if f.init and f.name != "keep")
 
 
 def processor_of(lm):
@@ -186,13 +219,15 @@ class PrefillLog:
     """Each prefill of a model while lmms-eval runs it: wall time and vtprune's report (visual tokens per stage).
 
     A forward with more than one new token is a prefill (lmms-eval's HF
-    wrappers decode one token per step); decode steps are not recorded.
+    wrappers decode one token per step); decode steps are not recorded. Each
+    record holds the wall ms and the batch size of that prefill.
     """
 
     def __init__(self, model: torch.nn.Module, policy: str) -> None:
         self.model, self.policy = model, policy
         self.records: list[dict] = []
         self._start: float | None = None
+        self._batch = 1
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True)]
 
@@ -210,6 +245,7 @@ class PrefillLog:
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         if tokens is not None and tokens.shape[1] > 1:
+            self._batch = int(tokens.shape[0])
             self._sync()
             self._start = time.perf_counter()
 
@@ -217,7 +253,7 @@ class PrefillLog:
         if self._start is None:
             return
         self._sync()
-        record = {"ms": round((time.perf_counter() - self._start) * 1000.0, 3)}
+        record = {"ms": round((time.perf_counter() - self._start) * 1000.0, 3), "batch": self._batch}
         self._start = None
         if api.is_wrapped(self.model):
             samples = api.report(self.model).to_dict()["samples"]
@@ -226,12 +262,12 @@ class PrefillLog:
         self.records.append(record)
 
     def gathered(self) -> list[dict]:
-        """Every rank's records (on a single process, this one's)."""
+        """Every rank's records, each tagged with its ``rank`` (on a single process, this one's)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return list(self.records)
+            return [{**r, "rank": 0} for r in self.records]
         parts: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather_object(parts, self.records)
-        return [r for part in parts for r in part]
+        return [{**r, "rank": rank} for rank, part in enumerate(parts) for r in part]
 
     def summary(self, records: list[dict] | None = None) -> dict:
         """Means over prefills and images: visual tokens before/after (first and last stage), per stage, times."""
@@ -239,6 +275,10 @@ class PrefillLog:
         out: dict = {"policy": self.policy, "prefills": len(records)}
         if records:
             out["prefill_ms"] = round(statistics.fmean(r["ms"] for r in records), 3)
+            # the median per batch size: what the sweep's "prefill ms, batch B" columns show
+            sizes = sorted({r.get("batch", 1) for r in records})
+            out["prefill_ms_median_by_batch"] = {
+                str(b): round(statistics.median(r["ms"] for r in records if r.get("batch", 1) == b), 3) for b in sizes}
         images = [image for r in records for image in r.get("images", [])]
         if images:
             out["images"] = len(images)
@@ -400,12 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force_simple", action="store_true", help="lmms-eval's 'simple' wrapper instead of the chat one")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--verbosity", default="WARNING")
+    parser.add_argument("--offline", action="store_true",
+                        help="no downloads: set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE=1 "
+                             "(default: the environment as it is)")
     args = parser.parse_args(argv)
     if args.print_include_path is not None:
         return _print_include_path(args)
     if not args.model_args or not args.tasks:
         parser.error("--model_args and --tasks are required (or --print-include-path TASKS)")
-    offline()
+    if args.offline:
+        offline()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.limit is not None and args.limit >= 1:

@@ -5,7 +5,8 @@
 The same model as ``vtprune eval`` builds (lmms-eval's wrapper for the
 checkpoint's family, its HF model wrapped by vtprune), without the runner's
 result checks and report: lmms-eval's CLI exits 0 even when the evaluation
-failed, so prefer ``vtprune eval``.
+failed, so prefer ``vtprune eval``. Network settings are the environment's
+(lmms-eval's own CLI has no ``--offline``: export ``HF_HUB_OFFLINE=1`` etc.).
 """
 
 from __future__ import annotations
@@ -37,9 +38,8 @@ class Vtprune(lmms):
         import torch
 
         from .. import api
-        from .lmms import load_model, offline, processor_of, split_policy
+        from .lmms import load_model, processor_of, split_policy
 
-        offline()
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         device = extra.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         lm, prune = load_model(arg_string, batch_size=int(extra.get("batch_size") or 1), device=device)

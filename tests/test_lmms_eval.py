@@ -31,7 +31,20 @@ def cache(tmp_path_factory):
 
 def _eval(model_args: str, out, cache, *extra: str) -> int:
     return main(["eval", "--model_args", model_args, "--tasks", "toyvqa", "--limit", str(N), "--device", "cpu",
-                 "--output_path", str(out), "--cache_dir", str(cache), *extra])
+                 "--output_path", str(out), "--cache_dir", str(cache), "--offline", *extra])
+
+
+@pytest.mark.parametrize("flag", [False, True], ids=["environment-as-is", "offline"])
+def test_network_settings_are_the_users_unless_offline_is_asked(flag, tmp_path, monkeypatch):
+    """A networked GPU box must be able to download checkpoints and task data: offline only on request."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's own setting (no network here) is kept either way
+    for name in ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    args = ["eval", "--model_args", f"pretrained={tmp_path / 'nothing'}", "--tasks", "toyvqa"]
+    assert main(args + (["--offline"] if flag else [])) == 1  # no checkpoint there: fails before any evaluation
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    for name in ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        assert os.environ.get(name) == ("1" if flag else None), name
 
 
 @pytest.mark.parametrize("policy", [None, ("idpruner", 64)], ids=["unpruned", "idpruner-64"])
@@ -105,7 +118,7 @@ def test_sweep_runs_lmms_tasks_beside_the_offline_scorer(tmp_path, cache):
     from vtprune.eval.sweep import main as sweep
 
     cfg = {"out": str(tmp_path / "out"), "models": ["llava"], "budgets": [32], "n": 5, "cache_dir": str(cache),
-           "tasks": ["toyvqa", "lmms:toyvqa"]}
+           "tasks": ["toyvqa", "lmms:toyvqa"], "offline": True}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert sweep([str(path)]) == 0
@@ -115,6 +128,8 @@ def test_sweep_runs_lmms_tasks_beside_the_offline_scorer(tmp_path, cache):
     for a, b in zip(direct, via_lmms):  # the same items and model: the same accuracy and kept tokens either way
         assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["kept_tokens"] == b["kept_tokens"]
     assert via_lmms[0]["metric"] == "accuracy" and set(via_lmms[0]["metrics"]) >= {"accuracy", "color", "reading"}
+    assert all(set(r["prefill_ms"]) == {"1"} and r["batch_size"] == 1 for r in via_lmms)  # lmms-eval's llava: batch 1
+    assert all(a["retained_per_type"] == pytest.approx(b["retained_per_type"]) for a, b in zip(direct[1:], via_lmms[1:]))
     assert all(0.0 <= r["agreement"] <= 1.0 for r in via_lmms[1:])
     assert (tmp_path / "out" / "lmms" / "llava" / "toyvqa" / "pooling-32" / "vtprune_report.json").is_file()
     bad = tmp_path / "bad.yaml"

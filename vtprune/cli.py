@@ -1,7 +1,8 @@
-"""The `vtprune` command: demo, bench, eval, sweep, calibrate-ecl, toyvqa."""
+"""The `vtprune` command: demo, bench, eval, sweep, stability, show, calibrate-ecl, toyvqa."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 COMMANDS = {
@@ -9,9 +10,41 @@ COMMANDS = {
     "bench": ("vtprune.eval.bench", "prefill time, selection time, KV cache per policy and budget"),
     "eval": ("vtprune.eval.lmms", "lmms-eval tasks on a pruned model (policy and budget in --model_args)"),
     "sweep": ("vtprune.eval.sweep", "ablation grid (models x policies x budgets x tasks), resumable, with plots"),
+    "stability": ("vtprune.eval.stability", "Jaccard of kept sets and answer agreement under noise, 1-px shift, JPEG"),
+    "show": ("vtprune.eval.show", "PNG of the patches a policy keeps, per stage, captioned"),
     "calibrate-ecl": ("vtprune.ecl", "per-layer matrix entropy of visual tokens; proposes EntropyPrune's layer"),
     "toyvqa": ("vtprune.toyvqa.cli", "the synthetic VQA task: train, score, export"),
 }
+#: commands whose --policy / --policies name registry policies (``name`` or ``name:variant``)
+POLICY_COMMANDS = ("demo", "bench", "stability", "show")
+DEBUG = "VTPRUNE_DEBUG"
+
+
+def _policy_names(argv: list[str]) -> list[str]:
+    """The values given to ``--policy`` / ``--policies`` (either ``--policy X`` or ``--policy=X``)."""
+    names, current = [], None
+    for arg in argv:
+        if arg.startswith("--"):
+            flag, eq, value = arg.partition("=")
+            current = flag if flag in ("--policy", "--policies") else None
+            if current and eq:
+                names.append(value)
+                current = None if flag == "--policy" else current
+        elif current:
+            names.append(arg)
+            current = None if current == "--policy" else current
+    return names
+
+
+def check_policies(command: str, argv: list[str]) -> str | None:
+    """A one-line error for a misspelt policy name, or None."""
+    from .policies.base import available_policies
+
+    known = available_policies()
+    for name in _policy_names(argv):
+        if name.partition(":")[0] not in known:
+            return f"vtprune {command}: unknown policy {name!r}; available: {', '.join(known)}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import importlib
 
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    command, rest = argv[0], argv[1:]
+    if command in POLICY_COMMANDS and (error := check_policies(command, rest)):
+        print(error, file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return int(module.main(rest) or 0)
+    except (ValueError, TypeError) as exc:  # bad input is raised where it enters, with the allowed range
+        if os.environ.get(DEBUG):
+            raise
+        print(f"vtprune {command}: error: {exc} (set {DEBUG}=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import torch
@@ -111,27 +112,27 @@ def run_family(family: str, policy: str, budgets: list, new_tokens: int, repeats
             ms, out = time_prefill(model, batch, repeats=repeats)
             kv = kv_cache_bytes(out.cache)
             image = api.report(model).to_dict()["samples"][0]["images"][0]
-            stage = list(image["stages"].values())[-1]
+            stage_name, stage = list(image["stages"].items())[-1]
             with torch.no_grad():
                 gen = model.generate(**batch, **gen_kw)[0, -new_tokens:].tolist()
         agree = sum(a == b for a, b in zip(gen, base_gen)) / new_tokens
         rows.append(dict(family=family, policy=policy, keep=keep, before=image["tokens"], after=stage["after"],
                          prefill_ms=ms, speedup=base_ms / ms, kv_mb=kv / 2**20, generated=gen, agree=agree,
-                         kept=stage["kept"]))
+                         kept=stage["kept"], stage=stage_name))
     return rows
 
 
-def save_png(path: str, image: np.ndarray, kept: list[int], side: int = 24) -> None:
-    """The photo (resized to the model's view) with the kept patches bright and the rest dimmed."""
+def save_png(path: str, image: np.ndarray, kept: list[int], side: int = 24, policy: str = "pooling",
+             stage: str = "projector") -> None:
+    """The photo (resized to the model's view) with the kept patches bright, captioned as `vtprune show` does."""
     from PIL import Image
 
-    view = np.asarray(Image.fromarray(image).resize((336, 336)), dtype=np.float32)
-    patch = 336 // side
-    mask = np.zeros((side, side), dtype=bool)
-    mask.flat[kept] = True
-    mask = np.kron(mask, np.ones((patch, patch), dtype=bool))
-    shown = np.where(mask[..., None], view, view * 0.25)
-    Image.fromarray(shown.astype(np.uint8)).save(path)
+    from .eval.show import render
+
+    view = np.asarray(Image.fromarray(image).resize((336, 336)))
+    render(view, (side, side), {stage: {"before": side * side, "after": len(kept), "kept": kept}},
+           f"vtprune demo: random-weight llava (LLaVA-1.5 geometry, 576 tokens) - policy {policy}, keep={len(kept)}",
+           path, subtitle="random weights: the kept set shows the policy's mechanics, not a trained model's choice")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,25 +150,35 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     budgets = [float(k) if "." in k else int(k) for k in args.keep]
+    from .policies.base import available_policies
+
+    if args.policy not in available_policies():
+        print(f"vtprune demo: unknown policy {args.policy!r}; available: {', '.join(available_policies())}",
+              file=sys.stderr)
+        return 2
     print(f"vtprune demo: policy={args.policy}, photo=skimage astronaut, random-weight models with real geometry")
-    print(f"{'family':<15} {'keep':>5} {'visual':>11} {'prefill ms':>10} {'speedup':>7} {'KV MB':>7} "
+    print("visual: patch tokens per image before->after (LLaVA-NeXT: 2880 = 5 views x 576, its newline tokens "
+          "(48 for this photo) excluded: they are structure, always kept); agree: share of the generated ids equal to "
+          "the unpruned "
+          "model's (random weights: agreement is not a quality signal, see `vtprune sweep` on toyvqa for accuracy)")
+    print(f"{'family':<16} {'keep':>5} {'visual':>11} {'prefill ms':>10} {'speedup':>7} {'KV MB':>7} "
           f"{'agree':>5}  generated ids")
-    png_kept = None
+    png_kept, png_stage = None, "projector"
     for family in args.families:
         for row in run_family(family, args.policy, budgets, args.new_tokens, args.repeats):
-            print(f"{row['family']:<15} {str(row['keep']):>5} {row['before']:>5}->{row['after']:<5} "
+            print(f"{row['family']:<16} {str(row['keep']):>5} {row['before']:>5}->{row['after']:<5} "
                   f"{row['prefill_ms']:>10.1f} {row['speedup']:>6.2f}x {row['kv_mb']:>7.2f} {row['agree']:>5.2f}  "
                   f"{row['generated']}")
             if family == "llava" and row["keep"] == 64:
-                png_kept = row["kept"]
+                png_kept, png_stage = row["kept"], row["stage"]
     if args.png:
         if png_kept is None:
             with api.pruned(demo_model("llava"), args.policy, keep=64) as model:
                 batch = demo_inputs(model, photo())
                 with torch.no_grad():
                     model(**batch)
-                png_kept = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
-                png_kept = list(png_kept.values())[-1]["kept"]
-        save_png(args.png, photo(), png_kept)
+                png_stage, png_kept = list(api.report(model).to_dict()["samples"][0]["images"][0]["stages"].items())[-1]
+                png_kept = png_kept["kept"]
+        save_png(args.png, photo(), png_kept, policy=args.policy, stage=png_stage)
         print(f"saved {args.png}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import torch
@@ -95,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     curves = np.array([entropy_curve(model, b) for b in batches])
     curve = curves.mean(0).tolist()
     layer = propose_collapse_layer(curve)
+    drops = [curve[k - 1] - curve[k] for k in range(1, len(curve) - 1)]
     row = {"model": label, "model_type": model.config.model_type, "inputs": len(batches),
-           "entropy": [round(v, 6) for v in curve], "proposed_at_layer": layer}
+           "entropy": [round(v, 6) for v in curve], "proposed_at_layer": layer, "collapses": max(drops) > 0}
     print(json.dumps(row))
+    if max(drops) <= 0:
+        print(f"vtprune calibrate-ecl: warning: the entropy never drops on these inputs (it rises or stays at every "
+              f"layer), so there is no collapse layer; K = {layer} is only the smallest rise. Keep the reference K "
+              "from model_zoo.yaml (EntropyPrune: 2 for LLaVA, 1 for Qwen).", file=sys.stderr)
     if args.json:
         with open(args.json, "a") as fh:
             fh.write(json.dumps(row) + "\n")
