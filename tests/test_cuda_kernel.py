@@ -1,15 +1,17 @@
-"""The CUDA compaction kernel: compiles with plain nvcc here; on a GPU it equals the torch gather."""
+"""The CUDA compaction kernel: compiles with plain nvcc here; on a GPU it equals the torch path bit for bit."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sysconfig
 from importlib import resources
 
 import pytest
 import torch
 
-from vtprune.compaction import gather_seq, keep_index
+from vtprune.compaction import compact_batch, gather_seq, keep_index
 
 
 def _source():
@@ -25,6 +27,50 @@ def test_kernel_compiles_with_nvcc(tmp_path, define):
             cmd = ["nvcc", f"-D{define}", str(src), "-o", str(tmp_path / "compaction_test")]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.skipif(os.environ.get("VTPRUNE_TEST_EXTENSION_BUILD") != "1",
+                    reason="opt-in (about 2 minutes): VTPRUNE_TEST_EXTENSION_BUILD=1")
+def test_torch_extension_compiles_against_this_torch(tmp_path):
+    # The extension needs only torch/extension.h (no CUDA headers of torch), so a CPU build of torch checks it.
+    from torch.utils.cpp_extension import include_paths
+
+    with resources.as_file(_source()) as src:
+        cmd = ["nvcc", "-std=c++17", "-DVTPRUNE_TORCH_EXTENSION", "-DTORCH_EXTENSION_NAME=vtprune_compaction",
+               *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
+               "-c", str(src), "-o", str(tmp_path / "ext.o")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_compact_batch_equals_its_parts():
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, 8)
+    keep = torch.rand(3, 20) > 0.5
+    keep[1] = False  # a sample that keeps nothing: all padding
+    index = keep_index(keep)
+    for positions in (torch.arange(20).expand(3, 20), torch.arange(60).view(3, 1, 20).expand(3, 3, 20), None):
+        out, mask, pos = compact_batch(x, index, positions)
+        assert torch.equal(out, gather_seq(x, index))
+        assert torch.equal(mask, (index >= 0).long())
+        if positions is None:
+            assert pos is None
+        else:
+            assert torch.equal(pos, gather_seq(positions, index, dim=-1))
+            assert pos.shape == (*positions.shape[:-1], index.shape[1])
+    assert bool((out[1] == 0).all())
+
+
+def test_gather_seq_zeros_only_padding():
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3) + 1
+    index = torch.tensor([[-1, -1, 1, 4], [0, 2, 3, 4]])
+    out = gather_seq(x, index)
+    assert torch.equal(out[0, :2], torch.zeros(2, 3))
+    assert torch.equal(out[0, 2:], x[0, [1, 4]])
+    assert torch.equal(out[1], x[1, [0, 2, 3, 4]])
+    pos = gather_seq(torch.arange(10).view(2, 5) + 7, index, dim=-1)
+    assert pos.tolist() == [[0, 0, 8, 11], [12, 14, 15, 16]]
 
 
 def test_kernel_loader_falls_back_without_a_gpu():
@@ -46,4 +92,12 @@ def test_kernel_equals_torch_gather(dtype, width):
     keep = torch.rand(3, 50, device="cuda") > 0.6
     index = keep_index(keep, pad_left=True)
     want = gather_seq(x.cpu(), index.cpu())
-    assert torch.equal(kernel.gather_seq(x, index).cpu(), want)
+    assert torch.equal(gather_seq(x, index).cpu(), want)
+    positions = torch.arange(3 * 3 * 50, device="cuda").view(3, 3, 50)
+    out, mask, pos = compact_batch(x, index, positions)
+    want_out, want_mask, want_pos = compact_batch(x.cpu(), index.cpu(), positions.cpu())
+    assert torch.equal(out.cpu(), want_out)
+    assert torch.equal(mask.cpu(), want_mask)
+    assert torch.equal(pos.cpu(), want_pos)
+    out, mask, pos = compact_batch(x, index, positions[0])
+    assert torch.equal(pos.cpu(), want_pos[0])
