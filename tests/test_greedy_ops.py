@@ -231,27 +231,16 @@ def test_divprune_tie_heavy_matches_brute_force(seed, path):
     assert divprune_select(x, 12).tolist() == brute_divprune(x, 12)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_divprune_lazy_equals_matrix_loop(seed, monkeypatch):
-    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(seed))
-    monkeypatch.setattr(greedy, "LAZY_MAX_FRACTION", 0.0)
-    want = divprune_select(x, 120)
-    for batch in (1, 8, 64):
-        assert torch.equal(greedy.divprune_lazy(greedy.normalize_rows(x), 120, batch=batch), want)
-
-
-def test_nearest_other_and_symmetrize_equal_the_full_matrix():
+def test_self_cosine_and_symmetrize_equal_the_full_product():
     x = torch.randn(70, 16, generator=torch.Generator().manual_seed(0))
     unit = greedy.normalize_rows(x)
     raw = unit @ unit.T
     sym = greedy.symmetrize_(raw.clone(), block=16)
     assert torch.equal(sym, (raw + raw.T.contiguous()) * 0.5)
     assert torch.equal(sym, sym.T)
-    full = sym.clone().fill_diagonal_(float("-inf")).max(dim=1).values
-    near = greedy.nearest_other(unit, block=16)
-    assert torch.allclose(near, full, atol=1e-6)
-    assert int(torch.argmax(1 - near)) == int(torch.argmax(1 - full))
-    assert greedy.nearest_other(unit[:1]).tolist() == [float("-inf")]
+    tri = greedy.self_cosine(unit, block=16)
+    assert torch.equal(tri, tri.T)
+    assert torch.allclose(tri, raw, atol=1e-6)
 
 
 # --- coverage (MMTok) ------------------------------------------------------------

@@ -63,17 +63,43 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None, eps: float
 
     Uses ``x / (|x| + eps)`` as the IDPruner reference does; the DivPrune and
     MMTok references divide by the bare or clamped norm, which differs only
-    for all-zero rows. Without `b` the result is exactly symmetric.
+    for all-zero rows. Without `b` the result is exactly symmetric and is
+    built from one triangle of blocks (`self_cosine`).
     """
     an = normalize_rows(a, eps)
     if b is not None:
         return an @ normalize_rows(b, eps).T
-    # A matmul need not give S[i, j] == S[j, i] to the last bit; symmetric pairs must tie exactly
-    # (a mutual nearest-neighbour pair is a tie that the lowest index wins).
-    return symmetrize_(an @ an.T)
+    return self_cosine(an)
 
 
-#: block edge of the in-place symmetrisation (temporaries of one block, not of the matrix)
+#: block edge of the triangle products (`self_cosine`, `nearest_other`)
+TRIANGLE_BLOCK = 256
+
+
+def self_cosine(unit: torch.Tensor, block: int = TRIANGLE_BLOCK) -> torch.Tensor:
+    """``unit @ unit.T`` for unit-norm rows, computing each block pair once and mirroring it.
+
+    About half the multiply-adds of the full product, no temporary beyond
+    one block, and exactly symmetric: a symmetric pair must tie exactly (a
+    mutual nearest-neighbour pair is a tie that the lowest index wins); a
+    diagonal block, the one place a pair is computed twice, is averaged with
+    its transpose (`symmetrize_`).
+    """
+    n = unit.shape[0]
+    sim = torch.empty(n, n, dtype=unit.dtype, device=unit.device)
+    for i in range(0, n, block):
+        rows = unit[i : i + block]
+        for j in range(i, n, block):
+            part = rows @ unit[j : j + block].T
+            if j == i:
+                symmetrize_(part)
+            sim[i : i + block, j : j + block] = part
+            if j != i:
+                sim[j : j + block, i : i + block] = part.T
+    return sim
+
+
+#: block edge of `symmetrize_` (its temporaries are one block, not a second matrix)
 SYMMETRIZE_BLOCK = 1024
 
 
@@ -300,10 +326,10 @@ def divprune_select(features: torch.Tensor, k: int, similarity: torch.Tensor | N
     other token is farthest; each next pick is the token whose distance to
     the picked set (its nearest picked token) is largest.
 
-    Given `similarity` (not modified), or near a full budget, the loop
-    follows the official code on the full matrix. Otherwise the first pick
-    reads one triangle of the pairs, block by block, and the rest is the
-    exact lazy form (`divprune_lazy`), with no ``N x N`` matrix.
+    The loop of the official code on the full matrix (a given `similarity`
+    is not modified), built from one triangle of blocks (`self_cosine`).
+    A lazy loop without the matrix measured slower here: on image-sized
+    inputs nearly every distance bound goes stale at each pick.
     """
     _check_matrix(features)
     n = features.shape[0]
@@ -311,8 +337,6 @@ def divprune_select(features: torch.Tensor, k: int, similarity: torch.Tensor | N
     k = _check_k(k, n)
     if k == 0:
         return _empty(device)
-    if similarity is None and _use_lazy(n, k, device):
-        return divprune_lazy(normalize_rows(finite_fp32(features)), k)
     if similarity is None:
         dist = cosine_similarity(finite_fp32(features)).neg_().add_(1.0)
     else:
@@ -332,57 +356,6 @@ def divprune_select(features: torch.Tensor, k: int, similarity: torch.Tensor | N
         torch.minimum(min_dist, dist.index_select(0, p).squeeze(0), out=min_dist)
         min_dist.index_fill_(0, p, float("-inf"))
     return torch.sort(picks).values
-
-
-def nearest_other(unit: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """Each row's largest cosine to another row (``-inf`` for a single row), from one triangle of the pairs.
-
-    Block ``(I, J)`` with ``I <= J`` serves the rows of I and of J, so every
-    pair is computed once; the temporaries are one block.
-    """
-    n = unit.shape[0]
-    best = torch.full((n,), float("-inf"), dtype=torch.float32, device=unit.device)
-    for i in range(0, n, block):
-        rows = unit[i : i + block]
-        for j in range(i, n, block):
-            sims = rows @ unit[j : j + block].T
-            if j == i:  # the one place a pair is computed twice: make it tie exactly
-                symmetrize_(sims).fill_diagonal_(float("-inf"))
-            torch.maximum(best[i : i + block], sims.max(dim=1).values, out=best[i : i + block])
-            if j != i:
-                torch.maximum(best[j : j + block], sims.max(dim=0).values, out=best[j : j + block])
-    return best
-
-
-def divprune_lazy(unit: torch.Tensor, k: int, batch: int | None = None) -> torch.Tensor:
-    """Exact lazy DivPrune on unit-norm rows `unit` ``(n, D)``: `k` indices, ascending.
-
-    First pick: argmax of ``1 - nearest_other``. Then the distance of a
-    token to the picked set, ``1 - max cosine``, only falls as the set
-    grows: stale distances are upper bounds and only the top is refreshed.
-    """
-    batch = batch or LAZY_BATCH
-    first = int(torch.argmax(nearest_other(unit).neg_().add_(1.0)))
-    picks = [first]
-    running = _LazyMax(unit, first)
-    bound = running.value.neg().add_(1.0)
-    bound[first] = float("-inf")
-    taken = torch.zeros_like(bound)  # -inf at the picks, for the full recomputation of the bounds
-    taken[first] = float("-inf")
-
-    def refresh(idx: list[int]) -> None:
-        cand, fresh = running.refresh(idx)
-        bound.index_copy_(0, cand, fresh.neg_().add_(1.0))
-
-    for _ in range(1, k):
-        j = _lazy_argmax(bound, running.is_fresh, refresh, batch)
-        picks.append(j)
-        taken[j] = float("-inf")
-        if running.add(j):
-            torch.add(running.value.neg().add_(1.0), taken, out=bound)
-        else:
-            bound[j] = float("-inf")
-    return torch.sort(torch.tensor(picks, dtype=torch.long, device=unit.device)).values
 
 
 class CoverageResult(NamedTuple):
