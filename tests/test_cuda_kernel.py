@@ -44,35 +44,6 @@ def test_torch_extension_compiles_against_this_torch(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def test_compact_batch_equals_its_parts():
-    torch.manual_seed(0)
-    x = torch.randn(3, 20, 8)
-    keep = torch.rand(3, 20) > 0.5
-    keep[1] = False  # a sample that keeps nothing: all padding
-    index = keep_index(keep)
-    for positions in (torch.arange(20).expand(3, 20), torch.arange(60).view(3, 1, 20).expand(3, 3, 20), None):
-        out, mask, pos = compact_batch(x, index, positions)
-        assert torch.equal(out, gather_seq(x, index))
-        assert torch.equal(mask, (index >= 0).long())
-        if positions is None:
-            assert pos is None
-        else:
-            assert torch.equal(pos, gather_seq(positions, index, dim=-1))
-            assert pos.shape == (*positions.shape[:-1], index.shape[1])
-    assert bool((out[1] == 0).all())
-
-
-def test_gather_seq_zeros_only_padding():
-    x = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3) + 1
-    index = torch.tensor([[-1, -1, 1, 4], [0, 2, 3, 4]])
-    out = gather_seq(x, index)
-    assert torch.equal(out[0, :2], torch.zeros(2, 3))
-    assert torch.equal(out[0, 2:], x[0, [1, 4]])
-    assert torch.equal(out[1], x[1, [0, 2, 3, 4]])
-    pos = gather_seq(torch.arange(10).view(2, 5) + 7, index, dim=-1)
-    assert pos.tolist() == [[0, 0, 8, 11], [12, 14, 15, 16]]
-
-
 def test_kernel_loader_falls_back_without_a_gpu():
     from vtprune.cuda import load
 

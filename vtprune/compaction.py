@@ -48,24 +48,49 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
     bsz, width = index.shape
     if x.shape[bdim] != bsz:
         x = x.expand(*x.shape[:bdim], bsz, *x.shape[bdim + 1 :])
-    rows = torch.arange(bsz, device=index.device)[:, None]
-    safe = index.clamp(min=0)
     if bdim == 0:
-        # (B, L, ...): one index_select over flattened rows, about the cost of a plain copy.
-        flat = x.reshape(bsz * x.shape[1], *x.shape[2:])
-        picked = flat.index_select(0, (rows * x.shape[1] + safe).flatten()).view(bsz, width, *x.shape[2:])
-    else:  # leading dims (M-RoPE rows): advanced indexing, still whole rows
-        picked = x[(slice(None),) * bdim + (rows, safe)]
-    # Zero only the padding rows, in place (one host sync for their count; none are copied twice).
-    pad = (index < 0).flatten().nonzero().squeeze(1)
-    if pad.numel():
-        if bdim == 0:
-            picked.view(bsz * width, -1).index_fill_(0, pad, 0)
-        else:
-            view = [1] * x.dim()
-            view[bdim], view[dim] = bsz, width
-            picked.masked_fill_((index < 0).view(view), 0)
-    return picked
+        return _gather_rows(x, index)
+    # leading dims (M-RoPE rows): advanced indexing, still whole rows
+    rows = torch.arange(bsz, device=index.device)[:, None]
+    picked = x[(slice(None),) * bdim + (rows, index.clamp(min=0))]
+    pad = index < 0
+    view = [1] * x.dim()
+    view[bdim], view[dim] = bsz, width
+    return picked.masked_fill_(pad.view(view), 0)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`gather_seq` for ``(B, L, ...)``: each output byte written once where the padding is left or right.
+
+    With the padding at one end of each row (what `keep_index` makes), every
+    sample's kept rows are gathered straight into their place and only the
+    padding rows are zeroed, so the cost is a plain copy of the output. Any
+    other layout of ``-1`` takes one gather of all slots and zeroes the
+    padding rows after.
+    """
+    bsz, width = index.shape
+    rest = x.shape[2:]
+    valid = index >= 0
+    counts = valid.sum(dim=1)
+    kept = counts.tolist()  # the one host sync
+    if all(c == width for c in kept):  # no padding: one gather over the flattened rows
+        flat = x.reshape(bsz * x.shape[1], *rest)
+        offsets = torch.arange(bsz, device=index.device)[:, None] * x.shape[1]
+        return flat.index_select(0, (offsets + index).flatten()).view(bsz, width, *rest)
+    slots = torch.arange(width, device=index.device)
+    left = torch.equal(valid, slots >= (width - counts)[:, None])
+    if left or torch.equal(valid, slots < counts[:, None]):
+        out = torch.empty(bsz, width, *rest, dtype=x.dtype, device=x.device)
+        for b, c in enumerate(kept):
+            rows, pad = (slice(width - c, width), slice(0, width - c)) if left else (slice(0, c), slice(c, width))
+            torch.index_select(x[b], 0, index[b, rows], out=out[b, rows])
+            out[b, pad].zero_()
+        return out
+    flat = x.reshape(bsz * x.shape[1], *rest)
+    offsets = torch.arange(bsz, device=index.device)[:, None] * x.shape[1]
+    out = flat.index_select(0, (offsets + index.clamp(min=0)).flatten())
+    out.view(bsz * width, -1).index_fill_(0, (~valid).flatten().nonzero().squeeze(1), 0)
+    return out.view(bsz, width, *rest)
 
 
 def compact_batch(
