@@ -100,7 +100,8 @@ def reference_divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     picked = torch.zeros(unit.shape[0], dtype=torch.bool, device=unit.device)
     picked[keep[0]] = True
     for _ in range(1, k):
-        to_set = dist[:, torch.stack(keep)].min(dim=1).values
+        # the matrix is symmetric: the picked rows, read contiguously, are the picked columns
+        to_set = dist.index_select(0, torch.stack(keep)).min(dim=0).values
         to_set[picked] = float("-inf")
         j = torch.argmax(to_set)
         keep.append(j)

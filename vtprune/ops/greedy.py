@@ -11,12 +11,26 @@ method built on the same idea):
   objective (MMTok).
 
 Common rules: the math runs in fp32 on the input's device whatever the input
-dtype; the pairwise matrix is built once and each step updates running
-vectors in place; picked indices stay in a device tensor, so a step never
-waits on the host; ties go to the lowest index (`torch.argmax` and
-`torch.max` along a dim return the first maximum); the kept indices come
-back ascending. Non-finite inputs are replaced (with a warning) so the
-result stays deterministic.
+dtype; ties go to the lowest index (`torch.argmax` and `torch.max` along a
+dim return the first maximum); the kept indices come back ascending.
+Non-finite inputs are replaced (with a warning) so the result stays
+deterministic.
+
+Two forms of each greedy, the same algorithm and the same picks:
+
+- the matrix loops (`mmr_matrix`, DivPrune's, `coverage_eager`): the
+  pairwise or coverage matrix once, then running vectors updated in place
+  with the picks in a device tensor, so a step never waits on the host (the
+  GPU path);
+- the exact lazy loops (`mmr_lazy`, `coverage_lazy`), on the CPU where
+  they win: a greedy score that can only fall as the picked set grows is
+  re-computed only for the candidates whose stale score still tops the
+  rest (one host sync per round). Their similarities and gains come from
+  products and sums of other shapes than the matrix loops', so a value can
+  differ from the matrix's in the last fp32 bit; the picks differ only
+  where two candidates tie to within that bit (tests: equal picks on random
+  and exactly-representable tie-heavy inputs; `eval/selection_time.py`:
+  equal keep sets against the reference loops at 576, 2880 and 8192).
 """
 
 from __future__ import annotations
@@ -143,12 +157,12 @@ def _check_matrix(features: torch.Tensor, what: str = "features") -> None:
         raise ValueError(f"{what} must be 2-D (tokens, dim); got shape {tuple(features.shape)}")
 
 
-#: the lazy MMR / DivPrune loops re-score this many of the highest stale bounds at once (one small matmul)
+#: the lazy MMR loop re-scores this many of the highest stale bounds at once (one small matmul)
 LAZY_BATCH = 8
 #: the lazy coverage loop re-scores this many columns at once (a refresh reads every row of each)
 COVERAGE_BATCH = 64
-#: `mmr_select` / `divprune_select` run the lazy loop (no N x N matrix) when ``k <= n * LAZY_MAX_FRACTION``;
-#: near a full budget nearly every bound goes stale each step and the matrix is cheaper
+#: `mmr_select` / `coverage_select` run the lazy loop when ``k <= n * LAZY_MAX_FRACTION``; near a full
+#: budget nearly every bound goes stale each step and the matrix loop is cheaper
 LAZY_MAX_FRACTION = 0.5
 
 
@@ -219,7 +233,8 @@ def mmr_matrix(sim: torch.Tensor, imp: torch.Tensor, k: int, lam: float) -> torc
 
 
 #: `_LazyMax` brings every candidate up to date (one matmul over all rows) once this many picks are pending
-LAZY_PENDING = 32
+#: (measured at 2880 -> 320: 32 pending 491 ms, 128 370 ms, 512 307 ms; most candidates never need it)
+LAZY_PENDING = 512
 
 
 class _LazyMax:
@@ -233,21 +248,22 @@ class _LazyMax:
     Re-counting a pick already seen changes no max.
     """
 
-    def __init__(self, unit: torch.Tensor, first: int) -> None:
+    def __init__(self, unit: torch.Tensor, first: int, k: int) -> None:
         self.unit = unit
         self.picks = [first]
         self.value = unit @ unit[first]
         self.base = 1
         self.seen = [1] * unit.shape[0]
         # rows of the pending picks (picks[base:]), so a refresh reads them without a gather
-        self.pending = torch.empty(LAZY_PENDING, unit.shape[1], dtype=unit.dtype, device=unit.device)
+        rows = min(LAZY_PENDING, k)
+        self.pending = torch.empty(rows, unit.shape[1], dtype=unit.dtype, device=unit.device)
 
     def add(self, pick: int) -> bool:
         """Record a pick; True when that brought every candidate up to date (recompute every bound)."""
         self.pending[len(self.picks) - self.base] = self.unit[pick]
         self.picks.append(pick)
         t = len(self.picks)
-        if t - self.base < LAZY_PENDING:
+        if t - self.base < self.pending.shape[0]:
             return False
         torch.maximum(self.value, (self.unit @ self.pending.T).max(dim=1).values, out=self.value)
         self.base = t
@@ -301,7 +317,7 @@ def mmr_lazy(unit: torch.Tensor, imp: torch.Tensor, k: int, lam: float, batch: i
     first = int(torch.argmax(imp))
     picks = [first]
     relevance = (imp * lam).index_fill_(0, torch.tensor([first], device=unit.device), float("-inf"))
-    running = _LazyMax(unit, first)
+    running = _LazyMax(unit, first, k)
     bound = relevance - running.value * (1.0 - lam)
 
     def refresh(idx: list[int]) -> None:
@@ -433,13 +449,15 @@ def coverage_select(cover: torch.Tensor, k: int) -> CoverageResult:
 
 
 def coverage_lazy(cover: torch.Tensor, k: int, batch: int | None = None) -> CoverageResult:
-    """Exact lazy greedy maximum coverage: the same picks as `coverage_eager`, ties to the lowest index.
+    """Exact lazy greedy maximum coverage: the picks of `coverage_eager`, ties to the lowest index.
 
     A facility-location gain never increases as the picked set grows, so a
     gain computed earlier is an upper bound: only candidates whose stale
     gain still tops the others are re-scored (their columns against the
-    current ``best``), `batch` at a time. Needs no copy of `cover`:
-    ``best`` starts at 0, so a negative entry never adds anything.
+    current ``best``), `batch` at a time. The columns are copied once as
+    contiguous rows (the reference loop's per-step temporary is as large);
+    a gain is a row sum, the same reduction at every refresh, so a stale
+    gain bounds the fresh one exactly.
     """
     batch = batch or COVERAGE_BATCH
     cover = finite_fp32(cover, "coverage matrix")
