@@ -32,13 +32,14 @@ import argparse
 import json
 import os
 import platform
+import time
 
 import torch
 
 from .. import api
 from ..compaction import gather_seq, keep_index
 from ..demo import DEMO_GEOMETRY, demo_inputs, photo
-from ..measure import interleaved, kv_cache_bytes, median, timed
+from ..measure import interleaved, kv_cache_bytes, median, synchronize, timed
 from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
 
 
@@ -107,17 +108,29 @@ class _Bare:
         return self.llm(self.embeds()[:, self.keep], self.positions)
 
 
-def _decode_ms(model, inputs: dict, tokens: int) -> tuple:
-    """Callables for `generate` with 1 and with ``1 + tokens`` new tokens (decode per token from the difference)."""
-    kw = dict(do_sample=False, pad_token_id=0)
+class _StepClock:
+    """A logits processor that only records when each generation step's logits arrive (CUDA synchronised)."""
 
-    def one():
-        return model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, **kw)
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
 
-    def more():
-        return model.generate(**inputs, max_new_tokens=1 + tokens, min_new_tokens=1 + tokens, **kw)
+    def __call__(self, input_ids, scores):
+        synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
 
-    return one, more
+
+def decode_ms_per_token(model, inputs: dict, tokens: int) -> float:
+    """Decode time per token of greedy generation: from the first step's logits to the last, over `tokens` steps.
+
+    The prefill is outside the measured span, so its noise does not leak in.
+    """
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    model.generate(**inputs, max_new_tokens=1 + tokens, min_new_tokens=1 + tokens, do_sample=False, pad_token_id=0,
+                   logits_processor=LogitsProcessorList([clock]))
+    return (clock.stamps[-1] - clock.stamps[0]) * 1000.0 / tokens
 
 
 @torch.no_grad()
@@ -144,9 +157,6 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
         return run
 
     fns = {"unpruned": prefill}
-    full_one, full_more = _decode_ms(model, inputs, decode_tokens)
-    fns["generate 1 (unpruned)"] = full_one
-    fns[f"generate {1 + decode_tokens} (unpruned)"] = full_more
     bare = None
     if is_llava:
         bare = _Bare(model, inputs, n_visual)
@@ -181,18 +191,21 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             if rnd >= warmup:
                 w_times[name].append(ms)
                 sel_times[name].append(sel)
-    # decode of the pruned model: generate inside the wrap, interleaved the same way
-    dec: dict = {}
-    for keep in budgets:
-        with api.pruned(model, policy, keep=keep):
-            p_one, p_more = _decode_ms(model, inputs, decode_tokens)
-            t = interleaved({"one": p_one, "more": p_more}, repeats, warmup)
-        dec[keep] = (median(t["more"]) - median(t["one"])) / decode_tokens
+    # decode per token, unpruned and pruned, round-robin
+    dec: dict = {None: [], **{keep: [] for keep in budgets}}
+    for rnd in range(warmup + repeats):
+        for keep in dec:
+            if keep is None:
+                ms = decode_ms_per_token(model, inputs, decode_tokens)
+            else:
+                with api.pruned(model, policy, keep=keep):
+                    ms = decode_ms_per_token(model, inputs, decode_tokens)
+            if rnd >= warmup:
+                dec[keep].append(ms)
     kv["unpruned"] = kv_cache_bytes(prefill().cache)
 
     full_ms = median(times["unpruned"])
-    decode_full = (median(times[f"generate {1 + decode_tokens} (unpruned)"])
-                   - median(times["generate 1 (unpruned)"])) / decode_tokens
+    decode_full = median(dec[None])
     wrap_ms = median(w_times["wrapped, full budget"])
     rows = []
     for keep in budgets:
@@ -207,7 +220,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,
             selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
             flops_ratio=prefill_flops(model, seq) / prefill_flops(model, new_seq),
-            decode_unpruned_ms_per_token=decode_full, decode_vtprune_ms_per_token=dec[keep],
+            decode_unpruned_ms_per_token=decode_full, decode_vtprune_ms_per_token=median(dec[keep]),
             kv_bytes_unpruned=kv["unpruned"], kv_bytes_vtprune=kv[f"vtprune {keep}"],
             selection_share=sel_ms / vt_ms,
         )
@@ -336,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-hidden", type=int, default=DEMO_GEOMETRY.hidden)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--decode-tokens", type=int, default=4)
+    parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="bench.json")
