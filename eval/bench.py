@@ -180,17 +180,23 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             entry["bare"] = b
         per_budget[keep] = entry
 
-    times = interleaved(fns, repeats, warmup)
-    w_times: dict = {name: [] for name in wrapped_fns}
+    # One round-robin over every configuration, wrapped or not, so that load drift hits them alike;
+    # a wrapped run times only its forward (wrapping is not part of a prefill).
+    times: dict = {name: [] for name in [*fns, *wrapped_fns]}
     sel_times: dict = {name: [] for name in wrapped_fns}
     kv: dict = {}
     for rnd in range(warmup + repeats):
-        for name, fn in wrapped_fns.items():
-            ms, out, sel = fn()
-            kv[name] = kv_cache_bytes(out.cache)
+        for name in times:
+            if name in wrapped_fns:
+                ms, out, sel = wrapped_fns[name]()
+                kv[name] = kv_cache_bytes(out.cache)
+                if rnd >= warmup:
+                    sel_times[name].append(sel)
+            else:
+                ms, _ = timed(fns[name])
             if rnd >= warmup:
-                w_times[name].append(ms)
-                sel_times[name].append(sel)
+                times[name].append(ms)
+    w_times = times
     # decode per token, unpruned and pruned, round-robin
     dec: dict = {None: [], **{keep: [] for keep in budgets}}
     for rnd in range(warmup + repeats):
