@@ -1,10 +1,29 @@
-"""`vtprune bench`: prefill time, selection time and KV-cache size per policy and budget.
+"""`vtprune bench`: where each millisecond of a pruned prefill goes, as ratios measured in one process.
 
-Random-weight models with the real visual geometry (the demo's), one image
-of the astronaut photo. Runs of the unpruned model and of each budget are
-interleaved (round-robin over repeats, after a warm-up) so that drift in the
-machine's load hits them alike; ratios are to the unpruned run measured in
-the same process. Writes JSON and prints a markdown table.
+Random-weight models with the real visual geometry (the demo's: LLaVA-1.5's
+576 tokens of a 336 px photo; the LLM size is configurable), batches of the
+same photo. For each batch size it times, interleaved round-robin over the
+repeats after a warm-up (`vtprune.measure.interleaved` / `timed`, CUDA
+synchronised), one process:
+
+- the unpruned model's prefill, the wrapped model at full budget (the wrap
+  overhead) and at each budget (vtprune's prefill);
+- the bare pipeline on the hand-pruned sequence: vision tower, projector,
+  embeddings, the same number of visual tokens kept by a plain index, and
+  the unwrapped LLM on that sequence with the original positions (the
+  achievable speedup; SPEC section 7);
+- the parts: vision tower, projector, the policy's selection (the report's
+  time), the compaction op (`gather_seq`) beside a plain copy of the same
+  output bytes, the decoder prefill (LLM alone) unpruned and pruned, and
+  decode time per token unpruned and pruned;
+- the FLOPs ratio (an estimate: matmuls plus attention scores).
+
+Writes JSON and prints markdown tables. The compaction op is also timed at
+7B width (D = 4096) at batch 8 with unequal keeps, fp32 and bf16.
+
+    python -m vtprune.eval.bench                                  # batch 1, 8, 32; random at 64; CPU, 1 thread
+    python -m vtprune.eval.bench --batch-sizes 1 8 --keep 64 192 --policy idpruner --json runs/bench.json
+    python -m vtprune.eval.bench --suite gpu                      # on a GPU machine: see vtprune/eval/gpu_suite.py
 """
 
 from __future__ import annotations
@@ -12,89 +31,248 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import platform
 import time
 
 import torch
 
 from .. import api
-from ..demo import demo_inputs, demo_model, photo
-from ..measure import kv_cache_bytes
+from ..compaction import gather_seq, keep_index
+from ..demo import DEMO_GEOMETRY, demo_inputs, photo
+from ..measure import interleaved, kv_cache_bytes, median, synchronize, timed
 from ..patches import adapter_for
-from ..tiny import FAMILIES
+from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
+
+
+def bench_model(family: str, layers: int, hidden: int, device: torch.device, dtype: torch.dtype):
+    """The demo model of `family` with an LLM of `layers` x `hidden` (heads of 64, MLP 8/3 x hidden)."""
+    heads = max(1, hidden // 64)
+    intermediate = (8 * hidden // 3 + 63) // 64 * 64
+    geometry = Geometry(hidden=hidden, layers=layers, heads=heads, kv_heads=heads, intermediate=intermediate,
+                        vision_hidden=DEMO_GEOMETRY.vision_hidden, vision_layers=DEMO_GEOMETRY.vision_layers,
+                        image_size=DEMO_GEOMETRY.image_size, patch=DEMO_GEOMETRY.patch)
+    model = tiny_model(family, geometry, dtype=dtype)
+    if family == "llava_next":
+        model.config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672]]
+        model.model.config.image_grid_pinpoints = model.config.image_grid_pinpoints
+    return model.to(device)
+
+
+def batched(one: dict, batch_size: int, device: torch.device) -> dict:
+    """`batch_size` copies of the one-sample inputs `one`."""
+    out = {}
+    for key, value in one.items():
+        if isinstance(value, torch.Tensor):
+            reps = [batch_size] + [1] * (value.dim() - 1)
+            value = value.repeat(*reps) if key != "image_grid_thw" else value.repeat(batch_size, 1)
+            out[key] = value.to(device)
+        else:
+            out[key] = value
+    return out
+
+
+class _Bare:
+    """The LLaVA pipeline written out plainly: what a perfect pruning implementation would run."""
+
+    def __init__(self, model, inputs: dict, kept_visual: int) -> None:
+        self.model, self.inputs = model, inputs
+        base = model.model
+        self.vision, self.projector = base.vision_tower, base.multi_modal_projector
+        self.lm, self.head = base.language_model, model.lm_head
+        self.layer = model.config.vision_feature_layer
+        ids = inputs["input_ids"]
+        visual = ids[0] == IMAGE_TOKEN
+        keep = ~visual
+        keep[visual.nonzero().squeeze(1)[:kept_visual]] = True  # any kept_visual tokens cost the same
+        self.keep = keep
+        self.positions = torch.arange(ids.shape[1], device=ids.device)[keep].expand(ids.shape[0], -1)
+        self.visual_mask = (ids == IMAGE_TOKEN).unsqueeze(-1)
+
+    def tower(self):
+        return self.vision(self.inputs["pixel_values"], output_hidden_states=True).hidden_states[self.layer][:, 1:]
+
+    def project(self, feats):
+        return self.projector(feats)
+
+    def embeds(self, image_features=None):
+        ids = self.inputs["input_ids"]
+        emb = self.lm.embed_tokens(ids)
+        feats = self.project(self.tower()) if image_features is None else image_features
+        return emb.masked_scatter(self.visual_mask, feats.to(emb.dtype))
+
+    def llm(self, embeds, positions=None):
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        return self.head(out.last_hidden_state[:, -1:])
+
+    def pruned_prefill(self):
+        return self.llm(self.embeds()[:, self.keep], self.positions)
+
+
+class _StepClock:
+    """A logits processor that only records when each generation step's logits arrive (CUDA synchronised)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def decode_ms_per_token(model, inputs: dict, tokens: int) -> float:
+    """Decode time per token of greedy generation: from the first step's logits to the last, over `tokens` steps.
+
+    The prefill is outside the measured span, so its noise does not leak in.
+    """
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    model.generate(**inputs, max_new_tokens=1 + tokens, min_new_tokens=1 + tokens, do_sample=False, pad_token_id=0,
+                   logits_processor=LogitsProcessorList([clock]))
+    return (clock.stamps[-1] - clock.stamps[0]) * 1000.0 / tokens
 
 
 @torch.no_grad()
-def _prefill_ms(model, batch) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = model(**batch, use_cache=True, logits_to_keep=1)
-    return (time.perf_counter() - start) * 1000.0, out
+def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list, repeats: int, warmup: int,
+                decode_tokens: int, device: torch.device) -> list[dict]:
+    """Rows (one per budget) for one batch size."""
+    one = demo_inputs(model, photo())
+    if "pixel_values" in one:
+        one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
+    inputs = batched(one, batch_size, device)
+    # patch tokens of the image, as the demo and the report count them (LLaVA-NeXT / OneVision newlines excluded)
+    n_visual = adapter_for(model).layouts(one, one["input_ids"])[0].images[0].num_tokens
+    seq = inputs["input_ids"].shape[1]
+    is_llava = family == "llava"
 
+    def prefill():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
 
-def bench_family(family: str, policy: str, budgets: list, repeats: int) -> list[dict]:
-    model = demo_model(family)
-    batch = demo_inputs(model, photo())
-    configs = [None, *budgets]
-    times: dict = {c: [] for c in configs}
-    select: dict = {c: [] for c in configs}
+    def wrapped(keep):
+        def run():
+            with api.pruned(model, policy if keep != 1.0 else "random", keep=keep):
+                ms, out = timed(prefill)
+                stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
+            return ms, out, sum(s["ms"] for s in stages.values())
+        return run
+
+    fns = {"unpruned": prefill}
+    bare = None
+    if is_llava:
+        bare = _Bare(model, inputs, n_visual)
+        feats = bare.tower()
+        full_embeds = bare.embeds()
+        fns["vision tower"] = bare.tower
+        fns["projector"] = lambda: bare.project(feats)
+        fns["llm prefill (unpruned)"] = lambda: bare.llm(full_embeds)
+    # wrapped runs time only their forward (wrapping is not part of a prefill); collected separately
+    wrapped_fns = {"wrapped, full budget": wrapped(1.0)}
+    per_budget = {}
+    for keep in budgets:
+        kept = min(keep, n_visual) if isinstance(keep, int) else max(1, round(n_visual * keep))
+        wrapped_fns[f"vtprune {keep}"] = wrapped(keep)
+        entry = {"kept": kept}
+        if is_llava:
+            b = _Bare(model, inputs, kept)
+            pruned_embeds = full_embeds[:, b.keep]
+            fns[f"bare pruned {keep}"] = b.pruned_prefill
+            fns[f"llm prefill {keep}"] = (lambda b=b, e=pruned_embeds: b.llm(e, b.positions))
+            entry["bare"] = b
+        per_budget[keep] = entry
+
+    # One round-robin over every configuration, wrapped or not, so that load drift hits them alike;
+    # a wrapped run times only its forward (wrapping is not part of a prefill).
+    times: dict = {name: [] for name in [*fns, *wrapped_fns]}
+    sel_times: dict = {name: [] for name in wrapped_fns}
     kv: dict = {}
-    for rep in range(repeats + 1):
-        for keep in configs:
+    for rnd in range(warmup + repeats):
+        for name in times:
+            if name in wrapped_fns:
+                ms, out, sel = wrapped_fns[name]()
+                kv[name] = kv_cache_bytes(out.cache)
+                if rnd >= warmup:
+                    sel_times[name].append(sel)
+            else:
+                ms, _ = timed(fns[name])
+            if rnd >= warmup:
+                times[name].append(ms)
+    w_times = times
+    # decode per token, unpruned and pruned, round-robin
+    dec: dict = {None: [], **{keep: [] for keep in budgets}}
+    for rnd in range(warmup + repeats):
+        for keep in dec:
             if keep is None:
-                ms, out = _prefill_ms(model, batch)
+                ms = decode_ms_per_token(model, inputs, decode_tokens)
             else:
                 with api.pruned(model, policy, keep=keep):
-                    ms, out = _prefill_ms(model, batch)
-                    stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
-                    select[keep].append(sum(s["ms"] for s in stages.values()))
-            kv[keep] = kv_cache_bytes(out.cache)
-            if rep > 0:  # the first round is warm-up
-                times[keep].append(ms)
-    base = statistics.median(times[None])
-    n_visual = int(adapter_for(model).visual_token_mask(batch["input_ids"]).sum())
-    seq = batch["input_ids"].shape[1]
+                    ms = decode_ms_per_token(model, inputs, decode_tokens)
+            if rnd >= warmup:
+                dec[keep].append(ms)
+    kv["unpruned"] = kv_cache_bytes(prefill().cache)
+
+    full_ms = median(times["unpruned"])
+    decode_full = median(dec[None])
+    wrap_ms = median(w_times["wrapped, full budget"])
     rows = []
-    for keep in configs:
-        med = statistics.median(times[keep])
-        kept = n_visual if keep is None else min(keep, n_visual) if isinstance(keep, int) else round(n_visual * keep)
-        rows.append(dict(
-            family=family, policy="none" if keep is None else policy, keep="all" if keep is None else keep,
-            visual_before=n_visual, visual_after=kept, seq_len=seq - n_visual + kept,
-            prefill_ms=med, speedup=base / med, ideal_speedup=seq / (seq - n_visual + kept),
-            flops_speedup=prefill_flops(model, seq) / prefill_flops(model, seq - n_visual + kept),
-            selection_ms=statistics.median(select[keep]) if select[keep] else 0.0,
-            kv_bytes=kv[keep], kv_ratio=kv[keep] / kv[None],
-        ))
+    for keep in budgets:
+        entry = per_budget[keep]
+        kept = entry["kept"]
+        vt_ms = median(w_times[f"vtprune {keep}"])
+        sel_ms = median(sel_times[f"vtprune {keep}"])
+        new_seq = seq - n_visual + kept
+        row = dict(
+            family=family, batch=batch_size, policy=policy, keep=keep, visual_before=n_visual, visual_after=kept,
+            seq_len=seq, pruned_seq_len=new_seq,
+            prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,
+            selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
+            flops_ratio=prefill_flops(model, seq) / prefill_flops(model, new_seq),
+            decode_unpruned_ms_per_token=decode_full, decode_vtprune_ms_per_token=median(dec[keep]),
+            kv_bytes_unpruned=kv["unpruned"], kv_bytes_vtprune=kv[f"vtprune {keep}"],
+            selection_share=sel_ms / vt_ms,
+        )
+        if is_llava:
+            bare_ms = median(times[f"bare pruned {keep}"])
+            comp = bench_compaction_index(full_embeds, entry["bare"].keep, repeats=max(5, repeats))
+            row.update(
+                vision_ms=median(times["vision tower"]), projector_ms=median(times["projector"]),
+                llm_prefill_unpruned_ms=median(times["llm prefill (unpruned)"]),
+                llm_prefill_pruned_ms=median(times[f"llm prefill {keep}"]),
+                bare_pruned_ms=bare_ms, speedup_achievable=full_ms / bare_ms,
+                vtprune_path_over_bare=(vt_ms - sel_ms) / bare_ms,
+                compaction_ms=comp["gather_ms"], compaction_copy_ms=comp["copy_ms"], compaction_ratio=comp["ratio"],
+            )
+        rows.append(row)
     return rows
 
 
-def bench_compaction(length: int, kept: int, width: int, dtype=torch.float32, repeats: int = 20) -> dict:
-    """The compaction op (`gather_seq`) against a plain copy of the same kept bytes."""
-    from ..compaction import gather_seq, keep_index
+def bench_compaction_index(x: torch.Tensor, keep_row: torch.Tensor, repeats: int = 9) -> dict:
+    """`gather_seq` of `x` ``(B, L, D)`` keeping `keep_row` in every sample, beside a plain copy of the output bytes."""
+    keep = keep_row.expand(x.shape[0], -1)
+    return _time_gather(x, keep_index(keep), repeats)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randn(1, length, width, device=device).to(dtype)
-    keep = torch.zeros(1, length, dtype=torch.bool, device=device)
-    keep[0, torch.randperm(length, device=device)[:kept]] = True
-    index = keep_index(keep)
 
-    def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1000.0)
-        return statistics.median(times)
+def _time_gather(x: torch.Tensor, index: torch.Tensor, repeats: int) -> dict:
+    rows = index.numel()
+    src = x.reshape(-1, x.shape[-1])[:rows]
+    t = interleaved({"gather": lambda: gather_seq(x, index), "copy": lambda: src.clone()}, repeats, 2)
+    gather, copy = median(t["gather"]), median(t["copy"])
+    return dict(device=str(x.device), dtype=str(x.dtype).replace("torch.", ""), batch=x.shape[0], length=x.shape[1],
+                kept_max=index.shape[1], width=x.shape[-1], padding_rows=int((index < 0).sum()),
+                gather_ms=gather, copy_ms=copy, ratio=gather / copy)
 
-    gather = timed(lambda: gather_seq(x, index))
-    copy = timed(lambda: x[:, :kept].clone())
-    return dict(device=device, length=length, kept=kept, width=width, gather_ms=gather, copy_ms=copy,
-                ratio=gather / copy)
+
+def bench_compaction(batch: int = 8, length: int = 640, width: int = 4096, dtype=torch.float32, repeats: int = 15,
+                     device: torch.device | None = None) -> dict:
+    """The compaction op on a padded batch with unequal keeps (64 + 40 b rows of sample b) beside a plain copy."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, length, width, generator=g).to(device=device, dtype=dtype)
+    keep = torch.zeros(batch, length, dtype=torch.bool)
+    for b in range(batch):
+        keep[b, torch.randperm(length, generator=g)[: min(length, 64 + 40 * b)]] = True
+    return _time_gather(x, keep_index(keep.to(device)), repeats)
 
 
 def _layer_params(layer: torch.nn.Module) -> int:
@@ -123,46 +301,103 @@ def prefill_flops(model, seq_len: int) -> float:
     return flops
 
 
+def _f(value, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| family | policy | keep | visual | prefill ms | speedup | FLOPs ratio (est.) | of ideal | "
-            "selection ms | selection / prefill | KV MB |")
-    lines = [head, "|" + "---|" * 11]
+    """Two tables: the costs (ms) and the ratios."""
+    costs = ["| family | batch | keep | prefill unpruned | vtprune prefill | bare pruned | vision tower | projector | "
+             "selection | compaction (copy) | LLM prefill unpruned / pruned | decode/token unpruned / pruned |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ratios = ["| family | batch | keep | vtprune speedup | achievable speedup | FLOPs ratio | vtprune / achievable | "
+              "achievable / FLOPs | wrap overhead (full budget) | vtprune path / bare | selection / prefill | "
+              "compaction / copy |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(
-            f"| {r['family']} | {r['policy']} | {r['keep']} | {r['visual_before']}->{r['visual_after']} | "
-            f"{r['prefill_ms']:.1f} | {r['speedup']:.2f}x | {r['flops_speedup']:.2f}x | "
-            f"{r['speedup'] / r['flops_speedup']:.0%} | {r['selection_ms']:.2f} | "
-            f"{r['selection_ms'] / r['prefill_ms']:.1%} | {r['kv_bytes'] / 2**20:.2f} |"
+        g = r.get
+        costs.append(
+            f"| {r['family']} | {r['batch']} | {r['keep']} ({r['visual_before']}->{r['visual_after']}) | "
+            f"{r['prefill_unpruned_ms']:.1f} | {r['prefill_vtprune_ms']:.1f} | {_f(g('bare_pruned_ms'))} | "
+            f"{_f(g('vision_ms'))} | {_f(g('projector_ms'))} | {r['selection_ms']:.2f} | "
+            f"{_f(g('compaction_ms'), '.3f')} ({_f(g('compaction_copy_ms'), '.3f')}) | "
+            f"{_f(g('llm_prefill_unpruned_ms'))} / {_f(g('llm_prefill_pruned_ms'))} | "
+            f"{r['decode_unpruned_ms_per_token']:.2f} / {r['decode_vtprune_ms_per_token']:.2f} |"
         )
+        ach = g("speedup_achievable")
+        ratios.append(
+            f"| {r['family']} | {r['batch']} | {r['keep']} | {r['speedup_vtprune']:.2f}x | {_f(ach, '.2f')}x | "
+            f"{r['flops_ratio']:.2f}x | {_f(None if ach is None else r['speedup_vtprune'] / ach, '.0%')} | "
+            f"{_f(None if ach is None else ach / r['flops_ratio'], '.0%')} | {r['wrap_overhead']:.3f}x | "
+            f"{_f(g('vtprune_path_over_bare'), '.3f')}x | {r['selection_share']:.1%} | "
+            f"{_f(g('compaction_ratio'), '.2f')}x |"
+        )
+    return "\n".join(costs) + "\n\n" + "\n".join(ratios)
+
+
+def compaction_markdown(comp: list[dict]) -> str:
+    lines = ["| compaction | dtype | batch x length -> kept (max) | width | padding rows | gather_seq ms | "
+             "plain copy of the output ms | ratio |", "|---|---|---|---|---:|---:|---:|---:|"]
+    for c in comp:
+        lines.append(f"| {c['device']} | {c['dtype']} | {c['batch']} x {c['length']} -> {c['kept_max']} | {c['width']} | "
+                     f"{c['padding_rows']} | {c['gather_ms']:.3f} | {c['copy_ms']:.3f} | {c['ratio']:.2f}x |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtprune bench", description=__doc__)
-    parser.add_argument("--policy", default="pooling")
+    parser = argparse.ArgumentParser(prog="vtprune bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: the CUDA kernel and attention-backend equality tests plus this bench, one JSON")
+    parser.add_argument("--policy", default="random")
     parser.add_argument("--keep", nargs="+", default=["64"])
-    parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES,
+                        help="llava also gets the bare pipeline and the per-part rows")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--llm-layers", type=int, default=DEMO_GEOMETRY.layers)
+    parser.add_argument("--llm-hidden", type=int, default=DEMO_GEOMETRY.hidden)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="bench.json")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); use fewer than the "
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1); use fewer than the "
                         "idle cores, oversubscribed threads make CPU timings meaningless")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.suite == "gpu":
+        from .gpu_suite import main as gpu_main
+
+        return gpu_main(["--json", args.json])
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     budgets = [float(k) if "." in k else int(k) for k in args.keep]
-    rows = [r for f in args.families for r in bench_family(f, args.policy, budgets, args.repeats)]
+    load_before = os.getloadavg()
+    rows = []
+    for family in args.families:
+        model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype)
+        for bsz in args.batch_sizes:
+            rows.extend(bench_batch(model, family, bsz, args.policy, budgets, args.repeats, args.warmup,
+                                    args.decode_tokens, device))
+            print(markdown(rows[-len(budgets):]).split("\n\n")[0].split("\n", 2)[-1], flush=True)
+    comp = [bench_compaction(dtype=d, device=device) for d in (torch.float32, torch.bfloat16)]
+    result = {
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "llm": {"layers": args.llm_layers, "hidden": args.llm_hidden}, "dtype": args.dtype,
+        "repeats": args.repeats, "warmup": args.warmup, "load_average_before": load_before,
+        "load_average_after": os.getloadavg(), "rows": rows, "compaction": comp,
+    }
     with open(args.json, "w") as fh:
-        json.dump({"threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rows": rows}, fh, indent=1)
+        json.dump(result, fh, indent=1)
+    print()
     print(markdown(rows))
-    comp = [bench_compaction(n, k, 4096) for n, k in ((600, 88), (2900, 340))]
-    print("\n| compaction | length -> kept | width | gather ms | plain copy ms | ratio |\n|---|---|---|---|---|---|")
-    for c in comp:
-        print(f"| {c['device']} | {c['length']} -> {c['kept']} | {c['width']} | {c['gather_ms']:.3f} | "
-              f"{c['copy_ms']:.3f} | {c['ratio']:.2f}x |")
-    with open(args.json) as fh:
-        data = json.load(fh)
-    data["compaction"] = comp
-    with open(args.json, "w") as fh:
-        json.dump(data, fh, indent=1)
-    print(f"(torch threads: {torch.get_num_threads()}; JSON: {args.json})")
+    print()
+    print(compaction_markdown(comp))
+    print(f"\n(torch threads: {torch.get_num_threads()}; load average {load_before[0]:.2f} before, "
+          f"{result['load_average_after'][0]:.2f} after; JSON: {args.json})")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

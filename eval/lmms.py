@@ -71,8 +71,9 @@ FAMILIES = {t: adapter.lmms_model for t, adapter in ADAPTERS.items()}
 PRUNE_KEYS = ("policy", "keep", "positions")
 INSTALL_HINT = ("lmms-eval is not installed; install it without its dependencies (they would replace torch), "
                 "from the vtprune clone:\n  pip install '.[eval]' && pip install --no-deps lmms-eval==0.7.3")
-#: What lmms-eval's wrapper for each family imports beyond the ``[eval]`` extra.
-WRAPPER_NEEDS = {"qwen2_vl": ("qwen_vl_utils", "torchvision"), "qwen2_5_vl": ("qwen_vl_utils", "torchvision")}
+#: What lmms-eval's wrapper of each name (``FAMILIES``' values) needs beyond the ``[eval]`` extra
+#: (its Qwen wrappers all go through qwen_vl_utils, which imports torchvision).
+WRAPPER_NEEDS = {name: ("qwen_vl_utils", "torchvision") for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")}
 
 
 class EvalFailed(RuntimeError):
@@ -101,10 +102,13 @@ def parse_model_args(model_args: str | dict) -> dict:
     return simple_parse_args_string(model_args)
 
 
-def _wrapper_class(model_type: str, force_simple: bool):
+def _wrapper_class(model_type: str, force_simple: bool, require_imports: bool = True):
+    """lmms-eval's wrapper class for ``model_type``; with ``require_imports``, a clear error first when the
+    packages it needs to run (not to import: lmms-eval imports them optionally) are missing."""
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} has no lmms-eval runner here; supported: {', '.join(FAMILIES)}")
-    missing = [name for name in WRAPPER_NEEDS.get(model_type, ()) if not _importable(name)]
+    needs = WRAPPER_NEEDS.get(FAMILIES.get(model_type), ()) if require_imports else ()
+    missing = [name for name in needs if not _importable(name)]
     if missing:
         raise ImportError(
             f"lmms-eval's {FAMILIES[model_type]} wrapper (model_type {model_type!r}) needs {', '.join(missing)}, "

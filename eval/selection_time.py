@@ -1,32 +1,45 @@
-"""Time each policy's selection math on random features of real model geometry.
+"""Each selector beside a plain reimplementation of its reference loop: same tensors, one process, interleaved.
 
-Covers the attention-free policies (IDPruner, MMTok, DivPrune, EntropyPrune) and the ViT probe
-of IDPruner's default `received` importance (LLaVA shapes: one CLIP-L/336 layer per view):
-the ops each runs once per image, on the features the runtime hands it, in
-fp32 on one device. Per case and policy it reports the median over repeats
-after warm-up, split into the one-off part (pairwise matrix, coverage
-matrix, query probe) and the rest (greedy loop, importance, entropy).
+The reference loops below are ours, written from the papers and the SPEC
+(never copied): the structure each paper's code has, in plain torch.
 
-    python eval/selection_time.py                  # default cases, CPU, 1 thread
-    python eval/selection_time.py --all --json runs/selection_time.json
+- IDPruner / AngelSlim MMR: the full cosine matrix, then one argmax per step
+  over ``lam * I - (1 - lam) * max_sim``.
+- MMTok (official greedy): the full coverage matrix, every column's gain
+  recomputed at every step.
+- DivPrune (official loop): the full ``1 - cosine`` matrix; each step takes
+  the minimum over all the picked columns again.
 
-Prints a markdown table and writes JSON. Shapes: ``llava`` is LLaVA-1.5/NeXT-7B
-(D=4096, CLIP-L D'=1024, 32 heads x 128, 32 layers), ``qwen`` Qwen2.5-VL-7B
-(D=3584, ViT D'=1280, 28 heads x 128). The question has 32 tokens.
+Per case it prints vtprune's time, the reference's, their ratio, the peak
+memory each allocates (`vtprune.measure.peak_bytes`) and whether the keep
+sets are equal (MMTok: the pick order too). Runs are interleaved
+(round-robin over repeats after a warm-up) with one torch thread, so load
+drift hits both sides alike. EntropyPrune has no reference loop here (its
+score is one batched eigen-decomposition); its time is listed alone, as is
+the ViT probe of IDPruner's default `received` importance (LLaVA shapes).
+
+    python -m vtprune.eval.selection_time                        # 576 -> 64, 2880 -> 320, 8192 -> 819
+    python -m vtprune.eval.selection_time --cases llava:576:64 --repeats 9 --json runs/sel.json
+
+Shapes: ``llava`` is LLaVA-1.5/NeXT-7B (D=4096, CLIP-L D'=1024, 32 heads x
+128), ``qwen`` Qwen2.5-VL-7B (D=3584, ViT D'=1280, 28 heads x 128). The
+question has 32 tokens. Features are random (the issue's setting); real
+image features are more redundant, which changes the lazy loops' work but
+not their result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vtprune.measure import interleaved, median, peak_bytes
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
 from vtprune.ops.probe import layer_queries, vit_attention_received
@@ -37,20 +50,91 @@ SHAPES = {
     "llava": {"dim": 4096, "pre_dim": 1024, "heads": 32, "head_dim": 128, "tau_t": 0.02},
     "qwen": {"dim": 3584, "pre_dim": 1280, "heads": 28, "head_dim": 128, "tau_t": 0.01},
 }
-SIZES = [(576, 64), (2880, 320), (8192, 819)]  # 8192 keeps 10 %
 DEFAULT_CASES = [("llava", 576, 64), ("llava", 2880, 320), ("qwen", 8192, 819)]
 QUESTION_TOKENS = 32
 SELECTOR_HIDDEN = 1792
-CLIP_L = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096, "tokens": 577}  # 336 px / 14 + CLS
+LAM, ALPHA, TAU_V = 0.5, 0.5, 0.2
+CLIP_L = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096}
+CLIP_TOKENS = 577  # 336 px / 14, plus CLS
+#: the reference loops allocate the same temporaries at every step, so at N >= this their memory run
+#: stops after `MEMORY_STEPS` picks (the peak is reached at the first step); vtprune's runs are complete
+BIG = 4096
+MEMORY_STEPS = 8
 
 
-def _clip_layer(device: torch.device) -> nn.Module:
-    """One CLIP-L/336 encoder layer (random weights): what the ViT probe of IDPruner's `received` importance reads."""
-    from transformers import CLIPVisionConfig
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+# --- reference loops (ours, from the algorithms) ------------------------------------------------------
 
-    config = CLIPVisionConfig(**{k: v for k, v in CLIP_L.items() if k != "tokens"})
-    return CLIPEncoderLayer(config).to(device).eval()
+
+def _unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    x = x.float()
+    return x / (x.norm(dim=-1, keepdim=True) + eps)
+
+
+def reference_mmr(features: torch.Tensor, importance: torch.Tensor, k: int, lam: float = LAM) -> torch.Tensor:
+    """AngelSlim-style MMR: full cosine matrix, one argmax per step; kept indices ascending."""
+    unit = _unit(features)
+    sim = unit @ unit.T
+    s = importance.float()
+    imp = (s - s.min()) / (s.max() - s.min() + 1e-6)
+    picked = torch.zeros(unit.shape[0], dtype=torch.bool, device=unit.device)
+    first = torch.argmax(imp)
+    keep = [first]
+    picked[first] = True
+    max_sim = sim[:, first].clone()
+    for _ in range(1, k):
+        score = lam * imp - (1 - lam) * max_sim
+        score[picked] = float("-inf")
+        j = torch.argmax(score)
+        keep.append(j)
+        picked[j] = True
+        max_sim = torch.maximum(max_sim, sim[:, j])
+    return torch.sort(torch.stack(keep)).values
+
+
+def reference_divprune(features: torch.Tensor, k: int) -> torch.Tensor:
+    """The official DivPrune loop's structure: ``1 - cosine`` matrix, the min over all picked columns each step."""
+    unit = _unit(features)
+    dist = 1.0 - unit @ unit.T
+    dist.fill_diagonal_(float("inf"))  # a token is not its own nearest neighbour (first pick)
+    keep = [torch.argmax(dist.min(dim=1).values)]
+    picked = torch.zeros(unit.shape[0], dtype=torch.bool, device=unit.device)
+    picked[keep[0]] = True
+    for _ in range(1, k):
+        # the matrix is symmetric: the picked rows, read contiguously, are the picked columns
+        to_set = dist.index_select(0, torch.stack(keep)).min(dim=0).values
+        to_set[picked] = float("-inf")
+        j = torch.argmax(to_set)
+        keep.append(j)
+        picked[j] = True
+    return torch.sort(torch.stack(keep)).values
+
+
+def reference_coverage_matrix(visual, visual_pre, text, tau_t: float) -> torch.Tensor:
+    """MMTok's coverage matrix, plainly: text rows softmax(cos(T, V) / tau_t) / m; visual rows alpha softmax(...) / n."""
+    v, vp, t = _unit(visual), _unit(visual_pre), _unit(text)
+    n, m = v.shape[0], t.shape[0]
+    text_rows = torch.softmax(t @ v.T / tau_t, dim=1) / m
+    visual_rows = ALPHA * torch.softmax(vp @ vp.T / TAU_V, dim=1) / n
+    return torch.cat([text_rows, visual_rows])
+
+
+def reference_mmtok(visual, visual_pre, text, tau_t: float, k: int) -> torch.Tensor:
+    """The official MMTok greedy's structure: full coverage matrix, all gains every step; the pick order."""
+    cover = reference_coverage_matrix(visual, visual_pre, text, tau_t)
+    best = torch.zeros(cover.shape[0], 1, device=cover.device)
+    picked = torch.zeros(cover.shape[1], dtype=torch.bool, device=cover.device)
+    order = []
+    for _ in range(k):
+        gains = (cover - best).clamp(min=0).sum(dim=0)
+        gains[picked] = float("-inf")
+        j = torch.argmax(gains)
+        order.append(j)
+        picked[j] = True
+        best = torch.maximum(best, cover[:, j : j + 1])
+    return torch.stack(order)
+
+
+# --- the case --------------------------------------------------------------------------------------
 
 
 class _ProbeLayer(nn.Module):
@@ -64,133 +148,132 @@ class _ProbeLayer(nn.Module):
         self.self_attn.head_dim = head_dim
 
 
-def _median_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
-    def run() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
+def _clip_layer(device: torch.device) -> nn.Module:
+    """One CLIP-L/336 encoder layer (random weights): what the ViT probe of IDPruner's `received` importance reads."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-    for _ in range(warmup):
-        run()
-    return statistics.median(run() for _ in range(repeats))
+    return CLIPEncoderLayer(CLIPVisionConfig(**CLIP_L)).to(device).eval()
+
+
+def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(torch.topk(scores, k).indices).values
 
 
 def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: torch.device) -> list[dict]:
-    """Timings of every policy for one geometry: a list of table rows."""
+    """Rows of the table for one geometry: each selector, vtprune beside its reference."""
     geo = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     visual = torch.randn(n, geo["dim"], generator=g).to(device)
     visual_pre = torch.randn(n, geo["pre_dim"], generator=g).to(device)
     question = torch.randn(QUESTION_TOKENS, geo["dim"], generator=g).to(device)
     hidden = torch.randn(n, geo["dim"], generator=g).to(device)
-    selector = VisionSelector(
-        "random",
-        geo["dim"],
-        SELECTOR_HIDDEN,
-        torch.randn(SELECTOR_HIDDEN, geo["dim"], generator=g) * 0.02,
-        torch.zeros(SELECTOR_HIDDEN),
-        torch.randn(SELECTOR_HIDDEN, geo["dim"], generator=g) * 0.02,
-        torch.zeros(SELECTOR_HIDDEN),
+    scorer = VisionSelector(
+        "random", geo["dim"], SELECTOR_HIDDEN,
+        torch.randn(SELECTOR_HIDDEN, geo["dim"], generator=g) * 0.02, torch.zeros(SELECTOR_HIDDEN),
+        torch.randn(SELECTOR_HIDDEN, geo["dim"], generator=g) * 0.02, torch.zeros(SELECTOR_HIDDEN),
     )
-    probe = _ProbeLayer(geo["dim"], geo["heads"], geo["head_dim"]).to(device)
-    queries = layer_queries(probe, hidden)
-    sim = cosine_similarity(visual)
-    cover = coverage_matrix(visual, visual_pre, question, tau_t=geo["tau_t"])
+    with torch.no_grad():
+        prompt_imp = cosine_similarity(visual, question.mean(dim=0, keepdim=True))[:, 0]
+        selector_imp = scorer.score(visual).float()
+        queries = layer_queries(_ProbeLayer(geo["dim"], geo["heads"], geo["head_dim"]).to(device), hidden)
+    tau_t = geo["tau_t"]
+    mem_k = min(k, MEMORY_STEPS) if n >= BIG else k
 
-    def prompt_importance():
-        return cosine_similarity(visual, question.mean(dim=0, keepdim=True))[:, 0]
-
-    cases = {}
-    if shape == "llava":  # the CLIP probe; one 577-token layer per 576-patch view
-        vit = _clip_layer(device)
-        views = torch.randn(max(1, n // 576), CLIP_L["tokens"], CLIP_L["hidden_size"], generator=g).to(device)
-
-        def received_importance():
-            return vit_attention_received(vit, views).flatten()[:n]
-
-        cases["idpruner (TF, received)"] = (
-            lambda: mmr_select(visual, received_importance(), k),
-            received_importance,
-            "ViT probe, feature layer",
-        )
-    cases |= {
-        # name: (whole selection, one-off part, label of the one-off part)
-        "idpruner (TF, prompt)": (
-            lambda: mmr_select(visual, prompt_importance(), k),
-            lambda: cosine_similarity(visual),
-            "cosine N x N",
+    # name: (vtprune, reference or None, reference for the memory run, what is compared)
+    pairs = {
+        "idpruner MMR (prompt importance)": (
+            lambda: mmr_select(visual, prompt_imp, k, LAM),
+            lambda: reference_mmr(visual, prompt_imp, k),
+            lambda: reference_mmr(visual, prompt_imp, mem_k),
+            "keep set",
         ),
-        "idpruner (selector)": (
-            lambda: mmr_select(visual, selector.score(visual), k),
-            lambda: cosine_similarity(visual),
-            "cosine N x N",
+        "idpruner MMR (selector importance)": (
+            lambda: mmr_select(visual, selector_imp, k, LAM),
+            lambda: reference_mmr(visual, selector_imp, k),
+            lambda: reference_mmr(visual, selector_imp, mem_k),
+            "keep set",
         ),
-        "divprune": (lambda: divprune_select(visual, k), lambda: cosine_similarity(visual), "cosine N x N"),
-        "mmtok": (
-            lambda: coverage_select(coverage_matrix(visual, visual_pre, question, tau_t=geo["tau_t"]), k),
-            lambda: coverage_matrix(visual, visual_pre, question, tau_t=geo["tau_t"]),
-            "coverage matrix",
+        "divprune": (
+            lambda: divprune_select(visual, k),
+            lambda: reference_divprune(visual, k),
+            lambda: reference_divprune(visual, mem_k),
+            "keep set",
         ),
-        "entropyprune": (
-            lambda: topk(matrix_entropy(layer_queries(probe, hidden)), k),
-            lambda: layer_queries(probe, hidden),
-            "q_proj probe",
+        "mmtok (coverage matrix + greedy)": (
+            lambda: coverage_select(coverage_matrix(visual, visual_pre, question, ALPHA, TAU_V, tau_t), k).order,
+            lambda: reference_mmtok(visual, visual_pre, question, tau_t, k),
+            lambda: reference_mmtok(visual, visual_pre, question, tau_t, mem_k),
+            "pick order",
         ),
-    }
-    loops = {
-        "idpruner (TF, prompt)": lambda: mmr_select(visual, prompt_importance(), k, similarity=sim),
-        "idpruner (selector)": lambda: mmr_select(visual, selector.score(visual), k, similarity=sim),
-        "divprune": lambda: divprune_select(visual, k, similarity=sim),
-        "mmtok": lambda: coverage_select(cover, k),
-        "entropyprune": lambda: topk(matrix_entropy(queries), k),
+        "entropyprune (matrix entropy + top-k)": (lambda: _topk(matrix_entropy(queries), k), None, None, "-"),
     }
     if shape == "llava":
-        loops["idpruner (TF, received)"] = lambda: mmr_select(visual, received_importance(), k, similarity=sim)
+        vit = _clip_layer(device)
+        views = torch.randn(max(1, n // 576), CLIP_TOKENS, CLIP_L["hidden_size"], generator=g).to(device)
+        pairs["idpruner received importance (ViT probe)"] = (
+            lambda: vit_attention_received(vit, views).flatten()[:n], None, None, "-")
+
     rows = []
-    for name, (whole, part, part_label) in cases.items():
+    for name, (ours, ref, ref_mem, compared) in pairs.items():
         with torch.no_grad():
-            rows.append(
-                {
-                    "policy": name,
-                    "shape": shape,
-                    "n": n,
-                    "keep": k,
-                    "total_ms": _median_ms(whole, repeats, warmup, device),
-                    "one_off": part_label,
-                    "one_off_ms": _median_ms(part, repeats, warmup, device),
-                    "rest_ms": _median_ms(loops[name], repeats, warmup, device),
-                }
-            )
+            fns = {"ours": ours} if ref is None else {"ours": ours, "reference": ref}
+            times = interleaved(fns, repeats, warmup)
+            mine = ours()
+            row = {
+                "selector": name, "shape": shape, "n": n, "keep": k,
+                "ours_ms": median(times["ours"]), "ours_runs_ms": times["ours"],
+                "ours_peak_mb": peak_bytes(ours, device) / 2**20,
+            }
+            if ref is not None:
+                theirs = ref()
+                same = torch.equal(mine.cpu(), theirs.cpu())
+                if compared == "pick order" and not same:
+                    compared_sets = torch.equal(mine.sort().values.cpu(), theirs.sort().values.cpu())
+                    row["same_keep_set"] = compared_sets
+                row.update(
+                    reference_ms=median(times["reference"]), reference_runs_ms=times["reference"],
+                    ratio=median(times["ours"]) / median(times["reference"]),
+                    reference_peak_mb=peak_bytes(ref_mem, device) / 2**20,
+                    reference_memory_steps=mem_k, compared=compared, equal=same,
+                )
+        rows.append(row)
+        print(_line(row), flush=True)
     return rows
 
 
-def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.sort(torch.topk(scores, k).indices).values
+def _line(r: dict) -> str:
+    if "reference_ms" not in r:
+        return (f"| {r['selector']} | {r['n']} -> {r['keep']} | {r['ours_ms']:.1f} | - | - | "
+                f"{r['ours_peak_mb']:.1f} | - | - |")
+    equal = "yes" if r["equal"] else ("keep set yes, order no" if r.get("same_keep_set") else "NO")
+    steps = "" if r["reference_memory_steps"] == r["keep"] else f" ({r['reference_memory_steps']} steps)"
+    return (f"| {r['selector']} | {r['n']} -> {r['keep']} | {r['ours_ms']:.1f} | {r['reference_ms']:.1f} | "
+            f"{r['ratio']:.2f}x | {r['ours_peak_mb']:.1f} | {r['reference_peak_mb']:.1f}{steps} | {equal} |")
+
+
+HEADER = ("| selector | N -> K | vtprune ms | reference ms | ratio | vtprune peak MB | reference peak MB | "
+          "equal |\n|---|---|---:|---:|---:|---:|---:|---|")
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| policy | shape | N -> K | total ms | one-off part | one-off ms | greedy / score ms |",
-        "|---|---|---|---:|---|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['policy']} | {r['shape']} | {r['n']} -> {r['keep']} | {r['total_ms']:.1f} | "
-            f"{r['one_off']} | {r['one_off_ms']:.1f} | {r['rest_ms']:.1f} |"
-        )
-    return "\n".join(lines)
+    return "\n".join([HEADER, *(_line(r) for r in rows)])
+
+
+def _case(text: str) -> tuple[str, int, int]:
+    shape, n, k = text.split(":")
+    if shape not in SHAPES:
+        raise argparse.ArgumentTypeError(f"shape must be one of {sorted(SHAPES)}; got {shape!r}")
+    return shape, int(n), int(k)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--all", action="store_true", help="every shape at every size instead of the default cases")
+    parser.add_argument("--cases", nargs="+", type=_case, default=DEFAULT_CASES,
+                        help="shape:N:K, e.g. llava:576:64 (default: llava:576:64 llava:2880:320 qwen:8192:819)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--big-repeats", type=int, default=1, help="repeats (and no warm-up) for N >= 4096")
+    parser.add_argument("--big-repeats", type=int, default=1, help=f"repeats (and no warm-up) for N >= {BIG}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="runs/selection_time.json", help="where to write the JSON results")
@@ -198,29 +281,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cases = [(s, n, k) for s in SHAPES for n, k in SIZES] if args.all else DEFAULT_CASES
+    load_before = os.getloadavg()
+    print(HEADER)
     rows = []
-    for shape, n, k in cases:
-        big = n >= 4096
+    for shape, n, k in args.cases:
+        big = n >= BIG
         repeats, warmup = (args.big_repeats, 0) if big else (args.repeats, args.warmup)
-        before = len(rows)
         rows.extend(time_case(shape, n, k, repeats, warmup, device))
-        print(markdown(rows[before:]).split("\n", 2)[-1], flush=True)
     result = {
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "rows": rows,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "repeats": args.repeats, "warmup": args.warmup, "big_repeats": args.big_repeats, "rows": rows,
     }
-    print()
-    print(markdown(rows))
+    print(f"\n(load average before {load_before[0]:.2f}, after {result['load_average_after'][0]:.2f}; "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread)")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    print(f"wrote {out}")
     return result
 
 

@@ -20,6 +20,27 @@ from vtprune.patches.attention import layer_queries
 SEEDS = range(4)
 
 
+@pytest.fixture(params=["matrix", "lazy"])
+def path(request, monkeypatch):
+    """Run a test through the matrix loops or through the lazy ones (small batches, frequent full updates)."""
+    if request.param == "matrix":
+        monkeypatch.setattr(greedy, "LAZY_MAX_FRACTION", 0.0)
+    else:
+        monkeypatch.setattr(greedy, "LAZY_MAX_FRACTION", 1.0)
+        monkeypatch.setattr(greedy, "COMPACT_MIN_ENTRIES", 0)
+        monkeypatch.setattr(greedy, "LAZY_BATCH", 3)
+        monkeypatch.setattr(greedy, "COVERAGE_BATCH", 3)
+        monkeypatch.setattr(greedy, "LAZY_PENDING", 4)
+    return request.param
+
+
+def tie_heavy_features(seed, n, dim=6):
+    """Rows drawn from a few one-hot and all-zero vectors: every cosine is exactly 0 or 1, many exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.cat([torch.eye(dim), torch.zeros(1, dim)])
+    return basis[torch.randint(0, dim + 1, (n,), generator=g)]
+
+
 # --- brute force, in float64 python loops ------------------------------------
 
 
@@ -138,7 +159,7 @@ def test_bad_shapes_raise():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_mmr_lam_one_is_topk_by_importance(seed):
+def test_mmr_lam_one_is_topk_by_importance(seed, path):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(40, 16, generator=g)
     imp = torch.randint(0, 6, (40,), generator=g).float()  # many ties
@@ -146,7 +167,7 @@ def test_mmr_lam_one_is_topk_by_importance(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_mmr_lam_zero_constant_importance_is_farthest_point(seed):
+def test_mmr_lam_zero_constant_importance_is_farthest_point(seed, path):
     x = torch.randn(50, 12, generator=torch.Generator().manual_seed(seed))
     got = mmr_select(x, torch.full((50,), 3.0), 9, lam=0.0)
     assert got.tolist() == brute_farthest_point(x, 9, seed_index=0)
@@ -155,10 +176,29 @@ def test_mmr_lam_zero_constant_importance_is_farthest_point(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("lam", [0.25, 0.5, 0.8])
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 3), (64, 20)])
-def test_mmr_matches_brute_force(seed, lam, n, k):
+def test_mmr_matches_brute_force(seed, path, lam, n, k):
     g = torch.Generator().manual_seed(seed)
     x, imp = torch.randn(n, 10, generator=g), torch.randn(n, generator=g)
     assert mmr_select(x, imp, k, lam).tolist() == brute_mmr(x, imp, k, lam)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_mmr_tie_heavy_matches_brute_force(seed, lam, path):
+    g = torch.Generator().manual_seed(seed)
+    x = tie_heavy_features(seed, 40)
+    imp = torch.randint(0, 4, (40,), generator=g).float()
+    assert mmr_select(x, imp, 15, lam).tolist() == brute_mmr(x, imp, 15, lam)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mmr_lazy_equals_matrix_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    x, imp = torch.randn(300, 32, generator=g), torch.randn(300, generator=g)
+    unit, norm = greedy.normalize_rows(x), minmax_normalize(imp)
+    want = greedy.mmr_matrix(greedy.cosine_similarity(x), norm, 120, 0.5)
+    for batch in (1, 8, 64):
+        assert torch.equal(greedy.mmr_lazy(unit, norm, 120, 0.5, batch=batch), want)
 
 
 def test_minmax_normalize():
@@ -172,12 +212,12 @@ def test_minmax_normalize():
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("n,k", [(1, 1), (2, 1), (9, 4), (64, 16)])
-def test_divprune_matches_brute_force(seed, n, k):
+def test_divprune_matches_brute_force(seed, path, n, k):
     x = torch.randn(n, 10, generator=torch.Generator().manual_seed(seed))
     assert divprune_select(x, k).tolist() == brute_divprune(x, k)
 
 
-def test_divprune_duplicates_pick_lowest_index_and_never_repeat():
+def test_divprune_duplicates_pick_lowest_index_and_never_repeat(path):
     base = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     x = base.repeat(4, 1)  # tokens 0-2 repeated 4 times
     kept = divprune_select(x, 6)
@@ -185,12 +225,30 @@ def test_divprune_duplicates_pick_lowest_index_and_never_repeat():
     assert kept.tolist()[:3] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_divprune_tie_heavy_matches_brute_force(seed, path):
+    x = tie_heavy_features(seed, 40)
+    assert divprune_select(x, 12).tolist() == brute_divprune(x, 12)
+
+
+def test_self_cosine_and_symmetrize_equal_the_full_product():
+    x = torch.randn(70, 16, generator=torch.Generator().manual_seed(0))
+    unit = greedy.normalize_rows(x)
+    raw = unit @ unit.T
+    sym = greedy.symmetrize_(raw.clone(), block=16)
+    assert torch.equal(sym, (raw + raw.T.contiguous()) * 0.5)
+    assert torch.equal(sym, sym.T)
+    tri = greedy.self_cosine(unit, block=16)
+    assert torch.equal(tri, tri.T)
+    assert torch.allclose(tri, raw, atol=1e-6)
+
+
 # --- coverage (MMTok) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("n_text,n,k", [(0, 1, 1), (3, 10, 4), (5, 40, 25)])
-def test_coverage_matches_brute_force(seed, n_text, n, k):
+def test_coverage_matches_brute_force(seed, path, n_text, n, k):
     cover = random_cover(seed, n_text, n) if n_text else random_cover(seed, 1, n)[1:]
     result = coverage_select(cover, k)
     order, gains = brute_coverage(cover, k)
@@ -200,7 +258,7 @@ def test_coverage_matches_brute_force(seed, n_text, n, k):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_coverage_gains_never_increase_and_totals_are_f(seed):
+def test_coverage_gains_never_increase_and_totals_are_f(seed, path):
     cover = random_cover(seed, 4, 48)
     result = coverage_select(cover, 30)
     assert bool((result.gains[1:] <= result.gains[:-1] * (1 + 1e-6)).all())
@@ -213,15 +271,37 @@ def test_coverage_gains_never_increase_and_totals_are_f(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_coverage_compaction_is_exact(seed, monkeypatch):
     cover = random_cover(seed, 6, 64)
-    plain = coverage_select(cover, 40)
+    plain = greedy.coverage_eager(cover, 40)
     monkeypatch.setattr(greedy, "COMPACT_MIN_ENTRIES", 0)
     monkeypatch.setattr(greedy, "_FIRST_COMPACTION", 1)
-    compacted = coverage_select(cover, 40)
+    compacted = greedy.coverage_eager(cover, 40)
     assert compacted.order.tolist() == plain.order.tolist() == brute_coverage(cover, 40)[0]
     assert torch.allclose(compacted.gains, plain.gains, rtol=1e-5, atol=1e-10)
 
 
-def test_coverage_fully_covered_falls_back_to_lowest_index():
+@pytest.mark.parametrize("seed", SEEDS)
+def test_coverage_tie_heavy_matches_brute_force(seed, path):
+    # small integers: every gain is exact in any summation order, and many tie
+    g = torch.Generator().manual_seed(seed)
+    cover = torch.randint(0, 4, (12, 30), generator=g).float()
+    cover[:, 7] = cover[:, 3]  # duplicate columns
+    result = coverage_select(cover, 14)
+    order, gains = brute_coverage(cover, 14)
+    assert result.order.tolist() == order
+    assert result.gains.tolist() == gains
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_coverage_lazy_equals_eager(seed):
+    cover = random_cover(seed, 8, 200)
+    want = greedy.coverage_eager(cover, 80)
+    for batch in (1, 8, 64):
+        got = greedy.coverage_lazy(cover, 80, batch=batch)
+        assert got.order.tolist() == want.order.tolist()
+        assert torch.allclose(got.gains, want.gains, rtol=1e-5, atol=1e-10)
+
+
+def test_coverage_fully_covered_falls_back_to_lowest_index(path):
     cover = torch.zeros(4, 6)
     cover[:, 3] = 1.0
     assert coverage_select(cover, 3).order.tolist() == [3, 0, 1]
@@ -231,7 +311,7 @@ def test_coverage_fully_covered_falls_back_to_lowest_index():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_select_like_fp32_on_the_same_values(dtype):
+def test_half_inputs_select_like_fp32_on_the_same_values(dtype, path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(48, 16, generator=g).to(dtype)
     imp = torch.randn(48, generator=g).to(dtype)
@@ -241,7 +321,7 @@ def test_half_inputs_select_like_fp32_on_the_same_values(dtype):
     assert torch.equal(coverage_select(cover, 12).indices, coverage_select(cover.float(), 12).indices)
 
 
-def test_nonfinite_inputs_warn_and_stay_deterministic():
+def test_nonfinite_inputs_warn_and_stay_deterministic(path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20, 8, generator=g)
     x[3] = float("nan")
@@ -261,6 +341,16 @@ def test_nonfinite_inputs_warn_and_stay_deterministic():
             again = run()
         assert torch.equal(first, again)
         assert first.unique().numel() == 6
+
+
+def test_finite_fast_path_keeps_large_finite_values_silent():
+    import warnings
+
+    x = torch.full((4, 3), 3e38)  # the sum overflows; every entry is finite
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(greedy.finite_fp32(x), x)
+        assert torch.equal(greedy.sanitize_scores(x[0]), x[0])
 
 
 # --- matrix entropy -------------------------------------------------------------------

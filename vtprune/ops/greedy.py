@@ -11,12 +11,26 @@ method built on the same idea):
   objective (MMTok).
 
 Common rules: the math runs in fp32 on the input's device whatever the input
-dtype; the pairwise matrix is built once and each step updates running
-vectors in place; picked indices stay in a device tensor, so a step never
-waits on the host; ties go to the lowest index (`torch.argmax` and
-`torch.max` along a dim return the first maximum); the kept indices come
-back ascending. Non-finite inputs are replaced (with a warning) so the
-result stays deterministic.
+dtype; ties go to the lowest index (`torch.argmax` and `torch.max` along a
+dim return the first maximum); the kept indices come back ascending.
+Non-finite inputs are replaced (with a warning) so the result stays
+deterministic.
+
+Two forms of each greedy, the same algorithm and the same picks:
+
+- the matrix loops (`mmr_matrix`, DivPrune's, `coverage_eager`): the
+  pairwise or coverage matrix once, then running vectors updated in place
+  with the picks in a device tensor, so a step never waits on the host (the
+  GPU path);
+- the exact lazy loops (`mmr_lazy`, `coverage_lazy`), on the CPU where
+  they win: a greedy score that can only fall as the picked set grows is
+  re-computed only for the candidates whose stale score still tops the
+  rest (one host sync per round). Their similarities and gains come from
+  products and sums of other shapes than the matrix loops', so a value can
+  differ from the matrix's in the last fp32 bit; the picks differ only
+  where two candidates tie to within that bit (tests: equal picks on random
+  and exactly-representable tie-heavy inputs; `eval/selection_time.py`:
+  equal keep sets against the reference loops at 576, 2880 and 8192).
 """
 
 from __future__ import annotations
@@ -37,6 +51,10 @@ MINMAX_EPS = 1e-6
 def finite_fp32(x: torch.Tensor, what: str = "features") -> torch.Tensor:
     """fp32 copy of `x` with NaN/inf entries set to 0, warning when there were any."""
     x = x.float()
+    # A finite sum means every entry is finite (one reduction instead of a mask of the whole tensor);
+    # a non-finite sum (a bad entry, or an overflow of large finite ones) falls back to the full check.
+    if bool(torch.isfinite(x.sum())):
+        return x
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         warnings.warn(
@@ -59,15 +77,62 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None, eps: float
 
     Uses ``x / (|x| + eps)`` as the IDPruner reference does; the DivPrune and
     MMTok references divide by the bare or clamped norm, which differs only
-    for all-zero rows. Without `b` the result is exactly symmetric.
+    for all-zero rows. Without `b` the result is exactly symmetric and is
+    built from one triangle of blocks (`self_cosine`).
     """
     an = normalize_rows(a, eps)
     if b is not None:
         return an @ normalize_rows(b, eps).T
-    sim = an @ an.T
-    # A matmul need not give S[i, j] == S[j, i] to the last bit; symmetric pairs must tie exactly
-    # (a mutual nearest-neighbour pair is a tie that the lowest index wins).
-    return sim.add_(sim.T.contiguous()).mul_(0.5)
+    return self_cosine(an)
+
+
+#: block edge of the triangle products (`self_cosine`, `nearest_other`)
+TRIANGLE_BLOCK = 256
+
+
+def self_cosine(unit: torch.Tensor, block: int = TRIANGLE_BLOCK) -> torch.Tensor:
+    """``unit @ unit.T`` for unit-norm rows, computing each block pair once and mirroring it.
+
+    About half the multiply-adds of the full product, no temporary beyond
+    one block, and exactly symmetric: a symmetric pair must tie exactly (a
+    mutual nearest-neighbour pair is a tie that the lowest index wins); a
+    diagonal block, the one place a pair is computed twice, is averaged with
+    its transpose (`symmetrize_`).
+    """
+    n = unit.shape[0]
+    sim = torch.empty(n, n, dtype=unit.dtype, device=unit.device)
+    for i in range(0, n, block):
+        rows = unit[i : i + block]
+        for j in range(i, n, block):
+            part = rows @ unit[j : j + block].T
+            if j == i:
+                symmetrize_(part)
+            sim[i : i + block, j : j + block] = part
+            if j != i:
+                sim[j : j + block, i : i + block] = part.T
+    return sim
+
+
+#: block edge of `symmetrize_` (its temporaries are one block, not a second matrix)
+SYMMETRIZE_BLOCK = 1024
+
+
+def symmetrize_(sim: torch.Tensor, block: int = SYMMETRIZE_BLOCK) -> torch.Tensor:
+    """``S <- (S + S^T) / 2`` in place, one pair of blocks at a time; returns `sim`.
+
+    The same values as ``(S + S.T.contiguous()) * 0.5`` (IEEE addition is
+    commutative) without a second ``N x N`` matrix: the temporaries are one
+    block.
+    """
+    n = sim.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            upper, lower = sim[i : i + block, j : j + block], sim[j : j + block, i : i + block]
+            mean = torch.add(upper, lower.T).mul_(0.5)
+            upper.copy_(mean)
+            if j != i:
+                lower.copy_(mean.T)
+    return sim
 
 
 def minmax_normalize(scores: torch.Tensor) -> torch.Tensor:
@@ -92,6 +157,20 @@ def _check_matrix(features: torch.Tensor, what: str = "features") -> None:
         raise ValueError(f"{what} must be 2-D (tokens, dim); got shape {tuple(features.shape)}")
 
 
+#: the lazy MMR loop re-scores this many of the highest stale bounds at once (one small matmul)
+LAZY_BATCH = 8
+#: the lazy coverage loop re-scores this many columns at once (a refresh reads every row of each)
+COVERAGE_BATCH = 64
+#: `mmr_select` / `coverage_select` run the lazy loop when ``k <= n * LAZY_MAX_FRACTION``; near a full
+#: budget nearly every bound goes stale each step and the matrix loop is cheaper
+LAZY_MAX_FRACTION = 0.5
+
+
+def _use_lazy(n: int, k: int, device: torch.device) -> bool:
+    # On a GPU the matrix is cheap and the matrix loop never waits on the host; the lazy loop does.
+    return device.type == "cpu" and k <= n * LAZY_MAX_FRACTION
+
+
 def mmr_select(
     features: torch.Tensor,
     importance: torch.Tensor,
@@ -101,12 +180,18 @@ def mmr_select(
 ) -> torch.Tensor:
     """Greedy maximal marginal relevance (IDPruner): `k` indices, ascending.
 
-    Importance ``I`` is min-max normalised; the similarity ``S`` is cosine
-    (computed once from `features` unless given). The first pick is
-    ``argmax I``; each next pick maximises ``lam * I - (1 - lam) * m`` where
-    ``m`` is each token's running maximum similarity to the picked set. With
-    ``lam = 1`` this is top-k by importance; with ``lam = 0`` and constant
-    importance it is farthest-point sampling seeded at index 0.
+    Importance ``I`` is min-max normalised; the similarity ``S`` is cosine.
+    The first pick is ``argmax I``; each next pick maximises
+    ``lam * I - (1 - lam) * m`` where ``m`` is each token's running maximum
+    similarity to the picked set. With ``lam = 1`` this is top-k by
+    importance; with ``lam = 0`` and constant importance it is
+    farthest-point sampling seeded at index 0.
+
+    Given `similarity`, or near a full budget, the loop follows the
+    AngelSlim reference (the matrix, one argmax per step). Otherwise it is
+    the exact lazy form (`mmr_lazy`): a score only falls as the picked set
+    grows, so only the candidates whose stale score still tops the others
+    are re-scored, with no ``N x N`` matrix.
     """
     _check_matrix(features)
     if not 0.0 <= lam <= 1.0:
@@ -119,8 +204,16 @@ def mmr_select(
     if k == 0:
         return _empty(device)
     imp = minmax_normalize(sanitize_scores(importance.to(device), "importance scores"))
+    if similarity is None and _use_lazy(n, k, device):
+        return mmr_lazy(normalize_rows(finite_fp32(features)), imp, k, lam)
     sim = cosine_similarity(finite_fp32(features)) if similarity is None else finite_fp32(similarity, "similarity")
+    return mmr_matrix(sim, imp, k, lam)
 
+
+def mmr_matrix(sim: torch.Tensor, imp: torch.Tensor, k: int, lam: float) -> torch.Tensor:
+    """MMR loop on a full similarity matrix (fp32 ``(n, n)``, normalised importance ``(n,)``): `k` indices, ascending."""
+    n = sim.shape[0]
+    device = sim.device
     picks = torch.empty(k, dtype=torch.long, device=device)
     top = torch.empty(1, dtype=torch.float32, device=device)
     torch.max(imp, dim=0, keepdim=True, out=(top, picks[0:1]))
@@ -139,13 +232,120 @@ def mmr_select(
     return torch.sort(picks).values
 
 
+#: `_LazyMax` brings every candidate up to date (one matmul over all rows) once this many picks are pending
+#: (measured at 2880 -> 320: 32 pending 491 ms, 128 370 ms, 512 307 ms; most candidates never need it)
+LAZY_PENDING = 512
+
+
+class _LazyMax:
+    """Running maxima of ``unit @ unit[p]`` over a growing picked set, brought up to date only where needed.
+
+    ``value[i]`` is the max over the first ``max(base, seen[i])`` picks.
+    The top candidates are refreshed against the picks they have not seen
+    (the pending ones, fewer than `LAZY_PENDING`) in one small matmul; when
+    `LAZY_PENDING` picks are pending, every candidate is brought up to date
+    in one matmul, so the work is about ``n x k x D`` in large products.
+    Re-counting a pick already seen changes no max.
+    """
+
+    def __init__(self, unit: torch.Tensor, first: int, k: int) -> None:
+        self.unit = unit
+        self.picks = [first]
+        self.value = unit @ unit[first]
+        self.base = 1
+        self.seen = [1] * unit.shape[0]
+        # rows of the pending picks (picks[base:]), so a refresh reads them without a gather
+        rows = min(LAZY_PENDING, k)
+        self.pending = torch.empty(rows, unit.shape[1], dtype=unit.dtype, device=unit.device)
+
+    def add(self, pick: int) -> bool:
+        """Record a pick; True when that brought every candidate up to date (recompute every bound)."""
+        self.pending[len(self.picks) - self.base] = self.unit[pick]
+        self.picks.append(pick)
+        t = len(self.picks)
+        if t - self.base < self.pending.shape[0]:
+            return False
+        torch.maximum(self.value, (self.unit @ self.pending.T).max(dim=1).values, out=self.value)
+        self.base = t
+        return True
+
+    def refresh(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bring candidates `idx` up to date; returns them as a device tensor and their maxima."""
+        cand = torch.tensor(idx, dtype=torch.long, device=self.unit.device)
+        t = len(self.picks)
+        start = max(self.base, min(self.seen[i] for i in idx))
+        sims = self.unit.index_select(0, cand) @ self.pending[start - self.base : t - self.base].T
+        fresh = torch.maximum(self.value.index_select(0, cand), sims.max(dim=1).values)
+        self.value.index_copy_(0, cand, fresh)
+        for i in idx:
+            self.seen[i] = t
+        return cand, fresh
+
+    def is_fresh(self, i: int) -> bool:
+        return max(self.base, self.seen[i]) == len(self.picks)
+
+
+def _lazy_argmax(bound: torch.Tensor, is_fresh, refresh, batch: int) -> int:
+    """Index of the largest true value (first maximum) given upper bounds `bound` (updated in place).
+
+    `refresh(idx)` writes the true values of candidates `idx` (a list) into
+    `bound`. The first maximum of the bounds is the answer once its bound
+    is true: every other true value is at most its bound, and an equal
+    bound at a lower index would have come first. Each round refreshes the
+    stale ones among the `batch` highest bounds, the first maximum always
+    among them; picked candidates sit at ``-inf`` and are never refreshed.
+    """
+    batch = min(batch, bound.shape[0])
+    while True:
+        j = int(torch.argmax(bound))
+        if is_fresh(j):
+            return j
+        values, top = torch.topk(bound, batch, sorted=False)
+        stale = [i for i, v in zip(top.tolist(), values.tolist()) if i != j and v != float("-inf") and not is_fresh(i)]
+        refresh([j, *stale])
+
+
+def mmr_lazy(unit: torch.Tensor, imp: torch.Tensor, k: int, lam: float, batch: int | None = None) -> torch.Tensor:
+    """Exact lazy MMR on unit-norm rows `unit` ``(n, D)`` and normalised importance: `k` indices, ascending.
+
+    The same scores as `mmr_matrix` (``lam * I - (1 - lam) * m``, the same
+    operations) and the same picks, ties to the lowest index; similarities
+    are computed only for the candidates that reach the top, against the
+    picks they have not seen (``n x k x D`` work at most, no ``N x N``).
+    """
+    batch = batch or LAZY_BATCH
+    first = int(torch.argmax(imp))
+    picks = [first]
+    relevance = (imp * lam).index_fill_(0, torch.tensor([first], device=unit.device), float("-inf"))
+    running = _LazyMax(unit, first, k)
+    bound = relevance - running.value * (1.0 - lam)
+
+    def refresh(idx: list[int]) -> None:
+        cand, fresh = running.refresh(idx)
+        bound.index_copy_(0, cand, relevance.index_select(0, cand) - fresh * (1.0 - lam))
+
+    for _ in range(1, k):
+        j = _lazy_argmax(bound, running.is_fresh, refresh, batch)
+        picks.append(j)
+        relevance[j] = float("-inf")
+        if running.add(j):
+            torch.sub(relevance, running.value * (1.0 - lam), out=bound)
+        else:
+            bound[j] = float("-inf")
+    return torch.sort(torch.tensor(picks, dtype=torch.long, device=unit.device)).values
+
+
 def divprune_select(features: torch.Tensor, k: int, similarity: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy max-min diversity (DivPrune, official code): `k` indices, ascending.
 
-    Distance is ``1 - cosine`` (the cosine computed once from `features`
-    unless given; a given matrix is not modified). The first pick is the
-    token whose nearest other token is farthest; each next pick is the token
-    whose distance to the picked set (its nearest picked token) is largest.
+    Distance is ``1 - cosine``. The first pick is the token whose nearest
+    other token is farthest; each next pick is the token whose distance to
+    the picked set (its nearest picked token) is largest.
+
+    The loop of the official code on the full matrix (a given `similarity`
+    is not modified), built from one triangle of blocks (`self_cosine`).
+    A lazy loop without the matrix measured slower here: on image-sized
+    inputs nearly every distance bound goes stale at each pick.
     """
     _check_matrix(features)
     n = features.shape[0]
@@ -225,11 +425,76 @@ def coverage_select(cover: torch.Tensor, k: int) -> CoverageResult:
     """Greedy maximum coverage (MMTok): pick `k` columns of `cover` ``(rows, N)``.
 
     Objective: ``f(S) = sum over rows of max over picked columns`` (0 for
-    the empty set; entries are expected non-negative, as softmax rows are).
+    the empty set; negative entries count as 0, as softmax rows have none).
     The first pick is the column with the largest sum; each next pick adds
     the largest gain ``sum_r max(C[r, j] - best_r, 0)``; ties go to the
     lowest index. This is the plain greedy of the MMTok reference, with the
-    same gains at every step.
+    same pick order.
+
+    Run as the exact lazy greedy (`coverage_lazy`) where it wins (on the
+    CPU, a matrix of at least `COMPACT_MIN_ENTRIES` entries, ``k <= N *
+    LAZY_MAX_FRACTION``), else as the reference's loop with dead entries
+    dropped (`coverage_eager`, no host sync per step).
+    """
+    _check_matrix(cover, "coverage matrix")
+    n = cover.shape[1]
+    device = cover.device
+    k = _check_k(k, n)
+    if k == 0:
+        none = torch.zeros(0, dtype=torch.float32, device=device)
+        return CoverageResult(_empty(device), _empty(device), none, none)
+    if cover.numel() >= COMPACT_MIN_ENTRIES and _use_lazy(n, k, device):
+        return coverage_lazy(cover, k)
+    return coverage_eager(cover, k)
+
+
+def coverage_lazy(cover: torch.Tensor, k: int, batch: int | None = None) -> CoverageResult:
+    """Exact lazy greedy maximum coverage: the picks of `coverage_eager`, ties to the lowest index.
+
+    A facility-location gain never increases as the picked set grows, so a
+    gain computed earlier is an upper bound: only candidates whose stale
+    gain still tops the others are re-scored (their columns against the
+    current ``best``), `batch` at a time. The columns are copied once as
+    contiguous rows (the reference loop's per-step temporary is as large);
+    a gain is a row sum, the same reduction at every refresh, so a stale
+    gain bounds the fresh one exactly.
+    """
+    batch = batch or COVERAGE_BATCH
+    cover = finite_fp32(cover, "coverage matrix")
+    n_rows, n = cover.shape
+    device = cover.device
+    # Candidates as rows: a refresh reads whole contiguous rows. Negative entries never add anything
+    # (``best`` starts at 0), so clamping them here changes no gain.
+    cand_rows = torch.empty(n, n_rows, dtype=torch.float32, device=device)
+    torch.clamp_min(cover.T, 0, out=cand_rows)
+    bound = cand_rows.sum(dim=1)
+    best = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    seen = [0] * n
+    order: list[int] = []
+    gains = torch.empty(k, dtype=torch.float32, device=device)
+
+    def is_fresh(i: int) -> bool:
+        return seen[i] == len(order)
+
+    def refresh(idx: list[int]) -> None:
+        cand = torch.tensor(idx, dtype=torch.long, device=device)
+        gain = cand_rows.index_select(0, cand).sub_(best).clamp_min_(0).sum(dim=1)
+        bound.index_copy_(0, cand, gain)
+        for i in idx:
+            seen[i] = len(order)
+
+    for t in range(k):
+        j = _lazy_argmax(bound, is_fresh, refresh, batch)
+        gains[t] = bound[j]
+        order.append(j)
+        torch.maximum(best, cand_rows[j], out=best)
+        bound[j] = float("-inf")
+    order_t = torch.tensor(order, dtype=torch.long, device=device)
+    return CoverageResult(torch.sort(order_t).values, order_t, gains, torch.cumsum(gains, dim=0))
+
+
+def coverage_eager(cover: torch.Tensor, k: int) -> CoverageResult:
+    """`coverage_select` with every gain recomputed every step (the MMTok reference's loop).
 
     Faster than ``rows x N`` work per step, without approximation: an entry
     ``C[r, j] <= best_r`` adds nothing now or later (``best`` only grows),
@@ -238,13 +503,8 @@ def coverage_select(cover: torch.Tensor, k: int) -> CoverageResult:
     compacted at steps 8, 16, 32, ... (one host sync each, never one per
     step), so a later step costs only the alive entries.
     """
-    _check_matrix(cover, "coverage matrix")
     n_rows, n = cover.shape
     device = cover.device
-    k = _check_k(k, n)
-    if k == 0:
-        none = torch.zeros(0, dtype=torch.float32, device=device)
-        return CoverageResult(_empty(device), _empty(device), none, none)
     # An all-zero last row: the target of padding entries after compaction.
     padded = torch.zeros(n_rows + 1, n, dtype=torch.float32, device=device)
     padded[:n_rows] = finite_fp32(cover, "coverage matrix")

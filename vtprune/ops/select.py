@@ -15,6 +15,8 @@ def sanitize_scores(scores: torch.Tensor, what: str = "scores") -> torch.Tensor:
     """
     # Upcast low precisions; float64 scores (matrix entropy) are ranked as they are.
     scores = scores if scores.dtype == torch.float64 else scores.float()
+    if bool(torch.isfinite(scores.sum())):  # fast path: a finite sum means every entry is finite
+        return scores
     bad = ~torch.isfinite(scores)
     if bool(bad.any()):
         warnings.warn(
