@@ -484,3 +484,27 @@ def test_decode_step_reads_past_key_values_as_cache():
     assert steps["cache"][2] == steps["cache"][1] + 1
     assert torch.equal(steps["cache"][0], steps["past_key_values"][0])
     assert steps["cache"][1:] == steps["past_key_values"][1:]
+
+
+def test_report_describes_the_prefill_while_its_generate_runs():
+    """A hook that reads report() right after a prefill (as the lmms-eval runner's log does) sees that
+    prefill, the first call of a fresh wrap included, not the call before it."""
+    model = model_for("llava")
+    vtprune.wrap(model, Random(keep=3, seed=0))
+    seen = []
+
+    def after(_module, _args, kwargs, _out):
+        if kwargs["input_ids"].shape[1] > 1:
+            seen.append(vtprune.report(model).to_dict()["samples"])
+
+    handle = model.register_forward_hook(after, with_kwargs=True)
+    try:
+        for specs in (single_spec("llava"), mixed_specs("llava")):
+            batch = inputs(model, specs if isinstance(specs, list) else [specs])
+            with torch.no_grad():
+                model.generate(**batch, **gen_kwargs(2))
+            assert seen[-1] == vtprune.report(model).to_dict()["samples"]
+            assert len(seen[-1]) == batch["input_ids"].shape[0]
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and seen[0] != seen[1]

@@ -312,6 +312,9 @@ class Runtime:
                 for level in state.levels:
                     level.extras = {}
                 state.sequence = replace(state.sequence, extras={})
+        if record.report is not None:  # report() describes this prefill from now on, while its call runs on
+            with self._report_lock:
+                self.report = record.report
         filled = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
         if state is not None and filled is not None:
             with self._report_lock:  # one lock for what threads share: the report and the cache -> state map
