@@ -64,3 +64,19 @@ def test_gather_seq_zeros_only_padding():
     assert pos.tolist() == [[0, 0, 8, 11], [12, 14, 15, 16]]
 
 
+
+
+@pytest.mark.parametrize("pad_left", [True, False])
+def test_gather_seq_with_autograd_equals_no_grad_and_backpropagates(pad_left):
+    """A forward without no_grad compacts hidden states that require grad: same values, gradients to the kept rows."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 4, generator=gen)
+    keep = torch.tensor([[1, 0, 1, 1, 0, 0, 1], [0, 1, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    index = keep_index(keep, pad_left=pad_left)
+    with torch.no_grad():
+        want = gather_seq(x, index)
+    leaf = x.clone().requires_grad_(True)
+    got = gather_seq(leaf, index)
+    assert torch.equal(got, want)
+    got.sum().backward()
+    assert torch.equal(leaf.grad, keep[..., None].float().expand_as(x))

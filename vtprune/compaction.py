@@ -79,7 +79,9 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return flat.index_select(0, (offsets + index).flatten()).view(bsz, width, *rest)
     slots = torch.arange(width, device=index.device)
     left = torch.equal(valid, slots >= (width - counts)[:, None])
-    if left or torch.equal(valid, slots < counts[:, None]):
+    # out= writes cannot be differentiated: with autograd on (a forward without no_grad) take the gather below
+    tracked = x.requires_grad and torch.is_grad_enabled()
+    if not tracked and (left or torch.equal(valid, slots < counts[:, None])):
         out = torch.empty(bsz, width, *rest, dtype=x.dtype, device=x.device)
         for b, c in enumerate(kept):
             rows, pad = (slice(width - c, width), slice(0, width - c)) if left else (slice(0, c), slice(c, width))
