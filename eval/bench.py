@@ -39,7 +39,7 @@ import torch
 from .. import api
 from ..compaction import gather_seq, keep_index
 from ..demo import DEMO_GEOMETRY, demo_inputs, photo
-from ..measure import interleaved, kv_cache_bytes, median, synchronize, timed
+from ..measure import cache_bytes_by_kind, interleaved, median, synchronize, timed
 from ..patches import adapter_for
 from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
 
@@ -191,7 +191,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
         for name in times:
             if name in wrapped_fns:
                 ms, out, sel = wrapped_fns[name]()
-                kv[name] = kv_cache_bytes(out.cache)
+                kv[name] = cache_bytes_by_kind(out.cache)
                 if rnd >= warmup:
                     sel_times[name].append(sel)
             else:
@@ -210,7 +210,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
                     ms = decode_ms_per_token(model, inputs, decode_tokens)
             if rnd >= warmup:
                 dec[keep].append(ms)
-    kv["unpruned"] = kv_cache_bytes(prefill().cache)
+    kv["unpruned"] = cache_bytes_by_kind(prefill().cache)
 
     full_ms = median(times["unpruned"])
     decode_full = median(dec[None])
@@ -229,7 +229,10 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
             flops_ratio=prefill_flops(model, seq) / prefill_flops(model, new_seq),
             decode_unpruned_ms_per_token=decode_full, decode_vtprune_ms_per_token=median(dec[keep]),
-            kv_bytes_unpruned=kv["unpruned"], kv_bytes_vtprune=kv[f"vtprune {keep}"],
+            # per layer kind: attention layers' keys and values shrink, linear-attention state (Qwen3.5) does not
+            kv_bytes_unpruned=kv["unpruned"]["kv"], kv_bytes_vtprune=kv[f"vtprune {keep}"]["kv"],
+            linear_state_bytes_unpruned=kv["unpruned"]["linear_state"],
+            linear_state_bytes_vtprune=kv[f"vtprune {keep}"]["linear_state"],
             selection_share=sel_ms / vt_ms,
         )
         if is_llava:
@@ -308,8 +311,9 @@ def _f(value, fmt: str = ".1f") -> str:
 def markdown(rows: list[dict]) -> str:
     """Two tables: the costs (ms) and the ratios."""
     costs = ["| family | batch | keep | prefill unpruned | vtprune prefill | bare pruned | vision tower | projector | "
-             "selection | compaction (copy) | LLM prefill unpruned / pruned | decode/token unpruned / pruned |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "selection | compaction (copy) | LLM prefill unpruned / pruned | decode/token unpruned / pruned | "
+             "KV MB unpruned / pruned | linear-attention state MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ratios = ["| family | batch | keep | vtprune speedup | achievable speedup | FLOPs ratio | vtprune / achievable | "
               "achievable / FLOPs | wrap overhead (full budget) | vtprune path / bare | selection / prefill | "
               "compaction / copy |",
@@ -322,7 +326,9 @@ def markdown(rows: list[dict]) -> str:
             f"{_f(g('vision_ms'))} | {_f(g('projector_ms'))} | {r['selection_ms']:.2f} | "
             f"{_f(g('compaction_ms'), '.3f')} ({_f(g('compaction_copy_ms'), '.3f')}) | "
             f"{_f(g('llm_prefill_unpruned_ms'))} / {_f(g('llm_prefill_pruned_ms'))} | "
-            f"{r['decode_unpruned_ms_per_token']:.2f} / {r['decode_vtprune_ms_per_token']:.2f} |"
+            f"{r['decode_unpruned_ms_per_token']:.2f} / {r['decode_vtprune_ms_per_token']:.2f} | "
+            f"{r['kv_bytes_unpruned'] / 2**20:.2f} / {r['kv_bytes_vtprune'] / 2**20:.2f} | "
+            f"{r['linear_state_bytes_vtprune'] / 2**20:.2f} |"
         )
         ach = g("speedup_achievable")
         ratios.append(
