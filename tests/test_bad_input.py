@@ -189,3 +189,13 @@ def test_qwen_inputs_without_mm_token_type_ids_warn():
     vtprune.wrap(model, "random", keep=2)
     with pytest.warns(RuntimeWarning, match="mm_token_type_ids"):
         model(**batch)
+
+
+def test_a_misspelt_option_lists_the_policy_options_only():
+    from vtprune.policies.base import make_policy
+
+    with pytest.raises(TypeError) as err:
+        make_policy("fastv", keep=4, at_layr=2)
+    message = str(err.value)
+    assert "'at_layer'" in message and "'keep'" in message and "at_layr" in message
+    assert "zoo_fields" not in message and "needs_layer_inputs" not in message and "'stage'" not in message

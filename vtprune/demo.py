@@ -32,8 +32,9 @@ def photo() -> np.ndarray:
     return data.astronaut()
 
 
-def demo_inputs(model, image: np.ndarray, question_tokens: int = 12) -> dict:
-    """Processor-equivalent inputs for one image and a short prompt (token ids are synthetic)."""
+def demo_inputs(model, image: np.ndarray, question_tokens: int = 12, qwen_pixels: int = QWEN_PIXELS) -> dict:
+    """Processor-equivalent inputs for one image and a short prompt (token ids are synthetic); Qwen families
+    resize the image to ``qwen_pixels`` pixels (``min_pixels = max_pixels``)."""
     from .patches import adapter_for
 
     family = model.config.model_type
@@ -69,7 +70,7 @@ def demo_inputs(model, image: np.ndarray, question_tokens: int = 12) -> dict:
     from transformers import Qwen2VLImageProcessorPil
 
     vision = model.config.vision_config
-    proc = Qwen2VLImageProcessorPil(min_pixels=QWEN_PIXELS, max_pixels=QWEN_PIXELS, patch_size=vision.patch_size,
+    proc = Qwen2VLImageProcessorPil(min_pixels=qwen_pixels, max_pixels=qwen_pixels, patch_size=vision.patch_size,
                                     merge_size=adapter.merge)
     pix = proc(image, return_tensors="pt")
     n = int(pix["image_grid_thw"].prod()) // adapter.merge**2
@@ -92,9 +93,10 @@ def demo_model(family: str):
     return model
 
 
-def run_family(family: str, policy: str, budgets: list, new_tokens: int, repeats: int) -> list[dict]:
+def run_family(family: str, policy: str, budgets: list, new_tokens: int, repeats: int,
+               qwen_pixels: int = QWEN_PIXELS) -> list[dict]:
     model = demo_model(family)
-    batch = demo_inputs(model, photo())
+    batch = demo_inputs(model, photo(), qwen_pixels=qwen_pixels)
     gen_kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                   suppress_tokens=[IMAGE_TOKEN, VISION_START, VISION_END])
     rows = []
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--qwen-pixels", type=int, default=QWEN_PIXELS,
+                        help="pixels of the photo for Qwen families (default 448 x 448; a document page: 1280 x 1280)")
     parser.add_argument("--png", help="save the photo with the LLaVA-1.5 kept patches (keep=64) highlighted")
     args = parser.parse_args(argv)
     if args.threads:
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'agree':>5}  generated ids")
     png_kept, png_stage = None, "projector"
     for family in args.families:
-        for row in run_family(family, args.policy, budgets, args.new_tokens, args.repeats):
+        for row in run_family(family, args.policy, budgets, args.new_tokens, args.repeats, args.qwen_pixels):
             print(f"{row['family']:<16} {str(row['keep']):>5} {row['before']:>5}->{row['after']:<5} "
                   f"{row['prefill_ms']:>10.1f} {row['speedup']:>6.2f}x {row['kv_mb']:>7.2f} {row['agree']:>5.2f}  "
                   f"{row['generated']}")

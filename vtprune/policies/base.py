@@ -352,5 +352,5 @@ def make_policy(policy: str | Policy | Pipeline, **options) -> Policy | Pipeline
     try:
         return cls(**options)
     except TypeError as err:
-        fields = sorted(f for f in cls.__dataclass_fields__)
+        fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)  # the options, not class constants
         raise TypeError(f"bad options for policy {policy!r}: {err}; it accepts {fields}") from None
