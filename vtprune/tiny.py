@@ -81,18 +81,22 @@ def _text_kwargs(g: Geometry) -> dict:
     )
 
 
+def _vit_kwargs(g: Geometry) -> dict:
+    """The square-image ViT of the LLaVA families (CLIP, SigLIP)."""
+    return dict(
+        hidden_size=g.vision_hidden,
+        intermediate_size=2 * g.vision_hidden,
+        num_hidden_layers=g.vision_layers,
+        num_attention_heads=2,
+        image_size=g.image_size,
+        patch_size=g.patch,
+    )
+
+
 def tiny_config(family: str, geometry: Geometry | None = None):
     g = geometry or Geometry()
     if family in ("llava", "llava_next"):
-        vision = CLIPVisionConfig(
-            hidden_size=g.vision_hidden,
-            intermediate_size=2 * g.vision_hidden,
-            num_hidden_layers=g.vision_layers,
-            num_attention_heads=2,
-            image_size=g.image_size,
-            patch_size=g.patch,
-            projection_dim=g.vision_hidden,
-        )
+        vision = CLIPVisionConfig(**_vit_kwargs(g), projection_dim=g.vision_hidden)
         text = LlamaConfig(**_text_kwargs(g))
         common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN,
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
@@ -146,15 +150,7 @@ def _onevision_config(g: Geometry) -> LlavaOnevisionConfig:
     downsampled by the model as a large real image is (the ``anyres_max`` path), while 1 x 2 grids are not.
     Features: the last layer's output, every token ("full"), as the checkpoints.
     """
-    vision = SiglipVisionConfig(
-        hidden_size=g.vision_hidden,
-        intermediate_size=2 * g.vision_hidden,
-        num_hidden_layers=g.vision_layers,
-        num_attention_heads=2,
-        image_size=g.image_size,
-        patch_size=g.patch,
-        vision_use_head=False,
-    )
+    vision = SiglipVisionConfig(**_vit_kwargs(g), vision_use_head=False)
     text = Qwen2Config(**_text_kwargs(g))
     s = g.image_size
     return LlavaOnevisionConfig(
