@@ -340,7 +340,7 @@ def run(lm, log: PrefillLog, tasks: list[str], *, limit: float | None = None, ou
     from .tasks import TOYVQA_N, prepare
 
     n_local = int(limit) if limit is not None and limit >= 1 else TOYVQA_N
-    size = _toyvqa_image_size(lm.model)
+    size = _toyvqa_image_size(lm.model.config)
     include = prepare(tasks, n=n_local, image_size=size, cache_dir=cache_dir) + list(include_path or [])
     # lmms-eval's index of its own tasks takes seconds to build: only when a task is not found without it.
     task_manager = TaskManager(verbosity, include_path=include or None, include_defaults=False)
@@ -381,10 +381,11 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _toyvqa_image_size(model) -> int:
+def _toyvqa_image_size(config) -> int:
+    """The toyvqa image size for a checkpoint of ``config``'s family (the LLaVA toy model's without one)."""
     from vtprune.toyvqa.models import IMAGE_SIZE
 
-    return IMAGE_SIZE.get(model.config.model_type, IMAGE_SIZE["llava"])
+    return IMAGE_SIZE.get(getattr(config, "model_type", None), IMAGE_SIZE["llava"])
 
 
 def write(out: Path, results: dict, samples: dict, records: list[dict], summary: dict) -> None:
@@ -411,15 +412,13 @@ def _print_include_path(args) -> int:
               "lmms-eval's own tasks need no include path.", file=sys.stderr)
         return 2
     n = int(args.limit) if args.limit is not None and args.limit >= 1 else TOYVQA_N
-    size = 336  # the LLaVA toy model's; --model_args pretrained=PATH picks the checkpoint family's
-    if args.model_args:
+    pretrained = parse_model_args(args.model_args).get("pretrained") if args.model_args else None
+    config = None  # the LLaVA toy model's size unless --model_args pretrained=PATH names a checkpoint
+    if pretrained is not None:
         from transformers import AutoConfig
 
-        from vtprune.toyvqa.models import IMAGE_SIZE
-
-        pretrained = parse_model_args(args.model_args).get("pretrained")
-        if pretrained is not None:
-            size = IMAGE_SIZE.get(AutoConfig.from_pretrained(str(pretrained)).model_type, size)
+        config = AutoConfig.from_pretrained(str(pretrained))
+    size = _toyvqa_image_size(config)
     for folder in prepare(tasks, n=n, image_size=size, cache_dir=args.cache_dir):
         print(folder)
     return 0
