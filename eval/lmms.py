@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..measure import synchronize
 from ..patches import ADAPTERS
 from ..policies.base import make_policy
 
@@ -240,23 +241,19 @@ class PrefillLog:
             hook.remove()
         self._hooks = []
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available() and next(self.model.parameters()).is_cuda:
-            torch.cuda.synchronize()
-
     def _before(self, module, args, kwargs) -> None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         if tokens is not None and tokens.shape[1] > 1:
             self._batch = int(tokens.shape[0])
-            self._sync()
+            synchronize()
             self._start = time.perf_counter()
 
     def _after(self, module, args, kwargs, output) -> None:
         if self._start is None:
             return
-        self._sync()
+        synchronize()
         record = {"ms": round((time.perf_counter() - self._start) * 1000.0, 3), "batch": self._batch}
         self._start = None
         if api.is_wrapped(self.model):
