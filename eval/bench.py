@@ -37,6 +37,7 @@ import time
 import torch
 
 from .. import api
+from ..budget import parse_keep
 from ..compaction import gather_seq, keep_index
 from ..demo import DEMO_GEOMETRY, demo_inputs, photo
 from ..measure import cache_bytes_by_kind, interleaved, median, synchronize, timed
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    budgets = [float(k) if "." in k else int(k) for k in args.keep]
+    budgets = [parse_keep(k) for k in args.keep]
     load_before = os.getloadavg()
     rows = []
     for family in args.families:

@@ -144,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     args = parser.parse_args(argv)
-    from ..budget import validate_keep
+    from ..budget import parse_keep, validate_keep
     from ..policies.base import available_policies
 
     if args.policy not in available_policies():
         parser.error(f"unknown policy {args.policy!r}; available: {', '.join(available_policies())}")
     try:
-        keep = validate_keep(float(args.keep) if "." in args.keep else int(args.keep))
+        keep = validate_keep(parse_keep(args.keep))
         result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens)
     except (ValueError, TypeError, OSError) as exc:
         print(f"vtprune show: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from .. import api, toyvqa
+from ..budget import parse_keep, validate_keep
 
 PERTURBATIONS = ("noise", "shift", "jpeg")
 NOISE_SIGMA = 2.0 / 255.0
@@ -156,12 +157,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _keep(text: str):
-    from ..budget import validate_keep
-
-    return validate_keep(float(text) if "." in text else int(text))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune stability", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown policy {unknown[0]!r}; available: {', '.join(available_policies())}")
     try:
-        keep = _keep(args.keep)
+        keep = validate_keep(parse_keep(args.keep))
         model, processor = toyvqa.load(args.model)
     except (ValueError, OSError) as exc:
         print(f"vtprune stability: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ import time
 import torch
 
 from .. import api, toyvqa
+from ..budget import parse_keep
 
 DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "idpruner:received",
                     "entropyprune", "fastv", "transprune", "hiprune", "visionzip"]
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    budgets = [float(k) if "." in k else int(k) for k in args.keep]
+    budgets = [parse_keep(k) for k in args.keep]
     rows = run(args.model, args.policies, budgets, args.n, args.batch_size)
     with open(args.json, "w") as fh:
         json.dump({"model": args.model, "n": args.n, "rows": rows}, fh, indent=1)

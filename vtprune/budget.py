@@ -8,6 +8,11 @@ from numbers import Integral, Real
 ROUNDINGS = ("round", "floor")
 
 
+def parse_keep(text: str) -> int | float:
+    """A budget as a command line gives it: ``"64"`` is a token count, ``"0.25"`` a fraction (checked by `validate_keep`)."""
+    return float(text) if "." in text else int(text)
+
+
 def validate_keep(keep: object, name: str = "keep") -> int | float:
     """Return `keep` if it is a valid budget, else raise.
 

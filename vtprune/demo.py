@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import api
+from .budget import parse_keep
 from .measure import kv_cache_bytes, time_prefill
 from .tiny import FAMILIES, IMAGE_TOKEN, VISION_END, VISION_START, Geometry, tiny_model
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    budgets = [float(k) if "." in k else int(k) for k in args.keep]
+    budgets = [parse_keep(k) for k in args.keep]
     from .policies.base import available_policies
 
     if args.policy not in available_policies():
