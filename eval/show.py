@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     args = parser.parse_args(argv)
     from ..budget import parse_keep, validate_keep
-    from ..policies.base import available_policies
+    from ..policies.base import unknown_policy
 
-    if args.policy not in available_policies():
-        parser.error(f"unknown policy {args.policy!r}; available: {', '.join(available_policies())}")
+    if error := unknown_policy([args.policy]):
+        parser.error(error)
     try:
         keep = validate_keep(parse_keep(args.keep))
         result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens)

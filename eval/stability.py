@@ -173,11 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--n must be >= 1; got {args.n}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..policies.base import available_policies
+    from ..policies.base import unknown_policy
 
-    unknown = [p for p in args.policies if _policy(p)[0] not in available_policies()]
-    if unknown:
-        parser.error(f"unknown policy {unknown[0]!r}; available: {', '.join(available_policies())}")
+    if error := unknown_policy(args.policies, variants=True):
+        parser.error(error)
     try:
         keep = validate_keep(parse_keep(args.keep))
         model, processor = toyvqa.load(args.model)

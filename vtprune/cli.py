@@ -38,13 +38,10 @@ def _policy_names(argv: list[str]) -> list[str]:
 
 def check_policies(command: str, argv: list[str]) -> str | None:
     """A one-line error for a misspelt policy name, or None."""
-    from .policies.base import available_policies
+    from .policies.base import unknown_policy
 
-    known = available_policies()
-    for name in _policy_names(argv):
-        if name.partition(":")[0] not in known:
-            return f"vtprune {command}: unknown policy {name!r}; available: {', '.join(known)}"
-    return None
+    error = unknown_policy(_policy_names(argv), variants=True)
+    return f"vtprune {command}: {error}" if error else None
 
 
 def main(argv: list[str] | None = None) -> int:

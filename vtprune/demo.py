@@ -155,11 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     budgets = [parse_keep(k) for k in args.keep]
-    from .policies.base import available_policies
+    from .policies.base import unknown_policy
 
-    if args.policy not in available_policies():
-        print(f"vtprune demo: unknown policy {args.policy!r}; available: {', '.join(available_policies())}",
-              file=sys.stderr)
+    if error := unknown_policy([args.policy]):
+        print(f"vtprune demo: {error}", file=sys.stderr)
         return 2
     print(f"vtprune demo: policy={args.policy}, photo=skimage astronaut, random-weight models with real geometry")
     print("visual: patch tokens per image before->after (LLaVA-NeXT: 2880 = 5 views x 576, its newline tokens "

@@ -334,6 +334,18 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def unknown_policy(names: list[str], variants: bool = False) -> str | None:
+    """``"unknown policy 'X'; available: ..."`` for the first of `names` not in the registry, or None.
+
+    With `variants`, ``name:variant`` (the commands' ``idpruner:norm``) is checked by its name.
+    """
+    known = available_policies()
+    for name in names:
+        if (name.partition(":")[0] if variants else name) not in known:
+            return f"unknown policy {name!r}; available: {', '.join(known)}"
+    return None
+
+
 def make_policy(policy: str | Policy | Pipeline, **options) -> Policy | Pipeline:
     """A policy object from a registry name and options, or the given object."""
     if isinstance(policy, (Policy, Pipeline)):
