@@ -111,11 +111,16 @@ def _wrapper_class(model_type: str, force_simple: bool, require_imports: bool = 
     needs = WRAPPER_NEEDS.get(FAMILIES.get(model_type), ()) if require_imports else ()
     missing = [name for name in needs if not _importable(name)]
     if missing:
+        from vtprune.doctor import torchvision_advice, torchvision_problem
+
+        problem = torchvision_problem() if "torchvision" in missing else None
         raise ImportError(
             f"lmms-eval's {FAMILIES[model_type]} wrapper (model_type {model_type!r}) needs {', '.join(missing)}, "
-            "which cannot be imported here. Install them from the vtprune clone with pip install '.[eval-qwen]' "
-            "(torchvision must be the build that matches your torch: on a CPU-only torch, take it from the "
-            "PyTorch CPU index). LLaVA families need neither.")
+            "which cannot be imported here. "
+            + (problem if problem else
+               "Install qwen-vl-utils (pip install qwen-vl-utils) and a torchvision that matches your torch. "
+               + torchvision_advice())
+            + " LLaVA families need neither.")
     from lmms_eval.models import get_model
 
     return get_model(FAMILIES[model_type], force_simple=force_simple)

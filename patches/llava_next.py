@@ -12,11 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import (
-    get_anyres_image_grid_shape,
-    image_size_to_num_patches,
-    unpad_image,
-)
 
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from .llava import LlavaAdapter
@@ -28,6 +23,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _views(self, image_size: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the unpadded high-resolution view of an image of `image_size` (h, w)."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
         vision = self.config.vision_config
         side = self.grid_side
         rows, cols = get_anyres_image_grid_shape(image_size.tolist(), self.config.image_grid_pinpoints, vision.image_size)
@@ -74,6 +71,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _pack(self, captured, layouts, b, i, feats: torch.Tensor) -> torch.Tensor:
         """Per-crop rows ``(crops, side^2, D)`` of image i -> its patch tokens in span order (newlines skipped)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
         sizes = self.encoded(captured, "image_sizes")
         vision = self.config.vision_config
         crops = [

@@ -27,7 +27,6 @@ import math
 from typing import Any
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
@@ -75,6 +74,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def num_crops(self, image_size) -> int:
         """Views of an image with anyres crops: the base view plus the crops of its best grid pinpoint."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
         size = [int(x) for x in image_size]
         return image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
 

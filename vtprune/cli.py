@@ -14,6 +14,7 @@ COMMANDS = {
     "show": ("vtprune.eval.show", "PNG of the patches a policy keeps, per stage, captioned"),
     "calibrate-ecl": ("vtprune.ecl", "per-layer matrix entropy of visual tokens; proposes EntropyPrune's layer"),
     "toyvqa": ("vtprune.toyvqa.cli", "the synthetic VQA task: train, score, export"),
+    "doctor": ("vtprune.doctor", "self-check: the core invariants on tiny models of every family, with your versions"),
 }
 #: commands whose --policy / --policies name registry policies (``name`` or ``name:variant``)
 POLICY_COMMANDS = ("demo", "bench", "stability", "show")

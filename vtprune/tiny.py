@@ -49,6 +49,8 @@ IMAGE_TOKEN = 100
 VIDEO_TOKEN = 101
 VISION_START = 102
 VISION_END = 103
+#: the M-RoPE (Qwen) families
+QWEN = tuple(t for t, adapter in ADAPTERS.items() if adapter.mrope)
 
 
 @dataclass
@@ -350,3 +352,113 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
             (input_ids == IMAGE_TOKEN).long() + 2 * (input_ids == VIDEO_TOKEN).long()
         ).int()
     return out
+
+
+# ---------------------------------------------------------------- batches and their samples, for checks
+def single_spec(family: str) -> SampleSpec:
+    return SampleSpec(images=((32, 48),) if family != "llava" else ((32, 32),), question=6)
+
+
+def mixed_specs(family: str) -> list[SampleSpec]:
+    """Unequal samples: different image sizes (where the family has them), two images, none, padding."""
+    if family == "llava":
+        return [SampleSpec(images=((32, 32),), question=4), SampleSpec(images=((32, 32), (32, 32)), question=7),
+                SampleSpec(question=9)]
+    specs = [SampleSpec(images=((32, 48),), question=4), SampleSpec(images=((48, 32), (32, 32)), question=7),
+             SampleSpec(question=9)]
+    if family == "llava_onevision":
+        # a one-image prompt gets anyres crops (64 x 64: a 2 x 2 grid the model shrinks, anyres_max), the images of a
+        # multi-image prompt a base view each; a video of pooled frames after an image
+        specs.append(SampleSpec(images=((64, 64),), videos=((2, 32, 32),), question=3))
+    if family in QWEN:
+        specs.append(SampleSpec(videos=((4, 32, 32),), question=3))
+    return specs
+
+
+def sample_alone(batch, b, family):
+    """Sample b of a batch as a batch of one (padding removed, its own pixels and grids)."""
+    mask = batch["attention_mask"][b].bool()
+    ids = batch["input_ids"][b][mask].unsqueeze(0)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    def count(tok, row):
+        return int((batch["input_ids"][row] == tok).sum())
+
+    if family in QWEN:
+        out["mm_token_type_ids"] = batch["mm_token_type_ids"][b][mask].unsqueeze(0)
+        for kind, tok, pix in (("image", IMAGE_TOKEN, "pixel_values"), ("video", VIDEO_TOKEN, "pixel_values_videos")):
+            key = f"{kind}_grid_thw"
+            if key not in batch:
+                continue
+            grids = batch[key]
+            per_item = grids.prod(-1) // 4
+            # items of earlier rows
+            first = 0
+            consumed = 0
+            while consumed < sum(count(tok, r) for r in range(b)):
+                consumed += int(per_item[first])
+                first += 1
+            last, mine = first, 0
+            while mine < count(tok, b):
+                mine += int(per_item[last])
+                last += 1
+            if last > first:
+                patches = grids.prod(-1)
+                start = int(patches[:first].sum())
+                out[pix] = batch[pix][start : start + int(patches[first:last].sum())]
+                out[key] = grids[first:last]
+        return out
+    n_before = sum(_images_in_row(batch, r, family) for r in range(b))
+    n_mine = _images_in_row(batch, b, family)
+    if n_mine:
+        out["pixel_values"] = batch["pixel_values"][n_before : n_before + n_mine]
+        if family in ("llava_next", "llava_onevision"):
+            out["image_sizes"] = batch["image_sizes"][n_before : n_before + n_mine]
+        if family == "llava_onevision":
+            out["batch_num_images"] = torch.tensor([n_mine])
+    if family == "llava_onevision" and "pixel_values_videos" in batch:
+        v_before = sum(_runs(batch["input_ids"][r] == VIDEO_TOKEN) for r in range(b))
+        v_mine = _runs(batch["input_ids"][b] == VIDEO_TOKEN)
+        if v_mine:
+            out["pixel_values_videos"] = batch["pixel_values_videos"][v_before : v_before + v_mine]
+    return out
+
+
+def _runs(flags: torch.Tensor) -> int:
+    """Runs of True in a 1-D bool tensor (the placeholder spans of a row; text separates them in these specs)."""
+    ids = flags.int()
+    return int(((ids[1:] - ids[:-1]) == 1).sum()) + int(ids[0])
+
+
+def _images_in_row(batch, row, family):
+    n = int((batch["input_ids"][row] == IMAGE_TOKEN).sum())
+    if family == "llava":
+        return n // 64
+    # llava_next, llava_onevision: count runs of placeholders (images are separated by text in these specs)
+    return _runs(batch["input_ids"][row] == IMAGE_TOKEN)
+
+
+def patch_positions(model, batch, b: int = 0) -> torch.Tensor:
+    """Positions of sample b's patch tokens, found independently of the adapters.
+
+    Visual placeholders from the token ids; for LLaVA-NeXT the newline rows
+    (LLaVA-OneVision: also the one after a multi-image view or a video) are
+    dropped by recognising the learned ``image_newline`` vector in the
+    language model's input.
+    """
+    ids = batch["input_ids"][b]
+    visual = torch.nonzero((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).flatten()
+    if model.config.model_type not in ("llava_next", "llava_onevision"):
+        return visual
+    embeds = lm_input_embeds(model, batch)
+    return visual[~(embeds[b, visual] == model.model.image_newline).all(-1)]
+
+
+def lm_input_embeds(model, batch) -> torch.Tensor:
+    """The merged input embeddings the language model receives for `batch` (before any pruning)."""
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    return seen["e"]
