@@ -49,12 +49,17 @@ setup(
     },
     cmdclass={"build_py": BuildWithZoo},
     install_requires=[
-        # No upper bound on torch: none is measured. CI and the README install CPU
-        # torch 2.13.0 first, and a range it satisfies keeps pip from replacing it.
-        "torch>=2.4",
-        # transformers 5.24 is the newest release and the one tested; the model
-        # files vtprune hooks are those of 5.x (a major release may move them).
-        "transformers>=5.24,<6",
+        # The tested range: CI runs CPU torch 2.13.0 (leg 1) and torch 2.14.1 (leg 2);
+        # transformers itself needs >= 2.6. No upper bound: torch does not move the
+        # model files vtprune hooks, and a range 2.13.0 satisfies keeps pip from
+        # replacing an installed torch.
+        "torch>=2.13",
+        # The tested range: CI runs 5.24.0 (constraints.txt) and 5.25.0, the newest
+        # release. vtprune hooks transformers' model files, which minor releases
+        # change (5.25 changed the hybrid cache's lengths and the mask builders), so
+        # a release no CI has run cannot be installed beside vtprune by accident.
+        # Raise the bound once the suite passes on the next release.
+        "transformers>=5.24,<5.26",
         "safetensors",
         "tokenizers",
         "pyyaml",
@@ -72,10 +77,11 @@ setup(
                  "matplotlib", "tqdm", "filelock<4.3", "einops", "ftfy", "httpx", "jsonlines", "nltk", "numexpr",
                  "openpyxl", "protobuf", "python-dotenv", "sentencepiece", "tiktoken", "zss", "zstandard", "pybind11",
                  "tqdm-multiprocess", "scikit-learn"],
-        # lmms-eval's Qwen wrappers: qwen-vl-utils imports torchvision, which must match
-        # the installed torch (PyPI's torchvision wheels are CUDA builds: on a CPU-only
-        # torch, take torchvision from the PyTorch CPU index).
-        "eval-qwen": ["qwen-vl-utils", "torchvision"],
+        # lmms-eval's Qwen wrappers: qwen-vl-utils, which imports torchvision. torchvision
+        # is not listed: an unpinned torchvision makes pip replace the installed torch
+        # with the one the newest torchvision needs. Install the torchvision release that
+        # pairs with your torch yourself (README: "Evaluation"; `vtprune doctor` checks it).
+        "eval-qwen": ["qwen-vl-utils"],
         "flash": ["flash-attn"],
         "ray": ["ray"],  # vtprune sweep --backend ray
     },

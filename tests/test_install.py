@@ -77,7 +77,9 @@ def test_qwen_wrapper_without_its_imports_is_a_clear_error(monkeypatch):
     from vtprune.eval import lmms
 
     monkeypatch.setattr(lmms, "_importable", lambda name: name != "torchvision")
-    with pytest.raises(ImportError, match=r"torchvision.*\[eval-qwen\]"):
+    # the advice names the torchvision that pairs with this torch and keeps that torch (--no-deps)
+    minor = int(torch.__version__.split(".")[1])
+    with pytest.raises(ImportError, match=rf"needs torchvision.*torchvision 0\.{minor + 15}\.x.*--no-deps"):
         lmms._wrapper_class("qwen2_5_vl", force_simple=False)
 
 
@@ -106,3 +108,23 @@ def test_resume_refuses_a_planted_pickle(tmp_path):
     path.write_bytes(pickle.dumps({"step": _Planted()}, protocol=2))
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path)
+
+
+def test_ci_runs_both_ends_of_the_declared_transformers_range():
+    """setup.py admits exactly the releases CI runs: constraints.txt's (leg 1) and .ci/run's newest (leg 2)."""
+    import re
+
+    from packaging.specifiers import SpecifierSet
+
+    root = Path(__file__).resolve().parent.parent
+    declared = re.search(r'"transformers([^"]+)"', (root / "setup.py").read_text()).group(1)
+    pinned = re.search(r"^transformers==(\S+)$", (root / "constraints.txt").read_text(), re.M).group(1)
+    newest = re.search(r"^NEWEST_TRANSFORMERS=(\S+)$", (root / ".ci" / "run").read_text(), re.M).group(1)
+    spec = SpecifierSet(declared)
+    assert pinned in spec and newest in spec
+    lower = min(s.version for s in spec if s.operator == ">=")
+    upper = max(s.version for s in spec if s.operator == "<")
+    assert pinned.startswith(lower), f"leg 1 runs {pinned}, the declared lower bound is {lower}"
+    # the upper bound admits no minor release newer than the one leg 2 runs
+    assert [int(x) for x in upper.split(".")[:2]] == [int(x) for x in newest.split(".")[:2]][:1] + [
+        int(newest.split(".")[1]) + 1]
