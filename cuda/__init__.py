@@ -1,10 +1,12 @@
 """The CUDA compaction kernel and its loader.
 
-`load()` builds ``compaction.cu`` as a torch extension the first time it is
-needed on a machine with a CUDA build of torch and a GPU (a few seconds,
-cached by torch), and returns None everywhere else: callers then use the
-torch gather in `vtprune.compaction`, the reference implementation.
-Set ``VTPRUNE_NO_CUDA_KERNEL=1`` to force the torch path.
+The kernel is opt-in until a GPU run has checked it: with
+``VTPRUNE_KERNEL=cuda`` in the environment, `load()` builds
+``compaction.cu`` as a torch extension the first time it is needed on a
+machine with a CUDA build of torch and a GPU (a few seconds, cached by
+torch). By default (``VTPRUNE_KERNEL`` unset or ``torch``), and wherever the
+extension cannot be built, it returns None: callers then use the torch
+gather in `vtprune.compaction`, the reference implementation.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("compaction.cu")
+ENV = "VTPRUNE_KERNEL"
+CHOICES = ("torch", "cuda")
 
 
 @lru_cache(maxsize=1)
 def load():
     """The compiled extension module (with ``gather_seq(x, index)``), or None where it cannot be built."""
-    if os.environ.get("VTPRUNE_NO_CUDA_KERNEL") == "1":
+    choice = os.environ.get(ENV, "torch")
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r}: choose one of {', '.join(CHOICES)} (default torch)")
+    if choice != "cuda":
         return None
     try:
         import torch

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("vtprune gpu suite: no CUDA device here; run it on a GPU machine", file=sys.stderr)
         return 2
+    # the suite checks the opt-in CUDA kernel (VTPRUNE_KERNEL=cuda) beside the default torch path
+    os.environ["VTPRUNE_KERNEL"] = "cuda"
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
     tmp = Path(tempfile.mkdtemp())
 

@@ -44,18 +44,50 @@ def test_torch_extension_compiles_against_this_torch(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def test_kernel_loader_falls_back_without_a_gpu():
+def test_kernel_loader_falls_back_without_a_gpu(monkeypatch):
     from vtprune.cuda import load
 
+    monkeypatch.setenv("VTPRUNE_KERNEL", "cuda")
+    load.cache_clear()
     if not torch.cuda.is_available():
         assert load() is None
+    load.cache_clear()
+
+
+def test_kernel_is_opt_in(monkeypatch):
+    """Where CUDA is present the torch path stays the default: the kernel is built only with VTPRUNE_KERNEL=cuda."""
+    from torch.utils import cpp_extension
+
+    from vtprune.cuda import load
+
+    built = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: built.append(kwargs) or "extension")
+    for value in (None, "torch"):
+        if value is None:
+            monkeypatch.delenv("VTPRUNE_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("VTPRUNE_KERNEL", value)
+        load.cache_clear()
+        assert load() is None and not built
+    monkeypatch.setenv("VTPRUNE_KERNEL", "cuda")
+    load.cache_clear()
+    assert load() == "extension" and built[0]["name"] == "vtprune_compaction"
+    monkeypatch.setenv("VTPRUNE_KERNEL", "cdua")
+    load.cache_clear()
+    with pytest.raises(ValueError, match=r"VTPRUNE_KERNEL='cdua': choose one of torch, cuda"):
+        load()
+    load.cache_clear()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype, width", [(torch.float32, 64), (torch.bfloat16, 4096), (torch.float16, 3)])
-def test_kernel_equals_torch_gather(dtype, width):
+def test_kernel_equals_torch_gather(dtype, width, monkeypatch):
     from vtprune.cuda import load
 
+    monkeypatch.setenv("VTPRUNE_KERNEL", "cuda")
+    load.cache_clear()
     kernel = load()
     assert kernel is not None
     torch.manual_seed(0)
