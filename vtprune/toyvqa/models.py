@@ -284,7 +284,9 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     arch = classes.get(json.loads(saved.read_text()).get("processor_class", "")) if saved.is_file() else None
     arch = arch or arch_of(path)
     if arch == "llava":
-        return AutoProcessor.from_pretrained(str(path))
+        # the PIL backend the model was trained with: where torchvision is installed, transformers would
+        # otherwise pick the torchvision backend, whose resize differs in the last bits
+        return AutoProcessor.from_pretrained(str(path), backend="pil")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
     with _tolerate_missing_video_processor():
