@@ -448,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         return _print_include_path(args)
     if not args.model_args or not args.tasks:
         parser.error("--model_args and --tasks are required (or --print-include-path TASKS)")
+    from .outputs import folder_problem
+
+    for value, option in ((args.output_path, "--output_path"), (args.cache_dir, "--cache_dir")):
+        if value is not None and (problem := folder_problem(value, option)):
+            print(f"vtprune eval: {problem}", file=sys.stderr)  # before the model loads, not after it ran
+            return 2
     if args.offline:
         offline()
     if args.threads:
