@@ -45,7 +45,7 @@ from ..demo import DEMO_GEOMETRY, demo_inputs, photo
 from ..measure import cache_bytes_by_kind, interleaved, median, synchronize, timed
 from ..patches import adapter_for
 from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
-from .outputs import file_problem
+from .outputs import file_problem, make_parent
 
 
 def bench_model(family: str, layers: int, hidden: int, device: torch.device, dtype: torch.dtype):
@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and (problem := file_problem(args.json, "--json")):
         print(f"vtprune bench: {problem}", file=sys.stderr)  # before any timing: a bad path must not cost the finished results
         return 2
+    if args.json is not None:
+        make_parent(args.json)
     if args.suite == "gpu":
         from .gpu_suite import main as gpu_main
 

@@ -16,29 +16,31 @@ def _nearest_existing(path: Path) -> Path:
 def file_problem(path: str | Path, what: str) -> str | None:
     """Why ``path`` cannot be written as a file (``what`` names the option), or None when it can.
 
-    The path may exist as a file (it is overwritten); its folder must exist.
+    The path may exist as a file (it is overwritten); missing folders above it
+    are created by :func:`make_parent` (so the check is that they can be).
     """
     path = Path(path)
     if path.is_dir():
         return f"{what} {str(path)!r} is a folder; give a file path, e.g. {str(path / 'out.json')!r}"
-    folder = path.parent
-    if not folder.exists():
-        return f"{what} {str(path)!r}: folder {str(folder)!r} does not exist"
-    if not folder.is_dir():
-        return f"{what} {str(path)!r}: {str(folder)!r} is not a folder"
-    if not os.access(path if path.exists() else folder, os.W_OK):
-        return f"{what} {str(path)!r} is not writable"
-    return None
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{what} {str(path)!r} is not writable"
+    return folder_problem(path.parent, what, name=path)
 
 
-def folder_problem(path: str | Path, what: str) -> str | None:
+def make_parent(path: str | Path) -> None:
+    """Create the folders above ``path`` (checked by :func:`file_problem`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def folder_problem(path: str | Path, what: str, name: str | Path | None = None) -> str | None:
     """Why ``path`` cannot be used as an output folder (created if absent), or None when it can."""
     path = Path(path)
+    name = str(path if name is None else name)
     if path.exists() and not path.is_dir():
-        return f"{what} {str(path)!r} exists and is not a folder"
+        return f"{what} {name!r}: {str(path)!r} is a file, not a folder"
     base = _nearest_existing(path)
     if not base.is_dir():
-        return f"{what} {str(path)!r}: {str(base)!r} is a file, not a folder"
+        return f"{what} {name!r}: {str(base)!r} is a file, not a folder"
     if not os.access(base, os.W_OK | os.X_OK):
-        return f"{what} {str(path)!r}: {str(base)!r} is not writable"
+        return f"{what} {name!r}: {str(base)!r} is not writable"
     return None

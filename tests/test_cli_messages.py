@@ -108,10 +108,15 @@ def test_stability_json_path_is_checked_before_measuring(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(stability.toyvqa, "load", _must_not_run)
     monkeypatch.setattr(stability, "measure", _must_not_run)
-    for bad, says in ((tmp_path, "is a folder"), (tmp_path / "missing" / "s.json", "does not exist")):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    for bad, says in ((tmp_path, "is a folder"), (a_file / "s.json", "is a file, not a folder")):
         assert main(["stability", "--policies", "random", "--json", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err and str(bad) in err
+    with pytest.raises(_Ran):  # a folder still to be made is made, then the model loads
+        main(["stability", "--policies", "random", "--json", str(tmp_path / "new" / "s.json")])
+    assert (tmp_path / "new").is_dir()
 
 
 def test_show_output_and_image_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
@@ -120,7 +125,7 @@ def test_show_output_and_image_are_checked_before_the_model_loads(tmp_path, monk
     monkeypatch.setattr(show, "_load", _must_not_run)
     image = tmp_path / "scene.png"
     image.write_bytes(b"")  # never opened: the checks come first
-    for out, says in ((tmp_path / "nowhere" / "kept.png", "does not exist"), (tmp_path, "is a folder")):
+    for out, says in ((image / "kept.png", "is a file, not a folder"), (tmp_path, "is a folder")):
         assert main(["show", str(image), "--policy", "random", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err and str(out) in err
