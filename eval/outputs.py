@@ -33,14 +33,16 @@ def make_parent(path: str | Path) -> None:
 
 
 def folder_problem(path: str | Path, what: str, name: str | Path | None = None) -> str | None:
-    """Why ``path`` cannot be used as an output folder (created if absent), or None when it can."""
+    """Why ``path`` cannot be used as an output folder (created if absent), or None when it can.
+
+    ``name`` is the path the user gave, when ``path`` is the folder above it.
+    """
     path = Path(path)
-    name = str(path if name is None else name)
-    if path.exists() and not path.is_dir():
-        return f"{what} {name!r}: {str(path)!r} is a file, not a folder"
     base = _nearest_existing(path)
+    given = f"{what} {str(path if name is None else name)!r}"
+    where = "" if base == Path(path if name is None else name) else f": {str(base)!r}"
     if not base.is_dir():
-        return f"{what} {name!r}: {str(base)!r} is a file, not a folder"
+        return f"{given}{where} is a file, not a folder"
     if not os.access(base, os.W_OK | os.X_OK):
-        return f"{what} {name!r}: {str(base)!r} is not writable"
+        return f"{given}{where} is not writable"
     return None
