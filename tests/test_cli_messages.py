@@ -184,3 +184,17 @@ def test_bench_keep_1_is_one_token_of_the_chosen_policy_and_nothing_is_written_u
     assert set(used) == {("random", "float", 1.0), ("divprune", "int", 1)}
     assert "| 1 (576->1) |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # no bench.json in the current folder: it was not asked for
+
+
+@pytest.mark.parametrize("module, heavy", [("gpu_suite", "run_tests"), ("selection_time", "time_case"),
+                                           ("toyvqa_policies", "run")])
+def test_the_other_eval_scripts_check_their_json_path_first(module, heavy, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    mod = importlib.import_module(f"vtprune.eval.{module}")
+    monkeypatch.setattr(mod, heavy, _must_not_run)
+    try:
+        code = mod.main(["--json", str(tmp_path)])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and "is a folder" in capsys.readouterr().err
