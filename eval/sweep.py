@@ -144,9 +144,9 @@ def _strings(cfg: dict, key: str, problems: list[str], what: str) -> list[str]:
 def check_config(cfg, source: str = "", backend: str = "local") -> dict:
     """The sweep configuration, checked as a whole before anything runs, with duplicates removed.
 
-    Raises :class:`SweepConfigError` listing every problem (a misspelt policy,
-    a bad budget, a negative count, an unknown setting, an output path that is
-    a file, ...), one line each. Duplicate models, policies, budgets or tasks
+    Raises :class:`SweepConfigError` listing every problem (a misspelt policy
+    or model, a bad budget, a negative count, an unknown setting, an output
+    path that is a file, ...), one line each. Duplicate models, policies, budgets or tasks
     are run once (a warning says so); the int budget 1 (one token) and the
     float 1.0 (full budget) are different budgets.
     """
@@ -216,6 +216,15 @@ def check_config(cfg, source: str = "", backend: str = "local") -> dict:
         if any(t.startswith(LMMS) for t in cfg["tasks"]) and importlib.util.find_spec("lmms_eval") is None:
             problems.append("lmms: tasks need lmms-eval, which is not installed (README: pip install '.[eval]' && "
                             "pip install --no-deps lmms-eval==0.7.3)")
+    for model in cfg.get("models") or []:  # toyvqa loads toy checkpoints from disk; lmms-eval also takes hub ids
+        local = model in toyvqa.ARCHS or (Path(model) / "config.json").is_file()
+        tasks = cfg.get("tasks") or ["toyvqa"]
+        if not local and "toyvqa" in tasks:
+            problems.append(f"model {model!r}: task toyvqa needs a toyvqa arch ({', '.join(toyvqa.ARCHS)}) or a "
+                            "checkpoint folder with config.json")
+        elif not local and "/" not in model:
+            problems.append(f"model {model!r} is neither a toyvqa arch ({', '.join(toyvqa.ARCHS)}), a checkpoint "
+                            "folder with config.json, nor a hub id (org/name)")
     counts = {"n": (1, "null (every item) or an int >= 1"), "timed_items": (1, "an int >= 1"),
               "stability": (0, "an int >= 0 (toyvqa items; 0 or null: off)"), "batch_size": (1, "an int >= 1"),
               "threads": (1, "an int >= 1")}

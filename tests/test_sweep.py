@@ -105,7 +105,7 @@ def test_every_problem_of_the_config_is_reported_before_the_first_run(tmp_path, 
 
     a_file = tmp_path / "taken"
     a_file.write_text("")
-    cfg = {"out": str(a_file), "models": ["llava"], "policies": ["divprune", "idprunr", "divprune:x"],
+    cfg = {"out": str(a_file), "models": ["llava", "lava"], "policies": ["divprune", "idprunr", "divprune:x"],
            "budgets": [64, 9.0, "x"], "tasks": ["toyvqa", "mme"], "timed_items": 0, "stability": -3, "n": 0,
            "polices": ["fastv"]}
     assert cli(["sweep", str(_write(tmp_path, cfg)), "--threads", "-1"]) == 2
@@ -115,7 +115,7 @@ def test_every_problem_of_the_config_is_reported_before_the_first_run(tmp_path, 
                 "budgets[2] must be", "unknown task 'mme'", "'timed_items' must be an int >= 1; got 0",
                 "'stability' must be an int >= 0", "'n' must be null (every item) or an int >= 1; got 0",
                 "'threads' must be an int >= 1; got -1", "unknown setting 'polices' (did you mean 'policies'?)",
-                f"{str(a_file)!r} is a file, not a folder"]
+                f"{str(a_file)!r} is a file, not a folder", "model 'lava': task toyvqa needs a toyvqa arch"]
     problems = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(problems) == len(expected), err
     for text in expected:  # one line per problem, all of them at once
