@@ -146,9 +146,9 @@ def check_config(cfg, source: str = "", backend: str = "local") -> dict:
 
     Raises :class:`SweepConfigError` listing every problem (a misspelt policy
     or model, a bad budget, a negative count, an unknown setting, an output
-    path that is a file, ...), one line each. Duplicate models, policies, budgets or tasks
-    are run once (a warning says so); the int budget 1 (one token) and the
-    float 1.0 (full budget) are different budgets.
+    path that is a file, ...), one line each. Duplicate models, policies,
+    budgets or tasks are run once (a warning says so); the int budget 1 (one
+    token) and the float 1.0 (full budget) are different budgets.
     """
     import difflib
     import importlib.util
