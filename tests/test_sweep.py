@@ -137,8 +137,10 @@ def test_a_config_that_is_no_grid_is_one_message_not_a_traceback(text, says, tmp
 def test_duplicate_budgets_run_once(tmp_path, runs):
     path = _write(tmp_path, {"out": str(tmp_path / "out"), "models": ["llava", "llava"], "budgets": [64, 64, 1, 1.0],
                              "policies": ["random"]})
-    with pytest.warns(UserWarning, match="repeat a budget"):
+    with pytest.warns(UserWarning) as warned:
         assert main([str(path)]) == 0
+    messages = [str(w.message) for w in warned]
+    assert any("repeat a budget" in m for m in messages) and any("'models' lists llava" in m for m in messages)
     # the int 1 (one token) and the float 1.0 (full budget) are two budgets; 64 twice is one
     assert sorted(runs, key=str) == sorted([("none", "all")] + [(p, k) for p in ("random", "pooling")
                                                                 for k in (64, 1, 1.0)], key=str)
