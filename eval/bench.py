@@ -18,12 +18,13 @@ synchronised), one process:
   decode time per token unpruned and pruned;
 - the FLOPs ratio (an estimate: matmuls plus attention scores).
 
-Writes JSON and prints markdown tables. The compaction op is also timed at
+Prints markdown tables (and writes them as JSON with ``--json PATH``; nothing is
+written without it). The compaction op is also timed at
 7B width (D = 4096) at batch 8 with unequal keeps, fp32 and bf16.
 
     python -m vtprune.eval.bench                                  # batch 1, 8, 32; random at 64; CPU, 1 thread
     python -m vtprune.eval.bench --batch-sizes 1 8 --keep 64 192 --policy idpruner --json runs/bench.json
-    python -m vtprune.eval.bench --suite gpu                      # on a GPU machine: see vtprune/eval/gpu_suite.py
+    python -m vtprune.eval.bench --suite gpu --json gpu.json      # on a GPU machine: see vtprune/eval/gpu_suite.py
 """
 
 from __future__ import annotations
@@ -32,17 +33,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
 
 from .. import api
-from ..budget import parse_keep
+from ..budget import is_full_budget, parse_keep, validate_keep
 from ..compaction import gather_seq, keep_index
 from ..demo import DEMO_GEOMETRY, demo_inputs, photo
 from ..measure import cache_bytes_by_kind, interleaved, median, synchronize, timed
 from ..patches import adapter_for
 from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
+from .outputs import file_problem, make_parent
 
 
 def bench_model(family: str, layers: int, hidden: int, device: torch.device, dtype: torch.dtype):
@@ -153,7 +156,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
 
     def wrapped(keep):
         def run():
-            with api.pruned(model, policy if keep != 1.0 else "random", keep=keep):
+            with api.pruned(model, "random" if is_full_budget(keep) else policy, keep=keep):
                 ms, out = timed(prefill)
                 stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
             return ms, out, sum(s["ms"] for s in stages.values())
@@ -181,7 +184,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             fns[f"bare pruned {keep}"] = b.pruned_prefill
             fns[f"llm prefill {keep}"] = (lambda b=b, e=pruned_embeds: b.llm(e, b.positions))
             entry["bare"] = b
-        per_budget[keep] = entry
+        per_budget[str(keep)] = entry  # by text: the int 1 (one token) and 1.0 (full budget) differ
 
     # One round-robin over every configuration, wrapped or not, so that load drift hits them alike;
     # a wrapped run times only its forward (wrapping is not part of a prefill).
@@ -201,16 +204,16 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
                 times[name].append(ms)
     w_times = times
     # decode per token, unpruned and pruned, round-robin
-    dec: dict = {None: [], **{keep: [] for keep in budgets}}
+    dec: dict = {None: [], **{str(keep): [] for keep in budgets}}
     for rnd in range(warmup + repeats):
-        for keep in dec:
+        for key, keep in [(None, None), *((str(k), k) for k in budgets)]:
             if keep is None:
                 ms = decode_ms_per_token(model, inputs, decode_tokens)
             else:
                 with api.pruned(model, policy, keep=keep):
                     ms = decode_ms_per_token(model, inputs, decode_tokens)
             if rnd >= warmup:
-                dec[keep].append(ms)
+                dec[key].append(ms)
     kv["unpruned"] = cache_bytes_by_kind(prefill().cache)
 
     full_ms = median(times["unpruned"])
@@ -218,7 +221,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     wrap_ms = median(w_times["wrapped, full budget"])
     rows = []
     for keep in budgets:
-        entry = per_budget[keep]
+        entry = per_budget[str(keep)]
         kept = entry["kept"]
         vt_ms = median(w_times[f"vtprune {keep}"])
         sel_ms = median(sel_times[f"vtprune {keep}"])
@@ -229,7 +232,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,
             selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
             flops_ratio=prefill_flops(model, seq) / prefill_flops(model, new_seq),
-            decode_unpruned_ms_per_token=decode_full, decode_vtprune_ms_per_token=median(dec[keep]),
+            decode_unpruned_ms_per_token=decode_full, decode_vtprune_ms_per_token=median(dec[str(keep)]),
             # per layer kind: attention layers' keys and values shrink, linear-attention state (Qwen3.5) does not
             kv_bytes_unpruned=kv["unpruned"]["kv"], kv_bytes_vtprune=kv[f"vtprune {keep}"]["kv"],
             linear_state_bytes_unpruned=kv["unpruned"]["linear_state"],
@@ -367,18 +370,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default="bench.json")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1); use fewer than the "
                         "idle cores, oversubscribed threads make CPU timings meaningless")
     args = parser.parse_args(argv)
+    if args.json is not None and (problem := file_problem(args.json, "--json")):
+        print(f"vtprune bench: {problem}", file=sys.stderr)  # before any timing: a bad path must not cost the finished results
+        return 2
+    if args.json is not None:
+        make_parent(args.json)
     if args.suite == "gpu":
         from .gpu_suite import main as gpu_main
 
-        return gpu_main(["--json", args.json])
+        return gpu_main(["--json", args.json] if args.json else [])
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    budgets = [parse_keep(k) for k in args.keep]
+    # one row per budget: "64 64" is one budget; the int 1 (one token) and 1.0 (full budget) are two
+    budgets = list({(type(k), k): k for k in (validate_keep(parse_keep(k)) for k in args.keep)}.values())
     load_before = os.getloadavg()
     rows = []
     for family in args.families:
@@ -395,14 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "warmup": args.warmup, "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "rows": rows, "compaction": comp,
     }
-    with open(args.json, "w") as fh:
-        json.dump(result, fh, indent=1)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
     print()
     print(markdown(rows))
     print()
     print(compaction_markdown(comp))
     print(f"\n(torch threads: {torch.get_num_threads()}; load average {load_before[0]:.2f} before, "
-          f"{result['load_average_after'][0]:.2f} after; JSON: {args.json})")
+          f"{result['load_average_after'][0]:.2f} after" + (f"; JSON: {args.json})" if args.json else ")"))
     return 0
 
 

@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="gpu.json")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "compaction", "selection", "bench"])
     args = parser.parse_args(argv)
+    from .outputs import file_problem, make_parent
+
+    if problem := file_problem(args.json, "--json"):  # before the GPU time is spent, not after
+        print(f"vtprune gpu suite: {problem}", file=sys.stderr)
+        return 2
+    make_parent(args.json)
     if not torch.cuda.is_available():
         print("vtprune gpu suite: no CUDA device here; run it on a GPU machine", file=sys.stderr)
         return 2

@@ -27,7 +27,10 @@ machine ``pretrained=llava-hf/llava-1.5-7b-hf`` downloads the checkpoint and
 lmms-eval's tasks download their data. ``--offline`` sets ``HF_HUB_OFFLINE``,
 ``HF_DATASETS_OFFLINE`` and ``TRANSFORMERS_OFFLINE`` to 1 (then ``pretrained``
 must be a local folder or already cached); variables the user set are kept
-either way. Local tasks (``toyvqa``) are exported into ``--cache_dir`` when absent.
+either way. Local tasks (``toyvqa``): their data is exported into ``--cache_dir``
+and reused only while its content hashes match the export's manifest (else
+exported again); their task YAML is written for each run into a private
+temporary folder, so no file in the cache is ever imported by lmms-eval.
 
 Several GPUs, data parallel as lmms-eval does (one process per GPU, each
 with the whole model; lmms-eval shards the documents by rank and gathers the
@@ -56,6 +59,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -335,15 +339,23 @@ def run(lm, log: PrefillLog, tasks: list[str], *, limit: float | None = None, ou
     ``vtprune`` summary added, and the per-item samples per task. Raises
     :class:`EvalFailed` when the evaluation did not really succeed.
     """
-    from lmms_eval import evaluator
-    from lmms_eval.tasks import TaskManager
-    from loguru import logger
-
     from .tasks import TOYVQA_N, prepare
 
     n_local = int(limit) if limit is not None and limit >= 1 else TOYVQA_N
     size = _toyvqa_image_size(lm.model.config)
-    include = prepare(tasks, n=n_local, image_size=size, cache_dir=cache_dir) + list(include_path or [])
+    # the local tasks' YAML in a private folder of this run (the shared cache holds only verified data)
+    with tempfile.TemporaryDirectory(prefix="vtprune-tasks-") as own:
+        include = prepare(tasks, n=n_local, image_size=size, cache_dir=cache_dir, include_dir=own)
+        return _evaluate(lm, log, tasks, include + list(include_path or []), limit, output_path, gen_kwargs,
+                         verbosity)
+
+
+def _evaluate(lm, log: PrefillLog, tasks: list[str], include: list[str], limit, output_path, gen_kwargs,
+              verbosity: str) -> tuple[dict, dict]:
+    from lmms_eval import evaluator
+    from lmms_eval.tasks import TaskManager
+    from loguru import logger
+
     # lmms-eval's index of its own tasks takes seconds to build: only when a task is not found without it.
     task_manager = TaskManager(verbosity, include_path=include or None, include_defaults=False)
     if not all(t in task_manager.all_tasks for t in tasks):
@@ -453,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         return _print_include_path(args)
     if not args.model_args or not args.tasks:
         parser.error("--model_args and --tasks are required (or --print-include-path TASKS)")
+    from .outputs import folder_problem
+
+    for value, option in ((args.output_path, "--output_path"), (args.cache_dir, "--cache_dir")):
+        if value is not None and (problem := folder_problem(value, option)):
+            print(f"vtprune eval: {problem}", file=sys.stderr)  # before the model loads, not after it ran
+            return 2
     if args.offline:
         offline()
     if args.threads:

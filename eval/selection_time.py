@@ -278,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="runs/selection_time.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
+    from .outputs import file_problem
+
+    if problem := file_problem(args.json, "--json"):
+        parser.error(problem)  # before timing, not after
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

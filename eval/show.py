@@ -146,9 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ..budget import parse_keep, validate_keep
     from ..policies.base import unknown_policy
+    from .outputs import file_problem, make_parent
 
     if error := unknown_policy([args.policy]):
         parser.error(error)
+    if not Path(args.image).is_file():
+        print(f"vtprune show: image {args.image!r} is not a file", file=sys.stderr)
+        return 2
+    if problem := file_problem(args.out, "--out"):
+        print(f"vtprune show: {problem}", file=sys.stderr)  # before the model runs
+        return 2
+    make_parent(args.out)
     try:
         keep = validate_keep(parse_keep(args.keep))
         result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens)

@@ -38,6 +38,7 @@ from PIL import Image
 
 from .. import api, toyvqa
 from ..budget import parse_keep, validate_keep
+from .outputs import file_problem, make_parent
 
 PERTURBATIONS = ("noise", "shift", "jpeg")
 NOISE_SIGMA = 2.0 / 255.0
@@ -177,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if error := unknown_policy(args.policies, variants=True):
         parser.error(error)
+    if args.json is not None and (problem := file_problem(args.json, "--json")):
+        print(f"vtprune stability: {problem}", file=sys.stderr)  # before measuring: a bad path must not cost the finished results
+        return 2
+    if args.json is not None:
+        make_parent(args.json)
     try:
         keep = validate_keep(parse_keep(args.keep))
         model, processor = toyvqa.load(args.model)

@@ -1,7 +1,9 @@
 """`vtprune sweep sweep.yaml`: an ablation grid of models x policies x budgets x tasks.
 
-One JSON row per run in ``out/results.jsonl``; a rerun skips rows already
-there (resumable; a row cut off half-written, e.g. by a killed job, is
+The whole YAML is checked before the first run (:func:`check_config`: every
+problem listed, one a line; duplicates run once). One JSON row per run in
+``out/results.jsonl``; a rerun skips rows already there (resumable; a row
+cut off half-written, e.g. by a killed job, or a line that is no row, is
 dropped with a warning and run again, nothing else is lost). Every model
 also gets its unpruned run, and ``random`` and ``pooling`` are added at
 every budget (the baselines every comparison needs). Afterwards
@@ -104,26 +106,180 @@ def family_of(task: str) -> str:
     return "other"
 
 
+class SweepConfigError(ValueError):
+    """A sweep configuration with problems, one line each (raised before the first run)."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"sweep config {source}: {len(problems)} problem(s), nothing was run:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+
+
+#: every setting a sweep YAML may have (``threads``: set by ``--threads``)
+SETTINGS = ("out", "models", "policies", "budgets", "tasks", "n", "stability", "timed_items", "model_args",
+            "batch_size", "device", "offline", "cache_dir", "gen_kwargs", "ray_gpus_per_run", "threads")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _strings(cfg: dict, key: str, problems: list[str], what: str) -> list[str]:
+    """``cfg[key]`` as a list of non-empty strings, duplicates dropped (with a warning); problems appended."""
+    value = cfg[key]
+    if not isinstance(value, list) or not value:
+        problems.append(f"{key!r} must be a non-empty list of {what}; got {value!r}")
+        return []
+    bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+    if bad:
+        problems.append(f"{key!r} must hold {what}; got {', '.join(map(repr, bad))}")
+    good = [v for v in value if isinstance(v, str) and v.strip()]
+    unique = list(dict.fromkeys(good))
+    if len(unique) < len(good):
+        warnings.warn(f"sweep config: {key!r} lists {', '.join(sorted({v for v in good if good.count(v) > 1}))} "
+                      "more than once; each is run once", stacklevel=3)
+    return unique
+
+
+def check_config(cfg, source: str = "", backend: str = "local") -> dict:
+    """The sweep configuration, checked as a whole before anything runs, with duplicates removed.
+
+    Raises :class:`SweepConfigError` listing every problem (a misspelt policy
+    or model, a bad budget, a negative count, an unknown setting, an output
+    path that is a file, ...), one line each. Duplicate models, policies,
+    budgets or tasks are run once (a warning says so); the int budget 1 (one
+    token) and the float 1.0 (full budget) are different budgets.
+    """
+    import difflib
+    import importlib.util
+
+    from ..budget import validate_keep
+    from ..policies.base import make_policy, unknown_policy
+    from .outputs import folder_problem
+
+    if not isinstance(cfg, dict):
+        got = "an empty file" if cfg is None else f"a {type(cfg).__name__}"
+        raise SweepConfigError(source, [f"must be a mapping of settings (at least models: [...] and budgets: "
+                                        f"[...]); got {got}"])
+    problems: list[str] = []
+    for key in cfg:
+        if key not in SETTINGS:
+            close = difflib.get_close_matches(str(key), SETTINGS, n=1)
+            problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                            + f"; settings: {', '.join(SETTINGS)}")
+    cfg = {k: v for k, v in cfg.items() if k in SETTINGS}
+    for key in ("models", "budgets"):
+        if cfg.get(key) is None:
+            problems.append(f"{key!r} is required")
+    if cfg.get("models") is not None:
+        cfg["models"] = _strings(cfg, "models", problems, "toyvqa arch names, checkpoint folders or hub ids")
+    budgets = []
+    if cfg.get("budgets") is not None:
+        value = cfg["budgets"]
+        if not isinstance(value, list) or not value:
+            problems.append(f"'budgets' must be a non-empty list of token counts (int >= 1) or fractions "
+                            f"(float in (0, 1]); got {value!r}")
+        else:
+            for i, keep in enumerate(value):
+                try:
+                    budgets.append(validate_keep(keep, name=f"budgets[{i}]"))
+                except (TypeError, ValueError) as exc:
+                    problems.append(str(exc))
+            unique = list({(type(k), k): k for k in budgets}.values())  # 1 and 1.0 differ
+            if len(unique) < len(budgets):
+                warnings.warn(f"sweep config: budgets {value} repeat a budget; each is run once: {unique}",
+                              stacklevel=2)
+            budgets = cfg["budgets"] = unique
+    if cfg.get("policies") is not None:
+        cfg["policies"] = _strings(cfg, "policies", problems, "policy names (name or name:variant)")
+        for policy in cfg["policies"]:
+            name, options = _policy_options(policy)
+            if name == "none":
+                problems.append("policy 'none' is not a policy to list: every model's unpruned run is added")
+            elif error := unknown_policy([name]):
+                problems.append(error)
+            else:
+                for keep in budgets:  # options and budget as the run will build them
+                    try:
+                        make_policy(name, keep=keep, **options)
+                    except (TypeError, ValueError) as exc:
+                        variant = (f" (':{policy.partition(':')[2]}' sets the option importance, which only "
+                                   "idpruner takes)") if options and name != "idpruner" else ""
+                        problems.append(f"policy {policy!r} at keep {keep!r}{variant}: {exc}")
+                        break
+    if cfg.get("tasks") is not None:
+        cfg["tasks"] = _strings(cfg, "tasks", problems, "task names (toyvqa or lmms:NAME)")
+        for task in cfg["tasks"]:
+            if task != "toyvqa" and not (task.startswith(LMMS) and task[len(LMMS):]):
+                problems.append(f"unknown task {task!r}; use toyvqa (offline scorer) or lmms:NAME (an lmms-eval "
+                                "task, e.g. lmms:toyvqa)")
+        if any(t.startswith(LMMS) for t in cfg["tasks"]) and importlib.util.find_spec("lmms_eval") is None:
+            problems.append("lmms: tasks need lmms-eval, which is not installed (README: pip install '.[eval]' && "
+                            "pip install --no-deps lmms-eval==0.7.3)")
+    for model in cfg.get("models") or []:  # toyvqa loads toy checkpoints from disk; lmms-eval also takes hub ids
+        local = model in toyvqa.ARCHS or (Path(model) / "config.json").is_file()
+        tasks = cfg.get("tasks") or ["toyvqa"]
+        if not local and "toyvqa" in tasks:
+            problems.append(f"model {model!r}: task toyvqa needs a toyvqa arch ({', '.join(toyvqa.ARCHS)}) or a "
+                            "checkpoint folder with config.json")
+        elif not local and "/" not in model:
+            problems.append(f"model {model!r} is neither a toyvqa arch ({', '.join(toyvqa.ARCHS)}), a checkpoint "
+                            "folder with config.json, nor a hub id (org/name)")
+    counts = {"n": (1, "null (every item) or an int >= 1"), "timed_items": (1, "an int >= 1"),
+              "stability": (0, "an int >= 0 (toyvqa items; 0 or null: off)"), "batch_size": (1, "an int >= 1"),
+              "threads": (1, "an int >= 1")}
+    for key, (low, allowed) in counts.items():
+        value = cfg.get(key)
+        if value is None or (key == "stability" and value is False):
+            continue
+        if not _is_int(value) or value < low:
+            problems.append(f"{key!r} must be {allowed}; got {value!r}")
+    gpus = cfg.get("ray_gpus_per_run")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0):
+        problems.append(f"'ray_gpus_per_run' must be a number >= 0; got {gpus!r}")
+    for key in ("out", "model_args", "device", "cache_dir", "gen_kwargs"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            problems.append(f"{key!r} must be a string; got {cfg[key]!r}")
+    if cfg.get("offline") is not None and not isinstance(cfg["offline"], bool):
+        problems.append(f"'offline' must be true or false; got {cfg['offline']!r}")
+    if isinstance(cfg.get("device"), str):
+        try:
+            torch.device(cfg["device"])
+        except (RuntimeError, ValueError):
+            problems.append(f"'device' {cfg['device']!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    for key, default in (("out", "runs/sweep"), ("cache_dir", None)):
+        value = cfg.get(key, default)
+        if isinstance(value, str) and (problem := folder_problem(value, repr(key))):
+            problems.append(problem)
+    if backend not in ("local", "ray"):
+        problems.append(f"unknown backend {backend!r}; choose local or ray")
+    if problems:
+        raise SweepConfigError(source, problems)
+    return {k: v for k, v in cfg.items() if v is not None or k == "n"}  # null is the default (n: null is every item)
+
+
+ROW_KEYS = ("model", "task", "policy", "keep", "n")  # what identifies a row (a run of the grid)
+
+
 def _key(row: dict) -> tuple:
     return (row["model"], row["task"], row["policy"], str(row["keep"]), row["n"])
 
 
 def _grid(cfg: dict) -> list[tuple[str, str, str, object]]:
-    policies = list(dict.fromkeys([*BASELINES, *cfg.get("policies", [])]))
+    policies = list(dict.fromkeys([*BASELINES, *(cfg.get("policies") or [])]))  # a listed baseline runs once
     runs = []
     for model in cfg["models"]:
-        for task in cfg.get("tasks", ["toyvqa"]):
-            if task != "toyvqa" and not (task.startswith(LMMS) and task[len(LMMS):]):
-                raise ValueError(f"unknown task {task!r}; use toyvqa (offline scorer) or lmms:NAME (an lmms-eval task, "
-                                 "e.g. lmms:toyvqa)")
+        for task in cfg.get("tasks") or ["toyvqa"]:
             runs.append((model, task, "none", "all"))
             runs += [(model, task, p, k) for p in policies for k in cfg["budgets"]]
     return runs
 
 
-def read_results(path: Path) -> list[dict]:
-    """The rows of a results file; lines that do not parse (a row cut off by a killed run) are dropped.
+def read_results(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a results file; lines that are no row are dropped with a warning.
 
+    A row is a JSON object with every one of ``keys`` (the sweep: ``ROW_KEYS``);
+    a row cut off by a killed run, ``null``, ``{}``, a list or a number is not.
     The file is rewritten without them (atomically), so those runs are redone
     and every complete row is kept.
     """
@@ -138,12 +294,16 @@ def read_results(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             bad.append(number)
             continue
+        if not isinstance(row, dict) or not all(k in row for k in keys):  # null, a list, a number, {} for the sweep
+            bad.append(number)
+            continue
         if isinstance(row.get("prefill_ms"), (int, float)):  # rows written before the per-batch columns
             row["prefill_ms_old_definition"] = row.pop("prefill_ms")
         rows.append(row)
     if bad:
-        warnings.warn(f"{path}: line(s) {bad} are not complete JSON rows (a run cut off while writing?); "
-                      "dropped, their runs are redone", stacklevel=2)
+        warnings.warn(f"{path}: line(s) {bad} are not complete JSON rows (a run cut off while writing, or a line "
+                      f"that is not a row: a JSON object with {', '.join(keys) or 'fields'}); dropped, their "
+                      "runs are redone", stacklevel=2)
         staging = path.with_suffix(".jsonl.tmp")
         staging.write_text("".join(json.dumps(r) + "\n" for r in rows))
         staging.replace(path)
@@ -319,7 +479,10 @@ def _append(results: Path, row: dict) -> None:
         fh.flush()
 
 
-def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None, ray_workers: int | None = None) -> list[dict]:
+def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
+          source: str = "(given as a dict)") -> list[dict]:
+    """Run the grid of ``cfg`` (checked whole first: :func:`check_config`), resuming from ``out/results.jsonl``."""
+    cfg = check_config(cfg, source, backend)
     out = Path(cfg.get("out", "runs/sweep"))
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "n": None if cfg.get("n", 200) is None else int(cfg.get("n", 200))}
@@ -328,7 +491,7 @@ def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None, ray
 
         offline()
     results = out / "results.jsonl"
-    done = {_key(row): row for row in read_results(results)}
+    done = {_key(row): row for row in read_results(results, ROW_KEYS)}
     n = cfg["n"]
     runs = _grid(cfg)
     todo = [r for r in runs if (r[0], r[1], r[2], str(r[3]), n) not in done]
@@ -587,26 +750,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-workers", type=int, help="CPUs (= concurrent runs) of the local Ray instance")
     parser.add_argument("--offline", action="store_true", help="no downloads (sets HF_*_OFFLINE=1)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         cfg = yaml.safe_load(Path(args.config).read_text())
     except (OSError, yaml.YAMLError) as exc:
         print(f"vtprune sweep: cannot read {args.config}: {exc}", file=sys.stderr)
         return 2
-    for key in ("models", "budgets"):
-        if not cfg.get(key):
-            raise SystemExit(f"sweep config {args.config}: '{key}' is required")
-    cfg["budgets"] = [validate(b) for b in cfg["budgets"]]
-    if args.offline:
-        cfg["offline"] = True
+    if isinstance(cfg, dict):  # the command line's settings are checked with the file's
+        if args.offline:
+            cfg["offline"] = True
+        if args.threads is not None:
+            cfg["threads"] = args.threads
+    cfg = check_config(cfg, args.config, args.backend)  # every problem at once, before the first run
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise SweepConfigError(args.config, [f"--ray-workers must be >= 1; got {args.ray_workers}"])
     if args.threads:
-        cfg["threads"] = args.threads
-    rows = sweep(cfg, backend=args.backend, ray_address=args.ray_address, ray_workers=args.ray_workers)
+        torch.set_num_threads(args.threads)
+    rows = sweep(cfg, backend=args.backend, ray_address=args.ray_address, ray_workers=args.ray_workers,
+                 source=args.config)
     out = Path(cfg.get("out", "runs/sweep"))
     print((out / "summary.md").read_text())
     print(f"{len(rows)} runs; results, summary and plots in {out}")
     return 0
+
 
 
 def validate(keep):

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", default="toyvqa_policies.json")
     args = parser.parse_args(argv)
+    from .outputs import file_problem, make_parent
+
+    if problem := file_problem(args.json, "--json"):
+        parser.error(problem)  # before scoring, not after
+    make_parent(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = [parse_keep(k) for k in args.keep]

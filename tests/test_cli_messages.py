@@ -64,3 +64,137 @@ def test_calibrate_ecl_on_the_toy_llava_says_there_is_no_collapse(capsys):
 
     assert ecl.main(["--model", str(toyvqa.checkpoint_path("llava")), "--n", "1"]) == 0
     assert "never drops" in capsys.readouterr().err
+
+
+# ---- issue 18 item 12: budgets read as the user wrote them; output paths checked before any model runs
+
+
+class _Ran(Exception):
+    """Raised by a stand-in for the model-loading step: the command got past its argument checks."""
+
+
+def _must_not_run(*args, **kwargs):
+    raise _Ran
+
+
+def test_keep_is_read_as_written_and_a_non_number_is_named():
+    from vtprune.budget import parse_keep
+
+    parsed = [parse_keep(t) for t in ("64", "1", "0.25", "1.0", "1e-3", " 32 ")]
+    assert parsed == [64, 1, 0.25, 1.0, 0.001, 32]
+    assert [type(v) for v in parsed] == [int, int, float, float, float, int]  # 1 token vs the full budget
+    for text in ("abc", "64tokens", ""):
+        with pytest.raises(ValueError) as info:
+            parse_keep(text)
+        assert repr(text) in str(info.value) and "token count" in str(info.value) and "(0, 1]" in str(info.value)
+
+
+def test_stability_keep_in_exponent_notation_is_a_fraction(monkeypatch, capsys):
+    from vtprune.eval import stability
+
+    seen = []
+    monkeypatch.setattr(stability.toyvqa, "load", lambda ref: (None, None))
+    monkeypatch.setattr(stability, "measure", lambda model, proc, policies, keep, n, bsz: seen.append(keep) or {})
+    monkeypatch.setattr(stability, "markdown", lambda result: "")
+    assert main(["stability", "--policies", "random", "--keep", "1e-3"]) == 0
+    assert seen == [0.001] and "int()" not in capsys.readouterr().err
+    assert main(["stability", "--keep", "1e-3x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'1e-3x'" in err and "token count" in err and "int()" not in err
+
+
+def test_stability_json_path_is_checked_before_measuring(tmp_path, monkeypatch, capsys):
+    from vtprune.eval import stability
+
+    monkeypatch.setattr(stability.toyvqa, "load", _must_not_run)
+    monkeypatch.setattr(stability, "measure", _must_not_run)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    for bad, says in ((tmp_path, "is a folder"), (a_file / "s.json", "is a file, not a folder")):
+        assert main(["stability", "--policies", "random", "--json", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err and str(bad) in err
+    with pytest.raises(_Ran):  # a folder still to be made is made, then the model loads
+        main(["stability", "--policies", "random", "--json", str(tmp_path / "new" / "s.json")])
+    assert (tmp_path / "new").is_dir()
+
+
+def test_show_output_and_image_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from vtprune.eval import show
+
+    monkeypatch.setattr(show, "_load", _must_not_run)
+    image = tmp_path / "scene.png"
+    image.write_bytes(b"")  # never opened: the checks come first
+    for out, says in ((image / "kept.png", "is a file, not a folder"), (tmp_path, "is a folder")):
+        assert main(["show", str(image), "--policy", "random", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err and str(out) in err
+    assert main(["show", str(tmp_path / "no.png"), "--policy", "random", "--out", str(tmp_path / "k.png")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    with pytest.raises(_Ran):  # a good path gets as far as loading the model
+        main(["show", str(image), "--policy", "random", "--out", str(tmp_path / "k.png")])
+
+
+def test_eval_output_path_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lmms_eval")
+    from vtprune.eval import lmms
+
+    monkeypatch.setattr(lmms, "load_model", _must_not_run)
+    a_file = tmp_path / "results.json"
+    a_file.write_text("{}")
+    for option, bad in (("--output_path", a_file), ("--output_path", a_file / "sub"), ("--cache_dir", a_file)):
+        args = ["eval", "--model_args", "pretrained=x", "--tasks", "toyvqa", "--output_path", str(tmp_path / "o"),
+                option, str(bad)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and option in err and str(a_file) in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(_Ran):  # a folder still to be created is fine
+        main(["eval", "--model_args", "pretrained=x", "--tasks", "toyvqa", "--output_path", str(tmp_path / "o" / "p")])
+
+
+def test_bench_json_path_is_checked_before_timing(tmp_path, monkeypatch, capsys):
+    from vtprune.eval import bench
+
+    monkeypatch.setattr(bench, "bench_model", _must_not_run)
+    assert main(["bench", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a folder" in err
+
+
+def test_bench_keep_1_is_one_token_of_the_chosen_policy_and_nothing_is_written_unasked(tmp_path, monkeypatch, capsys):
+    """`--keep 1` is the int 1 (one token, the chosen policy); only the float 1.0 is the full budget."""
+    import functools
+
+    from vtprune import api
+    from vtprune.eval import bench
+
+    used = []
+    real = api.pruned
+
+    def spy(model, policy, keep, **kwargs):
+        used.append((policy, type(keep).__name__, keep))
+        return real(model, policy, keep, **kwargs)
+
+    monkeypatch.setattr(bench.api, "pruned", spy)
+    monkeypatch.setattr(bench, "bench_compaction", functools.partial(bench.bench_compaction, width=64, repeats=1))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--policy", "divprune", "--keep", "1", "--llm-layers", "1", "--llm-hidden", "64",
+                 "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1"]) == 0
+    assert set(used) == {("random", "float", 1.0), ("divprune", "int", 1)}
+    assert "| 1 (576->1) |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no bench.json in the current folder: it was not asked for
+
+
+@pytest.mark.parametrize("module, heavy", [("gpu_suite", "run_tests"), ("selection_time", "time_case"),
+                                           ("toyvqa_policies", "run")])
+def test_the_other_eval_scripts_check_their_json_path_first(module, heavy, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    mod = importlib.import_module(f"vtprune.eval.{module}")
+    monkeypatch.setattr(mod, heavy, _must_not_run)
+    try:
+        code = mod.main(["--json", str(tmp_path)])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and "is a folder" in capsys.readouterr().err

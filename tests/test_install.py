@@ -38,23 +38,25 @@ def test_repo_root_runs_a_module_command():
     assert "calibrate-ecl" in out and "eval" in out
 
 
-def test_stale_task_cache_is_rebuilt(tmp_path):
-    """A cached toyvqa folder whose YAML includes another (deleted) installation's template is rewritten."""
-    from vtprune.eval.tasks import HERE, prepare_toyvqa
+def test_task_yaml_names_this_installation_and_the_exported_items_are_reused(tmp_path):
+    """The include folder's YAML is written anew at each call (a YAML left by another installation, a recreated
+    venv, is replaced); the exported items are reused while they are what was exported."""
+    from vtprune.eval.tasks import HERE, prepare
 
-    folder = prepare_toyvqa(n=2, cache_dir=tmp_path)
-    config = json.loads((folder / "toyvqa.yaml").read_text())
+    include = Path(prepare(["toyvqa"], n=2, cache_dir=tmp_path)[0])
+    config = json.loads((include / "toyvqa.yaml").read_text())
     template = HERE / "toyvqa" / "_default_template_yaml"
     assert Path(config["include"]) == template
+    data = Path(config["lmms_eval_specific_kwargs"]["default"]["root"])
+    assert Path(config["dataset_kwargs"]["data_files"]["test"]) == data / "test.jsonl"
+    stamp = (data / "test.jsonl").stat().st_mtime_ns
     config["include"] = "/old-venv/lib/python3.11/site-packages/vtprune/eval/tasks/toyvqa/_default_template_yaml"
-    (folder / "toyvqa.yaml").write_text(json.dumps(config))
-    data = (folder / "test.jsonl").read_bytes()
+    (include / "toyvqa.yaml").write_text(json.dumps(config))
 
-    again = prepare_toyvqa(n=2, cache_dir=tmp_path)
-    assert again == folder
-    assert Path(json.loads((folder / "toyvqa.yaml").read_text())["include"]) == template
-    assert (folder / "test.jsonl").read_bytes() == data  # the exported items are kept
-    assert not list(folder.glob(".toyvqa.yaml.*"))
+    assert prepare(["toyvqa"], n=2, cache_dir=tmp_path) == [str(include)]
+    assert Path(json.loads((include / "toyvqa.yaml").read_text())["include"]) == template
+    assert (data / "test.jsonl").stat().st_mtime_ns == stamp  # the exported items are kept
+    assert not [p for p in (tmp_path / "toyvqa").iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def test_print_include_path_prints_a_folder(tmp_path, capsys):

@@ -136,3 +136,90 @@ def test_sweep_runs_lmms_tasks_beside_the_offline_scorer(tmp_path, cache):
     bad.write_text(yaml.safe_dump({**cfg, "tasks": ["mme"]}))
     with pytest.raises(ValueError, match="lmms:NAME"):
         sweep([str(bad)])
+
+
+# ---- issue 18 item 11: nothing planted in the task cache is run, tampered items are exported again
+
+
+def _export_folder(cache, n):
+    from vtprune.toyvqa.models import IMAGE_SIZE
+
+    return cache / "toyvqa" / f"test-n{n}-{IMAGE_SIZE['llava']}px"
+
+
+def test_code_planted_in_the_task_cache_is_never_imported(tmp_path, monkeypatch, capsys):
+    """A YAML plus a .py dropped into the shared export folder must not run when `vtprune eval` evaluates toyvqa."""
+    from types import SimpleNamespace
+
+    from lmms_eval import evaluator
+    from lmms_eval.tasks import get_task_dict
+
+    from vtprune.eval import lmms
+
+    cache = tmp_path / "cache"
+    assert main(["eval", "--print-include-path", "toyvqa", "--limit", "4", "--cache_dir", str(cache)]) == 0
+    capsys.readouterr()
+    folder = _export_folder(cache, 4)
+    assert (folder / "test.jsonl").is_file()
+    marker = tmp_path / "planted-code-ran"
+    for where in (folder, folder / "images"):  # beside the items, and one folder down (indexed last)
+        (where / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                       "def doc_to_text(doc, kwargs=None):\n    return 'planted'\n")
+        (where / "evil.yaml").write_text(f"include: {folder / 'toyvqa.yaml'}\ntask: toyvqa\n"  # the task, one hook changed
+                                         "doc_to_text: !function evil.doc_to_text\n")
+    seen = {}
+
+    def evaluate(*, tasks, task_manager, **kwargs):  # lmms-eval's evaluator up to the point it reads the task
+        task = get_task_dict(tasks, task_manager)["toyvqa"]
+        docs = list(task.test_docs())
+        seen["texts"] = [task.doc_to_text(d) for d in docs]
+        seen["prompts"] = [d["prompt"] for d in docs]
+        return {"results": {"toyvqa": {"accuracy,none": 1.0}}, "n-samples": {"toyvqa": {"effective": len(docs)}}}
+
+    monkeypatch.setattr(evaluator, "simple_evaluate", evaluate)
+    lm = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(model_type="llava")), batch_size=1)
+    log = SimpleNamespace(gathered=lambda: [], summary=lambda records: {})
+    lmms.run(lm, log, ["toyvqa"], limit=4, cache_dir=cache)
+    assert not marker.exists()
+    from vtprune.toyvqa.questions import make_item
+
+    expected = [make_item("test", i, size=336)[0].question for i in range(4)]  # the items, from their generator
+    assert seen["texts"] == seen["prompts"] == expected
+    assert not list(folder.rglob("evil*"))  # the folder was exported again
+
+
+def test_edited_or_extra_files_in_the_export_are_replaced_by_a_fresh_export(tmp_path):
+    from vtprune.eval.tasks import prepare_toyvqa
+    from vtprune.toyvqa.export import export
+
+    def contents(folder):  # the items: what lmms-eval reads
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in [folder / "test.jsonl",
+                                                                           *(folder / "images").iterdir()]}
+
+    fresh = tmp_path / "fresh"
+    export(fresh, n=3, size=336)  # the truth: an export of its own
+    truth = contents(fresh)
+    assert set(truth) == {"test.jsonl", "images/test-0.png", "images/test-1.png", "images/test-2.png"}
+
+    cache = tmp_path / "cache"
+    folder = prepare_toyvqa(n=3, image_size=336, cache_dir=cache)
+    assert contents(folder) == truth
+    stamp = (folder / "test.jsonl").stat().st_mtime_ns
+    assert prepare_toyvqa(n=3, image_size=336, cache_dir=cache) == folder
+    assert (folder / "test.jsonl").stat().st_mtime_ns == stamp  # verified, so reused, not exported again
+
+    first, *rest = (folder / "test.jsonl").read_text().splitlines(keepends=True)
+    row = json.loads(first)
+    tampered = [
+        lambda: (folder / "test.jsonl").write_text(json.dumps({**row, "answer": "planted"}) + "\n" + "".join(rest)),
+        lambda: (folder / "images" / "test-1.png").write_bytes(truth["images/test-2.png"]),
+        lambda: (folder / "notes.yaml").write_text("task: x\n"),
+        lambda: (folder / "images" / "test-2.png").unlink(),
+        lambda: (folder / "hf_datasets").mkdir(),
+    ]
+    for tamper in tampered:
+        tamper()
+        assert prepare_toyvqa(n=3, image_size=336, cache_dir=cache) == folder
+        assert contents(folder) == truth
+        assert {p.name for p in folder.iterdir()} <= {"test.jsonl", "images", "manifest.json"}
+    assert [p.name for p in (cache / "toyvqa").iterdir()] == [folder.name]  # no staging folder left behind

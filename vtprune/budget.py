@@ -9,8 +9,28 @@ ROUNDINGS = ("round", "floor")
 
 
 def parse_keep(text: str) -> int | float:
-    """A budget as a command line gives it: ``"64"`` is a token count, ``"0.25"`` a fraction (checked by `validate_keep`)."""
-    return float(text) if "." in text else int(text)
+    """A budget as a command line gives it: ``"64"`` is a token count, ``"0.25"`` or ``"1e-3"`` a fraction.
+
+    An integer written without a decimal point or exponent is a token count;
+    any other number is a float (range checked by `validate_keep`: ``"1"`` is
+    one token, ``"1.0"`` the full budget). Text that is no number raises a
+    ValueError naming it and what is allowed.
+    """
+    text = str(text).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"keep {text!r} is not a number: give a token count (an integer such as 64) "
+                         "or a fraction in (0, 1] (such as 0.25)") from None
+
+
+def is_full_budget(keep: object) -> bool:
+    """Whether `keep` is the full budget: the float 1.0 (the int 1 is one token per image)."""
+    return isinstance(keep, float) and keep == 1.0
 
 
 def validate_keep(keep: object, name: str = "keep") -> int | float:

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:  # bad input is raised where it enters, with the allowed range
         if os.environ.get(DEBUG):
             raise
-        print(f"vtprune {command}: error: {exc} (set {DEBUG}=1 for the traceback)", file=sys.stderr)
+        hint = f"(set {DEBUG}=1 for the traceback)"
+        text = f"vtprune {command}: error: {exc}"
+        print(f"{text}\n{hint}" if "\n" in text else f"{text} {hint}", file=sys.stderr)  # a list: one item a line
         return 2
 
 
