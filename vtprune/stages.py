@@ -93,8 +93,9 @@ class StageRunner:
                 captured=record.captured,
             )
             hidden, alive, seq_pos = self.apply(record, index, policy, ctx, report)
-        pad_left = not bool((~valid[:, -1]).any())
-        short, _ = replace(sequence, hidden=hidden).compact(
+        # a row without any attended token says nothing about the side the batch is padded on
+        pad_left = not bool((~valid[valid.any(1), -1]).any())
+        short, index = replace(sequence, hidden=hidden).compact(
             layouts, alive, seq_pos, pad_left=pad_left, compact_positions=self.plan.positions == "compact",
             declared=declared,
         )
@@ -104,6 +105,9 @@ class StageRunner:
         state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left)
         call = dict(bound)
         call["inputs_embeds"] = short.hidden
+        if _is_identity(index, seq_len):
+            # nothing left the sequence: the mask and positions the model was given stay as they were
+            return call, state
         call["attention_mask"] = short.mask2d
         call["position_ids"] = short.position_ids
         for name, value in short.extras.items():
@@ -219,10 +223,14 @@ class StageRunner:
             sub_block_stats=record.sub_block_stats.get(index_in_pipeline, {}),
         )
         hidden, alive, seq_pos = self.apply(record, index_in_pipeline, policy, ctx, record.prefill_report)
-        short, _ = replace(sequence, hidden=hidden).compact(
+        short, index = replace(sequence, hidden=hidden).compact(
             state.layouts, alive, seq_pos, pad_left=state.pad_left,
             compact_positions=self.plan.positions == "compact", declared=declared, rotary_fn=self.adapter.rotary,
         )
+        if _is_identity(index, prev.mask2d.shape[1]):
+            # nothing left: the layers above keep running on what the layers below had (no new level)
+            state.sequence = _kept(short)
+            return short.hidden
         level = Level(
             layer=idx,
             mask2d=short.mask2d,
@@ -255,6 +263,11 @@ class StageRunner:
             if kwargs.get(name) is not None and value is not None:
                 kwargs[name] = value
         return kwargs
+
+
+def _is_identity(index: torch.Tensor, length: int) -> bool:
+    """Whether a gather index keeps every position of a sequence of ``length`` in place."""
+    return index.shape[1] == length and bool((index == torch.arange(length, device=index.device)).all())
 
 
 def _kept(sequence: Sequence) -> Sequence:

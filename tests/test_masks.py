@@ -1,0 +1,170 @@
+"""Masks and layouts a wrapped model must take as the unwrapped one does (issue 18, items 1 and 7).
+
+Truth is the unwrapped model: at full budget a wrapped model is invisible,
+and a pruned one equals the unwrapped language model run on the hand-pruned
+sequence with the user's mask kept in place.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, patch_positions, single_spec
+
+import vtprune
+from vtprune.policies import Fixed, Pipeline, Random
+from vtprune.tiny import IMAGE_TOKEN, SampleSpec, make_inputs
+
+LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
+FULL = {
+    "projector": lambda: Random(keep=1.0, seed=3),
+    "llm": lambda: Pipeline([Random(keep=1.0, seed=3), Random(keep=1.0, seed=3, at_layer=2)]),
+}
+
+
+def _pad(batch: dict, left: int = 0, right: int = 0) -> dict:
+    """Extra masked padding columns on both ends of every row (what max_length / pad_to_multiple_of add)."""
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in batch:
+            value = batch[key]
+            out[key] = torch.cat([value.new_zeros(value.shape[0], left), value, value.new_zeros(value.shape[0], right)], 1)
+    return out
+
+
+def _masked(family: str, layout: str, specs: list[SampleSpec] | None = None) -> dict:
+    """A batch (two image samples by default) whose mask hides positions of every row: `layout` says which."""
+    if layout == "masked_placeholder" and family in QWEN:
+        pytest.skip("transformers' Qwen models cannot lay out M-RoPE positions for masked placeholders")
+    model = model_for(family)
+    specs = specs or [single_spec(family), SampleSpec(images=single_spec(family).images, question=9)]
+    if layout == "both_sides":  # left padding plus right pad columns on every row
+        return _pad(inputs(model, specs), left=1, right=2)
+    if layout == "multiple_of_8":  # right padding up to a multiple of 8, one more block than needed
+        batch = make_inputs(model, specs, pad_left=False)
+        return _pad(batch, right=8 - batch["input_ids"].shape[1] % 8 + 8)
+    batch = inputs(model, specs)
+    mask = batch["attention_mask"].clone()
+    for b in range(mask.shape[0]):
+        if layout == "hole":  # a masked text token inside the row (after bos)
+            mask[b, int(mask[b].argmax()) + 2] = 0
+        else:  # "masked_placeholder": the user masks two placeholders of the row's image
+            placeholders = torch.nonzero(batch["input_ids"][b] == IMAGE_TOKEN).flatten()
+            mask[b, placeholders[3:5]] = 0
+    return dict(batch, attention_mask=mask)
+
+
+LAYOUTS = ("both_sides", "multiple_of_8", "hole", "masked_placeholder")
+
+
+# --- item 1: masked positions keep their place --------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stage", sorted(FULL))
+def test_full_budget_is_the_identity_for_any_mask(family, layout, stage):
+    model = model_for(family)
+    batch = _masked(family, layout)
+    ref = model(**batch, output_hidden_states=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    ref_loss = model(**batch, labels=labels).loss
+    vtprune.wrap(model, FULL[stage]())
+    out = model(**batch, output_hidden_states=True)
+    assert out.logits.shape == ref.logits.shape == (*batch["input_ids"].shape, ref.logits.shape[-1])
+    assert torch.equal(out.logits, ref.logits)
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref.hidden_states, strict=True))
+    assert out.cache.get_seq_length() == ref.cache.get_seq_length() == batch["input_ids"].shape[1]
+    assert torch.equal(model(**batch, labels=labels).loss, ref_loss)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["both_sides", "hole"])
+def test_full_budget_generate_equals_unwrapped_for_any_mask(family, layout):
+    model = model_for(family)
+    batch = _masked(family, layout)
+    kw = gen_kwargs(4)
+    ref = model.generate(**batch, **kw)
+    vtprune.wrap(model, FULL["llm"]())
+    assert torch.equal(model.generate(**batch, **kw), ref)
+
+
+def _lm_inputs(model, batch):
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    model(**batch, use_cache=False)
+    handle.remove()
+    return seen
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["hole", "masked_placeholder"])
+def test_pruned_prefill_keeps_masked_positions_in_place(family, layout):
+    """A pruned prefill equals the unwrapped language model on the hand-pruned sequence, the user's mask kept."""
+    model = model_for(family)
+    batch = _masked(family, layout, [single_spec(family)])
+    mask = batch["attention_mask"]
+    seen = _lm_inputs(model, batch)
+    embeds = seen["inputs_embeds"]
+    positions = seen.get("position_ids")
+    if positions is None:
+        positions = torch.arange(embeds.shape[1]).unsqueeze(0)
+
+    kept = [2, 3, 4, 10, 20]  # 3 and 4: the placeholders "masked_placeholder" masks
+    vtprune.wrap(model, Fixed(kept=[[kept]]))
+    pruned = model(**batch, use_cache=False).logits
+    vtprune.unwrap(model)
+
+    patch = patch_positions(model, batch)
+    keep = torch.ones(embeds.shape[1], dtype=torch.bool)
+    keep[patch] = False
+    keep[patch[kept]] = True
+    seq = torch.nonzero(keep).flatten()
+    deepstack = {}
+    if seen.get("visual_pos_masks") is not None:  # Qwen3-VL: the DeepStack rows of the kept visual positions
+        visual = seen["visual_pos_masks"]
+        deepstack = dict(visual_pos_masks=visual[:, seq],
+                         deepstack_visual_embeds=[rows[keep[visual[0]]] for rows in seen["deepstack_visual_embeds"]])
+    out = model.model.language_model(inputs_embeds=embeds[:, seq], position_ids=positions[..., seq],
+                                      attention_mask=mask[:, seq], use_cache=False, **deepstack)
+    hand = model.lm_head(out.last_hidden_state)
+    assert pruned.shape == hand.shape and int(mask[0, seq].sum()) < seq.numel()  # masked positions stayed
+    torch.testing.assert_close(pruned, hand, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_pruned_generate_with_masked_positions_equals_no_cache(family):
+    model = model_for(family)
+    batch = _pad(_masked(family, "hole"), left=1)
+    vtprune.wrap(model, Pipeline([Random(keep=3, seed=3), Random(keep=2, seed=3, at_layer=2)]))
+    kw = gen_kwargs(5)
+    assert torch.equal(model.generate(**batch, **kw), model.generate(**batch, use_cache=False, **kw))
+
+
+# --- item 7: a row without tokens ------------------------------------------------------------------------
+
+
+def _with_empty_row(batch: dict) -> dict:
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask"):
+        out[key] = torch.cat([batch[key], torch.zeros_like(batch[key][:1])])
+    if "batch_num_images" in batch:
+        out["batch_num_images"] = torch.cat([batch["batch_num_images"], torch.zeros_like(batch["batch_num_images"][:1])])
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family_1d", LLAVA_FAMILIES)
+def test_a_row_without_tokens_leaves_the_batch_alone(family_1d):
+    model = model_for(family_1d)
+    plain = inputs(model, mixed_specs(family_1d)[:3])
+    batch = _with_empty_row(plain)
+    kw = gen_kwargs(4)
+    ref, ref_logits = model.generate(**batch, **kw), model(**batch).logits
+    vtprune.wrap(model, FULL["llm"]())
+    assert torch.equal(model(**batch).logits, ref_logits)
+    assert torch.equal(model.generate(**batch, **kw), ref)
+    # pruned: the other rows generate as they do without the empty row (left padding stays left padding)
+    vtprune.wrap(model, Random(keep=3, seed=3))
+    without = model.generate(**plain, **kw)
+    assert torch.equal(model.generate(**batch, **kw)[: len(without), -4:], without[:, -4:])
