@@ -1,4 +1,4 @@
-"""Masks and layouts a wrapped model must take as the unwrapped one does (issue 18, items 1 and 7).
+"""Masks, layouts and packed inputs a wrapped model must take as the unwrapped one does (issue 18, items 1, 2 and 7).
 
 Truth is the unwrapped model: at full budget a wrapped model is invisible,
 and a pruned one equals the unwrapped language model run on the hand-pruned
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, patch_positions, single_spec
+from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, patch_positions, sample_alone, single_spec
 
 import vtprune
 from vtprune.policies import Fixed, Pipeline, Random
@@ -168,3 +168,62 @@ def test_a_row_without_tokens_leaves_the_batch_alone(family_1d):
     vtprune.wrap(model, Random(keep=3, seed=3))
     without = model.generate(**plain, **kw)
     assert torch.equal(model.generate(**batch, **kw)[: len(without), -4:], without[:, -4:])
+
+
+# --- item 2: packed (padding-free) inputs ---------------------------------------------------------------
+
+
+def _packed(model, family: str) -> tuple[dict, list[dict], list[int]]:
+    """Two image samples packed into one row with no mask and position ids that restart; each alone; lengths."""
+    specs = [single_spec(family), SampleSpec(images=single_spec(family).images, question=9)]
+    batch = inputs(model, specs)
+    alone = [sample_alone(batch, b, family) for b in range(len(specs))]
+    lengths = [a["input_ids"].shape[1] for a in alone]
+    packed = {"input_ids": torch.cat([a["input_ids"] for a in alone], 1)}
+    for key in ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids"):
+        if key in alone[0]:
+            packed[key] = torch.cat([a[key] for a in alone], 1 if key == "mm_token_type_ids" else 0)
+    text = torch.cat([torch.arange(n) for n in lengths])[None]
+    if family in QWEN:  # a text row, then each sample's own M-RoPE rows
+        rows = torch.cat([_lm_inputs(model, a)["position_ids"][-3:] for a in alone], -1)
+        packed["position_ids"] = torch.cat([text[None], rows])
+    else:
+        packed["position_ids"] = text
+    return packed, alone, lengths
+
+
+PACKED_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family_packed", PACKED_FAMILIES)
+def test_packed_inputs_at_full_budget_equal_unwrapped(family_packed):
+    model = model_for(family_packed)
+    packed, alone, lengths = _packed(model, family_packed)
+    ref = model(**packed, use_cache=False).logits
+    per_sample = torch.cat([model(**a, use_cache=False).logits for a in alone], 1)
+    torch.testing.assert_close(ref, per_sample, rtol=1e-4, atol=1e-5)  # transformers keeps the samples apart
+    vtprune.wrap(model, FULL["llm"]())
+    out = model(**packed, use_cache=False).logits
+    assert (out - ref).abs().max() < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family_packed", PACKED_FAMILIES)
+def test_pruned_packed_inputs_keep_the_samples_apart_or_refuse(family_packed):
+    model = model_for(family_packed)
+    packed, alone, lengths = _packed(model, family_packed)
+    kept = ((1, 4, 6, 9),)
+    if family_packed not in QWEN:
+        vtprune.wrap(model, Fixed(kept=[kept * 2]))
+        with pytest.raises(ValueError, match="packed inputs"):
+            model(**packed, use_cache=False)
+        return
+    vtprune.wrap(model, Fixed(kept=[kept]))
+    want = [model(**a, use_cache=False).logits for a in alone]
+    vtprune.wrap(model, Fixed(kept=[kept * 2]))
+    out = model(**packed, use_cache=False).logits
+    torch.testing.assert_close(out, torch.cat(want, 1), rtol=1e-4, atol=1e-5)
+    vtprune.wrap(model, Pipeline([Random(keep=1.0), Random(keep=3, at_layer=2)]))
+    with pytest.raises(ValueError, match="packed inputs"):
+        model(**packed, use_cache=False)

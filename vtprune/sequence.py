@@ -225,6 +225,9 @@ class PrefillState:
     layouts: list[SampleLayout]
     sequence: Sequence
     pad_left: bool = True
+    #: the input is packed sequences (position ids restarting within a row, no mask), which transformers
+    #: separates with a block-diagonal mask that only its own mask code builds
+    packed: bool = False
 
     def level_for(self, layer: int) -> Level:
         current = self.levels[0]

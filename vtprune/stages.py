@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from transformers.masking_utils import find_packed_sequence_indices
 
 from .call import CallRecord
 from .context import StageContext
@@ -99,17 +100,22 @@ class StageRunner:
             layouts, alive, seq_pos, pad_left=pad_left, compact_positions=self.plan.positions == "compact",
             declared=declared,
         )
+        packed = _packed_segments(bound.get("position_ids")) if mask is None else None
         level = Level(layer=0, mask2d=short.mask2d, removed=valid.sum(1) - short.mask2d.sum(1), extras=short.extras)
         # row indices count from level 0's rows (what the language model gets), not from the input's
         kept = replace(_kept(short), row_index={})
-        state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left)
+        state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left,
+                             packed=packed is not None)
         call = dict(bound)
         call["inputs_embeds"] = short.hidden
         if _is_identity(index, seq_len):
             # nothing left the sequence: the mask and positions the model was given stay as they were
+            # (no mask stays no mask: transformers then reads packed sequences from the position ids)
             return call, state
         call["attention_mask"] = short.mask2d
         call["position_ids"] = short.position_ids
+        if packed is not None:
+            call["attention_mask"], call["position_ids"] = _packed_call(packed, index, short)
         for name, value in short.extras.items():
             if value is not None:
                 call[name] = value
@@ -231,6 +237,12 @@ class StageRunner:
             # nothing left: the layers above keep running on what the layers below had (no new level)
             state.sequence = _kept(short)
             return short.hidden
+        if state.packed:
+            raise ValueError(
+                "vtprune: packed inputs (position_ids that restart within a row and no attention_mask) cannot be "
+                f"pruned inside the language model (layer {idx}); pass the sequences as a padded batch with an "
+                "attention_mask instead"
+            )
         level = Level(
             layer=idx,
             mask2d=short.mask2d,
@@ -268,6 +280,49 @@ class StageRunner:
 def _is_identity(index: torch.Tensor, length: int) -> bool:
     """Whether a gather index keeps every position of a sequence of ``length`` in place."""
     return index.shape[1] == length and bool((index == torch.arange(length, device=index.device)).all())
+
+
+def _packed_segments(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The packed-sequence ids transformers reads from position ids given without a mask, or None (not packed).
+
+    Qwen's M-RoPE models take a leading row of text positions for this
+    (``(4, B, L)`` position ids); 3-row M-RoPE ids are never read as packed.
+    """
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 3:
+        if position_ids.shape[0] != 4:
+            return None
+        position_ids = position_ids[0]
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    return find_packed_sequence_indices(position_ids)
+
+
+def _packed_call(segments: torch.Tensor, index: torch.Tensor, short: Sequence) -> tuple[None, torch.Tensor]:
+    """No mask and position ids that still mark each packed sequence, for a pruned packed prefill.
+
+    transformers builds the block-diagonal mask of packed sequences from the
+    position ids when no mask is given; gathered positions have gaps where
+    tokens were pruned, which it would read as more boundaries. A text row
+    renumbered 0, 1, ... within each kept sequence keeps the boundaries, and
+    is possible only where the text row is separate from the rotary rows
+    (Qwen's 4-row position ids).
+    """
+    positions = short.position_ids
+    if positions is None or positions.dim() != 3 or positions.shape[0] != 4 or bool((index < 0).any()):
+        raise ValueError(
+            "vtprune: packed inputs (position_ids that restart within a row and no attention_mask) can be pruned "
+            "only on Qwen models given 4-row position ids (a text row, then the M-RoPE rows) with equal budgets per "
+            "row; pass the sequences as a padded batch with an attention_mask instead"
+        )
+    kept_segments = segments.to(index.device).gather(1, index)
+    slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
+    starts = torch.ones_like(index, dtype=torch.bool)
+    starts[:, 1:] = kept_segments[:, 1:] != kept_segments[:, :-1]
+    first = torch.where(starts, slots, torch.zeros_like(slots)).cummax(dim=1).values
+    text = (slots - first).to(positions)
+    return None, torch.cat([text[None], positions[1:]])
 
 
 def _kept(sequence: Sequence) -> Sequence:
