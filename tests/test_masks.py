@@ -1,4 +1,4 @@
-"""Masks, layouts and packed inputs a wrapped model must take as the unwrapped one does (issue 18, items 1, 2 and 7).
+"""Masks, layouts and calls a wrapped model must take as the unwrapped one does (issue 18, items 1, 2, 3 and 7).
 
 Truth is the unwrapped model: at full budget a wrapped model is invisible,
 and a pruned one equals the unwrapped language model run on the hand-pruned
@@ -168,6 +168,40 @@ def test_a_row_without_tokens_leaves_the_batch_alone(family_1d):
     vtprune.wrap(model, Random(keep=3, seed=3))
     without = model.generate(**plain, **kw)
     assert torch.equal(model.generate(**batch, **kw)[: len(without), -4:], without[:, -4:])
+
+
+# --- item 3: calls without media ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_placeholders_typed_as_text_run_as_unwrapped(family):
+    model = model_for(family)
+    batch = inputs(model, mixed_specs(family))
+    text = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    ref = model(**text).logits
+    vtprune.wrap(model, "random", keep=3)
+    with pytest.warns(RuntimeWarning, match="no vision encoder ran"):
+        out = model(**text).logits
+    assert torch.equal(out, ref)
+    report = vtprune.report(model).to_dict()
+    assert all(not sample["images"] for sample in report["samples"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep", [1.0, 3])
+def test_wrapped_assistant_in_assisted_decoding(family, keep):
+    if family == "qwen3_5":
+        pytest.skip("transformers refuses assisted generation with stateful models (Qwen3.5's linear attention)")
+    main, assistant = model_for(family), model_for(family, seed=1)
+    batch = inputs(main, [single_spec(family)])
+    kw = gen_kwargs(4)
+    ref = main.generate(**batch, **kw, assistant_model=assistant)
+    greedy = main.generate(**batch, **kw)
+    vtprune.wrap(assistant, "random", keep=keep)
+    out = main.generate(**batch, **kw, assistant_model=assistant)
+    assert torch.equal(out, greedy)  # assisted decoding gives the main model's greedy tokens
+    if keep == 1.0:
+        assert torch.equal(out, ref)
 
 
 # --- item 2: packed (padding-free) inputs ---------------------------------------------------------------

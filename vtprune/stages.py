@@ -9,6 +9,7 @@ The runtime (`vtprune.runtime`) wires it into the model's forwards.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -53,7 +54,7 @@ class StageRunner:
         if record.report is None:  # a call's report is its first prefill (generate(use_cache=False) has many)
             record.report = report
         record.prefill_report = report
-        layouts = self.adapter.layouts(record.captured, embeds)
+        layouts = self._layouts(record, embeds)
         if layouts is None:
             report.record_no_images(embeds.shape[0])
             return bound, None
@@ -120,6 +121,26 @@ class StageRunner:
             if value is not None:
                 call[name] = value
         return call, state
+
+    def _layouts(self, record: CallRecord, embeds: torch.Tensor):
+        """The batch's visual layouts, or None where the call holds no media the vision encoder saw.
+
+        Without an encoder call in this call, placeholder ids are text to the
+        model (typed by the user with no pixels) or stand for features
+        encoded elsewhere (an assisted-decoding main model hands its
+        assistant ``mm_encoder_outputs``): the model then runs as unwrapped.
+        """
+        if record.captured.get("vision_calls"):
+            return self.adapter.layouts(record.captured, embeds)
+        ids = record.captured.get("input_ids")
+        if ids is not None and bool(self.adapter.visual_token_mask(ids).any()):
+            warnings.warn(
+                "vtprune: input_ids hold visual placeholder tokens but no vision encoder ran in this call (features "
+                "given as mm_encoder_outputs, or placeholders typed as text); nothing is pruned",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
 
     def apply(self, record: CallRecord, index: int, policy: Policy, ctx: StageContext, report: Report):
         """Run one policy (or reuse the call's earlier selection), then narrow the alive sets and write merged features.
