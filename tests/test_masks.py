@@ -141,6 +141,24 @@ def test_pruned_generate_with_masked_positions_equals_no_cache(family):
     assert torch.equal(model.generate(**batch, **kw), model.generate(**batch, use_cache=False, **kw))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family_1d", LLAVA_FAMILIES)
+@pytest.mark.parametrize("stage", ["projector", "llm"])
+def test_manual_decode_step_of_a_padded_batch_continues_from_unpruned_positions(family_1d, stage):
+    """A decode step given the mask but no positions: transformers counts them from the (pruned) cache length."""
+    model = model_for(family_1d)
+    batch = _pad(_masked(family_1d, "hole"), left=1)
+    policy = Random(keep=3, seed=3) if stage == "projector" else Random(keep=3, seed=3, at_layer=2)
+    vtprune.wrap(model, policy)
+    first = model(**batch, use_cache=True)
+    nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], 1)
+    step = model(input_ids=nxt, attention_mask=mask, cache=first.cache, use_cache=True).logits[:, -1]
+    recomputed = model(**dict(batch, input_ids=torch.cat([batch["input_ids"], nxt], 1), attention_mask=mask),
+                       use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, recomputed, rtol=1e-4, atol=1e-5)
+
+
 # --- item 7: a row without tokens ------------------------------------------------------------------------
 
 

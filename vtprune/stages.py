@@ -204,7 +204,9 @@ class StageRunner:
         if positions is None:
             positions = (torch.arange(q, device=embeds.device) + past).expand(embeds.shape[0], q)
         if self.plan.positions == "original" and from_cache:
-            positions = positions + counted.removed.view(-1, 1).to(positions)
+            # the cache-derived positions count the level's columns (re-padding included); unwrapped they
+            # count the input's, the same for every row
+            positions = positions + (state.full_len - counted.mask2d.shape[1])
         elif self.plan.positions == "compact" and not from_cache:
             positions = positions - level0.removed.view(-1, 1).to(positions)
         call["position_ids"] = positions
