@@ -220,6 +220,8 @@ def test_wrapped_assistant_in_assisted_decoding(family, keep):
     assert torch.equal(out, greedy)  # assisted decoding gives the main model's greedy tokens
     if keep == 1.0:
         assert torch.equal(out, ref)
+        vtprune.wrap(main, "random", keep=1.0)  # both wrapped
+        assert torch.equal(main.generate(**batch, **kw, assistant_model=assistant), ref)
 
 
 # --- item 2: packed (padding-free) inputs ---------------------------------------------------------------
