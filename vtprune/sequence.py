@@ -75,20 +75,35 @@ class Sequence:
         declared: tuple[SequenceTensor, ...] = (),
         rotary_fn=None,
     ) -> tuple[Sequence, torch.Tensor]:
-        """Keep only the visual tokens at ``seq_positions`` (current positions, after a selection) and every other valid token.
+        """Keep only the visual tokens at ``seq_positions`` (current positions, after a selection) and every other token.
 
+        Only pruned visual tokens leave. A selection that keeps every visual
+        token gives the sequence back unchanged, whatever the mask (padding
+        on either side, holes, masked placeholders). Once tokens leave, rows
+        are re-padded to the longest kept row: the padding at either end of
+        a row (masked positions before its first or after its last attended
+        token) is re-made, while masked positions inside a row keep their
+        place and stay masked (a masked placeholder is never attended).
         Returns the shortened sequence and the gather index ``(B, L')``
-        (``-1``: padding). ``compact_positions`` renumbers 0..L'-1 (and
-        recomputes rotary tables with ``rotary_fn`` where this point has
-        them); otherwise positions and rotary tables are gathered.
+        (``-1``: re-padding). ``compact_positions`` renumbers the attended
+        tokens 0..n-1 (and recomputes rotary tables with ``rotary_fn`` where
+        this point has them); otherwise positions and rotary tables are
+        gathered.
         """
-        keep = self.mask2d.bool().clone()
+        visual = torch.zeros_like(self.mask2d, dtype=torch.bool)
+        kept = torch.zeros_like(visual)
         for b, sample in enumerate(layouts):
             if sample.images:
-                keep[b, torch.cat(self.seq_positions[b])] = False
-                keep[b, torch.cat(seq_positions[b])] = True
+                visual[b, torch.cat(self.seq_positions[b])] = True
+                kept[b, torch.cat(seq_positions[b])] = True
+        if torch.equal(visual, kept):
+            keep = torch.ones_like(visual)
+        else:
+            attended = self.mask2d.bool()
+            inside = attended.cummax(dim=1).values & attended.flip(1).cummax(dim=1).values.flip(1)
+            keep = (inside & ~visual) | kept
         index = keep_index(keep, pad_left)
-        new_mask = (index >= 0).long()
+        new_mask = gather_seq(self.mask2d, index)
         hidden = gather_seq(self.hidden, index)
         rotary, positions = self.rotary, self.position_ids
         if compact_positions:
@@ -210,6 +225,9 @@ class PrefillState:
     layouts: list[SampleLayout]
     sequence: Sequence
     pad_left: bool = True
+    #: the input is packed sequences (position ids restarting within a row, no mask), which transformers
+    #: separates with a block-diagonal mask that only its own mask code builds
+    packed: bool = False
 
     def level_for(self, layer: int) -> Level:
         current = self.levels[0]

@@ -9,10 +9,12 @@ The runtime (`vtprune.runtime`) wires it into the model's forwards.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from typing import Any
 
 import torch
+from transformers.masking_utils import find_packed_sequence_indices
 
 from .call import CallRecord
 from .context import StageContext
@@ -52,7 +54,7 @@ class StageRunner:
         if record.report is None:  # a call's report is its first prefill (generate(use_cache=False) has many)
             record.report = report
         record.prefill_report = report
-        layouts = self.adapter.layouts(record.captured, embeds)
+        layouts = self._layouts(record, embeds)
         if layouts is None:
             report.record_no_images(embeds.shape[0])
             return bound, None
@@ -93,23 +95,52 @@ class StageRunner:
                 captured=record.captured,
             )
             hidden, alive, seq_pos = self.apply(record, index, policy, ctx, report)
-        pad_left = not bool((~valid[:, -1]).any())
-        short, _ = replace(sequence, hidden=hidden).compact(
+        # a row without any attended token says nothing about the side the batch is padded on
+        pad_left = not bool((~valid[valid.any(1), -1]).any())
+        short, index = replace(sequence, hidden=hidden).compact(
             layouts, alive, seq_pos, pad_left=pad_left, compact_positions=self.plan.positions == "compact",
             declared=declared,
         )
+        packed = _packed_segments(bound.get("position_ids")) if mask is None else None
         level = Level(layer=0, mask2d=short.mask2d, removed=valid.sum(1) - short.mask2d.sum(1), extras=short.extras)
         # row indices count from level 0's rows (what the language model gets), not from the input's
         kept = replace(_kept(short), row_index={})
-        state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left)
+        state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left,
+                             packed=packed is not None)
         call = dict(bound)
         call["inputs_embeds"] = short.hidden
+        if _is_identity(index, seq_len):
+            # nothing left the sequence: the mask and positions the model was given stay as they were
+            # (no mask stays no mask: transformers then reads packed sequences from the position ids)
+            return call, state
         call["attention_mask"] = short.mask2d
         call["position_ids"] = short.position_ids
+        if packed is not None:
+            call["attention_mask"], call["position_ids"] = _packed_call(packed, index, short)
         for name, value in short.extras.items():
             if value is not None:
                 call[name] = value
         return call, state
+
+    def _layouts(self, record: CallRecord, embeds: torch.Tensor):
+        """The batch's visual layouts, or None where the call holds no media the vision encoder saw.
+
+        Without an encoder call in this call, placeholder ids are text to the
+        model (typed by the user with no pixels) or stand for features
+        encoded elsewhere (an assisted-decoding main model hands its
+        assistant ``mm_encoder_outputs``): the model then runs as unwrapped.
+        """
+        if record.captured.get("vision_calls"):
+            return self.adapter.layouts(record.captured, embeds)
+        ids = record.captured.get("input_ids")
+        if ids is not None and bool(self.adapter.visual_token_mask(ids).any()):
+            warnings.warn(
+                "vtprune: input_ids hold visual placeholder tokens but no vision encoder ran in this call (features "
+                "given as mm_encoder_outputs, or placeholders typed as text); nothing is pruned",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
 
     def apply(self, record: CallRecord, index: int, policy: Policy, ctx: StageContext, report: Report):
         """Run one policy (or reuse the call's earlier selection), then narrow the alive sets and write merged features.
@@ -173,7 +204,9 @@ class StageRunner:
         if positions is None:
             positions = (torch.arange(q, device=embeds.device) + past).expand(embeds.shape[0], q)
         if self.plan.positions == "original" and from_cache:
-            positions = positions + counted.removed.view(-1, 1).to(positions)
+            # the cache-derived positions count the level's columns (re-padding included); unwrapped they
+            # count the input's, the same for every row
+            positions = positions + (state.full_len - counted.mask2d.shape[1])
         elif self.plan.positions == "compact" and not from_cache:
             positions = positions - level0.removed.view(-1, 1).to(positions)
         call["position_ids"] = positions
@@ -219,10 +252,20 @@ class StageRunner:
             sub_block_stats=record.sub_block_stats.get(index_in_pipeline, {}),
         )
         hidden, alive, seq_pos = self.apply(record, index_in_pipeline, policy, ctx, record.prefill_report)
-        short, _ = replace(sequence, hidden=hidden).compact(
+        short, index = replace(sequence, hidden=hidden).compact(
             state.layouts, alive, seq_pos, pad_left=state.pad_left,
             compact_positions=self.plan.positions == "compact", declared=declared, rotary_fn=self.adapter.rotary,
         )
+        if _is_identity(index, prev.mask2d.shape[1]):
+            # nothing left: the layers above keep running on what the layers below had (no new level)
+            state.sequence = _kept(short)
+            return short.hidden
+        if state.packed:
+            raise ValueError(
+                "vtprune: packed inputs (position_ids that restart within a row and no attention_mask) cannot be "
+                f"pruned inside the language model (layer {idx}); pass the sequences as a padded batch with an "
+                "attention_mask instead"
+            )
         level = Level(
             layer=idx,
             mask2d=short.mask2d,
@@ -255,6 +298,54 @@ class StageRunner:
             if kwargs.get(name) is not None and value is not None:
                 kwargs[name] = value
         return kwargs
+
+
+def _is_identity(index: torch.Tensor, length: int) -> bool:
+    """Whether a gather index keeps every position of a sequence of ``length`` in place."""
+    return index.shape[1] == length and bool((index == torch.arange(length, device=index.device)).all())
+
+
+def _packed_segments(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The packed-sequence ids transformers reads from position ids given without a mask, or None (not packed).
+
+    Qwen's M-RoPE models take a leading row of text positions for this
+    (``(4, B, L)`` position ids); 3-row M-RoPE ids are never read as packed.
+    """
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 3:
+        if position_ids.shape[0] != 4:
+            return None
+        position_ids = position_ids[0]
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    return find_packed_sequence_indices(position_ids)
+
+
+def _packed_call(segments: torch.Tensor, index: torch.Tensor, short: Sequence) -> tuple[None, torch.Tensor]:
+    """No mask and position ids that still mark each packed sequence, for a pruned packed prefill.
+
+    transformers builds the block-diagonal mask of packed sequences from the
+    position ids when no mask is given; gathered positions have gaps where
+    tokens were pruned, which it would read as more boundaries. A text row
+    renumbered 0, 1, ... within each kept sequence keeps the boundaries, and
+    is possible only where the text row is separate from the rotary rows
+    (Qwen's 4-row position ids).
+    """
+    positions = short.position_ids
+    if positions is None or positions.dim() != 3 or positions.shape[0] != 4 or bool((index < 0).any()):
+        raise ValueError(
+            "vtprune: packed inputs (position_ids that restart within a row and no attention_mask) can be pruned "
+            "only on Qwen models given 4-row position ids (a text row, then the M-RoPE rows) with equal budgets per "
+            "row; pass the sequences as a padded batch with an attention_mask instead"
+        )
+    kept_segments = segments.to(index.device).gather(1, index)
+    slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
+    starts = torch.ones_like(index, dtype=torch.bool)
+    starts[:, 1:] = kept_segments[:, 1:] != kept_segments[:, :-1]
+    first = torch.where(starts, slots, torch.zeros_like(slots)).cummax(dim=1).values
+    text = (slots - first).to(positions)
+    return None, torch.cat([text[None], positions[1:]])
 
 
 def _kept(sequence: Sequence) -> Sequence:
