@@ -55,10 +55,7 @@ def bench_model(family: str, layers: int, hidden: int, device: torch.device, dty
     geometry = Geometry(hidden=hidden, layers=layers, heads=heads, kv_heads=heads, intermediate=intermediate,
                         vision_hidden=DEMO_GEOMETRY.vision_hidden, vision_layers=DEMO_GEOMETRY.vision_layers,
                         image_size=DEMO_GEOMETRY.image_size, patch=DEMO_GEOMETRY.patch)
-    model = tiny_model(family, geometry, dtype=dtype)
-    if family == "llava_next":
-        model.config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672]]
-        model.model.config.image_grid_pinpoints = model.config.image_grid_pinpoints
+    model = tiny_model(family, geometry, dtype=dtype)  # LLaVA-NeXT: grid pinpoints of 336 px views, as the demo's
     return model.to(device)
 
 
@@ -149,7 +146,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     # patch tokens of the image, as the demo and the report count them (LLaVA-NeXT / OneVision newlines excluded)
     n_visual = adapter_for(model).layouts(one, one["input_ids"])[0].images[0].num_tokens
     seq = inputs["input_ids"].shape[1]
-    is_llava = family == "llava"
+    is_llava = adapter_for(model).spec.bench_bare  # `_Bare` writes out LLaVA-1.5's pipeline
 
     def prefill():
         return model(**inputs, use_cache=True, logits_to_keep=1)

@@ -76,9 +76,9 @@ FAMILIES = {t: adapter.lmms_model for t, adapter in ADAPTERS.items()}
 PRUNE_KEYS = ("policy", "keep", "positions")
 INSTALL_HINT = ("lmms-eval is not installed; install it without its dependencies (they would replace torch), "
                 "from the vtprune clone:\n  pip install '.[eval]' && pip install --no-deps lmms-eval==0.7.3")
-#: What lmms-eval's wrapper of each name (``FAMILIES``' values) needs beyond the ``[eval]`` extra
-#: (its Qwen wrappers all go through qwen_vl_utils, which imports torchvision).
-WRAPPER_NEEDS = {name: ("qwen_vl_utils", "torchvision") for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")}
+#: What lmms-eval's wrapper of each name (``FAMILIES``' values) needs beyond the ``[eval]`` extra, as each adapter
+#: declares it (``lmms_needs``: its Qwen wrappers all go through qwen_vl_utils, which imports torchvision).
+WRAPPER_NEEDS = {adapter.lmms_model: adapter.lmms_needs for adapter in ADAPTERS.values() if adapter.lmms_needs}
 
 
 class EvalFailed(RuntimeError):

@@ -65,20 +65,13 @@ def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], tit
 
 def _view_and_grid(model, processor, inputs: dict, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
     """The picture the model sees and its token grid (rows, cols)."""
+    from ..patches import ADAPTERS
+
     family = model.config.model_type
-    if family == "llava":
-        ip = processor.image_processor
-        pixels = inputs["pixel_values"][0].float().permute(1, 2, 0).numpy()
-        pixels = pixels * np.array(ip.image_std) + np.array(ip.image_mean)
-        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        return (pixels.clip(0, 1) * 255).astype(np.uint8), (side, side)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
-        patch = model.config.vision_config.patch_size
-        merge = model.config.vision_config.spatial_merge_size
-        view = np.asarray(image.convert("RGB").resize((w * patch, h * patch), Image.BICUBIC))
-        return view, (h // merge, w // merge)
-    raise ValueError(f"vtprune show draws llava, qwen2_vl and qwen2_5_vl models; got {family!r} "
+    if family in ADAPTERS and ADAPTERS[family].spec.drawn:
+        return ADAPTERS[family].spec.view_and_grid(model, processor, inputs, image)
+    drawn = [t for t, adapter in ADAPTERS.items() if adapter.spec.drawn]
+    raise ValueError(f"vtprune show draws {', '.join(drawn[:-1])} and {drawn[-1]} models; got {family!r} "
                      "(LLaVA-NeXT's several views are not drawn yet)")
 
 

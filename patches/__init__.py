@@ -2,7 +2,9 @@
 
 `ADAPTERS` is the one table of supported model types: the API, the tiny
 test models, the demo, ``calibrate-ecl``, the test fixtures and the
-lmms-eval runner all read it (a new family adds its adapter here).
+lmms-eval runner all read it. A family's module holds its adapter and, as
+the adapter's ``spec``, its `FamilySpec` (tiny model and inputs, demo,
+bench, show); a new family is that module plus its row here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter
+from .family import FamilySpec
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -30,6 +33,13 @@ def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 
 
+def family_spec(model_type: str) -> FamilySpec:
+    """The `FamilySpec` of a supported ``config.model_type``; a clear error for anything else."""
+    if model_type not in ADAPTERS:
+        raise ValueError(f"unknown family {model_type!r}; choose from {tuple(supported_model_types())}")
+    return ADAPTERS[model_type].spec
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for `model`, matched on ``config.model_type``; a clear error for anything else."""
     config = getattr(model, "config", None)
@@ -42,4 +52,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "supported_model_types"]
+__all__ = ["ADAPTERS", "Adapter", "FamilySpec", "adapter_for", "family_spec", "supported_model_types"]

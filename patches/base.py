@@ -22,6 +22,7 @@ from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from ..sequence import SequenceTensor
 from .attention import attention_rows, split_queries
+from .family import FamilySpec
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -49,6 +50,10 @@ class Adapter:
     vision_cls_per_image: ClassVar[bool] = False
     #: lmms-eval's HF model wrapper that loads this family (the eval runner reads it)
     lmms_model: ClassVar[str] = ""
+    #: modules that wrapper needs beyond the ``[eval]`` extra (the eval runner checks they import)
+    lmms_needs: ClassVar[tuple[str, ...]] = ()
+    #: the family's knowledge outside the runtime: tiny model and inputs, demo, bench, show (`FamilySpec`)
+    spec: ClassVar[FamilySpec]
     #: methods of the base model that run the vision encoder (their grid arguments are recorded)
     vision_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     #: language-model inputs beyond embeddings, mask and positions that carry sequence length (or rows of

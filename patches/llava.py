@@ -14,6 +14,71 @@ from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
 from .attention import vit_attention_from, vit_attention_received, vit_keys
 from .base import Adapter, single_grid_image
+from .family import IMAGE_TOKEN, FamilySpec, Geometry, TinyBatch, text_kwargs, vit_kwargs
+
+
+class LlavaSpec(FamilySpec):
+    """LLaVA-1.5's tiny model (CLIP + Llama), square images, the demo's CLIP processor, ``show`` and ``bench``'s bare
+    pipeline."""
+
+    hf_class = "LlavaForConditionalGeneration"
+    square_images = True
+    bench_bare = True
+    drawn = True
+
+    def tiny_config(self, g: Geometry):
+        from transformers import LlavaConfig
+
+        return LlavaConfig(**self.vit_llama(g))
+
+    @staticmethod
+    def vit_llama(g: Geometry) -> dict:
+        """CLIP tower and Llama decoder, as LLaVA-1.5 and LLaVA-NeXT."""
+        from transformers import CLIPVisionConfig, LlamaConfig
+
+        vision = CLIPVisionConfig(**vit_kwargs(g), projection_dim=g.vision_hidden)
+        text = LlamaConfig(**text_kwargs(g))
+        return dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN,
+                    vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+    def tiny_image(self, batch: TinyBatch, size, images_in_sample):
+        side = batch.vision.image_size
+        batch.pixels.append(batch.randn(3, side, side))
+        return [IMAGE_TOKEN] * batch.adapter.grid_side**2
+
+    def tiny_visual_inputs(self, batch):
+        return {"pixel_values": torch.stack(batch.pixels)} if batch.pixels else {}
+
+    def alone_visual_inputs(self, batch, b, mask):
+        n_before = sum(self.images_in_row(batch, r) for r in range(b))
+        n_mine = self.images_in_row(batch, b)
+        return self.image_rows(batch, n_before, n_mine) if n_mine else {}
+
+    def images_in_row(self, batch: dict, row: int) -> int:
+        """Images of a row of `batch` (every image has the same number of placeholders)."""
+        ids = batch["input_ids"]
+        if "pixel_values" not in batch:
+            return 0
+        return int((ids[row] == IMAGE_TOKEN).sum()) * len(batch["pixel_values"]) // int((ids == IMAGE_TOKEN).sum())
+
+    def image_rows(self, batch: dict, start: int, n: int) -> dict:
+        """Images ``start ... start + n - 1`` of `batch` as a batch's image inputs."""
+        return {"pixel_values": batch["pixel_values"][start : start + n]}
+
+    def demo_image(self, model, adapter, image, pixels):
+        from transformers import CLIPImageProcessorPil
+
+        proc = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        return proc(image, return_tensors="pt"), [IMAGE_TOKEN] * adapter.grid_side**2
+
+    def view_and_grid(self, model, processor, inputs, image):
+        import numpy as np
+
+        ip = processor.image_processor
+        pixels = inputs["pixel_values"][0].float().permute(1, 2, 0).numpy()
+        pixels = pixels * np.array(ip.image_std) + np.array(ip.image_mean)
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        return (pixels.clip(0, 1) * 255).astype(np.uint8), (side, side)
 
 
 class LlavaAdapter(Adapter):
@@ -23,6 +88,7 @@ class LlavaAdapter(Adapter):
     vision_cls = True
     vision_cls_per_image = True
     template_markers = ("ASSISTANT:",)
+    spec = LlavaSpec()
 
     def check_config(self) -> None:
         strategy = self.config.vision_feature_select_strategy

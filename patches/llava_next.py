@@ -14,14 +14,66 @@ from typing import Any
 import torch
 
 from ..layout import ImageLayout, SampleLayout, SubGrid
-from .llava import LlavaAdapter
+from .family import IMAGE_TOKEN, Geometry, TinyBatch, placeholder_runs
+from .llava import LlavaAdapter, LlavaSpec
+
+
+class LlavaNextSpec(LlavaSpec):
+    """LLaVA-NeXT's tiny model: LLaVA-1.5's with anyres crops (grid pinpoints of 1 x 2, 2 x 1 and 2 x 2 views)."""
+
+    hf_class = "LlavaNextForConditionalGeneration"
+    square_images = False
+    bench_bare = False
+    drawn = False
+
+    def tiny_config(self, g: Geometry):
+        from transformers import LlavaNextConfig
+
+        s = g.image_size
+        return LlavaNextConfig(image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **self.vit_llama(g))
+
+    def tiny_image(self, batch: TinyBatch, size, images_in_sample):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        h, w = size
+        side = batch.vision.image_size
+        n_crops = image_size_to_num_patches([h, w], batch.model.config.image_grid_pinpoints, side)
+        batch.pixels.append(batch.randn(n_crops, 3, side, side))
+        batch.sizes.append([h, w])
+        rh, rw = batch.adapter.hires_shape(torch.tensor([h, w]))
+        return [IMAGE_TOKEN] * (batch.adapter.grid_side**2 + rh * (rw + 1))
+
+    def tiny_visual_inputs(self, batch):
+        if not batch.pixels:
+            return {}
+        most = max(p.shape[0] for p in batch.pixels)
+        padded = torch.zeros(len(batch.pixels), most, *batch.pixels[0].shape[1:])
+        for i, p in enumerate(batch.pixels):
+            padded[i, : p.shape[0]] = p
+        return {"pixel_values": padded, "image_sizes": torch.tensor(batch.sizes)}
+
+    def images_in_row(self, batch, row):
+        return placeholder_runs(batch["input_ids"][row] == IMAGE_TOKEN)
+
+    def image_rows(self, batch, start, n):
+        return {"pixel_values": batch["pixel_values"][start : start + n], "image_sizes": batch["image_sizes"][start : start + n]}
+
+    def demo_image(self, model, adapter, image, pixels):
+        from transformers import LlavaNextImageProcessorPil
+
+        proc = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                          image_grid_pinpoints=model.config.image_grid_pinpoints)
+        pix = proc(image, return_tensors="pt")
+        rows, cols = adapter.hires_shape(pix["image_sizes"][0])
+        return pix, [IMAGE_TOKEN] * (adapter.grid_side**2 + rows * (cols + 1))
 
 
 class LlavaNextAdapter(LlavaAdapter):
     model_type = "llava_next"
     vision_cls_per_image = False  # one CLS per crop: VisionZip's reference budgets each crop instead
+    spec = LlavaNextSpec()
 
-    def _views(self, image_size: torch.Tensor) -> tuple[int, int]:
+    def hires_shape(self, image_size: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the unpadded high-resolution view of an image of `image_size` (h, w)."""
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
@@ -39,7 +91,7 @@ class LlavaNextAdapter(LlavaAdapter):
         while cursor < positions.numel():
             if sizes is None or counter["image"] >= len(sizes):
                 raise ValueError("llava_next: the prompt holds more image placeholders than `image_sizes` describes")
-            h, w = self._views(torch.as_tensor(sizes[counter["image"]]))
+            h, w = self.hires_shape(torch.as_tensor(sizes[counter["image"]]))
             base = side * side
             span = positions[cursor : cursor + base + h * (w + 1)]
             if span.numel() != base + h * (w + 1):

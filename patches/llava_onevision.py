@@ -31,7 +31,88 @@ import torch
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from .base import Adapter
-from .llava_next import LlavaNextAdapter
+from .family import IMAGE_TOKEN, VIDEO_TOKEN, Geometry, SampleSpec, TinyBatch, placeholder_runs, text_kwargs, vit_kwargs
+from .llava_next import LlavaNextAdapter, LlavaNextSpec
+
+
+class LlavaOnevisionSpec(LlavaNextSpec):
+    """LLaVA-OneVision's tiny model: a SigLIP tower (no CLS token) and a Qwen2 decoder, as the released checkpoints.
+
+    The real geometry is 384 px crops of 27 x 27 = 729 tokens and ``anyres_max_9``; here the crops are
+    ``image_size`` square and the maximum is 2 crops, so the tiny 2 x 2 crop grid (256 tokens) is
+    downsampled by the model as a large real image is (the ``anyres_max`` path), while 1 x 2 grids are not.
+    Features: the last layer's output, every token ("full"), as the checkpoints. The demo uses the
+    checkpoints' 384 px views and cap (up to 9 crops' worth of tokens before shrinking).
+    """
+
+    hf_class = "LlavaOnevisionForConditionalGeneration"
+    demo_geometry = {"image_size": 384}
+    demo_config = {"vision_aspect_ratio": "anyres_max_9"}
+
+    def tiny_config(self, g: Geometry):
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(**vit_kwargs(g), vision_use_head=False)
+        text = Qwen2Config(**text_kwargs(g))
+        s = g.image_size
+        return LlavaOnevisionConfig(
+            vision_config=vision.to_dict(),
+            text_config=text.to_dict(),
+            image_token_index=IMAGE_TOKEN,
+            video_token_index=VIDEO_TOKEN,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+            vision_aspect_ratio="anyres_max_2",
+        )
+
+    def tiny_image(self, batch: TinyBatch, size, images_in_sample):
+        # as its processor: the image of a one-image prompt gets anyres crops, those of a multi-image one a base view
+        adapter, side = batch.adapter, batch.vision.image_size
+        crops = adapter.num_crops(list(size)) if images_in_sample == 1 else 1
+        batch.pixels.append(batch.randn(crops, 3, side, side))
+        batch.sizes.append(list(size))
+        return [IMAGE_TOKEN] * adapter.image_token_count(list(size), crops > 1)
+
+    def tiny_video(self, batch, frames, height, width):
+        # every frame one square view; `height`, `width` are ignored
+        side = batch.vision.image_size
+        batch.videos.append(batch.randn(frames, 3, side, side))
+        return [VIDEO_TOKEN] * batch.adapter.video_token_count(frames)
+
+    def tiny_visual_inputs(self, batch):
+        out = super().tiny_visual_inputs(batch)
+        if batch.pixels:
+            out["batch_num_images"] = torch.tensor(batch.counts)
+        if batch.videos:
+            out["pixel_values_videos"] = torch.stack(batch.videos)  # (videos, frames, 3, H, W): equal frame counts
+        return out
+
+    def mixed_samples(self):
+        # a one-image prompt gets anyres crops (64 x 64: a 2 x 2 grid the model shrinks, anyres_max), the images of a
+        # multi-image prompt a base view each; a video of pooled frames after an image
+        return [*super().mixed_samples(), SampleSpec(images=((64, 64),), videos=((2, 32, 32),), question=3)]
+
+    def image_rows(self, batch, start, n):
+        return {**super().image_rows(batch, start, n), "batch_num_images": torch.tensor([n])}
+
+    def alone_visual_inputs(self, batch, b, mask):
+        out = super().alone_visual_inputs(batch, b, mask)
+        if "pixel_values_videos" in batch:
+            v_before = sum(placeholder_runs(batch["input_ids"][r] == VIDEO_TOKEN) for r in range(b))
+            v_mine = placeholder_runs(batch["input_ids"][b] == VIDEO_TOKEN)
+            if v_mine:
+                out["pixel_values_videos"] = batch["pixel_values_videos"][v_before : v_before + v_mine]
+        return out
+
+    def demo_image(self, model, adapter, image, pixels):
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        side = model.config.vision_config.image_size
+        proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                               image_grid_pinpoints=model.config.image_grid_pinpoints)
+        pix = proc(image, return_tensors="pt")
+        return pix, [IMAGE_TOKEN] * adapter.image_token_count(pix["image_sizes"][0], crops=True)
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -43,6 +124,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     grid_keys = ("image_sizes", "batch_num_images", "pixel_values_videos")
     vision_methods = ("get_image_features", "get_video_features")
     template_markers = ("<|im_end|>",)
+    spec = LlavaOnevisionSpec()
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -79,7 +161,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         size = [int(x) for x in image_size]
         return image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
 
-    def _views(self, image_size: torch.Tensor) -> tuple[int, int]:
+    def hires_shape(self, image_size: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the high-resolution view as the model packs it (unpadded, shrunk past anyres_max).
 
         Read from the model's own `pack_image_features` applied to a marker
@@ -102,7 +184,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """Placeholder tokens of one image: base view + (rows of the high-resolution view + newlines, or one newline)."""
         if not crops:
             return self.grid_side**2 + 1
-        rows, cols = self._views(torch.as_tensor(image_size))
+        rows, cols = self.hires_shape(torch.as_tensor(image_size))
         return self.grid_side**2 + rows * (cols + 1)
 
     def video_token_count(self, frames: int) -> int:
@@ -167,7 +249,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if span.numel() == base + 1:  # a base view and its newline
             return ImageLayout(index=index, positions=span[:base], grids=[SubGrid(0, side, side)],
                                newline_positions=span[base:])
-        rows, cols = self._views(torch.as_tensor(captured["image_sizes"][counter["image"]]))
+        rows, cols = self.hires_shape(torch.as_tensor(captured["image_sizes"][counter["image"]]))
         hires = span[base:].view(rows, cols + 1)
         return ImageLayout(
             index=index,

@@ -16,6 +16,141 @@ from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
 from .attention import packed_vit_attention_received, packed_vit_keys
 from .base import Adapter, single_grid_image
+from .family import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
+    FamilySpec,
+    Geometry,
+    SampleSpec,
+    TinyBatch,
+    text_kwargs,
+)
+
+
+class Qwen2VLSpec(FamilySpec):
+    """The tiny Qwen2-VL model: M-RoPE decoder, a packed ViT with a 2x2 merger; inputs as its processor's
+    (flattened patches, ``image_grid_thw``/``video_grid_thw``, vision start/end pairs, ``mm_token_type_ids``).
+    The Qwen families after it (Qwen2.5-VL, Qwen3-VL, Qwen3.5) change the config and the video timestamps."""
+
+    hf_class = "Qwen2VLForConditionalGeneration"
+    drawn = True
+
+    @staticmethod
+    def parts(g: Geometry) -> tuple[dict, dict, dict]:
+        """The Qwen families' shared (text config, vision config, token ids) as keyword dicts."""
+        half = g.hidden // g.heads // 2  # M-RoPE splits half the head dim into (t, h, w) sections
+        section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        text = dict(
+            text_kwargs(g),
+            rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0},
+        )
+        vision = dict(
+            depth=g.vision_layers,
+            hidden_size=g.vision_hidden,
+            embed_dim=g.vision_hidden,
+            num_heads=2,
+            patch_size=g.patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_chans=3,
+            out_hidden_size=g.hidden,
+            hidden_act="silu",
+            intermediate_size=2 * g.vision_hidden,
+        )
+        ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                   vision_end_token_id=VISION_END)
+        return text, vision, ids
+
+    def tiny_config(self, g: Geometry):
+        from transformers import Qwen2VLConfig
+
+        text, vision, ids = self.parts(g)
+        vision.pop("out_hidden_size")
+        vision.pop("intermediate_size")
+        vision.update(mlp_ratio=2)
+        return Qwen2VLConfig(text_config=text, vision_config=dict(vision, hidden_size=g.hidden), **ids)
+
+    def tiny_image(self, batch: TinyBatch, size, images_in_sample):
+        vision = batch.vision
+        gh, gw = size[0] // vision.patch_size, size[1] // vision.patch_size
+        batch.grids.append([1, gh, gw])
+        batch.pixels.append(batch.randn(gh * gw, 3 * vision.temporal_patch_size * vision.patch_size**2))
+        return [VISION_START] + [IMAGE_TOKEN] * (gh * gw // 4) + [VISION_END]
+
+    def tiny_video(self, batch, frames, height, width):
+        vision = batch.vision
+        gt, gh, gw = frames // vision.temporal_patch_size, height // vision.patch_size, width // vision.patch_size
+        batch.vgrids.append([gt, gh, gw])
+        batch.videos.append(batch.randn(gt * gh * gw, 3 * vision.temporal_patch_size * vision.patch_size**2))
+        if not self.timestamp_tokens:
+            return [VISION_START] + [VIDEO_TOKEN] * (gt * gh * gw // 4) + [VISION_END]
+        ids = []
+        for _ in range(gt):  # every frame: its timestamp (text), then its own vision span
+            ids += batch.text(self.timestamp_tokens) + [VISION_START] + [VIDEO_TOKEN] * (gh * gw // 4) + [VISION_END]
+        return ids
+
+    def tiny_visual_inputs(self, batch):
+        out = {}
+        if batch.pixels:
+            out["pixel_values"] = torch.cat(batch.pixels)
+            out["image_grid_thw"] = torch.tensor(batch.grids)
+        if batch.videos:
+            out["pixel_values_videos"] = torch.cat(batch.videos)
+            out["video_grid_thw"] = torch.tensor(batch.vgrids)
+        return out
+
+    def mixed_samples(self):
+        return [*super().mixed_samples(), SampleSpec(videos=((4, 32, 32),), question=3)]
+
+    def alone_visual_inputs(self, batch, b, mask):
+        def count(tok, row):
+            return int((batch["input_ids"][row] == tok).sum())
+
+        out = {}
+        for kind, tok, pix in (("image", IMAGE_TOKEN, "pixel_values"), ("video", VIDEO_TOKEN, "pixel_values_videos")):
+            key = f"{kind}_grid_thw"
+            if key not in batch:
+                continue
+            grids = batch[key]
+            per_item = grids.prod(-1) // 4
+            # items of earlier rows
+            first = 0
+            consumed = 0
+            while consumed < sum(count(tok, r) for r in range(b)):
+                consumed += int(per_item[first])
+                first += 1
+            last, mine = first, 0
+            while mine < count(tok, b):
+                mine += int(per_item[last])
+                last += 1
+            if last > first:
+                patches = grids.prod(-1)
+                start = int(patches[:first].sum())
+                out[pix] = batch[pix][start : start + int(patches[first:last].sum())]
+                out[key] = grids[first:last]
+        return out
+
+    def demo_image(self, model, adapter, image, pixels):
+        from transformers import Qwen2VLImageProcessorPil
+
+        vision = model.config.vision_config
+        proc = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=vision.patch_size,
+                                        merge_size=adapter.merge)
+        pix = proc(image, return_tensors="pt")
+        n = int(pix["image_grid_thw"].prod()) // adapter.merge**2
+        return pix, [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END]
+
+    def view_and_grid(self, model, processor, inputs, image):
+        import numpy as np
+        from PIL import Image
+
+        _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
+        patch = model.config.vision_config.patch_size
+        merge = model.config.vision_config.spatial_merge_size
+        view = np.asarray(image.convert("RGB").resize((w * patch, h * patch), Image.BICUBIC))
+        return view, (h // merge, w // merge)
 
 
 class Qwen2VLAdapter(Adapter):
@@ -25,6 +160,10 @@ class Qwen2VLAdapter(Adapter):
     grid_keys = ("image_grid_thw", "video_grid_thw")
     vision_methods = ("get_image_features", "get_video_features")
     template_markers = ("<|im_end|>",)
+    #: what lmms-eval's Qwen wrappers need beyond the ``[eval]`` extra (they go through qwen_vl_utils, which imports
+    #: torchvision)
+    lmms_needs = ("qwen_vl_utils", "torchvision")
+    spec = Qwen2VLSpec()
 
     @property
     def merge(self) -> int:

@@ -31,12 +31,56 @@ from __future__ import annotations
 
 from torch import nn
 
-from .qwen2_vl import Qwen2VLAdapter
+from .family import Geometry, text_kwargs
+from .qwen2_vl import Qwen2VLAdapter, Qwen2VLSpec
+
+
+class Qwen3_5Spec(Qwen2VLSpec):
+    """The tiny Qwen3.5 model: Gated DeltaNet (linear attention) layers with full attention at every odd layer.
+
+    One layer more than the other families (5 by default: linear, full,
+    linear, full, linear): three linear layers, two full-attention ones, and
+    layer 3 full as in the real 3:1 pattern (full attention at 3, 7, 11, ...),
+    so the zoo's FastV / EntropyPrune default (K-1 = 3) fits. Gated
+    attention with partial RoPE (a quarter of the head dim, as the real
+    models) and interleaved M-RoPE sections over the rotated dims. Video
+    frames carry a one-token timestamp in the tiny inputs.
+    """
+
+    hf_class = "Qwen3_5ForConditionalGeneration"
+    timestamp_tokens = 1
+    drawn = False
+
+    def tiny_config(self, g: Geometry):
+        from transformers import Qwen3_5Config
+
+        _, _, ids = self.parts(g)
+        layers = g.layers + 1
+        head_dim = 2 * g.hidden // g.heads
+        text = dict(
+            text_kwargs(g),
+            num_hidden_layers=layers,
+            head_dim=head_dim,
+            layer_types=["full_attention" if i % 2 else "linear_attention" for i in range(layers)],
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=g.hidden // g.heads,
+            linear_value_head_dim=g.hidden // g.heads,
+            linear_num_key_heads=g.kv_heads,
+            linear_num_value_heads=g.heads,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                             "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        )
+        side = 2 * g.image_size // g.patch  # the learned position table is resampled to each grid
+        vision = dict(depth=g.vision_layers, hidden_size=g.vision_hidden, intermediate_size=2 * g.vision_hidden,
+                      num_heads=2, patch_size=g.patch, spatial_merge_size=2, temporal_patch_size=2,
+                      out_hidden_size=g.hidden, num_position_embeddings=side * side)
+        return Qwen3_5Config(text_config=text, vision_config=vision, **ids)
 
 
 class Qwen3_5Adapter(Qwen2VLAdapter):
     model_type = "qwen3_5"
     lmms_model = "qwen3_5"
+    spec = Qwen3_5Spec()
 
     def check_config(self) -> None:
         if not getattr(self.text_config, "layer_types", None):

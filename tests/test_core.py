@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import ATTNS
 from helpers import (
-    QWEN,
     gen_kwargs,
     hooks_left,
     inputs,
@@ -241,7 +240,7 @@ def test_manual_decode_loop_continues_from_unpruned_positions(family):
     step = model(input_ids=nxt, cache=first.cache, use_cache=True).logits[:, -1]
     ids = torch.cat([batch["input_ids"], nxt], dim=1)
     full = dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids))
-    if family in QWEN:
+    if "mm_token_type_ids" in batch:
         full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(nxt).int()], 1)
     recomputed = model(**full, use_cache=False).logits[:, -1]
     torch.testing.assert_close(step, recomputed, rtol=1e-4, atol=1e-5)

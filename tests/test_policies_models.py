@@ -8,6 +8,7 @@ from conftest import ATTNS
 from helpers import gen_kwargs, inputs, mixed_specs, model_for, patch_positions, sample_alone
 
 import vtprune
+from vtprune import zoo
 from vtprune.policies import (
     DivPrune,
     EntropyPrune,
@@ -37,9 +38,10 @@ POLICIES = {
 }
 
 
-# the per-family defaults of model_zoo.yaml where they differ (qwen3_5: K-1 = 3, its first full-attention layer)
-ENTROPY_LAYER = {"llava": 2, "llava_next": 2, "llava_onevision": 2, "qwen3_5": 4}
-FASTV_LAYER = {"qwen3_5": 4}
+def zoo_layer(family: str, policy: str, default: int) -> int:
+    """The family's ``at_layer`` in model_zoo.yaml (e.g. qwen3_5: K-1 = 3, its first full-attention layer)."""
+    return zoo.policy_defaults(family, policy).get("at_layer", default)
+
 
 PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune")
 
@@ -68,8 +70,8 @@ def test_budgets_and_cache(family, attn, policy):
     vtprune.wrap(model, POLICIES[policy](3))
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
-    want_stages = {"entropyprune": [f"llm@{ENTROPY_LAYER.get(family, 1)}"], "fastv": [f"llm@{FASTV_LAYER.get(family, 2)}"],
-                   "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
+    want_stages = {"entropyprune": [f"llm@{zoo_layer(family, 'entropyprune', 1)}"],
+                   "fastv": [f"llm@{zoo_layer(family, 'fastv', 2)}"], "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
                    "visionzip": ["vision"]}.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:
@@ -157,7 +159,7 @@ def test_entropyprune_keeps_the_top_entropy_tokens_of_the_unwrapped_model(family
 
     model = model_for(family, "sdpa")
     batch = inputs(model, mixed_specs(family)[:1])
-    at = ENTROPY_LAYER.get(family, 1)
+    at = zoo_layer(family, "entropyprune", 1)
     seen = {}
     layer = model.model.language_model.layers[at - 1]
     handle = layer.register_forward_pre_hook(lambda _m, args: seen.update(h=args[0]))

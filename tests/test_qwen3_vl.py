@@ -17,9 +17,9 @@ from test_policies_models import POLICIES
 from transformers.masking_utils import create_causal_mask
 
 import vtprune
-from vtprune.patches import adapter_for
+from vtprune.patches import adapter_for, family_spec
 from vtprune.policies import Pipeline, Random
-from vtprune.tiny import IMAGE_TOKEN, TIMESTAMP_TOKENS, VIDEO_TOKEN, SampleSpec, make_inputs
+from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, SampleSpec, make_inputs
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 #: two image sizes and a video of two temporal frames (each after its timestamp), in one sample
@@ -219,7 +219,7 @@ def test_video_timestamps_are_text_and_every_frame_is_a_sub_grid():
     assert [(g.offset, g.height, g.width) for g in video.grids] == [(0, 4, 6), (24, 4, 6), (48, 4, 6)]
     assert int(layout.question_positions.min()) > int(frames.max())  # timestamps are not the question
     gaps = frames[1:] - frames[:-1]
-    assert sorted(set(gaps.tolist())) == [1, TIMESTAMP_TOKENS + 3]  # end, timestamp, start between frames
+    assert sorted(set(gaps.tolist())) == [1, family_spec("qwen3_vl").timestamp_tokens + 3]  # end, timestamp, start between frames
     seen = {}
     handle = model.model.language_model.layers[0].register_forward_pre_hook(lambda _m, a: seen.update(h=a[0]))
     vtprune.wrap(model, "random", keep=1)

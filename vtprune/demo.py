@@ -19,11 +19,14 @@ import torch
 from . import api
 from .budget import parse_keep
 from .measure import kv_cache_bytes, time_prefill
+from .patches import family_spec
 from .tiny import FAMILIES, IMAGE_TOKEN, VISION_END, VISION_START, Geometry, tiny_model
 
 DEMO_GEOMETRY = Geometry(hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024, vision_hidden=64,
                          vision_layers=2, image_size=336, patch=14)
 QWEN_PIXELS = 448 * 448
+#: the model whose kept patches ``--png`` draws: LLaVA-1.5, one 336 px view of 24 x 24 patches (`save_png`'s grid)
+PNG_FAMILY = "llava"
 
 
 def photo() -> np.ndarray:
@@ -38,59 +41,28 @@ def demo_inputs(model, image: np.ndarray, question_tokens: int = 12, qwen_pixels
     resize the image to ``qwen_pixels`` pixels (``min_pixels = max_pixels``)."""
     from .patches import adapter_for
 
-    family = model.config.model_type
     adapter = adapter_for(model)
     rng = np.random.default_rng(0)
     question = rng.integers(3, 90, question_tokens).tolist()
     prefix = [1, 5, 6, 7]
-    if family == "llava":
-        from transformers import CLIPImageProcessorPil
-
-        proc = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-        pix = proc(image, return_tensors="pt")
-        ids = prefix + [IMAGE_TOKEN] * adapter.grid_side**2 + question
-        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
-    if family == "llava_next":
-        from transformers import LlavaNextImageProcessorPil
-
-        proc = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                          image_grid_pinpoints=model.config.image_grid_pinpoints)
-        pix = proc(image, return_tensors="pt")
-        rows, cols = adapter._views(pix["image_sizes"][0])
-        ids = prefix + [IMAGE_TOKEN] * (adapter.grid_side**2 + rows * (cols + 1)) + question
-        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
-    if family == "llava_onevision":
-        from transformers import LlavaOnevisionImageProcessorPil
-
-        side = model.config.vision_config.image_size
-        proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
-                                               image_grid_pinpoints=model.config.image_grid_pinpoints)
-        pix = proc(image, return_tensors="pt")
-        ids = prefix + [IMAGE_TOKEN] * adapter.image_token_count(pix["image_sizes"][0], crops=True) + question
-        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
-    from transformers import Qwen2VLImageProcessorPil
-
-    vision = model.config.vision_config
-    proc = Qwen2VLImageProcessorPil(min_pixels=qwen_pixels, max_pixels=qwen_pixels, patch_size=vision.patch_size,
-                                    merge_size=adapter.merge)
-    pix = proc(image, return_tensors="pt")
-    n = int(pix["image_grid_thw"].prod()) // adapter.merge**2
-    ids = prefix + [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END] + question
+    pix, placeholders = adapter.spec.demo_image(model, adapter, image, qwen_pixels)
+    ids = prefix + placeholders + question
     ids_t = torch.tensor([ids])
-    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), **pix,
-            "mm_token_type_ids": (ids_t == IMAGE_TOKEN).int()}
+    out = {"input_ids": ids_t, "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **pix}
+    if adapter.mrope:
+        out["mm_token_type_ids"] = (ids_t == IMAGE_TOKEN).int()
+    return out
 
 
 def demo_model(family: str):
-    geometry = DEMO_GEOMETRY
-    if family == "llava_onevision":  # 384 px SigLIP views of 27 x 27 = 729 tokens, as the released checkpoints
-        geometry = dataclasses.replace(geometry, image_size=384)
-    model = tiny_model(family, geometry)
-    if family == "llava_next":
-        model.config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672]]
-        model.model.config.image_grid_pinpoints = model.config.image_grid_pinpoints
-    if family == "llava_onevision":  # the checkpoints' cap: up to 9 crops' worth of tokens before shrinking
-        model.config.vision_aspect_ratio = model.model.config.vision_aspect_ratio = "anyres_max_9"
+    """The tiny model of `family` with the demo's geometry (the family spec's `demo_geometry` / `demo_config`:
+    e.g. LLaVA-OneVision's 384 px SigLIP views of 27 x 27 = 729 tokens and its ``anyres_max_9`` cap); LLaVA-NeXT's
+    grid pinpoints follow the 336 px views (336 x 672, 672 x 336, 672 x 672)."""
+    spec = family_spec(family)
+    model = tiny_model(family, dataclasses.replace(DEMO_GEOMETRY, **spec.demo_geometry))
+    for name, value in spec.demo_config.items():
+        setattr(model.config, name, value)
+        setattr(model.model.config, name, value)
     return model
 
 
@@ -173,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['family']:<16} {str(row['keep']):>5} {row['before']:>5}->{row['after']:<5} "
                   f"{row['prefill_ms']:>10.1f} {row['speedup']:>6.2f}x {row['kv_mb']:>7.2f} {row['agree']:>5.2f}  "
                   f"{row['generated']}")
-            if family == "llava" and row["keep"] == 64:
+            if family == PNG_FAMILY and row["keep"] == 64:
                 png_kept, png_stage = row["kept"], row["stage"]
     if args.png:
         if png_kept is None:
-            with api.pruned(demo_model("llava"), args.policy, keep=64) as model:
+            with api.pruned(demo_model(PNG_FAMILY), args.policy, keep=64) as model:
                 batch = demo_inputs(model, photo())
                 with torch.no_grad():
                     model(**batch)
