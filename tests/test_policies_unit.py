@@ -305,7 +305,7 @@ def test_divprune_per_image():
     ctx = make_ctx([{"images": [30, 5], "question": 2}])
     out = DivPrune(keep=0.2).select(ctx)
     assert kept(out) == [[divprune_select(ctx.features(0, 0), 6).tolist(), [0]]]
-    assert DivPrune(keep=0.2).budget(ctx, 0, 1) == 1
+    assert DivPrune(keep=0.2).image_budget(ctx, 0, 1) == 1
 
 
 # --- EntropyPrune ------------------------------------------------------------------------------------
@@ -336,15 +336,15 @@ def test_entropyprune_layer_checks():
 def test_entropyprune_average_budget_matches_reference(keep, expected):
     ctx = make_ctx([{"images": [576], "question": 1}], adapter=FakeAdapter(num_layers=32))
     policy = EntropyPrune(keep=keep, average=True).bind(ctx.adapter)
-    assert policy.budget(ctx, 0, 0) == expected
-    assert EntropyPrune(keep=keep, at_layer=2).budget(ctx, 0, 0) == keep
+    assert policy.image_budget(ctx, 0, 0) == expected
+    assert EntropyPrune(keep=keep, at_layer=2).image_budget(ctx, 0, 0) == keep
 
 
 def test_entropyprune_average_unreachable_is_an_error():
     ctx = make_ctx([{"images": [576], "question": 1}], adapter=FakeAdapter(num_layers=4))
     policy = EntropyPrune(keep=64, average=True).bind(ctx.adapter)
     with pytest.raises(ValueError, match="cannot be met .* raise keep above 288.5"):
-        policy.budget(ctx, 0, 0)
+        policy.image_budget(ctx, 0, 0)
 
 
 def test_entropyprune_scores_layer_k_minus_1_queries():

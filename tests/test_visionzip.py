@@ -228,7 +228,7 @@ def test_reference_counts_at_the_papers_sizes():
     qwen = VisionZip(keep=0.7).bind(adapter_for(model_for("qwen2_5_vl")))
     layout = SampleLayout([single_grid_image(0, torch.arange(256), 16, 16)], torch.arange(0), torch.ones(256).bool())
     ctx = SimpleNamespace(alive=[[torch.arange(256)]], layouts=[layout])
-    assert qwen.budget(ctx, 0, 0) == 178 and qwen.split(178, 256) == (166, 12)
+    assert qwen.image_budget(ctx, 0, 0) == 178 and qwen.split(178, 256) == (166, 12)
 
 
 def test_bad_options_leave_the_model_untouched():

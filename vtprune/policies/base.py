@@ -161,7 +161,7 @@ class Policy:
         """
         raise NotImplementedError(f"{type(self).__name__} observes sub-blocks but has no sub_block_statistic()")
 
-    def budget(self, ctx: StageContext, b: int, i: int) -> int:
+    def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         n_alive = int(ctx.alive[b][i].numel())
         n_original = ctx.layouts[b].images[i].num_tokens
         return resolve_budget(self.keep, n_alive, n_original, self.rounding)
@@ -171,7 +171,7 @@ class Policy:
         return [self.select_sample(ctx, b) for b in range(ctx.batch_size)]
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
-        return [self.select_image(ctx, b, i, self.budget(ctx, b, i)) for i in range(ctx.num_images(b))]
+        return [self.select_image(ctx, b, i, self.image_budget(ctx, b, i)) for i in range(ctx.num_images(b))]
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         return Selection(topk_indices(self.score(ctx, b, i), k))

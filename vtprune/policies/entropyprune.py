@@ -62,9 +62,9 @@ class EntropyPrune(PerModelLayerPolicy):
     def attention_layers_needed(self) -> tuple[int, ...]:
         return self.layer_queries_needed()
 
-    def budget(self, ctx: StageContext, b: int, i: int) -> int:
+    def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         if not self.average:
-            return super().budget(ctx, b, i)
+            return super().image_budget(ctx, b, i)
         n_alive = int(ctx.alive[b][i].numel())
         if n_alive == 0:
             return 0

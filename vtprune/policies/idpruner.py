@@ -123,14 +123,14 @@ class IDPruner(Policy):
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         n_images = ctx.num_images(b)
         if self.per_image:
-            return [self._select(ctx, b, [i], self.budget(ctx, b, i))[0] for i in range(n_images)]
+            return [self._select(ctx, b, [i], self.image_budget(ctx, b, i))[0] for i in range(n_images)]
         return self._select(ctx, b, list(range(n_images)), self.pooled_budget(ctx, b))
 
     def pooled_budget(self, ctx: StageContext, b: int) -> int:
         """Tokens the sample keeps over all its images: ``round(N_total * keep)`` or the sum of per-image counts."""
         n_alive = sum(int(a.numel()) for a in ctx.alive[b])
         if isinstance(self.keep, int):
-            return sum(self.budget(ctx, b, i) for i in range(ctx.num_images(b)))
+            return sum(self.image_budget(ctx, b, i) for i in range(ctx.num_images(b)))
         n_original = sum(img.num_tokens for img in ctx.layouts[b].images)
         return resolve_budget(self.keep, n_alive, n_original, self.rounding)
 

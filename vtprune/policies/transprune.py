@@ -134,7 +134,7 @@ class TransPrune(Policy):
     def sub_block_statistic(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return token_transition(x, y, valid, abs_cos=self.abs_cos)
 
-    def budget(self, ctx: StageContext, b: int, i: int) -> int:
+    def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         """``int(N0 * r)`` for this prune point's ratio (``keep`` at the last one, when given)."""
         layers, ratios, _ = self.schedule()
         step = layers.index(ctx.layer)
@@ -151,7 +151,7 @@ class TransPrune(Policy):
             score = _normalised(self.accumulated_ttv(ctx, b, i))
             if attention is not None:
                 score = score + _normalised(attention[ctx.seq_positions[b][i]])
-            out.append(Selection(topk_indices(score, self.budget(ctx, b, i))))
+            out.append(Selection(topk_indices(score, self.image_budget(ctx, b, i))))
         return out
 
     @staticmethod

@@ -230,10 +230,10 @@ class VisionZip(Policy):
         layer = self._settings()["layer"]
         return (layer, layer + 1) if self.cls_token else (layer,)  # the CLS feature: the input of the next layer
 
-    def budget(self, ctx: StageContext, b: int, i: int) -> int:
+    def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         """The reference's count with ``contextual_fraction`` and a fractional ``keep``; else the usual budget."""
         if self.exact_keep or self.contextual_fraction is None or isinstance(self.keep, int):
-            return super().budget(ctx, b, i)
+            return super().image_budget(ctx, b, i)
         n_alive, n = int(ctx.alive[b][i].numel()), ctx.layouts[b].images[i].num_tokens
         if n_alive == 0:
             return 0
