@@ -104,6 +104,22 @@ def attention_rows(
     return probe.causal_rows(q, k, cos, sin, query_index, key_valid, scale, chunk)
 
 
+@torch.no_grad()
+def layer_keys(decoder_layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Post-RoPE keys ``(L, kv_heads, head_dim)`` in fp32 of `decoder_layer` for one sample's `hidden` ``(L, D)``.
+
+    The layer's input norm, ``k_proj`` (and ``k_norm`` where present), then
+    RoPE from its ``position_embeddings`` (cos, sin ``(L, rot)``; partial
+    RoPE rotates the first dims), grouped KV heads not repeated: the keys
+    the layer's attention writes to its cache.
+    """
+    attn = decoder_layer.self_attn
+    x = decoder_layer.input_layernorm(hidden)
+    k = _split_heads(attn, attn.k_proj(x), getattr(attn, "k_norm", None)).float()
+    cos, sin = (t.float()[:, None] for t in position_embeddings)
+    return probe._rope(k, cos, sin)
+
+
 # --- CLIP ViT layers ----------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from transformers.masking_utils import (
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from ..sequence import SequenceTensor
-from .attention import attention_rows, split_queries
+from .attention import attention_rows, layer_keys, split_queries
 from .family import FamilySpec
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
@@ -127,6 +127,14 @@ class Adapter:
                        key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """The probe's causal attention rows of decoder ``layer`` for one sample (`patches.attention.attention_rows`)."""
         return attention_rows(self.decoder_layers[layer], hidden, position_embeddings, query_index, key_valid)
+
+    def layer_keys(self, layer: int, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Post-RoPE keys of decoder ``layer`` for one sample, ``(L, kv_heads, head_dim)`` fp32 (`patches.attention.layer_keys`)."""
+        return layer_keys(self.decoder_layers[layer], hidden, position_embeddings)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm (before the LM head) applied to ``hidden``."""
+        return self.language_model.norm(hidden)
 
     def layer_type(self, layer: int) -> str:
         """The attention kind of decoder ``layer`` (``full_attention`` or ``sliding_attention``), from the config."""

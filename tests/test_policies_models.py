@@ -10,6 +10,7 @@ from helpers import gen_kwargs, inputs, mixed_specs, model_for, patch_positions,
 import vtprune
 from vtprune import zoo
 from vtprune.policies import (
+    DART,
     DivPrune,
     EntropyPrune,
     FastV,
@@ -18,6 +19,7 @@ from vtprune.policies import (
     IDPruner,
     MMTok,
     Pipeline,
+    PyramidDrop,
     TransPrune,
     VisionZip,
 )
@@ -35,6 +37,8 @@ POLICIES = {
     # the tiny ViTs have 2 layers (the defaults, 9 / block 16, are refused there); alpha=1 so anchors and buffers show
     "hiprune": lambda k: HiPrune(keep=k, alpha=1.0, object_layer=1, deep_layer=2),
     "visionzip": lambda k: VisionZip(keep=k),  # per-model defaults (LLaVA: 10/64 of k contextual; Qwen: 5 % of N)
+    "dart": lambda k: DART(keep=k, budget="exact"),  # the reference budget keeps 4 pivots above keep (unit tests)
+    "pdrop": lambda k: PyramidDrop(keep=k, prune_after=(1, 3), ratios=(0.5, 0.25)),
 }
 
 
@@ -43,7 +47,7 @@ def zoo_layer(family: str, policy: str, default: int) -> int:
     return zoo.policy_defaults(family, policy).get("at_layer", default)
 
 
-PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune")
+PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune", "dart", "pdrop")
 
 
 def _stage(image):
@@ -72,6 +76,7 @@ def test_budgets_and_cache(family, attn, policy):
     cached = model.generate(**batch, **kw)
     want_stages = {"entropyprune": [f"llm@{zoo_layer(family, 'entropyprune', 1)}"],
                    "fastv": [f"llm@{zoo_layer(family, 'fastv', 2)}"], "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
+                   "dart": [f"llm@{zoo_layer(family, 'dart', 2)}"], "pdrop": ["llm@1", "llm@3"],
                    "visionzip": ["vision"]}.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:

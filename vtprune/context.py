@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .layout import SampleLayout
+from .ops.probe import shift_rotary
 
 if TYPE_CHECKING:  # pragma: no cover
     from patches.base import Adapter
@@ -113,6 +114,38 @@ class StageContext:
         padding, so the model's own attention never returns weights.
         """
         return self.adapter.attention_rows(layer, hidden, self.rotary(b), rows, self.valid(b))
+
+    def layer_keys(self, layer: int, b: int, origin: int | None = None) -> torch.Tensor:
+        """Post-RoPE keys of decoder ``layer`` for sample b at this point, ``(L, kv_heads, head_dim)`` fp32.
+
+        From the layer's captured input (listed in the policy's
+        `layer_inputs_needed`) and this point's rotary tables: valid when no
+        prune point lies between that layer and this one. With ``origin`` (a
+        sequence index) every position is counted from that token's, so the
+        keys do not depend on how the batch is padded.
+        """
+        rotary = self.rotary(b)
+        if origin is not None:
+            rotary = shift_rotary(*rotary, origin)
+        return self.adapter.layer_keys(layer, self.layer_input(layer)[b], rotary)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm applied to ``hidden`` (DART's duplication features)."""
+        return self.adapter.final_norm(hidden)
+
+    def tokens_after(self, b: int, i: int) -> torch.Tensor:
+        """Current positions of sample b's real tokens after image i's span (text, later images), ascending.
+
+        Counted from the input: the valid tokens after the span, less the
+        later images' tokens already pruned (only visual tokens ever leave).
+        """
+        layout = self.layouts[b]
+        valid = torch.nonzero(self.valid(b)).flatten()
+        end = layout.images[i].span[1]
+        count = int(layout.valid[end:].sum())
+        for j in range(i + 1, len(layout.images)):
+            count -= layout.images[j].num_tokens - int(self.alive[b][j].numel())
+        return valid[valid.numel() - count :] if count > 0 else valid[:0]
 
     def vision_attention(self, b: int, i: int, layer: int) -> torch.Tensor:
         """Attention each of image i's alive patch tokens receives in vision-encoder ``layer`` (0-based).

@@ -27,6 +27,19 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([head * cos + rotate_half(head) * sin, rest], dim=-1)
 
 
+def shift_rotary(cos: torch.Tensor, sin: torch.Tensor, origin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables ``(L, d)`` re-based so that row ``origin`` is position 0 (every position minus its own).
+
+    Angle subtraction per dimension, ``cos(a - b)`` and ``sin(a - b)``, so it
+    holds for 1-D RoPE, M-RoPE sections and partial RoPE alike; a constant
+    attention scaling folded into the tables is kept. fp32.
+    """
+    cos, sin = cos.float(), sin.float()
+    c0, s0 = cos[origin], sin[origin]
+    scale = torch.sqrt(c0 * c0 + s0 * s0).clamp_min(1e-12)
+    return (cos * c0 + sin * s0) / scale, (sin * c0 - cos * s0) / scale
+
+
 @torch.no_grad()
 def causal_rows(
     q: torch.Tensor,

@@ -2,16 +2,19 @@
 
 from .base import LLMStagePolicy, Pipeline, Policy, Selection, available_policies, make_policy, register
 from .baselines import Fixed, Pooling, Random
+from .dart import DART
 from .divprune import DivPrune
 from .entropyprune import EntropyPrune
 from .fastv import FastV
 from .hiprune import HiPrune
 from .idpruner import IDPruner
 from .mmtok import MMTok
+from .pdrop import PyramidDrop
 from .transprune import TransPrune
 from .visionzip import VisionZip
 
 __all__ = [
+    "DART",
     "DivPrune",
     "EntropyPrune",
     "FastV",
@@ -23,6 +26,7 @@ __all__ = [
     "Pipeline",
     "Policy",
     "Pooling",
+    "PyramidDrop",
     "Random",
     "Selection",
     "TransPrune",
