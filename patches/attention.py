@@ -105,7 +105,9 @@ def attention_rows(
 
 
 @torch.no_grad()
-def layer_keys(decoder_layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def layer_keys(
+    decoder_layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """Post-RoPE keys ``(L, kv_heads, head_dim)`` in fp32 of `decoder_layer` for one sample's `hidden` ``(L, D)``.
 
     The layer's input norm, ``k_proj`` (and ``k_norm`` where present), then

@@ -129,7 +129,7 @@ class Adapter:
         return attention_rows(self.decoder_layers[layer], hidden, position_embeddings, query_index, key_valid)
 
     def layer_keys(self, layer: int, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-        """Post-RoPE keys of decoder ``layer`` for one sample, ``(L, kv_heads, head_dim)`` fp32 (`patches.attention.layer_keys`)."""
+        """Post-RoPE keys of decoder ``layer`` for one sample, ``(L, kv_heads, head_dim)`` fp32 (`attention.layer_keys`)."""
         return layer_keys(self.decoder_layers[layer], hidden, position_embeddings)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
