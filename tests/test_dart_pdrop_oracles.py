@@ -37,9 +37,11 @@ def _cos(x, y):
     return dot / max(nx * ny, 1e-8)
 
 
-def _dart_oracle(key_l1, feats, text_l1, text_feats, keep, image_offset, text_offsets, budget):
+def _dart_oracle(key_l1, feats, text_l1, text_feats, keep, image_offset, text_offsets, budget, image_positions=None):
     """DART from its description: 4 + 4 pivots, a Python set of their positions, keep // 8 lowest cosines each."""
     n = len(key_l1)
+    if image_positions is None:
+        image_positions = [image_offset + i for i in range(n)]
     img_piv = []
     for _ in range(min(4, n)):
         img_piv.append(_argmax_loop(key_l1, set(img_piv)))
@@ -48,10 +50,10 @@ def _dart_oracle(key_l1, feats, text_l1, text_feats, keep, image_offset, text_of
         txt_piv.append(_argmax_loop(text_l1, set(txt_piv)))
     pivots = {}
     for i in img_piv:
-        pivots[image_offset + i] = feats[i]
+        pivots[image_positions[i]] = feats[i]
     for j in txt_piv:
         pivots[text_offsets[j]] = text_feats[j]
-    order = list(set([image_offset + i for i in img_piv] + [text_offsets[j] for j in txt_piv]))
+    order = list(set([image_positions[i] for i in img_piv] + [text_offsets[j] for j in txt_piv]))
     topk = keep // 8
     remaining = keep - len(img_piv)
     pool = [j for j in range(n) if j not in img_piv]
