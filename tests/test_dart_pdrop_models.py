@@ -34,7 +34,7 @@ def _pdrop_brute_force(family, batch, prune_after, ratios, keep, positions):
     layers = model.model.language_model.layers
     for s, (at, ratio) in enumerate(zip(prune_after, ratios)):
         seen = {}
-        handle = layers[at].self_attn.register_forward_hook(lambda _m, _a, out: seen.update(w=out[1][0]))
+        handle = layers[at].self_attn.register_forward_hook(lambda _m, _a, out, seen=seen: seen.update(w=out[1][0]))
         if steps:
             vtprune.wrap(model, Pipeline(steps), positions=positions)
         model(**batch)
