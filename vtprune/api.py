@@ -31,11 +31,14 @@ def _attach(model: nn.Module, runtime: Runtime) -> None:
     model.__dict__[_ATTR] = runtime
     # copy.deepcopy looks __deepcopy__ up on the instance: a copy gets its own hooks, bound to itself
     model.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_wrapped, model)
+    # pickle (torch.save, multiprocessing) also looks __reduce_ex__ up on the instance: refuse clearly
+    model.__dict__["__reduce_ex__"] = types.MethodType(_refuse_pickle, model)
 
 
 def _detach(model: nn.Module) -> Runtime | None:
     runtime = model.__dict__.pop(_ATTR, None)
     model.__dict__.pop("__deepcopy__", None)
+    model.__dict__.pop("__reduce_ex__", None)
     if runtime is not None:
         runtime.remove()
     return runtime
@@ -55,6 +58,17 @@ def _deepcopy_wrapped(model: nn.Module, memo: dict) -> nn.Module:
         _attach(model, runtime)
     _attach(clone, Runtime(runtime.plan.rebuild(clone)))
     return clone
+
+
+def _refuse_pickle(model: nn.Module, _protocol: int):
+    """Pickling a wrapped model would save vtprune's hooks (closures over the runtime): refuse, naming the way out."""
+    runtime = _runtime(model)
+    policy = runtime.plan.pipeline.describe() if runtime is not None else "a vtprune policy"
+    raise TypeError(
+        f"vtprune: this {type(model).__name__} is wrapped ({policy}) and a wrapped model cannot be pickled "
+        "(torch.save(model), pickle, copy.copy, multiprocessing): its hooks are bound to this process. Save "
+        "model.state_dict() or save_pretrained(), or call vtprune.unwrap(model) first and wrap again after loading"
+    )
 
 
 def wrap(model: nn.Module, policy: str | Policy | Pipeline, keep: int | float | None = None, *,

@@ -102,6 +102,7 @@ class Runtime:
 
         self._handles.append(base.register_forward_pre_hook(enter, with_kwargs=True))
         self._handles.append(base.register_forward_hook(leave, with_kwargs=True, always_call=True))
+        self._install_labels_check()
         self._install_vision_capture()
         plan = self.plan
         for idx in sorted(plan.layer_queries):
@@ -122,6 +123,32 @@ class Runtime:
             self._bind(self.adapter.language_model, self._sequence_method_for(name, arguments), attr=name)
         if hasattr(self.adapter.model, "generate"):
             self._bind(self.adapter.model, self._generate, attr="generate")
+
+    def _install_labels_check(self) -> None:
+        """Note whether the running forward of the model (not its base) was given ``labels`` (see `_refuse_labels`)."""
+        top = self.adapter.model
+        if top is self.adapter.base or "labels" not in inspect.signature(top.forward).parameters:
+            return
+        sig = inspect.signature(top.forward)
+
+        def given(_module, args, kwargs):
+            self._local.labels = sig.bind_partial(*args, **kwargs).arguments.get("labels") is not None
+
+        def done(_module, _args, _kwargs, _output):
+            self._local.labels = False
+
+        self._handles.append(top.register_forward_pre_hook(given, with_kwargs=True))
+        self._handles.append(top.register_forward_hook(done, with_kwargs=True, always_call=True))
+
+    def _refuse_labels(self, removed: torch.Tensor) -> None:
+        """A loss needs one logit per label: refuse ``labels`` once a prune has actually removed tokens."""
+        if getattr(self._local, "labels", False) and int(removed.sum()) > 0:
+            raise ValueError(
+                f"vtprune: labels= (a loss, training) is not supported while the model is wrapped with a policy that "
+                f"removes tokens: {self.plan.pipeline.describe()} removed {int(removed.sum())} visual tokens in this "
+                "call, so the logits are shorter than input_ids and cannot be matched to the labels. Compute the loss "
+                "on the unwrapped model (vtprune.unwrap(model)), or wrap at keep=1.0"
+            )
 
     def _sequence_method_for(self, name: str, arguments: dict[str, str]):
         """A language-model method the decoder loop calls with declared sequence tensors: give it the level's."""
@@ -302,6 +329,8 @@ class Runtime:
         record.prefills += 1
         record.captured = self.stages.prefill_inputs(record)
         call, state = self.stages.prefill(record, bound, embeds)
+        if state is not None:
+            self._refuse_labels(state.levels[0].removed)
         record.state, record.in_prefill = state, True
         try:
             out = original(**call, **extra)
@@ -334,6 +363,7 @@ class Runtime:
                     record.layer_inputs[idx] = hidden_states
                 if idx in self.plan.prune_layers:
                     hidden_states = self.stages.prune_llm(record, state, idx, hidden_states, kwargs)
+                    self._refuse_labels(state.levels[-1].removed)
             level = state.level_for(idx)
             if level.layer > 0:
                 kwargs = self.stages.substitute(level, idx, kwargs)

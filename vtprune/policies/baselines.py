@@ -194,6 +194,14 @@ class Fixed(LLMStagePolicy):
     stage = Random.stage
     at = Random.at
 
+    def select(self, ctx: StageContext) -> list[list[Selection]]:
+        if len(self.kept) > ctx.batch_size:
+            raise ValueError(
+                f"fixed: kept gives keep sets for {len(self.kept)} samples but this batch has {ctx.batch_size}; "
+                f"give one list per sample of the batch ({ctx.batch_size})"
+            )
+        return super().select(ctx)
+
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if b >= len(self.kept) or len(self.kept[b]) != ctx.num_images(b):
             raise ValueError(
@@ -218,12 +226,18 @@ def _kept_lists(kept: object) -> tuple:
     """``kept[sample][image]`` as nested tuples of ascending, distinct ints (hashable, like every policy)."""
     if not isinstance(kept, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in kept):
         raise TypeError(f"fixed: kept must be a list (samples) of lists (images) of indices; got {kept!r}")
+    if not kept:
+        raise ValueError(f"fixed: kept must give the keep sets of at least one sample; got {kept!r}")
     out = []
     for b, sample in enumerate(kept):
         images = []
         for i, indices in enumerate(sample):
             if not isinstance(indices, (list, tuple)) or not all(_is_index(k) for k in indices):
                 raise TypeError(f"fixed: kept[{b}][{i}] must be a list of int grid indices >= 0; got {indices!r}")
+            if not indices:
+                raise ValueError(
+                    f"fixed: kept[{b}][{i}] is empty; an image keeps at least 1 token (give 1 or more grid indices)"
+                )
             if len(set(indices)) != len(indices):
                 duplicates = sorted({k for k in indices if list(indices).count(k) > 1})
                 raise ValueError(f"fixed: kept[{b}][{i}] lists indices {duplicates} more than once; each is kept once")
