@@ -68,8 +68,11 @@ def test_visionzip_contextual_beyond_keep_is_refused():
 
 
 def test_fixed_refuses_an_empty_keep_set_at_construction():
-    with pytest.raises(ValueError, match=r"kept\[0\]\[1\] is empty.*at least 1"):
-        Fixed(kept=[[[0, 1], []]])
+    with pytest.raises(ValueError, match=r"kept\[0\] keeps no token of its 1 image\(s\).*at least 1"):
+        Fixed(kept=[[[]]])
+    with pytest.raises(ValueError, match=r"kept\[1\] keeps no token of its 2 image\(s\)"):
+        Fixed(kept=[[[0]], [[], []]])
+    assert Fixed(kept=[[[0, 1], []]]).kept == (((0, 1), ()),)  # a pooled selection's image may keep none
     with pytest.raises(ValueError, match=r"at least one sample; got \[\]"):
         Fixed(kept=[])
     assert Fixed(kept=[[]]).kept == ((),)  # a sample without images has no lists: allowed

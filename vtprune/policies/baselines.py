@@ -234,14 +234,15 @@ def _kept_lists(kept: object) -> tuple:
         for i, indices in enumerate(sample):
             if not isinstance(indices, (list, tuple)) or not all(_is_index(k) for k in indices):
                 raise TypeError(f"fixed: kept[{b}][{i}] must be a list of int grid indices >= 0; got {indices!r}")
-            if not indices:
-                raise ValueError(
-                    f"fixed: kept[{b}][{i}] is empty; an image keeps at least 1 token (give 1 or more grid indices)"
-                )
             if len(set(indices)) != len(indices):
                 duplicates = sorted({k for k in indices if list(indices).count(k) > 1})
                 raise ValueError(f"fixed: kept[{b}][{i}] lists indices {duplicates} more than once; each is kept once")
             images.append(tuple(sorted(int(k) for k in indices)))
+        if images and not any(images):  # one image of a pooled selection may keep none (a replayed report)
+            raise ValueError(
+                f"fixed: kept[{b}] keeps no token of its {len(images)} image(s); a sample keeps at least 1 visual "
+                "token (give 1 or more grid indices)"
+            )
         out.append(tuple(images))
     return tuple(out)
 
