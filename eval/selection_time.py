@@ -334,10 +334,11 @@ def time_whole(n_images: int, repeats: int, warmup: int) -> list[dict]:
 
     def mmtok_alone():
         return [coverage_select(coverage_matrix(visual[s], visual_pre[s], question, ALPHA, TAU_V, tau_t),
-                                WHOLE_KEEP).indices for s in images]
+                                WHOLE_KEEP).indices + s.start for s in images]
 
     def mmtok_reference():
-        return [reference_mmtok(visual[s], visual_pre[s], question, tau_t, WHOLE_KEEP).sort().values for s in images]
+        return [reference_mmtok(visual[s], visual_pre[s], question, tau_t, WHOLE_KEEP).sort().values + s.start
+                for s in images]
 
     cases = {
         "idpruner (importance=norm)": (IDPruner(keep=WHOLE_KEEP, importance="norm"), norm_mmr, norm_reference),
