@@ -48,6 +48,7 @@ STATIC_CACHE_REFUSED = (
 # model, so that while a re-wrap or unwrap leaves an older runtime installed for calls still running on
 # other threads, each call is served by the runtime it began under and every other one passes through.
 _CALLS = threading.local()
+_LIFE = threading.RLock()
 
 
 def _open_calls() -> dict[int, tuple[Runtime, CallRecord]]:
@@ -86,7 +87,9 @@ class Runtime:
         self._lm_signature: inspect.Signature | None = None
         self._handles: list[Any] = []
         self._bound: list[tuple[torch.nn.Module, str, Any]] = []
-        self._life = threading.Lock()  # guards active, installed and the count of running calls
+        # guards active, installed and the count of running calls; one lock for every runtime, as installing one
+        # and removing another (its last call ending on another thread) both re-link a module's bound methods
+        self._life = _LIFE
         self.active = False
         self._installed = False
         self._running = 0
