@@ -44,8 +44,36 @@ STATIC_CACHE_REFUSED = (
 )
 
 
+# The call open on each thread, per model: {id(model): (runtime, record)}. Shared by every runtime of a
+# model, so that while a re-wrap or unwrap leaves an older runtime installed for calls still running on
+# other threads, each call is served by the runtime it began under and every other one passes through.
+_CALLS = threading.local()
+_LIFE = threading.RLock()
+
+
+def _open_calls() -> dict[int, tuple[Runtime, CallRecord]]:
+    calls = getattr(_CALLS, "open", None)
+    if calls is None:
+        calls = _CALLS.open = {}
+    return calls
+
+
+class _Link:
+    """One instance-bound method: what it calls (`original`) and what it replaced (`previous`), both re-pointable."""
+
+    __slots__ = ("original", "previous")
+
+    def __init__(self, original, previous) -> None:
+        self.original, self.previous = original, previous
+
+
 class Runtime:
-    """Hooks and instance-bound forwards of one wrapped model, driven by a bound `Plan`; `remove` undoes all of them."""
+    """Hooks and instance-bound forwards of one wrapped model, driven by a bound `Plan`; `remove` undoes all of them.
+
+    A runtime serves the calls that begin while it is active (`activate`);
+    `retire` stops it taking new calls and removes it once the calls it
+    serves have ended, so a call runs under one policy from start to end.
+    """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -59,23 +87,66 @@ class Runtime:
         self._lm_signature: inspect.Signature | None = None
         self._handles: list[Any] = []
         self._bound: list[tuple[torch.nn.Module, str, Any]] = []
+        # guards active, installed and the count of running calls; one lock for every runtime, as installing one
+        # and removing another (its last call ending on another thread) both re-link a module's bound methods
+        self._life = _LIFE
+        self.active = False
+        self._installed = False
+        self._running = 0
+
+    # ------------------------------------------------------------------ life
+    def activate(self) -> None:
+        """Serve the calls that begin from now on (installs the hooks unless calls still running kept them)."""
+        with self._life:
+            if not self._installed:
+                try:
+                    self.install()
+                except BaseException:
+                    self.remove()
+                    raise
+                self._installed = True
+            self.active = True
+
+    def retire(self) -> None:
+        """Take no new calls; remove the hooks now, or when the last call this runtime serves ends."""
+        with self._life:
+            self.active = False
+            if self._installed and self._running == 0:
+                self.remove()
+                self._installed = False
 
     # ------------------------------------------------------------------ calls
     @property
     def record(self) -> CallRecord | None:
-        """The call running on this thread, if any."""
-        return getattr(self._local, "record", None)
+        """The call running on this thread, if this runtime serves it."""
+        entry = _open_calls().get(id(self.adapter.model))
+        return entry[1] if entry is not None and entry[0] is self else None
 
-    def _open(self, scope: str) -> CallRecord:
+    def _mine(self) -> bool:
+        """Whether this thread's call on the model is served here (or, with none open, would begin here)."""
+        entry = _open_calls().get(id(self.adapter.model))
+        return entry[0] is self if entry is not None else self.active
+
+    def _open(self, scope: str) -> CallRecord | None:
+        """Begin a call served by this runtime; None once it is retired (the call passes through it)."""
+        with self._life:
+            if not self.active:
+                return None
+            self._running += 1
         record = CallRecord(scope=scope)
-        self._local.record = record
+        _open_calls()[id(self.adapter.model)] = (self, record)
         return record
 
     def _close(self, record: CallRecord) -> None:
-        self._local.record = None
+        _open_calls().pop(id(self.adapter.model), None)
         if record.report is not None:
             with self._report_lock:
                 self.report = record.report
+        with self._life:
+            self._running -= 1
+            if not self.active and self._installed and self._running == 0:
+                self.remove()  # retired while this call ran: the last call served removes the hooks
+                self._installed = False
 
     # ------------------------------------------------------------------ install
     def install(self) -> None:
@@ -83,7 +154,13 @@ class Runtime:
         base_sig = inspect.signature(base.forward)
 
         def enter(_module, args, kwargs):
-            record = self.record or self._open("forward")
+            record = self.record
+            if record is None:
+                if not self._mine():
+                    return
+                record = self._open("forward")
+                if record is None:
+                    return
             record.forward_depth += 1
             if record.forward_depth == 1:
                 outer = dict(base_sig.bind_partial(*args, **kwargs).arguments)
@@ -102,6 +179,7 @@ class Runtime:
 
         self._handles.append(base.register_forward_pre_hook(enter, with_kwargs=True))
         self._handles.append(base.register_forward_hook(leave, with_kwargs=True, always_call=True))
+        self._install_labels_check()
         self._install_vision_capture()
         plan = self.plan
         for idx in sorted(plan.layer_queries):
@@ -122,6 +200,32 @@ class Runtime:
             self._bind(self.adapter.language_model, self._sequence_method_for(name, arguments), attr=name)
         if hasattr(self.adapter.model, "generate"):
             self._bind(self.adapter.model, self._generate, attr="generate")
+
+    def _install_labels_check(self) -> None:
+        """Note whether the running forward of the model (not its base) was given ``labels`` (see `_refuse_labels`)."""
+        top = self.adapter.model
+        if top is self.adapter.base or "labels" not in inspect.signature(top.forward).parameters:
+            return
+        sig = inspect.signature(top.forward)
+
+        def given(_module, args, kwargs):
+            self._local.labels = sig.bind_partial(*args, **kwargs).arguments.get("labels") is not None
+
+        def done(_module, _args, _kwargs, _output):
+            self._local.labels = False
+
+        self._handles.append(top.register_forward_pre_hook(given, with_kwargs=True))
+        self._handles.append(top.register_forward_hook(done, with_kwargs=True, always_call=True))
+
+    def _refuse_labels(self, removed: torch.Tensor) -> None:
+        """A loss needs one logit per label: refuse ``labels`` once a prune has actually removed tokens."""
+        if getattr(self._local, "labels", False) and int(removed.sum()) > 0:
+            raise ValueError(
+                f"vtprune: labels= (a loss, training) is not supported while the model is wrapped with a policy that "
+                f"removes tokens: {self.plan.pipeline.describe()} removed {int(removed.sum())} visual tokens in this "
+                "call, so the logits are shorter than input_ids and cannot be matched to the labels. Compute the loss "
+                "on the unwrapped model (vtprune.unwrap(model)), or wrap at keep=1.0"
+            )
 
     def _sequence_method_for(self, name: str, arguments: dict[str, str]):
         """A language-model method the decoder loop calls with declared sequence tensors: give it the level's."""
@@ -153,10 +257,14 @@ class Runtime:
 
     def _generate(self, original, *args, **kwargs):
         """One record for the whole generate call: its encoder calls, forwards and selections."""
+        if not self._mine():  # another runtime's call, or a retired runtime: pass through
+            return original(*args, **kwargs)
         _refuse_static_cache(self.adapter.model, kwargs)
         if self.record is not None:  # generate called from inside a call: part of that call
             return original(*args, **kwargs)
         record = self._open("generate")
+        if record is None:
+            return original(*args, **kwargs)
         try:
             return original(*args, **kwargs)
         finally:
@@ -240,28 +348,42 @@ class Runtime:
             self._bind(self.adapter.model, expand, attr="_expand_inputs_for_generation")
 
     def _bind(self, module: torch.nn.Module, fn, attr: str = "forward") -> None:
-        """Replace ``module.<attr>`` on this instance only; `remove` restores it."""
-        previous = module.__dict__.get(attr)
-        original = getattr(module, attr)
+        """Replace ``module.<attr>`` on this instance only; `remove` restores it.
+
+        Another runtime of the model may bind over this one (a re-wrap while
+        calls of this one still run): the links let either be removed first.
+        """
+        link = _Link(getattr(module, attr), module.__dict__.get(attr))
 
         def bound(_self, *args, **kwargs):
-            return fn(original, *args, **kwargs)
+            return fn(link.original, *args, **kwargs)
 
         # Keep the original signature visible: generate() inspects it to route inputs.
-        sig = inspect.signature(original)
+        sig = inspect.signature(link.original)
         this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
         bound.__signature__ = sig.replace(parameters=[this, *sig.parameters.values()])
-        setattr(module, attr, types.MethodType(bound, module))
-        self._bound.append((module, attr, previous))
+        bound._vtprune_link = link
+        method = types.MethodType(bound, module)
+        setattr(module, attr, method)
+        self._bound.append((module, attr, method))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for module, attr, previous in reversed(self._bound):
-            if previous is None:
-                delattr(module, attr)
-            else:
-                setattr(module, attr, previous)
+        for module, attr, method in reversed(self._bound):
+            link = method.__func__._vtprune_link
+            if module.__dict__.get(attr) is method:
+                if link.previous is None:
+                    delattr(module, attr)
+                else:
+                    setattr(module, attr, link.previous)
+                continue
+            node = module.__dict__.get(attr)  # bound over by a later runtime: unlink this one from the chain
+            while (upper := getattr(getattr(node, "__func__", None), "_vtprune_link", None)) is not None:
+                if upper.previous is method:
+                    upper.original, upper.previous = link.original, link.previous
+                    break
+                node = upper.previous
         self._handles.clear()
         self._bound.clear()
 
@@ -302,6 +424,8 @@ class Runtime:
         record.prefills += 1
         record.captured = self.stages.prefill_inputs(record)
         call, state = self.stages.prefill(record, bound, embeds)
+        if state is not None:
+            self._refuse_labels(state.levels[0].removed)
         record.state, record.in_prefill = state, True
         try:
             out = original(**call, **extra)
@@ -334,6 +458,7 @@ class Runtime:
                     record.layer_inputs[idx] = hidden_states
                 if idx in self.plan.prune_layers:
                     hidden_states = self.stages.prune_llm(record, state, idx, hidden_states, kwargs)
+                    self._refuse_labels(state.levels[-1].removed)
             level = state.level_for(idx)
             if level.layer > 0:
                 kwargs = self.stages.substitute(level, idx, kwargs)
