@@ -310,13 +310,14 @@ class Runtime:
             record.end_prefill()
             if state is not None:  # the decode steps need masks and positions, not the prefill's extra tensors
                 for level in state.levels:
-                    level.extras = {}
+                    level.extras, level.masks = {}, {}
                 state.sequence = replace(state.sequence, extras={})
         if record.report is not None:  # report() describes this prefill from now on, while its call runs on
             with self._report_lock:
                 self.report = record.report
         filled = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
         if state is not None and filled is not None:
+            self.stages.settle(state, filled)
             with self._report_lock:  # one lock for what threads share: the report and the cache -> state map
                 self._states[filled] = state
         return out
