@@ -7,11 +7,11 @@ import weakref
 
 import pytest
 import torch
-from helpers import gen_kwargs, inputs, mixed_specs, model_for, single_spec
+from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, single_spec
 from test_policies_models import POLICIES
 
 import vtprune
-from vtprune.policies import Random
+from vtprune.policies import DivPrune, Random
 
 # every policy of the shared table, and random at both kinds of prune point
 LIFETIME_POLICIES = dict(POLICIES, random=lambda k: Random(keep=k), random_llm=lambda k: Random(keep=k, at_layer=1))
@@ -74,3 +74,42 @@ def test_long_run_of_an_llm_stage_policy_keeps_live_tensors_flat():
         model.generate(**batch, **kw)
     last = _live_tensors()
     assert last[0] <= first[0] and last[1] <= first[1], (first, last)
+
+
+# --- a second turn on the first turn's cache ------------------------------------------------------------
+
+
+def _two_turns(model, batch, family, n: int = 3):
+    """Turn 1, then turn 2 (its answer and 5 new text tokens appended) given turn 1's cache; and turn 2 from scratch."""
+    kw = gen_kwargs(n)
+    first = model.generate(**batch, **kw, return_dict_in_generate=True)
+    cache = getattr(first, "cache", None) or first.past_key_values
+    rows, width = first.sequences.shape[0], batch["input_ids"].shape[1]
+    new = torch.randint(3, 90, (rows, 5), generator=torch.Generator().manual_seed(1))
+    ids = torch.cat([first.sequences, new], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(rows, ids.shape[1] - width, dtype=torch.long)], 1)
+    extra = {}
+    if family in QWEN:
+        types = batch["mm_token_type_ids"]
+        extra["mm_token_type_ids"] = torch.cat([types, types.new_zeros(rows, ids.shape[1] - width)], 1)
+    reused = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **extra, **kw)
+    whole = model.generate(**dict(batch, input_ids=ids, attention_mask=mask, **extra), **kw)
+    return reused, whole
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", [
+    lambda k: Random(keep=k), lambda k: DivPrune(keep=k), lambda k: Random(keep=k, at_layer=1),
+], ids=["random", "divprune", "random_llm"])
+def test_second_turn_on_a_reused_cache_equals_recomputing_both_turns(family, policy):
+    """A pruned cache passed to the next turn's generate stands for every column of the turns before:
+    generate feeds only the new tokens, and the answer is the one a fresh call on both turns gives."""
+    model = model_for(family)
+    batch = inputs(model, mixed_specs(family))
+    unwrapped, _ = _two_turns(model, batch, family)
+    vtprune.wrap(model, policy(1.0))
+    at_full_budget, _ = _two_turns(model, batch, family)
+    assert torch.equal(at_full_budget, unwrapped)
+    vtprune.wrap(model, policy(3))
+    reused, whole = _two_turns(model, batch, family)
+    assert torch.equal(reused, whole)

@@ -20,6 +20,7 @@ record, and what the policy resolved for this model lives in the `Plan`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import types
@@ -158,9 +159,37 @@ class Runtime:
             return original(*args, **kwargs)
         record = self._open("generate")
         try:
-            return original(*args, **kwargs)
+            with self._continuing(kwargs.get("cache", kwargs.get("past_key_values"))):
+                return original(*args, **kwargs)
         finally:
             self._close(record)
+
+    @contextlib.contextmanager
+    def _continuing(self, cache):
+        """A generate call given a cache a pruned prefill filled (a second turn of a chat): while it runs, the
+        cache's ``get_seq_length()`` (no layer named) says how many input columns it stands for.
+
+        generate slices the new input at that length (and Qwen decides from it whether the uncached tokens hold
+        images); the pruned length would feed the removed count of prompt tokens again. Lengths of named
+        layers (what the mask builders read) stay what the layers hold.
+        """
+        with self._report_lock:
+            state = self._states.get(cache) if cache is not None else None
+        if state is None or "get_seq_length" in vars(cache):
+            yield
+            return
+        stages, layer_length = self.stages, cache.get_seq_length
+
+        def get_seq_length(layer_idx: int | None = None):
+            if layer_idx is not None:
+                return layer_length(layer_idx)
+            return state.full_len + stages.since_prefill(state, cache)[1]
+
+        cache.get_seq_length = get_seq_length
+        try:
+            yield
+        finally:
+            del cache.get_seq_length
 
     def _grab_queries(self, idx: int):
         def grab(_module, _args, output):
