@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -12,6 +13,7 @@ from test_policies_models import POLICIES
 
 import vtprune
 from vtprune.policies import DivPrune, Random
+from vtprune.tiny import SampleSpec
 
 # every policy of the shared table, and random at both kinds of prune point
 LIFETIME_POLICIES = dict(POLICIES, random=lambda k: Random(keep=k), random_llm=lambda k: Random(keep=k, at_layer=1))
@@ -113,3 +115,36 @@ def test_second_turn_on_a_reused_cache_equals_recomputing_both_turns(family, pol
     vtprune.wrap(model, policy(3))
     reused, whole = _two_turns(model, batch, family)
     assert torch.equal(reused, whole)
+
+
+# --- chunked prefill -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_chunked_prefill_of_a_visual_prompt_is_refused_at_the_call(family):
+    """The chunks of a prefill are forwards of their own, none holding the whole prompt: refused before anything
+    runs (no chunk ran unpruned, report() still describes the call before), whatever the budget."""
+    model = model_for(family)
+    batch = inputs(model, mixed_specs(family))
+    text = inputs(model, [SampleSpec(question=20)])
+    want_text = model.generate(**text, **gen_kwargs(3), prefill_chunk_size=8)
+    for keep in (1.0, 3):
+        vtprune.wrap(model, Random(keep=keep))
+        want = model.generate(**batch, **gen_kwargs(3))
+        before = vtprune.report(model).to_dict()
+        calls = []
+        handle = model.register_forward_pre_hook(lambda *_, seen=calls: seen.append(1))
+        try:
+            with pytest.raises(ValueError, match=r"prefill_chunk_size=8\) would split this prompt"):
+                model.generate(**batch, **gen_kwargs(3), prefill_chunk_size=8)
+            config = copy.deepcopy(model.generation_config)
+            config.prefill_chunk_size = 8
+            with pytest.raises(ValueError, match="prefill_chunk_size"):
+                model.generate(**batch, **gen_kwargs(3), generation_config=config)
+        finally:
+            handle.remove()
+        assert calls == [] and vtprune.report(model).to_dict() == before
+        # one chunk is the whole prompt: pruned as without chunks; a text-only prompt has nothing to prune
+        width = batch["input_ids"].shape[1]
+        assert torch.equal(model.generate(**batch, **gen_kwargs(3), prefill_chunk_size=width), want)
+        assert torch.equal(model.generate(**text, **gen_kwargs(3), prefill_chunk_size=8), want_text)

@@ -44,6 +44,13 @@ STATIC_CACHE_REFUSED = (
     "use the default dynamic cache (drop cache_implementation) with a wrapped model"
 )
 
+CHUNKED_PREFILL_REFUSED = (
+    "vtprune: generate(prefill_chunk_size={size}) would split this prompt of {length} tokens, which holds visual "
+    "tokens, into chunks; a wrapped model prunes visual tokens in a prefill of the whole prompt, so the chunks would "
+    "run unpruned. Drop prefill_chunk_size (pruning shortens the prefill already) or make it at least the prompt's "
+    "length"
+)
+
 
 class Runtime:
     """Hooks and instance-bound forwards of one wrapped model, driven by a bound `Plan`; `remove` undoes all of them."""
@@ -155,6 +162,7 @@ class Runtime:
     def _generate(self, original, *args, **kwargs):
         """One record for the whole generate call: its encoder calls, forwards and selections."""
         _refuse_static_cache(self.adapter.model, kwargs)
+        self._refuse_chunked_prefill(args, kwargs)
         if self.record is not None:  # generate called from inside a call: part of that call
             return original(*args, **kwargs)
         record = self._open("generate")
@@ -163,6 +171,25 @@ class Runtime:
                 return original(*args, **kwargs)
         finally:
             self._close(record)
+
+    def _refuse_chunked_prefill(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Refuse, before anything runs, a chunked prefill of a prompt that holds visual tokens.
+
+        Each chunk is a forward of its own: the first sees part of the prompt (and of its images), the others
+        continue from its cache, so the prompt's visual tokens can be pruned in none of them.
+        """
+        size = kwargs.get("prefill_chunk_size")
+        if size is None:
+            config = kwargs.get("generation_config") or getattr(self.adapter.model, "generation_config", None)
+            size = getattr(config, "prefill_chunk_size", None)
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if size is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] <= size:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return  # a continuation: its new tokens run as decode steps, never pruned
+        if bool(self.adapter.visual_token_mask(ids).any()):
+            raise ValueError(CHUNKED_PREFILL_REFUSED.format(size=size, length=ids.shape[1]))
 
     @contextlib.contextmanager
     def _continuing(self, cache):
