@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, single_spec
 from test_policies_models import POLICIES
+from transformers import CompileConfig, DynamicCache, StaticCache
 
 import vtprune
 from vtprune.policies import DivPrune, Random
@@ -148,3 +149,68 @@ def test_chunked_prefill_of_a_visual_prompt_is_refused_at_the_call(family):
         width = batch["input_ids"].shape[1]
         assert torch.equal(model.generate(**batch, **gen_kwargs(3), prefill_chunk_size=width), want)
         assert torch.equal(model.generate(**text, **gen_kwargs(3), prefill_chunk_size=8), want_text)
+
+
+# --- static caches -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", [
+    lambda k: Random(keep=k), lambda k: DivPrune(keep=k), lambda k: Random(keep=k, at_layer=1),
+], ids=["random", "divprune", "random_llm"])
+def test_static_cache_generates_what_the_dynamic_cache_does(family, policy):
+    """cache_implementation="static" and a StaticCache passed in: the tokens of the dynamic cache; at full budget
+    the unwrapped model's static-cache tokens."""
+    model = model_for(family)
+    batch = inputs(model, mixed_specs(family))
+    kw = gen_kwargs(4)
+    unwrapped = model.generate(**batch, **kw, cache_implementation="static")
+    vtprune.wrap(model, policy(1.0))
+    assert torch.equal(model.generate(**batch, **kw, cache_implementation="static"), unwrapped)
+    vtprune.wrap(model, policy(3))
+    dynamic = model.generate(**batch, **kw)
+    assert torch.equal(model.generate(**batch, **kw, cache_implementation="static"), dynamic)
+    cache = StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 8)
+    assert torch.equal(model.generate(**batch, **kw, cache=cache), dynamic)
+
+
+@torch.no_grad()
+def test_pruned_prefill_fills_the_first_slots_of_a_static_cache(family):
+    """Each layer holds the dynamic cache's keys and values in its first slots, zeros after them."""
+    model = model_for(family)
+    batch = inputs(model, mixed_specs(family))
+    vtprune.wrap(model, Random(keep=3, at_layer=1))
+    dynamic = model(**batch, cache=DynamicCache(config=model.config), use_cache=True).cache
+    static = model(**batch, cache=StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 4),
+                   use_cache=True).cache
+    held = [j for j, layer in enumerate(dynamic.layers) if getattr(layer, "keys", None) is not None]
+    assert held and min(dynamic.layers[j].keys.shape[2] for j in held) < batch["input_ids"].shape[1]  # pruned
+    for j in held:
+        n = dynamic.layers[j].keys.shape[2]
+        assert int(static.layers[j].get_seq_length()) == n
+        for name in ("keys", "values"):
+            slots = getattr(static.layers[j], name)
+            # the same tokens (attention over the preallocated width may round differently further up)
+            torch.testing.assert_close(slots[:, :, :n], getattr(dynamic.layers[j], name), rtol=1e-5, atol=1e-6)
+            assert not slots[:, :, n:].any()
+
+
+@torch.no_grad()
+def test_compiled_static_cache_generate_equals_dynamic():
+    """generate(cache_implementation="static", compile_config=...) compiles the decode steps (vtprune's decode-step
+    translation included): the dynamic cache's tokens (Qwen2.5-VL: M-RoPE positions, the dynamo backend alone)."""
+    family = "qwen2_5_vl"
+    model = model_for(family)
+    batch = inputs(model, [single_spec(family)])
+    vtprune.wrap(model, Random(keep=3, at_layer=1))
+    kw = gen_kwargs(3)
+    dynamic = model.generate(**batch, **kw)
+    config = CompileConfig(backend="eager", mode="default")
+    config._compile_all_devices = True  # compile on a CPU too
+    torch._dynamo.reset()
+    try:
+        compiled = model.generate(**batch, **kw, cache_implementation="static", compile_config=config)
+        assert hasattr(model, "_compiled_call")  # the decode steps ran compiled
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, dynamic)

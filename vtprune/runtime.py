@@ -12,7 +12,11 @@ may prune at several) through the same runner; policies that observe
 sub-blocks (TTV) get forward hooks that work in prefill only. Decode steps never re-score: the state a
 prefill leaves is kept with the cache it filled, and each step translates
 the growing 2-D mask to the kept columns of each cache level and fixes
-positions where HF derives them from the (pruned) cache length.
+positions where HF derives them from the (pruned) cache length. A static
+cache needs nothing else: each of its layers writes at its own count, so a
+pruned prefill fills the first slots and decoding continues after them
+(generate's ahead-of-time masks for it are left to the model, built from
+the translated 2-D mask).
 
 What is bound here is wiring only: what one call captures lives in its
 record, and what the policy resolved for this model lives in the `Plan`.
@@ -37,12 +41,6 @@ from .plan import Plan
 from .policies.base import Policy
 from .report import Report
 from .stages import StageRunner
-
-STATIC_CACHE_REFUSED = (
-    "vtprune: a static cache (cache_implementation='static', or a StaticCache) preallocates every layer at the "
-    "unpruned length and is indexed by unpruned positions, so pruned prefills cannot be written into it; "
-    "use the default dynamic cache (drop cache_implementation) with a wrapped model"
-)
 
 CHUNKED_PREFILL_REFUSED = (
     "vtprune: generate(prefill_chunk_size={size}) would split this prompt of {length} tokens, which holds visual "
@@ -130,6 +128,7 @@ class Runtime:
             self._bind(self.adapter.language_model, self._sequence_method_for(name, arguments), attr=name)
         if hasattr(self.adapter.model, "generate"):
             self._bind(self.adapter.model, self._generate, attr="generate")
+            self._set(self.adapter.model, "create_masks_for_generate", _two_d_mask)
 
     def _sequence_method_for(self, name: str, arguments: dict[str, str]):
         """A language-model method the decoder loop calls with declared sequence tensors: give it the level's."""
@@ -161,7 +160,6 @@ class Runtime:
 
     def _generate(self, original, *args, **kwargs):
         """One record for the whole generate call: its encoder calls, forwards and selections."""
-        _refuse_static_cache(self.adapter.model, kwargs)
         self._refuse_chunked_prefill(args, kwargs)
         if self.record is not None:  # generate called from inside a call: part of that call
             return original(*args, **kwargs)
@@ -310,6 +308,11 @@ class Runtime:
         setattr(module, attr, types.MethodType(bound, module))
         self._bound.append((module, attr, previous))
 
+    def _set(self, module: torch.nn.Module, attr: str, fn) -> None:
+        """Set ``module.<attr>`` to ``fn`` on this instance only (it may have none); `remove` restores it."""
+        self._bound.append((module, attr, module.__dict__.get(attr)))
+        setattr(module, attr, fn)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -335,8 +338,6 @@ class Runtime:
         record = self.record
         if embeds is None or record is None or record.outer is None:
             return original(*args, **kwargs)
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise ValueError(STATIC_CACHE_REFUSED)
         if cache is not None and cache.get_seq_length() > 0:
             with self._report_lock:
                 state = self._states.get(cache)
@@ -398,12 +399,11 @@ class Runtime:
 
         return forward
 
-def _refuse_static_cache(model, kwargs: dict[str, Any]) -> None:
-    """Refuse a static cache at the generate call, before anything runs (see STATIC_CACHE_REFUSED)."""
-    implementation = kwargs.get("cache_implementation")
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    if implementation is None and config is not None:
-        implementation = getattr(config, "cache_implementation", None)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if implementation == "static" or (cache is not None and getattr(cache, "is_compileable", False)):
-        raise ValueError(STATIC_CACHE_REFUSED)
+
+def _two_d_mask(*_args, attention_mask=None, **_kwargs):
+    """generate's hook to build the decoder's masks ahead of a compilable (static) cache's forward: keep the 2-D mask.
+
+    The prefill and every decode step translate the 2-D mask to the kept columns of each level; the model
+    builds its masks from the translated one.
+    """
+    return attention_mask
