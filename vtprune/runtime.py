@@ -12,7 +12,11 @@ may prune at several) through the same runner; policies that observe
 sub-blocks (TTV) get forward hooks that work in prefill only. Decode steps never re-score: the state a
 prefill leaves is kept with the cache it filled, and each step translates
 the growing 2-D mask to the kept columns of each cache level and fixes
-positions where HF derives them from the (pruned) cache length.
+positions where HF derives them from the (pruned) cache length. A static
+cache needs nothing else: each of its layers writes at its own count, so a
+pruned prefill fills the first slots and decoding continues after them
+(generate's ahead-of-time masks for it are left to the model, built from
+the translated 2-D mask).
 
 What is bound here is wiring only: what one call captures lives in its
 record, and what the policy resolved for this model lives in the `Plan`.
@@ -20,6 +24,7 @@ record, and what the policy resolved for this model lives in the `Plan`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import types
@@ -37,10 +42,11 @@ from .policies.base import Policy
 from .report import Report
 from .stages import StageRunner
 
-STATIC_CACHE_REFUSED = (
-    "vtprune: a static cache (cache_implementation='static', or a StaticCache) preallocates every layer at the "
-    "unpruned length and is indexed by unpruned positions, so pruned prefills cannot be written into it; "
-    "use the default dynamic cache (drop cache_implementation) with a wrapped model"
+CHUNKED_PREFILL_REFUSED = (
+    "vtprune: generate(prefill_chunk_size={size}) would split this prompt of {length} tokens, which holds visual "
+    "tokens, into chunks; a wrapped model prunes visual tokens in a prefill of the whole prompt, so the chunks would "
+    "run unpruned. Drop prefill_chunk_size (pruning shortens the prefill already) or make it at least the prompt's "
+    "length"
 )
 
 
@@ -200,6 +206,7 @@ class Runtime:
             self._bind(self.adapter.language_model, self._sequence_method_for(name, arguments), attr=name)
         if hasattr(self.adapter.model, "generate"):
             self._bind(self.adapter.model, self._generate, attr="generate")
+            self._set(self.adapter.model, "create_masks_for_generate", _two_d_mask)
 
     def _install_labels_check(self) -> None:
         """Note whether the running forward of the model (not its base) was given ``labels`` (see `_refuse_labels`)."""
@@ -259,16 +266,63 @@ class Runtime:
         """One record for the whole generate call: its encoder calls, forwards and selections."""
         if not self._mine():  # another runtime's call, or a retired runtime: pass through
             return original(*args, **kwargs)
-        _refuse_static_cache(self.adapter.model, kwargs)
+        self._refuse_chunked_prefill(args, kwargs)
         if self.record is not None:  # generate called from inside a call: part of that call
             return original(*args, **kwargs)
         record = self._open("generate")
         if record is None:
             return original(*args, **kwargs)
         try:
-            return original(*args, **kwargs)
+            with self._continuing(kwargs.get("cache", kwargs.get("past_key_values"))):
+                return original(*args, **kwargs)
         finally:
             self._close(record)
+
+    def _refuse_chunked_prefill(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Refuse, before anything runs, a chunked prefill of a prompt that holds visual tokens.
+
+        Each chunk is a forward of its own: the first sees part of the prompt (and of its images), the others
+        continue from its cache, so the prompt's visual tokens can be pruned in none of them.
+        """
+        size = kwargs.get("prefill_chunk_size")
+        if size is None:
+            config = kwargs.get("generation_config") or getattr(self.adapter.model, "generation_config", None)
+            size = getattr(config, "prefill_chunk_size", None)
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if size is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] <= size:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return  # a continuation: its new tokens run as decode steps, never pruned
+        if bool(self.adapter.visual_token_mask(ids).any()):
+            raise ValueError(CHUNKED_PREFILL_REFUSED.format(size=size, length=ids.shape[1]))
+
+    @contextlib.contextmanager
+    def _continuing(self, cache):
+        """A generate call given a cache a pruned prefill filled (a second turn of a chat): while it runs, the
+        cache's ``get_seq_length()`` (no layer named) says how many input columns it stands for.
+
+        generate slices the new input at that length (and Qwen decides from it whether the uncached tokens hold
+        images); the pruned length would feed the removed count of prompt tokens again. Lengths of named
+        layers (what the mask builders read) stay what the layers hold.
+        """
+        with self._report_lock:
+            state = self._states.get(cache) if cache is not None else None
+        if state is None or "get_seq_length" in vars(cache):
+            yield
+            return
+        stages, layer_length = self.stages, cache.get_seq_length
+
+        def get_seq_length(layer_idx: int | None = None):
+            if layer_idx is not None:
+                return layer_length(layer_idx)
+            return state.full_len + stages.since_prefill(state, cache)[1]
+
+        cache.get_seq_length = get_seq_length
+        try:
+            yield
+        finally:
+            del cache.get_seq_length
 
     def _grab_queries(self, idx: int):
         def grab(_module, _args, output):
@@ -367,6 +421,11 @@ class Runtime:
         setattr(module, attr, method)
         self._bound.append((module, attr, method))
 
+    def _set(self, module: torch.nn.Module, attr: str, fn) -> None:
+        """Set ``module.<attr>`` to ``fn`` on this instance only (it may have none); `remove` restores it."""
+        self._bound.append((module, attr, module.__dict__.get(attr)))
+        setattr(module, attr, fn)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -401,8 +460,6 @@ class Runtime:
         record = self.record
         if embeds is None or record is None or record.outer is None:
             return original(*args, **kwargs)
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise ValueError(STATIC_CACHE_REFUSED)
         if cache is not None and cache.get_seq_length() > 0:
             with self._report_lock:
                 state = self._states.get(cache)
@@ -434,13 +491,14 @@ class Runtime:
             record.end_prefill()
             if state is not None:  # the decode steps need masks and positions, not the prefill's extra tensors
                 for level in state.levels:
-                    level.extras = {}
+                    level.extras, level.masks = {}, {}
                 state.sequence = replace(state.sequence, extras={})
         if record.report is not None:  # report() describes this prefill from now on, while its call runs on
             with self._report_lock:
                 self.report = record.report
-        filled = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
+        filled = _filled_cache(out, cache)
         if state is not None and filled is not None:
+            self.stages.settle(state, filled)
             with self._report_lock:  # one lock for what threads share: the report and the cache -> state map
                 self._states[filled] = state
         return out
@@ -466,12 +524,25 @@ class Runtime:
 
         return forward
 
-def _refuse_static_cache(model, kwargs: dict[str, Any]) -> None:
-    """Refuse a static cache at the generate call, before anything runs (see STATIC_CACHE_REFUSED)."""
-    implementation = kwargs.get("cache_implementation")
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    if implementation is None and config is not None:
-        implementation = getattr(config, "cache_implementation", None)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if implementation == "static" or (cache is not None and getattr(cache, "is_compileable", False)):
-        raise ValueError(STATIC_CACHE_REFUSED)
+
+def _two_d_mask(*_args, attention_mask=None, **_kwargs):
+    """generate's hook to build the decoder's masks ahead of a compilable (static) cache's forward: keep the 2-D mask.
+
+    The prefill and every decode step translate the 2-D mask to the kept columns of each level; the model
+    builds its masks from the translated one.
+    """
+    return attention_mask
+
+
+def _filled_cache(out: Any, given: Any) -> Any:
+    """The cache a forward filled: its output's ``cache`` (``past_key_values`` before transformers renamed it).
+
+    Read without truthiness (an empty cache is falsy) and without touching the
+    deprecated name where the new one exists (transformers warns on reading it).
+    """
+    names = getattr(out, "keys", lambda: ())()
+    for name in ("cache", "past_key_values"):
+        if name in names and out[name] is not None:
+            return out[name]
+    return given
+
