@@ -150,10 +150,12 @@ class Adapter:
         return tuple(i for i in range(self.num_layers) if self.layer_type(i) != "linear_attention")
 
     def seq_length_layer(self) -> int:
-        """The decoder layer whose cache ``Cache.get_seq_length()`` reads when no layer is named.
+        """The first decoder layer whose cache holds keys and values: the length of the kept sequence.
 
-        transformers reads layer 0, or on hybrid caches the first layer that
-        holds keys and values (linear-attention layers hold a fixed-size state).
+        Linear-attention layers hold a fixed-size state. transformers 5.24's
+        ``Cache.get_seq_length()`` reads this layer when no layer is named;
+        5.25's reads layer 0 whatever it is (a linear layer counts the tokens it
+        saw), so the runtime reads lengths from this layer itself.
         """
         return min(self.attention_layers(), default=0)
 

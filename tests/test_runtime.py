@@ -137,16 +137,6 @@ def test_deepcopy_is_an_independent_wrapped_model(family):
         assert clone(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # unwrapped: nothing pruned
 
 
-def test_static_cache_is_refused_clearly_at_the_call(family):
-    model = model_for(family)
-    batch = inputs(model, [single_spec(family)])
-    vtprune.wrap(model, "random", keep=3)
-    with torch.no_grad(), pytest.raises(ValueError, match="static cache"):
-        model.generate(**batch, **gen_kwargs(2), cache_implementation="static")
-    with torch.no_grad():
-        model.generate(**batch, **gen_kwargs(2))  # still usable
-
-
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_forward_with_autograd_equals_no_grad(family, policy):
     model = model_for(family)

@@ -72,7 +72,7 @@ class StageContext:
 
     def features(self, b: int, i: int) -> torch.Tensor:
         """Current features of image i's alive tokens, ``(n, D)`` (post-projector at the projector stage)."""
-        return self.hidden[b, self.seq_positions[b][i]]
+        return self.hidden[b].index_select(0, self.seq_positions[b][i])  # one gather of rows (indexing: slower)
 
     def pre_projector(self, b: int, i: int) -> torch.Tensor:
         """Vision-encoder features of image i's alive tokens before the projector, ``(n, D')``."""
@@ -81,7 +81,7 @@ class StageContext:
 
     def question(self, b: int) -> torch.Tensor:
         """Current features of the sample's question tokens, ``(m, D)``."""
-        return self.hidden[b, self.question_seq_positions[b]]
+        return self.hidden[b].index_select(0, self.question_seq_positions[b])
 
     def layer_input(self, layer: int) -> torch.Tensor:
         """Hidden states entering decoder ``layer`` (captured during this prefill), ``(B, L, D)``."""

@@ -192,26 +192,32 @@ class StageRunner:
         call = dict(bound)
         q = embeds.shape[1]
         level0 = state.levels[0]
-        # get_seq_length() reads one cache layer (hybrid models: the first that holds keys), so its level
-        # says how many tokens came since the prefill, the same count for every level
-        counted = state.level_for(self.adapter.seq_length_layer())
-        past = cache.get_seq_length()
-        new_cols = past - counted.mask2d.shape[1] + q
+        # the tokens since the prefill, from a layer that holds keys (its own length, whatever transformers'
+        # version reads for get_seq_length()): the same count for every level
+        counted, since = self.since_prefill(state, cache)
+        new_cols = since + q
         mask = bound.get("attention_mask")
         call["attention_mask"] = level0.decode_mask(mask, new_cols)
         positions = bound.get("position_ids")
         from_cache = self.adapter.decode_positions_from_cache(record.outer)
-        if positions is None:
-            positions = (torch.arange(q, device=embeds.device) + past).expand(embeds.shape[0], q)
-        if self.plan.positions == "original" and from_cache:
-            # the cache-derived positions count the level's columns (re-padding included); unwrapped they
-            # count the input's, the same for every row
-            positions = positions + (state.full_len - counted.mask2d.shape[1])
-        elif self.plan.positions == "compact" and not from_cache:
+        if from_cache:
+            # HF derives them from get_seq_length(), whichever layer (and length) that reads
+            hf_past = int(cache.get_seq_length())
+            if positions is None:
+                positions = (torch.arange(q, device=embeds.device) + hf_past).expand(embeds.shape[0], q)
+            # as if read from the first layer with keys (the level's columns, re-padding included)
+            shift = counted.mask2d.shape[1] + since - hf_past
+            if self.plan.positions == "original":
+                # unwrapped, they count the input's columns: the same shift for every row
+                shift = shift + (state.full_len - counted.mask2d.shape[1])
+            positions = positions + shift
+        elif positions is None:
+            positions = (torch.arange(q, device=embeds.device) + counted.mask2d.shape[1] + since).expand(embeds.shape[0], q)
+        if self.plan.positions == "compact" and not from_cache:
             positions = positions - level0.removed.view(-1, 1).to(positions)
         call["position_ids"] = positions
         for level in state.levels[1:]:
-            level.masks = {"mask2d": level.decode_mask(mask, new_cols), "embeds": embeds, "cache": cache}
+            level.masks = {"mask2d": level.decode_mask(mask, new_cols), "embeds": embeds}
             level.extras = {}
             if self.plan.positions == "compact":
                 shifted = positions - (level.removed - level0.removed).view(-1, 1).to(positions)
@@ -221,6 +227,33 @@ class StageRunner:
                 level.position_ids = None
                 level.position_embeddings = None
         return call
+
+    def since_prefill(self, state: PrefillState, cache) -> tuple[Level, int]:
+        """(the level of the first layer with keys, how many tokens its cache holds beyond that level's prefill)."""
+        layer = self.adapter.seq_length_layer()
+        level = state.level_for(layer)
+        return level, layer_length(cache, layer) - level.mask2d.shape[1]
+
+    def settle(self, state: PrefillState, cache) -> None:
+        """After a prefill: layers below the first layer with keys that count their own tokens report its length.
+
+        Since transformers 5.25 linear-attention layers count the tokens they
+        saw and ``Cache.get_seq_length()`` reads layer 0 whatever it is; below
+        an llm-stage prune point that count is the unpruned length, while
+        the keys of the layers from the prune point on hold the pruned one.
+        ``get_seq_length()`` then says the kept length, as it did when it read
+        the first layer with keys. Both counts grow by one per token from here,
+        so they stay equal.
+        """
+        layers = getattr(cache, "layers", None)
+        first = self.adapter.seq_length_layer()
+        if not layers or first >= len(layers) or len(state.levels) == 1:
+            return
+        kept = layer_length(cache, first)
+        for j in range(first):
+            counter = getattr(layers[j], "cumulative_length_linear", None)  # a linear layer's own count, if it keeps one
+            if isinstance(counter, torch.Tensor) and int(counter) != kept:
+                counter.fill_(kept)
 
     def prune_llm(self, record: CallRecord, state: PrefillState, idx: int, hidden: torch.Tensor,
                    kwargs: dict[str, Any]) -> torch.Tensor:
@@ -275,8 +308,7 @@ class StageRunner:
             extras=short.extras,
             row_index=short.row_index,
         )
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden, "cache": cache}
+        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden}
         state.levels.append(level)
         state.sequence = _kept(short)
         return short.hidden
@@ -286,8 +318,10 @@ class StageRunner:
         layer_type = self.adapter.layer_type(idx)
         if layer_type not in level.masks:
             m = level.masks
+            # the cache comes from the call, never from the level (a state kept with its cache must not hold it)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             args = dict(config=self.adapter.text_config, inputs_embeds=m["embeds"], attention_mask=m["mask2d"],
-                        cache=m["cache"], position_ids=None)
+                        cache=cache, position_ids=None)
             level.masks[layer_type] = self.adapter.layer_mask(layer_type, idx, args)  # sized by this level's cache
         kwargs["attention_mask"] = level.masks[layer_type]
         if level.position_embeddings is not None:
@@ -346,6 +380,11 @@ def _packed_call(segments: torch.Tensor, index: torch.Tensor, short: Sequence) -
     first = torch.where(starts, slots, torch.zeros_like(slots)).cummax(dim=1).values
     text = (slots - first).to(positions)
     return None, torch.cat([text[None], positions[1:]])
+
+
+def layer_length(cache, layer: int) -> int:
+    """How many tokens decoder ``layer``'s cache holds, read from that layer itself."""
+    return int(cache.layers[layer].get_seq_length())
 
 
 def _kept(sequence: Sequence) -> Sequence:

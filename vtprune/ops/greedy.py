@@ -177,6 +177,7 @@ def mmr_select(
     k: int,
     lam: float = 0.5,
     similarity: torch.Tensor | None = None,
+    unit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy maximal marginal relevance (IDPruner): `k` indices, ascending.
 
@@ -191,7 +192,9 @@ def mmr_select(
     AngelSlim reference (the matrix, one argmax per step). Otherwise it is
     the exact lazy form (`mmr_lazy`): a score only falls as the picked set
     grows, so only the candidates whose stale score still tops the others
-    are re-scored, with no ``N x N`` matrix.
+    are re-scored, with no ``N x N`` matrix. ``unit``: the rows as
+    ``normalize_rows(finite_fp32(features))`` gives them, when the caller
+    has them already (the same values; not computed again).
     """
     _check_matrix(features)
     if not 0.0 <= lam <= 1.0:
@@ -205,7 +208,9 @@ def mmr_select(
         return _empty(device)
     imp = minmax_normalize(sanitize_scores(importance.to(device), "importance scores"))
     if similarity is None and _use_lazy(n, k, device):
-        return mmr_lazy(normalize_rows(finite_fp32(features)), imp, k, lam)
+        return mmr_lazy(normalize_rows(finite_fp32(features)) if unit is None else unit, imp, k, lam)
+    if similarity is None and unit is not None:
+        return mmr_matrix(self_cosine(unit), imp, k, lam)  # cosine_similarity's own steps from the unit rows
     sim = cosine_similarity(finite_fp32(features)) if similarity is None else finite_fp32(similarity, "similarity")
     return mmr_matrix(sim, imp, k, lam)
 

@@ -194,6 +194,14 @@ class Fixed(LLMStagePolicy):
     stage = Random.stage
     at = Random.at
 
+    def select(self, ctx: StageContext) -> list[list[Selection]]:
+        if len(self.kept) > ctx.batch_size:
+            raise ValueError(
+                f"fixed: kept gives keep sets for {len(self.kept)} samples but this batch has {ctx.batch_size}; "
+                f"give one list per sample of the batch ({ctx.batch_size})"
+            )
+        return super().select(ctx)
+
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if b >= len(self.kept) or len(self.kept[b]) != ctx.num_images(b):
             raise ValueError(
@@ -218,6 +226,8 @@ def _kept_lists(kept: object) -> tuple:
     """``kept[sample][image]`` as nested tuples of ascending, distinct ints (hashable, like every policy)."""
     if not isinstance(kept, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in kept):
         raise TypeError(f"fixed: kept must be a list (samples) of lists (images) of indices; got {kept!r}")
+    if not kept:
+        raise ValueError(f"fixed: kept must give the keep sets of at least one sample; got {kept!r}")
     out = []
     for b, sample in enumerate(kept):
         images = []
@@ -228,6 +238,11 @@ def _kept_lists(kept: object) -> tuple:
                 duplicates = sorted({k for k in indices if list(indices).count(k) > 1})
                 raise ValueError(f"fixed: kept[{b}][{i}] lists indices {duplicates} more than once; each is kept once")
             images.append(tuple(sorted(int(k) for k in indices)))
+        if images and not any(images):  # one image of a pooled selection may keep none (a replayed report)
+            raise ValueError(
+                f"fixed: kept[{b}] keeps no token of its {len(images)} image(s); a sample keeps at least 1 visual "
+                "token (give 1 or more grid indices)"
+            )
         out.append(tuple(images))
     return tuple(out)
 

@@ -11,7 +11,7 @@ import torch
 from ..budget import resolve_budget
 from ..checks import check_bool, check_int, check_number
 from ..context import StageContext
-from ..ops.greedy import cosine_similarity, finite_fp32, mmr_select
+from ..ops.greedy import COSINE_EPS, cosine_similarity, finite_fp32, mmr_select
 from .base import Policy, Selection, probe_depth, register
 from .selector import VisionSelector, load_selector
 
@@ -151,15 +151,28 @@ class IDPruner(Policy):
         return torch.linalg.vector_norm(finite_fp32(features), dim=-1)
 
     def _select(self, ctx: StageContext, b: int, images: list[int], k: int) -> list[Selection]:
-        feats = [ctx.features(b, i) for i in images]
-        sizes = [f.shape[0] for f in feats]
+        positions = [ctx.seq_positions[b][i] for i in images]
+        sizes = [int(p.numel()) for p in positions]
         device = ctx.hidden.device
         total = sum(sizes)
         if k >= total:
             return [Selection(torch.arange(n, device=device)) for n in sizes]
-        x = torch.cat(feats) if len(feats) > 1 else feats[0]
-        kept = mmr_select(x, self.scores(ctx, b, images, x), k, self.lam)
+        # the tokens of every image in one gather (the rows torch.cat of per-image features would hold)
+        x = ctx.hidden[b].index_select(0, torch.cat(positions) if len(positions) > 1 else positions[0])
+        if self._norm_importance(ctx, b):
+            # the norms are the importance and the cosine's denominators: compute them (and the finite check) once
+            x = finite_fp32(x)
+            norms = torch.linalg.vector_norm(x, dim=-1)
+            kept = mmr_select(x, norms, k, self.lam, unit=x / (norms.unsqueeze(1) + COSINE_EPS))
+        else:
+            kept = mmr_select(x, self.scores(ctx, b, images, x), k, self.lam)
         return split_pooled(kept, sizes)
+
+    def _norm_importance(self, ctx: StageContext, b: int) -> bool:
+        """Whether `scores` is the features' L2 norm here (``"norm"``, or ``"prompt"`` without question tokens)."""
+        if self._scorer is not None:
+            return False
+        return self.importance == "norm" or (self.importance == "prompt" and ctx.question_seq_positions[b].numel() == 0)
 
     def describe(self) -> str:
         if self._scorer is not None:

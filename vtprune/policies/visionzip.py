@@ -164,6 +164,11 @@ class VisionZip(Policy):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_contextual(self.contextual, self.contextual_fraction)
+        if isinstance(self.keep, Integral) and isinstance(self.contextual, Integral) and self.contextual > self.keep:
+            raise ValueError(
+                f"visionzip: contextual={self.contextual} contextual tokens do not fit in keep={self.keep} tokens per "
+                f"image; give contextual in [0, {self.keep}] (or a float share of the budget in [0, 1))"
+            )
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1):
             raise ValueError(f"visionzip: layer must be a 1-based layer number >= 1 or None; got {self.layer!r}")
         if self.dominant_score is not None and self.dominant_score not in DOMINANT_SCORES:
