@@ -17,7 +17,7 @@ from transformers.cache_utils import LinearAttentionLayer
 import vtprune
 from vtprune.measure import cache_bytes_by_kind
 from vtprune.patches import adapter_for
-from vtprune.policies import EntropyPrune, FastV, Pipeline, Random, TransPrune
+from vtprune.policies import DART, EntropyPrune, FastV, Pipeline, PyramidDrop, Random, TransPrune
 from vtprune.tiny import VIDEO_TOKEN, VISION_START, SampleSpec
 
 FAMILY = "qwen3_5"
@@ -137,8 +137,10 @@ def test_cache_bytes_per_layer_kind():
         (FastV(keep=3, at_layer=3), 2),
         (EntropyPrune(keep=3, at_layer=3), 2),
         (TransPrune(prune_after=(1, 2, 3), ratios=(0.875, 0.625, 0.125), ttv_from=1), 2),
+        (DART(keep=3, at_layer=3), 2),
+        (PyramidDrop(prune_after=(1, 2), ratios=(0.5, 0.25)), 2),
     ],
-    ids=["fastv-1", "fastv-3", "entropyprune-3", "transprune-iga-2"],
+    ids=["fastv-1", "fastv-3", "entropyprune-3", "transprune-iga-2", "dart-keys-2", "pdrop-2"],
 )
 def test_attention_reading_policies_refuse_linear_layers_at_wrap(policy, layer):
     model = model_for(FAMILY)

@@ -275,10 +275,10 @@ def test_zoo_defaults_bind_at_the_released_depth(family, layers, vision_layers):
     model = model_for(family, "sdpa", layers=layers, vision_layers=vision_layers, hidden=32, heads=2, kv_heads=1,
                       intermediate=32, vision_hidden=16)
     batch = make_inputs(model, [SampleSpec(images=((32, 32),), question=4)])
-    for name in ("hiprune", "visionzip", "fastv", "transprune", "entropyprune", "mmtok"):
+    for name in ("hiprune", "visionzip", "fastv", "transprune", "entropyprune", "mmtok", "dart", "pdrop"):
         defaults = policy_defaults(family, name)
         assert defaults, name
-        vtprune.wrap(model, name, **({} if name == "transprune" else {"keep": 4}))
+        vtprune.wrap(model, name, **({} if name in ("transprune", "pdrop") else {"keep": 4}))
         resolved = vtprune.report(model).config
         assert {key: resolved[key] for key in defaults} == defaults, name
         model(**batch)
