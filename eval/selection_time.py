@@ -9,6 +9,10 @@ The reference loops below are ours, written from the papers and the SPEC
   recomputed at every step.
 - DivPrune (official loop): the full ``1 - cosine`` matrix; each step takes
   the minimum over all the picked columns again.
+- DART: 4 image and 4 text pivots by key norm (``topk``), visited in a
+  Python set's order, each taking the ``k // 8`` lowest cosines of the pool.
+- PyramidDrop: ``topk`` of one attention row (the probe that computes the
+  row is the attention probe, timed with FastV's in the bench).
 
 Per case it prints vtprune's time, the reference's, their ratio, the peak
 memory each allocates (`vtprune.measure.peak_bytes`) and whether the keep
@@ -54,9 +58,11 @@ import torch
 from torch import nn
 
 from vtprune.measure import interleaved, median, peak_bytes
+from vtprune.ops.dart import dart_select
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
 from vtprune.ops.probe import layer_queries, vit_attention_received
+from vtprune.ops.select import topk_indices
 from vtprune.policies.mmtok import coverage_matrix
 from vtprune.policies.selector import VisionSelector
 
@@ -148,6 +154,25 @@ def reference_mmtok(visual, visual_pre, text, tau_t: float, k: int) -> torch.Ten
     return torch.stack(order)
 
 
+def reference_dart(key_norm, features, text_key_norm, text_features, k: int) -> torch.Tensor:
+    """DART's loop structure: 4 + 4 pivots by key norm, a Python set of positions, per pivot the k // 8 lowest cosines."""
+    n = features.shape[0]
+    img = torch.topk(key_norm, 4).indices
+    txt = torch.topk(text_key_norm, 4).indices
+    pivot = {int(i): features[i] for i in img}
+    pivot.update({n + 1 + int(j): text_features[j] for j in txt})  # text after the image (and its end token)
+    pool = torch.ones(n, dtype=torch.bool, device=features.device)
+    pool[img] = False
+    kept = [img]
+    for p in set(pivot):
+        left = torch.nonzero(pool).flatten()
+        cos = torch.nn.functional.cosine_similarity(features[left].float(), pivot[p][None].float(), dim=-1)
+        picks = left[torch.topk(cos, min(k // 8, left.numel()), largest=False).indices]
+        pool[picks] = False
+        kept.append(picks)
+    return torch.sort(torch.cat(kept)).values
+
+
 # --- the case --------------------------------------------------------------------------------------
 
 
@@ -191,6 +216,9 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
         prompt_imp = cosine_similarity(visual, question.mean(dim=0, keepdim=True))[:, 0]
         selector_imp = scorer.score(visual).float()
         queries = layer_queries(_ProbeLayer(geo["dim"], geo["heads"], geo["head_dim"]).to(device), hidden)
+    key_norm = torch.rand(n, generator=g).to(device) * 100
+    text_norm = torch.rand(QUESTION_TOKENS, generator=g).to(device) * 100
+    last_row = torch.softmax(torch.randn(n, generator=g), dim=0).to(device)
     tau_t = geo["tau_t"]
     mem_k = min(k, MEMORY_STEPS) if n >= BIG else k
 
@@ -221,6 +249,15 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
             "pick order",
         ),
         "entropyprune (matrix entropy + top-k)": (lambda: _topk(matrix_entropy(queries), k), None, None, "-"),
+        "dart (pivots + least-duplicated picks)": (
+            lambda: dart_select(key_norm, hidden, text_norm, question, k, image_positions=torch.arange(n),
+                                text_positions=n + 1 + torch.arange(QUESTION_TOKENS)),
+            lambda: reference_dart(key_norm, hidden, text_norm, question, k),
+            lambda: reference_dart(key_norm, hidden, text_norm, question, k),
+            "keep set",
+        ),
+        "pdrop (top-k of the last token's row)": (
+            lambda: topk_indices(last_row, k), lambda: _topk(last_row, k), lambda: _topk(last_row, k), "keep set"),
     }
     if shape == "llava":
         vit = _clip_layer(device)

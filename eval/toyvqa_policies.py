@@ -22,7 +22,7 @@ from .. import api, toyvqa
 from ..budget import parse_keep
 
 DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "idpruner:received",
-                    "entropyprune", "fastv", "transprune", "hiprune", "visionzip"]
+                    "entropyprune", "fastv", "transprune", "hiprune", "visionzip", "dart", "pdrop"]
 
 def _policy(spec: str) -> tuple[str, dict]:
     """``NAME`` or ``NAME:IMPORTANCE`` -> (name, options). Layer defaults for the toy
