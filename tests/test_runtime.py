@@ -253,6 +253,21 @@ def test_failed_rewrap_keeps_the_previous_policy(monkeypatch):
     assert torch.equal(got[0], want[0]) and got[1] == want[1]
 
 
+def test_rewrap_then_unwrap_restores_the_model():
+    """A model wrapped twice, then unwrapped, is the unwrapped model again (no instance attribute of vtprune left)."""
+    model = model_for("llava")
+    batch = inputs(model, [single_spec("llava")])
+    own = set(model.__dict__)
+    with torch.no_grad():
+        want = model(**batch).logits
+        vtprune.wrap(model, "random", keep=3)
+        vtprune.wrap(model, "divprune", keep=3)  # installed over the first, which retires
+        model(**batch)
+        vtprune.unwrap(model)
+        got = model(**batch).logits
+    assert torch.equal(got, want) and set(model.__dict__) == own
+
+
 @pytest.mark.parametrize("make, err, words", [
     (lambda: Random(seed="1"), ValueError, "seed must be an int"),
     (lambda: Random(seed=1.5), ValueError, "seed must be an int"),

@@ -73,6 +73,11 @@ class _Link:
         self.original, self.previous = original, previous
 
 
+def _link_of(node) -> _Link | None:
+    """The `_Link` of a method bound by `Runtime._bind` or an attribute set by `Runtime._set`, else None."""
+    return getattr(getattr(node, "__func__", node), "_vtprune_link", None)
+
+
 class Runtime:
     """Hooks and instance-bound forwards of one wrapped model, driven by a bound `Plan`; `remove` undoes all of them.
 
@@ -190,11 +195,10 @@ class Runtime:
         plan = self.plan
         for idx in sorted(plan.layer_queries):
             self._handles.append(self.adapter.query_module(idx).register_forward_hook(self._grab_queries(idx)))
-        for index, policy in enumerate(plan.pipeline.policies):
-            for idx in policy.sub_block_layers():
-                for part, module in self.adapter.sub_blocks(idx):
-                    hook = self._observe_sub_block(index, policy, idx, part)
-                    self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        for index, policy, idx in plan.sub_blocks():
+            for part, module in self.adapter.sub_blocks(idx):
+                hook = self._observe_sub_block(index, policy, idx, part)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
         self._bind(self.adapter.language_model, self._lm_forward)
         first = plan.first_wrapped_layer()
@@ -422,15 +426,25 @@ class Runtime:
         self._bound.append((module, attr, method))
 
     def _set(self, module: torch.nn.Module, attr: str, fn) -> None:
-        """Set ``module.<attr>`` to ``fn`` on this instance only (it may have none); `remove` restores it."""
-        self._bound.append((module, attr, module.__dict__.get(attr)))
-        setattr(module, attr, fn)
+        """Set ``module.<attr>`` to ``fn`` on this instance only (it may have none); `remove` restores it.
+
+        A plain attribute (called without ``self``), linked as `_bind` links
+        methods, so runtimes installed over each other are removed in any order.
+        """
+        link = _Link(fn, module.__dict__.get(attr))
+
+        def plain(*args, **kwargs):
+            return link.original(*args, **kwargs)
+
+        plain._vtprune_link = link  # type: ignore[attr-defined]
+        setattr(module, attr, plain)
+        self._bound.append((module, attr, plain))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         for module, attr, method in reversed(self._bound):
-            link = method.__func__._vtprune_link
+            link = _link_of(method)
             if module.__dict__.get(attr) is method:
                 if link.previous is None:
                     delattr(module, attr)
@@ -438,7 +452,7 @@ class Runtime:
                     setattr(module, attr, link.previous)
                 continue
             node = module.__dict__.get(attr)  # bound over by a later runtime: unlink this one from the chain
-            while (upper := getattr(getattr(node, "__func__", None), "_vtprune_link", None)) is not None:
+            while (upper := _link_of(node)) is not None:
                 if upper.previous is method:
                     upper.original, upper.previous = link.original, link.previous
                     break
