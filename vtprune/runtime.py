@@ -193,7 +193,7 @@ class Runtime:
         self._install_labels_check()
         self._install_vision_capture()
         plan = self.plan
-        for idx in sorted(plan.layer_queries):
+        for idx in plan.reads.decoder_queries:
             self._handles.append(self.adapter.query_module(idx).register_forward_hook(self._grab_queries(idx)))
         for index, policy, idx in plan.sub_blocks():
             for part, module in self.adapter.sub_blocks(idx):
@@ -381,9 +381,9 @@ class Runtime:
 
             self._bind(base, call, attr=name)
         self._handles.append(self.adapter.projector_module().register_forward_pre_hook(grab))
-        if self.plan.vision_layers:
+        if self.plan.reads.vision_inputs:
             layers = self.adapter.vision_layers()
-            for j in sorted(self.plan.vision_layers):
+            for j in self.plan.reads.vision_inputs:
 
                 def grab_layer(_module, args, kwargs, _j=j):
                     record = self.record
@@ -526,7 +526,7 @@ class Runtime:
                 return original(hidden_states, *args, **kwargs)
             record.current_layer = idx
             if record.in_prefill:
-                if idx in self.plan.layer_inputs:
+                if idx in self.plan.reads.decoder_inputs:
                     record.layer_inputs[idx] = hidden_states
                 if idx in self.plan.prune_layers:
                     hidden_states = self.stages.prune_llm(record, state, idx, hidden_states, kwargs)
