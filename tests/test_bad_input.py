@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 6): a clear error naming what was given, and the model left exactly as it was."""
+"""Bad input: a clear error naming what was given, and the model left exactly as it was."""
 
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ def test_forward_with_autograd_equals_no_grad(family, policy):
 @torch.no_grad()
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_generate_without_cache_equals_cached_for_every_policy(family, policy):
-    """SPEC invariant 3 without replaying keep sets through `fixed`: generate selects once per call."""
+    """Cached == uncached generation without replaying keep sets through `fixed`: generate selects once per call."""
     model = model_for(family)
     batch = inputs(model, mixed_specs(family))
     vtprune.wrap(model, POLICIES[policy](3))

@@ -1,4 +1,4 @@
-"""TransPrune (SPEC 4.3): TTV and IGA against brute force, stage counts, cache, positions, bad schedules.
+"""TransPrune: TTV and IGA against brute force, stage counts, cache, positions, bad schedules.
 
 Budgets, batch == alone, cache == recomputation and backend independence on
 every family also run in tests/test_policies_models.py (a two-stage schedule).

@@ -1,6 +1,6 @@
 """The pruning runtime: the hooks and instance-bound forwards of one wrapped model.
 
-Data path (SPEC section 3): a pre-hook on the base model records the batch's
+Data path: a pre-hook on the base model records the batch's
 inputs into the call's record (`vtprune.call.CallRecord`, one per
 ``generate`` or per forward, per thread); the language model's forward
 (replaced on the instance) has `vtprune.stages.StageRunner` build the
@@ -40,7 +40,7 @@ from .context import LayerCall
 from .plan import Plan
 from .policies.base import Policy
 from .report import Report
-from .stages import StageRunner
+from .stages import StageRunner, given_cache
 
 CHUNKED_PREFILL_REFUSED = (
     "vtprune: generate(prefill_chunk_size={size}) would split this prompt of {length} tokens, which holds visual "
@@ -277,7 +277,7 @@ class Runtime:
         if record is None:
             return original(*args, **kwargs)
         try:
-            with self._continuing(kwargs.get("cache", kwargs.get("past_key_values"))):
+            with self._continuing(given_cache(kwargs)):
                 return original(*args, **kwargs)
         finally:
             self._close(record)
@@ -295,7 +295,7 @@ class Runtime:
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if size is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] <= size:
             return
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = given_cache(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return  # a continuation: its new tokens run as decode steps, never pruned
         if bool(self.adapter.visual_token_mask(ids).any()):

@@ -488,6 +488,12 @@ def policy_table() -> str:
     return "\n".join(rows)
 
 
+def policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """The commands' ``NAME`` or ``NAME:VARIANT`` (``idpruner:norm``) -> (name, options): the variant is ``importance``."""
+    name, _, variant = spec.partition(":")
+    return name, ({"importance": variant} if variant else {})
+
+
 def unknown_policy(names: list[str], variants: bool = False) -> str | None:
     """``"unknown policy 'X'; available: ..."`` for the first of `names` not in the registry, or None.
 
@@ -495,7 +501,7 @@ def unknown_policy(names: list[str], variants: bool = False) -> str | None:
     """
     known = available_policies()
     for name in names:
-        if (name.partition(":")[0] if variants else name) not in known:
+        if (policy_spec(name)[0] if variants else name) not in known:
             return f"unknown policy {name!r}; available: {', '.join(known)}"
     return None
 
