@@ -1,6 +1,6 @@
 """Each selector beside a plain reimplementation of its reference loop: same tensors, one process, interleaved.
 
-The reference loops below are ours, written from the papers and the SPEC
+The reference loops below are ours, written from the papers
 (never copied): the structure each paper's code has, in plain torch.
 
 - IDPruner / AngelSlim MMR: the full cosine matrix, then one argmax per step
@@ -61,8 +61,8 @@ from vtprune.measure import interleaved, median, peak_bytes
 from vtprune.ops.dart import dart_select
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
-from vtprune.ops.probe import layer_queries, vit_attention_received
 from vtprune.ops.select import topk_indices
+from vtprune.patches.attention import layer_queries, vit_attention_received
 from vtprune.policies.mmtok import coverage_matrix
 from vtprune.policies.selector import VisionSelector
 

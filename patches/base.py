@@ -164,7 +164,7 @@ class Adapter:
 
         ``mask_kwargs`` describe the level's sequence (its 2-D mask, embeddings,
         cache); ``layer`` is the first layer of that type in the level, whose
-        cache sizes a causal mask (trap 3). Linear-attention layers take the
+        cache sizes a causal mask (transformers sizes it from that layer's cache length). Linear-attention layers take the
         2-D padding mask itself, trimmed to the new tokens, as transformers
         builds it for them.
         """

@@ -188,7 +188,7 @@ def test_queries_are_the_gated_attention_layers_own():
     ids=["before-first-full", "before-linear", "three-levels"],
 )
 def test_decode_after_llm_stage_pruning(policy):
-    """Level 0 may hold no keys (layer 0 is linear): decode masks and positions still follow the right level (traps 2-4)."""
+    """Level 0 may hold no keys (layer 0 is linear): decode masks and positions still follow the right level."""
     model = model_for(FAMILY)
     batch = inputs(model, mixed_specs(FAMILY))
     vtprune.wrap(model, policy)

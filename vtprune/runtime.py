@@ -1,6 +1,6 @@
 """The pruning runtime: the hooks and instance-bound forwards of one wrapped model.
 
-Data path (SPEC section 3): a pre-hook on the base model records the batch's
+Data path: a pre-hook on the base model records the batch's
 inputs into the call's record (`vtprune.call.CallRecord`, one per
 ``generate`` or per forward, per thread); the language model's forward
 (replaced on the instance) has `vtprune.stages.StageRunner` build the
@@ -40,7 +40,7 @@ from .context import LayerCall
 from .plan import Plan
 from .policies.base import Policy
 from .report import Report
-from .stages import StageRunner
+from .stages import StageRunner, given_cache
 
 CHUNKED_PREFILL_REFUSED = (
     "vtprune: generate(prefill_chunk_size={size}) would split this prompt of {length} tokens, which holds visual "
@@ -71,6 +71,11 @@ class _Link:
 
     def __init__(self, original, previous) -> None:
         self.original, self.previous = original, previous
+
+
+def _link_of(node) -> _Link | None:
+    """The `_Link` of a method bound by `Runtime._bind` or an attribute set by `Runtime._set`, else None."""
+    return getattr(getattr(node, "__func__", node), "_vtprune_link", None)
 
 
 class Runtime:
@@ -188,13 +193,12 @@ class Runtime:
         self._install_labels_check()
         self._install_vision_capture()
         plan = self.plan
-        for idx in sorted(plan.layer_queries):
+        for idx in plan.reads.decoder_queries:
             self._handles.append(self.adapter.query_module(idx).register_forward_hook(self._grab_queries(idx)))
-        for index, policy in enumerate(plan.pipeline.policies):
-            for idx in policy.sub_block_layers():
-                for part, module in self.adapter.sub_blocks(idx):
-                    hook = self._observe_sub_block(index, policy, idx, part)
-                    self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        for index, policy, idx in plan.sub_blocks():
+            for part, module in self.adapter.sub_blocks(idx):
+                hook = self._observe_sub_block(index, policy, idx, part)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
         self._bind(self.adapter.language_model, self._lm_forward)
         first = plan.first_wrapped_layer()
@@ -272,7 +276,7 @@ class Runtime:
         if record is None:
             return original(*args, **kwargs)
         try:
-            with self._continuing(kwargs.get("cache", kwargs.get("past_key_values"))):
+            with self._continuing(given_cache(kwargs)):
                 return original(*args, **kwargs)
         finally:
             self._close(record)
@@ -290,7 +294,7 @@ class Runtime:
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         if size is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] <= size:
             return
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = given_cache(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return  # a continuation: its new tokens run as decode steps, never pruned
         if bool(self.adapter.visual_token_mask(ids).any()):
@@ -376,9 +380,9 @@ class Runtime:
 
             self._bind(base, call, attr=name)
         self._handles.append(self.adapter.projector_module().register_forward_pre_hook(grab))
-        if self.plan.vision_layers:
+        if self.plan.reads.vision_inputs:
             layers = self.adapter.vision_layers()
-            for j in sorted(self.plan.vision_layers):
+            for j in self.plan.reads.vision_inputs:
 
                 def grab_layer(_module, args, kwargs, _j=j):
                     record = self.record
@@ -424,7 +428,7 @@ class Runtime:
         for handle in self._handles:
             handle.remove()
         for module, attr, method in reversed(self._bound):
-            link = method.__func__._vtprune_link
+            link = _link_of(method)
             if module.__dict__.get(attr) is method:
                 if link.previous is None:
                     delattr(module, attr)
@@ -432,7 +436,7 @@ class Runtime:
                     setattr(module, attr, link.previous)
                 continue
             node = module.__dict__.get(attr)  # bound over by a later runtime: unlink this one from the chain
-            while (upper := getattr(getattr(node, "__func__", None), "_vtprune_link", None)) is not None:
+            while (upper := _link_of(node)) is not None:
                 if upper.previous is method:
                     upper.original, upper.previous = link.original, link.previous
                     break
@@ -506,7 +510,7 @@ class Runtime:
                 return original(hidden_states, *args, **kwargs)
             record.current_layer = idx
             if record.in_prefill:
-                if idx in self.plan.layer_inputs:
+                if idx in self.plan.reads.decoder_inputs:
                     record.layer_inputs[idx] = hidden_states
                 if idx in self.plan.prune_layers:
                     hidden_states = self.stages.prune_llm(record, state, idx, hidden_states, kwargs)

@@ -83,17 +83,7 @@ class StageRunner:
         for index, policy in enumerate(self.plan.pipeline.policies):
             if policy.stage == "llm":
                 continue
-            ctx = StageContext(
-                stage=policy.stage,
-                layer=None,
-                layouts=layouts,
-                hidden=hidden,
-                alive=alive,
-                seq_positions=seq_pos,
-                question_seq_positions=sequence.question_positions,
-                adapter=self.adapter,
-                captured=record.captured,
-            )
+            ctx = self._context(record, policy.stage, layouts, hidden, alive, seq_pos, sequence.question_positions)
             hidden, alive, seq_pos = self.apply(record, index, policy, ctx, report)
         # a row without any attended token says nothing about the side the batch is padded on
         pad_left = not bool((~valid[valid.any(1), -1]).any())
@@ -121,6 +111,13 @@ class StageRunner:
             if value is not None:
                 call[name] = value
         return call, state
+
+    def _context(self, record: CallRecord, stage: str, layouts, hidden, alive, seq_positions, question_positions,
+                 **llm: Any) -> StageContext:
+        """What a policy sees at one stage; ``llm`` adds the llm stage's layer, captured signals, rotary and mask."""
+        return StageContext(stage=stage, layouts=layouts, hidden=hidden, alive=alive, seq_positions=seq_positions,
+                            question_seq_positions=question_positions, adapter=self.adapter, captured=record.captured,
+                            **{"layer": None, **llm})
 
     def _layouts(self, record: CallRecord, embeds: torch.Tensor):
         """The batch's visual layouts, or None where the call holds no media the vision encoder saw.
@@ -187,7 +184,8 @@ class StageRunner:
         return hidden, alive, seq_pos
 
     def decode(self, record: CallRecord, state: PrefillState, bound: dict[str, Any], embeds: torch.Tensor):
-        """One decode step's inputs: each level's 2-D mask translated to its kept columns, positions fixed (traps 2-4)."""
+        """One decode step's inputs: each level's 2-D mask translated to its kept columns, positions fixed
+        where transformers would derive them from the (shorter) cache length."""
         cache = bound["cache"]
         call = dict(bound)
         q = embeds.shape[1]
@@ -268,16 +266,9 @@ class StageRunner:
         extras = dict(prev.extras)  # level 0's: what the prefill handed the language model, already shortened
         sequence = replace(state.sequence, hidden=hidden, mask2d=prev.mask2d, rotary=rotary, position_ids=position_ids,
                            extras=extras, stats=list(record.sub_block_stats.values()))
-        ctx = StageContext(
-            stage="llm",
+        ctx = self._context(
+            record, "llm", state.layouts, hidden, sequence.alive, sequence.seq_positions, sequence.question_positions,
             layer=idx,
-            layouts=state.layouts,
-            hidden=hidden,
-            alive=sequence.alive,
-            seq_positions=sequence.seq_positions,
-            question_seq_positions=sequence.question_positions,
-            adapter=self.adapter,
-            captured=record.captured,
             layer_inputs=record.layer_inputs,
             layer_q=record.layer_q,
             position_embeddings=rotary,
@@ -319,7 +310,7 @@ class StageRunner:
         if layer_type not in level.masks:
             m = level.masks
             # the cache comes from the call, never from the level (a state kept with its cache must not hold it)
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = given_cache(kwargs)
             args = dict(config=self.adapter.text_config, inputs_embeds=m["embeds"], attention_mask=m["mask2d"],
                         cache=cache, position_ids=None)
             level.masks[layer_type] = self.adapter.layer_mask(layer_type, idx, args)  # sized by this level's cache
@@ -332,6 +323,11 @@ class StageRunner:
             if kwargs.get(name) is not None and value is not None:
                 kwargs[name] = value
         return kwargs
+
+
+def given_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a call was given: ``cache=``, else ``past_key_values=`` (the name transformers 5.24 retires at 5.40)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def _is_identity(index: torch.Tensor, length: int) -> bool:

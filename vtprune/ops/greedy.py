@@ -35,12 +35,11 @@ Two forms of each greedy, the same algorithm and the same picks:
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
 
-from .select import sanitize_scores
+from .select import replace_nonfinite, sanitize_scores
 
 #: added to feature norms before dividing (the IDPruner reference's cosine)
 COSINE_EPS = 1e-8
@@ -50,20 +49,9 @@ MINMAX_EPS = 1e-6
 
 def finite_fp32(x: torch.Tensor, what: str = "features") -> torch.Tensor:
     """fp32 copy of `x` with NaN/inf entries set to 0, warning when there were any."""
-    x = x.float()
-    # A finite sum means every entry is finite (one reduction instead of a mask of the whole tensor);
-    # a non-finite sum (a bad entry, or an overflow of large finite ones) falls back to the full check.
-    if bool(torch.isfinite(x.sum())):
-        return x
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        warnings.warn(
-            f"{int(bad.sum())} non-finite {what} entries set to 0 for a deterministic selection",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        x = torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
-    return x
+    return replace_nonfinite(
+        x.float(), what, "entries set to 0", lambda x, bad: torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    )
 
 
 def normalize_rows(x: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:

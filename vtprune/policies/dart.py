@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..context import StageContext
 from ..ops.dart import BUDGETS, PIVOT_ORDERS, dart_select
-from .base import PerModelLayerPolicy, Policy, Selection, register
+from .base import PerModelLayerPolicy, Policy, Selection, Signals, register
 
 
 @register
@@ -63,6 +63,7 @@ class DART(PerModelLayerPolicy):
 
     name: ClassVar[str] = "dart"
     rounding: ClassVar[str] = "floor"
+    paper: ClassVar[str] = "DART (EMNLP 2025), code ZichenWen1/DART"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,12 +72,10 @@ class DART(PerModelLayerPolicy):
         if self.pivot_order not in PIVOT_ORDERS:
             raise ValueError(f"dart: pivot_order must be one of {PIVOT_ORDERS}; got {self.pivot_order!r}")
 
-    def layer_inputs_needed(self) -> tuple[int, ...]:
-        return (self.resolved_layer() - 1,)
-
-    def attention_layers_needed(self) -> tuple[int, ...]:
-        """Layer K-1's keys are read, so it must have softmax attention."""
-        return (self.resolved_layer() - 1,)
+    def signals(self) -> Signals:
+        """Pruned before K; layer K-1's keys (from its input, so it must have softmax attention) and output."""
+        k = self.resolved_layer()
+        return Signals(prune_before=(k,), decoder_inputs=(k - 1,), decoder_attention=(k - 1,))
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if not ctx.num_images(b):

@@ -12,7 +12,7 @@ import torch
 from ..budget import resolve_budget, validate_keep
 from ..context import StageContext
 from ..ops.select import topk_indices
-from .base import Policy, Selection, register
+from .base import Policy, Selection, Signals, register
 
 
 def pdrop_counts(n: int, ratios: Sequence[float], keep: int | float | None) -> list[int]:
@@ -78,7 +78,7 @@ class PyramidDrop(Policy):
     name: ClassVar[str] = "pdrop"
     stage: ClassVar[str] = "llm"
     rounding: ClassVar[str] = "floor"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "PyramidDrop (CVPR 2025), code Cooperx521/PyramidDrop"
     zoo_fields: ClassVar[tuple[str, ...]] = ("prune_after", "ratios")
 
     def __post_init__(self) -> None:
@@ -114,16 +114,14 @@ class PyramidDrop(Policy):
             )
         return self
 
-    def prune_layers(self) -> tuple[int, ...]:
-        return tuple(self.prune_after) if self._resolved else ()
-
-    def attention_layers_needed(self) -> tuple[int, ...]:
-        """The layer after each boundary: its attention scores the drop."""
-        return self.prune_layers()
+    def signals(self) -> Signals:
+        """Pruned before each boundary's next layer, whose attention (probed from the pruning point) scores the drop."""
+        layers, _ = self.resolved("prune_after", "ratios")
+        return Signals(prune_before=tuple(layers), decoder_attention=tuple(layers))
 
     def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         """This boundary's count for image i (`pdrop_counts`), at most the tokens still alive."""
-        step = self.prune_layers().index(ctx.layer)
+        step = tuple(self.prune_after).index(ctx.layer)
         n_alive = int(ctx.alive[b][i].numel())
         if n_alive == 0:
             return 0
