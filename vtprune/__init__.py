@@ -48,13 +48,9 @@ def __getattr__(name: str):
     if name == "policies":
         return importlib.import_module(".policies", __name__)
     if name in _PUBLIC:
-        module = importlib.import_module(f".{_PUBLIC[name]}", __name__)
-        # every public name of that module at once: importing it imports the submodule `vtprune.report`,
-        # which would otherwise stand in for the function `report` from then on
-        for public, home in _PUBLIC.items():
-            if home == _PUBLIC[name]:
-                globals()[public] = getattr(module, public)
-        return globals()[name]
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
