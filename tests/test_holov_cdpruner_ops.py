@@ -220,7 +220,8 @@ def test_clip_relevance_sign_and_asymmetric_eps():
     assert torch.allclose(raw.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6)
     lo, hi = min(want), max(want)
     norm = minmax_clip(raw)
-    assert torch.allclose(norm.double(), torch.tensor([(x - lo + 1e-6) / (hi - lo) for x in want], dtype=torch.float64), atol=1e-5)
+    want_norm = torch.tensor([(x - lo + 1e-6) / (hi - lo) for x in want], dtype=torch.float64)
+    assert torch.allclose(norm.double(), want_norm, atol=1e-5)
     assert float(norm.min()) > 0  # the eps in the numerator: the least relevant token keeps a nonzero kernel row
 
 

@@ -10,11 +10,13 @@ from helpers import gen_kwargs, inputs, mixed_specs, model_for, patch_positions,
 import vtprune
 from vtprune import zoo
 from vtprune.policies import (
+    CDPruner,
     DivPrune,
     EntropyPrune,
     FastV,
     Fixed,
     HiPrune,
+    HoloV,
     IDPruner,
     MMTok,
     Pipeline,
@@ -35,6 +37,9 @@ POLICIES = {
     # the tiny ViTs have 2 layers (the defaults, 9 / block 16, are refused there); alpha=1 so anchors and buffers show
     "hiprune": lambda k: HiPrune(keep=k, alpha=1.0, object_layer=1, deep_layer=2),
     "visionzip": lambda k: VisionZip(keep=k),  # per-model defaults (LLaVA: 10/64 of k contextual; Qwen: 5 % of N)
+    "holov": lambda k: HoloV(keep=k),  # overflow="redistribute": exactly k per image
+    "cdpruner": lambda k: CDPruner(keep=k),  # text="llm": the question's LLM embeddings
+    "cdpruner_split": lambda k: CDPruner(keep=k, relevance_weight=0.5, split=True),  # OpenVINO's settings
 }
 
 
@@ -43,7 +48,7 @@ def zoo_layer(family: str, policy: str, default: int) -> int:
     return zoo.policy_defaults(family, policy).get("at_layer", default)
 
 
-PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune")
+PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune", "cdpruner", "cdpruner_split")
 
 
 def _stage(image):
