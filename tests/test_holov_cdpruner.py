@@ -179,3 +179,64 @@ def test_holov_drop_keeps_fewer_and_reports_them():
         counts[overflow] = [len(k) for k in kept]
     want = [len(holov_oracle(feats[g], cls[g], 40, "drop")[0]) for g in range(2)]
     assert counts["drop"] == want and counts["redistribute"] == [40, 40]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_holov_qwen_equals_brute_force_from_eager_weights(family):
+    """Attention received at the last ViT block (eager weights, merge units averaged, raster order); one budget per
+    image and per video (chunks running over the frames)."""
+    from helpers import eager_vit_received
+    from transformers.vision_utils import get_vision_window_index
+
+    model = model_for(family, "eager")
+    batch = inputs(model, [SampleSpec(images=((32, 48), (48, 32)), videos=((4, 32, 32),), question=5)])
+    received, _ = eager_vit_received(model, batch)
+    last = len(model.model.visual.blocks) - 1
+    vision = model.config.vision_config
+    per_item = []
+    for call, key in enumerate(("image_grid_thw", "video_grid_thw")):
+        rows = received[last][call].view(-1, 4).mean(1)
+        grid = batch[key]
+        if getattr(vision, "window_size", None):  # Qwen2.5-VL's windows: merge units in window order
+            window_index, _ = get_vision_window_index(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)
+            rows = rows[torch.argsort(window_index)]
+        per_item.extend(torch.split(rows, (grid.prod(-1) // 4).tolist()))
+    embeds = lm_input_embeds(model, batch)[0]
+    visual = visual_positions(family, batch["input_ids"])
+    keep = 5
+    got = _kept(model, batch, HoloV(keep=keep))
+    start = 0
+    assert len(got) == len(per_item) == 3
+    for kept, attention in zip(got, per_item):
+        feats = embeds[visual[start : start + attention.shape[0]]]
+        start += attention.shape[0]
+        assert kept == holov_oracle(feats, attention, keep, "redistribute")[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_cdpruner_views_are_separate_problems(family):
+    """LLaVA-NeXT's base and high-resolution views, a Qwen video's frames: one DPP each with keep // views (remainder
+    to the first), relevance normalised over the whole image."""
+    from vtprune.ops.dpp import view_budgets
+
+    model = model_for(family, "sdpa")
+    spec = (SampleSpec(images=((40, 24),), question=5) if family == "llava_next"
+            else SampleSpec(videos=((4, 32, 32),), question=5))
+    batch = inputs(model, [spec])
+    embeds = lm_input_embeds(model, batch)[0]
+    layout = adapter_for(model).layouts(dict(batch), embeds[None])[0]
+    image = layout.images[0]
+    assert len(image.grids) > 1
+    feats, question = embeds[image.positions], embeds[layout.question_positions]
+    keep = 7
+    got = _kept(model, batch, CDPruner(keep=keep))[0]
+    rel = relevance_llm_oracle(feats, question)
+    sizes = [g.size for g in image.grids]
+    want, start = [], 0
+    for size, k in zip(sizes, view_budgets(sizes, keep)):
+        view = slice(start, start + size)
+        want += [start + j for j in dpp_oracle(kernel_oracle(feats[view], rel[view]), k)]
+        start += size
+    assert got == sorted(want) and len(got) == keep
