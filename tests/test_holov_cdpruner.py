@@ -240,3 +240,34 @@ def test_cdpruner_views_are_separate_problems(family):
         want += [start + j for j in dpp_oracle(kernel_oracle(feats[view], rel[view]), k)]
         start += size
     assert got == sorted(want) and len(got) == keep
+
+
+def _clip_tokenizer_files(folder):
+    """A character-level CLIP BPE vocabulary (no merges) written to `folder`: a real CLIPTokenizer, offline."""
+    import json
+    import string
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in string.ascii_lowercase + string.digits:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+@torch.no_grad()
+def test_cdpruner_clip_from_a_path_equals_the_loaded_model(tmp_path):
+    """clip_model=PATH loads the CLIP model and its tokenizer; the keep sets equal those of the same objects given."""
+    model, batch, *_ = _llava_case(question=3)
+    clip = tiny_clip(model.config.vision_config.hidden_size)
+    tokenizer = _clip_tokenizer_files(tmp_path)
+    clip.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    from_path = _kept(model, batch, CDPruner(keep=6, text="clip", clip_model=str(tmp_path)), tokenizer=WordIds())
+    given = _kept(model, batch, CDPruner(keep=6, text="clip", clip_model=clip, clip_tokenizer=tokenizer),
+                  tokenizer=WordIds())
+    assert from_path == given and [len(k) for k in given] == [6, 6]
+    assert CDPruner(keep=6, text="clip", clip_model=str(tmp_path)).to_dict()["clip_model"] == str(tmp_path)
