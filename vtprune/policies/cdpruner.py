@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, ClassVar
 
@@ -113,11 +113,13 @@ class CDPruner(Policy):
     split: bool = False
     clip_model: Any = None
     clip_tokenizer: Any = None
+    #: the CLIP model and tokenizer in use (loaded from the path, or the objects given); not compared
+    _clip: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     name: ClassVar[str] = "cdpruner"
     stage: ClassVar[str] = "projector"
+    paper: ClassVar[str] = "CDPruner (NeurIPS 2025), code Theia-4869/CDPruner; OpenVINO GenAI port"
     rounding: ClassVar[str] = "round"
-    reference_positions: ClassVar[str] = "compact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,7 +146,6 @@ class CDPruner(Policy):
                 )
             if tokenizer is None or not callable(tokenizer):
                 raise ValueError("cdpruner: text='clip' with a loaded clip_model needs clip_tokenizer= (its tokenizer)")
-        # the loaded model belongs to the configuration (given object or path), not a field: equality sees the fields
         self._set("_clip", (model, tokenizer) if self.text == "clip" else None)
 
     def resolve(self, adapter) -> Policy:

@@ -8,7 +8,7 @@ from typing import ClassVar
 from ..checks import check_int
 from ..context import StageContext
 from ..ops.holov import OVERFLOW_MODES, holov_select
-from .base import Policy, Selection, probe_depth, register
+from .base import Policy, Selection, Signals, probe_depth, register
 
 ATTENTION_SOURCES = ("cls", "received")
 
@@ -83,8 +83,8 @@ class HoloV(Policy):
 
     name: ClassVar[str] = "holov"
     stage: ClassVar[str] = "projector"
+    paper: ClassVar[str] = "HoloV (NeurIPS 2025), code obananas/HoloV"
     rounding: ClassVar[str] = "floor"
-    reference_positions: ClassVar[str] = "compact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,12 +113,11 @@ class HoloV(Policy):
         return replace(self, vision_layer=layer, attention=attention)
 
     def _layer(self) -> int:
-        if self.vision_layer is None or self.attention is None:
-            raise RuntimeError("holov: the ViT layer is not resolved yet; bind(adapter) first")
-        return self.vision_layer - 1
+        """0-based ViT layer of the attention (after `bind`)."""
+        return self.resolved("vision_layer", "attention")[0] - 1
 
-    def vision_layers_needed(self) -> tuple[int, ...]:
-        return (self._layer(),)
+    def signals(self) -> Signals:
+        return Signals(vision_inputs=(self._layer(),))
 
     def attention_scores(self, ctx: StageContext, b: int, i: int):
         """Per-token attention of image i's alive tokens, ``(n,)`` fp32 (CLS row mean over heads, or received)."""
