@@ -13,7 +13,7 @@ from torch import nn
 
 from .plan import build_plan
 from .policies.base import Pipeline, Policy
-from .report import Report
+from .reporting import Report
 from .runtime import Runtime, masks_for_generate
 
 _ATTR = "_vtprune_runtime"

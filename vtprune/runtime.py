@@ -39,7 +39,7 @@ from .call import CallRecord
 from .context import LayerCall
 from .plan import Plan
 from .policies.base import Policy
-from .report import Report
+from .reporting import Report
 from .stages import StageRunner, given_cache
 
 CHUNKED_PREFILL_REFUSED = (
