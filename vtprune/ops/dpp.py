@@ -72,10 +72,10 @@ def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor, relevanc
     unit = unit_rows(features)
     sim = unit @ unit.T
     r = relevance.float().to(sim.device)
-    kernel = r[:, None] * sim * r[None, :]
-    if relevance_weight != 1.0:
-        kernel = sim * (1.0 - relevance_weight) + kernel * relevance_weight
-    return kernel
+    if relevance_weight == 1.0:
+        return sim.mul_(r[:, None]).mul_(r[None, :])  # in place: one n x n matrix, the same products
+    conditional = (r[:, None] * sim).mul_(r[None, :])
+    return sim.mul_(1.0 - relevance_weight).add_(conditional.mul_(relevance_weight))
 
 
 def dpp_greedy_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor | None = None) -> torch.Tensor:
