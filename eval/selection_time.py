@@ -13,6 +13,11 @@ The reference loops below are ours, written from the papers
   Python set's order, each taking the ``k // 8`` lowest cosines of the pool.
 - PyramidDrop: ``topk`` of one attention row (the probe that computes the
   row is the attention probe, timed with FastV's in the bench).
+- HoloV (official structure): a Python loop over the chunks, each with its
+  own masked similarity matrix, scores, allocation, then a top-k per chunk
+  (the reference's ``overflow="drop"``).
+- CDPruner (official loop): the conditional kernel, then the incremental
+  Cholesky greedy with an einsum over all earlier rows at every step.
 
 Per case it prints vtprune's time, the reference's, their ratio, the peak
 memory each allocates (`vtprune.measure.peak_bytes`) and whether the keep
@@ -59,8 +64,10 @@ from torch import nn
 
 from vtprune.measure import interleaved, median, peak_bytes
 from vtprune.ops.dart import dart_select
+from vtprune.ops.dpp import cdpruner_select, minmax_llm, relevance_llm
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
+from vtprune.ops.holov import holov_select
 from vtprune.ops.select import topk_indices
 from vtprune.patches.attention import layer_queries, vit_attention_received
 from vtprune.policies.mmtok import coverage_matrix
@@ -173,6 +180,64 @@ def reference_dart(key_norm, features, text_key_norm, text_features, k: int) -> 
     return torch.sort(torch.cat(kept)).values
 
 
+def reference_holov(features: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
+    """HoloV's structure: per contiguous chunk a masked similarity matrix and a score; floor allocation, the
+    left-over to the largest weights, the excess of a full chunk lost; top-k attention per chunk; ascending."""
+    n = features.shape[0]
+    chunks = max(1, int(((1024 / 576) * n) / k))
+    size, extra = divmod(n, chunks)
+    bounds, start = [], 0
+    for p in range(chunks):
+        end = start + size + (1 if p < extra else 0)
+        if end > start:
+            bounds.append((start, end))
+        start = end
+    scores = []
+    for lo, hi in bounds:
+        f, a = features[lo:hi].float(), attention[lo:hi].float()
+        m = hi - lo
+        if m <= 1:
+            scores.append(a.mean())
+            continue
+        fn = f / (f.norm(dim=1, keepdim=True) + 1e-6)
+        s = (fn @ fn.T) * (1 - torch.eye(m, device=f.device))
+        mean = s.sum(1) / (m - 1)
+        var = ((s - mean[:, None]) ** 2).sum(1) / (m - 1)
+        a = a * 1e3
+        scores.append((a + 0.09 * var * (a.abs().mean() / (var.abs().mean() + 1e-6))).mean())
+    scores = torch.stack(scores)
+    weights = scores / (scores.sum() + 1e-6)
+    alloc = (weights * k).floor().long()
+    left = int(k - alloc.sum())
+    if left > 0:
+        alloc[torch.topk(weights, min(left, len(bounds))).indices] += 1
+    kept = []
+    for (lo, hi), al in zip(bounds, alloc.tolist()):
+        if al >= hi - lo:
+            kept.append(torch.arange(lo, hi, device=features.device))
+        elif al > 0:
+            kept.append(torch.topk(attention[lo:hi], al).indices + lo)
+    return torch.sort(torch.cat(kept)).values
+
+
+def reference_cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
+    """CDPruner's loop: kernel r S r, then each step an einsum over every earlier row (incremental Cholesky)."""
+    unit = features.float() / features.float().norm(dim=-1, keepdim=True)
+    kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
+    n = kernel.shape[0]
+    cis = torch.zeros(k, n, device=kernel.device)
+    di2s = torch.diagonal(kernel).clone()
+    picks = []
+    for i in range(k):
+        j = torch.argmax(di2s)
+        picks.append(j)
+        eis = (kernel[j] - torch.einsum("t,tn->n", cis[:i, j], cis[:i])) / torch.sqrt(di2s[j])
+        cis[i] = eis
+        di2s -= eis**2
+        di2s[j] = -float("inf")
+    return torch.sort(torch.stack(picks)).values
+
+
 # --- the case --------------------------------------------------------------------------------------
 
 
@@ -214,6 +279,8 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
     )
     with torch.no_grad():
         prompt_imp = cosine_similarity(visual, question.mean(dim=0, keepdim=True))[:, 0]
+        relevance = minmax_llm(relevance_llm(visual, question))
+        vit_attention = torch.softmax(torch.randn(n, generator=g), dim=0).to(device)
         selector_imp = scorer.score(visual).float()
         queries = layer_queries(_ProbeLayer(geo["dim"], geo["heads"], geo["head_dim"]).to(device), hidden)
     key_norm = torch.rand(n, generator=g).to(device) * 100
@@ -247,6 +314,18 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
             lambda: reference_mmtok(visual, visual_pre, question, tau_t, k),
             lambda: reference_mmtok(visual, visual_pre, question, tau_t, mem_k),
             "pick order",
+        ),
+        "holov (chunks, overflow=drop)": (
+            lambda: holov_select(visual, vit_attention, k, "drop"),
+            lambda: reference_holov(visual, vit_attention, k),
+            lambda: reference_holov(visual, vit_attention, k),
+            "keep set",
+        ),
+        "cdpruner (conditional DPP)": (
+            lambda: cdpruner_select(visual, relevance, k),
+            lambda: reference_cdpruner(visual, relevance, k),
+            lambda: reference_cdpruner(visual, relevance, mem_k),
+            "keep set",
         ),
         "entropyprune (matrix entropy + top-k)": (lambda: _topk(matrix_entropy(queries), k), None, None, "-"),
         "dart (pivots + least-duplicated picks)": (

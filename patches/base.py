@@ -83,6 +83,7 @@ class Adapter:
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor carries one
         if not hasattr(tokenizer, "encode"):
             raise TypeError(f"tokenizer must be a transformers tokenizer or processor; got {type(tokenizer).__name__}")
+        self.tokenizer = tokenizer  # policies that need the question as text (CDPruner's text="clip") decode with it
         for marker in self.template_markers:
             for text in (marker, " " + marker):
                 ids = tokenizer.encode(text, add_special_tokens=False)

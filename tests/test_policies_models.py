@@ -12,11 +12,13 @@ import vtprune
 from vtprune import zoo
 from vtprune.policies import (
     DART,
+    CDPruner,
     DivPrune,
     EntropyPrune,
     FastV,
     Fixed,
     HiPrune,
+    HoloV,
     IDPruner,
     MMTok,
     Pipeline,
@@ -40,6 +42,9 @@ POLICIES = {
     "visionzip": lambda k: VisionZip(keep=k),  # per-model defaults (LLaVA: 10/64 of k contextual; Qwen: 5 % of N)
     "dart": lambda k: DART(keep=k, budget="exact"),  # the reference budget keeps 4 pivots above keep (unit tests)
     "pdrop": lambda k: PyramidDrop(keep=k, prune_after=(1, 3), ratios=(0.5, 0.25)),
+    "holov": lambda k: HoloV(keep=k),  # overflow="redistribute": exactly k per image
+    "cdpruner": lambda k: CDPruner(keep=k),  # text="llm": the question's LLM embeddings
+    "cdpruner_split": lambda k: CDPruner(keep=k, relevance_weight=0.5, split=True),  # OpenVINO's settings
 }
 
 
@@ -48,7 +53,8 @@ def zoo_layer(family: str, policy: str, default: int) -> int:
     return zoo.policy_defaults(family, policy).get("at_layer", default)
 
 
-PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune", "dart", "pdrop")
+PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune", "dart", "pdrop", "cdpruner",
+                      "cdpruner_split")
 
 
 def _stage(image):

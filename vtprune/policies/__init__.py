@@ -13,11 +13,13 @@ from .base import (
     register,
 )
 from .baselines import Fixed, Pooling, Random
+from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
 from .entropyprune import EntropyPrune
 from .fastv import FastV
 from .hiprune import HiPrune
+from .holov import HoloV
 from .idpruner import IDPruner
 from .mmtok import MMTok
 from .pdrop import PyramidDrop
@@ -27,11 +29,13 @@ from .visionzip import VisionZip
 __all__ = [
     "AnyStagePolicy",
     "DART",
+    "CDPruner",
     "DivPrune",
     "EntropyPrune",
     "FastV",
     "Fixed",
     "HiPrune",
+    "HoloV",
     "IDPruner",
     "MMTok",
     "LLMStagePolicy",
