@@ -93,6 +93,7 @@ class StageRunner:
                 question_seq_positions=sequence.question_positions,
                 adapter=self.adapter,
                 captured=record.captured,
+                extras=sequence.extras,
             )
             hidden, alive, seq_pos = self.apply(record, index, policy, ctx, report)
         # a row without any attended token says nothing about the side the batch is padded on

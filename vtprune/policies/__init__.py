@@ -9,10 +9,13 @@ from .hiprune import HiPrune
 from .idpruner import IDPruner
 from .mmtok import MMTok
 from .transprune import TransPrune
+from .video import EVS, DyCoke, VidCom2
 from .visionzip import VisionZip
 
 __all__ = [
     "DivPrune",
+    "DyCoke",
+    "EVS",
     "EntropyPrune",
     "FastV",
     "Fixed",
@@ -26,6 +29,7 @@ __all__ = [
     "Random",
     "Selection",
     "TransPrune",
+    "VidCom2",
     "VisionZip",
     "available_policies",
     "make_policy",
