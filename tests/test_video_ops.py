@@ -216,3 +216,96 @@ def test_full_budget_keeps_every_token():
     for fn in (evs_select, dycoke_select, lambda a, k: vidcom2_select(a, k, "exact"), vidcom2_select):
         assert fn(x, 1.0).tolist() == list(range(2048))
         assert fn(x, 2048).tolist() == list(range(2048))
+
+
+# --- FastVID (LLaVA-OneVision path) ------------------------------------------------------------------
+def fastvid_oracle(x, g, a, keep, noise, c=8, tau=0.9, d=0.4, stride=4, beta=0.6):
+    t, p, dim = x.shape
+    x = x.double()
+    gn = [g[f].double() / float(g[f].double().norm()) for f in range(t)]
+    sim = [float(gn[f] @ gn[f + 1]) for f in range(t - 1)]
+    cuts = set(best(sim, c - 1, largest=False)) | {f for f in range(t - 1) if sim[f] < tau}
+    if t - 1 < c - 1:
+        cuts = set(range(t - 1))
+    segments, run = [], 0
+    for f in range(t):
+        run += 1
+        if f in cuts or f == t - 1:
+            segments.append(run)
+            run = 0
+    r = int(p * keep)
+    s = r - int(r * d)
+    ctx = r - s
+    slots, raw = [], []
+    for length in segments:
+        for j in range(length):
+            n = (ctx * length) // math.ceil(length / stride) if (length - 1 - j) % stride == 0 else 0
+            raw.append(n)
+            slots.append(min(n, p - s))
+    kept = {}
+    rest, score = [], []
+    for f in range(t):
+        top = best(a[f].tolist(), s)
+        for i in top:
+            kept[f * p + i] = x[f, i]
+        others = [i for i in range(p) if i not in top]
+        rows = x[f, others]
+        dist = [(((rows - rows[k]) ** 2).sum(1).sqrt() / math.sqrt(dim)).tolist() for k in range(len(others))]
+        rho = [math.exp(-sum(v * v for v in sorted(row)[:4]) / 4) + 1e-6 * float(noise[f, k]) for k, row in enumerate(dist)]
+        big = max(max(row) for row in dist)
+        delta = [min([dist[k][m] for m in range(len(others)) if rho[m] > rho[k]], default=big) for k in range(len(others))]
+        rest.append(others)
+        score.append([delta[k] * rho[k] for k in range(len(others))])
+    start = 0
+    for length in segments:
+        frames = list(range(start, start + length))
+        for f in frames:
+            if not slots[f]:
+                continue
+            targets = best(score[f], slots[f])
+            tvec = [x[f, rest[f][k]] for k in targets]
+            pool = [x[f, i] for i in rest[f]] if raw[f] == ctx else [x[h, i] for h in frames for i in rest[h]]
+            members = {k: [] for k in range(len(targets))}
+            tmat = torch.stack(tvec)
+            for v in pool:
+                cos = ((tmat @ v) / (tmat.norm(dim=1) * v.norm())).tolist()
+                members[best(cos, 1)[0]].append(v)
+            for k, tk in enumerate(targets):
+                n = len(members[k])
+                w = max(beta, 1 / (n + 1))
+                mean = sum(members[k]) / n if n else 0 * tvec[k]
+                kept[f * p + rest[f][tk]] = w * tvec[k] + (1 - w) * mean
+        start += length
+    order = sorted(kept)
+    return order, torch.stack([kept[i] for i in order]).float(), segments
+
+
+@pytest.mark.parametrize("t,keep,tau", [(16, 0.10, 0.9), (16, 0.25, 0.999), (6, 0.10, 0.9)])
+def test_fastvid_ov_matches_its_oracle(t, keep, tau):
+    from vtprune.ops.video import fastvid_counts, fastvid_noise, fastvid_ov_select
+
+    x = video(t, 196, seed=7, d=16)
+    gen = torch.Generator().manual_seed(8)
+    g = x.mean(1) + 0.05 * torch.randn(t, 16, generator=gen)
+    a = torch.rand(t, 196, generator=gen)
+    s, _ = fastvid_counts(196, keep, 0.4)
+    noise = fastvid_noise(t, 196 - s, seed=0)
+    idx, values, merged = fastvid_ov_select(x, g, a, keep, noise, tau=tau)
+    want, want_values, segments = fastvid_oracle(x, g, a, keep, noise, tau=tau)
+    assert idx.tolist() == want
+    torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-5)
+    assert int(merged.sum()) == idx.numel() - t * s
+    if t == 16 and tau == 0.999:
+        assert len(segments) > 8  # the similarity threshold cut more than the c - 1 gaps
+
+
+def test_fastvid_budget_tables():
+    from vtprune.ops.video import fastvid_anchor_slots, fastvid_counts
+
+    assert fastvid_counts(196, 0.10, 0.4) == (12, 7)
+    for length, anchors, a in ((1, 1, 7), (4, 1, 28), (5, 2, 17), (8, 2, 28), (25, 7, 25)):
+        slots = fastvid_anchor_slots([length], 7, 4)
+        assert [x for x in slots if x] == [a] * anchors and slots[-1] == a
+    assert sum(fastvid_anchor_slots([4] * 8, 7, 4)) + 32 * 12 == 608 == 32 * 19
+    assert fastvid_counts(196, 0.5, 0.4) == (59, 39)
+    assert fastvid_anchor_slots([4], 39, 4) == [0, 0, 0, 156]  # above P - S = 137: capped by the selection

@@ -163,3 +163,120 @@ def dycoke_select(x: torch.Tensor, keep: int | float) -> torch.Tensor:
         mask[i + 2] = False
         mask[i + 2, _rank_asc(sim)[:n]] = True
     return torch.nonzero(mask.flatten()).flatten()
+
+
+# --- FastVID (LLaVA-OneVision path) -------------------------------------------------------------------
+def fastvid_segments(g: torch.Tensor, c: int, tau: float) -> list[int]:
+    """Segment lengths: cut after the c - 1 least similar adjacent frames and after every similarity < tau.
+
+    g is ``(T, D')``, one global feature per frame; the similarity of frames
+    t and t + 1 is the dot product of their normalised features. With fewer
+    than c - 1 gaps every gap is cut (the official ``topk`` raises there).
+    """
+    t = g.shape[0]
+    if t == 1:
+        return [1]
+    gn = g.float() / g.float().norm(dim=1, keepdim=True)
+    sim = (gn[:-1] * gn[1:]).sum(dim=1)
+    cuts = set(_rank_asc(sim)[: max(c - 1, 0)].tolist()) | set(torch.nonzero(sim < tau).flatten().tolist())
+    if t - 1 < c - 1:
+        cuts = set(range(t - 1))
+    bounds = [-1, *sorted(cuts), t - 1]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def fastvid_counts(per_frame: int, keep: float, d: float) -> tuple[int, int]:
+    """(S, C): salient and context tokens per frame; R = int(P * keep), S = R - int(R * d), C = R - S."""
+    r = int(per_frame * keep)
+    s = r - int(r * d)
+    return s, r - s
+
+
+def fastvid_anchor_slots(segments: list[int], context: int, stride: int) -> list[int]:
+    """Context slots A per frame: in a segment of length L the frames (L - 1 - j) % p == 0 get (C * L) // ceil(L / p)."""
+    slots = []
+    for length in segments:
+        a = (context * length) // -(-length // stride)
+        slots += [a if (length - 1 - j) % stride == 0 else 0 for j in range(length)]
+    return slots
+
+
+def fastvid_noise(frames: int, candidates: int, seed: int, device=None) -> torch.Tensor:
+    """The density tie-breaking draw, uniform [0, 1) of shape ``(T, P - S)``, from ``seed`` (the caller's RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.rand(frames, candidates).to(device)
+
+
+def _merge(pool: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
+    """Each pool row joins the target of highest cosine (ties: the lowest target index); a target with n
+    members becomes w * target + (1 - w) * mean(members), w = max(beta, 1 / (n + 1)) (w = 1 when n = 0)."""
+    pn = pool / pool.norm(dim=-1, keepdim=True)
+    tn = targets / targets.norm(dim=-1, keepdim=True)
+    join = (pn @ tn.T).argmax(dim=1)  # argmax returns the first maximum: targets are in ascending order here
+    onehot = torch.zeros(pool.shape[0], targets.shape[0], dtype=pool.dtype, device=pool.device)
+    onehot[torch.arange(pool.shape[0], device=pool.device), join] = 1
+    n = onehot.sum(dim=0)[:, None]
+    w = (1 / (n + 1)).clamp(min=beta)
+    mean = (onehot.T @ pool) / n.clamp(min=1)
+    return w * targets + (1 - w) * mean
+
+
+def fastvid_ov_select(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: float, noise: torch.Tensor,
+                      c: int = 8, tau: float = 0.9, d: float = 0.4, stride: int = 4,
+                      beta: float = 0.6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FastVID's LLaVA-OneVision path on one video: (kept flat indices ascending, their rows, merged mask).
+
+    ``x`` ``(T, P, D)`` projector output, ``g`` ``(T, D')`` frame-global
+    features, ``a`` ``(T, P)`` saliency, ``noise`` ``(T, P - S)``
+    (`fastvid_noise`). Per frame the top S tokens by saliency are kept
+    unchanged; density-peak targets (score = delta * rho over the frame's
+    other tokens, ascending) absorb by merging: a single-frame segment's
+    frame takes C targets from its own tokens; in a longer segment every
+    anchor takes A targets (capped at P - S) and merges the non-salient
+    tokens of the whole segment. Ties to the lowest index throughout.
+    """
+    t, p, dim = x.shape
+    xf = x.float()
+    salient, context = fastvid_counts(p, keep, d)
+    segments = fastvid_segments(g, c, tau)
+    raw = fastvid_anchor_slots(segments, context, stride)
+    slots = [min(s, p - salient) for s in raw]  # the official raises where A > P - S
+    rows, values, merged = [], [], []
+    others, scores = [], []
+    for f in range(t):
+        top = _rank_desc(a[f].float())[:salient]
+        rest = torch.ones(p, dtype=torch.bool, device=x.device)
+        rest[top] = False
+        rest = torch.nonzero(rest).flatten()
+        for i in torch.sort(top).values.tolist():
+            rows.append(f * p + i)
+            values.append(xf[f, i])
+            merged.append(False)
+        feats = xf[f, rest]
+        dist = torch.cdist(feats, feats) / dim**0.5
+        near = torch.sort(dist, dim=-1).values[:, :4]
+        rho = torch.exp(-(near**2).mean(dim=-1)) + noise[f].float().to(x.device) * 1e-6
+        higher = rho[None, :] > rho[:, None]
+        delta = torch.where(higher, dist, dist.max()).min(dim=-1).values
+        others.append((rest, feats))
+        scores.append(delta * rho)
+    start = 0
+    for length in segments:
+        pool = torch.cat([others[f][1] for f in range(start, start + length)])
+        for f in range(start, start + length):
+            if slots[f] == 0:
+                continue
+            rest, feats = others[f]
+            pick = torch.sort(_rank_desc(scores[f])[: slots[f]]).values
+            # a frame whose slots equal C (a one-frame segment) merges its own tokens, an anchor its segment's
+            new = _merge(feats if raw[f] == context else pool, feats[pick], beta)
+            for j, v in zip(pick.tolist(), new):
+                rows.append(f * p + int(rest[j]))
+                values.append(v)
+                merged.append(True)
+        start += length
+    order = torch.argsort(torch.tensor(rows))
+    idx = torch.tensor(rows)[order].to(x.device)
+    vals = torch.stack(values)[order.to(x.device)] if values else xf.new_zeros(0, dim)
+    return idx, vals, torch.tensor(merged)[order].to(x.device)
