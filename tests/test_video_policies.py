@@ -268,3 +268,28 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="first in a Pipeline"):
         Pipeline([Random(keep=4), EVS(keep=0.5)])
     assert {"evs", "vidcom2", "dycoke"} <= set(vtprune.available_policies())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_video_bench_inputs_are_a_panning_video_the_model_reads(family):
+    from vtprune.eval.video_bench import markdown, onevision_video_inputs, pan, qwen_video_inputs
+
+    frames = pan(frames=4, side=32, shift=8)
+    assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
+    assert not (frames[0] == frames[1]).all()  # the window moves
+    model = model_for(family, "sdpa")
+    if family == "llava_onevision":
+        inputs_ = onevision_video_inputs(model, frames)
+    else:
+        inputs_ = qwen_video_inputs(model, frames)
+    vtprune.wrap(model, EVS(keep=0.5))
+    model(**inputs_)
+    (video,) = vtprune.report(model).to_dict()["samples"][0]["images"]
+    t = 4 if family == "llava_onevision" else 2
+    stage = video["stages"]["projector"]
+    assert video["kind"] == "video" and len(stage["frames"]) == t
+    assert stage["after"] == evs_count(t, video["tokens"] // t, 0.5)
+    row = dict(family=family, policy="evs", keep=0.5, tokens_before=video["tokens"], tokens_after=stage["after"],
+               prefill_unpruned_ms=2.0, prefill_ms=1.0, speedup=2.0, selection_ms=0.1)
+    assert "| 2.00x |" in markdown([row])
