@@ -270,6 +270,15 @@ def test_bad_options_are_refused():
     assert {"evs", "vidcom2", "dycoke"} <= set(vtprune.available_policies())
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_a_family_without_videos_is_refused_and_left_untouched(family):
+    model = model_for(family, "sdpa")
+    for policy in ("evs", "vidcom2", "dycoke"):
+        with pytest.raises(ValueError, match="takes none"):
+            vtprune.wrap(model, policy, keep=0.25)
+    assert hooks_left(model) == []
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_video_bench_inputs_are_a_panning_video_the_model_reads(family):
@@ -293,3 +302,18 @@ def test_video_bench_inputs_are_a_panning_video_the_model_reads(family):
     row = dict(family=family, policy="evs", keep=0.5, tokens_before=video["tokens"], tokens_after=stage["after"],
                prefill_unpruned_ms=2.0, prefill_ms=1.0, speedup=2.0, selection_ms=0.1)
     assert "| 2.00x |" in markdown([row])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision"])
+def test_low_precision_models_select_and_generate(family):
+    model = model_for(family, "sdpa").to(torch.bfloat16)
+    batch = inputs(model, specs(family))
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch["pixel_values_videos"] = batch["pixel_values_videos"].to(torch.bfloat16)
+    for policy in ("evs", "vidcom2_exact", "dycoke"):
+        vtprune.wrap(model, POLICIES[policy](0.3))
+        out = model.generate(**batch, **gen_kwargs(2))
+        assert out.shape[1] == batch["input_ids"].shape[1] + 2
+        videos = [i for s in vtprune.report(model).to_dict()["samples"] for i in s["images"] if i["kind"] == "video"]
+        assert videos and all(0 < v["stages"]["projector"]["after"] < v["tokens"] for v in videos)

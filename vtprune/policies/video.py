@@ -36,6 +36,14 @@ class VideoPolicy(Policy):
     stage: ClassVar[str] = "projector"
     needs_whole_grid: ClassVar[bool] = True
 
+    def resolve(self, adapter) -> Policy:
+        if not adapter.videos:
+            raise ValueError(
+                f"{self.name} prunes videos, and {adapter.model_type} takes none; video families: qwen2_vl, "
+                "qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava_onevision (use an image policy here)"
+            )
+        return self
+
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         out = []
         for i, image in enumerate(ctx.layouts[b].images):
