@@ -19,9 +19,6 @@ from ..context import StageContext
 from ..ops.video import dycoke_select, evs_select, keeps_all, vidcom2_select
 from .base import Policy, Selection, register
 
-#: the Qwen3-VL language-model input that holds the DeepStack features (rows of the visual positions)
-DEEPSTACK = "deepstack_visual_embeds"
-
 
 @dataclass(frozen=True)
 class VideoPolicy(Policy):
@@ -94,7 +91,8 @@ class EVS(VideoPolicy):
             (int); default 0.25.
         deepstack: Qwen3-VL(-MoE) only: score the merger output and the
             DeepStack levels side by side (True, as vLLM, whose vision tower
-            returns their concatenation) or the merger output alone (False).
+            returns their concatenation) or the merger output alone (False);
+            models without such levels ignore it.
     """
 
     keep: int | float = 0.25
@@ -109,7 +107,7 @@ class EVS(VideoPolicy):
 
     def video_features(self, ctx: StageContext, b: int, i: int) -> torch.Tensor:
         x = ctx.features(b, i)
-        levels = ctx.declared_rows(DEEPSTACK, b, i) if self.deepstack else []
+        levels = ctx.feature_levels(b, i) if self.deepstack else []
         return torch.cat([x.float(), *(lv.to(x.device).float() for lv in levels)], dim=-1) if levels else x
 
     def select_video(self, x: torch.Tensor) -> torch.Tensor:
