@@ -31,7 +31,7 @@ class VideoPolicy(Policy):
 
     keep: int | float = 0.25
     stage: ClassVar[str] = "projector"
-    needs_whole_grid: ClassVar[bool] = True
+    whole_grid: ClassVar[bool] = True
 
     def resolve(self, adapter) -> Policy:
         if not adapter.videos:
@@ -99,6 +99,7 @@ class EVS(VideoPolicy):
     deepstack: bool = True
 
     name: ClassVar[str] = "evs"
+    paper: ClassVar[str] = "EVS (NVIDIA, arXiv 2510.14624), code vLLM 0.34.0 video_prune/evs.py"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,19 +145,21 @@ class VidCom2(VideoPolicy):
     compression off above batch 1); on Qwen3-VL the merger output alone is
     scored, as the official (vLLM scores its DeepStack concatenation). The
     LLaVA-OneVision official prunes before the sequence is built, so its
-    positions are compact (``reference_positions``, ``positions="compact"``).
+    positions are compact (``positions="compact"`` reproduces them).
 
     Parameters:
         keep: the retention r, a fraction (float) or tokens per video (int,
             read as r = k / N; ``exact`` then keeps max(T, k)); default 0.25.
         budget: ``"reference"`` (the official count) or ``"exact"`` (vLLM's).
+            The field hides the base class's ``budget()`` method, which this
+            policy never calls (it selects per video in ``select_sample``).
     """
 
     keep: int | float = 0.25
     budget: str = "reference"
 
     name: ClassVar[str] = "vidcom2"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "VidCom2 (EMNLP 2025), code xuyang-liu16/VidCom2; budget='exact': vLLM 0.34.0"
     BUDGETS: ClassVar[tuple[str, ...]] = ("reference", "exact")
 
     def __post_init__(self) -> None:
@@ -202,7 +205,7 @@ class DyCoke(VideoPolicy):
     keep: int | float = 0.3
 
     name: ClassVar[str] = "dycoke"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "DyCoke (CVPR 2025), code KD-TAO/DyCoke (its TTM)"
 
     def select_video(self, x: torch.Tensor) -> torch.Tensor:
         return dycoke_select(x, self.keep)
