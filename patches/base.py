@@ -44,6 +44,8 @@ class Adapter:
     #: text the family's chat template puts right after the user's question; with a tokenizer
     #: (``vtprune.wrap(..., tokenizer=...)``) the question stops where one of them starts
     template_markers: ClassVar[tuple[str, ...]] = ()
+    #: True where the family takes videos (a video is one `ImageLayout` of kind "video", one sub-grid per frame)
+    videos: ClassVar[bool] = False
     #: True where the vision encoder has a CLS token (`vision_cls_attention`)
     vision_cls: ClassVar[bool] = False
     #: True where each image has exactly one CLS token (one crop per image: `vision_cls_feature`)

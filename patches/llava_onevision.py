@@ -117,6 +117,7 @@ class LlavaOnevisionSpec(LlavaNextSpec):
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_type = "llava_onevision"
+    videos = True
     #: lmms-eval 0.7.3's HF LLaVA wrapper loads OneVision checkpoints (its `llava_onevision` one needs the LLaVA repo)
     lmms_model = "llava_hf"
     vision_cls = False

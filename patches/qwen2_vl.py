@@ -157,6 +157,7 @@ class Qwen2VLAdapter(Adapter):
     model_type = "qwen2_vl"
     lmms_model = "qwen2_vl"
     mrope = True
+    videos = True
     grid_keys = ("image_grid_thw", "video_grid_thw")
     vision_methods = ("get_image_features", "get_video_features")
     template_markers = ("<|im_end|>",)

@@ -211,7 +211,17 @@ def test_every_policy_runs_with_the_family_defaults_at_the_real_depths(policy):
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
     for sample in vtprune.report(model).to_dict()["samples"]:
         afters = [list(i["stages"].values())[-1]["after"] for i in sample["images"]]
-        if policy == "idpruner":  # one selection over the sample's images (the reference's): the total is exact
+        if policy in ("evs", "vidcom2", "dycoke"):  # video policies: images untouched, videos by the method's rule
+            for image in sample["images"]:
+                stage = image["stages"]["projector"]
+                if image["kind"] == "image":
+                    assert stage["after"] == image["tokens"]
+                else:
+                    t = len(stage["frames"])
+                    assert sum(stage["frames"]) == stage["after"] and min(stage["frames"]) >= (policy == "vidcom2")
+                    if policy == "evs":  # int keep k: max(P, min(k, N)): frame 0 alone
+                        assert stage["frames"] == [image["tokens"] // t] + [0] * (t - 1)
+        elif policy == "idpruner":  # one selection over the sample's images (the reference's): the total is exact
             assert sum(afters) == min(4 * len(afters), sum(i["tokens"] for i in sample["images"]))
         else:
             assert afters == [min(4, i["tokens"]) for i in sample["images"]]

@@ -389,7 +389,8 @@ def test_readme_policy_table_is_the_registry():
 def test_every_registered_policy_runs_in_the_family_matrix():
     """Each registered policy is in tests/test_policies_models.py's POLICIES (or is a baseline tested on its own)."""
     from test_policies_models import POLICIES
+    from test_video_policies import POLICIES as VIDEO_POLICIES  # video policies: their own matrix, video families
 
-    in_matrix = {make(3).name for make in POLICIES.values()}
+    in_matrix = {make(3).name for make in [*POLICIES.values(), *VIDEO_POLICIES.values()]}
     baselines = {"random", "pooling", "fixed"}  # test_runtime / test_policies_unit cover them on every family
     assert set(vtprune.available_policies()) - baselines <= in_matrix

@@ -61,6 +61,9 @@ class StageContext:
     #: ``(layer, part) -> (B, L)``: the policy's `sub_block_statistic` of each observed
     #: sub-block so far in this prefill, aligned with ``hidden`` (llm stage)
     sub_block_stats: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: the language model's declared extra inputs (``adapter.sequence_tensors``) as the prefill got them,
+    #: before any prune (vision/projector stages): e.g. Qwen3-VL's DeepStack features (`feature_levels`)
+    extras: dict[str, Any] = field(default_factory=dict)
     _memo: dict[Any, Any] = field(default_factory=dict)
 
     @property
@@ -78,6 +81,30 @@ class StageContext:
         """Vision-encoder features of image i's alive tokens before the projector, ``(n, D')``."""
         feats = self.adapter.pre_projector_features(self.captured, self.layouts, b, i)
         return feats[self.alive[b][i].to(feats.device)]
+
+    def feature_levels(self, b: int, i: int) -> list[torch.Tensor]:
+        """Image i's alive rows of every per-token feature level the model carries beside the sequence.
+
+        The adapter's ``rows_of`` extras (Qwen3-VL: the DeepStack features,
+        one ``(n_visual, D)`` tensor per tapped ViT block, rows of its
+        visual-position mask), each level's rows of image i's tokens in the
+        tokens' order, ``(n, D)`` each. Empty where the model has none.
+        Vision/projector stages (before the sequence is shortened).
+        """
+        levels = []
+        for spec in self.adapter.sequence_tensors:
+            value = self.extras.get(spec.name) if spec.rows_of else None
+            mask = self.extras.get(spec.rows_of) if spec.rows_of else None
+            if value is None or mask is None:
+                continue
+            if mask.dim() == 3:  # (B, L, D) as some models pass it: any channel tells
+                mask = mask[..., 0]
+            mask = mask.bool()
+            row = torch.cumsum(mask.flatten().long(), 0) - 1  # row of each sequence position, row-major
+            index = row[b * mask.shape[1] + self.seq_positions[b][i].to(row.device)]
+            values = value if isinstance(value, (list, tuple)) else [value]
+            levels += [v.index_select(spec.dim, index.to(v.device)) for v in values]
+        return levels
 
     def question(self, b: int) -> torch.Tensor:
         """Current features of the sample's question tokens, ``(m, D)``."""

@@ -34,6 +34,12 @@ class SubGrid:
 class ImageLayout:
     """One image (or video) inside one sample.
 
+    A video (``kind == "video"``) has one sub-grid per frame, all of the
+    same h x w, frames in order: ``num_frames`` (T), ``frame_tokens`` (P),
+    ``frame_ranges`` and ``grid`` (the frame's h x w) describe it. Structure
+    around the frames (Qwen's vision start/end pairs, Qwen3-VL's timestamps,
+    LLaVA-OneVision's closing newline) is never among ``positions``.
+
     ``positions`` are the absolute sequence positions of the image's patch
     tokens in span order (which is raster order within each sub-grid);
     ``newline_positions`` are structure tokens (LLaVA-NeXT row ends) that are
@@ -54,6 +60,37 @@ class ImageLayout:
     def grid(self) -> tuple[int, int]:
         """(height, width) of the first sub-grid, the image's main token grid."""
         return self.grids[0].height, self.grids[0].width
+
+    @property
+    def is_video(self) -> bool:
+        return self.kind == "video"
+
+    @property
+    def num_frames(self) -> int:
+        """T: the video's frames (Qwen: temporal slots of two input frames; LLaVA-OneVision: sampled frames); 1 for an image."""
+        return len(self.grids) if self.is_video else 1
+
+    @property
+    def frame_tokens(self) -> int:
+        """P: tokens per frame (every frame of a video has the same grid); an image's token count."""
+        return self.grids[0].size if self.is_video else self.num_tokens
+
+    @property
+    def frame_ranges(self) -> list[tuple[int, int]]:
+        """Per frame, its [start, end) indices within the video's own tokens (flat index t * P + row * w + col)."""
+        if not self.is_video:
+            return [(0, self.num_tokens)]
+        return [(g.offset, g.offset + g.size) for g in self.grids]
+
+    def frame_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """The frame each of ``indices`` (the video's own token indices) belongs to."""
+        if not self.is_video:
+            return torch.zeros_like(indices)
+        return torch.div(indices, self.frame_tokens, rounding_mode="floor")
+
+    def frame_counts(self, indices: torch.Tensor) -> list[int]:
+        """How many of ``indices`` fall in each frame (a list of length T)."""
+        return torch.bincount(self.frame_of(indices.cpu()), minlength=self.num_frames).tolist()
 
     @property
     def span(self) -> tuple[int, int]:

@@ -20,7 +20,9 @@ class Report:
     `to_dict()` is plain JSON-able data: ``{"policy": str, "config": dict, "samples": [{"images":
     [{"kind": str, "tokens": int, "stages": {STAGE: {"before": int, "after": int,
     "kept": [int, ...], "ms": float}}}]}]}``. ``kept`` lists positions within the
-    image's own token grid (raster order, ascending, newlines skipped); STAGE is
+    image's own token grid (raster order, ascending, newlines skipped); a
+    video's stages also say, per frame, its tokens before (``frames_before``)
+    and after (``frames``: T counts, frame t holding indices t * P .. t * P + P - 1); STAGE is
     ``vision`` (selected from vision-encoder signals, applied where the
     projector stage is: the vision tower itself sees every token),
     ``projector`` or ``llm@K``. ``ms`` is the policy's selection
@@ -33,8 +35,10 @@ class Report:
         self.samples: list[dict[str, Any]] = samples or []
         #: the bound policy's configuration as plain data (`Policy.to_dict`, resolved for the model)
         self.config: dict[str, Any] = config or {}
+        self._frames: list[list[int]] = []  # per image: tokens per frame of a video, 0 for an image
 
     def start(self, layouts: list[SampleLayout]) -> Report:
+        self._frames = [[img.frame_tokens if img.is_video else 0 for img in s.images] for s in layouts]
         self.samples = [
             {"images": [{"kind": img.kind, "tokens": img.num_tokens, "stages": {}} for img in s.images]}
             for s in layouts
@@ -47,8 +51,9 @@ class Report:
     def stage(
         self, key: str, before: list[list[torch.Tensor]], after: list[list[torch.Tensor]], ms: float
     ) -> None:
-        for sample, bef, aft in zip(self.samples, before, after):
-            for image, b_i, a_i in zip(sample["images"], bef, aft):
+        frame_sizes = self._frames or [[0] * len(s["images"]) for s in self.samples]
+        for sample, bef, aft, sizes in zip(self.samples, before, after, frame_sizes):
+            for image, b_i, a_i, per_frame in zip(sample["images"], bef, aft, sizes):
                 name, n = key, 2
                 while name in image["stages"]:
                     name, n = f"{key}#{n}", n + 1
@@ -58,6 +63,10 @@ class Report:
                     "kept": a_i.tolist(),
                     "ms": round(ms, 4),
                 }
+                if image["kind"] == "video" and per_frame:
+                    frames = image["tokens"] // per_frame
+                    image["stages"][name]["frames_before"] = _per_frame(b_i, per_frame, frames)
+                    image["stages"][name]["frames"] = _per_frame(a_i, per_frame, frames)
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "config": copy.deepcopy(self.config), "samples": copy.deepcopy(self.samples)}
@@ -76,3 +85,8 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _per_frame(indices: torch.Tensor, per_frame: int, frames: int) -> list[int]:
+    """How many of a video's token indices fall in each of its frames."""
+    return torch.bincount(indices.cpu() // per_frame, minlength=frames).tolist()

@@ -83,7 +83,8 @@ class StageRunner:
         for index, policy in enumerate(self.plan.pipeline.policies):
             if policy.stage == "llm":
                 continue
-            ctx = self._context(record, policy.stage, layouts, hidden, alive, seq_pos, sequence.question_positions)
+            ctx = self._context(record, policy.stage, layouts, hidden, alive, seq_pos, sequence.question_positions,
+                                extras=sequence.extras)
             hidden, alive, seq_pos = self.apply(record, index, policy, ctx, report)
         # a row without any attended token says nothing about the side the batch is padded on
         pad_left = not bool((~valid[valid.any(1), -1]).any())

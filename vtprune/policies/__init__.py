@@ -24,6 +24,7 @@ from .idpruner import IDPruner
 from .mmtok import MMTok
 from .pdrop import PyramidDrop
 from .transprune import TransPrune
+from .video import EVS, DyCoke, VidCom2
 from .visionzip import VisionZip
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "DART",
     "CDPruner",
     "DivPrune",
+    "DyCoke",
+    "EVS",
     "EntropyPrune",
     "FastV",
     "Fixed",
@@ -47,6 +50,7 @@ __all__ = [
     "Selection",
     "Signals",
     "TransPrune",
+    "VidCom2",
     "VisionZip",
     "available_policies",
     "make_policy",
