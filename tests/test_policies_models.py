@@ -18,8 +18,11 @@ from vtprune.policies import (
     IDPruner,
     MMTok,
     Pipeline,
+    PruneSID,
+    Scope,
     TransPrune,
     VisionZip,
+    VisPruner,
 )
 
 POLICIES = {
@@ -35,6 +38,10 @@ POLICIES = {
     # the tiny ViTs have 2 layers (the defaults, 9 / block 16, are refused there); alpha=1 so anchors and buffers show
     "hiprune": lambda k: HiPrune(keep=k, alpha=1.0, object_layer=1, deep_layer=2),
     "visionzip": lambda k: VisionZip(keep=k),  # per-model defaults (LLaVA: 10/64 of k contextual; Qwen: 5 % of N)
+    "scope": lambda k: Scope(keep=k),
+    "vispruner": lambda k: VisPruner(keep=k),
+    # the Qwen variant's reference count, max(round(M keep / 576), 16), would keep tiny images whole: keep per image
+    "prunesid": lambda k: PruneSID(keep=k, reference_budget=False),
 }
 
 
@@ -72,7 +79,8 @@ def test_budgets_and_cache(family, attn, policy):
     cached = model.generate(**batch, **kw)
     want_stages = {"entropyprune": [f"llm@{zoo_layer(family, 'entropyprune', 1)}"],
                    "fastv": [f"llm@{zoo_layer(family, 'fastv', 2)}"], "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
-                   "visionzip": ["vision"]}.get(policy, ["projector"])
+                   "visionzip": ["vision"], "scope": ["vision"], "vispruner": ["vision"],
+                   "prunesid": ["vision"]}.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:
         vtprune.wrap(model, _replay(data))  # the cached run's keep sets, every stage

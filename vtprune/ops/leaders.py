@@ -133,27 +133,28 @@ def prunesid_qwen_budget(m: int, keep: int | float) -> int:
 
 
 @torch.no_grad()
-def pca_groups(rows: list[torch.Tensor], q: int, seed: int, batched: bool = False) -> list[torch.Tensor]:
+def pca_groups(rows: list[torch.Tensor], q: int | list[int], seed: int, batched: bool = False) -> list[torch.Tensor]:
     """PCA group of every row of each view: ``argmax_g |V_ig|`` of ``torch.pca_lowrank(sigmoid(X)^T, q, niter=2)``.
 
     ``rows``: per view ``(N, D)``. The global RNG is seeded with ``seed``
     inside `torch.random.fork_rng` (the caller's stream is untouched), once for
     all views; with ``batched`` (views of equal size) one batched call draws one
     random test matrix for all, as the reference does for LLaVA-NeXT crops.
-    ``q`` is clamped to each view's ``min(N, D)``.
+    ``q`` (one, or one per view) is clamped to each view's ``min(N, D)``.
     """
+    qs = [q] * len(rows) if isinstance(q, int) else list(q)
     devices = [rows[0].device] if rows and rows[0].is_cuda else []
     out = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        if batched and len({tuple(r.shape) for r in rows}) == 1 and rows:
+        if batched and rows and len({tuple(r.shape) for r in rows}) == 1 and len(set(qs)) == 1:
             z = torch.sigmoid(torch.stack([finite_fp32(r) for r in rows])).transpose(1, 2)
-            qq = max(1, min(q, *z.shape[1:]))
+            qq = max(1, min(qs[0], *z.shape[1:]))
             _, _, v = torch.pca_lowrank(z, q=qq, niter=2)
             return [g for g in torch.argmax(v.abs(), dim=-1)]
-        for r in rows:
+        for r, q_view in zip(rows, qs):
             z = torch.sigmoid(finite_fp32(r)).T
-            qq = max(1, min(q, *z.shape))
+            qq = max(1, min(q_view, *z.shape))
             _, _, v = torch.pca_lowrank(z, q=qq, niter=2)
             out.append(torch.argmax(v.abs(), dim=-1))
     return out
@@ -230,6 +231,8 @@ def prunesid_select(
     n = x.shape[0]
     if t - 1 >= n:
         return torch.arange(n, device=x.device)
+    if t <= 1:  # the CLS slot only
+        return torch.zeros(0, dtype=torch.long, device=x.device)
     settings = prunesid_llava_settings(t)
     g = max(1, settings["groups"])
     if group is None:
@@ -258,7 +261,7 @@ def prunesid_qwen_select(
     m = x.shape[0]
     if t >= m:
         return torch.arange(m, device=x.device)
-    g = max(int(t / 4), 4)
+    g = qwen_group_count(t)
     if group_and_score is None:
         group_and_score = qwen_groups(x, g, seed)
     group, score = group_and_score
@@ -270,14 +273,29 @@ def prunesid_qwen_select(
     return _grouped_keep(sim, score, group, g, t, 5 * math.ceil(t / 64), 0, theta, lambda n_, rank: float(n_ - rank))
 
 
+def qwen_group_count(t: int) -> int:
+    """Groups of the Qwen variant: ``max(int(t / 4), 4)``, and at most ``t`` (every group keeps a token; the
+    reference never runs below 16 tokens, where this bound starts to matter)."""
+    return min(max(int(t / 4), 4), t)
+
+
 @torch.no_grad()
 def qwen_groups(x: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(group, |V| of the own group) of each row for the Qwen variant, seeded as `pca_groups`."""
-    devices = [x.device] if x.is_cuda else []
+    return scored_groups([x], [q], seed)[0]
+
+
+@torch.no_grad()
+def scored_groups(rows: list[torch.Tensor], qs: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(group, |V| of the own group) of each row of each view, one seeded `torch.random.fork_rng` for all views."""
+    devices = [rows[0].device] if rows and rows[0].is_cuda else []
+    out = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        z = torch.sigmoid(finite_fp32(x)).T
-        _, _, v = torch.pca_lowrank(z, q=max(1, min(q, *z.shape)), niter=2)
-    v = v.abs()
-    group = torch.argmax(v, dim=-1)
-    return group, v.gather(1, group[:, None])[:, 0]
+        for x, q in zip(rows, qs):
+            z = torch.sigmoid(finite_fp32(x)).T
+            _, _, v = torch.pca_lowrank(z, q=max(1, min(q, *z.shape)), niter=2)
+            v = v.abs()
+            group = torch.argmax(v, dim=-1)
+            out.append((group, v.gather(1, group[:, None])[:, 0]))
+    return out

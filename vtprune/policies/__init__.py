@@ -8,8 +8,11 @@ from .fastv import FastV
 from .hiprune import HiPrune
 from .idpruner import IDPruner
 from .mmtok import MMTok
+from .prunesid import PruneSID
+from .scope import Scope
 from .transprune import TransPrune
 from .visionzip import VisionZip
+from .vispruner import VisPruner
 
 __all__ = [
     "DivPrune",
@@ -23,10 +26,13 @@ __all__ = [
     "Pipeline",
     "Policy",
     "Pooling",
+    "PruneSID",
     "Random",
+    "Scope",
     "Selection",
     "TransPrune",
     "VisionZip",
+    "VisPruner",
     "available_policies",
     "make_policy",
     "register",
