@@ -9,6 +9,10 @@ The reference loops below are ours, written from the papers and the SPEC
   recomputed at every step.
 - DivPrune (official loop): the full ``1 - cosine`` matrix; each step takes
   the minimum over all the picked columns again.
+- SCOPE (official loop): every step masks the picked columns of the full
+  cosine matrix and sums all N x N clipped differences again.
+- VisPruner (official rounds): the same rounds; compared on even-length lists.
+- PruneSID: listed alone (PCA and NMS are its own calls, no cheaper form).
 
 Per case it prints vtprune's time, the reference's, their ratio, the peak
 memory each allocates (`vtprune.measure.peak_bytes`) and whether the keep
@@ -42,6 +46,7 @@ from torch import nn
 from vtprune.measure import interleaved, median, peak_bytes
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
+from vtprune.ops.leaders import pca_groups, prunesid_select, scope_select, vispruner_select
 from vtprune.ops.probe import layer_queries, vit_attention_received
 from vtprune.policies.mmtok import coverage_matrix
 from vtprune.policies.selector import VisionSelector
@@ -156,6 +161,40 @@ def _clip_layer(device: torch.device) -> nn.Module:
     return CLIPEncoderLayer(CLIPVisionConfig(**CLIP_L)).to(device).eval()
 
 
+def reference_scope(features: torch.Tensor, saliency: torch.Tensor, k: int) -> torch.Tensor:
+    """SCOPE's loop as its code has it: every step masks the picked columns of the full cosine matrix, subtracts
+    the cover from every row and sums all N x N entries again."""
+    x = features.float()
+    unit = x / x.norm(dim=-1, keepdim=True)
+    sim = unit @ unit.T
+    n = sim.shape[0]
+    picked = torch.zeros(n, dtype=torch.bool, device=x.device)
+    cover = torch.zeros(n, device=x.device)
+    out = []
+    for _ in range(k):
+        gains = torch.clamp(sim.masked_fill(picked[None, :], 0) - cover[:, None], min=0).sum(dim=0) * saliency
+        j = int(torch.argmax(gains.masked_fill(picked, float("-inf"))))
+        out.append(j)
+        picked[j] = True
+        cover = torch.maximum(cover, sim[j])
+    return torch.sort(torch.tensor(out, device=x.device)).values
+
+
+def reference_vispruner(features: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
+    """VisPruner's rounds as its code has them (even-length lists): argsort of the even entries' max cosine."""
+    x = features.float()
+    unit = x / x.norm(dim=-1, keepdim=True)
+    order = torch.sort(attention, descending=True, stable=True).indices
+    important, rest = order[: k // 2], order[k // 2 :]
+    diverse = k - k // 2
+    while (s := min(8, rest.numel() - diverse)) > 0:
+        evens, odds = rest[0::2], rest[1::2]
+        best = (unit[evens] @ unit[odds].T).max(dim=-1).values
+        keep = torch.sort(best, descending=True, stable=True).indices[s:]
+        rest = torch.cat([evens[keep], odds])
+    return torch.sort(torch.cat([important, rest])).values
+
+
 def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
@@ -176,6 +215,7 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
     with torch.no_grad():
         prompt_imp = cosine_similarity(visual, question.mean(dim=0, keepdim=True))[:, 0]
         selector_imp = scorer.score(visual).float()
+        saliency = torch.softmax(torch.randn(n, generator=torch.Generator().manual_seed(1)), dim=0).to(device)  # CLS row
         queries = layer_queries(_ProbeLayer(geo["dim"], geo["heads"], geo["head_dim"]).to(device), hidden)
     tau_t = geo["tau_t"]
     mem_k = min(k, MEMORY_STEPS) if n >= BIG else k
@@ -207,6 +247,23 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
             "pick order",
         ),
         "entropyprune (matrix entropy + top-k)": (lambda: _topk(matrix_entropy(queries), k), None, None, "-"),
+        "scope (saliency-weighted coverage)": (
+            lambda: scope_select(visual_pre, saliency, k),
+            lambda: reference_scope(visual_pre, saliency, k),
+            lambda: reference_scope(visual_pre, saliency, mem_k),
+            "keep set",
+        ),
+        "vispruner (important + diverse rounds)": (
+            lambda: vispruner_select(visual_pre, saliency, k, 0.5),
+            lambda: reference_vispruner(visual_pre, saliency, k),
+            lambda: reference_vispruner(visual_pre, saliency, k),
+            "keep set",
+        ),
+        # no reference loop: the randomised PCA and the NMS are the reference's own calls; listed alone
+        "prunesid (PCA groups + NMS + split)": (
+            lambda: prunesid_select(visual_pre, saliency, k, group=pca_groups([visual_pre], k // 4, 0)[0]),
+            None, None, "-",
+        ),
     }
     if shape == "llava":
         vit = _clip_layer(device)

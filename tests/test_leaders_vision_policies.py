@@ -106,3 +106,29 @@ def test_prunesid_cls_slot_carries_the_projected_cls_feature():
     assert sum(matches_cls) == 1
     patches = [p for p, m in zip(kept, matches_cls) if not m]
     torch.testing.assert_close(rows[[not m for m in matches_cls]], full[patches])
+
+
+@torch.no_grad()
+def test_llava_next_views_are_the_crops_and_vispruner_selects_in_each():
+    """A 2 x 2 grid with nothing to unpad: views = base + the four quadrants; each crop's picks from its own CLS row."""
+    model = model_for("llava_next", "eager")
+    side = model.config.vision_config.image_size
+    batch = inputs(model, [SampleSpec(images=((2 * side, 2 * side),), question=5)])
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    tower = model.model.vision_tower
+    layer = len(tower.encoder.layers) + model.config.vision_feature_layer
+    out = tower(batch["pixel_values"][0], output_attentions=True, output_hidden_states=True)  # (5 crops, ...)
+    hidden = out.hidden_states[layer + 1].float()[:, 1:]
+    cls_mean = out.attentions[layer][:, :, 0, 1:].float().mean(1)
+    k = 5 * 4 + 2  # 6 for the base view (remainder), 4 per crop
+    kept = _kept(model, VisPruner(keep=k), batch)[0]
+    assert len(kept) == k
+    base = grid * grid
+    hires = torch.arange(4 * grid * grid).view(2 * grid, 2 * grid) + base
+    regions = [torch.arange(base)] + [hires[r * grid:(r + 1) * grid, c * grid:(c + 1) * grid].flatten()
+                                      for r in range(2) for c in range(2)]
+    want = []
+    for crop, (region, budget) in enumerate(zip(regions, view_budgets(k, [r.numel() for r in regions]))):
+        picks = vispruner_oracle(hidden[crop], cls_mean[crop], budget, 0.5)
+        want += region[picks].tolist()
+    assert kept == sorted(want)

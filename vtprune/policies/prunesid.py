@@ -19,7 +19,7 @@ from ..ops.leaders import (
 )
 from ..ops.select import sanitize_scores
 from .base import Policy, Selection, register
-from .vision_views import image_views, per_crop_cls, resolve_layer, view_budgets
+from .vision_views import image_views, resolve_layer, view_budgets
 
 VARIANTS = ("llava", "qwen")
 

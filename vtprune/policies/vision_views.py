@@ -48,11 +48,7 @@ def image_views(ctx: StageContext, b: int, i: int, layer: int | None) -> tuple[l
     device = ctx.hidden.device
     if layer is not None and per_crop_cls(ctx.adapter):
         crop = crop_of_tokens(ctx, b, i, layer).to(device)
-        order = []
-        for c in crop.tolist():  # crops in span order: the base view first
-            if not order or order[-1] != c:
-                if c not in order:
-                    order.append(c)
+        order = list(dict.fromkeys(crop.tolist()))  # crops in span order: the base view first
         return [torch.nonzero(crop == c).flatten() for c in order], crop
     return [torch.arange(g.offset, g.offset + g.size, device=device) for g in image.grids], None
 
