@@ -132,3 +132,32 @@ def test_llava_next_views_are_the_crops_and_vispruner_selects_in_each():
         picks = vispruner_oracle(hidden[crop], cls_mean[crop], budget, 0.5)
         want += region[picks].tolist()
     assert kept == sorted(want)
+
+
+@torch.no_grad()
+def test_prunesid_qwen_variant_equals_the_oracle_on_the_merger_output():
+    """Qwen2-VL: t = max(round(M keep / 576), 16) of the image's M merged tokens, chosen from the merger output."""
+    import math
+
+    import numpy as np
+    from test_leaders_vision_ops import grouped_oracle
+
+    from vtprune.ops.leaders import prunesid_qwen_budget, qwen_groups
+
+    model = model_for("qwen2_vl", "sdpa")
+    batch = inputs(model, [SampleSpec(images=((64, 64),), question=5)])
+    out = model.model.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    feats = (out.pooler_output if hasattr(out, "pooler_output") else out)
+    feats = (feats[0] if isinstance(feats, (list, tuple)) else feats).float()
+    m = feats.shape[0]
+    t = prunesid_qwen_budget(m, 192)
+    assert 16 <= t < m
+    kept = _kept(model, PruneSID(keep=192), batch)[0]
+    group, score = qwen_groups(feats, max(int(t / 4), 4), seed=0)
+    v = feats.double().numpy()
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    sim = v @ v.T
+    theta = max(18 * t / m, 1) * np.triu(sim).sum() / sim.size
+    want = grouped_oracle(sim, score.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 0, theta,
+                          lambda n, rank: n - rank)
+    assert kept == want and len(kept) == t

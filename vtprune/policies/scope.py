@@ -67,10 +67,10 @@ class Scope(Policy):
         combine: ``"multi"`` (gain x saliency, the reference default) or ``"add"``.
         saliency: ``"cls"`` or ``"received"``; None: the model's default
             (model_zoo.yaml: cls on CLIP, received otherwise).
-        layer: 1-based ViT layer of the saliency (its input's rows are not
-            used: the features are the projector's input); None: the layer
-            whose output is the visual feature (CLIP: second to last; Qwen:
-            the last block).
+        layer: 1-based ViT layer whose attention gives the saliency (the
+            features stay the projector's input); None: the layer whose
+            output is the visual feature (CLIP: second to last; Qwen: the
+            last block).
     """
 
     keep: int | float = 64
