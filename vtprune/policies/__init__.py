@@ -1,6 +1,17 @@
 """Pruning policies. Each is a dataclass; `vtprune.available_policies()` lists them by name."""
 
-from .base import LLMStagePolicy, Pipeline, Policy, Selection, available_policies, make_policy, register
+from .base import (
+    AnyStagePolicy,
+    LLMStagePolicy,
+    Pipeline,
+    Policy,
+    Selection,
+    Signals,
+    available_policies,
+    make_policy,
+    policy_table,
+    register,
+)
 from .baselines import Fixed, Pooling, Random
 from .divprune import DivPrune
 from .entropyprune import EntropyPrune
@@ -15,6 +26,7 @@ from .visionzip import VisionZip
 from .vispruner import VisPruner
 
 __all__ = [
+    "AnyStagePolicy",
     "DivPrune",
     "EntropyPrune",
     "FastV",
@@ -30,10 +42,12 @@ __all__ = [
     "Random",
     "Scope",
     "Selection",
+    "Signals",
     "TransPrune",
     "VisionZip",
     "VisPruner",
     "available_policies",
     "make_policy",
+    "policy_table",
     "register",
 ]

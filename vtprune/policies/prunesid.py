@@ -18,7 +18,7 @@ from ..ops.leaders import (
     scored_groups,
 )
 from ..ops.select import sanitize_scores
-from .base import Policy, Selection, register
+from .base import Policy, Selection, Signals, register
 from .vision_views import image_views, resolve_layer, view_budgets
 
 VARIANTS = ("llava", "qwen")
@@ -103,9 +103,9 @@ class PruneSID(Policy):
 
     name: ClassVar[str] = "prunesid"
     stage: ClassVar[str] = "vision"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "PruneSID (ICLR 2026), code ZhengyaoFang/PruneSID"
     zoo_fields: ClassVar[tuple[str, ...]] = ("variant",)
-    needs_whole_grid: ClassVar[bool] = True
+    whole_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -134,14 +134,15 @@ class PruneSID(Policy):
         return replace(self, variant=variant, layer=layer)
 
     def _variant(self) -> str:
-        if self.variant is None or (self.variant == "llava" and self.layer is None):
-            raise RuntimeError("prunesid: the variant and layer are not resolved yet; bind(adapter) first")
-        return self.variant
+        variant = self.resolved("variant")
+        if variant == "llava":
+            self.resolved("layer")
+        return variant
 
-    def vision_layers_needed(self) -> tuple[int, ...]:
+    def signals(self) -> Signals:
         if self._variant() == "qwen":
-            return ()
-        return (self.layer - 1, self.layer)  # the CLS attention; the CLS feature: the next layer's input
+            return Signals()
+        return Signals(vision_inputs=(self.layer - 1, self.layer))  # CLS attention; CLS feature: the next input
 
     def budget(self, ctx: StageContext, b: int, i: int) -> int:
         if self._variant() == "llava" or not self.reference_budget:
@@ -216,7 +217,7 @@ class PruneSID(Policy):
             return ctx.vision_cls_feature(b, i, self.layer)
         calls = ctx.captured.get("vision_layers", {}).get(self.layer)
         if not calls:
-            raise KeyError(f"vision layer {self.layer} was not captured; list it in `vision_layers_needed()`")
+            raise KeyError(f"vision layer {self.layer} was not captured; list it in `signals().vision_inputs`")
         return torch.cat([call.hidden for call in calls])[crop, 0]
 
     def describe(self) -> str:

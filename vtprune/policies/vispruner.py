@@ -8,7 +8,7 @@ from typing import ClassVar
 from ..checks import check_int, check_number
 from ..context import StageContext
 from ..ops.leaders import vispruner_select
-from .base import Policy, Selection, register
+from .base import Policy, Selection, Signals, register
 from .vision_views import (
     check_saliency,
     merged_rows,
@@ -74,9 +74,9 @@ class VisPruner(Policy):
 
     name: ClassVar[str] = "vispruner"
     stage: ClassVar[str] = "vision"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "VisPruner (ICCV 2025), code Theia-4869/VisPruner"
     zoo_fields: ClassVar[tuple[str, ...]] = ("saliency",)
-    needs_whole_grid: ClassVar[bool] = True
+    whole_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,12 +90,11 @@ class VisPruner(Policy):
         return replace(self, layer=layer, saliency=saliency)
 
     def _resolved(self) -> tuple[int, str]:
-        if self.layer is None or self.saliency is None:
-            raise RuntimeError(f"{self.name}: the layer and saliency are not resolved yet; bind(adapter) first")
-        return self.layer - 1, self.saliency
+        layer, saliency = self.resolved("layer", "saliency")
+        return layer - 1, saliency
 
-    def vision_layers_needed(self) -> tuple[int, ...]:
-        return (self._resolved()[0],)
+    def signals(self) -> Signals:
+        return Signals(vision_inputs=(self._resolved()[0],))
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         layer, saliency = self._resolved()
