@@ -18,6 +18,10 @@ The reference loops below are ours, written from the papers
   (the reference's ``overflow="drop"``).
 - CDPruner (official loop): the conditional kernel, then the incremental
   Cholesky greedy with an einsum over all earlier rows at every step.
+- SCOPE (official loop): every step masks the picked columns of the full
+  cosine matrix and sums all N x N clipped differences again.
+- VisPruner (official rounds): the same rounds; compared on even-length lists.
+- PruneSID: listed alone (PCA and NMS are its own calls, no cheaper form).
 
 Per case it prints vtprune's time, the reference's, their ratio, the peak
 memory each allocates (`vtprune.measure.peak_bytes`) and whether the keep
@@ -68,6 +72,7 @@ from vtprune.ops.dpp import cdpruner_select, minmax_llm, relevance_llm
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
 from vtprune.ops.holov import holov_select
+from vtprune.ops.leaders import pca_groups, prunesid_select, scope_select, vispruner_select
 from vtprune.ops.select import topk_indices
 from vtprune.patches.attention import layer_queries, vit_attention_received
 from vtprune.policies.mmtok import coverage_matrix
@@ -260,6 +265,40 @@ def _clip_layer(device: torch.device) -> nn.Module:
     return CLIPEncoderLayer(CLIPVisionConfig(**CLIP_L)).to(device).eval()
 
 
+def reference_scope(features: torch.Tensor, saliency: torch.Tensor, k: int) -> torch.Tensor:
+    """SCOPE's loop as its code has it: every step masks the picked columns of the full cosine matrix, subtracts
+    the cover from every row and sums all N x N entries again."""
+    x = features.float()
+    unit = x / x.norm(dim=-1, keepdim=True)
+    sim = unit @ unit.T
+    n = sim.shape[0]
+    picked = torch.zeros(n, dtype=torch.bool, device=x.device)
+    cover = torch.zeros(n, device=x.device)
+    out = []
+    for _ in range(k):
+        gains = torch.clamp(sim.masked_fill(picked[None, :], 0) - cover[:, None], min=0).sum(dim=0) * saliency
+        j = int(torch.argmax(gains.masked_fill(picked, float("-inf"))))
+        out.append(j)
+        picked[j] = True
+        cover = torch.maximum(cover, sim[j])
+    return torch.sort(torch.tensor(out, device=x.device)).values
+
+
+def reference_vispruner(features: torch.Tensor, attention: torch.Tensor, k: int) -> torch.Tensor:
+    """VisPruner's rounds as its code has them (even-length lists): argsort of the even entries' max cosine."""
+    x = features.float()
+    unit = x / x.norm(dim=-1, keepdim=True)
+    order = torch.sort(attention, descending=True, stable=True).indices
+    important, rest = order[: k // 2], order[k // 2 :]
+    diverse = k - k // 2
+    while (s := min(8, rest.numel() - diverse)) > 0:
+        evens, odds = rest[0::2], rest[1::2]
+        best = (unit[evens] @ unit[odds].T).max(dim=-1).values
+        keep = torch.sort(best, descending=True, stable=True).indices[s:]
+        rest = torch.cat([evens[keep], odds])
+    return torch.sort(torch.cat([important, rest])).values
+
+
 def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
@@ -282,6 +321,7 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
         relevance = minmax_llm(relevance_llm(visual, question))
         vit_attention = torch.softmax(torch.randn(n, generator=g), dim=0).to(device)
         selector_imp = scorer.score(visual).float()
+        saliency = torch.softmax(torch.randn(n, generator=torch.Generator().manual_seed(1)), dim=0).to(device)  # CLS row
         queries = layer_queries(_ProbeLayer(geo["dim"], geo["heads"], geo["head_dim"]).to(device), hidden)
     key_norm = torch.rand(n, generator=g).to(device) * 100
     text_norm = torch.rand(QUESTION_TOKENS, generator=g).to(device) * 100
@@ -337,6 +377,23 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
         ),
         "pdrop (top-k of the last token's row)": (
             lambda: topk_indices(last_row, k), lambda: _topk(last_row, k), lambda: _topk(last_row, k), "keep set"),
+        "scope (saliency-weighted coverage)": (
+            lambda: scope_select(visual_pre, saliency, k),
+            lambda: reference_scope(visual_pre, saliency, k),
+            lambda: reference_scope(visual_pre, saliency, mem_k),
+            "keep set",
+        ),
+        "vispruner (important + diverse rounds)": (
+            lambda: vispruner_select(visual_pre, saliency, k, 0.5),
+            lambda: reference_vispruner(visual_pre, saliency, k),
+            lambda: reference_vispruner(visual_pre, saliency, k),
+            "keep set",
+        ),
+        # no reference loop: the randomised PCA and the NMS are the reference's own calls; listed alone
+        "prunesid (PCA groups + NMS + split)": (
+            lambda: prunesid_select(visual_pre, saliency, k, group=pca_groups([visual_pre], k // 4, 0)[0]),
+            None, None, "-",
+        ),
     }
     if shape == "llava":
         vit = _clip_layer(device)

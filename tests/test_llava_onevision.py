@@ -15,6 +15,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import vtprune
+from vtprune.ops.leaders import prunesid_qwen_budget
 from vtprune.ops.select import topk_indices
 from vtprune.patches import adapter_for
 from vtprune.policies import HiPrune, Random, VisionZip
@@ -223,5 +224,7 @@ def test_every_policy_runs_with_the_family_defaults_at_the_real_depths(policy):
                         assert stage["frames"] == [image["tokens"] // t] + [0] * (t - 1)
         elif policy == "idpruner":  # one selection over the sample's images (the reference's): the total is exact
             assert sum(afters) == min(4 * len(afters), sum(i["tokens"] for i in sample["images"]))
+        elif policy == "prunesid":  # the Qwen variant's reference count: max(round(M keep / 576), 16)
+            assert afters == [prunesid_qwen_budget(i["tokens"], 4) for i in sample["images"]]
         else:
             assert afters == [min(4, i["tokens"]) for i in sample["images"]]

@@ -22,9 +22,12 @@ from vtprune.policies import (
     IDPruner,
     MMTok,
     Pipeline,
+    PruneSID,
     PyramidDrop,
+    Scope,
     TransPrune,
     VisionZip,
+    VisPruner,
 )
 
 POLICIES = {
@@ -45,6 +48,10 @@ POLICIES = {
     "holov": lambda k: HoloV(keep=k),  # overflow="redistribute": exactly k per image
     "cdpruner": lambda k: CDPruner(keep=k),  # text="llm": the question's LLM embeddings
     "cdpruner_split": lambda k: CDPruner(keep=k, relevance_weight=0.5, split=True),  # OpenVINO's settings
+    "scope": lambda k: Scope(keep=k),
+    "vispruner": lambda k: VisPruner(keep=k),
+    # the Qwen variant's reference count, max(round(M keep / 576), 16), would keep tiny images whole: keep per image
+    "prunesid": lambda k: PruneSID(keep=k, reference_budget=False),
 }
 
 
@@ -84,7 +91,8 @@ def test_budgets_and_cache(family, attn, policy):
     want_stages = {"entropyprune": [f"llm@{zoo_layer(family, 'entropyprune', 1)}"],
                    "fastv": [f"llm@{zoo_layer(family, 'fastv', 2)}"], "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
                    "dart": [f"llm@{zoo_layer(family, 'dart', 2)}"], "pdrop": ["llm@1", "llm@3"],
-                   "visionzip": ["vision"]}.get(policy, ["projector"])
+                   "visionzip": ["vision"], "scope": ["vision"], "vispruner": ["vision"],
+                   "prunesid": ["vision"]}.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:
         vtprune.wrap(model, _replay(data))  # the cached run's keep sets, every stage

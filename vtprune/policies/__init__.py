@@ -23,9 +23,12 @@ from .holov import HoloV
 from .idpruner import IDPruner
 from .mmtok import MMTok
 from .pdrop import PyramidDrop
+from .prunesid import PruneSID
+from .scope import Scope
 from .transprune import TransPrune
 from .video import EVS, DyCoke, VidCom2
 from .visionzip import VisionZip
+from .vispruner import VisPruner
 
 __all__ = [
     "AnyStagePolicy",
@@ -46,12 +49,15 @@ __all__ = [
     "Policy",
     "Pooling",
     "PyramidDrop",
+    "PruneSID",
     "Random",
+    "Scope",
     "Selection",
     "Signals",
     "TransPrune",
     "VidCom2",
     "VisionZip",
+    "VisPruner",
     "available_policies",
     "make_policy",
     "policy_table",
