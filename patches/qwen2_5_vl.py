@@ -31,6 +31,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     model_type = "qwen2_5_vl"
     lmms_model = "qwen2_5_vl"
     spec = Qwen2_5_VLSpec()
+    pixel_prune = False  # the window-attention path is not done yet
 
     def merger_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
         vision = self.config.vision_config

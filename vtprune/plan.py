@@ -38,6 +38,8 @@ class Plan:
     layer_inputs: frozenset[int]
     layer_queries: frozenset[int]
     vision_layers: frozenset[int]
+    #: the policy that chooses which patches the vision tower encodes (PixelPrune), if any
+    encoder_policy: Policy | None = None
 
     def first_wrapped_layer(self) -> int | None:
         """The first decoder layer whose forward the runtime must see (None: no llm-stage work)."""
@@ -90,6 +92,7 @@ def build_plan(model: nn.Module, policy, keep, positions: str, options: dict, to
                     f"layer of this {adapter.model_type} model (no queries and keys to score); its layers with "
                     f"softmax attention are {list(attention)}: choose the policy's layers so that it reads one of them"
                 )
+    encoder = [p for p in bound.policies if getattr(p, "prunes_encoder", False)]
     for layer in sorted({x for p in bound.policies for x in p.layer_queries_needed()}):
         adapter.query_module(layer)  # the adapter must know where the queries are (raises otherwise)
     return Plan(
@@ -102,4 +105,5 @@ def build_plan(model: nn.Module, policy, keep, positions: str, options: dict, to
         layer_inputs=frozenset(x for p in bound.policies for x in p.layer_inputs_needed()),
         layer_queries=frozenset(x for p in bound.policies for x in p.layer_queries_needed()),
         vision_layers=frozenset(x for p in bound.policies for x in p.vision_layers_needed()),
+        encoder_policy=encoder[0] if encoder else None,
     )

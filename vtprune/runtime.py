@@ -227,6 +227,9 @@ class Runtime:
 
                 self._handles.append(layers[j].register_forward_pre_hook(grab_layer, with_kwargs=True))
 
+        if self.plan.encoder_policy is not None:
+            self._bind(self.adapter.vision_tower(), self._tower_forward)
+
         def expand(original, *args, **kwargs):
             # generate() repeats each sample after encoding the images (beams, num_return_sequences)
             sig = inspect.signature(original).bind_partial(*args, **kwargs).arguments
@@ -238,6 +241,28 @@ class Runtime:
 
         if hasattr(self.adapter.model, "_expand_inputs_for_generation"):
             self._bind(self.adapter.model, expand, attr="_expand_inputs_for_generation")
+
+    def _tower_forward(self, original, hidden_states, grid_thw, **kwargs):
+        """The vision tower on the units the encoder-side policy keeps (outputs at full length, zero where dropped).
+
+        Outside a call of the wrapped model the tower runs whole. The
+        merger's input captured for the projector stage is replaced by its
+        full-length form, so later policies index it as unpruned.
+        """
+        record = self.record
+        if record is None:
+            return original(hidden_states, grid_thw, **kwargs)
+        vision = record.fresh_vision()
+        with torch.no_grad():
+            keep = self.plan.encoder_policy.encoder_keep(self.adapter, hidden_states, grid_thw)
+        vision.pixel_keep.append((grid_thw, keep))
+        if bool(keep.all()):
+            return original(hidden_states, grid_thw, **kwargs)
+        captured = len(vision.pre_projector)
+        out, merger_input = self.adapter.encode_kept(original, hidden_states, grid_thw, keep, kwargs)
+        if len(vision.pre_projector) > captured:
+            vision.pre_projector[captured] = merger_input
+        return out
 
     def _bind(self, module: torch.nn.Module, fn, attr: str = "forward") -> None:
         """Replace ``module.<attr>`` on this instance only; `remove` restores it."""

@@ -8,6 +8,7 @@ from .fastv import FastV
 from .hiprune import HiPrune
 from .idpruner import IDPruner
 from .mmtok import MMTok
+from .pixelprune import PixelPrune
 from .transprune import TransPrune
 from .visionzip import VisionZip
 
@@ -21,6 +22,7 @@ __all__ = [
     "MMTok",
     "LLMStagePolicy",
     "Pipeline",
+    "PixelPrune",
     "Policy",
     "Pooling",
     "Random",

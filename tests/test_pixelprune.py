@@ -1,0 +1,247 @@
+"""PixelPrune: the 2-D predictor against a brute-force scan, and the vision tower run on the kept units only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import gen_kwargs, inputs, mixed_specs, model_for, sample_alone
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+import vtprune
+from vtprune.ops.pixel import pred2d_keep
+from vtprune.patches import supported_pixel_prune
+from vtprune.policies import Fixed, HiPrune, IDPruner, Pipeline, PixelPrune
+
+FAMILIES = supported_pixel_prune()
+
+
+# ----------------------------------------------------------------- the predictor
+def brute_force_keep(g: torch.Tensor, tau: float) -> torch.Tensor:
+    """The scan as the paper states it: raster order, neighbours from the reconstruction, max |diff| <= tau."""
+    h, w, _ = g.shape
+    recon = g.clone()
+    keep = torch.zeros(h, w, dtype=torch.bool)
+
+    def same(x, y):
+        return float((x - y).abs().max()) <= tau
+
+    for r in range(h):
+        for c in range(w):
+            if r == 0 and c == 0:
+                keep[r, c] = True
+                continue
+            if r == 0:
+                pred = recon[r, c - 1]
+            elif c == 0:
+                pred = recon[r - 1, c]
+            else:
+                a, b, cc = recon[r, c - 1], recon[r - 1, c], recon[r - 1, c - 1]
+                pred = b if same(cc, a) and not same(cc, b) else a
+            if same(g[r, c], pred):
+                recon[r, c] = pred
+            else:
+                keep[r, c] = True
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_predictor_matches_brute_force_scan(seed):
+    gen = torch.Generator().manual_seed(seed)
+    palette = torch.rand(3, 5, generator=gen)  # few distinct units: many duplicates, edges both ways
+    g = palette[torch.randint(0, 3, (7, 9), generator=gen)]
+    assert torch.equal(pred2d_keep(g, 0.0), brute_force_keep(g, 0.0))
+    noisy = g + 0.01 * torch.rand(g.shape, generator=gen)
+    for tau in (0.005, 0.02):
+        assert torch.equal(pred2d_keep(noisy, tau), brute_force_keep(noisy, tau))
+
+
+def test_predictor_known_answers():
+    flat = torch.zeros(4, 5, 2)
+    assert pred2d_keep(flat).sum() == 1  # one anchor for a flat image
+    # a vertical edge at column 2: kept are the top-left anchor and the first unit right of the edge
+    edge = torch.zeros(4, 5, 1)
+    edge[:, 2:] = 1.0
+    keep = pred2d_keep(edge)
+    assert torch.nonzero(keep).tolist() == [[0, 0], [0, 2]]
+    assert pred2d_keep(torch.rand(3, 3, 4)).all()
+
+
+# ----------------------------------------------------------------- on the models
+def with_duplicates(batch: dict) -> dict:
+    """The batch with its first image's merge units 1 and 2 copies of unit 0, and unit 7 a copy of unit 6.
+
+    The first image's units form a grid 6 wide (8 x 12 patches): units 1, 2
+    repeat the first unit along the top row; unit 7 (row 1, column 1) is
+    predicted by its left neighbour (C equals B, so A predicts) and equals it.
+    """
+    batch = dict(batch)
+    pv = batch["pixel_values"].clone()
+    units = pv.view(-1, 4, pv.shape[-1])
+    units[1] = units[0]
+    units[2] = units[0]
+    units[7] = units[6]
+    batch["pixel_values"] = units.view_as(pv)
+    return batch
+
+
+DROPPED = [1, 2, 7]
+
+
+def hand_run_tower(tower, pixel_values, grid_thw, keep_units):
+    """The tower's blocks run by hand on the gathered patches, at their whole-grid positions.
+
+    Patch embeddings of the kept patches; the whole grid's rotary table and
+    (where the tower has one) its interpolated absolute position table,
+    gathered; one attention segment per image holding its kept patches.
+    Returns the merger's output per kept unit (raster order).
+    """
+    unit = tower.spatial_merge_size**2
+    kept_units = torch.nonzero(keep_units).flatten()
+    rows = (kept_units[:, None] * unit + torch.arange(unit)).flatten()
+    hidden = tower.patch_embed(pixel_values[rows].to(tower.patch_embed.proj.weight.dtype))
+    if hasattr(tower, "pos_embed"):
+        idx, wts = get_vision_interpolation_indices_and_weights(
+            grid_thw, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+            align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.spatial_merge_size)
+        hidden = hidden + (tower.pos_embed(idx) * wts[:, :, None]).sum(1)[rows].to(hidden.dtype)
+    positions = get_vision_position_ids(grid_thw, tower.spatial_merge_size)
+    cos, sin = tower.rotary_pos_emb(hidden, positions)
+    rotary = (cos[rows], sin[rows])
+    per_image = (grid_thw.prod(-1) // unit).tolist()
+    counts = torch.tensor([int(k.sum()) * unit for k in torch.split(keep_units, per_image)])
+    cu = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+    for blk in tower.blocks:
+        hidden = blk(hidden, cu_seqlens=cu, position_embeddings=rotary)
+    return tower.merger(hidden)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_duplicates_is_bit_identical(family):
+    model = model_for(family, "sdpa")
+    batch = inputs(model, mixed_specs(family))  # random pixels: no unit equals a neighbour
+    want = model(**batch).logits
+    vtprune.wrap(model, "pixelprune")
+    assert torch.equal(model(**batch).logits, want)
+    for sample in vtprune.report(model).to_dict()["samples"]:
+        for image in sample["images"]:
+            assert image["stages"]["vision"]["after"] == image["tokens"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tower_encodes_the_kept_units_only(family, attn):
+    model = model_for(family, attn)
+    batch = with_duplicates(inputs(model, mixed_specs(family)))
+    tower = model.model.visual
+    seen = []
+    handle = tower.register_forward_hook(lambda _m, args, out: seen.append((args[0].shape[0], out.pooler_output)))
+    vtprune.wrap(model, "pixelprune")
+    model(**batch)
+    handle.remove()
+    grid = batch["image_grid_thw"]
+    keep = torch.ones(int(grid.prod(-1).sum()) // 4, dtype=torch.bool)
+    keep[DROPPED] = False
+    (fed, pooled), *_ = seen  # the image call: the hook sees the tower's input and its full-length output
+    assert fed == batch["pixel_values"].shape[0]
+    want = hand_run_tower(tower, batch["pixel_values"], grid, keep)
+    torch.testing.assert_close(pooled[keep], want, rtol=1e-5, atol=1e-5)
+    assert not pooled[~keep].any()  # dropped units: nothing encoded
+    image = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]["vision"]
+    assert (image["before"], image["after"]) == (24, 21)
+    assert image["kept"] == [k for k in range(24) if k not in DROPPED]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_language_model_sees_kept_units_at_original_positions(family):
+    """The language model's input equals the unpruned layout's, at the kept rows, with the hand-run tower's units."""
+    model = model_for(family, "sdpa")
+    batch = with_duplicates(inputs(model, mixed_specs(family)))
+    seen = {}
+
+    def grab(_m, args, kwargs):  # the language model's rotary table is built from what its layers get
+        x, positions = (*args, *kwargs.values())[:2]
+        seen.setdefault("embeds", x)
+        seen.setdefault("positions", positions)
+
+    handle = model.model.language_model.rotary_emb.register_forward_pre_hook(grab, with_kwargs=True)
+    model(**batch)
+    full_embeds, full_positions = seen.pop("embeds"), seen.pop("positions")
+    vtprune.wrap(model, "pixelprune")
+    model(**batch)
+    handle.remove()
+    ids = batch["input_ids"][0]
+    mask = batch["attention_mask"][0].bool()
+    image_pos = torch.nonzero(ids == model.config.image_token_id).flatten()
+    drop = image_pos[DROPPED]
+    keep_pos = torch.tensor([p for p in torch.nonzero(mask).flatten().tolist() if p not in drop.tolist()])
+    got = seen["embeds"][0][seen["embeds"].shape[1] - keep_pos.numel():]  # left padded
+    got_pos = seen["positions"][..., 0, seen["embeds"].shape[1] - keep_pos.numel():]
+    torch.testing.assert_close(got_pos, full_positions[..., 0, keep_pos])
+    text = ~torch.isin(keep_pos, image_pos)
+    torch.testing.assert_close(got[text], full_embeds[0, keep_pos[text]])
+    grid = batch["image_grid_thw"]
+    keep = torch.ones(int(grid[0].prod()) // 4, dtype=torch.bool)
+    keep[DROPPED] = False
+    tower_units = hand_run_tower(model.model.visual, batch["pixel_values"][: int(grid[0].prod())], grid[:1], keep)
+    torch.testing.assert_close(got[~text], tower_units, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_alone_and_cache_equals_recomputation(family):
+    model = model_for(family, "sdpa")
+    batch = with_duplicates(inputs(model, mixed_specs(family)))
+    vtprune.wrap(model, "pixelprune")
+    together = model(**batch).logits[:, -1]
+    kept = [[i["stages"]["vision"]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
+    assert kept[0][0] == [k for k in range(24) if k not in DROPPED]
+    for b in range(batch["input_ids"].shape[0]):
+        alone = model(**sample_alone(batch, b, family)).logits[:, -1]
+        alone_kept = [i["stages"]["vision"]["kept"] for i in vtprune.report(model).to_dict()["samples"][0]["images"]]
+        assert alone_kept == kept[b]
+        torch.testing.assert_close(alone[0], together[b], rtol=1e-4, atol=1e-5)
+    kw = gen_kwargs(4)
+    assert torch.equal(model.generate(**batch, **kw), model.generate(**batch, use_cache=False, **kw))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("later", ["idpruner", "idpruner_received"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_later_policy_sees_only_kept_units(family, later):
+    """A later policy picks among the kept units; one reading the ViT's layers reads them as the tower ran.
+
+    (HiPrune and VisionZip read each image's whole grid: a Pipeline refuses them after PixelPrune.)
+    """
+    model = model_for(family, "sdpa")
+    batch = with_duplicates(inputs(model, mixed_specs(family)))
+    second = {"idpruner": IDPruner(keep=5, per_image=True),
+              "idpruner_received": IDPruner(keep=5, per_image=True, importance="received")}[later]
+    vtprune.wrap(model, Pipeline([PixelPrune(), second]))
+    cached = model.generate(**batch, **gen_kwargs(3))
+    stages = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]
+    first, then = stages["vision"], list(stages.values())[-1]
+    assert first["after"] == 21 and then["after"] == 5
+    assert set(then["kept"]) <= set(first["kept"])
+    # the sequence the language model gets depends on the keep sets only: replayed with `fixed`, the same tokens
+    vtprune.wrap(model, Pipeline([PixelPrune(), Fixed(kept=[[i["stages"][list(i["stages"])[-1]]["kept"]
+                                                               for i in s["images"]]
+                                                              for s in vtprune.report(model).to_dict()["samples"]])]))
+    assert torch.equal(model.generate(**batch, **gen_kwargs(3)), cached)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="put it first"):
+        Pipeline([HiPrune(keep=3), PixelPrune()])
+    with pytest.raises(ValueError, match="takes no keep"):
+        PixelPrune(keep=0.5)
+    with pytest.raises(ValueError, match="tau"):
+        PixelPrune(tau=-0.1)
+    for family in ("llava", "qwen2_5_vl"):
+        if family in FAMILIES:
+            continue
+        with pytest.raises(ValueError, match="supported: " + ", ".join(FAMILIES)):
+            vtprune.wrap(model_for(family), "pixelprune")
