@@ -93,7 +93,8 @@ def hand_run_tower(tower, pixel_values, grid_thw, keep_units):
 
     Patch embeddings of the kept patches; the whole grid's rotary table and
     (where the tower has one) its interpolated absolute position table,
-    gathered; one attention segment per image holding its kept patches.
+    gathered; one attention segment per image holding its kept patches
+    (`window_order`: the windows of Qwen2.5-VL's window-attention blocks).
     Returns the merger's output per kept unit (raster order).
     """
     unit = tower.spatial_merge_size**2
@@ -106,14 +107,49 @@ def hand_run_tower(tower, pixel_values, grid_thw, keep_units):
             align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.spatial_merge_size)
         hidden = hidden + (tower.pos_embed(idx) * wts[:, :, None]).sum(1)[rows].to(hidden.dtype)
     positions = get_vision_position_ids(grid_thw, tower.spatial_merge_size)
-    cos, sin = tower.rotary_pos_emb(hidden, positions)
-    rotary = (cos[rows], sin[rows])
+    rotary = tuple(x[rows] for x in tower.rotary_pos_emb(hidden, positions))
     per_image = (grid_thw.prod(-1) // unit).tolist()
     counts = torch.tensor([int(k.sum()) * unit for k in torch.split(keep_units, per_image)])
     cu = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
-    for blk in tower.blocks:
-        hidden = blk(hidden, cu_seqlens=cu, position_embeddings=rotary)
-    return tower.merger(hidden)
+    windows, order = window_order(tower, grid_thw, keep_units)
+    hidden, cos, sin = (_units(x, unit)[order].flatten(0, 1) for x in (hidden, *rotary))
+    full = getattr(tower, "fullatt_block_indexes", range(len(tower.blocks)))
+    for j, blk in enumerate(tower.blocks):
+        hidden = blk(hidden, cu_seqlens=cu if j in full else windows, position_embeddings=(cos, sin))
+    return tower.merger(hidden)[torch.argsort(order)]
+
+
+def _units(x, unit):
+    return x.reshape(x.shape[0] // unit, unit, *x.shape[1:])
+
+
+def window_order(tower, grid_thw, keep_units):
+    """Kept units in attention-window order and the windows' boundaries in patches (one window per image without
+    window attention).
+
+    Qwen2.5-VL: windows of ``window_size // merge // patch`` units a side,
+    tiled from each image's top-left; units ordered by image, window row,
+    window column, then raster order inside the window; empty windows are
+    absent.
+    """
+    m = tower.spatial_merge_size
+    side = tower.window_size // m // tower.patch_size if hasattr(tower, "window_size") else 10**9
+    keys, unit_index = [], 0
+    for n, (t, h, w) in enumerate(grid_thw.tolist()):
+        for f in range(t):
+            for r in range(h // m):
+                for c in range(w // m):
+                    if keep_units[unit_index]:
+                        keys.append(((n, f, r // side, c // side), (r, c)))
+                    unit_index += 1
+    kept_rank = sorted(range(len(keys)), key=lambda k: keys[k])
+    sizes = {}
+    for window, _ in keys:
+        sizes[window] = sizes.get(window, 0) + m * m
+    bounds = [0]
+    for window in sorted(sizes):
+        bounds.append(bounds[-1] + sizes[window])
+    return torch.tensor(bounds, dtype=torch.int32), torch.tensor(kept_rank)
 
 
 @torch.no_grad()
@@ -129,12 +165,24 @@ def test_no_duplicates_is_bit_identical(family):
             assert image["stages"]["vision"]["after"] == image["tokens"]
 
 
+def flat_first_image(batch: dict) -> dict:
+    """The batch with its first image one colour: only its top-left unit is kept (Qwen2.5-VL: a window left empty)."""
+    batch = dict(batch)
+    pv = batch["pixel_values"].clone()
+    units = pv.view(-1, 4, pv.shape[-1])
+    units[1:24] = units[0]
+    batch["pixel_values"] = units.view_as(pv)
+    return batch
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tower_encodes_the_kept_units_only(family, attn):
+@pytest.mark.parametrize("pattern", ["duplicates", "flat"])
+def test_tower_encodes_the_kept_units_only(family, attn, pattern):
     model = model_for(family, attn)
-    batch = with_duplicates(inputs(model, mixed_specs(family)))
+    batch = inputs(model, mixed_specs(family))
+    batch, dropped = (with_duplicates(batch), DROPPED) if pattern == "duplicates" else (flat_first_image(batch), range(1, 24))
     tower = model.model.visual
     seen = []
     handle = tower.register_forward_hook(lambda _m, args, out: seen.append((args[0].shape[0], out.pooler_output)))
@@ -143,15 +191,15 @@ def test_tower_encodes_the_kept_units_only(family, attn):
     handle.remove()
     grid = batch["image_grid_thw"]
     keep = torch.ones(int(grid.prod(-1).sum()) // 4, dtype=torch.bool)
-    keep[DROPPED] = False
+    keep[list(dropped)] = False
     (fed, pooled), *_ = seen  # the image call: the hook sees the tower's input and its full-length output
     assert fed == batch["pixel_values"].shape[0]
     want = hand_run_tower(tower, batch["pixel_values"], grid, keep)
     torch.testing.assert_close(pooled[keep], want, rtol=1e-5, atol=1e-5)
     assert not pooled[~keep].any()  # dropped units: nothing encoded
     image = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]["vision"]
-    assert (image["before"], image["after"]) == (24, 21)
-    assert image["kept"] == [k for k in range(24) if k not in DROPPED]
+    assert (image["before"], image["after"]) == (24, 24 - len(dropped))
+    assert image["kept"] == [k for k in range(24) if k not in dropped]
 
 
 @torch.no_grad()
