@@ -314,9 +314,9 @@ class Qwen2VLAdapter(Adapter):
 
     def full_vit_rows(self, values: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Rows the tower computed for the kept patches (its row order, dim 0) -> one per patch of the call, zero where
-        dropped; values already at full length come back as they are."""
+        dropped; a call whose units were all kept (the tower ran whole) comes back as it is."""
         unit = self.merge**2
-        if values.shape[0] == keep.numel() * unit:
+        if bool(keep.all()):  # the tower ran whole
             return values
         keep = keep.to(values.device)
         order = self.merger_order(grid_thw)

@@ -68,24 +68,72 @@ def test_predictor_known_answers():
 
 
 # ----------------------------------------------------------------- on the models
-def with_duplicates(batch: dict) -> dict:
-    """The batch with its first image's merge units 1 and 2 copies of unit 0, and unit 7 a copy of unit 6.
+QWEN = [f for f in FAMILIES if f.startswith("qwen")]
 
-    The first image's units form a grid 6 wide (8 x 12 patches): units 1, 2
-    repeat the first unit along the top row; unit 7 (row 1, column 1) is
-    predicted by its left neighbour (C equals B, so A predicts) and equals it.
+
+def is_qwen(model) -> bool:
+    return hasattr(model.model, "visual")
+
+
+def first_image_units(model, batch) -> int:
+    """Merge units of the batch's first image (Qwen: 2x2 patches; CLIP: patches)."""
+    if is_qwen(model):
+        return int(batch["image_grid_thw"][0].prod()) // 4
+    return (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+
+
+def with_pattern(model, batch: dict, pattern: str) -> tuple[dict, list[int]]:
+    """The batch with repeated units in its first image, and the units PixelPrune must drop there.
+
+    ``duplicates``: units 1 and 2 copy unit 0 along the top row, and the
+    unit at row 1, column 1 copies its left neighbour (C equals B there, so
+    A predicts it). ``flat``: the whole first image one unit repeated (only
+    the top-left is kept; Qwen2.5-VL: a window left empty).
     """
     batch = dict(batch)
     pv = batch["pixel_values"].clone()
-    units = pv.view(-1, 4, pv.shape[-1])
-    units[1] = units[0]
-    units[2] = units[0]
-    units[7] = units[6]
-    batch["pixel_values"] = units.view_as(pv)
-    return batch
+    if is_qwen(model):
+        width = int(batch["image_grid_thw"][0, 2]) // 2
+        units = pv.view(-1, 4, pv.shape[-1])  # a unit's 4 patches are consecutive rows
+        image = units[: first_image_units(model, batch)]
+    else:
+        patch = model.config.vision_config.patch_size
+        c, h, w = pv.shape[1:]
+        width = w // patch
+        image = pv[0].view(c, h // patch, patch, width, patch).permute(1, 3, 0, 2, 4).reshape(-1, c, patch, patch)
+    n = image.shape[0]
+    dropped = [1, 2, width + 1] if pattern == "duplicates" else list(range(1, n))
+    if pattern == "duplicates":
+        image[1] = image[0]
+        image[2] = image[0]
+        image[width + 1] = image[width]
+    else:
+        image[1:] = image[0]
+    if is_qwen(model):
+        units[:n] = image
+    else:
+        patch = model.config.vision_config.patch_size
+        pv[0] = image.view(h // patch, width, c, patch, patch).permute(2, 0, 3, 1, 4).reshape(c, h, w)
+    batch["pixel_values"] = pv
+    return batch, dropped
 
 
-DROPPED = [1, 2, 7]
+def hand_run_first_image(model, batch, keep_units) -> torch.Tensor:
+    """The projector's output for the first image's kept units, the tower run by hand on them alone."""
+    if is_qwen(model):
+        grid = batch["image_grid_thw"][:1]
+        return hand_run_tower(model.model.visual, batch["pixel_values"][: int(grid.prod())], grid, keep_units)
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    embeddings = tower.embeddings(batch["pixel_values"][:1])  # CLS first, the whole image's position table
+    index = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.nonzero(keep_units).flatten()])
+    hidden = tower.pre_layrnorm(embeddings[:, index])
+    states = [hidden]
+    for layer in tower.encoder.layers:
+        hidden = layer(hidden, None)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        states.append(hidden)
+    return model.model.multi_modal_projector(states[model.config.vision_feature_layer][0, 1:])
 
 
 def hand_run_tower(tower, pixel_values, grid_thw, keep_units):
@@ -165,24 +213,13 @@ def test_no_duplicates_is_bit_identical(family):
             assert image["stages"]["vision"]["after"] == image["tokens"]
 
 
-def flat_first_image(batch: dict) -> dict:
-    """The batch with its first image one colour: only its top-left unit is kept (Qwen2.5-VL: a window left empty)."""
-    batch = dict(batch)
-    pv = batch["pixel_values"].clone()
-    units = pv.view(-1, 4, pv.shape[-1])
-    units[1:24] = units[0]
-    batch["pixel_values"] = units.view_as(pv)
-    return batch
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", QWEN)
 @pytest.mark.parametrize("pattern", ["duplicates", "flat"])
-def test_tower_encodes_the_kept_units_only(family, attn, pattern):
+def test_qwen_tower_encodes_the_kept_units_only(family, attn, pattern):
     model = model_for(family, attn)
-    batch = inputs(model, mixed_specs(family))
-    batch, dropped = (with_duplicates(batch), DROPPED) if pattern == "duplicates" else (flat_first_image(batch), range(1, 24))
+    batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), pattern)
     tower = model.model.visual
     seen = []
     handle = tower.register_forward_hook(lambda _m, args, out: seen.append((args[0].shape[0], out.pooler_output)))
@@ -191,23 +228,22 @@ def test_tower_encodes_the_kept_units_only(family, attn, pattern):
     handle.remove()
     grid = batch["image_grid_thw"]
     keep = torch.ones(int(grid.prod(-1).sum()) // 4, dtype=torch.bool)
-    keep[list(dropped)] = False
+    keep[dropped] = False
     (fed, pooled), *_ = seen  # the image call: the hook sees the tower's input and its full-length output
     assert fed == batch["pixel_values"].shape[0]
     want = hand_run_tower(tower, batch["pixel_values"], grid, keep)
     torch.testing.assert_close(pooled[keep], want, rtol=1e-5, atol=1e-5)
     assert not pooled[~keep].any()  # dropped units: nothing encoded
-    image = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]["vision"]
-    assert (image["before"], image["after"]) == (24, 24 - len(dropped))
-    assert image["kept"] == [k for k in range(24) if k not in dropped]
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_language_model_sees_kept_units_at_original_positions(family):
-    """The language model's input equals the unpruned layout's, at the kept rows, with the hand-run tower's units."""
-    model = model_for(family, "sdpa")
-    batch = with_duplicates(inputs(model, mixed_specs(family)))
+@pytest.mark.parametrize("pattern", ["duplicates", "flat"])
+def test_language_model_sees_kept_units_at_original_positions(family, attn, pattern):
+    """The language model's input: the unpruned one at the kept rows (positions, text), the hand-run tower's units."""
+    model = model_for(family, attn)
+    batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), pattern)
     seen = {}
 
     def grab(_m, args, kwargs):  # the language model's rotary table is built from what its layers get
@@ -221,32 +257,36 @@ def test_language_model_sees_kept_units_at_original_positions(family):
     vtprune.wrap(model, "pixelprune")
     model(**batch)
     handle.remove()
+    units = first_image_units(model, batch)
     ids = batch["input_ids"][0]
     mask = batch["attention_mask"][0].bool()
-    image_pos = torch.nonzero(ids == model.config.image_token_id).flatten()
-    drop = image_pos[DROPPED]
+    image_pos = torch.nonzero(ids == model.config.image_token_id).flatten()[:units]
+    drop = image_pos[dropped]
     keep_pos = torch.tensor([p for p in torch.nonzero(mask).flatten().tolist() if p not in drop.tolist()])
-    got = seen["embeds"][0][seen["embeds"].shape[1] - keep_pos.numel():]  # left padded
-    got_pos = seen["positions"][..., 0, seen["embeds"].shape[1] - keep_pos.numel():]
-    torch.testing.assert_close(got_pos, full_positions[..., 0, keep_pos])
-    text = ~torch.isin(keep_pos, image_pos)
-    torch.testing.assert_close(got[text], full_embeds[0, keep_pos[text]])
-    grid = batch["image_grid_thw"]
-    keep = torch.ones(int(grid[0].prod()) // 4, dtype=torch.bool)
-    keep[DROPPED] = False
-    tower_units = hand_run_tower(model.model.visual, batch["pixel_values"][: int(grid[0].prod())], grid[:1], keep)
-    torch.testing.assert_close(got[~text], tower_units, rtol=1e-5, atol=1e-5)
+    length = seen["embeds"].shape[1]
+    got = seen["embeds"][0][length - keep_pos.numel():]  # left padded
+    if full_positions.shape[-2] == 1:  # one row of positions for the batch (the model's own arange)
+        full_positions = full_positions.expand(*full_positions.shape[:-2], batch["input_ids"].shape[0], -1)
+    torch.testing.assert_close(seen["positions"][..., 0, length - keep_pos.numel():], full_positions[..., 0, keep_pos])
+    visual = torch.isin(keep_pos, image_pos)
+    torch.testing.assert_close(got[~visual], full_embeds[0, keep_pos[~visual]])
+    keep = torch.ones(units, dtype=torch.bool)
+    keep[dropped] = False
+    torch.testing.assert_close(got[visual], hand_run_first_image(model, batch, keep), rtol=1e-5, atol=1e-5)
+    image = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]["vision"]
+    assert (image["before"], image["after"]) == (units, units - len(dropped))
+    assert image["kept"] == [k for k in range(units) if k not in dropped]
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_alone_and_cache_equals_recomputation(family):
     model = model_for(family, "sdpa")
-    batch = with_duplicates(inputs(model, mixed_specs(family)))
+    batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
     vtprune.wrap(model, "pixelprune")
     together = model(**batch).logits[:, -1]
     kept = [[i["stages"]["vision"]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
-    assert kept[0][0] == [k for k in range(24) if k not in DROPPED]
+    assert kept[0][0] == [k for k in range(first_image_units(model, batch)) if k not in dropped]
     for b in range(batch["input_ids"].shape[0]):
         alone = model(**sample_alone(batch, b, family)).logits[:, -1]
         alone_kept = [i["stages"]["vision"]["kept"] for i in vtprune.report(model).to_dict()["samples"][0]["images"]]
@@ -265,14 +305,14 @@ def test_later_policy_sees_only_kept_units(family, later):
     (HiPrune and VisionZip read each image's whole grid: a Pipeline refuses them after PixelPrune.)
     """
     model = model_for(family, "sdpa")
-    batch = with_duplicates(inputs(model, mixed_specs(family)))
+    batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
     second = {"idpruner": IDPruner(keep=5, per_image=True),
               "idpruner_received": IDPruner(keep=5, per_image=True, importance="received")}[later]
     vtprune.wrap(model, Pipeline([PixelPrune(), second]))
     cached = model.generate(**batch, **gen_kwargs(3))
     stages = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]
     first, then = stages["vision"], list(stages.values())[-1]
-    assert first["after"] == 21 and then["after"] == 5
+    assert first["after"] == first_image_units(model, batch) - len(dropped) and then["after"] == 5
     assert set(then["kept"]) <= set(first["kept"])
     # the sequence the language model gets depends on the keep sets only: replayed with `fixed`, the same tokens
     vtprune.wrap(model, Pipeline([PixelPrune(), Fixed(kept=[[i["stages"][list(i["stages"])[-1]]["kept"]
@@ -288,8 +328,25 @@ def test_refusals():
         PixelPrune(keep=0.5)
     with pytest.raises(ValueError, match="tau"):
         PixelPrune(tau=-0.1)
-    for family in ("llava", "qwen2_5_vl"):
+    for family in ("llava_next", "llava_onevision"):
         if family in FAMILIES:
             continue
         with pytest.raises(ValueError, match="supported: " + ", ".join(FAMILIES)):
             vtprune.wrap(model_for(family), "pixelprune")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vit_signals_after_pixelprune_do_not_depend_on_the_batch(family):
+    """ViT attention read over the kept units: the same alone as in a batch (CLIP pads images to the longest kept
+    set; the probe leaves the padding out)."""
+    model = model_for(family, "sdpa")
+    batch, _ = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
+    vtprune.wrap(model, Pipeline([PixelPrune(), IDPruner(keep=5, per_image=True, importance="received", lam=1.0)]))
+    model(**batch)
+    together = [[list(i["stages"].values())[-1]["kept"] for i in s["images"]]
+                for s in vtprune.report(model).to_dict()["samples"]]
+    for b in range(batch["input_ids"].shape[0]):
+        model(**sample_alone(batch, b, family))
+        alone = [list(i["stages"].values())[-1]["kept"] for i in vtprune.report(model).to_dict()["samples"][0]["images"]]
+        assert alone == together[b]

@@ -242,25 +242,28 @@ class Runtime:
         if hasattr(self.adapter.model, "_expand_inputs_for_generation"):
             self._bind(self.adapter.model, expand, attr="_expand_inputs_for_generation")
 
-    def _tower_forward(self, original, hidden_states, grid_thw, **kwargs):
+    def _tower_forward(self, original, pixels, *args, **kwargs):
         """The vision tower on the units the encoder-side policy keeps (outputs at full length, zero where dropped).
 
-        Outside a call of the wrapped model the tower runs whole. The
-        merger's input captured for the projector stage is replaced by its
-        full-length form, so later policies index it as unpruned.
+        Outside a call of the wrapped model the tower runs whole. Where the
+        tower's merger is the projector (Qwen), the merger's input captured
+        for the projector stage is replaced by its full-length form, so later
+        policies index it as unpruned.
         """
         record = self.record
         if record is None:
-            return original(hidden_states, grid_thw, **kwargs)
+            return original(pixels, *args, **kwargs)
         vision = record.fresh_vision()
+        grid = args[0] if args else kwargs.get("grid_thw")  # Qwen towers take the grid; CLIP's images are square
         with torch.no_grad():
-            keep = self.plan.encoder_policy.encoder_keep(self.adapter, hidden_states, grid_thw)
-        vision.pixel_keep.append((grid_thw, keep))
+            keep = self.plan.encoder_policy.encoder_keep(self.adapter, pixels, grid)
+        vision.pixel_keep.append((grid, keep))
         if bool(keep.all()):
-            return original(hidden_states, grid_thw, **kwargs)
+            return original(pixels, *args, **kwargs)
         captured = len(vision.pre_projector)
-        out, merger_input = self.adapter.encode_kept(original, hidden_states, grid_thw, keep, kwargs)
-        if len(vision.pre_projector) > captured:
+        rest = {k: v for k, v in kwargs.items() if k != "grid_thw"}
+        out, merger_input = self.adapter.encode_kept(original, pixels, grid, keep, rest)
+        if merger_input is not None and len(vision.pre_projector) > captured:
             vision.pre_projector[captured] = merger_input
         return out
 
