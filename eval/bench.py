@@ -24,9 +24,9 @@ synchronised), one process:
 The image is the demo's photo, (``--image text``) scikit-image's ``text``
 sample (a 172 x 448 scan of printed text) scaled to fill the Qwen families'
 ``--qwen-pixels`` (a document page: 1280 x 1280 = 1638400), or (``--image
-page``) a page of text rendered here, black on white, 1280 px square. ``--policy`` may chain policies with ``+``: ``pixelprune+idpruner``
-is a Pipeline, pixelprune first (it takes no budget), the rest at each
-``--keep``.
+page``) a page of text rendered here, black on white, 1280 px square.
+``--policy`` may chain policies with ``+``: ``pixelprune+idpruner`` is a
+Pipeline, pixelprune first (it takes no budget), the rest at each ``--keep``.
 
 Prints markdown tables (and writes them as JSON with ``--json PATH``; nothing is
 written without it). The compaction op is also timed at
