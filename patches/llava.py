@@ -169,8 +169,10 @@ class LlavaAdapter(Adapter):
         mapped back to [0, 1] with the processor's mean and std.
         """
         patch = self.config.vision_config.patch_size
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=pixel_values.device)[:, None, None] for v in self.pixel_norm)
-        x = pixel_values.float() * std + mean
+        x = pixel_values
+        if tau > 0:  # exact equality (tau = 0) is the same on the normalised values: no copy
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device)[:, None, None] for v in self.pixel_norm)
+            x = x.float() * std + mean
         n, c, h, w = x.shape
         grid = x.reshape(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5).flatten(3)
         return torch.stack([pred2d_keep(g, tau).flatten() for g in grid])

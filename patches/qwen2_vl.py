@@ -242,9 +242,11 @@ class Qwen2VLAdapter(Adapter):
         vision = self.config.vision_config
         frames, patch = vision.temporal_patch_size, vision.patch_size
         channels = pixel_values.shape[-1] // (frames * patch * patch)
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=pixel_values.device) for v in self.pixel_norm)
-        x = pixel_values.float().reshape(-1, channels, frames * patch * patch)
-        x = (x * std[:channels, None] + mean[:channels, None]).reshape(-1, self.merge**2 * x.shape[1] * x.shape[2])
+        x = pixel_values
+        if tau > 0:  # exact equality (tau = 0) is the same on the normalised values: no copy
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device)[:channels, None] for v in self.pixel_norm)
+            x = (x.float().reshape(-1, channels, frames * patch * patch) * std + mean)
+        x = x.reshape(-1, self.merge**2 * pixel_values.shape[-1])
         keep, offset = [], 0
         for t, h, w in grid_thw.tolist():
             hm, wm = h // self.merge, w // self.merge

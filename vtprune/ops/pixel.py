@@ -20,34 +20,42 @@ import torch
 
 
 def _match(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    if tau == 0:
+        return (x == y).all(dim=-1)  # exact: no arithmetic, any dtype
     return (x - y).abs().amax(dim=-1) <= tau
 
 
 def pred2d_keep(units: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
-    """Which merge units of one grid to keep: ``units`` ``(h, w, D)`` (pixel values in [0, 1]) -> bool ``(h, w)``."""
+    """Which merge units of one grid to keep: ``units`` ``(h, w, D)`` (pixel values in [0, 1]) -> bool ``(h, w)``.
+
+    At ``tau == 0`` the values may be in any affine form of [0, 1] (the
+    processor's normalised pixels): equality is the same.
+    """
     if units.dim() != 3:
         raise ValueError(f"pred2d_keep needs a (h, w, D) grid of units; got shape {tuple(units.shape)}")
     if tau < 0:
         raise ValueError(f"tau must be >= 0; got {tau}")
-    units = units.float()
     if tau == 0:
         return _keep_exact(units)
-    return _keep_anchored(units, float(tau))
+    return _keep_anchored(units.float(), float(tau))
 
 
 def _keep_exact(g: torch.Tensor) -> torch.Tensor:
+    """Exact matching from two neighbour comparisons: each unit against its left and its upper neighbour.
+
+    With C above-left, A left and B above of X: C~A is the upper pair of A's
+    column, C~B the left pair of B's row, X~A and X~B X's own pairs.
+    """
     h, w, _ = g.shape
+    left = (g[:, 1:] == g[:, :-1]).all(dim=-1)  # (h, w-1): unit (r, c+1) equals (r, c)
+    up = (g[1:] == g[:-1]).all(dim=-1)  # (h-1, w): unit (r+1, c) equals (r, c)
     keep = torch.zeros(h, w, dtype=torch.bool, device=g.device)
     keep[0, 0] = True
-    if w > 1:
-        keep[0, 1:] = ~_match(g[0, 1:], g[0, :-1], 0.0)
-    if h > 1:
-        keep[1:, 0] = ~_match(g[1:, 0], g[:-1, 0], 0.0)
+    keep[0, 1:] = ~left[0]
+    keep[1:, 0] = ~up[:, 0]
     if h > 1 and w > 1:
-        a, b, c = g[1:, :-1], g[:-1, 1:], g[:-1, :-1]
-        use_b = _match(c, a, 0.0) & ~_match(c, b, 0.0)
-        pred = torch.where(use_b[..., None], b, a)
-        keep[1:, 1:] = ~_match(g[1:, 1:], pred, 0.0)
+        use_b = up[:, :-1] & ~left[:-1]  # C equals A and not B: a vertical edge, B predicts
+        keep[1:, 1:] = ~torch.where(use_b, up[:, 1:], left[1:])
     return keep
 
 
