@@ -11,7 +11,7 @@ synchronised), one process:
 - the bare pipeline on the hand-pruned sequence: vision tower, projector,
   embeddings, the same number of visual tokens kept by a plain index, and
   the unwrapped LLM on that sequence with the original positions (the
-  achievable speedup; SPEC section 7);
+  achievable speedup);
 - the parts: vision tower, projector, the policy's selection (the report's
   time), the compaction op (`gather_seq`) beside a plain copy of the same
   output bytes, the decoder prefill (LLM alone) unpruned and pruned, and

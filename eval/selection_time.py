@@ -1,6 +1,6 @@
 """Each selector beside a plain reimplementation of its reference loop: same tensors, one process, interleaved.
 
-The reference loops below are ours, written from the papers and the SPEC
+The reference loops below are ours, written from the papers
 (never copied): the structure each paper's code has, in plain torch.
 
 - IDPruner / AngelSlim MMR: the full cosine matrix, then one argmax per step
@@ -20,6 +20,19 @@ the ViT probe of IDPruner's default `received` importance (LLaVA shapes).
 
     python -m vtprune.eval.selection_time                        # 576 -> 64, 2880 -> 320, 8192 -> 819
     python -m vtprune.eval.selection_time --cases llava:576:64 --repeats 9 --json runs/sel.json
+    python -m vtprune.eval.selection_time --whole 1 5 --repeats 9  # the policy's whole selection, 576 and 2880
+
+``--whole IMAGES``: selection as users pay for it. A tiny random-weight
+LLaVA with the language model's width D = 1024 (`WHOLE_GEOMETRY`: 576
+tokens per image) is wrapped with IDPruner (``importance="norm"``) and
+MMTok at keep=64 per image, and one prompt with IMAGES images and a
+32-token question is run through the public API; the policy's whole
+selection is the report's ``ms`` (what `StageRunner.apply` times around
+``policy.select``), read in thread CPU time. Beside it, on the same
+in-model tensors (the projector's input and output, the question's
+embeddings): the selector function alone and the reference loop, each
+with the importance or question computation it needs. Rounds are
+interleaved; the table gives medians and the quietest round's ratios.
 
 Shapes: ``llava`` is LLaVA-1.5/NeXT-7B (D=4096, CLIP-L D'=1024, 32 heads x
 128), ``qwen`` Qwen2.5-VL-7B (D=3584, ViT D'=1280, 28 heads x 128). The
@@ -34,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -42,7 +56,7 @@ from torch import nn
 from vtprune.measure import interleaved, median, peak_bytes
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
-from vtprune.ops.probe import layer_queries, vit_attention_received
+from vtprune.patches.attention import layer_queries, vit_attention_received
 from vtprune.policies.mmtok import coverage_matrix
 from vtprune.policies.selector import VisionSelector
 
@@ -260,6 +274,133 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join([HEADER, *(_line(r) for r in rows)])
 
 
+# --- the policy's whole selection through the public API -------------------------------------------
+
+#: the `--whole` model: LLaVA, language width 1024, 576 tokens per image (96 px / 4), one small ViT layer
+WHOLE_GEOMETRY = dict(hidden=1024, layers=1, heads=8, kv_heads=8, intermediate=64, vision_hidden=256,
+                      vision_layers=1, image_size=96, patch=4)
+WHOLE_KEEP = 64
+
+
+class _ReportClock:
+    """The clock `StageRunner.apply` times selection with, set to thread CPU time while the mode runs."""
+
+    perf_counter = staticmethod(time.thread_time)
+
+
+def _thread_ms(fn) -> float:
+    start = time.thread_time()
+    fn()
+    return (time.thread_time() - start) * 1000.0
+
+
+def time_whole(n_images: int, repeats: int, warmup: int) -> list[dict]:
+    """Rows for one prompt of `n_images` images: each policy's report ms beside its selector and reference."""
+    import vtprune
+    import vtprune.stages
+    from vtprune.patches import adapter_for
+    from vtprune.policies import IDPruner, MMTok
+    from vtprune.tiny import IMAGE_TOKEN, Geometry, SampleSpec, make_inputs, tiny_model
+
+    model = tiny_model("llava", Geometry(**WHOLE_GEOMETRY))
+    batch = make_inputs(model, [SampleSpec(images=((96, 96),) * n_images, question=QUESTION_TOKENS)])
+    tensors: dict[str, torch.Tensor] = {}
+    projector = adapter_for(model).projector_module()
+    hooks = [
+        projector.register_forward_pre_hook(lambda _m, args: tensors.__setitem__("pre", args[0])),
+        projector.register_forward_hook(lambda _m, _a, out: tensors.__setitem__("post", out)),
+    ]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    dim = model.config.text_config.hidden_size
+    per_image = tensors["post"].shape[1]
+    visual = tensors["post"].reshape(-1, dim).contiguous()
+    visual_pre = tensors["pre"].reshape(-1, tensors["pre"].shape[-1]).contiguous()
+    ids = batch["input_ids"][0]
+    after = int(torch.nonzero(ids == IMAGE_TOKEN).max()) + 1  # the question: every token after the last image
+    with torch.no_grad():
+        question = model.get_input_embeddings()(ids[after:])
+    n, k = visual.shape[0], WHOLE_KEEP * n_images
+    images = [slice(i * per_image, (i + 1) * per_image) for i in range(n_images)]
+    tau_t = SHAPES["llava"]["tau_t"]
+
+    def norm_mmr():
+        return mmr_select(visual, torch.linalg.vector_norm(visual, dim=-1), k, LAM)
+
+    def norm_reference():
+        return reference_mmr(visual, visual.norm(dim=-1), k)
+
+    def mmtok_alone():
+        return [coverage_select(coverage_matrix(visual[s], visual_pre[s], question, ALPHA, TAU_V, tau_t),
+                                WHOLE_KEEP).indices + s.start for s in images]
+
+    def mmtok_reference():
+        return [reference_mmtok(visual[s], visual_pre[s], question, tau_t, WHOLE_KEEP).sort().values + s.start
+                for s in images]
+
+    cases = {
+        "idpruner (importance=norm)": (IDPruner(keep=WHOLE_KEEP, importance="norm"), norm_mmr, norm_reference),
+        "mmtok": (MMTok(keep=WHOLE_KEEP, tau_t=tau_t), mmtok_alone, mmtok_reference),
+    }
+    rows = []
+    saved = vtprune.stages.time
+    vtprune.stages.time = _ReportClock  # the report's ms, in thread CPU time
+    try:
+        for name, (policy, alone, reference) in cases.items():
+            vtprune.wrap(model, policy)
+
+            def whole():
+                with torch.no_grad():
+                    model(**batch)
+                return vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]["projector"]["ms"]
+
+            times: dict[str, list[float]] = {"whole": [], "alone": [], "reference": []}
+            for rnd in range(warmup + repeats):
+                got = {"whole": whole(), "alone": None, "reference": None}
+                with torch.no_grad():
+                    got["alone"] = _thread_ms(alone)
+                    got["reference"] = _thread_ms(reference)
+                if rnd >= warmup:
+                    for key, value in got.items():
+                        times[key].append(value)
+            kept = torch.cat([torch.tensor(img["stages"]["projector"]["kept"]) + i * per_image
+                              for i, img in enumerate(vtprune.report(model).to_dict()["samples"][0]["images"])])
+            with torch.no_grad():
+                mine, theirs = alone(), reference()
+            mine = torch.cat(mine) if isinstance(mine, list) else mine
+            theirs = torch.cat(theirs) if isinstance(theirs, list) else theirs
+            quiet = min(range(repeats), key=lambda r: times["reference"][r] + times["whole"][r])
+            rows.append({
+                "policy": name, "n": n, "keep": k, "images": n_images, "dim": dim,
+                "whole_ms": median(times["whole"]), "alone_ms": median(times["alone"]),
+                "reference_ms": median(times["reference"]),
+                "whole_ratio": median(times["whole"]) / median(times["reference"]),
+                "alone_ratio": median(times["alone"]) / median(times["reference"]),
+                "quietest_whole_ratio": times["whole"][quiet] / times["reference"][quiet],
+                "runs_ms": times,
+                "equal": torch.equal(kept.sort().values, theirs.sort().values)
+                and torch.equal(mine.sort().values, theirs.sort().values),
+            })
+            print(_whole_line(rows[-1]), flush=True)
+            vtprune.unwrap(model)
+    finally:
+        vtprune.stages.time = saved
+    return rows
+
+
+WHOLE_HEADER = ("| policy | N -> K | whole selection ms (report) | selector alone ms | reference ms | "
+                "whole / reference | alone / reference | quietest round whole / reference | keep sets equal |\n"
+                "|---|---|---:|---:|---:|---:|---:|---:|---|")
+
+
+def _whole_line(r: dict) -> str:
+    return (f"| {r['policy']} | {r['n']} -> {r['keep']} | {r['whole_ms']:.2f} | {r['alone_ms']:.2f} | "
+            f"{r['reference_ms']:.2f} | {r['whole_ratio']:.2f}x | {r['alone_ratio']:.2f}x | "
+            f"{r['quietest_whole_ratio']:.2f}x | {'yes' if r['equal'] else 'NO'} |")
+
+
 def _case(text: str) -> tuple[str, int, int]:
     shape, n, k = text.split(":")
     if shape not in SHAPES:
@@ -276,6 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--big-repeats", type=int, default=1, help=f"repeats (and no warm-up) for N >= {BIG}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--whole", nargs="+", type=int, metavar="IMAGES",
+                        help="instead of the selectors: each policy's whole selection through the public API for one "
+                             "prompt of IMAGES images of 576 tokens (1: 576 -> 64, 5: 2880 -> 320), CPU")
     parser.add_argument("--json", default="runs/selection_time.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
     from .outputs import file_problem
@@ -286,6 +430,18 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_before = os.getloadavg()
+    if args.whole:
+        print(WHOLE_HEADER)
+        rows = [row for images in args.whole for row in time_whole(images, args.repeats, args.warmup)]
+        result = {"mode": "whole", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                  "repeats": args.repeats, "warmup": args.warmup, "geometry": WHOLE_GEOMETRY, "rows": rows}
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"\n(thread CPU time, {torch.get_num_threads()} torch thread, load average before "
+              f"{load_before[0]:.2f}, after {result['load_average_after'][0]:.2f}); wrote {out}")
+        return result
     print(HEADER)
     rows = []
     for shape, n, k in args.cases:

@@ -38,6 +38,7 @@ from PIL import Image
 
 from .. import api, toyvqa
 from ..budget import parse_keep, validate_keep
+from ..policies.base import policy_spec
 from .outputs import file_problem, make_parent
 
 PERTURBATIONS = ("noise", "shift", "jpeg")
@@ -95,11 +96,6 @@ def _answers_and_kept(model, processor, items, images, batch_size: int, pruned: 
     return answers, kept
 
 
-def _policy(spec: str) -> tuple[str, dict]:
-    name, _, variant = spec.partition(":")
-    return name, ({"importance": variant} if variant else {})
-
-
 def measure(model, processor, policies: list[str], keep, n: int = 8, batch_size: int = 16,
             perturbations: tuple[str, ...] = PERTURBATIONS) -> dict:
     """Jaccard of kept sets, answer agreement and accuracy under each perturbation, per policy and unpruned."""
@@ -123,7 +119,7 @@ def measure(model, processor, policies: list[str], keep, n: int = 8, batch_size:
                         "agreement": {k: agreement(base[k], base["original"]) for k in perturbations}},
            "policies": []}
     for spec in policies:
-        name, options = _policy(spec)
+        name, options = policy_spec(spec)
         start = time.perf_counter()
         with api.pruned(model, name, keep=keep, tokenizer=processor, **options):
             runs = {v: _answers_and_kept(model, processor, items, imgs, batch_size, pruned=True)

@@ -17,7 +17,7 @@ every budget (the baselines every comparison needs). Afterwards
   evaluation, lmms-eval's wrapper at ``batch_size: 1``), ``prefill ms b8`` the
   median of 3 prefills of one batch of 8 toyvqa items (lmms: the evaluation's
   batch-8 prefills when ``batch_size: 8``). Both include the policy's selection.
-- retained per task family (SPEC 8): OCR apart from the rest, as it is the
+- retained per task family: OCR apart from the rest, as it is the
   most fragile (toyvqa: per question type, ``reading`` is its OCR).
 - the papers' reported retention (model_zoo.yaml, for the checkpoint the
   loaded config matches) beside ours, averaged over the sweep's tasks.
@@ -78,13 +78,14 @@ import yaml
 
 from .. import api, toyvqa
 from ..measure import time_prefill
+from ..policies.base import policy_spec
 
 BASELINES = ("random", "pooling")
 LMMS = "lmms:"
 TIMED_ITEMS = 8  # toyvqa items timed one by one for "prefill ms b1"; also the size of the b8 batch
 PERTURBATIONS = ("noise", "shift", "jpeg")
 
-#: lmms-eval task name prefix -> task family (SPEC 8: OCR reported on its own).
+#: lmms-eval task name prefix -> task family (OCR reported on its own).
 FAMILIES = {
     "textvqa": "ocr", "docvqa": "ocr", "chartqa": "ocr", "ocrbench": "ocr", "infovqa": "ocr", "ocrvqa": "ocr",
     "pope": "hallucination",
@@ -193,7 +194,7 @@ def check_config(cfg, source: str = "", backend: str = "local") -> dict:
     if cfg.get("policies") is not None:
         cfg["policies"] = _strings(cfg, "policies", problems, "policy names (name or name:variant)")
         for policy in cfg["policies"]:
-            name, options = _policy_options(policy)
+            name, options = policy_spec(policy)
             if name == "none":
                 problems.append("policy 'none' is not a policy to list: every model's unpruned run is added")
             elif error := unknown_policy([name]):
@@ -332,11 +333,6 @@ def _time_toyvqa(model, processor, size: int = TIMED_ITEMS) -> dict[str, float]:
     return {"1": round(b1, 3), str(size): round(b8, 3)}
 
 
-def _policy_options(policy: str) -> tuple[str, dict]:
-    name, _, variant = policy.partition(":")
-    return name, ({"importance": variant} if variant else {})
-
-
 def _compare(row: dict, base: dict | None) -> None:
     if base is None:
         return
@@ -358,7 +354,7 @@ def run_one(model, processor, policy: str, keep, n: int, base: dict | None, stab
     """One toyvqa run: accuracy (batch 16), prefill times at batch 1 and 8, optionally selection stability."""
     from ..zoo import checkpoint_for
 
-    name, options = _policy_options(policy)
+    name, options = policy_spec(policy)
     start = time.perf_counter()
     row = dict(policy=policy, keep=keep, checkpoint=checkpoint_for(model.config))
     if policy == "none":
@@ -385,7 +381,7 @@ def run_one(model, processor, policy: str, keep, n: int, base: dict | None, stab
 
 def _policy_args(policy: str, keep) -> dict:
     """``name:variant`` (IDPruner's importance) as the runner's pruning arguments."""
-    name, options = _policy_options(policy)
+    name, options = policy_spec(policy)
     if name == "none":
         return {}
     return {"policy": name, "keep": keep, **options}
@@ -584,7 +580,7 @@ def paper_point(checkpoint: str | None, policy: str, keep) -> tuple[float, str] 
         return None
     from ..zoo import zoo
 
-    entry = zoo().get("checkpoints", {}).get(checkpoint, {}).get("paper_results", {}).get(policy.partition(":")[0])
+    entry = zoo().get("checkpoints", {}).get(checkpoint, {}).get("paper_results", {}).get(policy_spec(policy)[0])
     retained = (entry or {}).get("retained")
     if not isinstance(retained, dict):
         return None

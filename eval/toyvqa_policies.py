@@ -20,16 +20,10 @@ import torch
 
 from .. import api, toyvqa
 from ..budget import parse_keep
+from ..policies.base import policy_spec
 
 DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "idpruner:received",
                     "entropyprune", "fastv", "transprune", "hiprune", "visionzip"]
-
-def _policy(spec: str) -> tuple[str, dict]:
-    """``NAME`` or ``NAME:IMPORTANCE`` -> (name, options). Layer defaults for the toy
-    models' depth come from their own model_zoo.yaml entries."""
-    name, _, variant = spec.partition(":")
-    return name, ({"importance": variant} if variant else {})
-
 
 def run(model_ref: str, policies: list[str], budgets: list, n: int, batch_size: int) -> list[dict]:
     model, processor = toyvqa.load(model_ref)
@@ -39,7 +33,7 @@ def run(model_ref: str, policies: list[str], budgets: list, n: int, batch_size: 
     rows.append(dict(policy="none", keep="all", overall=base["overall"], per_type=base["per_type"],
                      retained=1.0, agree=1.0, seconds=time.perf_counter() - start))
     for spec in policies:
-        name, options = _policy(spec)
+        name, options = policy_spec(spec)
         for keep in budgets:
             start = time.perf_counter()
             with api.pruned(model, name, keep=keep, tokenizer=processor, **options):

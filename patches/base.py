@@ -144,10 +144,12 @@ class Adapter:
         return tuple(i for i in range(self.num_layers) if self.layer_type(i) != "linear_attention")
 
     def seq_length_layer(self) -> int:
-        """The decoder layer whose cache ``Cache.get_seq_length()`` reads when no layer is named.
+        """The first decoder layer whose cache holds keys and values: the length of the kept sequence.
 
-        transformers reads layer 0, or on hybrid caches the first layer that
-        holds keys and values (linear-attention layers hold a fixed-size state).
+        Linear-attention layers hold a fixed-size state. transformers 5.24's
+        ``Cache.get_seq_length()`` reads this layer when no layer is named;
+        5.25's reads layer 0 whatever it is (a linear layer counts the tokens it
+        saw), so the runtime reads lengths from this layer itself.
         """
         return min(self.attention_layers(), default=0)
 
@@ -156,7 +158,7 @@ class Adapter:
 
         ``mask_kwargs`` describe the level's sequence (its 2-D mask, embeddings,
         cache); ``layer`` is the first layer of that type in the level, whose
-        cache sizes a causal mask (trap 3). Linear-attention layers take the
+        cache sizes a causal mask (transformers sizes it from that layer's cache length). Linear-attention layers take the
         2-D padding mask itself, trimmed to the new tokens, as transformers
         builds it for them.
         """

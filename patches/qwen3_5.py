@@ -16,8 +16,11 @@ attention layers (``config.layer_types``). What that means for pruning:
   `Adapter.layer_mask` from the level's re-padded mask.
 - Only the full-attention layers hold keys and values; their caches shrink
   to text plus kept tokens. The recurrent and convolution states have the
-  same size whatever is kept. ``Cache.get_seq_length()`` reads the first
-  full-attention layer (`Adapter.seq_length_layer`).
+  same size whatever is kept. The runtime reads the kept length from the
+  first full-attention layer (`Adapter.seq_length_layer`); since transformers
+  5.25 linear layers count their own tokens and ``Cache.get_seq_length()``
+  reads layer 0, so after a prefill the linear layers below the first
+  full-attention layer are set to report its (kept) length.
 - Attention probes (FastV, TransPrune's IGA, EntropyPrune's queries) read
   only full-attention layers (`Adapter.attention_layers`); `wrap` refuses
   the others by name. The full-attention layers are gated (``q_proj`` gives

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 
 def _no_weights_attention(*args, **kwargs):
-    """An attention backend that never returns weights (SPEC invariant 6)."""
+    """An attention backend that never returns weights (policies must not need the model's attention weights)."""
     out, _ = sdpa_attention_forward(*args, **kwargs)
     return out, None
 

@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 6): a clear error naming what was given, and the model left exactly as it was."""
+"""Bad input: a clear error naming what was given, and the model left exactly as it was."""
 
 from __future__ import annotations
 
@@ -198,4 +198,4 @@ def test_a_misspelt_option_lists_the_policy_options_only():
         make_policy("fastv", keep=4, at_layr=2)
     message = str(err.value)
     assert "'at_layer'" in message and "'keep'" in message and "at_layr" in message
-    assert "zoo_fields" not in message and "needs_layer_inputs" not in message and "'stage'" not in message
+    assert "zoo_fields" not in message and "whole_grid" not in message and "'stage'" not in message

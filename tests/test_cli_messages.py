@@ -37,7 +37,7 @@ def test_option_errors_list_the_policys_options_not_its_class_constants():
         _check_policy({"policy": "idpruner", "keep": 64, "lamda": 0.3}, "the wrapper takes [...]")
     message = str(info.value)
     assert "no option lamda" in message and "lam, per_image, selector" in message
-    assert "stage" not in message and "needs_layer_inputs" not in message
+    assert "stage" not in message and "whole_grid" not in message
 
 
 @pytest.mark.parametrize("curve, warned", [([0.1, 0.2, 0.3, 0.4], True), ([0.5, 0.2, 0.1, 0.1], False)])

@@ -1,4 +1,5 @@
-"""Core invariants (SPEC section 5, items 1-5 and 7) on every family, eager / SDPA / a no-weights backend."""
+"""Core invariants on every family, eager / SDPA / a no-weights backend: full budget == unwrapped, pruned ==
+hand-pruned inputs, cached == uncached, a batch == its samples one by one, unwrap bit-exact, exact budgets."""
 
 from __future__ import annotations
 
@@ -231,7 +232,10 @@ def test_sampled_generate_runs_and_kv_cache_is_smaller(family):
 
 @torch.no_grad()
 def test_manual_decode_loop_continues_from_unpruned_positions(family):
-    """Decode steps without generate(): positions come from the pruned cache and must be fixed (trap 4)."""
+    """Decode steps without generate(): positions come from the pruned cache and must be fixed.
+
+    transformers would count them from the shorter cache.
+    """
     model = model_for(family, "sdpa")
     batch = inputs(model, [single_spec(family)])
     vtprune.wrap(model, "random", keep=3)
@@ -262,7 +266,8 @@ def test_compact_positions(family_1d, stage):
 
 @torch.no_grad()
 def test_no_mask_no_cache_forward_is_not_block_diagonal(family):
-    """Gapped original positions without a 2-D mask must not be read as packed sequences (trap 1)."""
+    """Gapped original positions without a 2-D mask must not be read as packed sequences (transformers reads
+    position ids that do not increase by one as sequence starts)."""
     model = model_for(family, "sdpa")
     batch = inputs(model, [single_spec(family)])
     vtprune.wrap(model, "random", keep=3)

@@ -1,4 +1,5 @@
-"""The attention-free policies on every family: budgets, batching, cache, backends (SPEC 5 items 3, 4, 6, 7)."""
+"""Every policy on every family: budgets, a sample alone == in a batch, cached == uncached generation, eager == SDPA == a
+backend without attention weights."""
 
 from __future__ import annotations
 

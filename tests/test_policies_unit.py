@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import vtprune
 from vtprune.context import StageContext
 from vtprune.layout import ImageLayout, SampleLayout, SubGrid
 from vtprune.ops.entropy import matrix_entropy
@@ -317,7 +318,7 @@ def test_entropyprune_per_model_layer(model_type, at):
     policy = EntropyPrune()
     assert policy.at is None
     bound = policy.bind(FakeAdapter(model_type=model_type, num_layers=5))
-    assert bound.at == at and bound.layer_queries_needed() == (at - 1,) and bound.stage_key == f"llm@{at}"
+    assert bound.at == at and bound.signals().decoder_queries == (at - 1,) and bound.stage_key == f"llm@{at}"
     assert policy.at is None and policy == EntropyPrune()  # binding never writes onto the user's object
     other = "qwen2_vl" if at == 2 else "llava"
     assert policy.bind(FakeAdapter(model_type=other)).at == {"llava": 2, "qwen2_vl": 1}[other]  # per model
@@ -327,7 +328,7 @@ def test_entropyprune_layer_checks():
     with pytest.raises(ValueError, match=r"at_layer=4 is past the model's depth; .* must be in \[1, 3\]"):
         EntropyPrune(at_layer=4).bind(FakeAdapter(num_layers=4))
     with pytest.raises(RuntimeError, match="bind"):
-        EntropyPrune().layer_queries_needed()
+        EntropyPrune().signals()
     with pytest.raises(ValueError, match="give at_layer explicitly"):
         EntropyPrune().bind(FakeAdapter(model_type="idefics"))
 
@@ -371,3 +372,27 @@ def test_idpruner_received_importance_needs_binding():
     ctx = make_ctx([{"images": [12], "question": 3}])
     with pytest.raises(RuntimeError, match="bind"):
         IDPruner(keep=4).select(ctx)
+
+
+def test_readme_policy_table_is_the_registry():
+    """The README's policy table is what the registry's declarations give (regenerate it, never edit it by hand)."""
+    from pathlib import Path
+
+    from vtprune.policies import policy_table
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    table = policy_table()
+    assert table in readme.read_text(), "README.md's policy table differs from policy_table(); paste its output"
+    assert table.count("\n") == len(vtprune.available_policies()) + 1
+
+
+def test_every_registered_policy_runs_in_the_family_matrix():
+    """Each registered policy is in tests/test_policies_models.py's POLICIES (or is a baseline tested on its own)."""
+    from test_policies_models import POLICIES
+
+    in_matrix = {make(3).name for make in POLICIES.values()}
+    baselines = {"random", "pooling", "fixed"}  # test_runtime / test_policies_unit cover them on every family
+    # pixelprune takes no budget (the matrix checks budgets) and runs on the families whose tower it can shorten:
+    # tests/test_pixelprune.py runs the same invariants (batch, cache, report) on each of them
+    budget_free = {"pixelprune"}
+    assert set(vtprune.available_policies()) - baselines - budget_free <= in_matrix

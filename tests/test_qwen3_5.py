@@ -186,7 +186,7 @@ def test_queries_are_the_gated_attention_layers_own():
     ids=["before-first-full", "before-linear", "three-levels"],
 )
 def test_decode_after_llm_stage_pruning(policy):
-    """Level 0 may hold no keys (layer 0 is linear): decode masks and positions still follow the right level (traps 2-4)."""
+    """Level 0 may hold no keys (layer 0 is linear): decode masks and positions still follow the right level."""
     model = model_for(FAMILY)
     batch = inputs(model, mixed_specs(FAMILY))
     vtprune.wrap(model, policy)
@@ -220,3 +220,23 @@ def test_video_frames_sit_between_timestamps_that_stay_text():
         model(**batch)
     handle.remove()
     assert seen["n"] == ids.numel() - frames.numel() + 3  # every timestamp and frame marker kept
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("at", [1, 2, 3])
+def test_text_only_sample_decodes_as_alone_unwrapped_after_an_llm_stage_prune(at):
+    """A sample without images loses nothing: batched with pruned samples, it generates what it does alone unwrapped.
+
+    Every decode step's 2-D mask is translated with the count of tokens since the prefill, read from a layer
+    that holds keys (Qwen3.5's layer 0 is linear: since transformers 5.25 it counts the unpruned length).
+    """
+    model = model_for(FAMILY)
+    batch = inputs(model, mixed_specs(FAMILY))
+    text_only = [b for b, spec in enumerate(mixed_specs(FAMILY)) if not spec.images and not spec.videos]
+    kw = gen_kwargs(6)
+    want = {b: model.generate(**sample_alone(batch, b, FAMILY), **kw)[0, -6:] for b in text_only}
+    vtprune.wrap(model, Random(keep=3, at_layer=at))
+    got = model.generate(**batch, **kw)
+    assert text_only
+    for b in text_only:
+        assert torch.equal(got[b, -6:], want[b]), b

@@ -1,4 +1,4 @@
-"""TransPrune (SPEC 4.3): TTV and IGA against brute force, stage counts, cache, positions, bad schedules.
+"""TransPrune: TTV and IGA against brute force, stage counts, cache, positions, bad schedules.
 
 Budgets, batch == alone, cache == recomputation and backend independence on
 every family also run in tests/test_policies_models.py (a two-stage schedule).
@@ -14,7 +14,7 @@ from helpers import gen_kwargs, hooks_left, inputs, mixed_specs, model_for, patc
 
 import vtprune
 from vtprune.ops.transition import token_transition
-from vtprune.policies import Fixed, Pipeline, Random, TransPrune
+from vtprune.policies import Fixed, Pipeline, Random, Signals, TransPrune
 from vtprune.tiny import IMAGE_TOKEN, SampleSpec
 
 # The paper's ratios on the 4-layer tiny models: prune after 1-based layers 1, 2, 3, TTV from layer 1.
@@ -349,11 +349,14 @@ def test_defaults_come_from_the_model_zoo():
     from vtprune.patches import adapter_for
 
     policy = TransPrune()
-    assert policy.at is None and policy.prune_layers() == ()
+    assert policy.at is None
+    with pytest.raises(RuntimeError, match=r"prune_after, ratios, ttv_from not resolved yet; bind\(adapter\) first"):
+        policy.signals()
     model = model_for("qwen2_5_vl", "sdpa", layers=13)
     policy = policy.bind(adapter_for(model))
     assert policy.schedule() == ((7, 9, 12), (0.875, 0.625, 0.125), 7)
-    assert policy.prune_layers() == (7, 9, 12) and policy.sub_block_layers() == tuple(range(6, 12))
+    assert policy.signals() == Signals(prune_before=(7, 9, 12), decoder_attention=(7, 9, 12),
+                                       sub_blocks=tuple(range(6, 12)))
     assert policy.describe() == "transprune(after=7,9,12, ratios=0.875,0.625,0.125, ttv_from=7)"
     with torch.no_grad():
         vtprune.wrap(model, "transprune")

@@ -37,7 +37,7 @@ def test_toy_checkpoints_match_their_entries_and_move_the_reference_layers(toy):
     policy = TransPrune().bind(adapter)
     assert policy.prune_layers() == (1, 2, 3)
     hip = HiPrune(keep=32).bind(adapter)
-    assert hip.vision_layers_needed()[0] == {"llava": 2, "qwen2_5_vl": 1}[config.model_type] - 1
+    assert hip.signals().vision_inputs[0] == {"llava": 2, "qwen2_5_vl": 1}[config.model_type] - 1
 
 
 def test_a_config_differing_in_one_field_matches_no_checkpoint(toy):

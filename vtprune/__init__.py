@@ -7,12 +7,13 @@
     vtprune.unwrap(model)
 """
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
 
-# The design card keeps patches/, cuda/ and eval/ at the top of the repository;
+# patches/, cuda/ and eval/ sit at the top of the repository;
 # setup.py installs them as vtprune.patches, vtprune.cuda and vtprune.eval. In a
 # source checkout (python run from the repo root, where this folder shadows the
 # installed package) the same names resolve to those folders, so the source tree
@@ -35,10 +36,27 @@ class _SourceTreeFinder(importlib.abc.MetaPathFinder):
 if not (Path(__file__).resolve().parent / "patches").is_dir() and (_SOURCE_ROOT / "patches" / "__init__.py").is_file():
     sys.meta_path.insert(0, _SourceTreeFinder())
 
-from . import policies  # noqa: E402
-from .api import is_wrapped, pruned, report, unwrap, wrap  # noqa: E402
-from .patches import supported_model_types  # noqa: E402
-from .policies import Pipeline, available_policies  # noqa: E402
+# The public names are imported on first use (PEP 562), so that `vtprune --help` and the
+# command line's argument errors need neither torch nor transformers.
+_PUBLIC = {
+    "wrap": "api", "unwrap": "api", "pruned": "api", "report": "api", "is_wrapped": "api",
+    "Pipeline": "policies", "available_policies": "policies", "supported_model_types": "patches",
+}
+
+
+def __getattr__(name: str):
+    if name == "policies":
+        return importlib.import_module(".policies", __name__)
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __version__ = "0.1.0"
 

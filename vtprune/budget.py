@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-ROUNDINGS = ("round", "floor")
-
 
 def parse_keep(text: str) -> int | float:
     """A budget as a command line gives it: ``"64"`` is a token count, ``"0.25"`` or ``"1e-3"`` a fraction.

@@ -71,7 +71,7 @@ class StageContext:
 
     def features(self, b: int, i: int) -> torch.Tensor:
         """Current features of image i's alive tokens, ``(n, D)`` (post-projector at the projector stage)."""
-        return self.hidden[b, self.seq_positions[b][i]]
+        return self.hidden[b].index_select(0, self.seq_positions[b][i])  # one gather of rows (indexing: slower)
 
     def pre_projector(self, b: int, i: int) -> torch.Tensor:
         """Vision-encoder features of image i's alive tokens before the projector, ``(n, D')``."""
@@ -80,14 +80,14 @@ class StageContext:
 
     def question(self, b: int) -> torch.Tensor:
         """Current features of the sample's question tokens, ``(m, D)``."""
-        return self.hidden[b, self.question_seq_positions[b]]
+        return self.hidden[b].index_select(0, self.question_seq_positions[b])
 
     def layer_input(self, layer: int) -> torch.Tensor:
         """Hidden states entering decoder ``layer`` (captured during this prefill), ``(B, L, D)``."""
         if layer not in self.layer_inputs:
             raise KeyError(
                 f"the input of decoder layer {layer} was not captured; a policy lists the layers it reads "
-                f"in `needs_layer_inputs` (captured here: {sorted(self.layer_inputs)})"
+                f"in `Signals.decoder_inputs` (captured here: {sorted(self.layer_inputs)})"
             )
         return self.layer_inputs[layer]
 
@@ -95,12 +95,12 @@ class StageContext:
         """Pre-RoPE queries of decoder ``layer`` for image i's alive tokens, ``(n, heads, head_dim)``.
 
         Taken from the layer's own ``q_proj`` output in this prefill (listed in
-        the policy's `layer_queries_needed`), so nothing is recomputed.
+        the policy's `Signals.decoder_queries`), so nothing is recomputed.
         """
         if layer not in self.layer_q:
             raise KeyError(
                 f"the queries of decoder layer {layer} were not captured; a policy lists the layers it reads "
-                f"in `layer_queries_needed()` (captured here: {sorted(self.layer_q)})"
+                f"in `Signals.decoder_queries` (captured here: {sorted(self.layer_q)})"
             )
         q = self.layer_q[layer][b, self.seq_positions[b][i]]
         return self.adapter.decoder_queries(layer, q)
@@ -120,7 +120,7 @@ class StageContext:
         Summed over all queries of the layer's attention (CLS included; Qwen:
         the queries of the same window or image), mean over heads, CLS column
         dropped, Qwen merge units averaged; recomputed by the ViT probe from the
-        layer's captured input (listed in the policy's `vision_layers_needed`),
+        layer's captured input (listed in the policy's `Signals.vision_inputs`),
         once per batch.
         """
         return self._vision_values("received", self.adapter.vision_attention_received, b, i, layer)
@@ -142,7 +142,7 @@ class StageContext:
         """
         calls = self.captured.get("vision_layers", {}).get(layer)
         if not calls:
-            raise KeyError(f"vision layer {layer} was not captured; list it in `vision_layers_needed()`")
+            raise KeyError(f"vision layer {layer} was not captured; list it in the policy's `Signals.vision_inputs`")
         return self.adapter.vision_cls_feature(self.captured, self.layouts, b, i, calls)
 
     def vision_keys(self, b: int, i: int, layer: int) -> torch.Tensor:
@@ -167,7 +167,7 @@ class StageContext:
         if (what, layer) not in self._memo:
             calls = self.captured.get("vision_layers", {}).get(layer)
             if not calls:
-                raise KeyError(f"vision layer {layer} was not captured; list it in `vision_layers_needed()`")
+                raise KeyError(f"vision layer {layer} was not captured; list it in the policy's `Signals.vision_inputs`")
             values = [probe(layer, call) for call in calls]
             # an encoder-side prune (PixelPrune) ran the tower on the kept units: back to one row per patch
             kept = self.captured.get("pixel_keep") or ()

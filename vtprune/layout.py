@@ -7,7 +7,7 @@ and never look at model-specific structures. Positions are never hard-coded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -77,7 +77,6 @@ class SampleLayout:
     images: list[ImageLayout]
     question_positions: torch.Tensor
     valid: torch.Tensor
-    extra: dict = field(default_factory=dict)
 
     @property
     def visual_positions(self) -> torch.Tensor:

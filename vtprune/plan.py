@@ -9,13 +9,14 @@ the user gave is never changed; the `Plan` holds the resolved copies.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .patches import Adapter, adapter_for
-from .policies.base import POSITION_MODES, Pipeline, Policy, check_decoder_layer, make_policy
+from .policies.base import POSITION_MODES, Pipeline, Policy, Signals, check_decoder_layer, make_policy
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,7 +27,8 @@ class Plan:
     Pipeline); ``pipeline`` the same policies resolved for this model.
     ``prune_layers`` maps a decoder layer to the (index in the pipeline,
     policy) that prunes before it; a progressive policy (TransPrune) appears
-    at several layers.
+    at several layers. ``signals[i]`` is what policy i reads from the model
+    (`Policy.signals`); ``reads`` their union, what the runtime captures.
     """
 
     adapter: Adapter
@@ -35,17 +37,23 @@ class Plan:
     positions: str
     tokenizer: Any
     prune_layers: dict[int, tuple[int, Policy]]
-    layer_inputs: frozenset[int]
-    layer_queries: frozenset[int]
-    vision_layers: frozenset[int]
-    #: the policy that chooses which patches the vision tower encodes (PixelPrune), if any
-    encoder_policy: Policy | None = None
+    signals: tuple[Signals, ...]
+    reads: Signals
+
+    @property
+    def encoder_policy(self) -> Policy | None:
+        """The policy that chooses which patches the vision tower encodes (``Signals.encoder_prune``), if any."""
+        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.encoder_prune), None)
+
+    def sub_blocks(self) -> list[tuple[int, Policy, int]]:
+        """(index in the pipeline, policy, decoder layer) of every sub-block observation."""
+        return [(i, p, layer) for i, (p, s) in enumerate(zip(self.pipeline.policies, self.signals)) for layer in s.sub_blocks]
 
     def first_wrapped_layer(self) -> int | None:
         """The first decoder layer whose forward the runtime must see (None: no llm-stage work)."""
         if not self.prune_layers:
             return None
-        return min(min(self.prune_layers), min(self.layer_inputs, default=10**9))
+        return min(min(self.prune_layers), min(self.reads.decoder_inputs, default=10**9))
 
     def rebuild(self, model: nn.Module) -> Plan:
         """The same configuration bound to another model (a deep copy of this one)."""
@@ -75,25 +83,30 @@ def build_plan(model: nn.Module, policy, keep, positions: str, options: dict, to
             "(temporal, height, width), so only positions='original' is defined for it"
         )
     bound = pipeline.bind(adapter)  # stage order checked again, now that per-model layers are known
+    signals = tuple(p.signals() for p in bound.policies)
+    reads = functools.reduce(Signals.union, signals, Signals())
     depth = adapter.num_layers
-    for p in bound.llm():
-        for at in p.prune_layers():
+    for p, s in zip(bound.policies, signals):
+        for at in s.prune_before:
             check_decoder_layer(p.describe(), "at_layer", at, depth)
-    for p in bound.policies:
-        for layer in (*p.layer_inputs_needed(), *p.sub_block_layers(), *p.layer_queries_needed()):
+    for p, s in zip(bound.policies, signals):
+        for layer in s.decoder_layers_read():
             if not 0 <= layer < depth:
                 raise ValueError(f"{p.describe()} reads decoder layer {layer}; the model has layers 0..{depth - 1}")
     attention = adapter.attention_layers()
-    for p in bound.policies:
-        for layer in p.attention_layers_needed():
+    for p, s in zip(bound.policies, signals):
+        for layer in s.decoder_attention:
             if layer not in attention:
                 raise ValueError(
                     f"{p.describe()} reads the attention of decoder layer {layer}, a {adapter.layer_type(layer)} "
                     f"layer of this {adapter.model_type} model (no queries and keys to score); its layers with "
                     f"softmax attention are {list(attention)}: choose the policy's layers so that it reads one of them"
                 )
-    encoder = [p for p in bound.policies if getattr(p, "prunes_encoder", False)]
-    for layer in sorted({x for p in bound.policies for x in p.layer_queries_needed()}):
+    for p, s in zip(bound.policies, signals):
+        if s.encoder_prune and s.encoder_prune != (0,):
+            raise ValueError(f"{p.describe()}: the vision tower is pruned before its first block only (0); "
+                             f"got {s.encoder_prune}")
+    for layer in reads.decoder_queries:
         adapter.query_module(layer)  # the adapter must know where the queries are (raises otherwise)
     return Plan(
         adapter=adapter,
@@ -101,9 +114,7 @@ def build_plan(model: nn.Module, policy, keep, positions: str, options: dict, to
         pipeline=bound,
         positions=positions,
         tokenizer=tokenizer,
-        prune_layers={layer: (i, p) for i, p in enumerate(bound.policies) for layer in p.prune_layers()},
-        layer_inputs=frozenset(x for p in bound.policies for x in p.layer_inputs_needed()),
-        layer_queries=frozenset(x for p in bound.policies for x in p.layer_queries_needed()),
-        vision_layers=frozenset(x for p in bound.policies for x in p.vision_layers_needed()),
-        encoder_policy=encoder[0] if encoder else None,
+        prune_layers={layer: (i, p) for i, (p, s) in enumerate(zip(bound.policies, signals)) for layer in s.prune_before},
+        signals=signals,
+        reads=reads,
     )

@@ -1,6 +1,6 @@
 """The pruning runtime: the hooks and instance-bound forwards of one wrapped model.
 
-Data path (SPEC section 3): a pre-hook on the base model records the batch's
+Data path: a pre-hook on the base model records the batch's
 inputs into the call's record (`vtprune.call.CallRecord`, one per
 ``generate`` or per forward, per thread); the language model's forward
 (replaced on the instance) has `vtprune.stages.StageRunner` build the
@@ -12,7 +12,11 @@ may prune at several) through the same runner; policies that observe
 sub-blocks (TTV) get forward hooks that work in prefill only. Decode steps never re-score: the state a
 prefill leaves is kept with the cache it filled, and each step translates
 the growing 2-D mask to the kept columns of each cache level and fixes
-positions where HF derives them from the (pruned) cache length.
+positions where HF derives them from the (pruned) cache length. A static
+cache needs nothing else: each of its layers writes at its own count, so a
+pruned prefill fills the first slots and decoding continues after them
+(generate's ahead-of-time masks for it are left to the model, built from
+the translated 2-D mask).
 
 What is bound here is wiring only: what one call captures lives in its
 record, and what the policy resolved for this model lives in the `Plan`.
@@ -20,6 +24,7 @@ record, and what the policy resolved for this model lives in the `Plan`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import types
@@ -34,18 +39,52 @@ from .call import CallRecord
 from .context import LayerCall
 from .plan import Plan
 from .policies.base import Policy
-from .report import Report
-from .stages import StageRunner
+from .reporting import Report
+from .stages import StageRunner, given_cache
 
-STATIC_CACHE_REFUSED = (
-    "vtprune: a static cache (cache_implementation='static', or a StaticCache) preallocates every layer at the "
-    "unpruned length and is indexed by unpruned positions, so pruned prefills cannot be written into it; "
-    "use the default dynamic cache (drop cache_implementation) with a wrapped model"
+CHUNKED_PREFILL_REFUSED = (
+    "vtprune: generate(prefill_chunk_size={size}) would split this prompt of {length} tokens, which holds visual "
+    "tokens, into chunks; a wrapped model prunes visual tokens in a prefill of the whole prompt, so the chunks would "
+    "run unpruned. Drop prefill_chunk_size (pruning shortens the prefill already) or make it at least the prompt's "
+    "length"
 )
 
 
+# The call open on each thread, per model: {id(model): (runtime, record)}. Shared by every runtime of a
+# model, so that while a re-wrap or unwrap leaves an older runtime installed for calls still running on
+# other threads, each call is served by the runtime it began under and every other one passes through.
+_CALLS = threading.local()
+_LIFE = threading.RLock()
+
+
+def _open_calls() -> dict[int, tuple[Runtime, CallRecord]]:
+    calls = getattr(_CALLS, "open", None)
+    if calls is None:
+        calls = _CALLS.open = {}
+    return calls
+
+
+class _Link:
+    """One instance-bound method: what it calls (`original`) and what it replaced (`previous`), both re-pointable."""
+
+    __slots__ = ("original", "previous")
+
+    def __init__(self, original, previous) -> None:
+        self.original, self.previous = original, previous
+
+
+def _link_of(node) -> _Link | None:
+    """The `_Link` of a method bound by `Runtime._bind` or an attribute set by `Runtime._set`, else None."""
+    return getattr(getattr(node, "__func__", node), "_vtprune_link", None)
+
+
 class Runtime:
-    """Hooks and instance-bound forwards of one wrapped model, driven by a bound `Plan`; `remove` undoes all of them."""
+    """Hooks and instance-bound forwards of one wrapped model, driven by a bound `Plan`; `remove` undoes all of them.
+
+    A runtime serves the calls that begin while it is active (`activate`);
+    `retire` stops it taking new calls and removes it once the calls it
+    serves have ended, so a call runs under one policy from start to end.
+    """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -59,23 +98,66 @@ class Runtime:
         self._lm_signature: inspect.Signature | None = None
         self._handles: list[Any] = []
         self._bound: list[tuple[torch.nn.Module, str, Any]] = []
+        # guards active, installed and the count of running calls; one lock for every runtime, as installing one
+        # and removing another (its last call ending on another thread) both re-link a module's bound methods
+        self._life = _LIFE
+        self.active = False
+        self._installed = False
+        self._running = 0
+
+    # ------------------------------------------------------------------ life
+    def activate(self) -> None:
+        """Serve the calls that begin from now on (installs the hooks unless calls still running kept them)."""
+        with self._life:
+            if not self._installed:
+                try:
+                    self.install()
+                except BaseException:
+                    self.remove()
+                    raise
+                self._installed = True
+            self.active = True
+
+    def retire(self) -> None:
+        """Take no new calls; remove the hooks now, or when the last call this runtime serves ends."""
+        with self._life:
+            self.active = False
+            if self._installed and self._running == 0:
+                self.remove()
+                self._installed = False
 
     # ------------------------------------------------------------------ calls
     @property
     def record(self) -> CallRecord | None:
-        """The call running on this thread, if any."""
-        return getattr(self._local, "record", None)
+        """The call running on this thread, if this runtime serves it."""
+        entry = _open_calls().get(id(self.adapter.model))
+        return entry[1] if entry is not None and entry[0] is self else None
 
-    def _open(self, scope: str) -> CallRecord:
+    def _mine(self) -> bool:
+        """Whether this thread's call on the model is served here (or, with none open, would begin here)."""
+        entry = _open_calls().get(id(self.adapter.model))
+        return entry[0] is self if entry is not None else self.active
+
+    def _open(self, scope: str) -> CallRecord | None:
+        """Begin a call served by this runtime; None once it is retired (the call passes through it)."""
+        with self._life:
+            if not self.active:
+                return None
+            self._running += 1
         record = CallRecord(scope=scope)
-        self._local.record = record
+        _open_calls()[id(self.adapter.model)] = (self, record)
         return record
 
     def _close(self, record: CallRecord) -> None:
-        self._local.record = None
+        _open_calls().pop(id(self.adapter.model), None)
         if record.report is not None:
             with self._report_lock:
                 self.report = record.report
+        with self._life:
+            self._running -= 1
+            if not self.active and self._installed and self._running == 0:
+                self.remove()  # retired while this call ran: the last call served removes the hooks
+                self._installed = False
 
     # ------------------------------------------------------------------ install
     def install(self) -> None:
@@ -83,7 +165,13 @@ class Runtime:
         base_sig = inspect.signature(base.forward)
 
         def enter(_module, args, kwargs):
-            record = self.record or self._open("forward")
+            record = self.record
+            if record is None:
+                if not self._mine():
+                    return
+                record = self._open("forward")
+                if record is None:
+                    return
             record.forward_depth += 1
             if record.forward_depth == 1:
                 outer = dict(base_sig.bind_partial(*args, **kwargs).arguments)
@@ -102,15 +190,15 @@ class Runtime:
 
         self._handles.append(base.register_forward_pre_hook(enter, with_kwargs=True))
         self._handles.append(base.register_forward_hook(leave, with_kwargs=True, always_call=True))
+        self._install_labels_check()
         self._install_vision_capture()
         plan = self.plan
-        for idx in sorted(plan.layer_queries):
+        for idx in plan.reads.decoder_queries:
             self._handles.append(self.adapter.query_module(idx).register_forward_hook(self._grab_queries(idx)))
-        for index, policy in enumerate(plan.pipeline.policies):
-            for idx in policy.sub_block_layers():
-                for part, module in self.adapter.sub_blocks(idx):
-                    hook = self._observe_sub_block(index, policy, idx, part)
-                    self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        for index, policy, idx in plan.sub_blocks():
+            for part, module in self.adapter.sub_blocks(idx):
+                hook = self._observe_sub_block(index, policy, idx, part)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
         self._bind(self.adapter.language_model, self._lm_forward)
         first = plan.first_wrapped_layer()
@@ -122,6 +210,32 @@ class Runtime:
             self._bind(self.adapter.language_model, self._sequence_method_for(name, arguments), attr=name)
         if hasattr(self.adapter.model, "generate"):
             self._bind(self.adapter.model, self._generate, attr="generate")
+
+    def _install_labels_check(self) -> None:
+        """Note whether the running forward of the model (not its base) was given ``labels`` (see `_refuse_labels`)."""
+        top = self.adapter.model
+        if top is self.adapter.base or "labels" not in inspect.signature(top.forward).parameters:
+            return
+        sig = inspect.signature(top.forward)
+
+        def given(_module, args, kwargs):
+            self._local.labels = sig.bind_partial(*args, **kwargs).arguments.get("labels") is not None
+
+        def done(_module, _args, _kwargs, _output):
+            self._local.labels = False
+
+        self._handles.append(top.register_forward_pre_hook(given, with_kwargs=True))
+        self._handles.append(top.register_forward_hook(done, with_kwargs=True, always_call=True))
+
+    def _refuse_labels(self, removed: torch.Tensor) -> None:
+        """A loss needs one logit per label: refuse ``labels`` once a prune has actually removed tokens."""
+        if getattr(self._local, "labels", False) and int(removed.sum()) > 0:
+            raise ValueError(
+                f"vtprune: labels= (a loss, training) is not supported while the model is wrapped with a policy that "
+                f"removes tokens: {self.plan.pipeline.describe()} removed {int(removed.sum())} visual tokens in this "
+                "call, so the logits are shorter than input_ids and cannot be matched to the labels. Compute the loss "
+                "on the unwrapped model (vtprune.unwrap(model)), or wrap at keep=1.0"
+            )
 
     def _sequence_method_for(self, name: str, arguments: dict[str, str]):
         """A language-model method the decoder loop calls with declared sequence tensors: give it the level's."""
@@ -153,14 +267,65 @@ class Runtime:
 
     def _generate(self, original, *args, **kwargs):
         """One record for the whole generate call: its encoder calls, forwards and selections."""
-        _refuse_static_cache(self.adapter.model, kwargs)
+        if not self._mine():  # another runtime's call, or a retired runtime: pass through
+            return original(*args, **kwargs)
+        self._refuse_chunked_prefill(args, kwargs)
         if self.record is not None:  # generate called from inside a call: part of that call
             return original(*args, **kwargs)
         record = self._open("generate")
-        try:
+        if record is None:
             return original(*args, **kwargs)
+        try:
+            with self._continuing(given_cache(kwargs)):
+                return original(*args, **kwargs)
         finally:
             self._close(record)
+
+    def _refuse_chunked_prefill(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Refuse, before anything runs, a chunked prefill of a prompt that holds visual tokens.
+
+        Each chunk is a forward of its own: the first sees part of the prompt (and of its images), the others
+        continue from its cache, so the prompt's visual tokens can be pruned in none of them.
+        """
+        size = kwargs.get("prefill_chunk_size")
+        if size is None:
+            config = kwargs.get("generation_config") or getattr(self.adapter.model, "generation_config", None)
+            size = getattr(config, "prefill_chunk_size", None)
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if size is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] <= size:
+            return
+        cache = given_cache(kwargs)
+        if cache is not None and cache.get_seq_length() > 0:
+            return  # a continuation: its new tokens run as decode steps, never pruned
+        if bool(self.adapter.visual_token_mask(ids).any()):
+            raise ValueError(CHUNKED_PREFILL_REFUSED.format(size=size, length=ids.shape[1]))
+
+    @contextlib.contextmanager
+    def _continuing(self, cache):
+        """A generate call given a cache a pruned prefill filled (a second turn of a chat): while it runs, the
+        cache's ``get_seq_length()`` (no layer named) says how many input columns it stands for.
+
+        generate slices the new input at that length (and Qwen decides from it whether the uncached tokens hold
+        images); the pruned length would feed the removed count of prompt tokens again. Lengths of named
+        layers (what the mask builders read) stay what the layers hold.
+        """
+        with self._report_lock:
+            state = self._states.get(cache) if cache is not None else None
+        if state is None or "get_seq_length" in vars(cache):
+            yield
+            return
+        stages, layer_length = self.stages, cache.get_seq_length
+
+        def get_seq_length(layer_idx: int | None = None):
+            if layer_idx is not None:
+                return layer_length(layer_idx)
+            return state.full_len + stages.since_prefill(state, cache)[1]
+
+        cache.get_seq_length = get_seq_length
+        try:
+            yield
+        finally:
+            del cache.get_seq_length
 
     def _grab_queries(self, idx: int):
         def grab(_module, _args, output):
@@ -215,9 +380,9 @@ class Runtime:
 
             self._bind(base, call, attr=name)
         self._handles.append(self.adapter.projector_module().register_forward_pre_hook(grab))
-        if self.plan.vision_layers:
+        if self.plan.reads.vision_inputs:
             layers = self.adapter.vision_layers()
-            for j in sorted(self.plan.vision_layers):
+            for j in self.plan.reads.vision_inputs:
 
                 def grab_layer(_module, args, kwargs, _j=j):
                     record = self.record
@@ -268,28 +433,42 @@ class Runtime:
         return out
 
     def _bind(self, module: torch.nn.Module, fn, attr: str = "forward") -> None:
-        """Replace ``module.<attr>`` on this instance only; `remove` restores it."""
-        previous = module.__dict__.get(attr)
-        original = getattr(module, attr)
+        """Replace ``module.<attr>`` on this instance only; `remove` restores it.
+
+        Another runtime of the model may bind over this one (a re-wrap while
+        calls of this one still run): the links let either be removed first.
+        """
+        link = _Link(getattr(module, attr), module.__dict__.get(attr))
 
         def bound(_self, *args, **kwargs):
-            return fn(original, *args, **kwargs)
+            return fn(link.original, *args, **kwargs)
 
         # Keep the original signature visible: generate() inspects it to route inputs.
-        sig = inspect.signature(original)
+        sig = inspect.signature(link.original)
         this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
         bound.__signature__ = sig.replace(parameters=[this, *sig.parameters.values()])
-        setattr(module, attr, types.MethodType(bound, module))
-        self._bound.append((module, attr, previous))
+        bound._vtprune_link = link
+        method = types.MethodType(bound, module)
+        setattr(module, attr, method)
+        self._bound.append((module, attr, method))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for module, attr, previous in reversed(self._bound):
-            if previous is None:
-                delattr(module, attr)
-            else:
-                setattr(module, attr, previous)
+        for module, attr, method in reversed(self._bound):
+            link = _link_of(method)
+            if module.__dict__.get(attr) is method:
+                if link.previous is None:
+                    delattr(module, attr)
+                else:
+                    setattr(module, attr, link.previous)
+                continue
+            node = module.__dict__.get(attr)  # bound over by a later runtime: unlink this one from the chain
+            while (upper := _link_of(node)) is not None:
+                if upper.previous is method:
+                    upper.original, upper.previous = link.original, link.previous
+                    break
+                node = upper.previous
         self._handles.clear()
         self._bound.clear()
 
@@ -307,8 +486,6 @@ class Runtime:
         record = self.record
         if embeds is None or record is None or record.outer is None:
             return original(*args, **kwargs)
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise ValueError(STATIC_CACHE_REFUSED)
         if cache is not None and cache.get_seq_length() > 0:
             with self._report_lock:
                 state = self._states.get(cache)
@@ -330,6 +507,8 @@ class Runtime:
         record.prefills += 1
         record.captured = self.stages.prefill_inputs(record)
         call, state = self.stages.prefill(record, bound, embeds)
+        if state is not None:
+            self._refuse_labels(state.levels[0].removed)
         record.state, record.in_prefill = state, True
         try:
             out = original(**call, **extra)
@@ -338,13 +517,14 @@ class Runtime:
             record.end_prefill()
             if state is not None:  # the decode steps need masks and positions, not the prefill's extra tensors
                 for level in state.levels:
-                    level.extras = {}
+                    level.extras, level.masks = {}, {}
                 state.sequence = replace(state.sequence, extras={})
         if record.report is not None:  # report() describes this prefill from now on, while its call runs on
             with self._report_lock:
                 self.report = record.report
-        filled = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
+        filled = _filled_cache(out, cache)
         if state is not None and filled is not None:
+            self.stages.settle(state, filled)
             with self._report_lock:  # one lock for what threads share: the report and the cache -> state map
                 self._states[filled] = state
         return out
@@ -358,10 +538,11 @@ class Runtime:
                 return original(hidden_states, *args, **kwargs)
             record.current_layer = idx
             if record.in_prefill:
-                if idx in self.plan.layer_inputs:
+                if idx in self.plan.reads.decoder_inputs:
                     record.layer_inputs[idx] = hidden_states
                 if idx in self.plan.prune_layers:
                     hidden_states = self.stages.prune_llm(record, state, idx, hidden_states, kwargs)
+                    self._refuse_labels(state.levels[-1].removed)
             level = state.level_for(idx)
             if level.layer > 0:
                 kwargs = self.stages.substitute(level, idx, kwargs)
@@ -369,12 +550,35 @@ class Runtime:
 
         return forward
 
-def _refuse_static_cache(model, kwargs: dict[str, Any]) -> None:
-    """Refuse a static cache at the generate call, before anything runs (see STATIC_CACHE_REFUSED)."""
-    implementation = kwargs.get("cache_implementation")
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    if implementation is None and config is not None:
-        implementation = getattr(config, "cache_implementation", None)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if implementation == "static" or (cache is not None and getattr(cache, "is_compileable", False)):
-        raise ValueError(STATIC_CACHE_REFUSED)
+
+def masks_for_generate(model: torch.nn.Module, **kwargs: Any) -> Any:
+    """generate's hook that builds the decoder's masks ahead of a compilable (static) cache's forward.
+
+    In a call a vtprune runtime serves, the 2-D mask is kept: the prefill and
+    every decode step translate it to the kept columns of each level, and the
+    model builds its masks from the translated one. Any other call gets what
+    transformers builds. `vtprune.wrap` sets it on the model instance.
+    """
+    entry = _open_calls().get(id(model))
+    if entry is not None and entry[0] is not None:
+        return kwargs.get("attention_mask")
+    own = getattr(type(model), "create_masks_for_generate", None)
+    if own is not None:
+        return own(model, **kwargs)
+    from transformers.masking_utils import create_masks_for_generate
+
+    return create_masks_for_generate(**kwargs)
+
+
+def _filled_cache(out: Any, given: Any) -> Any:
+    """The cache a forward filled: its output's ``cache`` (``past_key_values`` before transformers renamed it).
+
+    Read without truthiness (an empty cache is falsy) and without touching the
+    deprecated name where the new one exists (transformers warns on reading it).
+    """
+    names = getattr(out, "keys", lambda: ())()
+    for name in ("cache", "past_key_values"):
+        if name in names and out[name] is not None:
+            return out[name]
+    return given
+

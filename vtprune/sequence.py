@@ -208,7 +208,7 @@ class Level:
     row_index: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def decode_mask(self, mask: torch.Tensor | None, new_cols: int) -> torch.Tensor:
-        """The level's prefill mask plus one column per token since the prefill, this step's included (trap 2)."""
+        """The level's prefill mask plus one column per token since the prefill, this step's included."""
         if mask is not None and mask.dim() == 2:
             tail = mask[:, mask.shape[1] - new_cols :]
         else:

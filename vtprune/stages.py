@@ -20,7 +20,7 @@ from .call import CallRecord
 from .context import StageContext
 from .plan import Plan
 from .policies.base import Policy, Selection
-from .report import Report
+from .reporting import Report
 from .sequence import Level, PrefillState, Sequence
 
 
@@ -84,17 +84,7 @@ class StageRunner:
         for index, policy in enumerate(self.plan.pipeline.policies):
             if policy.stage == "llm":
                 continue
-            ctx = StageContext(
-                stage=policy.stage,
-                layer=None,
-                layouts=layouts,
-                hidden=hidden,
-                alive=alive,
-                seq_positions=seq_pos,
-                question_seq_positions=sequence.question_positions,
-                adapter=self.adapter,
-                captured=record.captured,
-            )
+            ctx = self._context(record, policy.stage, layouts, hidden, alive, seq_pos, sequence.question_positions)
             hidden, alive, seq_pos = self.apply(record, index, policy, ctx, report)
         # a row without any attended token says nothing about the side the batch is padded on
         pad_left = not bool((~valid[valid.any(1), -1]).any())
@@ -122,6 +112,13 @@ class StageRunner:
             if value is not None:
                 call[name] = value
         return call, state
+
+    def _context(self, record: CallRecord, stage: str, layouts, hidden, alive, seq_positions, question_positions,
+                 **llm: Any) -> StageContext:
+        """What a policy sees at one stage; ``llm`` adds the llm stage's layer, captured signals, rotary and mask."""
+        return StageContext(stage=stage, layouts=layouts, hidden=hidden, alive=alive, seq_positions=seq_positions,
+                            question_seq_positions=question_positions, adapter=self.adapter, captured=record.captured,
+                            **{"layer": None, **llm})
 
     def _layouts(self, record: CallRecord, embeds: torch.Tensor):
         """The batch's visual layouts, or None where the call holds no media the vision encoder saw.
@@ -188,31 +185,38 @@ class StageRunner:
         return hidden, alive, seq_pos
 
     def decode(self, record: CallRecord, state: PrefillState, bound: dict[str, Any], embeds: torch.Tensor):
-        """One decode step's inputs: each level's 2-D mask translated to its kept columns, positions fixed (traps 2-4)."""
+        """One decode step's inputs: each level's 2-D mask translated to its kept columns, positions fixed
+        where transformers would derive them from the (shorter) cache length."""
         cache = bound["cache"]
         call = dict(bound)
         q = embeds.shape[1]
         level0 = state.levels[0]
-        # get_seq_length() reads one cache layer (hybrid models: the first that holds keys), so its level
-        # says how many tokens came since the prefill, the same count for every level
-        counted = state.level_for(self.adapter.seq_length_layer())
-        past = cache.get_seq_length()
-        new_cols = past - counted.mask2d.shape[1] + q
+        # the tokens since the prefill, from a layer that holds keys (its own length, whatever transformers'
+        # version reads for get_seq_length()): the same count for every level
+        counted, since = self.since_prefill(state, cache)
+        new_cols = since + q
         mask = bound.get("attention_mask")
         call["attention_mask"] = level0.decode_mask(mask, new_cols)
         positions = bound.get("position_ids")
         from_cache = self.adapter.decode_positions_from_cache(record.outer)
-        if positions is None:
-            positions = (torch.arange(q, device=embeds.device) + past).expand(embeds.shape[0], q)
-        if self.plan.positions == "original" and from_cache:
-            # the cache-derived positions count the level's columns (re-padding included); unwrapped they
-            # count the input's, the same for every row
-            positions = positions + (state.full_len - counted.mask2d.shape[1])
-        elif self.plan.positions == "compact" and not from_cache:
+        if from_cache:
+            # HF derives them from get_seq_length(), whichever layer (and length) that reads
+            hf_past = int(cache.get_seq_length())
+            if positions is None:
+                positions = (torch.arange(q, device=embeds.device) + hf_past).expand(embeds.shape[0], q)
+            # as if read from the first layer with keys (the level's columns, re-padding included)
+            shift = counted.mask2d.shape[1] + since - hf_past
+            if self.plan.positions == "original":
+                # unwrapped, they count the input's columns: the same shift for every row
+                shift = shift + (state.full_len - counted.mask2d.shape[1])
+            positions = positions + shift
+        elif positions is None:
+            positions = (torch.arange(q, device=embeds.device) + counted.mask2d.shape[1] + since).expand(embeds.shape[0], q)
+        if self.plan.positions == "compact" and not from_cache:
             positions = positions - level0.removed.view(-1, 1).to(positions)
         call["position_ids"] = positions
         for level in state.levels[1:]:
-            level.masks = {"mask2d": level.decode_mask(mask, new_cols), "embeds": embeds, "cache": cache}
+            level.masks = {"mask2d": level.decode_mask(mask, new_cols), "embeds": embeds}
             level.extras = {}
             if self.plan.positions == "compact":
                 shifted = positions - (level.removed - level0.removed).view(-1, 1).to(positions)
@@ -222,6 +226,33 @@ class StageRunner:
                 level.position_ids = None
                 level.position_embeddings = None
         return call
+
+    def since_prefill(self, state: PrefillState, cache) -> tuple[Level, int]:
+        """(the level of the first layer with keys, how many tokens its cache holds beyond that level's prefill)."""
+        layer = self.adapter.seq_length_layer()
+        level = state.level_for(layer)
+        return level, layer_length(cache, layer) - level.mask2d.shape[1]
+
+    def settle(self, state: PrefillState, cache) -> None:
+        """After a prefill: layers below the first layer with keys that count their own tokens report its length.
+
+        Since transformers 5.25 linear-attention layers count the tokens they
+        saw and ``Cache.get_seq_length()`` reads layer 0 whatever it is; below
+        an llm-stage prune point that count is the unpruned length, while
+        the keys of the layers from the prune point on hold the pruned one.
+        ``get_seq_length()`` then says the kept length, as it did when it read
+        the first layer with keys. Both counts grow by one per token from here,
+        so they stay equal.
+        """
+        layers = getattr(cache, "layers", None)
+        first = self.adapter.seq_length_layer()
+        if not layers or first >= len(layers) or len(state.levels) == 1:
+            return
+        kept = layer_length(cache, first)
+        for j in range(first):
+            counter = getattr(layers[j], "cumulative_length_linear", None)  # a linear layer's own count, if it keeps one
+            if isinstance(counter, torch.Tensor) and int(counter) != kept:
+                counter.fill_(kept)
 
     def prune_llm(self, record: CallRecord, state: PrefillState, idx: int, hidden: torch.Tensor,
                    kwargs: dict[str, Any]) -> torch.Tensor:
@@ -236,16 +267,9 @@ class StageRunner:
         extras = dict(prev.extras)  # level 0's: what the prefill handed the language model, already shortened
         sequence = replace(state.sequence, hidden=hidden, mask2d=prev.mask2d, rotary=rotary, position_ids=position_ids,
                            extras=extras, stats=list(record.sub_block_stats.values()))
-        ctx = StageContext(
-            stage="llm",
+        ctx = self._context(
+            record, "llm", state.layouts, hidden, sequence.alive, sequence.seq_positions, sequence.question_positions,
             layer=idx,
-            layouts=state.layouts,
-            hidden=hidden,
-            alive=sequence.alive,
-            seq_positions=sequence.seq_positions,
-            question_seq_positions=sequence.question_positions,
-            adapter=self.adapter,
-            captured=record.captured,
             layer_inputs=record.layer_inputs,
             layer_q=record.layer_q,
             position_embeddings=rotary,
@@ -276,8 +300,7 @@ class StageRunner:
             extras=short.extras,
             row_index=short.row_index,
         )
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden, "cache": cache}
+        level.masks = {"mask2d": short.mask2d, "embeds": short.hidden}
         state.levels.append(level)
         state.sequence = _kept(short)
         return short.hidden
@@ -287,8 +310,10 @@ class StageRunner:
         layer_type = self.adapter.layer_type(idx)
         if layer_type not in level.masks:
             m = level.masks
+            # the cache comes from the call, never from the level (a state kept with its cache must not hold it)
+            cache = given_cache(kwargs)
             args = dict(config=self.adapter.text_config, inputs_embeds=m["embeds"], attention_mask=m["mask2d"],
-                        cache=m["cache"], position_ids=None)
+                        cache=cache, position_ids=None)
             level.masks[layer_type] = self.adapter.layer_mask(layer_type, idx, args)  # sized by this level's cache
         kwargs["attention_mask"] = level.masks[layer_type]
         if level.position_embeddings is not None:
@@ -299,6 +324,11 @@ class StageRunner:
             if kwargs.get(name) is not None and value is not None:
                 kwargs[name] = value
         return kwargs
+
+
+def given_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a call was given: ``cache=``, else ``past_key_values=`` (the name transformers 5.24 retires at 5.40)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def _is_identity(index: torch.Tensor, length: int) -> bool:
@@ -347,6 +377,11 @@ def _packed_call(segments: torch.Tensor, index: torch.Tensor, short: Sequence) -
     first = torch.where(starts, slots, torch.zeros_like(slots)).cummax(dim=1).values
     text = (slots - first).to(positions)
     return None, torch.cat([text[None], positions[1:]])
+
+
+def layer_length(cache, layer: int) -> int:
+    """How many tokens decoder ``layer``'s cache holds, read from that layer itself."""
+    return int(cache.layers[layer].get_seq_length())
 
 
 def _kept(sequence: Sequence) -> Sequence:

@@ -35,12 +35,11 @@ Two forms of each greedy, the same algorithm and the same picks:
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
 
-from .select import sanitize_scores
+from .select import replace_nonfinite, sanitize_scores
 
 #: added to feature norms before dividing (the IDPruner reference's cosine)
 COSINE_EPS = 1e-8
@@ -50,20 +49,9 @@ MINMAX_EPS = 1e-6
 
 def finite_fp32(x: torch.Tensor, what: str = "features") -> torch.Tensor:
     """fp32 copy of `x` with NaN/inf entries set to 0, warning when there were any."""
-    x = x.float()
-    # A finite sum means every entry is finite (one reduction instead of a mask of the whole tensor);
-    # a non-finite sum (a bad entry, or an overflow of large finite ones) falls back to the full check.
-    if bool(torch.isfinite(x.sum())):
-        return x
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        warnings.warn(
-            f"{int(bad.sum())} non-finite {what} entries set to 0 for a deterministic selection",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        x = torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
-    return x
+    return replace_nonfinite(
+        x.float(), what, "entries set to 0", lambda x, bad: torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    )
 
 
 def normalize_rows(x: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
@@ -177,6 +165,7 @@ def mmr_select(
     k: int,
     lam: float = 0.5,
     similarity: torch.Tensor | None = None,
+    unit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy maximal marginal relevance (IDPruner): `k` indices, ascending.
 
@@ -191,7 +180,9 @@ def mmr_select(
     AngelSlim reference (the matrix, one argmax per step). Otherwise it is
     the exact lazy form (`mmr_lazy`): a score only falls as the picked set
     grows, so only the candidates whose stale score still tops the others
-    are re-scored, with no ``N x N`` matrix.
+    are re-scored, with no ``N x N`` matrix. ``unit``: the rows as
+    ``normalize_rows(finite_fp32(features))`` gives them, when the caller
+    has them already (the same values; not computed again).
     """
     _check_matrix(features)
     if not 0.0 <= lam <= 1.0:
@@ -205,7 +196,9 @@ def mmr_select(
         return _empty(device)
     imp = minmax_normalize(sanitize_scores(importance.to(device), "importance scores"))
     if similarity is None and _use_lazy(n, k, device):
-        return mmr_lazy(normalize_rows(finite_fp32(features)), imp, k, lam)
+        return mmr_lazy(normalize_rows(finite_fp32(features)) if unit is None else unit, imp, k, lam)
+    if similarity is None and unit is not None:
+        return mmr_matrix(self_cosine(unit), imp, k, lam)  # cosine_similarity's own steps from the unit rows
     sim = cosine_similarity(finite_fp32(features)) if similarity is None else finite_fp32(similarity, "similarity")
     return mmr_matrix(sim, imp, k, lam)
 

@@ -123,18 +123,3 @@ def segment_received(
                 out.index_add_(0, group.flatten(), got.flatten())
     return out
 
-
-# The module-level probes that take a layer moved to `vtprune.patches.attention` (they name the family's
-# modules); these names stay importable from here for existing callers.
-_MOVED = (
-    "attention_rows", "layer_queries", "split_queries", "vit_attention_received", "vit_attention_from", "vit_keys",
-    "packed_vit_attention_received", "packed_vit_keys",
-)
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from ..patches import attention
-
-        return getattr(attention, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

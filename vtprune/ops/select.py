@@ -7,6 +7,25 @@ import warnings
 import torch
 
 
+def replace_nonfinite(x: torch.Tensor, what: str, done: str, fix) -> torch.Tensor:
+    """`x`, or ``fix(x, bad)`` where some entries are NaN/inf, warning ``"N non-finite <what> <done> ..."``.
+
+    A finite sum means every entry is finite (one reduction instead of a mask
+    of the whole tensor); a non-finite sum (a bad entry, or an overflow of
+    large finite ones) falls back to the full check. The warning points at
+    the caller of the function that called this one.
+    """
+    if bool(torch.isfinite(x.sum())):
+        return x
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        warnings.warn(
+            f"{int(bad.sum())} non-finite {what} {done} for a deterministic selection", RuntimeWarning, stacklevel=4
+        )
+        x = fix(x, bad)
+    return x
+
+
 def sanitize_scores(scores: torch.Tensor, what: str = "scores") -> torch.Tensor:
     """fp32 copy of `scores` with NaN/inf replaced so that selection stays deterministic.
 
@@ -15,18 +34,11 @@ def sanitize_scores(scores: torch.Tensor, what: str = "scores") -> torch.Tensor:
     """
     # Upcast low precisions; float64 scores (matrix entropy) are ranked as they are.
     scores = scores if scores.dtype == torch.float64 else scores.float()
-    if bool(torch.isfinite(scores.sum())):  # fast path: a finite sum means every entry is finite
-        return scores
-    bad = ~torch.isfinite(scores)
-    if bool(bad.any()):
-        warnings.warn(
-            f"{int(bad.sum())} non-finite {what} replaced (NaN -> lowest, +inf -> highest) for a deterministic selection",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        finfo = torch.finfo(scores.dtype)
-        scores = torch.nan_to_num(scores, nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
-    return scores
+    finfo = torch.finfo(scores.dtype)
+    return replace_nonfinite(
+        scores, what, "replaced (NaN -> lowest, +inf -> highest)",
+        lambda x, _bad: torch.nan_to_num(x, nan=finfo.min, posinf=finfo.max, neginf=finfo.min),
+    )
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

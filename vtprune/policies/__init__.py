@@ -1,6 +1,17 @@
 """Pruning policies. Each is a dataclass; `vtprune.available_policies()` lists them by name."""
 
-from .base import LLMStagePolicy, Pipeline, Policy, Selection, available_policies, make_policy, register
+from .base import (
+    AnyStagePolicy,
+    LLMStagePolicy,
+    Pipeline,
+    Policy,
+    Selection,
+    Signals,
+    available_policies,
+    make_policy,
+    policy_table,
+    register,
+)
 from .baselines import Fixed, Pooling, Random
 from .divprune import DivPrune
 from .entropyprune import EntropyPrune
@@ -13,6 +24,7 @@ from .transprune import TransPrune
 from .visionzip import VisionZip
 
 __all__ = [
+    "AnyStagePolicy",
     "DivPrune",
     "EntropyPrune",
     "FastV",
@@ -27,9 +39,11 @@ __all__ = [
     "Pooling",
     "Random",
     "Selection",
+    "Signals",
     "TransPrune",
     "VisionZip",
     "available_policies",
     "make_policy",
+    "policy_table",
     "register",
 ]

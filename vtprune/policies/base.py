@@ -1,21 +1,116 @@
 """The policy interface, the Pipeline that chains policies, and the registry.
 
 A policy is a small frozen dataclass: an immutable configuration (hashable,
-comparable, `to_dict()` for reports) that declares where it acts (``stage``)
-and turns a `StageContext` into a keep set per image. `bind` resolves it
-against one model (per-model defaults from model_zoo.yaml, checks against the
-model's depth) into a new, resolved policy; the object the user made is never
-changed, so one policy object can be wrapped onto several models. The common case is a
-score: implement `score` and the base class keeps the top ``k`` (ties go to
-the lowest index). Greedy methods override `select_image`, methods that pool
-one selection over all images of a sample override `select_sample`.
+comparable, `to_dict()` for reports) that turns a `StageContext` into a keep
+set per image. `bind` resolves it against one model (per-model defaults from
+model_zoo.yaml, checks against the model's depth) into a new, resolved
+policy; the object the user made is never changed, so one policy object can
+be wrapped onto several models.
+
+How a policy declares itself (all in its class, nowhere else)
+-------------------------------------------------------------
+Class constants, read without a model (registry, Pipeline checks, README table):
+
+- ``name``: the registry name (``vtprune.wrap(model, name)``).
+- ``stage``: where it prunes: ``"vision"``, ``"projector"`` or ``"llm"``
+  (subclass `LLMStagePolicy` for the llm stage; a policy whose options pick
+  its stage, as `Random` and `Fixed`, subclasses `AnyStagePolicy`).
+- ``paper``: the method's paper and official code, one line (README table).
+- ``zoo_fields``: fields whose None means "the model's default": `bind` fills
+  them from model_zoo.yaml, then `resolve` checks them against the model.
+- ``whole_grid``: True when it reads each image's whole token grid (it must
+  come first in a Pipeline).
+- ``rounding``: how a fractional ``keep`` becomes a count (``"round"``/``"floor"``).
+
+One method, on the bound policy: `signals()` returns a `Signals` value, the
+model signals it reads, as data. The plan checks them against the model
+(layer ranges, softmax-attention layers, a query module), the runtime captures
+exactly them during prefill, and the `StageContext` serves them:
+
+- ``prune_before``: (llm stage) decoder layers the sequence is pruned before;
+  `select` runs once per layer, ``ctx.layer`` says which.
+- ``decoder_inputs``: the input hidden states of these decoder layers:
+  ``ctx.layer_input(layer)`` (with ``ctx.attention_rows`` for probed attention).
+- ``decoder_queries``: these decoder layers' ``q_proj`` outputs:
+  ``ctx.queries(layer, b, i)``.
+- ``decoder_attention``: layers whose softmax attention it reads (inputs or
+  queries above); `wrap` refuses a model whose layer there has none (the
+  linear-attention layers of Qwen3.5), naming the layers that have.
+- ``sub_blocks``: for each of these decoder layers, the runtime calls the
+  policy's `sub_block_statistic` on every sub-block (attention, MLP) in
+  prefill: ``ctx.sub_block_stats[(layer, part)]``.
+- ``vision_inputs``: the input calls of these ViT layers (0-based):
+  ``ctx.vision_attention``, ``vision_keys``, ``vision_cls_attention``,
+  ``vision_cls_feature``.
+- ``encoder_prune``: ViT blocks the tower's own sequence is pruned before
+  (``(0,)``: before the encoder, the only one built): the runtime asks the
+  policy's ``encoder_keep(adapter, pixel_values, grid)`` which units the
+  tower encodes, and ``ctx.captured["pixel_keep"]`` holds them per call.
+
+The default `signals()` says ``prune_before=(self.at,)`` at the llm stage and
+nothing else. A field a policy reads only after `bind` is asked for with
+``self.resolved("field", ...)``, which raises the one "bind(adapter) first"
+error for an unbound policy.
+
+Converting a policy written against the earlier hooks: ``needs_layer_inputs``
+/ ``layer_inputs_needed()`` -> ``decoder_inputs``; ``layer_queries_needed()``
+-> ``decoder_queries``; ``attention_layers_needed()`` -> ``decoder_attention``;
+``sub_block_layers()`` -> ``sub_blocks``; ``vision_layers_needed()`` ->
+``vision_inputs``; ``prune_layers()`` (overridden) -> ``prune_before``;
+``needs_whole_grid`` -> ``whole_grid``; ``reference_positions`` is gone; a
+"bind(adapter) first" check -> ``self.resolved(...)``; a stage picked by the
+options -> `AnyStagePolicy`. Then add the class to `vtprune.policies`'s
+``__init__``, a row to tests/test_policies_models.py's ``POLICIES`` (a test
+checks every registered policy is there) and paste `policy_table()` into the
+README (a test checks it). A new kind of signal is a new `Signals` field,
+its capture in `vtprune.runtime` (from the plan's union of it) and its
+accessor on `StageContext`.
+
+Selection: the common case is a score: implement `score` and the base class
+keeps the top ``k`` (ties go to the lowest index). Greedy methods override
+`select_image`, methods that pool one selection over all images of a sample
+override `select_sample`.
+
+One example per stage (see the modules for the full classes)::
+
+    @register
+    @dataclass(frozen=True)
+    class HiPrune(Policy):                       # vision stage, reads two ViT layers
+        keep: int | float = 64
+        object_layer: int | None = None          # 1-based; None: model_zoo.yaml
+        name: ClassVar[str] = "hiprune"
+        stage: ClassVar[str] = "vision"
+        paper: ClassVar[str] = "HiPrune, code Danielement321/HiPrune"
+        zoo_fields: ClassVar[tuple[str, ...]] = ("object_layer",)
+        whole_grid: ClassVar[bool] = True
+
+        def signals(self) -> Signals:
+            obj, deep = self.resolved("object_layer", "deep_layer")
+            return Signals(vision_inputs=tuple(sorted({obj - 1, deep - 1})))
+
+    @register
+    @dataclass(frozen=True)
+    class DivPrune(Policy):                      # projector stage, reads only the merged embeddings
+        name: ClassVar[str] = "divprune"
+        stage: ClassVar[str] = "projector"       # no signals(): the default reads nothing
+        paper: ClassVar[str] = "DivPrune (CVPR 2025), code vbdi/divprune"
+
+    @register
+    @dataclass(frozen=True)
+    class FastV(PerModelLayerPolicy):            # llm stage, K from model_zoo.yaml (``at_layer``)
+        name: ClassVar[str] = "fastv"
+        paper: ClassVar[str] = "FastV (ECCV 2024), code pkunlp-icler/FastV"
+
+        def signals(self) -> Signals:
+            k = self.resolved("at_layer")
+            return Signals(prune_before=(k,), decoder_inputs=(k - 1,), decoder_attention=(k - 1,))
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -34,6 +129,35 @@ def probe_depth(adapter, who: str) -> int:
         return len(adapter.vision_layers())
     except NotImplementedError as err:
         raise ValueError(f"{who} needs the ViT attention probe: {err}") from None
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What a bound policy reads from the model, and where it prunes (llm stage): the runtime captures these.
+
+    Every field is a tuple of 0-based layer numbers (see the module docstring
+    for what each captures and how a policy reads it).
+    """
+
+    prune_before: tuple[int, ...] = ()
+    decoder_inputs: tuple[int, ...] = ()
+    decoder_queries: tuple[int, ...] = ()
+    decoder_attention: tuple[int, ...] = ()
+    sub_blocks: tuple[int, ...] = ()
+    vision_inputs: tuple[int, ...] = ()
+    #: ViT blocks the tower's sequence is pruned before (0: before the encoder; the runtime runs the tower on the
+    #: units `encoder_keep` keeps)
+    encoder_prune: tuple[int, ...] = ()
+
+    def union(self, other: Signals) -> Signals:
+        """Both policies' signals: each field the sorted, distinct layers of either."""
+        return Signals(**{
+            f.name: tuple(sorted({*getattr(self, f.name), *getattr(other, f.name)})) for f in dataclasses.fields(self)
+        })
+
+    def decoder_layers_read(self) -> tuple[int, ...]:
+        """Decoder layers something is captured from (their range is checked against the model's depth)."""
+        return (*self.decoder_inputs, *self.sub_blocks, *self.decoder_queries)
 
 
 @dataclass
@@ -65,17 +189,18 @@ class Policy:
 
     keep: int | float = 64
 
+    #: the registry name
     name: ClassVar[str] = "policy"
+    #: where it prunes: "vision", "projector" or "llm"
     stage: ClassVar[str] = "projector"
-    rounding: ClassVar[str] = "round"
-    #: decoder layers whose input hidden states the policy reads (llm stage)
-    needs_layer_inputs: ClassVar[tuple[int, ...]] = ()
-    #: the positions the policy's reference implementation uses
-    reference_positions: ClassVar[str] = "original"
+    #: the method's paper and official code (README's policy table)
+    paper: ClassVar[str] = ""
     #: fields whose None is resolved from model_zoo.yaml by `bind` (the same way for every policy)
     zoo_fields: ClassVar[tuple[str, ...]] = ()
     #: True for policies that read each image's whole grid: they must come first in a Pipeline
-    needs_whole_grid: ClassVar[bool] = False
+    whole_grid: ClassVar[bool] = False
+    #: how a fractional keep becomes a count
+    rounding: ClassVar[str] = "round"
 
     def __post_init__(self) -> None:
         self._set("keep", validate_keep(self.keep))
@@ -113,26 +238,11 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain JSON-able data: ``{"name": ..., field: value, ...}``."""
-        return {"name": self.name, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}}
+        return {"name": self.name, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}}
 
-    def layer_inputs_needed(self) -> tuple[int, ...]:
-        return self.needs_layer_inputs
-
-    def vision_layers_needed(self) -> tuple[int, ...]:
-        """Vision-encoder layers (0-based) whose input hidden states the policy reads."""
-        return ()
-
-    def layer_queries_needed(self) -> tuple[int, ...]:
-        """Decoder layers whose ``q_proj`` output the policy reads (captured in prefill, not recomputed)."""
-        return ()
-
-    def attention_layers_needed(self) -> tuple[int, ...]:
-        """Decoder layers whose softmax attention (queries, keys) the policy reads.
-
-        `wrap` refuses a model whose layer there has none (a linear-attention
-        layer of a hybrid model such as Qwen3.5), naming the layers that have.
-        """
-        return ()
+    def signals(self) -> Signals:
+        """The model signals this (bound) policy reads; by default only where it prunes (llm stage)."""
+        return Signals(prune_before=(self.at,) if self.stage == "llm" and self.at is not None else ())
 
     def prune_layers(self) -> tuple[int, ...]:
         """Decoder layers the sequence is pruned before (llm stage), increasing; empty for the other stages.
@@ -141,16 +251,15 @@ class Policy:
         prunes at several, and `select` is then called once per layer with
         ``ctx.layer`` saying which.
         """
-        return (self.at,) if self.stage == "llm" and self.at is not None else ()
+        return self.signals().prune_before
 
-    def sub_block_layers(self) -> tuple[int, ...]:
-        """Decoder layers whose sub-blocks (attention, MLP) the policy observes in prefill.
-
-        For each, the runtime calls `sub_block_statistic` on every sub-block's
-        input and output and keeps the result aligned with the sequence
-        (re-indexed at every prune point): ``ctx.sub_block_stats``.
-        """
-        return ()
+    def resolved(self, *names: str) -> Any:
+        """The fields `names` of a bound policy (one value for one name); the one "bind first" error otherwise."""
+        values = tuple(getattr(self, n) for n in names)
+        missing = [n for n, v in zip(names, values) if v is None]
+        if missing:
+            raise RuntimeError(f"{self.name}: {', '.join(missing)} not resolved yet; bind(adapter) first")
+        return values[0] if len(values) == 1 else values
 
     def sub_block_statistic(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """A per-token statistic ``(B, L)`` of one sub-block.
@@ -245,8 +354,44 @@ class PerModelLayerPolicy(LLMStagePolicy):
         return self
 
     def resolved_layer(self) -> int:
+        return self.resolved("at_layer")
+
+
+@dataclass(frozen=True)
+class AnyStagePolicy(LLMStagePolicy):
+    """A policy whose options pick its stage: ``where`` ("vision"/"projector", default projector) or ``at_layer``.
+
+    ``stage`` is then a property of the configuration (``"llm"`` when
+    ``at_layer`` is given), fixed once the object is made. Subclasses declare
+    the fields ``at_layer: int | None = None`` and ``where: str | None = None``
+    themselves (where they stand in the field order).
+    """
+
+    if TYPE_CHECKING:  # pragma: no cover
+        where: str | None
+
+    def __post_init__(self) -> None:
         if self.at_layer is None:
-            raise RuntimeError(f"{self.name}: at_layer is not resolved yet; bind(adapter) first")
+            Policy.__post_init__(self)
+            if self.where not in (None, "vision", "projector"):
+                raise ValueError(
+                    f"{self.name}: where must be 'vision' or 'projector' (or give at_layer=k for the llm stage); "
+                    f"got {self.where!r}"
+                )
+        else:
+            LLMStagePolicy.__post_init__(self)
+            if self.where is not None:
+                raise ValueError(
+                    f"{self.name}: where={self.where!r} and at_layer={self.at_layer} name two stages; give "
+                    "at_layer for the llm stage or where for the vision/projector stage, not both"
+                )
+
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        return "llm" if self.at_layer is not None else (self.where or "projector")
+
+    @property
+    def at(self) -> int | None:
         return self.at_layer
 
 
@@ -291,7 +436,7 @@ class Pipeline:
                 f"Pipeline policies prune before decoder layers {layers}; two policies cannot prune at the same layer"
             )
         for position, p in enumerate(self.policies):
-            if position and p.needs_whole_grid:
+            if position and p.whole_grid:
                 raise ValueError(
                     f"{p.describe()} reads each image's whole token grid; put it first in a Pipeline "
                     f"(it is at position {position} of {', '.join(q.stage_key for q in self.policies)})"
@@ -307,11 +452,10 @@ class Pipeline:
     @staticmethod
     def _points(p: Policy) -> list[tuple[int, int]]:
         """Where `p` acts, as (stage, layer) pairs: one per prune layer at the llm stage (layer 0 while unresolved)."""
-        return [(STAGES.index(p.stage), layer) for layer in p.prune_layers()] or [(STAGES.index(p.stage), p.at or 0)]
-
-    def early(self) -> list[Policy]:
-        """Policies applied before the first decoder layer (vision and projector stages)."""
-        return [p for p in self.policies if p.stage != "llm"]
+        stage = STAGES.index(p.stage)
+        if p.stage == "llm" and all(getattr(p, f) is not None for f in p.zoo_fields):
+            return [(stage, layer) for layer in p.prune_layers()] or [(stage, p.at or 0)]
+        return [(stage, p.at or 0)]
 
     def llm(self) -> list[Policy]:
         return [p for p in self.policies if p.stage == "llm"]
@@ -334,6 +478,29 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def policy_table() -> str:
+    """The README's policy table, from the registry: name, stage, paper and code, per-model (zoo) fields.
+
+    Regenerate with ``python -c "from vtprune.policies import policy_table; print(policy_table())"``;
+    a test checks that the README holds exactly this table.
+    """
+    rows = ["| policy | stage | paper, official code | from model_zoo.yaml when None |", "|---|---|---|---|"]
+    for name in available_policies():
+        cls = _REGISTRY[name]
+        stage = "any (`where=`, `at_layer=`)" if issubclass(cls, AnyStagePolicy) else f"`{cls.stage}`"
+        if cls.whole_grid:
+            stage += ", whole grid (first in a Pipeline)"
+        zoo = ", ".join(f"`{f}`" for f in cls.zoo_fields) or "-"
+        rows.append(f"| `{name}` | {stage} | {cls.paper or '-'} | {zoo} |")
+    return "\n".join(rows)
+
+
+def policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """The commands' ``NAME`` or ``NAME:VARIANT`` (``idpruner:norm``) -> (name, options): the variant is ``importance``."""
+    name, _, variant = spec.partition(":")
+    return name, ({"importance": variant} if variant else {})
+
+
 def unknown_policy(names: list[str], variants: bool = False) -> str | None:
     """``"unknown policy 'X'; available: ..."`` for the first of `names` not in the registry, or None.
 
@@ -341,7 +508,7 @@ def unknown_policy(names: list[str], variants: bool = False) -> str | None:
     """
     known = available_policies()
     for name in names:
-        if (name.partition(":")[0] if variants else name) not in known:
+        if (policy_spec(name)[0] if variants else name) not in known:
             return f"unknown policy {name!r}; available: {', '.join(known)}"
     return None
 

@@ -13,9 +13,7 @@ import torch
 from ..budget import split_budget
 from ..checks import check_int
 from ..context import StageContext
-from .base import LLMStagePolicy, Policy, Selection, register
-
-STAGES_FOR_RANDOM = ("vision", "projector", "llm")
+from .base import AnyStagePolicy, Policy, Selection, register
 
 
 def _image_generator(seed: int, b_image_index: int, n: int) -> torch.Generator:
@@ -23,24 +21,6 @@ def _image_generator(seed: int, b_image_index: int, n: int) -> torch.Generator:
     # the same keep set whether it runs alone or inside a batch.
     mixed = zlib.crc32(f"{seed}:{b_image_index}:{n}".encode())
     return torch.Generator().manual_seed(mixed)
-
-
-def _init_any_stage(policy: LLMStagePolicy) -> None:
-    """Validate a policy that acts at ``where`` (vision/projector) or, given ``at_layer``, at the llm stage."""
-    if policy.at_layer is None:
-        Policy.__post_init__(policy)
-        if policy.where not in (None, "vision", "projector"):
-            raise ValueError(
-                f"{policy.name}: where must be 'vision' or 'projector' (or give at_layer=k for the llm stage); "
-                f"got {policy.where!r}"
-            )
-    else:
-        LLMStagePolicy.__post_init__(policy)
-        if policy.where is not None:
-            raise ValueError(
-                f"{policy.name}: where={policy.where!r} and at_layer={policy.at_layer} name two stages; give "
-                "at_layer for the llm stage or where for the vision/projector stage, not both"
-            )
 
 
 def warn_nonfinite(ctx: StageContext, b: int, i: int, who: str) -> None:
@@ -56,7 +36,7 @@ def warn_nonfinite(ctx: StageContext, b: int, i: int, who: str) -> None:
 
 @register
 @dataclass(frozen=True)
-class Random(LLMStagePolicy):
+class Random(AnyStagePolicy):
     """Keep a uniformly random subset of each image's visual tokens (seeded).
 
     Works at the projector stage (default), at ``where="vision"`` or at the
@@ -74,18 +54,11 @@ class Random(LLMStagePolicy):
     where: str | None = None
 
     name: ClassVar[str] = "random"
+    paper: ClassVar[str] = "baseline (seeded uniform subset)"
 
     def __post_init__(self) -> None:
-        _init_any_stage(self)
+        super().__post_init__()
         check_int(self.name, "seed", self.seed)
-
-    @property
-    def stage(self) -> str:  # type: ignore[override]
-        return "llm" if self.at_layer is not None else (self.where or "projector")
-
-    @property
-    def at(self) -> int | None:
-        return self.at_layer
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         warn_nonfinite(ctx, b, i, "random")
@@ -133,7 +106,8 @@ class Pooling(Policy):
     keep: int | float = 64
     name: ClassVar[str] = "pooling"
     stage: ClassVar[str] = "projector"
-    needs_whole_grid: ClassVar[bool] = True
+    paper: ClassVar[str] = "baseline (spatial average pooling)"
+    whole_grid: ClassVar[bool] = True
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         image = ctx.layouts[b].images[i]
@@ -170,7 +144,7 @@ class Pooling(Policy):
 
 @register
 @dataclass(frozen=True)
-class Fixed(LLMStagePolicy):
+class Fixed(AnyStagePolicy):
     """Keep given grid indices: ``kept[sample][image]`` (e.g. replayed from a report).
 
     Useful to rerun a selection exactly, for instance to compare generation
@@ -186,13 +160,19 @@ class Fixed(LLMStagePolicy):
     where: str | None = None
 
     name: ClassVar[str] = "fixed"
+    paper: ClassVar[str] = "baseline (given keep sets, e.g. a replayed report)"
 
     def __post_init__(self) -> None:
-        _init_any_stage(self)
+        super().__post_init__()
         self._set("kept", _kept_lists(self.kept))
 
-    stage = Random.stage
-    at = Random.at
+    def select(self, ctx: StageContext) -> list[list[Selection]]:
+        if len(self.kept) > ctx.batch_size:
+            raise ValueError(
+                f"fixed: kept gives keep sets for {len(self.kept)} samples but this batch has {ctx.batch_size}; "
+                f"give one list per sample of the batch ({ctx.batch_size})"
+            )
+        return super().select(ctx)
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if b >= len(self.kept) or len(self.kept[b]) != ctx.num_images(b):
@@ -218,6 +198,8 @@ def _kept_lists(kept: object) -> tuple:
     """``kept[sample][image]`` as nested tuples of ascending, distinct ints (hashable, like every policy)."""
     if not isinstance(kept, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in kept):
         raise TypeError(f"fixed: kept must be a list (samples) of lists (images) of indices; got {kept!r}")
+    if not kept:
+        raise ValueError(f"fixed: kept must give the keep sets of at least one sample; got {kept!r}")
     out = []
     for b, sample in enumerate(kept):
         images = []
@@ -228,6 +210,11 @@ def _kept_lists(kept: object) -> tuple:
                 duplicates = sorted({k for k in indices if list(indices).count(k) > 1})
                 raise ValueError(f"fixed: kept[{b}][{i}] lists indices {duplicates} more than once; each is kept once")
             images.append(tuple(sorted(int(k) for k in indices)))
+        if images and not any(images):  # one image of a pooled selection may keep none (a replayed report)
+            raise ValueError(
+                f"fixed: kept[{b}] keeps no token of its {len(images)} image(s); a sample keeps at least 1 visual "
+                "token (give 1 or more grid indices)"
+            )
         out.append(tuple(images))
     return tuple(out)
 

@@ -24,7 +24,7 @@ class DivPrune(Policy):
     other token is farthest; then repeatedly the token farthest from the
     picked set. Per image, ``K = round(N * keep)`` for a fraction. The
     reference prunes before the sequence is built, so its positions are
-    compact (``reference_positions``); ours default to original.
+    compact (``positions="compact"`` reproduces them); ours default to original.
 
     Parameters:
         keep: tokens per image (int) or fraction (float in (0, 1]); default 64.
@@ -33,9 +33,9 @@ class DivPrune(Policy):
     keep: int | float = 64
 
     name: ClassVar[str] = "divprune"
+    paper: ClassVar[str] = "DivPrune (CVPR 2025), code vbdi/divprune"
     stage: ClassVar[str] = "projector"
     rounding: ClassVar[str] = "round"
-    reference_positions: ClassVar[str] = "compact"
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         features = ctx.features(b, i)

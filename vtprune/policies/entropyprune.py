@@ -10,7 +10,7 @@ import torch
 from ..checks import check_bool
 from ..context import StageContext
 from ..ops.entropy import matrix_entropy, validate_normalize
-from .base import PerModelLayerPolicy, register
+from .base import PerModelLayerPolicy, Signals, register
 
 
 @register
@@ -48,19 +48,17 @@ class EntropyPrune(PerModelLayerPolicy):
     average: bool = False
 
     name: ClassVar[str] = "entropyprune"
-    reference_positions: ClassVar[str] = "original"
+    paper: ClassVar[str] = "EntropyPrune, code YahongWang1/EntropyPrune"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_normalize(self.normalize)
         check_bool(self.name, "average", self.average)
 
-    def layer_queries_needed(self) -> tuple[int, ...]:
-        """The one decoder layer whose queries are read: K-1 (its own q_proj output, captured)."""
-        return (self.resolved_layer() - 1,)
-
-    def attention_layers_needed(self) -> tuple[int, ...]:
-        return self.layer_queries_needed()
+    def signals(self) -> Signals:
+        """Pruned before K; reads the queries of layer K-1 (its own q_proj output, captured), a softmax layer."""
+        k = self.resolved_layer()
+        return Signals(prune_before=(k,), decoder_queries=(k - 1,), decoder_attention=(k - 1,))
 
     def budget(self, ctx: StageContext, b: int, i: int) -> int:
         if not self.average:

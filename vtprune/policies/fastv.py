@@ -9,7 +9,7 @@ import torch
 
 from ..context import StageContext
 from ..ops.select import topk_indices
-from .base import PerModelLayerPolicy, Selection, register
+from .base import PerModelLayerPolicy, Selection, Signals, register
 
 
 @register
@@ -36,12 +36,12 @@ class FastV(PerModelLayerPolicy):
     at_layer: int | None = None
 
     name: ClassVar[str] = "fastv"
+    paper: ClassVar[str] = "FastV (ECCV 2024), code pkunlp-icler/FastV"
 
-    def layer_inputs_needed(self) -> tuple[int, ...]:
-        return (self.resolved_layer() - 1,)
-
-    def attention_layers_needed(self) -> tuple[int, ...]:
-        return (self.resolved_layer() - 1,)
+    def signals(self) -> Signals:
+        """Pruned before K; the attention of the last token in layer K-1, probed from that layer's input."""
+        k = self.resolved_layer()
+        return Signals(prune_before=(k,), decoder_inputs=(k - 1,), decoder_attention=(k - 1,))
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if not ctx.num_images(b):

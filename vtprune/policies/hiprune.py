@@ -10,7 +10,7 @@ import torch
 from ..checks import check_bool, check_int, check_number
 from ..context import StageContext
 from ..ops.select import sanitize_scores, topk_indices
-from .base import Policy, Selection, probe_depth, register
+from .base import Policy, Selection, Signals, probe_depth, register
 
 
 @register
@@ -65,9 +65,9 @@ class HiPrune(Policy):
 
     name: ClassVar[str] = "hiprune"
     stage: ClassVar[str] = "vision"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "HiPrune, code Danielement321/HiPrune"
     zoo_fields: ClassVar[tuple[str, ...]] = ("object_layer",)
-    needs_whole_grid: ClassVar[bool] = True
+    whole_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,12 +92,11 @@ class HiPrune(Policy):
     @property
     def layers(self) -> tuple[int, int]:
         """0-based (object, deep) ViT layers; known once both are given or resolved by `bind`."""
-        if self.object_layer is None or self.deep_layer is None:
-            raise RuntimeError("hiprune: layers are not resolved yet; bind(adapter) first")
-        return self.object_layer - 1, self.deep_layer - 1
+        obj, deep = self.resolved("object_layer", "deep_layer")
+        return obj - 1, deep - 1
 
-    def vision_layers_needed(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.layers)))
+    def signals(self) -> Signals:
+        return Signals(vision_inputs=tuple(sorted(set(self.layers))))
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         image = ctx.layouts[b].images[i]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -11,8 +11,8 @@ import torch
 from ..budget import resolve_budget
 from ..checks import check_bool, check_int, check_number
 from ..context import StageContext
-from ..ops.greedy import cosine_similarity, finite_fp32, mmr_select
-from .base import Policy, Selection, probe_depth, register
+from ..ops.greedy import COSINE_EPS, cosine_similarity, finite_fp32, mmr_select
+from .base import Policy, Selection, Signals, probe_depth, register
 from .selector import VisionSelector, load_selector
 
 IMPORTANCE_SOURCES = ("prompt", "norm", "received")
@@ -65,9 +65,13 @@ class IDPruner(Policy):
     importance: str = "received"
     per_image: bool = False
     vision_layer: int | None = None
+    #: the trained selector's weights, loaded from ``selector`` when the configuration is made (not an option:
+    #: equality, hashing, repr and `to_dict` see the path only)
+    _scorer: VisionSelector | None = field(default=None, init=False, repr=False, compare=False)
 
     name: ClassVar[str] = "idpruner"
     stage: ClassVar[str] = "projector"
+    paper: ClassVar[str] = "IDPruner, code Tencent/AngelSlim"
     rounding: ClassVar[str] = "round"
 
     def __post_init__(self) -> None:
@@ -86,8 +90,6 @@ class IDPruner(Policy):
                     "idpruner: selector='' names no directory; give the scorer's local folder, or None for IDPruner-TF"
                 )
             scorer = load_selector(self.selector)
-        # the loaded weights belong to the configuration (the path), not to a model; not a field, so
-        # equality and hashing see the path only
         self._set("_scorer", scorer)
 
     def resolve(self, adapter) -> Policy:
@@ -107,18 +109,11 @@ class IDPruner(Policy):
             return self
         return replace(self, vision_layer=layer)
 
-    @property
-    def _received_layer(self) -> int | None:
-        """0-based ViT layer of the received importance (known after `bind`), None when unused."""
-        if self._scorer is not None or self.importance != "received" or self.vision_layer is None:
-            return None
-        return self.vision_layer - 1
-
-    def vision_layers_needed(self) -> tuple[int, ...]:
-        if self._scorer is None and self.importance == "received" and self.vision_layer is None:
-            raise RuntimeError("idpruner: importance='received' needs the ViT layer; bind(adapter) first")
-        layer = self._received_layer
-        return () if layer is None else (layer,)
+    def signals(self) -> Signals:
+        """The ViT layer of the received importance (none for the other importances or a trained selector)."""
+        if self._scorer is None and self.importance == "received":
+            return Signals(vision_inputs=(self.resolved("vision_layer") - 1,))
+        return Signals()
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         n_images = ctx.num_images(b)
@@ -139,9 +134,7 @@ class IDPruner(Policy):
         if self._scorer is not None:
             return self._scorer.score(features)
         if self.importance == "received":
-            layer = self._received_layer
-            if layer is None:
-                raise RuntimeError("idpruner: importance='received' needs the ViT layer; bind(adapter) first")
+            layer = self.resolved("vision_layer") - 1
             received = [ctx.vision_attention(b, i, layer).to(features.device) for i in images]
             return torch.cat(received) if len(received) > 1 else received[0]
         if self.importance == "prompt":
@@ -151,15 +144,28 @@ class IDPruner(Policy):
         return torch.linalg.vector_norm(finite_fp32(features), dim=-1)
 
     def _select(self, ctx: StageContext, b: int, images: list[int], k: int) -> list[Selection]:
-        feats = [ctx.features(b, i) for i in images]
-        sizes = [f.shape[0] for f in feats]
+        positions = [ctx.seq_positions[b][i] for i in images]
+        sizes = [int(p.numel()) for p in positions]
         device = ctx.hidden.device
         total = sum(sizes)
         if k >= total:
             return [Selection(torch.arange(n, device=device)) for n in sizes]
-        x = torch.cat(feats) if len(feats) > 1 else feats[0]
-        kept = mmr_select(x, self.scores(ctx, b, images, x), k, self.lam)
+        # the tokens of every image in one gather (the rows torch.cat of per-image features would hold)
+        x = ctx.hidden[b].index_select(0, torch.cat(positions) if len(positions) > 1 else positions[0])
+        if self._norm_importance(ctx, b):
+            # the norms are the importance and the cosine's denominators: compute them (and the finite check) once
+            x = finite_fp32(x)
+            norms = torch.linalg.vector_norm(x, dim=-1)
+            kept = mmr_select(x, norms, k, self.lam, unit=x / (norms.unsqueeze(1) + COSINE_EPS))
+        else:
+            kept = mmr_select(x, self.scores(ctx, b, images, x), k, self.lam)
         return split_pooled(kept, sizes)
+
+    def _norm_importance(self, ctx: StageContext, b: int) -> bool:
+        """Whether `scores` is the features' L2 norm here (``"norm"``, or ``"prompt"`` without question tokens)."""
+        if self._scorer is not None:
+            return False
+        return self.importance == "norm" or (self.importance == "prompt" and ctx.question_seq_positions[b].numel() == 0)
 
     def describe(self) -> str:
         if self._scorer is not None:

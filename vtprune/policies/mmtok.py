@@ -91,7 +91,7 @@ class MMTok(Policy):
     name: ClassVar[str] = "mmtok"
     stage: ClassVar[str] = "projector"
     rounding: ClassVar[str] = "floor"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "MMTok, code Ironieser/MMTok"
     zoo_fields: ClassVar[tuple[str, ...]] = ("tau_t", "per_crop")
 
     def __post_init__(self) -> None:
@@ -113,9 +113,7 @@ class MMTok(Policy):
         return replace(self, per_crop=False) if self.per_crop is None else self
 
     def _bound(self) -> tuple[float, bool]:
-        if self.tau_t is None or self.per_crop is None:
-            raise RuntimeError("mmtok: tau_t and per_crop are not resolved yet; bind(adapter) first")
-        return self.tau_t, self.per_crop
+        return self.resolved("tau_t", "per_crop")
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         visual = ctx.features(b, i)

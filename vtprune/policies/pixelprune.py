@@ -9,7 +9,7 @@ import torch
 
 from ..checks import check_number
 from ..context import StageContext
-from .base import Policy, Selection, register
+from .base import Policy, Selection, Signals, register
 
 
 @register
@@ -43,10 +43,9 @@ class PixelPrune(Policy):
     tau: float = 0.0
 
     name: ClassVar[str] = "pixelprune"
+    paper: ClassVar[str] = "PixelPrune (OPPO, 2026), code OPPO-Mente-Lab/PixelPrune"
     stage: ClassVar[str] = "vision"
-    needs_whole_grid: ClassVar[bool] = True
-    #: the runtime runs the vision tower on `encoder_keep`'s units only
-    prunes_encoder: ClassVar[bool] = True
+    whole_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +62,9 @@ class PixelPrune(Policy):
                 f"supported: {', '.join(supported_pixel_prune())}"
             )
         return self
+
+    def signals(self) -> Signals:
+        return Signals(encoder_prune=(0,))  # the tower runs on `encoder_keep`'s units only
 
     def encoder_keep(self, adapter, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Bool per merge unit of one encoder call: the units the tower encodes."""

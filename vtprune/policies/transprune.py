@@ -14,7 +14,7 @@ from ..checks import check_bool
 from ..context import StageContext
 from ..ops.select import topk_indices
 from ..ops.transition import token_transition
-from .base import Policy, Selection, register
+from .base import Policy, Selection, Signals, register
 
 _EPS = 1e-8  # the reference's guard when each score is normalised by its sum
 
@@ -80,7 +80,7 @@ class TransPrune(Policy):
     name: ClassVar[str] = "transprune"
     stage: ClassVar[str] = "llm"
     rounding: ClassVar[str] = "floor"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "TransPrune, code liaolea/TransPrune"
     zoo_fields: ClassVar[tuple[str, ...]] = ("prune_after", "ratios", "ttv_from")
 
     def __post_init__(self) -> None:
@@ -115,21 +115,18 @@ class TransPrune(Policy):
 
     def schedule(self) -> tuple[tuple[int, ...], tuple[float, ...], int]:
         """(prune_after, ratios, ttv_from) as resolved for the wrapped model."""
-        if not self._resolved:
-            raise RuntimeError("transprune: the schedule is not resolved yet; bind(adapter) first")
-        return self.prune_after, self.ratios, self.ttv_from
+        return self.resolved("prune_after", "ratios", "ttv_from")
 
-    def prune_layers(self) -> tuple[int, ...]:
-        return self.prune_after if self._resolved else ()
-
-    def attention_layers_needed(self) -> tuple[int, ...]:
-        """IGA reads the attention of the layer each prune point comes before (none with ``ttv_only``)."""
-        return () if self.ttv_only else self.prune_layers()
-
-    def sub_block_layers(self) -> tuple[int, ...]:
-        """0-based layers whose TTV is accumulated: 1-based ``ttv_from`` through the last prune layer."""
+    def signals(self) -> Signals:
+        """Pruned before each ``prune_after`` layer; IGA reads the attention of the layer each prune point comes
+        before (none with ``ttv_only``); TTV observes the sub-blocks of 1-based ``ttv_from`` through the last
+        prune layer."""
         layers, _, ttv_from = self.schedule()
-        return tuple(range(ttv_from - 1, layers[-1]))
+        return Signals(
+            prune_before=layers,
+            decoder_attention=() if self.ttv_only else layers,
+            sub_blocks=tuple(range(ttv_from - 1, layers[-1])),
+        )
 
     def sub_block_statistic(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return token_transition(x, y, valid, abs_cos=self.abs_cos)

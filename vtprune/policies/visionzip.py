@@ -14,7 +14,7 @@ from ..context import StageContext
 from ..ops.greedy import finite_fp32
 from ..ops.select import sanitize_scores, topk_indices
 from ..zoo import adapter_defaults
-from .base import Policy, Selection, probe_depth, register
+from .base import Policy, Selection, Signals, probe_depth, register
 
 DOMINANT_SCORES = ("cls", "received")
 MERGES = ("reference", "mean")
@@ -111,7 +111,7 @@ class VisionZip(Policy):
 
     Departures from the reference: kept tokens stay in grid order with original positions (the LLaVA
     reference appends the contextual tokens after the dominant ones and
-    renumbers, ``reference_positions``; the Qwen one keeps positions);
+    renumbers, as ``positions="compact"`` does; the Qwen one keeps positions);
     budgets per image and per video (the Qwen reference, batch size 1, pools
     all images of the prompt into one selection and leaves videos unpruned;
     the LLaVA-NeXT reference splits per crop); the probe's attention stays
@@ -157,13 +157,18 @@ class VisionZip(Policy):
     name: ClassVar[str] = "visionzip"
     stage: ClassVar[str] = "vision"
     rounding: ClassVar[str] = "round"
-    reference_positions: ClassVar[str] = "compact"
+    paper: ClassVar[str] = "VisionZip (CVPR 2025), code dvlab-research/VisionZip"
     zoo_fields: ClassVar[tuple[str, ...]] = ("dominant_score", "merge_before_projector", "cls_token")
-    needs_whole_grid: ClassVar[bool] = True
+    whole_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_contextual(self.contextual, self.contextual_fraction)
+        if isinstance(self.keep, Integral) and isinstance(self.contextual, Integral) and self.contextual > self.keep:
+            raise ValueError(
+                f"visionzip: contextual={self.contextual} contextual tokens do not fit in keep={self.keep} tokens per "
+                f"image; give contextual in [0, {self.keep}] (or a float share of the budget in [0, 1))"
+            )
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1):
             raise ValueError(f"visionzip: layer must be a 1-based layer number >= 1 or None; got {self.layer!r}")
         if self.dominant_score is not None and self.dominant_score not in DOMINANT_SCORES:
@@ -214,21 +219,21 @@ class VisionZip(Policy):
         return replace(self, layer=layer, dominant_score=score, merge_before_projector=before, cls_token=cls_token)
 
     def _settings(self) -> dict:
-        if self.layer is None or self.dominant_score is None or self.merge_before_projector is None or (
-            self.contextual is None and self.contextual_fraction is None
-        ) or self.cls_token is None:
-            raise RuntimeError("visionzip: the layer and split are not resolved yet; bind(adapter) first")
+        layer, _, _, _ = self.resolved("layer", "dominant_score", "merge_before_projector", "cls_token")
+        if self.contextual is None and self.contextual_fraction is None:
+            self.resolved("contextual")  # the split: contextual or contextual_fraction, set by bind
         return {
-            "layer": self.layer - 1,
+            "layer": layer - 1,
             "score": self.dominant_score,
             "contextual": self.contextual,
             "fraction": self.contextual_fraction,
             "before": self.merge_before_projector,
         }
 
-    def vision_layers_needed(self) -> tuple[int, ...]:
+    def signals(self) -> Signals:
         layer = self._settings()["layer"]
-        return (layer, layer + 1) if self.cls_token else (layer,)  # the CLS feature: the input of the next layer
+        # the CLS feature: the input of the next layer
+        return Signals(vision_inputs=(layer, layer + 1) if self.cls_token else (layer,))
 
     def budget(self, ctx: StageContext, b: int, i: int) -> int:
         """The reference's count with ``contextual_fraction`` and a fractional ``keep``; else the usual budget."""
