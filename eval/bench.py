@@ -16,7 +16,17 @@ synchronised), one process:
   time), the compaction op (`gather_seq`) beside a plain copy of the same
   output bytes, the decoder prefill (LLM alone) unpruned and pruned, and
   decode time per token unpruned and pruned;
-- the FLOPs ratio (an estimate: matmuls plus attention scores).
+- the FLOPs ratio (an estimate: matmuls plus attention scores);
+- the vision tower's own time inside each prefill, unpruned and pruned
+  (policies that prune before the encoder, such as ``pixelprune``, shrink
+  it), and the share of merge units ``pixelprune`` drops.
+
+The image is the demo's photo, (``--image text``) scikit-image's ``text``
+sample (a 172 x 448 scan of printed text) scaled to fill the Qwen families'
+``--qwen-pixels`` (a document page: 1280 x 1280 = 1638400), or (``--image
+page``) a page of text rendered here, black on white, 1280 px square.
+``--policy`` may chain policies with ``+``: ``pixelprune+idpruner`` is a
+Pipeline, pixelprune first (it takes no budget), the rest at each ``--keep``.
 
 Prints markdown tables (and writes them as JSON with ``--json PATH``; nothing is
 written without it). The compaction op is also timed at
@@ -25,6 +35,8 @@ written without it). The compaction op is also timed at
     python -m vtprune.eval.bench                                  # batch 1, 8, 32; random at 64; CPU, 1 thread
     python -m vtprune.eval.bench --batch-sizes 1 8 --keep 64 192 --policy idpruner --json runs/bench.json
     python -m vtprune.eval.bench --suite gpu --json gpu.json      # on a GPU machine: see vtprune/eval/gpu_suite.py
+    python -m vtprune.eval.bench --families qwen3_vl --image text --qwen-pixels 1638400 --policy pixelprune+random \
+        --keep 0.25 --batch-sizes 1                               # a document page: the ViT's share and its cut
 """
 
 from __future__ import annotations
@@ -41,9 +53,10 @@ import torch
 from .. import api
 from ..budget import is_full_budget, parse_keep, validate_keep
 from ..compaction import gather_seq, keep_index
-from ..demo import DEMO_GEOMETRY, demo_inputs, photo
+from ..demo import DEMO_GEOMETRY, QWEN_PIXELS, demo_inputs, photo
 from ..measure import cache_bytes_by_kind, interleaved, median, synchronize, timed
 from ..patches import adapter_for
+from ..policies.base import Pipeline, make_policy
 from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
 from .outputs import file_problem, make_parent
 
@@ -57,6 +70,73 @@ def bench_model(family: str, layers: int, hidden: int, device: torch.device, dty
                         image_size=DEMO_GEOMETRY.image_size, patch=DEMO_GEOMETRY.patch)
     model = tiny_model(family, geometry, dtype=dtype)  # LLaVA-NeXT: grid pinpoints of 336 px views, as the demo's
     return model.to(device)
+
+
+def text_page():
+    """scikit-image's ``text`` sample (grey, 172 x 448) as an RGB array: printed text on a flat background."""
+    import numpy as np
+    from skimage import data
+
+    return np.repeat(data.text()[..., None], 3, axis=2)
+
+
+def rendered_page(side: int = 1280):
+    """A document page drawn here: black lines of text (PIL's default font) on white, ``side`` px square.
+
+    Drawn at the size the Qwen processor keeps for ``--qwen-pixels 1638400``
+    (1280 x 1280, a multiple of 32), so its white margins and line gaps stay
+    exactly white.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    page = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(page)
+    font = ImageFont.load_default(size=22)
+    words = ("vision tokens prune the encoder before it runs; duplicate patches of flat background cost "
+             "nothing once they are gone. ").split()
+    y, line = 96, 0
+    while y < side - 128:
+        text = " ".join(words[(line * 5 + k) % len(words)] for k in range(14))
+        draw.text((112, y), text, fill="black", font=font)
+        y += 36 if line % 9 != 8 else 72  # paragraphs
+        line += 1
+    return np.asarray(page)
+
+
+IMAGES = {"photo": photo, "text": text_page, "page": rendered_page}
+
+
+def bench_policy(policy: str, keep):
+    """The policy a bench row runs: a name, or names joined by ``+`` (a Pipeline); pixelprune takes no budget."""
+    names = policy.split("+")
+    made = [make_policy(n) if n == "pixelprune" else make_policy(n, keep=keep) for n in names]
+    return made[0] if len(made) == 1 else Pipeline(made)
+
+
+class _TowerClock:
+    """The vision tower's wall time in the forwards since `reset` (hooks around its call, CUDA synchronised)."""
+
+    def __init__(self, tower: torch.nn.Module) -> None:
+        self.ms = 0.0
+        self._start = 0.0
+        self.handles = [tower.register_forward_pre_hook(self._pre), tower.register_forward_hook(self._post)]
+
+    def _pre(self, *_args):
+        synchronize()
+        self._start = time.perf_counter()
+
+    def _post(self, *_args):
+        synchronize()
+        self.ms += (time.perf_counter() - self._start) * 1000.0
+
+    def reset(self) -> float:
+        ms, self.ms = self.ms, 0.0
+        return ms
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def batched(one: dict, batch_size: int, device: torch.device) -> dict:
@@ -137,9 +217,10 @@ def decode_ms_per_token(model, inputs: dict, tokens: int) -> float:
 
 @torch.no_grad()
 def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list, repeats: int, warmup: int,
-                decode_tokens: int, device: torch.device) -> list[dict]:
+                decode_tokens: int, device: torch.device, image: str = "photo",
+                qwen_pixels: int = QWEN_PIXELS) -> list[dict]:
     """Rows (one per budget) for one batch size."""
-    one = demo_inputs(model, photo())
+    one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
     if "pixel_values" in one:
         one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
     inputs = batched(one, batch_size, device)
@@ -148,14 +229,21 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     seq = inputs["input_ids"].shape[1]
     is_llava = adapter_for(model).spec.bench_bare  # `_Bare` writes out LLaVA-1.5's pipeline
 
+    clock = _TowerClock(adapter_for(model).vision_tower() if adapter_for(model).pixel_prune else
+                        getattr(model.model, "vision_tower", None) or model.model.visual)
+    tower_ms: dict = {}
+    after: dict = {}
+
     def prefill():
         return model(**inputs, use_cache=True, logits_to_keep=1)
 
     def wrapped(keep):
         def run():
-            with api.pruned(model, "random" if is_full_budget(keep) else policy, keep=keep):
+            chosen = make_policy("random", keep=keep) if is_full_budget(keep) else bench_policy(policy, keep)
+            with api.pruned(model, chosen):
                 ms, out = timed(prefill)
                 stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
+            after[keep] = stages
             return ms, out, sum(s["ms"] for s in stages.values())
         return run
 
@@ -190,6 +278,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     kv: dict = {}
     for rnd in range(warmup + repeats):
         for name in times:
+            clock.reset()
             if name in wrapped_fns:
                 ms, out, sel = wrapped_fns[name]()
                 kv[name] = cache_bytes_by_kind(out.cache)
@@ -199,6 +288,8 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
                 ms, _ = timed(fns[name])
             if rnd >= warmup:
                 times[name].append(ms)
+                tower_ms.setdefault(name, []).append(clock.reset())
+    clock.remove()
     w_times = times
     # decode per token, unpruned and pruned, round-robin
     dec: dict = {None: [], **{str(keep): [] for keep in budgets}}
@@ -207,7 +298,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             if keep is None:
                 ms = decode_ms_per_token(model, inputs, decode_tokens)
             else:
-                with api.pruned(model, policy, keep=keep):
+                with api.pruned(model, bench_policy(policy, keep)):
                     ms = decode_ms_per_token(model, inputs, decode_tokens)
             if rnd >= warmup:
                 dec[key].append(ms)
@@ -219,7 +310,8 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     rows = []
     for keep in budgets:
         entry = per_budget[str(keep)]
-        kept = entry["kept"]
+        stages = after[keep]
+        kept = list(stages.values())[-1]["after"]  # what the policy kept (pixelprune: what its predictor kept)
         vt_ms = median(w_times[f"vtprune {keep}"])
         sel_ms = median(sel_times[f"vtprune {keep}"])
         new_seq = seq - n_visual + kept
@@ -235,6 +327,11 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             linear_state_bytes_unpruned=kv["unpruned"]["linear_state"],
             linear_state_bytes_vtprune=kv[f"vtprune {keep}"]["linear_state"],
             selection_share=sel_ms / vt_ms,
+            image=image, qwen_pixels=qwen_pixels if adapter_for(model).mrope else None,
+            vision_unpruned_ms=median(tower_ms["unpruned"]), vision_vtprune_ms=median(tower_ms[f"vtprune {keep}"]),
+            vision_share_unpruned=median(tower_ms["unpruned"]) / full_ms,
+            units_dropped=(1 - stages["vision"]["after"] / stages["vision"]["before"]) if "pixelprune" in policy
+            and "vision" in stages else None,
         )
         if is_llava:
             bare_ms = median(times[f"bare pruned {keep}"])
@@ -339,7 +436,19 @@ def markdown(rows: list[dict]) -> str:
             f"{_f(g('vtprune_path_over_bare'), '.3f')}x | {r['selection_share']:.1%} | "
             f"{_f(g('compaction_ratio'), '.2f')}x |"
         )
-    return "\n".join(costs) + "\n\n" + "\n".join(ratios)
+    vision = ["| family | image | keep | units dropped (pixelprune) | vision tower ms unpruned / vtprune | "
+              "tower speedup | tower share of the unpruned prefill | prefill ms unpruned / vtprune | prefill speedup |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dropped = r.get("units_dropped")
+        vision.append(
+            f"| {r['family']} | {r.get('image', 'photo')} | {r['keep']} ({r['visual_before']}->{r['visual_after']}) | "
+            f"{_f(None if dropped is None else dropped, '.1%')} | {r['vision_unpruned_ms']:.1f} / "
+            f"{r['vision_vtprune_ms']:.1f} | {r['vision_unpruned_ms'] / r['vision_vtprune_ms']:.2f}x | "
+            f"{r['vision_share_unpruned']:.0%} | {r['prefill_unpruned_ms']:.1f} / {r['prefill_vtprune_ms']:.1f} | "
+            f"{r['speedup_vtprune']:.2f}x |"
+        )
+    return "\n".join(costs) + "\n\n" + "\n".join(ratios) + "\n\n" + "\n".join(vision)
 
 
 def compaction_markdown(comp: list[dict]) -> str:
@@ -368,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
+    parser.add_argument("--image", choices=sorted(IMAGES), default="photo",
+                        help="photo: scikit-image's astronaut; text: its scanned text sample; page: a rendered text page")
+    parser.add_argument("--qwen-pixels", type=int, default=QWEN_PIXELS,
+                        help="pixels of the image for Qwen families (default 448 x 448; a document page: 1280 x 1280)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1); use fewer than the "
                         "idle cores, oversubscribed threads make CPU timings meaningless")
     args = parser.parse_args(argv)
@@ -391,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype)
         for bsz in args.batch_sizes:
             rows.extend(bench_batch(model, family, bsz, args.policy, budgets, args.repeats, args.warmup,
-                                    args.decode_tokens, device))
+                                    args.decode_tokens, device, args.image, args.qwen_pixels))
             print(markdown(rows[-len(budgets):]).split("\n\n")[0].split("\n", 2)[-1], flush=True)
     comp = [bench_compaction(dtype=d, device=device) for d in (torch.float32, torch.bfloat16)]
     result = {

@@ -33,6 +33,11 @@ def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 
 
+def supported_pixel_prune() -> list[str]:
+    """The model types whose adapter runs the vision tower on a subset of the patches (PixelPrune), sorted."""
+    return sorted(t for t, cls in ADAPTERS.items() if cls.pixel_prune)
+
+
 def family_spec(model_type: str) -> FamilySpec:
     """The `FamilySpec` of a supported ``config.model_type``; a clear error for anything else."""
     if model_type not in ADAPTERS:
@@ -52,4 +57,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "FamilySpec", "adapter_for", "family_spec", "supported_model_types"]
+__all__ = ["ADAPTERS", "Adapter", "FamilySpec", "adapter_for", "family_spec", "supported_model_types", "supported_pixel_prune"]

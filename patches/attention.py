@@ -136,21 +136,24 @@ def _clip_qk(encoder_layer: nn.Module, hidden: torch.Tensor, query: slice | None
 
 
 @torch.no_grad()
-def vit_attention_received(encoder_layer: nn.Module, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def vit_attention_received(encoder_layer: nn.Module, hidden: torch.Tensor, chunk: int = 256,
+                           valid: torch.Tensor | None = None) -> torch.Tensor:
     """Attention each token of a CLIP-style ViT layer receives, summed over queries, mean over heads.
 
     ``hidden`` ``(n_images, T, D)`` is the layer's input; returns ``(n_images, T)``
     in fp32. Recomputes the layer's ``layer_norm1``, ``q_proj``/``k_proj`` and
-    scaling (no mask: the CLIP ViT attends fully), `chunk` query rows at a
+    scaling (the CLIP ViT attends fully; ``valid`` ``(n_images, T)`` marks
+    the tokens of images padded to a common length), `chunk` query rows at a
     time, so the ViT itself keeps SDPA/FlashAttention and no ``T x T`` map is
     ever held per head for more than one chunk.
     """
     q, k, scale = _clip_qk(encoder_layer, hidden)
-    return probe.received(q, k, scale, chunk)
+    return probe.received(q, k, scale, chunk, valid)
 
 
 @torch.no_grad()
-def vit_attention_from(encoder_layer: nn.Module, hidden: torch.Tensor, query: int = 0) -> torch.Tensor:
+def vit_attention_from(encoder_layer: nn.Module, hidden: torch.Tensor, query: int = 0,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
     """Attention one query token of a CLIP-style ViT layer pays every token, summed over heads, ``(n_images, T)`` fp32.
 
     ``query=0`` is the CLS token (VisionZip's dominant-token score, which
@@ -158,7 +161,7 @@ def vit_attention_from(encoder_layer: nn.Module, hidden: torch.Tensor, query: in
     does; only that one row is formed.
     """
     q, k, scale = _clip_qk(encoder_layer, hidden, slice(query, query + 1))
-    return probe.row_summed_over_heads(q, k, scale)
+    return probe.row_summed_over_heads(q, k, scale, valid)
 
 
 @torch.no_grad()

@@ -67,6 +67,8 @@ class Adapter:
     #: "visual_pos_masks", "visual_embeds": "deepstack_visual_embeds"}}``); after an llm-stage prune each
     #: such argument gets the level's shortened tensor (a ``rows_of`` one: the level's rows of what was passed)
     sequence_methods: ClassVar[dict[str, dict[str, str]]] = {}
+    #: True where the adapter can run its vision tower on a subset of the patches (`encode_kept`: PixelPrune)
+    pixel_prune: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

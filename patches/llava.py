@@ -6,12 +6,14 @@ for CLIP-L/336), consecutive `image_token_id` placeholders in the prompt.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
+from ..ops.pixel import pred2d_keep
 from .attention import vit_attention_from, vit_attention_received, vit_keys
 from .base import Adapter, single_grid_image
 from .family import IMAGE_TOKEN, FamilySpec, Geometry, TinyBatch, text_kwargs, vit_kwargs
@@ -89,6 +91,9 @@ class LlavaAdapter(Adapter):
     vision_cls_per_image = True
     template_markers = ("ASSISTANT:",)
     spec = LlavaSpec()
+    #: the image processor's per-channel normalisation (mean, std): CLIP's
+    pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+    pixel_prune = True
 
     def check_config(self) -> None:
         strategy = self.config.vision_feature_select_strategy
@@ -127,10 +132,16 @@ class LlavaAdapter(Adapter):
         return len(self.vision_layers()) + feature + 1 if feature < 0 else feature
 
     def vision_attention_received(self, layer: int, call: LayerCall) -> torch.Tensor:
-        return vit_attention_received(self.vision_layers()[layer], call.hidden)
+        return vit_attention_received(self.vision_layers()[layer], call.hidden, valid=self._valid_tokens(call))
 
     def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
-        return vit_attention_from(self.vision_layers()[layer], call.hidden, query=0)
+        return vit_attention_from(self.vision_layers()[layer], call.hidden, query=0, valid=self._valid_tokens(call))
+
+    @staticmethod
+    def _valid_tokens(call: LayerCall) -> torch.Tensor | None:
+        """Tokens of a layer call that exist: None (all) unless the images were padded (`encode_kept`'s key mask)."""
+        mask = call.args[1] if len(call.args) > 1 else call.kwargs.get("attention_mask")
+        return None if mask is None else mask[:, 0, 0, :] == 0
 
     def vision_cls_feature(self, captured, layouts, b, i, calls):
         per_image = torch.cat([call.hidden for call in calls])
@@ -146,3 +157,83 @@ class LlavaAdapter(Adapter):
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
         feats = captured["pre_projector"][0]
         return feats[self.global_image_index(layouts, b, i, captured=captured)]
+
+    # --- pruning before the encoder (PixelPrune) ------------------------
+    def vision_tower(self):
+        return self.base.vision_tower
+
+    def unit_keep(self, pixel_values: torch.Tensor, grid_thw, tau: float) -> torch.Tensor:
+        """Which patches of each image to keep (`vtprune.ops.pixel.pred2d_keep`), ``(images, side * side)`` bool.
+
+        A unit is one patch (CLIP has no merger), compared on its pixels
+        mapped back to [0, 1] with the processor's mean and std.
+        """
+        patch = self.config.vision_config.patch_size
+        x = pixel_values
+        if tau > 0:  # exact equality (tau = 0) is the same on the normalised values: no copy
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device)[:, None, None] for v in self.pixel_norm)
+            x = x.float() * std + mean
+        n, c, h, w = x.shape
+        grid = x.reshape(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5).flatten(3)
+        return torch.stack([pred2d_keep(g, tau).flatten() for g in grid])
+
+    def encode_kept(self, original, pixel_values: torch.Tensor, grid_thw, keep: torch.Tensor, kwargs: dict[str, Any]):
+        """Run the CLIP tower on CLS plus each image's kept patches; every output back at full length (zero where dropped).
+
+        The embeddings (patch embedding plus the position table, CLS first)
+        are the whole image's, gathered per image; images with fewer kept
+        patches are padded at the end, and padded keys are masked for every
+        query. Returns (the output, None: the projector sees the full-length
+        features the model selects from it).
+        """
+        keep = keep.to(pixel_values.device)
+        n, patches = keep.shape
+        with_cls = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=keep.device), keep], 1)
+        length = int(with_cls.sum(1).max())
+        index = torch.zeros(n, length, dtype=torch.long, device=keep.device)
+        valid = torch.arange(length, device=keep.device)[None] < with_cls.sum(1, keepdim=True)
+        index[valid] = torch.nonzero(with_cls)[:, 1]
+
+        def gather(_module, _args, embeddings):
+            return embeddings.gather(1, index[..., None].expand(-1, -1, embeddings.shape[-1]))
+
+        tower = getattr(self.vision_tower(), "vision_model", self.vision_tower())
+        dtype = tower.embeddings.patch_embedding.weight.dtype
+        mask = torch.zeros(n, 1, 1, length, dtype=dtype, device=keep.device)
+        mask.masked_fill_(~valid[:, None, None], torch.finfo(dtype).min)
+        handle = tower.embeddings.register_forward_hook(gather)
+        try:
+            out = original(pixel_values, **kwargs, attention_mask=mask)
+        finally:
+            handle.remove()
+
+        def scatter(hidden: torch.Tensor) -> torch.Tensor:
+            full = hidden.new_zeros(n, patches + 1, *hidden.shape[2:])
+            full[with_cls] = hidden[valid]
+            return full
+
+        out.last_hidden_state = scatter(out.last_hidden_state)
+        if getattr(out, "hidden_states", None) is not None:
+            out.hidden_states = tuple(None if h is None else scatter(h) for h in out.hidden_states)
+        return out, None
+
+    def full_vit_rows(self, values: torch.Tensor, grid_thw, keep: torch.Tensor) -> torch.Tensor:
+        """Per-token values of a tower call on the kept patches (``(images, 1 + most kept, ...)``, padded) -> full length.
+
+        The padded length can equal the full one (an image with nothing
+        dropped beside one with duplicates), so the keep sets decide.
+        """
+        n, patches = keep.shape
+        if bool(keep.all()):  # the tower ran whole
+            return values
+        keep = keep.to(values.device)
+        with_cls = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=keep.device), keep], 1)
+        valid = torch.arange(values.shape[1], device=keep.device)[None] < with_cls.sum(1, keepdim=True)
+        full = values.new_zeros(n, patches + 1, *values.shape[2:])
+        full[with_cls] = values[valid]
+        return full
+
+    def raster_unit_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor]) -> torch.Tensor:
+        """Values per patch of every encoder call (one row per image) -> image i's."""
+        return torch.cat(per_call)[self.global_image_index(layouts, b, i, captured=captured)]
+

@@ -3,11 +3,21 @@
 The ViT reorders merge units into attention windows before its blocks and
 restores raster order after the merger, so pre-projector features are
 un-permuted here with the same window index.
+
+Encoding a subset of the merge units (PixelPrune, `encode_kept`): the
+windows are the whole grid's (8 x 8 patches at the released window of 112
+px), each keeping its kept units in window order; windows left empty
+disappear from ``cu_window_seqlens``; the window index is renumbered over
+the kept units, so the tower's own un-permutation after the merger returns
+the kept units in raster order.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from transformers.vision_utils import get_vision_window_index
 
 from .family import Geometry
@@ -38,3 +48,23 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
             grid_thw, spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size, patch_size=vision.patch_size
         )
         return window_index
+
+    def kept_tower_inputs(self, grid_thw: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> dict[str, Any]:
+        """Qwen2-VL's, plus the attention windows of the kept units: window index and ``cu_window_seqlens``."""
+        out = super().kept_tower_inputs(grid_thw, keep, rows)
+        vision = self.config.vision_config
+        window_index, cu_window = get_vision_window_index(
+            grid_thw, spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size,
+            patch_size=vision.patch_size,
+        )
+        unit = self.merge**2
+        keep = keep.to(window_index.device)
+        bounds = (cu_window.to(window_index.device).long() // unit)[1:]
+        window_of = torch.searchsorted(bounds, torch.arange(window_index.numel(), device=window_index.device), right=True)
+        kept_in_order = keep[window_index]  # window order: is this position's unit kept
+        rank = torch.cumsum(keep.long(), 0) - 1  # a kept unit's index among the kept units (raster order)
+        counts = torch.bincount(window_of[kept_in_order], minlength=bounds.numel()) * unit
+        out["window_index"] = rank[window_index[kept_in_order]]
+        out["cu_window_seqlens"] = torch.unique_consecutive(F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)))
+        return out
+

@@ -8,12 +8,15 @@ temporal frame. Positions are M-RoPE rows, so `compact` is not offered.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.vision_utils import get_vision_position_ids
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
+from ..ops.pixel import pred2d_keep
 from .attention import packed_vit_attention_received, packed_vit_keys
 from .base import Adapter, single_grid_image
 from .family import (
@@ -165,6 +168,9 @@ class Qwen2VLAdapter(Adapter):
     #: torchvision)
     lmms_needs = ("qwen_vl_utils", "torchvision")
     spec = Qwen2VLSpec()
+    #: the family's image processor's per-channel normalisation (mean, std): pixel values map back to [0, 1]
+    pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+    pixel_prune = True
 
     @property
     def merge(self) -> int:
@@ -220,6 +226,114 @@ class Qwen2VLAdapter(Adapter):
     def vision_layers(self):
         return self.base.visual.blocks
 
+    # --- pruning before the encoder (PixelPrune) ------------------------
+    def vision_tower(self):
+        return self.base.visual
+
+    def unit_keep(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, tau: float) -> torch.Tensor:
+        """Which merge units of one encoder call to keep (`vtprune.ops.pixel.pred2d_keep`), bool per unit.
+
+        Units in the order the processor packs them (item by item, frame by
+        frame, raster order of 2x2 units; a unit's four patches are
+        consecutive rows). Each temporal frame of an item is its own grid
+        (an image has one). A unit is compared on all its pixels, both
+        frames of its temporal patch, mapped back to [0, 1] with the
+        processor's mean and std (`pixel_norm`).
+        """
+        vision = self.config.vision_config
+        frames, patch = vision.temporal_patch_size, vision.patch_size
+        channels = pixel_values.shape[-1] // (frames * patch * patch)
+        x = pixel_values
+        if tau > 0:  # exact equality (tau = 0) is the same on the normalised values: no copy
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device)[:channels, None] for v in self.pixel_norm)
+            x = (x.float().reshape(-1, channels, frames * patch * patch) * std + mean)
+        x = x.reshape(-1, self.merge**2 * pixel_values.shape[-1])
+        keep, offset = [], 0
+        for t, h, w in grid_thw.tolist():
+            hm, wm = h // self.merge, w // self.merge
+            for _ in range(t):
+                keep.append(pred2d_keep(x[offset : offset + hm * wm].view(hm, wm, -1), tau).flatten())
+                offset += hm * wm
+        return torch.cat(keep)
+
+    def kept_tower_inputs(self, grid_thw: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> dict[str, Any]:
+        """What the tower computes from the grid, for the kept patch ``rows`` only (its precomputed keyword inputs).
+
+        The ViT's rotary positions are the whole grid's, gathered; each
+        frame's attention segment (``cu_seqlens``) holds its kept patches;
+        a learned absolute position table interpolated to the grid (Qwen3-VL,
+        Qwen3.5) is gathered the same way.
+        """
+        tower = self.vision_tower()
+        unit = self.merge**2
+        units = (grid_thw[:, 1] * grid_thw[:, 2] // unit).repeat_interleave(grid_thw[:, 0]).tolist()
+        kept = torch.stack([part.sum() for part in torch.split(keep, units)]) * unit
+        out = {
+            "position_ids": get_vision_position_ids(grid_thw, self.merge)[rows.to(grid_thw.device)],
+            "cu_seqlens": torch.nn.functional.pad(kept.cumsum(0, dtype=torch.int32), (1, 0)),
+        }
+        if hasattr(tower, "pos_embed") and hasattr(tower, "num_grid_per_side"):
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+            indices, weights = get_vision_interpolation_indices_and_weights(
+                grid_thw, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+                align_corners=tower.interpolation_align_corners, spatial_merge_size=self.merge,
+            )
+            rows = rows.to(indices.device)
+            out["interp_indices"], out["interp_weights"] = indices[rows], weights[rows]
+        return out
+
+    def encode_kept(self, original, hidden_states: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor,
+                    kwargs: dict[str, Any]):
+        """Run the tower (``original``, its forward) on the kept merge units only; outputs scattered back.
+
+        ``keep``: bool per merge unit (`unit_keep`). The tower gets the kept
+        patches and its grid-derived inputs for them (`kept_tower_inputs`);
+        its outputs come back at full length, zero at dropped units, so the
+        model places every unit as unpruned (M-RoPE on the whole layout) and
+        the vision stage then removes the dropped ones from the sequence.
+        Returns (the output, the merger's input at full length in the ViT's
+        order).
+        """
+        unit = self.merge**2
+        device = hidden_states.device
+        keep = keep.to(device)
+        kept_units = torch.nonzero(keep).flatten()
+        rows = (kept_units[:, None] * unit + torch.arange(unit, device=device)).flatten()
+        extra = self.kept_tower_inputs(grid_thw, keep, rows)
+        out = original(hidden_states[rows], grid_thw, **kwargs, **extra)
+
+        def scatter(values: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+            full = values.new_zeros(length, *values.shape[1:])
+            full[index] = values
+            return full
+
+        full_hidden = self.full_vit_rows(out.last_hidden_state, grid_thw, keep)
+        out.last_hidden_state = full_hidden
+        out.pooler_output = scatter(out.pooler_output, kept_units, keep.numel())
+        if getattr(out, "deepstack_features", None):
+            out.deepstack_features = [scatter(f, kept_units, keep.numel()) for f in out.deepstack_features]
+        return out, full_hidden
+
+    def full_vit_rows(self, values: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Rows the tower computed for the kept patches (its row order, dim 0) -> one per patch of the call, zero where
+        dropped; a call whose units were all kept (the tower ran whole) comes back as it is."""
+        unit = self.merge**2
+        if bool(keep.all()):  # the tower ran whole
+            return values
+        keep = keep.to(values.device)
+        order = self.merger_order(grid_thw)
+        in_order = keep if order is None else keep[order.to(values.device)]  # units in the tower's row order
+        units = torch.nonzero(in_order).flatten()
+        rows = (units[:, None] * unit + torch.arange(unit, device=values.device)).flatten()
+        full = values.new_zeros(keep.numel() * unit, *values.shape[1:])
+        full[rows] = values
+        return full
+
+    def raster_unit_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor]) -> torch.Tensor:
+        """Values per merge unit of every encoder call, in the processor's (raster) order -> image i's rows."""
+        return self._image_rows(captured, layouts, b, i, per_call, permuted=False)
+
     def vision_attention_received(self, layer: int, call: LayerCall) -> torch.Tensor:
         # the block's own attention segments (windows or whole images/frames) and rotary tables
         return packed_vit_attention_received(
@@ -238,7 +352,8 @@ class Qwen2VLAdapter(Adapter):
         merged = [t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1) for t in per_call]
         return self._image_rows(captured, layouts, b, i, merged)
 
-    def _image_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor]) -> torch.Tensor:
+    def _image_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor],
+                    permuted: bool = True) -> torch.Tensor:
         """One row per merge unit of every encoder call (the ViT's order) -> image i's rows in raster order.
 
         The ViT runs once per modality (all images, then all videos, packed);
@@ -254,7 +369,7 @@ class Qwen2VLAdapter(Adapter):
                 break
         else:
             raise RuntimeError(f"no captured vision encoder call for the {image.kind}s of this batch")
-        order = self.merger_order(grid_thw)
+        order = self.merger_order(grid_thw) if permuted else None
         if order is not None:
             rows = rows[torch.argsort(order.to(rows.device))]
         sizes = (grid_thw.prod(-1) // self.merge**2).tolist()

@@ -84,6 +84,7 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     model_type = "qwen3_5"
     lmms_model = "qwen3_5"
     spec = Qwen3_5Spec()
+    pixel_norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # its image processor's (Qwen3-VL's) mean and std
 
     def check_config(self) -> None:
         if not getattr(self.text_config, "layer_types", None):

@@ -92,6 +92,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_type = "qwen3_vl"
     spec = Qwen3VLSpec()
     lmms_model = "qwen3_vl"  # lmms-eval's wrapper loads the dense and the MoE checkpoints alike
+    pixel_norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # its image processor's mean and std
     sequence_tensors = (SequenceTensor(MASK), SequenceTensor(DEEPSTACK, dim=0, rows_of=MASK))
     # Qwen3VLTextModel._deepstack_process(hidden_states, visual_pos_masks, visual_embeds) after layers 0-2
     sequence_methods = {"_deepstack_process": {"visual_pos_masks": MASK, "visual_embeds": DEEPSTACK}}

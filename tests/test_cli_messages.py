@@ -172,8 +172,8 @@ def test_bench_keep_1_is_one_token_of_the_chosen_policy_and_nothing_is_written_u
     used = []
     real = api.pruned
 
-    def spy(model, policy, keep, **kwargs):
-        used.append((policy, type(keep).__name__, keep))
+    def spy(model, policy, keep=None, **kwargs):  # the bench hands over policy objects (Pipelines with "+")
+        used.append((policy.name, type(policy.keep).__name__, policy.keep))
         return real(model, policy, keep, **kwargs)
 
     monkeypatch.setattr(bench.api, "pruned", spy)
@@ -184,6 +184,15 @@ def test_bench_keep_1_is_one_token_of_the_chosen_policy_and_nothing_is_written_u
     assert set(used) == {("random", "float", 1.0), ("divprune", "int", 1)}
     assert "| 1 (576->1) |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # no bench.json in the current folder: it was not asked for
+
+
+def test_bench_chains_policies_with_plus():
+    from vtprune.eval.bench import bench_policy
+    from vtprune.policies import Pipeline, PixelPrune, Random
+
+    assert bench_policy("pixelprune+random", 0.25) == Pipeline([PixelPrune(), Random(keep=0.25)])
+    assert bench_policy("pixelprune", 64) == PixelPrune()
+    assert main(["bench", "--policy", "pixelprune+nosuch"]) == 2
 
 
 @pytest.mark.parametrize("module, heavy", [("gpu_suite", "run_tests"), ("selection_time", "time_case"),

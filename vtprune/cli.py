@@ -41,7 +41,10 @@ def check_policies(command: str, argv: list[str]) -> str | None:
     """A one-line error for a misspelt policy name, or None."""
     from .policies.base import unknown_policy
 
-    error = unknown_policy(_policy_names(argv), variants=True)
+    names = _policy_names(argv)
+    if command == "bench":  # the bench chains policies with "+" (a Pipeline)
+        names = [part for name in names for part in name.split("+")]
+    error = unknown_policy(names, variants=True)
     return f"vtprune {command}: {error}" if error else None
 
 

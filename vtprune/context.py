@@ -228,7 +228,12 @@ class StageContext:
             calls = self.captured.get("vision_layers", {}).get(layer)
             if not calls:
                 raise KeyError(f"vision layer {layer} was not captured; list it in the policy's `Signals.vision_inputs`")
-            self._memo[(what, layer)] = [probe(layer, call) for call in calls]
+            values = [probe(layer, call) for call in calls]
+            # an encoder-side prune (PixelPrune) ran the tower on the kept units: back to one row per patch
+            kept = self.captured.get("pixel_keep") or ()
+            for c, (grid, keep) in enumerate(kept[: len(values)]):
+                values[c] = self.adapter.full_vit_rows(values[c], grid, keep)
+            self._memo[(what, layer)] = values
         return self._memo[(what, layer)]
 
     def rotary(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:

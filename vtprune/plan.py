@@ -40,6 +40,11 @@ class Plan:
     signals: tuple[Signals, ...]
     reads: Signals
 
+    @property
+    def encoder_policy(self) -> Policy | None:
+        """The policy that chooses which patches the vision tower encodes (``Signals.encoder_prune``), if any."""
+        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.encoder_prune), None)
+
     def sub_blocks(self) -> list[tuple[int, Policy, int]]:
         """(index in the pipeline, policy, decoder layer) of every sub-block observation."""
         return [(i, p, layer) for i, (p, s) in enumerate(zip(self.pipeline.policies, self.signals)) for layer in s.sub_blocks]
@@ -97,6 +102,10 @@ def build_plan(model: nn.Module, policy, keep, positions: str, options: dict, to
                     f"layer of this {adapter.model_type} model (no queries and keys to score); its layers with "
                     f"softmax attention are {list(attention)}: choose the policy's layers so that it reads one of them"
                 )
+    for p, s in zip(bound.policies, signals):
+        if s.encoder_prune and s.encoder_prune != (0,):
+            raise ValueError(f"{p.describe()}: the vision tower is pruned before its first block only (0); "
+                             f"got {s.encoder_prune}")
     for layer in reads.decoder_queries:
         adapter.query_module(layer)  # the adapter must know where the queries are (raises otherwise)
     return Plan(

@@ -392,6 +392,9 @@ class Runtime:
 
                 self._handles.append(layers[j].register_forward_pre_hook(grab_layer, with_kwargs=True))
 
+        if self.plan.encoder_policy is not None:
+            self._bind(self.adapter.vision_tower(), self._tower_forward)
+
         def expand(original, *args, **kwargs):
             # generate() repeats each sample after encoding the images (beams, num_return_sequences)
             sig = inspect.signature(original).bind_partial(*args, **kwargs).arguments
@@ -403,6 +406,31 @@ class Runtime:
 
         if hasattr(self.adapter.model, "_expand_inputs_for_generation"):
             self._bind(self.adapter.model, expand, attr="_expand_inputs_for_generation")
+
+    def _tower_forward(self, original, pixels, *args, **kwargs):
+        """The vision tower on the units the encoder-side policy keeps (outputs at full length, zero where dropped).
+
+        Outside a call of the wrapped model the tower runs whole. Where the
+        tower's merger is the projector (Qwen), the merger's input captured
+        for the projector stage is replaced by its full-length form, so later
+        policies index it as unpruned.
+        """
+        record = self.record
+        if record is None:
+            return original(pixels, *args, **kwargs)
+        vision = record.fresh_vision()
+        grid = args[0] if args else kwargs.get("grid_thw")  # Qwen towers take the grid; CLIP's images are square
+        with torch.no_grad():
+            keep = self.plan.encoder_policy.encoder_keep(self.adapter, pixels, grid)
+        vision.pixel_keep.append((grid, keep))
+        if bool(keep.all()):
+            return original(pixels, *args, **kwargs)
+        captured = len(vision.pre_projector)
+        rest = {k: v for k, v in kwargs.items() if k != "grid_thw"}
+        out, merger_input = self.adapter.encode_kept(original, pixels, grid, keep, rest)
+        if merger_input is not None and len(vision.pre_projector) > captured:
+            vision.pre_projector[captured] = merger_input
+        return out
 
     def _bind(self, module: torch.nn.Module, fn, attr: str = "forward") -> None:
         """Replace ``module.<attr>`` on this instance only; `remove` restores it.

@@ -42,6 +42,7 @@ class StageRunner:
         captured["vision_calls"] = vision.calls
         captured["pre_projector"] = vision.pre_projector
         captured["vision_layers"] = vision.layers
+        captured["pixel_keep"] = vision.pixel_keep
         if vision.expand is not None:
             size, ids = vision.expand
             captured.update(self.adapter.expand_metadata(captured, ids, size))

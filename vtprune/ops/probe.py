@@ -76,22 +76,36 @@ def causal_rows(
 
 
 @torch.no_grad()
-def received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
+def received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
     """Attention each token receives under full attention, summed over queries, mean over heads.
 
     ``q``, ``k`` ``(n, T, H, d)`` fp32 -> ``(n, T)`` fp32, `chunk` query rows at a time.
+    ``valid`` ``(n, T)`` bool: tokens that exist (False: padding, neither
+    attended to nor counted as a query); None: all.
     """
     out = torch.zeros(q.shape[0], q.shape[1], device=q.device, dtype=torch.float32)
     for start in range(0, q.shape[1], chunk):
         scores = torch.einsum("bqhd,bkhd->bhqk", q[:, start : start + chunk], k) * scale
-        out += torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)
+        if valid is None:
+            out += torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)
+            continue
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        rows = valid[:, None, start : start + chunk, None]
+        out += (torch.softmax(scores, dim=-1) * rows).sum(dim=2).mean(dim=1)
     return out
 
 
 @torch.no_grad()
-def row_summed_over_heads(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one query row ``q`` ``(n, 1, H, d)`` to every key ``(n, T, H, d)``, summed over heads, ``(n, T)``."""
+def row_summed_over_heads(q: torch.Tensor, k: torch.Tensor, scale: float,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query row ``q`` ``(n, 1, H, d)`` to every key ``(n, T, H, d)``, summed over heads, ``(n, T)``.
+
+    ``valid`` ``(n, T)`` bool: keys that exist (False: padding); None: all.
+    """
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1)[:, :, 0].sum(dim=1)
 
 

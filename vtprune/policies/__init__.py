@@ -23,6 +23,7 @@ from .holov import HoloV
 from .idpruner import IDPruner
 from .mmtok import MMTok
 from .pdrop import PyramidDrop
+from .pixelprune import PixelPrune
 from .prunesid import PruneSID
 from .scope import Scope
 from .transprune import TransPrune
@@ -46,6 +47,7 @@ __all__ = [
     "MMTok",
     "LLMStagePolicy",
     "Pipeline",
+    "PixelPrune",
     "Policy",
     "Pooling",
     "PyramidDrop",

@@ -42,6 +42,10 @@ exactly them during prefill, and the `StageContext` serves them:
 - ``vision_inputs``: the input calls of these ViT layers (0-based):
   ``ctx.vision_attention``, ``vision_keys``, ``vision_cls_attention``,
   ``vision_cls_feature``.
+- ``encoder_prune``: ViT blocks the tower's own sequence is pruned before
+  (``(0,)``: before the encoder, the only one built): the runtime asks the
+  policy's ``encoder_keep(adapter, pixel_values, grid)`` which units the
+  tower encodes, and ``ctx.captured["pixel_keep"]`` holds them per call.
 
 The default `signals()` says ``prune_before=(self.at,)`` at the llm stage and
 nothing else. A field a policy reads only after `bind` is asked for with
@@ -141,6 +145,9 @@ class Signals:
     decoder_attention: tuple[int, ...] = ()
     sub_blocks: tuple[int, ...] = ()
     vision_inputs: tuple[int, ...] = ()
+    #: ViT blocks the tower's sequence is pruned before (0: before the encoder; the runtime runs the tower on the
+    #: units `encoder_keep` keeps)
+    encoder_prune: tuple[int, ...] = ()
 
     def union(self, other: Signals) -> Signals:
         """Both policies' signals: each field the sorted, distinct layers of either."""
