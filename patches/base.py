@@ -27,6 +27,14 @@ from .family import FamilySpec
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
 
+#: CLIP's pixel mean and std (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD), written out here: importing
+#: transformers.image_utils imports torchvision wherever it is installed, which a torchvision built for another
+#: torch turns into an import error of vtprune itself
+CLIP_PIXEL_NORM: tuple[tuple[float, ...], tuple[float, ...]] = (
+    (0.48145466, 0.4578275, 0.40821073),
+    (0.26862954, 0.26130258, 0.27577711),
+)
+
 class Adapter:
     """Base adapter: the structure every supported HF vision-language model shares.
 

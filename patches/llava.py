@@ -9,13 +9,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
 from ..ops.pixel import pred2d_keep
 from .attention import vit_attention_from, vit_attention_received, vit_keys
-from .base import Adapter, single_grid_image
+from .base import CLIP_PIXEL_NORM, Adapter, single_grid_image
 from .family import IMAGE_TOKEN, FamilySpec, Geometry, TinyBatch, text_kwargs, vit_kwargs
 
 
@@ -92,7 +91,7 @@ class LlavaAdapter(Adapter):
     template_markers = ("ASSISTANT:",)
     spec = LlavaSpec()
     #: the image processor's per-channel normalisation (mean, std): CLIP's
-    pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+    pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = CLIP_PIXEL_NORM
     pixel_prune = True
 
     def check_config(self) -> None:

@@ -11,14 +11,13 @@ import warnings
 from typing import Any, ClassVar
 
 import torch
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.vision_utils import get_vision_position_ids
 
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
 from ..ops.pixel import pred2d_keep
 from .attention import packed_vit_attention_received, packed_vit_keys
-from .base import Adapter, single_grid_image
+from .base import CLIP_PIXEL_NORM, Adapter, single_grid_image
 from .family import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
@@ -169,7 +168,7 @@ class Qwen2VLAdapter(Adapter):
     lmms_needs = ("qwen_vl_utils", "torchvision")
     spec = Qwen2VLSpec()
     #: the family's image processor's per-channel normalisation (mean, std): pixel values map back to [0, 1]
-    pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+    pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = CLIP_PIXEL_NORM
     pixel_prune = True
 
     @property
