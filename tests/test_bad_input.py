@@ -54,7 +54,7 @@ def test_invalid_keep(llava, keep, err, words):
 @pytest.mark.parametrize(
     "call, err, words",
     [
-        (lambda m: vtprune.wrap(m, "nope", keep=4), ValueError, "unknown policy 'nope'; available: divprune,"),
+        (lambda m: vtprune.wrap(m, "nope", keep=4), ValueError, "unknown policy 'nope'; available: cdpruner, dart, divprune,"),
         (lambda m: vtprune.wrap(m, 42, keep=4), TypeError, "42"),
         (lambda m: vtprune.wrap(m, "random", keep=4, at_layer=4), ValueError, "layers 0..3"),
         (lambda m: vtprune.wrap(m, "random", keep=4, at_layer=0), ValueError, "at_layer must be an int >= 1"),

@@ -144,9 +144,9 @@ class PruneSID(Policy):
             return Signals()
         return Signals(vision_inputs=(self.layer - 1, self.layer))  # CLS attention; CLS feature: the next input
 
-    def budget(self, ctx: StageContext, b: int, i: int) -> int:
+    def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         if self._variant() == "llava" or not self.reference_budget:
-            return super().budget(ctx, b, i)
+            return super().image_budget(ctx, b, i)
         n_alive = int(ctx.alive[b][i].numel())
         if n_alive == 0:
             return 0

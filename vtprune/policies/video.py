@@ -151,8 +151,6 @@ class VidCom2(VideoPolicy):
         keep: the retention r, a fraction (float) or tokens per video (int,
             read as r = k / N; ``exact`` then keeps max(T, k)); default 0.25.
         budget: ``"reference"`` (the official count) or ``"exact"`` (vLLM's).
-            The field hides the base class's ``budget()`` method, which this
-            policy never calls (it selects per video in ``select_sample``).
     """
 
     keep: int | float = 0.25
