@@ -11,11 +11,9 @@ from ..ops.leaders import scope_select
 from .base import Policy, Selection, Signals, register
 from .vision_views import (
     check_saliency,
-    merged_rows,
     resolve_layer,
     resolve_saliency,
-    select_per_view,
-    view_saliency,
+    select_per_view_by_saliency,
 )
 
 COMBINES = ("multi", "add")
@@ -112,17 +110,9 @@ class Scope(Policy):
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         layer, saliency = self._resolved()
-        feats, sal = None, None
-
-        def pick(view, t):
-            nonlocal feats, sal
-            if feats is None:
-                feats = merged_rows(ctx, b, i)
-                sal = view_saliency(ctx, b, i, layer, saliency).to(feats.device)
-            view = view.to(feats.device)
-            return scope_select(feats[view], sal[view], t, self.alpha, self.combine)
-
-        return Selection(select_per_view(ctx, b, i, k, layer, self.name, pick))
+        return Selection(select_per_view_by_saliency(
+            ctx, b, i, k, layer, saliency, self.name, lambda rows, sal, t: scope_select(rows, sal, t, self.alpha, self.combine)
+        ))
 
     def describe(self) -> str:
         return f"scope(combine={self.combine})"

@@ -11,11 +11,9 @@ from ..ops.leaders import vispruner_select
 from .base import Policy, Selection, Signals, register
 from .vision_views import (
     check_saliency,
-    merged_rows,
     resolve_layer,
     resolve_saliency,
-    select_per_view,
-    view_saliency,
+    select_per_view_by_saliency,
 )
 
 
@@ -98,17 +96,9 @@ class VisPruner(Policy):
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         layer, saliency = self._resolved()
-        feats, sal = None, None
-
-        def pick(view, t):
-            nonlocal feats, sal
-            if feats is None:
-                feats = merged_rows(ctx, b, i)
-                sal = view_saliency(ctx, b, i, layer, saliency).to(feats.device)
-            view = view.to(feats.device)
-            return vispruner_select(feats[view], sal[view], t, self.important_ratio)
-
-        return Selection(select_per_view(ctx, b, i, k, layer, self.name, pick))
+        return Selection(select_per_view_by_saliency(
+            ctx, b, i, k, layer, saliency, self.name, lambda rows, sal, t: vispruner_select(rows, sal, t, self.important_ratio)
+        ))
 
     def describe(self) -> str:
         return f"vispruner(important_ratio={self.important_ratio})"
