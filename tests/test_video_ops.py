@@ -290,7 +290,7 @@ def test_fastvid_ov_matches_its_oracle(t, keep, tau):
     a = torch.rand(t, 196, generator=gen)
     s, _ = fastvid_counts(196, keep, 0.4)
     noise = fastvid_noise(t, 196 - s, seed=0)
-    idx, values, merged = fastvid_ov_select(x, g, a, keep, noise, tau=tau)
+    idx, values, merged, _ = fastvid_ov_select(x, g, a, keep, noise, tau=tau)
     want, want_values, segments = fastvid_oracle(x, g, a, keep, noise, tau=tau)
     assert idx.tolist() == want
     torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-5)
