@@ -223,3 +223,32 @@ def packed_vit_keys(
     """Rotated keys of a packed ViT block (as the block computes them), mean over heads, ``(L, head_dim)`` fp32."""
     _, k = _packed_qk(block, hidden, position_embeddings)
     return k.float().mean(dim=1)
+
+
+@torch.no_grad()
+def packed_vit_frame_query_attention(
+    block: nn.Module,
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    unit: int,
+) -> torch.Tensor:
+    """FastVID's Qwen frame saliency in one packed ViT block, ``(L,)`` fp32: each row holds its merge unit's value.
+
+    Per ``cu_seqlens`` segment (a video frame on a full-attention block)
+    and head: one query, the mean of the segment's rotated queries, against
+    the rotated keys averaged over each merge unit (``unit`` consecutive
+    rows); the block's scaling, a softmax over the segment's units; then
+    the mean over heads.
+    """
+    q, k = (t.float() for t in _packed_qk(block, hidden, position_embeddings))
+    out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        query = q[start:end].mean(dim=0)  # (heads, head_dim)
+        keys = k[start:end].reshape((end - start) // unit, unit, *k.shape[1:]).mean(dim=1)  # (units, heads, head_dim)
+        logits = torch.einsum("hd,uhd->hu", query, keys) * block.attn.scaling
+        out[start:end] = logits.softmax(dim=-1).mean(dim=0).repeat_interleave(unit)
+    return out

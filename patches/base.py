@@ -341,6 +341,11 @@ class Adapter:
         """Attention each token of one captured call of vision ``layer`` (0-based) receives, per ViT token."""
         raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
 
+    def vision_frame_query_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
+        """FastVID's Qwen frame saliency in one captured call of vision ``layer``: each frame's mean query against
+        its merge units' mean keys, per ViT token (its unit's value)."""
+        raise NotImplementedError(f"{self.model_type}: the frame-query probe exists for the Qwen vision towers only")
+
     def vision_cls_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
         """Attention the CLS token pays each token in one captured call of vision ``layer``, summed over heads."""
         raise NotImplementedError(f"{self.model_type}: its vision encoder has no CLS token")

@@ -16,7 +16,7 @@ from transformers.vision_utils import get_vision_position_ids
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout
 from ..ops.pixel import pred2d_keep
-from .attention import packed_vit_attention_received, packed_vit_keys
+from .attention import packed_vit_attention_received, packed_vit_frame_query_attention, packed_vit_keys
 from .base import CLIP_PIXEL_NORM, Adapter, single_grid_image
 from .family import (
     IMAGE_TOKEN,
@@ -337,6 +337,12 @@ class Qwen2VLAdapter(Adapter):
         # the block's own attention segments (windows or whole images/frames) and rotary tables
         return packed_vit_attention_received(
             self.vision_layers()[layer], call.hidden, call.kwargs["cu_seqlens"], call.kwargs["position_embeddings"]
+        )
+
+    def vision_frame_query_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
+        return packed_vit_frame_query_attention(
+            self.vision_layers()[layer], call.hidden, call.kwargs["cu_seqlens"], call.kwargs["position_embeddings"],
+            self.merge**2,
         )
 
     def vision_keys(self, layer: int, call: LayerCall) -> torch.Tensor:

@@ -106,6 +106,37 @@ class StageContext:
             levels += [v.index_select(spec.dim, index.to(v.device)) for v in values]
         return levels
 
+    def write_feature_levels(self, b: int, i: int, index: torch.Tensor, values: list[torch.Tensor]) -> None:
+        """Replace the rows of image i's alive tokens ``index`` in every feature level by ``values``.
+
+        ``values``: one ``(k, D')`` tensor per level, in `feature_levels`'s
+        order. The levels are copied on the first write of a stage (the
+        model's own tensors are never written). Vision/projector stages.
+        """
+        if self.stage == "llm":
+            raise RuntimeError("feature levels are rewritten only at the vision and projector stages")
+        written = self._memo.setdefault("levels_written", set())
+        values = list(values)
+        for spec in self.adapter.sequence_tensors:
+            value = self.extras.get(spec.name) if spec.rows_of else None
+            mask = self.extras.get(spec.rows_of) if spec.rows_of else None
+            if value is None or mask is None:
+                continue
+            if mask.dim() == 3:
+                mask = mask[..., 0]
+            row = torch.cumsum(mask.bool().flatten().long(), 0) - 1
+            rows = row[b * mask.shape[1] + self.seq_positions[b][i][index.to(self.seq_positions[b][i].device)].to(row.device)]
+            single = not isinstance(value, (list, tuple))
+            levels = [value] if single else list(value)
+            if spec.name not in written:
+                levels = [t.clone() for t in levels]
+                written.add(spec.name)
+            for t in levels:
+                t.index_copy_(spec.dim, rows.to(t.device), values.pop(0).to(t).movedim(0, spec.dim))
+            self.extras[spec.name] = levels[0] if single else type(value)(levels)
+        if values:
+            raise RuntimeError(f"{len(values)} feature-level values left over: the model carries fewer levels")
+
     def question(self, b: int) -> torch.Tensor:
         """Current features of the sample's question tokens, ``(m, D)``."""
         return self.hidden[b].index_select(0, self.question_seq_positions[b])
@@ -184,6 +215,15 @@ class StageContext:
         once per batch.
         """
         return self._vision_values("received", self.adapter.vision_attention_received, b, i, layer)
+
+    def vision_frame_saliency(self, b: int, i: int, layer: int) -> torch.Tensor:
+        """FastVID's Qwen saliency of image i's alive tokens in vision ``layer`` (0-based), ``(n,)`` fp32.
+
+        Per frame and head, the mean of the frame's rotated queries against
+        each merge unit's mean rotated key, softmax over the frame's units,
+        mean over heads (Qwen vision towers; window order undone).
+        """
+        return self._vision_values("frame_query", self.adapter.vision_frame_query_attention, b, i, layer)
 
     def vision_cls_attention(self, b: int, i: int, layer: int) -> torch.Tensor:
         """Attention the CLS token pays each of image i's alive patch tokens in vision ``layer`` (0-based).

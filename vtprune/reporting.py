@@ -22,7 +22,8 @@ class Report:
     "kept": [int, ...], "ms": float}}}]}]}``. ``kept`` lists positions within the
     image's own token grid (raster order, ascending, newlines skipped); a
     video's stages also say, per frame, its tokens before (``frames_before``)
-    and after (``frames``: T counts, frame t holding indices t * P .. t * P + P - 1); STAGE is
+    and after (``frames``: T counts, frame t holding indices t * P .. t * P + P - 1); a policy that
+    merges says which kept tokens' rows are merges (``merged``, a subset of ``kept``); STAGE is
     ``vision`` (selected from vision-encoder signals, applied where the
     projector stage is: the vision tower itself sees every token),
     ``projector`` or ``llm@K``. ``ms`` is the policy's selection
@@ -49,11 +50,13 @@ class Report:
         self.samples = [{"images": []} for _ in range(batch_size)]
 
     def stage(
-        self, key: str, before: list[list[torch.Tensor]], after: list[list[torch.Tensor]], ms: float
+        self, key: str, before: list[list[torch.Tensor]], after: list[list[torch.Tensor]], ms: float,
+        merged: dict[int, dict[int, torch.Tensor]] | None = None,
     ) -> None:
+        merged = merged or {}
         frame_sizes = self._frames or [[0] * len(s["images"]) for s in self.samples]
-        for sample, bef, aft, sizes in zip(self.samples, before, after, frame_sizes):
-            for image, b_i, a_i, per_frame in zip(sample["images"], bef, aft, sizes):
+        for b, (sample, bef, aft, sizes) in enumerate(zip(self.samples, before, after, frame_sizes)):
+            for i, (image, b_i, a_i, per_frame) in enumerate(zip(sample["images"], bef, aft, sizes)):
                 name, n = key, 2
                 while name in image["stages"]:
                     name, n = f"{key}#{n}", n + 1
@@ -67,6 +70,8 @@ class Report:
                     frames = image["tokens"] // per_frame
                     image["stages"][name]["frames_before"] = _per_frame(b_i, per_frame, frames)
                     image["stages"][name]["frames"] = _per_frame(a_i, per_frame, frames)
+                if i in merged.get(b, {}):
+                    image["stages"][name]["merged"] = merged[b][i].tolist()
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "config": copy.deepcopy(self.config), "samples": copy.deepcopy(self.samples)}

@@ -162,6 +162,7 @@ class StageRunner:
         ms = (time.perf_counter() - start) * 1000.0
         hidden = ctx.hidden
         alive, seq_pos = [], []
+        merged: dict[int, dict[int, torch.Tensor]] = {}
         wrote = False
         for b, per_image in enumerate(selections):
             if len(per_image) != ctx.num_images(b):
@@ -178,11 +179,15 @@ class StageRunner:
                     if not wrote:
                         hidden, wrote = hidden.clone(), True
                     hidden[b, ctx.seq_positions[b][i][idx]] = sel.values[order.to(sel.values.device)].to(hidden)
+                if sel.level_values:
+                    ctx.write_feature_levels(b, i, idx, [v[order.to(v.device)] for v in sel.level_values])
+                if sel.merged is not None:
+                    merged.setdefault(b, {})[i] = ctx.alive[b][i][idx[sel.merged.to(idx.device)[order]]]
                 a_b.append(ctx.alive[b][i][idx])
                 s_b.append(ctx.seq_positions[b][i][idx])
             alive.append(a_b)
             seq_pos.append(s_b)
-        report.stage(f"llm@{ctx.layer}" if ctx.stage == "llm" else ctx.stage, ctx.alive, alive, ms)
+        report.stage(f"llm@{ctx.layer}" if ctx.stage == "llm" else ctx.stage, ctx.alive, alive, ms, merged=merged)
         return hidden, alive, seq_pos
 
     def decode(self, record: CallRecord, state: PrefillState, bound: dict[str, Any], embeds: torch.Tensor):

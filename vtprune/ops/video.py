@@ -438,7 +438,7 @@ def fastvid_qwen_select(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep:
                 score = _density_score(xf[rest], next(noise))
                 targets[f] = torch.sort(rest[_rank_desc(score)[: context[f]]]).values
         segment_salient = torch.cat([tops[f] for f in frames])
-        for f, chosen in targets.items():
+        for chosen in targets.values():
             left = torch.ones(t * p, dtype=torch.bool, device=x.device)
             left[: start * p] = False
             left[(start + length) * p :] = False

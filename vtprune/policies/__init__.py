@@ -27,7 +27,7 @@ from .pixelprune import PixelPrune
 from .prunesid import PruneSID
 from .scope import Scope
 from .transprune import TransPrune
-from .video import EVS, DyCoke, VidCom2
+from .video import EVS, DyCoke, FastVID, VidCom2
 from .visionzip import VisionZip
 from .vispruner import VisPruner
 
@@ -40,6 +40,7 @@ __all__ = [
     "EVS",
     "EntropyPrune",
     "FastV",
+    "FastVID",
     "Fixed",
     "HiPrune",
     "HoloV",

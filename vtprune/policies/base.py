@@ -165,11 +165,18 @@ class Selection:
     """Kept tokens of one image: indices into its alive tokens, optionally new features.
 
     ``values`` (``(k, D)``, same order as ``indices``) replace the kept tokens'
-    features, for policies that merge or pool (Pooling, VisionZip).
+    features, for policies that merge or pool (Pooling, VisionZip, FastVID).
+    ``level_values`` (vision/projector stages) replace the kept tokens' rows
+    in each per-token feature level the model carries beside the sequence,
+    one ``(k, D')`` tensor per level in `StageContext.feature_levels`'s order
+    (Qwen3-VL's DeepStack rows merged like the sequence's). ``merged`` (bool
+    per index) marks the kept rows that are merges (the report's ``merged``).
     """
 
     indices: torch.Tensor
     values: torch.Tensor | None = None
+    level_values: list[torch.Tensor] | None = None
+    merged: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Video pruning: EVS, VidCom2 and DyCoke's temporal token merging, at the projector stage.
+"""Video pruning: EVS, VidCom2, FastVID and DyCoke's temporal token merging, at the projector stage.
 
 Each video is its own problem, read as T frames of P tokens (the layout's
 ``num_frames`` and ``frame_tokens``: a Qwen temporal slot of two input
@@ -10,14 +10,27 @@ after the video policy in a `Pipeline`. The selection math is in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
+from ..budget import validate_keep
+from ..checks import check_int, check_number
 from ..context import StageContext
-from ..ops.video import dycoke_select, evs_select, keeps_all, vidcom2_select
-from .base import Policy, Selection, register
+from ..ops.video import (
+    dycoke_select,
+    evs_select,
+    fastvid_apply,
+    fastvid_counts,
+    fastvid_noise,
+    fastvid_ov_select,
+    fastvid_qwen_select,
+    keeps_all,
+    vidcom2_select,
+)
+from .base import Policy, Selection, Signals, probe_depth, register
 
 
 @dataclass(frozen=True)
@@ -210,3 +223,147 @@ class DyCoke(VideoPolicy):
 
     def describe(self) -> str:
         return f"dycoke(keep={self.keep})"
+
+
+@register
+@dataclass(frozen=True)
+class FastVID(VideoPolicy):
+    """FastVID: segments of similar frames; per frame the most attended tokens kept, density peaks absorb the rest.
+
+    Source: "FastVID: Dynamic Density Pruning for Fast Video Large Language
+    Models" (NeurIPS 2025; official code LunarShen/FastVID, the LLaVA-OneVision
+    path in ``llava/model/language_model/modeling_qwen2.py`` and the
+    Qwen2.5-VL path in ``lmms_eval/models/qwenvlutils/modeling_qwen2_5_vl.py``).
+    Frames are cut into segments after the ``segments`` - 1 least similar
+    adjacent frames and wherever similarity < ``tau`` (frame-global
+    features: the mean of each frame's projector rows). Each frame keeps
+    R = int(P * keep) tokens: the top salient ones by ViT attention,
+    unchanged, and context tokens, density peaks (delta * rho, with a
+    1e-6 * uniform tie-break drawn from ``seed``) that each merge the tokens
+    most like them: w * target + (1 - w) * mean(members),
+    w = max(``beta``, 1 / (n + 1)). A merged row stays at its target's
+    position. LLaVA-OneVision path (S = R - int(R * ``context``) salient and
+    C = R - S context per frame; every ``stride``-th frame of a segment,
+    counted from its last, is an anchor merging the whole segment);
+    Qwen path (budgets per segment, near-duplicate frames above ``ignore``
+    give their tokens to the last of their run, context capped at P / 2).
+    Saliency: Qwen, as the official, the last ViT block's attention from
+    each frame's mean query to its merge units' mean keys; OneVision, the
+    attention received at the feature layer, pooled to the 14 x 14 grid.
+
+    Departures: the OneVision official reads SigLIP's attention-pooling head,
+    which HF LLaVA-OneVision checkpoints do not ship (vtprune reads the mean
+    of each frame's rows and the attention received at the feature layer,
+    so cuts and salient sets differ on the same video); fewer than
+    ``segments`` frames cut every gap (the official raises); an anchor's
+    context is capped at its P - S candidates (the official raises above
+    keep 0.45 or so); the noise is drawn on the CPU from ``seed`` in a forked
+    RNG (the official reads the global RNG on the model's device: the
+    caller's RNG stays untouched); equal cosine to two targets joins the
+    lowest index; selection and merging in fp32 (the official merges in the
+    model dtype); every video of every sample is pruned (the official: the
+    first video, batch 1). keep = 1.0 keeps every token, unmerged.
+    Qwen2-VL, Qwen3-VL(-MoE) and Qwen3.5 run the Qwen path (no official
+    code); Qwen3-VL's DeepStack rows are kept and merged with the same
+    weights.
+
+    Parameters:
+        keep: the retention r per frame (float), or tokens per video (int,
+            R = k // T); None: the model's default (OneVision 0.10, Qwen 0.27).
+        segments: c, at least this many segments; default 8.
+        tau: cut where adjacent frames' similarity is below it; None: the
+            model's default (OneVision 0.9, Qwen 0.84).
+        ignore: Qwen path: near-duplicate frames (similarity >= ignore)
+            inside a segment; None: the model's default (0.95); unused on
+            OneVision.
+        context: d, the context share of each frame's (segment's) budget;
+            default 0.4.
+        stride: p, the anchor stride; default 4.
+        beta: the least weight a target keeps in its merge; default 0.6.
+        seed: the density tie-break draw's seed; default 0.
+        vision_layer: 1-based ViT layer of the saliency; None: the feature
+            layer (the last block on Qwen, as the official).
+    """
+
+    keep: int | float | None = None
+    segments: int = 8
+    tau: float | None = None
+    ignore: float | None = None
+    context: float = 0.4
+    stride: int = 4
+    beta: float = 0.6
+    seed: int = 0
+    vision_layer: int | None = None
+    path: str = field(default="", init=False, repr=False, compare=False)
+
+    name: ClassVar[str] = "fastvid"
+    paper: ClassVar[str] = "FastVID (NeurIPS 2025), code LunarShen/FastVID"
+    zoo_fields: ClassVar[tuple[str, ...]] = ("keep", "tau", "ignore")
+
+    def __post_init__(self) -> None:
+        if self.keep is not None:
+            self._set("keep", validate_keep(self.keep))
+        check_int(self.name, "segments", self.segments, minimum=1)
+        check_int(self.name, "stride", self.stride, minimum=1)
+        check_int(self.name, "seed", self.seed, minimum=0)
+        if self.vision_layer is not None:
+            check_int(self.name, "vision_layer", self.vision_layer, minimum=1)
+        for name in ("tau", "ignore"):  # cosine similarities
+            self._set(name, check_number(self.name, name, getattr(self, name), -1.0, 1.0, allow_none=True))
+        for name in ("context", "beta"):
+            self._set(name, check_number(self.name, name, getattr(self, name), 0.0, 1.0))
+
+    def resolve(self, adapter) -> Policy:
+        super().resolve(adapter)
+        missing = [f for f in ("keep", "tau") if getattr(self, f) is None]
+        path = "onevision" if adapter.model_type == "llava_onevision" else "qwen"
+        if path == "qwen" and self.ignore is None:
+            missing.append("ignore")
+        if missing:
+            raise ValueError(
+                f"fastvid: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; "
+                "give them explicitly"
+            )
+        depth = probe_depth(adapter, "fastvid")
+        layer = self.vision_layer or adapter.feature_vision_layer
+        if not 1 <= layer <= depth:
+            raise ValueError(f"fastvid: vision_layer={layer} is outside this ViT's layers 1..{depth}")
+        bound = dataclasses.replace(self, vision_layer=layer)
+        object.__setattr__(bound, "path", path)
+        return bound
+
+    def signals(self) -> Signals:
+        return Signals(vision_inputs=(self.resolved("vision_layer") - 1,))
+
+    def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
+        out = []
+        for i, image in enumerate(ctx.layouts[b].images):
+            n = int(ctx.alive[b][i].numel())
+            if not image.is_video or keeps_all(self.keep, n):
+                out.append(Selection(torch.arange(n, device=ctx.hidden.device)))
+                continue
+            out.append(self.select_one(ctx, b, i, image.num_frames, image.frame_tokens))
+        return out
+
+    def select_one(self, ctx: StageContext, b: int, i: int, t: int, p: int) -> Selection:
+        x = ctx.features(b, i).reshape(t, p, -1)
+        g = x.float().mean(dim=1)
+        layer = self.resolved("vision_layer") - 1
+        if self.path == "onevision":
+            a = ctx.vision_attention(b, i, layer).reshape(t, p)
+            salient, _ = fastvid_counts(p, self.keep, self.context, t)
+            noise = fastvid_noise(t, p - salient, self.seed)
+            pick = fastvid_ov_select(x, g, a, self.keep, noise, self.segments, self.tau, self.context, self.stride,
+                                     self.beta)
+        else:
+            a = ctx.vision_frame_saliency(b, i, layer).reshape(t, p)
+            pick = fastvid_qwen_select(x, g, a, self.keep, self.seed, self.segments, self.tau, self.ignore,
+                                       self.context, self.stride, self.beta)
+        kept = pick.indices.numel()
+        levels = [fastvid_apply(pick.mix, kept, lv) for lv in ctx.feature_levels(b, i)]
+        device = ctx.hidden.device
+        return Selection(pick.indices.to(device), values=pick.values.to(device), level_values=levels or None,
+                         merged=pick.merged.to(device))
+
+    def describe(self) -> str:
+        return f"fastvid(keep={self.keep})"
