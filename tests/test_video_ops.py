@@ -309,3 +309,168 @@ def test_fastvid_budget_tables():
     assert sum(fastvid_anchor_slots([4] * 8, 7, 4)) + 32 * 12 == 608 == 32 * 19
     assert fastvid_counts(196, 0.5, 0.4) == (59, 39)
     assert fastvid_anchor_slots([4], 39, 4) == [0, 0, 0, 156]  # above P - S = 137: capped by the selection
+
+
+def test_fastvid_retained_per_frame():
+    from vtprune.ops.video import fastvid_retained
+
+    assert fastvid_retained(16, 196, 0.10) == 19 and fastvid_retained(16, 196, 320) == 20
+    assert fastvid_retained(8, 256, 0.27) == 69 and fastvid_retained(8, 256, 4000) == 256
+
+
+# --- FastVID (Qwen2.5-VL path) -----------------------------------------------------------------------
+def fastvid_qwen_oracle(x, g, a, keep, seed=0, c=8, tau=0.84, ignore=0.95, d=0.4, stride=4, beta=0.6):
+    """The Qwen path from its description, one token at a time in float64: (kept, rows, salient, context)."""
+    t, p, dim = x.shape
+    x = x.double()
+    gn = [g[f].double() / float(g[f].double().norm()) for f in range(t)]
+    sim = [float(gn[f] @ gn[f + 1]) for f in range(t - 1)]
+    cuts = set(best(sim, c - 1, largest=False)) | {f for f in range(t - 1) if sim[f] < tau}
+    if t - 1 < c - 1:
+        cuts = set(range(t - 1))
+    segments, run = [], []
+    for f in range(t):
+        run.append(f)
+        if f in cuts or f == t - 1:
+            segments.append(run)
+            run = []
+    r = keep // t if isinstance(keep, int) else int(p * keep)
+    sal, ctx = [0] * t, [0] * t
+    for seg in segments:
+        held = r * len(seg)
+        c_seg = max(int(held * d), 1)
+        s_seg = held - c_seg
+        if len(seg) == 1:
+            sal[seg[0]], ctx[seg[0]] = s_seg, c_seg
+            continue
+        runs, cur = [], []
+        for k, f in enumerate(seg):
+            cur.append(f)
+            if k == len(seg) - 1 or sim[f] < ignore:
+                runs.append(cur)
+                cur = []
+        v = len(runs)
+        s_run = [s_seg // v + (1 if j < s_seg % v else 0) for j in range(v)]
+        anchors = [j for j in range(v) if (v - 1 - j) % stride == 0]  # counted from the last run
+        n_a = len(anchors)
+        # remainder one each to the anchors nearest the end
+        share = {j: c_seg // n_a + (1 if (n_a - 1 - k) < c_seg % n_a else 0) for k, j in enumerate(anchors)}
+        for j, frames in enumerate(runs):
+            last = frames[-1]
+            if j in share:
+                ctx[last] = min(share[j], p // 2)
+                sal[last] = min(s_run[j], p - ctx[last])
+            else:
+                sal[last] = min(s_run[j], p)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        noise = {f: torch.rand(1, p - sal[f])[0] for f in range(t) if ctx[f] > 0}
+    kept = {}
+    for seg in segments:
+        salient, targets = set(), {}
+        for f in seg:
+            top = best(a[f].tolist(), sal[f])
+            salient |= {f * p + i for i in top}
+            for i in top:
+                kept[f * p + i] = x[f, i]
+            if ctx[f]:
+                others = [i for i in range(p) if i not in top]
+                rows = x[f, others]
+                dist = [(((rows - rows[k]) ** 2).sum(1).sqrt() / math.sqrt(dim)).tolist() for k in range(len(others))]
+                rho = [math.exp(-sum(v * v for v in sorted(row)[:4]) / 4) + 1e-6 * float(noise[f][k])
+                       for k, row in enumerate(dist)]
+                big = max(max(row) for row in dist)
+                delta = [min([dist[k][m] for m in range(len(others)) if rho[m] > rho[k]], default=big)
+                         for k in range(len(others))]
+                targets[f] = sorted(f * p + others[k] for k in best([delta[k] * rho[k] for k in range(len(others))], ctx[f]))
+        flat = x.reshape(t * p, dim)
+        seg_tokens = [f * p + i for f in seg for i in range(p)]
+        for chosen in targets.values():
+            pool = [j for j in seg_tokens if j not in salient and j not in chosen]
+            tmat = flat[chosen]
+            members = {k: [] for k in range(len(chosen))}
+            for j in pool:
+                v = flat[j]
+                cos = ((tmat @ v) / (tmat.norm(dim=1) * v.norm())).tolist()
+                members[best(cos, 1)[0]].append(v)
+            for k, target in enumerate(chosen):
+                n = len(members[k])
+                w = max(beta, 1 / (n + 1))
+                kept[target] = w * flat[target] + (1 - w) * (sum(members[k]) / n if n else 0 * flat[target])
+    order = sorted(kept)
+    return order, torch.stack([kept[i] for i in order]).float(), sal, ctx
+
+
+def runs_video(t, p, d, runs, seed):
+    """Frames in runs of near-duplicates (each run one scene plus small per-frame noise): FastVID's sub-runs."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = []
+    for length in runs:
+        base = torch.randn(p, d, generator=gen)
+        frames += [base + 0.01 * torch.randn(p, d, generator=gen) for _ in range(length)]
+    assert len(frames) == t
+    return torch.stack(frames)
+
+
+@pytest.mark.parametrize("case", ["qwen8", "qwen16_runs", "qwen16_static", "qwen3", "int_keep"])
+def test_fastvid_qwen_matches_its_oracle(case):
+    from vtprune.ops.video import fastvid_qwen_select
+
+    options = {}
+    if case == "qwen8":  # the default: c = 8 cuts every gap of 8 slots
+        x, keep = video(8, 256, seed=11, d=16), 0.27
+    elif case == "qwen16_runs":  # 16 slots in runs of near-duplicates; few cuts, so segments hold several runs
+        x, keep = runs_video(16, 256, 16, (3, 1, 5, 2, 4, 1), seed=12), 0.27
+        options = dict(c=2, tau=0.0)
+    elif case == "qwen16_static":  # one static segment: every cap binds
+        x, keep = runs_video(16, 256, 16, (16,), seed=13), 0.27
+        options = dict(c=1, tau=0.0)
+    elif case == "qwen3":  # fewer slots than segments
+        x, keep = video(3, 256, seed=14, d=16), 0.1
+    else:
+        x, keep = runs_video(8, 256, 16, (2, 2, 4), seed=15), 600
+        options = dict(c=2, tau=0.0, stride=1)
+    t, p, _ = x.shape
+    gen = torch.Generator().manual_seed(16)
+    g = x.mean(1)
+    a = torch.rand(t, p, generator=gen)
+    pick = fastvid_qwen_select(x, g, a, keep, seed=3, **options)
+    want, values, sal, ctx = fastvid_qwen_oracle(x, g, a, keep, seed=3, **options)
+    assert pick.indices.tolist() == want
+    torch.testing.assert_close(pick.values, values, rtol=1e-5, atol=1e-5)
+    assert int(pick.merged.sum()) == sum(ctx) and pick.indices.numel() == sum(sal) + sum(ctx)
+    if case == "qwen16_static":
+        assert sal == [0] * 15 + [128] and ctx == [0] * 15 + [128]  # 256, not 16 x 69
+    if case == "qwen16_runs":
+        assert sum(1 for n in sal if n) > 2 and sum(1 for n in ctx if n) >= 2
+
+
+def test_fastvid_qwen_budget_tables():
+    from vtprune.ops.video import fastvid_qwen_budgets
+
+    def g_of(*sims):  # frame-global features whose adjacent cosines are `sims`
+        angles = torch.tensor([0.0, *torch.tensor(sims).acos().cumsum(0).tolist()], dtype=torch.float64)
+        return torch.stack([angles.cos(), angles.sin()], dim=1).float()
+
+    eight = g_of(*[0.5] * 7)
+    assert fastvid_qwen_budgets(eight, 256, 0.27) == ([1] * 8, [42] * 8, [27] * 8)  # 552 of 2048
+    assert fastvid_qwen_budgets(g_of(0.9), 256, 0.27, c=1, tau=0.0) == ([2], [42, 41], [0, 55])  # two distinct slots
+    assert fastvid_qwen_budgets(g_of(0.99), 256, 0.27, c=1, tau=0.0) == ([2], [0, 83], [0, 55])  # near-duplicates
+    static = fastvid_qwen_budgets(g_of(*[1.0] * 15), 256, 0.27, c=1, tau=0.0)
+    assert static == ([16], [0] * 15 + [128], [0] * 15 + [128])  # 256, not 16 x 69 = 1104
+    # five distinct slots, stride 4: anchors are runs 0 and 4 (from the last), C_seg = 138 split 69 + 69
+    five = fastvid_qwen_budgets(g_of(*[0.9] * 4), 256, 0.27, c=1, tau=0.0)
+    assert five == ([5], [42, 42, 41, 41, 41], [69, 0, 0, 0, 69])
+    assert sum(five[1]) + sum(five[2]) == 5 * 69
+
+
+def test_fastvid_noise_leaves_the_callers_rng_alone():
+    from vtprune.ops.video import fastvid_noise_rows
+
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    rows = fastvid_noise_rows([4, 2], seed=0)
+    assert torch.equal(torch.rand(3), want)
+    torch.manual_seed(0)
+    assert torch.equal(rows[0], torch.rand(1, 4)[0]) and torch.equal(rows[1], torch.rand(1, 2)[0])
