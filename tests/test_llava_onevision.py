@@ -213,7 +213,7 @@ def test_every_policy_runs_with_the_family_defaults_at_the_real_depths(policy):
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
     for sample in vtprune.report(model).to_dict()["samples"]:
         afters = [list(i["stages"].values())[-1]["after"] for i in sample["images"]]
-        if policy in ("evs", "vidcom2", "dycoke"):  # video policies: images untouched, videos by the method's rule
+        if policy in ("evs", "vidcom2", "dycoke", "fastvid"):  # video policies: images untouched, videos by their rule
             for image in sample["images"]:
                 stage = image["stages"]["projector"]
                 if image["kind"] == "image":

@@ -1,4 +1,4 @@
-"""The video policies (EVS, VidCom2, DyCoke) on every video-capable family: SPEC section 5 invariants.
+"""The video policies (EVS, VidCom2, FastVID, DyCoke) on every video-capable family: SPEC section 5 invariants.
 
 Keep sets are checked against the selection functions (themselves checked
 against brute-force oracles in test_video_ops.py) applied to the language
@@ -23,8 +23,20 @@ from helpers import (
 )
 
 import vtprune
-from vtprune.ops.video import dycoke_count, dycoke_select, evs_count, evs_select, vidcom2_select, vidcom2_target
-from vtprune.policies import DyCoke, Pipeline, Random, VidCom2
+from vtprune.ops.video import (
+    dycoke_count,
+    dycoke_select,
+    evs_count,
+    evs_select,
+    fastvid_anchor_slots,
+    fastvid_apply,
+    fastvid_counts,
+    fastvid_qwen_budgets,
+    fastvid_segments,
+    vidcom2_select,
+    vidcom2_target,
+)
+from vtprune.policies import DyCoke, FastVID, Pipeline, Random, VidCom2
 from vtprune.policies.video import EVS
 
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "llava_onevision")
@@ -35,6 +47,7 @@ POLICIES = {
     "vidcom2": lambda k: VidCom2(keep=k),
     "vidcom2_exact": lambda k: VidCom2(keep=k, budget="exact"),
     "dycoke": lambda k: DyCoke(keep=k),
+    "fastvid": lambda k: FastVID(keep=k, segments=2),  # two segments: the tiny videos' 2-4 slots hold longer ones
 }
 SELECT = {
     "evs": evs_select,
@@ -108,6 +121,21 @@ def expected_keep(policy, family, seen, b, positions, t, p, keep):
     return SELECT[policy](x.reshape(t, p, -1), keep).tolist()
 
 
+def check_fastvid_counts(family, x, stage, keep, segments=2):
+    """FastVID's kept tokens per frame and merged rows, from the budget rule on g = the frames' mean rows."""
+    t, p, _ = x.shape
+    g = x.float().mean(1)
+    if family == "llava_onevision":
+        s, c = fastvid_counts(p, keep, 0.4, t)
+        slots = [min(n, p - s) for n in fastvid_anchor_slots(fastvid_segments(g, segments, 0.9), c, 4)]
+        salient, context = [s] * t, slots
+    else:
+        _, salient, context = fastvid_qwen_budgets(g, p, keep, segments, 0.84, 0.95)
+    assert stage["frames"] == [a + b for a, b in zip(salient, context)]
+    assert set(stage["merged"]) <= set(stage["kept"])
+    assert torch.bincount(torch.tensor(stage["merged"], dtype=torch.long) // p, minlength=t).tolist() == context
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_keep_sets_images_untouched_and_budgets(vfamily, policy):
@@ -128,6 +156,9 @@ def test_keep_sets_images_untouched_and_budgets(vfamily, policy):
         for image, (positions, t, p) in zip(images[len(spec.images):], videos_of(model, batch, b, spec)):
             stage = image["stages"]["projector"]
             assert image["tokens"] == t * p and stage["before"] == t * p
+            if policy == "fastvid":  # saliency from the ViT: the counts per frame by the rule, from the frames' means
+                check_fastvid_counts(vfamily, seen["inputs_embeds"][b, positions].reshape(t, p, -1), stage, keep)
+                continue
             want = expected_keep(policy, vfamily, seen, b, positions, t, p, keep)
             assert stage["kept"] == want
             assert stage["frames"] == torch.bincount(torch.tensor(want) // p, minlength=t).tolist()
@@ -159,8 +190,16 @@ def test_full_budget_is_the_identity_and_unwrap_restores(vfamily, policy):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy", ["evs", "vidcom2", "dycoke"])
-def test_projector_stage_equals_hand_pruned_inputs(vfamily, policy):
+@pytest.mark.parametrize("policy", ["evs", "vidcom2", "dycoke", "fastvid"])
+def test_projector_stage_equals_hand_pruned_inputs(vfamily, policy, monkeypatch):
+    """The pruned model == the language model fed the kept rows by hand; FastVID's merged rows (and on Qwen3-VL its
+    DeepStack rows) made here from the selection's mixing entries, applied to the unwrapped model's inputs."""
+    import vtprune.policies.video as video_module
+
+    picks = []
+    for name in ("fastvid_ov_select", "fastvid_qwen_select"):
+        original = getattr(video_module, name)
+        monkeypatch.setattr(video_module, name, lambda *a, _f=original, **k: picks.append(_f(*a, **k)) or picks[-1])
     model = model_for(vfamily, "eager")
     spec = SampleSpec(images=((32, 32),), videos=((8, 32, 32), (4, 32, 32)))
     if vfamily == "llava_onevision":
@@ -183,11 +222,20 @@ def test_projector_stage_equals_hand_pruned_inputs(vfamily, policy):
         keep[positions_v[image["stages"]["projector"]["kept"]]] = True
     assert int((~keep).sum()) > 0
     seq = torch.nonzero(keep).flatten()
+    levels = seen.get("deepstack_visual_embeds")
+    if policy == "fastvid":  # merged rows replace their targets, in the sequence and in every DeepStack level
+        embeds, levels = embeds.clone(), [lv.clone() for lv in levels] if levels is not None else None
+        assert len(picks) == len(images) - 1 and all(bool(pk.merged.any()) for pk in picks)
+        row = torch.cumsum(seen["visual_pos_masks"][0].long(), 0) - 1 if levels is not None else None
+        for pick, (positions_v, _, _) in zip(picks, videos_of(model, batch, 0, spec)):
+            embeds[0, positions_v[pick.indices]] = fastvid_apply(pick.mix, pick.indices.numel(), embeds[0, positions_v])
+            for lv in levels or []:
+                rows = row[positions_v]
+                lv[rows[pick.indices]] = fastvid_apply(pick.mix, pick.indices.numel(), lv[rows])
     deepstack = {}
     if seen.get("visual_pos_masks") is not None:
         mask = seen["visual_pos_masks"]
-        deepstack = dict(visual_pos_masks=mask[:, seq],
-                         deepstack_visual_embeds=[rows[keep[mask[0]]] for rows in seen["deepstack_visual_embeds"]])
+        deepstack = dict(visual_pos_masks=mask[:, seq], deepstack_visual_embeds=[rows[keep[mask[0]]] for rows in levels])
     out = model.model.language_model(inputs_embeds=embeds[:, seq], position_ids=positions[..., seq],
                                      attention_mask=torch.ones(1, seq.numel(), dtype=torch.long), use_cache=False,
                                      **deepstack)
@@ -196,7 +244,7 @@ def test_projector_stage_equals_hand_pruned_inputs(vfamily, policy):
 
 @torch.no_grad()
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "vtprune_noweights"])
-@pytest.mark.parametrize("policy", ["evs", "vidcom2_exact", "dycoke"])
+@pytest.mark.parametrize("policy", ["evs", "vidcom2_exact", "dycoke", "fastvid"])
 def test_generate_with_cache_equals_recomputation(vfamily, attn, policy):
     model = model_for(vfamily, attn)
     batch = inputs(model, specs(vfamily))
@@ -207,7 +255,7 @@ def test_generate_with_cache_equals_recomputation(vfamily, attn, policy):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy", ["evs", "vidcom2", "dycoke"])
+@pytest.mark.parametrize("policy", ["evs", "vidcom2", "dycoke", "fastvid"])
 def test_batch_equals_one_by_one(vfamily, policy):
     model = model_for(vfamily, "sdpa")
     batch = inputs(model, specs(vfamily))
@@ -221,7 +269,7 @@ def test_batch_equals_one_by_one(vfamily, policy):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy", ["evs", "vidcom2", "dycoke"])
+@pytest.mark.parametrize("policy", ["evs", "vidcom2", "dycoke", "fastvid"])
 def test_selections_do_not_depend_on_the_attention_backend(vfamily, policy):
     picks = []
     for attn in ("eager", "sdpa", "vtprune_noweights"):
@@ -267,13 +315,21 @@ def test_bad_options_are_refused():
         DyCoke(keep=1.5)
     with pytest.raises(ValueError, match="first in a Pipeline"):
         Pipeline([Random(keep=4), EVS(keep=0.5)])
-    assert {"evs", "vidcom2", "dycoke"} <= set(vtprune.available_policies())
+    with pytest.raises(ValueError, match="beta"):
+        FastVID(beta=1.5)
+    with pytest.raises(ValueError, match="segments"):
+        FastVID(segments=0)
+    with pytest.raises(ValueError, match="tau"):
+        FastVID(tau="0.9")
+    with pytest.raises(ValueError, match="first in a Pipeline"):
+        Pipeline([Random(keep=4), FastVID()])
+    assert {"evs", "vidcom2", "dycoke", "fastvid"} <= set(vtprune.available_policies())
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_a_family_without_videos_is_refused_and_left_untouched(family):
     model = model_for(family, "sdpa")
-    for policy in ("evs", "vidcom2", "dycoke"):
+    for policy in ("evs", "vidcom2", "dycoke", "fastvid"):
         with pytest.raises(ValueError, match="takes none"):
             vtprune.wrap(model, policy, keep=0.25)
     assert hooks_left(model) == []
@@ -317,3 +373,35 @@ def test_low_precision_models_select_and_generate(family):
         assert out.shape[1] == batch["input_ids"].shape[1] + 2
         videos = [i for s in vtprune.report(model).to_dict()["samples"] for i in s["images"] if i["kind"] == "video"]
         assert videos and all(0 < v["stages"]["projector"]["after"] < v["tokens"] for v in videos)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_fastvid_qwen_saliency_is_the_last_blocks_frame_query_attention(family, monkeypatch):
+    """The saliency FastVID reads on Qwen == the official formula on the last ViT block's input: per frame and head,
+    the mean rotated query against each 2 x 2 unit's mean rotated key, softmax over units, mean over heads."""
+    import importlib
+
+    import vtprune.policies.video as video_module
+
+    seen, got = {}, []
+    original = video_module.fastvid_qwen_select
+    monkeypatch.setattr(video_module, "fastvid_qwen_select", lambda *a, **k: got.append(a[2]) or original(*a, **k))
+    model = model_for(family, "sdpa")
+    block = model.model.visual.blocks[-1]
+    handle = block.register_forward_pre_hook(lambda _m, a, kw: seen.setdefault("call", (a, kw)), with_kwargs=True)
+    batch = inputs(model, [SampleSpec(videos=((8, 32, 32),))])
+    vtprune.wrap(model, FastVID(keep=0.5))
+    model(**batch)
+    handle.remove()
+    args, kw = seen["call"]
+    hidden = args[0] if args else kw["hidden_states"]
+    rope = importlib.import_module(f"transformers.models.{family}.modeling_{family}").apply_rotary_pos_emb_vision
+    heads = block.attn.num_heads
+    q, k, _ = block.attn.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rope(q, k, *kw["position_embeddings"])
+    t, hw = 4, 64  # 8 input frames = 4 slots of 8 x 8 patches
+    q = q.transpose(0, 1).reshape(heads, t, hw, -1).mean(-2, keepdim=True).float()
+    k = k.transpose(0, 1).reshape(heads, t, hw // 4, 4, -1).mean(-2).float()
+    want = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1).mean(2).mean(0)
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-6)
