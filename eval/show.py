@@ -10,6 +10,17 @@ tokens before and after it, and the question with the pruned model's answer.
 folder of the LLaVA-1.5 or Qwen2/2.5-VL families (a toyvqa folder, or any HF
 checkpoint with a chat template). The kept indices are the report's: positions
 in the image's own token grid, raster order (``vtprune.report(model).to_dict()``).
+
+``--video N`` (video policies: evs, vidcom2, fastvid, dycoke): a strip of
+frames instead. The video is the image panned, a window moving right by
+``--shift`` pixels per frame (as ``vtprune.eval.video_bench``), N frames,
+read by the demo's random-weight model of ``--model`` (``qwen2_5_vl``,
+``qwen2_vl``: 448 px, a panel per temporal slot of two frames, its first
+frame drawn; ``llava_onevision``: 384 px, a panel per frame on the 14 x 14
+pooled grid). Kept cells are bright, merged rows (FastVID) outlined in cyan;
+each panel says its frame's kept count. What a method keeps depends on its
+features, which random weights still tie to the pixels (changes, repeats),
+not on anything a trained model would answer.
 """
 
 from __future__ import annotations
@@ -61,6 +72,93 @@ def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], tit
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def render_video(frames: list[np.ndarray], grid: tuple[int, int], stage: dict, title: str, path: str | Path,
+                 columns: int = 8) -> None:
+    """Save a strip of a video's frames with one stage's kept cells bright (merged rows outlined in cyan).
+
+    ``frames``: one picture (H x W x 3 uint8) per frame of the video as the
+    policy sees it (a Qwen temporal slot: its first input frame); ``grid``:
+    (rows, cols) of each frame's tokens; ``stage``: the report's video stage
+    (``kept``: flat indices t * P + cell; optional ``merged``, ``frames``).
+    """
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = grid
+    per = rows * cols
+    t = len(frames)
+    kept = np.zeros(t * per, dtype=bool)
+    kept[stage["kept"]] = True
+    merged = np.zeros(t * per, dtype=bool)
+    merged[stage.get("merged", [])] = True
+    ncols = min(columns, t)
+    nrows = math.ceil(t / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.1 * ncols, 2.3 * nrows + 0.8), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= t:
+            ax.axis("off")
+            continue
+        view = frames[k]
+        height, width = view.shape[:2]
+        block = np.ones((math.ceil(height / rows), math.ceil(width / cols)), bool)
+        cell = np.kron(kept[k * per:(k + 1) * per].reshape(rows, cols), block)[:height, :width]
+        shown = np.where(cell[..., None], view.astype(np.float32), view.astype(np.float32) * 0.2 + 20)
+        ax.imshow(shown.clip(0, 255).astype(np.uint8))
+        ax.contour(cell, levels=[0.5], colors=["yellow"], linewidths=0.4)
+        mixed = np.kron(merged[k * per:(k + 1) * per].reshape(rows, cols), block)[:height, :width]
+        if mixed.any():
+            ax.contour(mixed, levels=[0.5], colors=["cyan"], linewidths=0.6)
+        count = int(kept[k * per:(k + 1) * per].sum())
+        ax.set_title(f"frame {k}: {count}/{per}" + (f", {int(merged[k * per:(k + 1) * per].sum())} merged"
+                                                    if mixed.any() else ""), fontsize=7)
+    caption = f"{title} - kept {stage['after']} of {stage['before']} video tokens"
+    fig.suptitle("\n".join(textwrap.wrap(caption, int(2.1 * ncols * 12))), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+VIDEO_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava_onevision")
+
+
+def show_video(image_path: str | Path, family: str, policy: str, keep, out: str | Path, frames: int = 16,
+               shift: int = 4, **options) -> dict:
+    """Prune a panning video made from one image with ``policy`` on the demo's ``family`` model; save the strip."""
+    from ..demo import demo_model
+    from .video_bench import onevision_video_inputs, pan, qwen_video_inputs
+
+    if family not in VIDEO_FAMILIES:
+        raise ValueError(f"vtprune show --video draws the demo models {', '.join(VIDEO_FAMILIES)}; got {family!r}")
+    qwen = family.startswith("qwen")
+    if qwen and frames % 2:
+        raise ValueError(f"--video {frames}: Qwen slots hold two frames each; give an even number of frames")
+    model = demo_model(family)
+    side = 448 if qwen else model.config.vision_config.image_size
+    with Image.open(image_path) as img:
+        source = np.asarray(img.convert("RGB"))
+    pictures = pan(frames=frames, side=side, shift=shift, image=source)
+    inputs = (qwen_video_inputs if qwen else onevision_video_inputs)(model, pictures)
+    with api.pruned(model, policy, keep=keep, **options), torch.no_grad():
+        model(**inputs)
+        video = api.report(model).to_dict()["samples"][0]["images"][0]
+    stage = video["stages"]["projector"]
+    shown = pictures[0::2] if qwen else pictures
+    per = video["tokens"] // len(shown)
+    side_tokens = math.isqrt(per)
+    title = f"{family} (demo, random weights) - policy {policy}, keep={keep}" + "".join(
+        f" {k}={v}" for k, v in options.items())
+    render_video(shown, (side_tokens, side_tokens), stage, title, out)
+    return {"image": str(image_path), "model": family, "policy": policy, "keep": keep, "frames": stage["frames"],
+            "stages": {"projector": {"before": stage["before"], "after": stage["after"]}},
+            "merged": len(stage.get("merged", [])), "png": str(out)}
 
 
 def _view_and_grid(model, processor, inputs: dict, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
@@ -136,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", default="what color is the circle ?")
     parser.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--video", type=int, metavar="N", help="draw a video policy on N frames of the image panned "
+                        "(--model: the demo family qwen2_5_vl, qwen2_vl or llava_onevision)")
+    parser.add_argument("--shift", type=int, default=4, help="--video: pixels the window moves per frame (default 4)")
     args = parser.parse_args(argv)
     from ..budget import parse_keep, validate_keep
     from ..policies.base import unknown_policy
@@ -152,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     make_parent(args.out)
     try:
         keep = validate_keep(parse_keep(args.keep))
+        if args.video is not None:
+            if args.video < 1 or args.shift < 0:
+                raise ValueError(f"--video must be >= 1 and --shift >= 0; got {args.video} and {args.shift}")
+            result = show_video(args.image, args.model, args.policy, keep, args.out, args.video, args.shift)
+            print(f"saved {result['png']}: {result['model']} {result['policy']} keep={keep}, video "
+                  f"{result['stages']['projector']['before']}->{result['stages']['projector']['after']} tokens, "
+                  f"per frame {result['frames']}" + (f", {result['merged']} merged" if result["merged"] else ""))
+            return 0
         result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens)
     except (ValueError, TypeError, OSError) as exc:
         print(f"vtprune show: {exc}", file=sys.stderr)

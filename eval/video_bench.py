@@ -30,12 +30,16 @@ from ..tiny import VIDEO_TOKEN, VISION_END, VISION_START
 FRAMES = 16
 
 
-def pan(frames: int = FRAMES, side: int = 448, shift: int = 4) -> list[np.ndarray]:
-    """``frames`` square views of the photo, each ``shift`` pixels right of the one before (then resized)."""
+def pan(frames: int = FRAMES, side: int = 448, shift: int = 4, image: np.ndarray | None = None) -> list[np.ndarray]:
+    """``frames`` square views of ``image`` (default: the photo), each ``shift`` pixels right of the one before
+    (then resized)."""
     from PIL import Image
 
-    image = photo()
-    window = image.shape[0] - shift * (frames - 1)
+    image = photo() if image is None else image
+    if shift * (frames - 1) >= min(image.shape[:2]):
+        raise ValueError(f"a pan of {frames} frames moving {shift} px needs an image wider than "
+                         f"{shift * (frames - 1)} px; got {image.shape[1]} x {image.shape[0]}")
+    window = min(image.shape[:2]) - shift * (frames - 1)
     views = [image[:window, k * shift:k * shift + window] for k in range(frames)]
     return [np.asarray(Image.fromarray(v).resize((side, side), Image.BICUBIC)) for v in views]
 

@@ -55,3 +55,24 @@ def test_show_writes_a_captioned_png_per_stage(arch, tmp_path, capsys):
     assert "llm@1" in printed and "->16" in printed  # three stages, the last one at the budget
     with Image.open(out) as png:
         assert png.size[0] > 3 * png.size[1] // 2  # one panel per stage, side by side
+
+
+def test_show_video_strip_draws_kept_cells_bright_and_refuses_bad_videos(tmp_path, capsys):
+    from vtprune.eval.show import render_video
+
+    frames = [np.full((56, 56, 3), 200, dtype=np.uint8) for _ in range(4)]
+    brightness = {}
+    for name, kept in (("all", list(range(4 * 16))), ("first", list(range(16))), ("none_but_one", [0])):
+        out = tmp_path / f"{name}.png"
+        render_video(frames, (4, 4), {"kept": kept, "merged": kept[:2], "before": 64, "after": len(kept)}, "t", out)
+        with Image.open(out) as png:
+            assert png.size[0] > 2 * png.size[1]  # four panels side by side
+            brightness[name] = float(np.asarray(png.convert("L"), dtype=np.float32).mean())
+    assert brightness["all"] > brightness["first"] > brightness["none_but_one"]  # dropped cells are dimmed
+    Image.fromarray(frames[0]).save(tmp_path / "f.png")
+    assert main(["show", str(tmp_path / "f.png"), "--video", "3", "--model", "qwen2_5_vl", "--policy", "evs",
+                 "--keep", "0.5", "--out", str(tmp_path / "v.png")]) == 2
+    assert "even number of frames" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "f.png"), "--video", "4", "--model", "llava", "--policy", "evs",
+                 "--keep", "0.5", "--out", str(tmp_path / "v.png")]) == 2
+    assert "qwen2_5_vl" in capsys.readouterr().err
