@@ -306,7 +306,7 @@ def fastvid_noise_rows(sizes: list[int], seed: int) -> list[torch.Tensor]:
 def _density_score(feats: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Density-peak score delta * rho of one frame's candidate rows ``(n, D)`` (fp32), ``noise`` ``(n,)``."""
     dist = torch.cdist(feats, feats) / feats.shape[-1] ** 0.5
-    near = torch.sort(dist, dim=-1).values[:, :4]
+    near = torch.topk(dist, min(4, dist.shape[-1]), dim=-1, largest=False).values
     rho = torch.exp(-(near**2).mean(dim=-1)) + noise.float().to(feats.device) * 1e-6
     higher = rho[None, :] > rho[:, None]
     return torch.where(higher, dist, dist.max()).min(dim=-1).values * rho
