@@ -405,3 +405,21 @@ def test_fastvid_qwen_saliency_is_the_last_blocks_frame_query_attention(family, 
     k = k.transpose(0, 1).reshape(heads, t, hw // 4, 4, -1).mean(-2).float()
     want = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1).mean(2).mean(0)
     torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_fastvid_is_seeded_and_leaves_the_global_rng_alone(family):
+    model = model_for(family, "sdpa")
+    batch = inputs(model, specs(family))
+    kept = {}
+    for global_seed, seed in ((1, 0), (2, 0), (1, 5)):
+        vtprune.wrap(model, FastVID(keep=0.5, segments=2, seed=seed))
+        torch.manual_seed(global_seed)
+        want = torch.rand(3)
+        torch.manual_seed(global_seed)
+        model(**batch)
+        assert torch.equal(torch.rand(3), want)  # the density noise came from its own stream
+        kept[(global_seed, seed)] = [[i["stages"]["projector"]["kept"] for i in s["images"]]
+                                     for s in vtprune.report(model).to_dict()["samples"]]
+    assert kept[(1, 0)] == kept[(2, 0)]  # the same seed, whatever the global RNG
