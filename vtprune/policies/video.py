@@ -255,7 +255,8 @@ class FastVID(VideoPolicy):
     which HF LLaVA-OneVision checkpoints do not ship (vtprune reads the mean
     of each frame's rows and the attention received at the feature layer,
     so cuts and salient sets differ on the same video); fewer than
-    ``segments`` frames cut every gap (the official raises); an anchor's
+    ``segments`` frames cut every gap (the official raises), and a video
+    with no cut at all is one segment (the official Qwen path raises); an anchor's
     context is capped at its P - S candidates (the official raises above
     keep 0.45 or so); the noise is drawn on the CPU from ``seed`` in a forked
     RNG (the official reads the global RNG on the model's device: the
