@@ -130,3 +130,11 @@ def test_ci_runs_both_ends_of_the_declared_transformers_range():
     # the upper bound admits no minor release newer than the one leg 2 runs
     assert [int(x) for x in upper.split(".")[:2]] == [int(x) for x in newest.split(".")[:2]][:1] + [
         int(newest.split(".")[1]) + 1]
+
+
+def test_public_names_stay_the_api_functions_whatever_is_imported_first():
+    """The lazily imported public names are never shadowed by a submodule of the same name."""
+    code = ("import vtprune, vtprune.reporting, vtprune.api, vtprune.policies; "
+            "assert vtprune.report.__module__ == 'vtprune.api', vtprune.report; "
+            "assert vtprune.wrap.__module__ == 'vtprune.api'; print('ok')")
+    assert _run(code, Path(__file__).resolve().parent.parent).strip().endswith("ok")

@@ -14,8 +14,8 @@ from torch import nn
 from .checks import BadValue
 from .plan import build_plan
 from .policies.base import Pipeline, Policy
-from .report import Report
-from .runtime import Runtime
+from .reporting import Report
+from .runtime import Runtime, masks_for_generate
 
 _ATTR = "_vtprune_runtime"
 _SWAP = threading.RLock()  # one change of a model's current runtime at a time
@@ -36,6 +36,8 @@ def _attach(model: nn.Module, runtime: Runtime) -> None:
     model.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_wrapped, model)
     # pickle (torch.save, multiprocessing) also looks __reduce_ex__ up on the instance: refuse clearly
     model.__dict__["__reduce_ex__"] = types.MethodType(_refuse_pickle, model)
+    # generate builds a static cache's masks ahead of the forward: keep the 2-D mask the runtime translates
+    model.__dict__["create_masks_for_generate"] = types.MethodType(masks_for_generate, model)
 
 
 def _detach(model: nn.Module) -> Runtime | None:
@@ -54,7 +56,7 @@ def _swap(model: nn.Module, runtime: Runtime | None) -> Runtime | None:
         if runtime is not None:
             _attach(model, runtime)
         else:
-            for attr in (_ATTR, "__deepcopy__", "__reduce_ex__"):
+            for attr in (_ATTR, "__deepcopy__", "__reduce_ex__", "create_masks_for_generate"):
                 model.__dict__.pop(attr, None)
         if previous is not None and previous is not runtime:
             previous.retire()

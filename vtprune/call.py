@@ -17,7 +17,7 @@ import torch
 
 from .context import LayerCall
 from .policies.base import Selection
-from .report import Report
+from .reporting import Report
 from .sequence import PrefillState
 
 

@@ -39,7 +39,7 @@ from .call import CallRecord
 from .context import LayerCall
 from .plan import Plan
 from .policies.base import Policy
-from .report import Report
+from .reporting import Report
 from .stages import StageRunner, given_cache
 
 CHUNKED_PREFILL_REFUSED = (
@@ -210,7 +210,6 @@ class Runtime:
             self._bind(self.adapter.language_model, self._sequence_method_for(name, arguments), attr=name)
         if hasattr(self.adapter.model, "generate"):
             self._bind(self.adapter.model, self._generate, attr="generate")
-            self._set(self.adapter.model, "create_masks_for_generate", _two_d_mask)
 
     def _install_labels_check(self) -> None:
         """Note whether the running forward of the model (not its base) was given ``labels`` (see `_refuse_labels`)."""
@@ -425,21 +424,6 @@ class Runtime:
         setattr(module, attr, method)
         self._bound.append((module, attr, method))
 
-    def _set(self, module: torch.nn.Module, attr: str, fn) -> None:
-        """Set ``module.<attr>`` to ``fn`` on this instance only (it may have none); `remove` restores it.
-
-        A plain attribute (called without ``self``), linked as `_bind` links
-        methods, so runtimes installed over each other are removed in any order.
-        """
-        link = _Link(fn, module.__dict__.get(attr))
-
-        def plain(*args, **kwargs):
-            return link.original(*args, **kwargs)
-
-        plain._vtprune_link = link  # type: ignore[attr-defined]
-        setattr(module, attr, plain)
-        self._bound.append((module, attr, plain))
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -539,13 +523,23 @@ class Runtime:
         return forward
 
 
-def _two_d_mask(*_args, attention_mask=None, **_kwargs):
-    """generate's hook to build the decoder's masks ahead of a compilable (static) cache's forward: keep the 2-D mask.
+def masks_for_generate(model: torch.nn.Module, **kwargs: Any) -> Any:
+    """generate's hook that builds the decoder's masks ahead of a compilable (static) cache's forward.
 
-    The prefill and every decode step translate the 2-D mask to the kept columns of each level; the model
-    builds its masks from the translated one.
+    In a call a vtprune runtime serves, the 2-D mask is kept: the prefill and
+    every decode step translate it to the kept columns of each level, and the
+    model builds its masks from the translated one. Any other call gets what
+    transformers builds. `vtprune.wrap` sets it on the model instance.
     """
-    return attention_mask
+    entry = _open_calls().get(id(model))
+    if entry is not None and entry[0] is not None:
+        return kwargs.get("attention_mask")
+    own = getattr(type(model), "create_masks_for_generate", None)
+    if own is not None:
+        return own(model, **kwargs)
+    from transformers.masking_utils import create_masks_for_generate
+
+    return create_masks_for_generate(**kwargs)
 
 
 def _filled_cache(out: Any, given: Any) -> Any:

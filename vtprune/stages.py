@@ -20,7 +20,7 @@ from .call import CallRecord
 from .context import StageContext
 from .plan import Plan
 from .policies.base import Policy, Selection
-from .report import Report
+from .reporting import Report
 from .sequence import Level, PrefillState, Sequence
 
 
