@@ -226,13 +226,3 @@ def test_help_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "commands:" in out and out.strip().endswith("[]")
 
-
-def test_the_lazy_public_names_are_the_api():
-    """``vtprune.report`` is the function even once the submodule ``vtprune.report`` has loaded."""
-    import importlib
-
-    import vtprune
-    from vtprune import api
-
-    importlib.import_module("vtprune.report")
-    assert vtprune.report is api.report and vtprune.wrap is api.wrap and callable(vtprune.available_policies)

@@ -11,7 +11,6 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-import types
 from pathlib import Path
 
 # patches/, cuda/ and eval/ sit at the top of the repository;
@@ -57,23 +56,6 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """The package's module type: ``vtprune.report`` stays the function when the submodule of that name loads."""
-
-    @property
-    def report(self):
-        from .api import report
-
-        return report
-
-    @report.setter
-    def report(self, _module) -> None:  # the import system binds the submodule vtprune.report here: ignored
-        pass
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"
