@@ -217,7 +217,7 @@ class PruneSID(Policy):
             return ctx.vision_cls_feature(b, i, self.layer)
         calls = ctx.captured.get("vision_layers", {}).get(self.layer)
         if not calls:
-            raise KeyError(f"vision layer {self.layer} was not captured; list it in `signals().vision_inputs`")
+            raise NotCaptured(f"vision layer {self.layer} was not captured; list it in `signals().vision_inputs`")
         return torch.cat([call.hidden for call in calls])[crop, 0]
 
     def describe(self) -> str:
