@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..checks import check_bool, check_int
-from ..context import StageContext
+from ..context import NotCaptured, StageContext
 from ..ops.leaders import (
     pca_groups,
     prunesid_qwen_budget,

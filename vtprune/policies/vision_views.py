@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..context import StageContext
+from ..context import NotCaptured, StageContext
 
 
 def per_crop_cls(adapter) -> bool:
