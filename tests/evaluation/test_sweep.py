@@ -171,7 +171,7 @@ def test_shipped_configs_pass_the_check():
     from vtprune.eval.sweep import check_config
 
     pytest.importorskip("lmms_eval")
-    configs = sorted((Path(__file__).parent.parent / "eval" / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).resolve().parents[2] / "eval" / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
         cfg = yaml.safe_load(path.read_text())

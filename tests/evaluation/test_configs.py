@@ -22,7 +22,7 @@ from vtprune.zoo import zoo
 if not os.environ.get("CI"):
     pytest.importorskip("lmms_eval")
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "eval" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "eval" / "configs").glob("*.yaml"))
 
 
 def _load(path: Path) -> dict:
