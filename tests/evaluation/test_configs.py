@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vtprune.eval.sweep import LMMS, _grid, paper_point, validate
+from vtprune.eval.sweep import LMMS, _grid, check_config, paper_point, validate
 from vtprune.policies.base import available_policies
 from vtprune.zoo import zoo
 
@@ -56,7 +56,7 @@ def test_shipped_config_is_a_runnable_grid(path, task_index):
     assert "gqa_lite" in task_index and "mme_lite" not in task_index  # the real index, not a stand-in
     cfg = _load(path)
     budgets = [validate(b) for b in cfg["budgets"]]
-    assert _grid({**cfg, "budgets": budgets})
+    assert _grid(check_config(cfg, str(path)))
     assert set(p.partition(":")[0] for p in cfg["policies"]) <= set(available_policies())
     missing = [t for t in cfg["tasks"] if not t.startswith(LMMS) or t[len(LMMS):] not in task_index]
     assert not missing, f"not lmms:NAME of an installed lmms-eval 0.7.3 task: {missing}"
