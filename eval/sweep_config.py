@@ -92,86 +92,126 @@ def check_config(cfg, source: str = "", backend: str = "local") -> SweepConfig:
     budgets or tasks are run once (a warning says so); the int budget 1 (one
     token) and the float 1.0 (full budget) are different budgets.
     """
-    import difflib
-    import importlib.util
-
-    from .. import toyvqa
-    from ..budget import validate_keep
-    from ..policies.base import make_policy, policy_spec, unknown_policy
-    from .outputs import folder_problem
-
     if not isinstance(cfg, dict):
         got = "an empty file" if cfg is None else f"a {type(cfg).__name__}"
         raise SweepConfigError(source, [f"must be a mapping of settings (at least models: [...] and budgets: "
                                         f"[...]); got {got}"])
     problems: list[str] = []
-    for key in cfg:
-        if key not in SETTINGS:
-            close = difflib.get_close_matches(str(key), SETTINGS, n=1)
-            problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                            + f"; settings: {', '.join(SETTINGS)}")
-    cfg = {k: v for k, v in cfg.items() if k in SETTINGS}
+    cfg = _known_settings(cfg, problems)
     for key in ("models", "budgets"):
         if cfg.get(key) is None:
             problems.append(f"{key!r} is required")
     if cfg.get("models") is not None:
         cfg["models"] = _strings(cfg, "models", problems, "toyvqa arch names, checkpoint folders or hub ids")
-    budgets = []
     if cfg.get("budgets") is not None:
-        value = cfg["budgets"]
-        if not isinstance(value, list) or not value:
-            problems.append(f"'budgets' must be a non-empty list of token counts (int >= 1) or fractions "
-                            f"(float in (0, 1]); got {value!r}")
-        else:
-            for i, keep in enumerate(value):
-                try:
-                    budgets.append(validate_keep(keep, name=f"budgets[{i}]"))
-                except (TypeError, ValueError) as exc:
-                    problems.append(str(exc))
-            unique = list({(type(k), k): k for k in budgets}.values())  # 1 and 1.0 differ
-            if len(unique) < len(budgets):
-                warnings.warn(f"sweep config: budgets {value} repeat a budget; each is run once: {unique}",
-                              stacklevel=2)
-            budgets = cfg["budgets"] = unique
+        cfg["budgets"] = _budgets(cfg["budgets"], problems)
     if cfg.get("policies") is not None:
         cfg["policies"] = _strings(cfg, "policies", problems, "policy names (name or name:variant)")
-        for policy in cfg["policies"]:
-            name, options = policy_spec(policy)
-            if name == "none":
-                problems.append("policy 'none' is not a policy to list: every model's unpruned run is added")
-            elif error := unknown_policy([name]):
-                problems.append(error)
-            else:
-                for keep in budgets:  # options and budget as the run will build them
-                    try:
-                        make_policy(name, keep=keep, **options)
-                    except (TypeError, ValueError) as exc:
-                        variant = (f" (':{policy.partition(':')[2]}' sets the option importance, which only "
-                                   "idpruner takes)") if options and name != "idpruner" else ""
-                        problems.append(f"policy {policy!r} at keep {keep!r}{variant}: {exc}")
-                        break
+        _check_policies(cfg["policies"], cfg.get("budgets") or [], problems)
     if cfg.get("tasks") is not None:
         cfg["tasks"] = _strings(cfg, "tasks", problems, "task names (toyvqa or lmms:NAME)")
-        for task in cfg["tasks"]:
-            if task != "toyvqa" and not (task.startswith(LMMS) and task[len(LMMS):]):
-                problems.append(f"unknown task {task!r}; use toyvqa (offline scorer) or lmms:NAME (an lmms-eval "
-                                "task, e.g. lmms:toyvqa)")
-        if any(t.startswith(LMMS) for t in cfg["tasks"]) and importlib.util.find_spec("lmms_eval") is None:
-            problems.append("lmms: tasks need lmms-eval, which is not installed (README: pip install '.[eval]' && "
-                            "pip install --no-deps lmms-eval==0.7.3)")
-    for model in cfg.get("models") or []:  # toyvqa loads toy checkpoints from disk; lmms-eval also takes hub ids
+        _check_tasks(cfg["tasks"], problems)
+    _check_models(cfg.get("models") or [], cfg.get("tasks") or ["toyvqa"], problems)
+    _check_scalars(cfg, problems)
+    if backend not in ("local", "ray"):
+        problems.append(f"unknown backend {backend!r}; choose local or ray")
+    if problems:
+        raise SweepConfigError(source, problems)
+    given = {k: v for k, v in cfg.items() if v is not None or k == "n"}  # null is the default (n: null is every item)
+    if given.get("stability") is False:
+        given["stability"] = 0
+    return SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+
+def _known_settings(cfg: dict, problems: list[str]) -> dict:
+    """The settings vtprune knows (a copy); each unknown one is a problem, with the closest known name."""
+    import difflib
+
+    for key in cfg:
+        if key not in SETTINGS:
+            close = difflib.get_close_matches(str(key), SETTINGS, n=1)
+            problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                            + f"; settings: {', '.join(SETTINGS)}")
+    return {k: v for k, v in cfg.items() if k in SETTINGS}
+
+
+def _budgets(value, problems: list[str]) -> list:
+    """The valid budgets, each once (1 and 1.0 differ: one token, the full budget)."""
+    from ..budget import validate_keep
+
+    if not isinstance(value, list) or not value:
+        problems.append(f"'budgets' must be a non-empty list of token counts (int >= 1) or fractions "
+                        f"(float in (0, 1]); got {value!r}")
+        return []
+    budgets = []
+    for i, keep in enumerate(value):
+        try:
+            budgets.append(validate_keep(keep, name=f"budgets[{i}]"))
+        except (TypeError, ValueError) as exc:
+            problems.append(str(exc))
+    unique = list({(type(k), k): k for k in budgets}.values())
+    if len(unique) < len(budgets):
+        warnings.warn(f"sweep config: budgets {value} repeat a budget; each is run once: {unique}", stacklevel=3)
+    return unique
+
+
+def _check_policies(policies: list[str], budgets: list, problems: list[str]) -> None:
+    """Each policy built with its options at every budget, as the run will build it."""
+    from ..policies.base import make_policy, policy_spec, unknown_policy
+
+    for policy in policies:
+        name, options = policy_spec(policy)
+        if name == "none":
+            problems.append("policy 'none' is not a policy to list: every model's unpruned run is added")
+        elif error := unknown_policy([name]):
+            problems.append(error)
+        else:
+            for keep in budgets:
+                try:
+                    make_policy(name, keep=keep, **options)
+                except (TypeError, ValueError) as exc:
+                    variant = (f" (':{policy.partition(':')[2]}' sets the option importance, which only "
+                               "idpruner takes)") if options and name != "idpruner" else ""
+                    problems.append(f"policy {policy!r} at keep {keep!r}{variant}: {exc}")
+                    break
+
+
+def _check_tasks(tasks: list[str], problems: list[str]) -> None:
+    import importlib.util
+
+    for task in tasks:
+        if task != "toyvqa" and not (task.startswith(LMMS) and task[len(LMMS):]):
+            problems.append(f"unknown task {task!r}; use toyvqa (offline scorer) or lmms:NAME (an lmms-eval "
+                            "task, e.g. lmms:toyvqa)")
+    if any(t.startswith(LMMS) for t in tasks) and importlib.util.find_spec("lmms_eval") is None:
+        problems.append("lmms: tasks need lmms-eval, which is not installed (README: pip install '.[eval]' && "
+                        "pip install --no-deps lmms-eval==0.7.3)")
+
+
+def _check_models(models: list[str], tasks: list[str], problems: list[str]) -> None:
+    """toyvqa loads toy checkpoints from disk; lmms-eval also takes hub ids."""
+    from .. import toyvqa
+
+    for model in models:
         local = model in toyvqa.ARCHS or (Path(model) / "config.json").is_file()
-        tasks = cfg.get("tasks") or ["toyvqa"]
         if not local and "toyvqa" in tasks:
             problems.append(f"model {model!r}: task toyvqa needs a toyvqa arch ({', '.join(toyvqa.ARCHS)}) or a "
                             "checkpoint folder with config.json")
         elif not local and "/" not in model:
             problems.append(f"model {model!r} is neither a toyvqa arch ({', '.join(toyvqa.ARCHS)}), a checkpoint "
                             "folder with config.json, nor a hub id (org/name)")
-    counts = {"n": (1, "null (every item) or an int >= 1"), "timed_items": (1, "an int >= 1"),
-              "stability": (0, "an int >= 0 (toyvqa items; 0 or null: off)"), "batch_size": (1, "an int >= 1"),
-              "threads": (1, "an int >= 1")}
-    for key, (low, allowed) in counts.items():
+
+
+COUNTS = {"n": (1, "null (every item) or an int >= 1"), "timed_items": (1, "an int >= 1"),
+          "stability": (0, "an int >= 0 (toyvqa items; 0 or null: off)"), "batch_size": (1, "an int >= 1"),
+          "threads": (1, "an int >= 1")}
+
+
+def _check_scalars(cfg: dict, problems: list[str]) -> None:
+    """The counts, the strings, the flags, the device and the folders."""
+    from .outputs import folder_problem
+
+    for key, (low, allowed) in COUNTS.items():
         value = cfg.get(key)
         if value is None or (key == "stability" and value is False):
             continue
@@ -194,11 +234,3 @@ def check_config(cfg, source: str = "", backend: str = "local") -> SweepConfig:
         value = cfg.get(key, default)
         if isinstance(value, str) and (problem := folder_problem(value, repr(key))):
             problems.append(problem)
-    if backend not in ("local", "ray"):
-        problems.append(f"unknown backend {backend!r}; choose local or ray")
-    if problems:
-        raise SweepConfigError(source, problems)
-    given = {k: v for k, v in cfg.items() if v is not None or k == "n"}
-    if given.get("stability") is False:
-        given["stability"] = 0  # null is the default (n: null is every item)
-    return SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
