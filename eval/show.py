@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from .. import api, toyvqa
+from ..checks import BadValue, UserInputError
 
 
 def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], title: str, path: str | Path,
@@ -136,10 +137,10 @@ def show_video(image_path: str | Path, family: str, policy: str, keep, out: str 
     from .video_bench import onevision_video_inputs, pan, qwen_video_inputs
 
     if family not in VIDEO_FAMILIES:
-        raise ValueError(f"vtprune show --video draws the demo models {', '.join(VIDEO_FAMILIES)}; got {family!r}")
+        raise BadValue(f"vtprune show --video draws the demo models {', '.join(VIDEO_FAMILIES)}; got {family!r}")
     qwen = family.startswith("qwen")
     if qwen and frames % 2:
-        raise ValueError(f"--video {frames}: Qwen slots hold two frames each; give an even number of frames")
+        raise BadValue(f"--video {frames}: Qwen slots hold two frames each; give an even number of frames")
     model = demo_model(family)
     side = 448 if qwen else model.config.vision_config.image_size
     with Image.open(image_path) as img:
@@ -169,7 +170,7 @@ def _view_and_grid(model, processor, inputs: dict, image: Image.Image) -> tuple[
     if family in ADAPTERS and ADAPTERS[family].spec.drawn:
         return ADAPTERS[family].spec.view_and_grid(model, processor, inputs, image)
     drawn = [t for t, adapter in ADAPTERS.items() if adapter.spec.drawn]
-    raise ValueError(f"vtprune show draws {', '.join(drawn[:-1])} and {drawn[-1]} models; got {family!r} "
+    raise BadValue(f"vtprune show draws {', '.join(drawn[:-1])} and {drawn[-1]} models; got {family!r} "
                      "(LLaVA-NeXT's several views are not drawn yet)")
 
 
@@ -255,14 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         keep = validate_keep(parse_keep(args.keep))
         if args.video is not None:
             if args.video < 1 or args.shift < 0:
-                raise ValueError(f"--video must be >= 1 and --shift >= 0; got {args.video} and {args.shift}")
+                raise BadValue(f"--video must be >= 1 and --shift >= 0; got {args.video} and {args.shift}")
             result = show_video(args.image, args.model, args.policy, keep, args.out, args.video, args.shift)
             print(f"saved {result['png']}: {result['model']} {result['policy']} keep={keep}, video "
                   f"{result['stages']['projector']['before']}->{result['stages']['projector']['after']} tokens, "
                   f"per frame {result['frames']}" + (f", {result['merged']} merged" if result["merged"] else ""))
             return 0
         result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens)
-    except (ValueError, TypeError, OSError) as exc:
+    except (UserInputError, OSError) as exc:
         print(f"vtprune show: {exc}", file=sys.stderr)
         return 2
     print(f"saved {result['png']}: {result['model']} {result['policy']} keep={keep}, stages "

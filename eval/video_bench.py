@@ -23,6 +23,7 @@ import torch
 
 from .. import api
 from ..budget import parse_keep
+from ..checks import BadValue
 from ..demo import demo_model, photo
 from ..measure import median, timed
 from ..tiny import VIDEO_TOKEN, VISION_END, VISION_START
@@ -37,7 +38,7 @@ def pan(frames: int = FRAMES, side: int = 448, shift: int = 4, image: np.ndarray
 
     image = photo() if image is None else image
     if shift * (frames - 1) >= min(image.shape[:2]):
-        raise ValueError(f"a pan of {frames} frames moving {shift} px needs an image wider than "
+        raise BadValue(f"a pan of {frames} frames moving {shift} px needs an image wider than "
                          f"{shift * (frames - 1)} px; got {image.shape[1]} x {image.shape[0]}")
     window = min(image.shape[:2]) - shift * (frames - 1)
     views = [image[:window, k * shift:k * shift + window] for k in range(frames)]

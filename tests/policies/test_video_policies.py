@@ -319,7 +319,7 @@ def test_bad_options_are_refused():
         FastVID(beta=1.5)
     with pytest.raises(ValueError, match="segments"):
         FastVID(segments=0)
-    with pytest.raises(ValueError, match="tau"):
+    with pytest.raises(TypeError, match="tau"):
         FastVID(tau="0.9")
     with pytest.raises(ValueError, match="first in a Pipeline"):
         Pipeline([Random(keep=4), FastVID()])
