@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.context import StageContext
+from vtprune.context import StageContext, rows_of
 from vtprune.layout import ImageLayout, SampleLayout, SubGrid
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import coverage_select, divprune_select, mmr_select
@@ -397,3 +397,15 @@ def test_every_registered_policy_runs_in_the_family_matrix():
     # tests/test_pixelprune.py runs the same invariants (batch, cache, report) on each of them
     budget_free = {"pixelprune"}
     assert set(vtprune.available_policies()) - baselines - budget_free <= in_matrix
+
+
+@pytest.mark.parametrize(
+    "positions,view",
+    [([3, 4, 5, 6], True), ([3, 4, 6, 7], False), ([5, 4, 3, 2], False), ([3, 5, 4, 6], False), ([7], False)],
+)
+def test_rows_of_is_index_select_and_a_view_only_for_consecutive_positions(positions, view):
+    x = torch.randn(10, 6)
+    index = torch.tensor(positions)
+    got = rows_of(x, index)
+    assert torch.equal(got, x.index_select(0, index))
+    assert (got.data_ptr() == x[positions[0]].data_ptr()) == view
