@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.context import StageContext, rows_of
+from vtprune.context import StageContext, token_rows
 from vtprune.layout import ImageLayout, SampleLayout, SubGrid
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import coverage_select, divprune_select, mmr_select
@@ -428,6 +428,6 @@ def test_every_registered_policy_runs_in_the_family_matrix():
 def test_rows_of_is_index_select_and_a_view_only_for_consecutive_positions(positions, view):
     x = torch.randn(10, 6)
     index = torch.tensor(positions)
-    got = rows_of(x, index)
+    got = token_rows(x, index)
     assert torch.equal(got, x.index_select(0, index))
     assert (got.data_ptr() == x[positions[0]].data_ptr()) == view

@@ -79,7 +79,7 @@ class StageContext:
 
     def features_view(self, b: int, i: int) -> torch.Tensor:
         """`features`, as a view of ``hidden`` where image i's alive tokens are consecutive (no copy): read only."""
-        return rows_of(self.hidden[b], self.seq_positions[b][i])
+        return token_rows(self.hidden[b], self.seq_positions[b][i])
 
     def pre_projector(self, b: int, i: int) -> torch.Tensor:
         """Vision-encoder features of image i's alive tokens before the projector, ``(n, D')``."""
@@ -269,7 +269,7 @@ class StageContext:
         return valid[valid.numel() - count :]
 
 
-def rows_of(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def token_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``x.index_select(0, positions)``, or the same rows as a view of `x` where `positions` are consecutive
     ascending (an image's tokens before any prune: no copy of the features). Read only."""
     n = positions.numel()

@@ -10,7 +10,7 @@ import torch
 
 from ..budget import resolve_budget
 from ..checks import check_bool, check_int, check_number
-from ..context import StageContext, rows_of
+from ..context import StageContext, token_rows
 from ..ops.greedy import COSINE_EPS, cosine_similarity, finite_fp32, mmr_select
 from .base import Policy, Selection, Signals, probe_depth, register
 from .selector import VisionSelector, load_selector
@@ -151,7 +151,7 @@ class IDPruner(Policy):
         if k >= total:
             return [Selection(torch.arange(n, device=device)) for n in sizes]
         # the tokens of every image in one gather (the rows torch.cat of per-image features would hold), or a view
-        x = rows_of(ctx.hidden[b], torch.cat(positions) if len(positions) > 1 else positions[0])
+        x = token_rows(ctx.hidden[b], torch.cat(positions) if len(positions) > 1 else positions[0])
         if self._norm_importance(ctx, b):
             # the norms are the importance and the cosine's denominators: compute them once. They are the finite
             # check too: a NaN/inf entry makes its row's norm non-finite, so finite norms (a finite sum of them)
