@@ -51,6 +51,8 @@ class CallRecord:
     #: the base forward's inputs, while a forward runs (None between forwards)
     outer: dict[str, Any] | None = None
     forward_depth: int = 0
+    #: generate's own inputs (input_ids, grids), for what runs before its first forward (the media encoded ahead)
+    generate_inputs: dict[str, Any] | None = None
     #: the prefill or decode state of the forward running now
     state: PrefillState | None = None
     #: the base inputs completed with the encoder's grid arguments, for this prefill

@@ -275,6 +275,8 @@ class Runtime:
         record = self._open("generate")
         if record is None:
             return original(*args, **kwargs)
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        record.generate_inputs = {**kwargs, "input_ids": ids}  # generate encodes the media before any forward
         try:
             with self._continuing(given_cache(kwargs)):
                 return original(*args, **kwargs)
@@ -449,7 +451,8 @@ class Runtime:
 
         def choose(hidden):
             layer_calls = {j: calls[start.get(j, 0):] for j, calls in vision.layers.items()}
-            keep, updates = encoder_selection(policy, self.adapter, record.outer, call, grid, hidden, layer_calls)
+            outer = record.outer if record.outer is not None else record.generate_inputs
+            keep, updates = encoder_selection(policy, self.adapter, outer, call, grid, hidden, layer_calls)
             vision.pixel_keep.append((grid, keep))
             return keep, updates
 
