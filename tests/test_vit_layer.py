@@ -257,3 +257,25 @@ def test_bad_vit_layer_refused():
     next_model = model_for("llava_next", vision_layers=DEPTH)
     with pytest.raises(BadValue, match="not yet for llava_next"):
         vtprune.wrap(next_model, "random", keep=4, vit_layer=1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
+def test_later_policy_reads_the_vit_as_it_ran(family):
+    """A later policy reading ViT attention past k (IDPruner's received importance at the feature layer) gets
+    per-token values at full length, so its keep set is a subset of the encoder's and batch == alone holds."""
+    from vtprune.policies import IDPruner
+
+    model = deep_model(family)
+    batch = inputs(model, mixed_specs(family))
+    vtprune.wrap(model, Pipeline([Random(keep=8, vit_layer=1), IDPruner(keep=4, per_image=True,
+                                                                         importance="received")]))
+    together = model(**batch).logits[:, -1]
+    report = vtprune.report(model).to_dict()["samples"]
+    for s in report:
+        for img in s["images"]:
+            first, then = img["stages"]["vision"], list(img["stages"].values())[-1]
+            assert first["after"] == 8 and then["after"] == 4 and set(then["kept"]) <= set(first["kept"])
+    for b in range(batch["input_ids"].shape[0]):
+        alone = model(**sample_alone(batch, b, family)).logits[:, -1]
+        torch.testing.assert_close(alone[0], together[b], rtol=1e-4, atol=1e-5)
