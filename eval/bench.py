@@ -27,6 +27,9 @@ sample (a 172 x 448 scan of printed text) scaled to fill the Qwen families'
 page``) a page of text rendered here, black on white, 1280 px square.
 ``--policy`` may chain policies with ``+``: ``pixelprune+idpruner`` is a
 Pipeline, pixelprune first (it takes no budget), the rest at each ``--keep``.
+``--vit-layers 2 4 6`` adds, per budget, the policy selecting inside the
+vision encoder after that many blocks (``vit_layer``), in the same
+round-robin; ``--vision-layers`` / ``--vision-hidden`` size the ViT.
 
 Prints markdown tables (and writes them as JSON with ``--json PATH``; nothing is
 written without it). The compaction op is also timed at
@@ -61,12 +64,14 @@ from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
 from .outputs import file_problem, make_parent
 
 
-def bench_model(family: str, layers: int, hidden: int, device: torch.device, dtype: torch.dtype):
-    """The demo model of `family` with an LLM of `layers` x `hidden` (heads of 64, MLP 8/3 x hidden)."""
+def bench_model(family: str, layers: int, hidden: int, device: torch.device, dtype: torch.dtype,
+                vision_layers: int = DEMO_GEOMETRY.vision_layers, vision_hidden: int = DEMO_GEOMETRY.vision_hidden):
+    """The demo model of `family` with an LLM of `layers` x `hidden` (heads of 64, MLP 8/3 x hidden) and a ViT of
+    `vision_layers` x `vision_hidden`."""
     heads = max(1, hidden // 64)
     intermediate = (8 * hidden // 3 + 63) // 64 * 64
     geometry = Geometry(hidden=hidden, layers=layers, heads=heads, kv_heads=heads, intermediate=intermediate,
-                        vision_hidden=DEMO_GEOMETRY.vision_hidden, vision_layers=DEMO_GEOMETRY.vision_layers,
+                        vision_hidden=vision_hidden, vision_layers=vision_layers,
                         image_size=DEMO_GEOMETRY.image_size, patch=DEMO_GEOMETRY.patch)
     model = tiny_model(family, geometry, dtype=dtype)  # LLaVA-NeXT: grid pinpoints of 336 px views, as the demo's
     return model.to(device)
@@ -107,10 +112,20 @@ def rendered_page(side: int = 1280):
 IMAGES = {"photo": photo, "text": text_page, "page": rendered_page}
 
 
-def bench_policy(policy: str, keep):
-    """The policy a bench row runs: a name, or names joined by ``+`` (a Pipeline); pixelprune takes no budget."""
+def bench_policy(policy: str, keep, vit_layer: int | None = None):
+    """The policy a bench row runs: a name, or names joined by ``+`` (a Pipeline); pixelprune takes no budget.
+
+    With `vit_layer` the first budgeted policy selects inside the vision encoder after that many blocks.
+    """
     names = policy.split("+")
-    made = [make_policy(n) if n == "pixelprune" else make_policy(n, keep=keep) for n in names]
+    made, placed = [], False
+    for n in names:
+        if n == "pixelprune":
+            made.append(make_policy(n))
+            continue
+        extra = {"vit_layer": vit_layer} if vit_layer is not None and not placed else {}
+        placed = placed or bool(extra)
+        made.append(make_policy(n, keep=keep, **extra))
     return made[0] if len(made) == 1 else Pipeline(made)
 
 
@@ -218,8 +233,8 @@ def decode_ms_per_token(model, inputs: dict, tokens: int) -> float:
 @torch.no_grad()
 def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list, repeats: int, warmup: int,
                 decode_tokens: int, device: torch.device, image: str = "photo",
-                qwen_pixels: int = QWEN_PIXELS) -> list[dict]:
-    """Rows (one per budget) for one batch size."""
+                qwen_pixels: int = QWEN_PIXELS, vit_layers: tuple[int, ...] = ()) -> list[dict]:
+    """Rows (one per budget, and per budget and `vit_layers` entry) for one batch size."""
     one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
     if "pixel_values" in one:
         one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
@@ -237,13 +252,16 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     def prefill():
         return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    def wrapped(keep):
+    def label(keep, vit=None) -> str:
+        return f"vtprune {keep}" if vit is None else f"vtprune {keep} vit{vit}"
+
+    def wrapped(keep, vit=None):
         def run():
-            chosen = make_policy("random", keep=keep) if is_full_budget(keep) else bench_policy(policy, keep)
+            chosen = make_policy("random", keep=keep) if is_full_budget(keep) else bench_policy(policy, keep, vit)
             with api.pruned(model, chosen):
                 ms, out = timed(prefill)
                 stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
-            after[keep] = stages
+            after[(keep, vit)] = stages
             return ms, out, sum(s["ms"] for s in stages.values())
         return run
 
@@ -261,7 +279,9 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     per_budget = {}
     for keep in budgets:
         kept = min(keep, n_visual) if isinstance(keep, int) else max(1, round(n_visual * keep))
-        wrapped_fns[f"vtprune {keep}"] = wrapped(keep)
+        wrapped_fns[label(keep)] = wrapped(keep)
+        for vit in vit_layers:
+            wrapped_fns[label(keep, vit)] = wrapped(keep, vit)
         entry = {"kept": kept}
         if is_llava:
             b = _Bare(model, inputs, kept)
@@ -308,27 +328,29 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     decode_full = median(dec[None])
     wrap_ms = median(w_times["wrapped, full budget"])
     rows = []
-    for keep in budgets:
+    for keep, vit in [(keep, vit) for keep in budgets for vit in (None, *vit_layers)]:
         entry = per_budget[str(keep)]
-        stages = after[keep]
+        stages = after[(keep, vit)]
+        name = label(keep, vit)
         kept = list(stages.values())[-1]["after"]  # what the policy kept (pixelprune: what its predictor kept)
-        vt_ms = median(w_times[f"vtprune {keep}"])
-        sel_ms = median(sel_times[f"vtprune {keep}"])
+        vt_ms = median(w_times[name])
+        sel_ms = median(sel_times[name])
         new_seq = seq - n_visual + kept
         row = dict(
-            family=family, batch=batch_size, policy=policy, keep=keep, visual_before=n_visual, visual_after=kept,
+            family=family, batch=batch_size, policy=policy, keep=keep, vit_layer=vit, visual_before=n_visual,
+            visual_after=kept,
             seq_len=seq, pruned_seq_len=new_seq,
             prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,
             selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
             flops_ratio=prefill_flops(model, seq) / prefill_flops(model, new_seq),
             decode_unpruned_ms_per_token=decode_full, decode_vtprune_ms_per_token=median(dec[str(keep)]),
             # per layer kind: attention layers' keys and values shrink, linear-attention state (Qwen3.5) does not
-            kv_bytes_unpruned=kv["unpruned"]["kv"], kv_bytes_vtprune=kv[f"vtprune {keep}"]["kv"],
+            kv_bytes_unpruned=kv["unpruned"]["kv"], kv_bytes_vtprune=kv[name]["kv"],
             linear_state_bytes_unpruned=kv["unpruned"]["linear_state"],
-            linear_state_bytes_vtprune=kv[f"vtprune {keep}"]["linear_state"],
+            linear_state_bytes_vtprune=kv[name]["linear_state"],
             selection_share=sel_ms / vt_ms,
             image=image, qwen_pixels=qwen_pixels if adapter_for(model).mrope else None,
-            vision_unpruned_ms=median(tower_ms["unpruned"]), vision_vtprune_ms=median(tower_ms[f"vtprune {keep}"]),
+            vision_unpruned_ms=median(tower_ms["unpruned"]), vision_vtprune_ms=median(tower_ms[name]),
             vision_share_unpruned=median(tower_ms["unpruned"]) / full_ms,
             units_dropped=(1 - stages["vision"]["after"] / stages["vision"]["before"]) if "pixelprune" in policy
             and "vision" in stages else None,
@@ -406,6 +428,12 @@ def _f(value, fmt: str = ".1f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _keep(row: dict) -> str:
+    """A row's budget, with the ViT block it selects after (``vit_layer``) where it has one."""
+    vit = row.get("vit_layer")
+    return f"{row['keep']}" if vit is None else f"{row['keep']} vit@{vit}"
+
+
 def markdown(rows: list[dict]) -> str:
     """Two tables: the costs (ms) and the ratios."""
     costs = ["| family | batch | keep | prefill unpruned | vtprune prefill | bare pruned | vision tower | projector | "
@@ -419,7 +447,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         g = r.get
         costs.append(
-            f"| {r['family']} | {r['batch']} | {r['keep']} ({r['visual_before']}->{r['visual_after']}) | "
+            f"| {r['family']} | {r['batch']} | {_keep(r)} ({r['visual_before']}->{r['visual_after']}) | "
             f"{r['prefill_unpruned_ms']:.1f} | {r['prefill_vtprune_ms']:.1f} | {_f(g('bare_pruned_ms'))} | "
             f"{_f(g('vision_ms'))} | {_f(g('projector_ms'))} | {r['selection_ms']:.2f} | "
             f"{_f(g('compaction_ms'), '.3f')} ({_f(g('compaction_copy_ms'), '.3f')}) | "
@@ -430,7 +458,7 @@ def markdown(rows: list[dict]) -> str:
         )
         ach = g("speedup_achievable")
         ratios.append(
-            f"| {r['family']} | {r['batch']} | {r['keep']} | {r['speedup_vtprune']:.2f}x | {_f(ach, '.2f')}x | "
+            f"| {r['family']} | {r['batch']} | {_keep(r)} | {r['speedup_vtprune']:.2f}x | {_f(ach, '.2f')}x | "
             f"{r['flops_ratio']:.2f}x | {_f(None if ach is None else r['speedup_vtprune'] / ach, '.0%')} | "
             f"{_f(None if ach is None else ach / r['flops_ratio'], '.0%')} | {r['wrap_overhead']:.3f}x | "
             f"{_f(g('vtprune_path_over_bare'), '.3f')}x | {r['selection_share']:.1%} | "
@@ -442,7 +470,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         dropped = r.get("units_dropped")
         vision.append(
-            f"| {r['family']} | {r.get('image', 'photo')} | {r['keep']} ({r['visual_before']}->{r['visual_after']}) | "
+            f"| {r['family']} | {r.get('image', 'photo')} | {_keep(r)} ({r['visual_before']}->{r['visual_after']}) | "
             f"{_f(None if dropped is None else dropped, '.1%')} | {r['vision_unpruned_ms']:.1f} / "
             f"{r['vision_vtprune_ms']:.1f} | {r['vision_unpruned_ms'] / r['vision_vtprune_ms']:.2f}x | "
             f"{r['vision_share_unpruned']:.0%} | {r['prefill_unpruned_ms']:.1f} / {r['prefill_vtprune_ms']:.1f} | "
@@ -490,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="photo: scikit-image's astronaut; text: its scanned text sample; page: a rendered text page")
     parser.add_argument("--qwen-pixels", type=int, default=QWEN_PIXELS,
                         help="pixels of the image for Qwen families (default 448 x 448; a document page: 1280 x 1280)")
+    parser.add_argument("--vision-layers", type=int, default=DEMO_GEOMETRY.vision_layers,
+                        help=f"ViT blocks of the bench model (default {DEMO_GEOMETRY.vision_layers})")
+    parser.add_argument("--vision-hidden", type=int, default=DEMO_GEOMETRY.vision_hidden,
+                        help=f"hidden width of its ViT (default {DEMO_GEOMETRY.vision_hidden})")
+    parser.add_argument("--vit-layers", nargs="+", type=int, default=[],
+                        help="also time the policy selecting inside the vision encoder after each of these many "
+                        "blocks (vit_layer), interleaved with the rest (default: none)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1); use fewer than the "
                         "idle cores, oversubscribed threads make CPU timings meaningless")
     args = parser.parse_args(argv)
@@ -510,16 +545,19 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows = []
     for family in args.families:
-        model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype)
+        model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype, args.vision_layers,
+                            args.vision_hidden)
         for bsz in args.batch_sizes:
-            rows.extend(bench_batch(model, family, bsz, args.policy, budgets, args.repeats, args.warmup,
-                                    args.decode_tokens, device, args.image, args.qwen_pixels))
-            print(markdown(rows[-len(budgets):]).split("\n\n")[0].split("\n", 2)[-1], flush=True)
+            new = bench_batch(model, family, bsz, args.policy, budgets, args.repeats, args.warmup,
+                              args.decode_tokens, device, args.image, args.qwen_pixels, tuple(args.vit_layers))
+            rows.extend(new)
+            print(markdown(new).split("\n\n")[0].split("\n", 2)[-1], flush=True)
     comp = [bench_compaction(dtype=d, device=device) for d in (torch.float32, torch.bfloat16)]
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "llm": {"layers": args.llm_layers, "hidden": args.llm_hidden}, "dtype": args.dtype,
+        "llm": {"layers": args.llm_layers, "hidden": args.llm_hidden},
+        "vit": {"layers": args.vision_layers, "hidden": args.vision_hidden}, "dtype": args.dtype,
         "repeats": args.repeats, "warmup": args.warmup, "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "rows": rows, "compaction": comp,
     }

@@ -6,6 +6,13 @@ its processor) with the kept patches bright and the pruned ones dimmed; the
 caption names the model, the policy and budget, the stage and the visual
 tokens before and after it, and the question with the pruned model's answer.
 
+``--policy pixelprune`` (no budget; ``--tau``) draws the merge units it
+kept before the vision encoder bright and those it dropped (equal to their
+prediction from the neighbours) dimmed and hatched; ``pixelprune+NAME`` is a
+Pipeline, NAME at ``--keep`` on what pixelprune kept. ``--vit-layer K``
+lets the (first budgeted) policy select inside the vision encoder after
+its K-th block.
+
 ``--model``: a toyvqa arch name (``llava``, ``qwen2_5_vl``) or a checkpoint
 folder of the LLaVA-1.5 or Qwen2/2.5-VL families (a toyvqa folder, or any HF
 checkpoint with a chat template). The kept indices are the report's: positions
@@ -39,12 +46,14 @@ from ..checks import BadValue, UserInputError
 
 
 def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], title: str, path: str | Path,
-           subtitle: str = "") -> None:
+           subtitle: str = "", dropped_stage: str | None = None) -> None:
     """Save ``view`` (H x W x 3 uint8) once per stage with that stage's ``kept`` cells of ``grid`` highlighted.
 
     ``stages``: ``{name: {"before", "after", "kept"}}`` as in the report; every
     panel is captioned with the stage and its token counts, the figure with
-    ``title`` (model, policy, budget) and ``subtitle``.
+    ``title`` (model, policy, budget) and ``subtitle``. In the panel of
+    ``dropped_stage`` (the stage PixelPrune acted at) the dropped cells are
+    also hatched in red and the caption counts them.
     """
     import matplotlib
 
@@ -65,7 +74,14 @@ def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], tit
         shown = np.where(cell[..., None], view.astype(np.float32), view.astype(np.float32) * 0.2 + 20)
         ax.imshow(shown.clip(0, 255).astype(np.uint8))
         ax.contour(cell, levels=[0.5], colors=["yellow"], linewidths=0.6)
-        ax.set_title(f"stage {name}: kept {stage['after']} of {stage['before']} tokens", fontsize=9)
+        caption = f"stage {name}: kept {stage['after']} of {stage['before']} tokens"
+        if name == dropped_stage:
+            dropped = ~cell
+            ax.contourf(dropped, levels=[0.5, 1.5], colors="none", hatches=["////"])
+            ax.imshow(np.ma.masked_where(~dropped, dropped), cmap="autumn", alpha=0.25, vmin=0, vmax=1)
+            caption = (f"stage {name}: pixelprune dropped {stage['before'] - stage['after']} of {stage['before']} "
+                       f"units (hatched)")
+        ax.set_title(caption, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     wrap = int(width_in * 11)
@@ -201,25 +217,47 @@ def _load(model_ref: str):
     return model, processor, chat
 
 
+def shown_policy(policy: str, keep, tau: float | None = None, vit_layer: int | None = None, **options):
+    """The policy ``show`` runs: a name, or ``pixelprune+NAME`` (a Pipeline); pixelprune takes ``tau``, not
+    ``keep``; ``vit_layer`` goes to the first budgeted policy."""
+    from ..policies.base import Pipeline, make_policy
+
+    made = []
+    for name in policy.split("+"):
+        if name == "pixelprune":
+            made.append(make_policy(name, **({} if tau is None else {"tau": tau})))
+            continue
+        extra = dict(options)
+        if vit_layer is not None and not any(getattr(p, "vit_layer", None) for p in made):
+            extra["vit_layer"] = vit_layer
+        made.append(make_policy(name, keep=keep, **extra))
+    return made[0] if len(made) == 1 else Pipeline(made)
+
+
 def show(image_path: str | Path, model_ref: str, policy: str, keep, out: str | Path, question: str,
-         max_new_tokens: int = 8, **options) -> dict:
+         max_new_tokens: int = 8, tau: float | None = None, vit_layer: int | None = None, **options) -> dict:
     """Prune one image with ``policy``, answer ``question``, and save the kept patches per stage to ``out``."""
     model, processor, build = _load(model_ref)
     with Image.open(image_path) as img:
         image = img.convert("RGB")
     inputs = dict(processor(images=[image], text=[build(question)], return_tensors="pt"))
-    with api.pruned(model, policy, keep=keep, tokenizer=processor, **options), torch.no_grad():
+    chosen = shown_policy(policy, keep, tau, vit_layer, **options)
+    with api.pruned(model, chosen, tokenizer=processor), torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         image_report = api.report(model).to_dict()["samples"][0]["images"][0]
     answer = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     view, grid = _view_and_grid(model, processor, inputs, image)
     stages = image_report["stages"]
-    options_text = "".join(f" {k}={v}" for k, v in options.items())
+    given = {**options, **({"tau": tau} if tau is not None else {}),
+             **({"vit_layer": vit_layer} if vit_layer is not None else {})}
+    options_text = "".join(f" {k}={v}" for k, v in given.items())
     from ..zoo import checkpoint_for
 
     name = checkpoint_for(model.config) or model.config.model_type
-    title = f"model {Path(str(model_ref)).name} ({name}) - policy {policy}, keep={keep}{options_text}"
-    render(view, grid, stages, title, out, subtitle=f"Q: {question}   A (pruned): {answer!r}")
+    budget = "" if policy == "pixelprune" else f", keep={keep}"
+    title = f"model {Path(str(model_ref)).name} ({name}) - policy {policy}{budget}{options_text}"
+    dropped = "vision" if policy.split("+")[0] == "pixelprune" else None
+    render(view, grid, stages, title, out, subtitle=f"Q: {question}   A (pruned): {answer!r}", dropped_stage=dropped)
     return {"image": str(image_path), "model": str(model_ref), "policy": policy, "keep": keep, "answer": answer,
             "grid": list(grid), "stages": {k: {"before": v["before"], "after": v["after"]} for k, v in stages.items()},
             "png": str(out)}
@@ -238,12 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", type=int, metavar="N", help="draw a video policy on N frames of the image panned "
                         "(--model: the demo family qwen2_5_vl, qwen2_vl or llava_onevision)")
     parser.add_argument("--shift", type=int, default=4, help="--video: pixels the window moves per frame (default 4)")
+    parser.add_argument("--tau", type=float, default=None,
+                        help="pixelprune's largest pixel difference still counted as a match (default 0: exact)")
+    parser.add_argument("--vit-layer", type=int, default=None,
+                        help="select inside the vision encoder after this many of its blocks (vit_layer)")
     args = parser.parse_args(argv)
     from ..budget import parse_keep, validate_keep
     from ..policies.base import unknown_policy
     from .outputs import file_problem, make_parent
 
-    if error := unknown_policy([args.policy]):
+    if error := unknown_policy(args.policy.split("+")):
         parser.error(error)
     if not Path(args.image).is_file():
         print(f"vtprune show: image {args.image!r} is not a file", file=sys.stderr)
@@ -262,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['stages']['projector']['before']}->{result['stages']['projector']['after']} tokens, "
                   f"per frame {result['frames']}" + (f", {result['merged']} merged" if result["merged"] else ""))
             return 0
-        result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens)
+        result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens,
+                      tau=args.tau, vit_layer=args.vit_layer)
     except (UserInputError, OSError) as exc:
         print(f"vtprune show: {exc}", file=sys.stderr)
         return 2

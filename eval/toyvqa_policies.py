@@ -6,8 +6,9 @@
 checkpoint folder. Policies are registry names; ``idpruner:received`` / ``idpruner:norm`` /
 ``idpruner:prompt`` pick IDPruner's training-free importance. Every run uses
 the same test items; accuracy retained is relative to the unpruned run, and
-agreement counts answers equal to the unpruned model's. Writes JSON and
-prints a markdown table.
+agreement counts answers equal to the unpruned model's. ``--vit-layers 1 2``
+adds every policy selecting inside the vision encoder after that many of its
+blocks (rows ``NAME@vitK``). Writes JSON and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ from ..policies.base import policy_spec
 DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "idpruner:received",
                     "entropyprune", "fastv", "transprune", "hiprune", "visionzip", "dart", "pdrop"]
 
-def run(model_ref: str, policies: list[str], budgets: list, n: int, batch_size: int) -> list[dict]:
+def run(model_ref: str, policies: list[str], budgets: list, n: int, batch_size: int,
+        vit_layers: tuple[int, ...] = ()) -> list[dict]:
     model, processor = toyvqa.load(model_ref)
     rows = []
     start = time.perf_counter()
     base = toyvqa.score(model, processor, n=n, batch_size=batch_size, return_predictions=True)
     rows.append(dict(policy="none", keep="all", overall=base["overall"], per_type=base["per_type"],
                      retained=1.0, agree=1.0, seconds=time.perf_counter() - start))
-    for spec in policies:
-        name, options = policy_spec(spec)
+    runs = [(spec, *policy_spec(spec)) for spec in policies]
+    runs += [(f"{spec}@vit{k}", name, {**options, "vit_layer": k}) for spec, name, options in list(runs)
+             for k in vit_layers]
+    for spec, name, options in runs:
         for keep in budgets:
             start = time.perf_counter()
             with api.pruned(model, name, keep=keep, tokenizer=processor, **options):
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--vit-layers", nargs="+", type=int, default=[],
+                        help="also run each policy with vit_layer=K (inside the vision encoder) for each K")
     parser.add_argument("--json", default="toyvqa_policies.json")
     args = parser.parse_args(argv)
     from .outputs import file_problem, make_parent
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = [parse_keep(k) for k in args.keep]
-    rows = run(args.model, args.policies, budgets, args.n, args.batch_size)
+    rows = run(args.model, args.policies, budgets, args.n, args.batch_size, tuple(args.vit_layers))
     with open(args.json, "w") as fh:
         json.dump({"model": args.model, "n": args.n, "rows": rows}, fh, indent=1)
     print(markdown(rows))

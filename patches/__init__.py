@@ -38,6 +38,11 @@ def supported_pixel_prune() -> list[str]:
     return sorted(t for t, cls in ADAPTERS.items() if cls.pixel_prune)
 
 
+def supported_vit_prune() -> list[str]:
+    """The model types whose adapter prunes inside the vision tower, after one of its blocks (``vit_layer``), sorted."""
+    return sorted(t for t, cls in ADAPTERS.items() if cls.vit_prune)
+
+
 def supported_video() -> list[str]:
     """The model types whose adapter takes videos (the video policies' families), sorted."""
     return sorted(t for t, cls in ADAPTERS.items() if cls.videos)
@@ -63,4 +68,4 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "FamilySpec", "adapter_for", "family_spec", "supported_model_types", "supported_pixel_prune",
-           "supported_video"]
+           "supported_video", "supported_vit_prune"]

@@ -77,6 +77,8 @@ class Adapter:
     sequence_methods: ClassVar[dict[str, dict[str, str]]] = {}
     #: True where the adapter can run its vision tower on a subset of the patches (`encode_kept`: PixelPrune)
     pixel_prune: ClassVar[bool] = False
+    #: True where the adapter prunes inside its vision tower after a block (``vit_layer``, `encode_pruned_after`)
+    vit_prune: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -93,6 +93,7 @@ class LlavaAdapter(Adapter):
     #: the image processor's per-channel normalisation (mean, std): CLIP's
     pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = CLIP_PIXEL_NORM
     pixel_prune = True
+    vit_prune = True
 
     def check_config(self) -> None:
         strategy = self.config.vision_feature_select_strategy
@@ -214,6 +215,93 @@ class LlavaAdapter(Adapter):
         out.last_hidden_state = scatter(out.last_hidden_state)
         if getattr(out, "hidden_states", None) is not None:
             out.hidden_states = tuple(None if h is None else scatter(h) for h in out.hidden_states)
+        return out, None
+
+    # --- pruning inside the encoder (vit_layer) -------------------------
+    def encoder_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states between two ViT blocks ``(images, 1 + P, D)`` -> the projector input's shape (CLS dropped)."""
+        return hidden[:, 1:]
+
+    def encoder_keep_units(self, grid_thw, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """``(image, indices of its patches)`` pairs of one tower call -> bool ``(images, P)``."""
+        keep = torch.zeros(hidden.shape[0], hidden.shape[1] - 1, dtype=torch.bool, device=hidden.device)
+        for item, indices in chosen:
+            keep[item, indices.to(hidden.device)] = True
+        return keep
+
+    def encode_pruned_after(self, original, pixel_values: torch.Tensor, grid_thw, kwargs: dict[str, Any], at: int,
+                            choose):
+        """Run the CLIP tower, choosing the kept patches after layer ``at - 1`` (0-based) and running the rest on them.
+
+        ``choose(hidden)`` gets the hidden states leaving layer ``at - 1``
+        ``(images, 1 + P, D)`` and returns (bool ``(images, P)``, ``[(flat
+        patch indices image * P + p, their new rows)]``). From layer ``at`` on
+        each image's sequence is its CLS plus its kept patches in raster
+        order, padded at the end to the most kept, padded keys masked for
+        every query. Every per-token output (last hidden state, hidden states
+        from entry ``at`` on) comes back at full length, zero at dropped
+        patches. Returns (the output, None: the projector sees the full-length
+        features the model selects from it).
+        """
+        layers = self.vision_layers()
+        state: dict[str, Any] = {}
+
+        def prune(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            keep, updates = choose(hidden)
+            if bool(keep.all()):
+                return None
+            keep = keep.to(hidden.device)
+            n, patches = keep.shape
+            with_cls = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=keep.device), keep], 1)
+            counts = with_cls.sum(1, keepdim=True)
+            length = int(counts.max())
+            valid = torch.arange(length, device=keep.device)[None] < counts
+            index = torch.zeros(n, length, dtype=torch.long, device=keep.device)
+            index[valid] = torch.nonzero(with_cls)[:, 1]
+            kept = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+            slot = torch.cumsum(with_cls.long(), 1) - 1  # a kept token's place in its image's sequence
+            for flat, values in updates:
+                flat = flat.to(keep.device)
+                image, patch = flat // patches, flat % patches
+                kept[image, slot[image, patch + 1]] = values.to(kept)
+            mask = torch.zeros(n, 1, 1, length, dtype=hidden.dtype, device=keep.device)
+            mask.masked_fill_(~valid[:, None, None], torch.finfo(hidden.dtype).min)
+            state.update(keep=keep, with_cls=with_cls, valid=valid, mask=mask, kept=kept)
+            return (kept, *output[1:]) if isinstance(output, tuple) else kept
+
+        def substitute(_module, args, kw):
+            if not state:
+                return None
+            if len(args) > 1:
+                return (args[0], state["mask"], *args[2:]), kw
+            return args, {**kw, "attention_mask": state["mask"]}
+
+        handles = [layers[at - 1].register_forward_hook(prune)]
+        handles += [layers[j].register_forward_pre_hook(substitute, with_kwargs=True, prepend=True)
+                    for j in range(at, len(layers))]
+        try:
+            out = original(pixel_values, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not state:
+            return out, None
+        n, patches = state["keep"].shape
+
+        def scatter(hidden: torch.Tensor) -> torch.Tensor:
+            full = hidden.new_zeros(n, patches + 1, *hidden.shape[2:])
+            full[state["with_cls"]] = hidden[state["valid"]]
+            return full
+
+        out.last_hidden_state = scatter(out.last_hidden_state)
+        if getattr(out, "hidden_states", None) is not None:
+            # entry j is layer j - 1's output: entries past `at` ran on the kept tokens; entry `at` is the kept
+            # rows where the recorder read the output after the prune
+            out.hidden_states = tuple(
+                scatter(h) if h is not None and (j > at or h is state["kept"]) else h
+                for j, h in enumerate(out.hidden_states)
+            )
         return out, None
 
     def full_vit_rows(self, values: torch.Tensor, grid_thw, keep: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,7 @@ class LlavaNextAdapter(LlavaAdapter):
     vision_cls_per_image = False  # one CLS per crop: VisionZip's reference budgets each crop instead
     spec = LlavaNextSpec()
     pixel_prune = False  # anyres crops and newline rows: not done
+    vit_prune = False  # the same: a keep set per crop, mapped through unpadding, is not built
 
     def hires_shape(self, image_size: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the unpadded high-resolution view of an image of `image_size` (h, w)."""

@@ -170,6 +170,7 @@ class Qwen2VLAdapter(Adapter):
     #: the family's image processor's per-channel normalisation (mean, std): pixel values map back to [0, 1]
     pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = CLIP_PIXEL_NORM
     pixel_prune = True
+    vit_prune = True
 
     @property
     def merge(self) -> int:
@@ -312,6 +313,119 @@ class Qwen2VLAdapter(Adapter):
         out.pooler_output = scatter(out.pooler_output, kept_units, keep.numel())
         if getattr(out, "deepstack_features", None):
             out.deepstack_features = [scatter(f, kept_units, keep.numel()) for f in out.deepstack_features]
+        return out, full_hidden
+
+    # --- pruning inside the encoder (vit_layer) -------------------------
+    def encoder_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states between two ViT blocks -> rows shaped as the merger's input (what `pre_projector_features`
+        reads): the same rows, in the ViT's order."""
+        return hidden
+
+    def encoder_keep_units(self, grid_thw: torch.Tensor, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]
+                           ) -> torch.Tensor:
+        """``(item, indices of its merge units)`` pairs of one tower call -> bool per merge unit of the call
+        (processor order, as `unit_keep`)."""
+        sizes = (grid_thw.prod(-1) // self.merge**2).tolist()
+        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        keep = torch.zeros(offsets[-1], dtype=torch.bool, device=hidden.device)
+        for item, indices in chosen:
+            keep[offsets[item] + indices.to(hidden.device)] = True
+        return keep
+
+    def encode_pruned_after(self, original, hidden_states: torch.Tensor, grid_thw: torch.Tensor,
+                            kwargs: dict[str, Any], at: int, choose):
+        """Run the tower, choosing the kept merge units after block ``at - 1`` (0-based) and running the rest on them.
+
+        ``choose(hidden)`` gets the hidden states leaving block ``at - 1`` (the
+        ViT's row order) and returns (bool per merge unit in processor order,
+        ``[(merge units of the call, their new rows (m, unit * D))]``). From
+        block ``at`` on, every block gets the kept rows, their rotary tables
+        and attention segments rebuilt over the kept units (full-attention
+        blocks: each image's or frame's kept units; Qwen2.5-VL's window
+        blocks: each window's kept units in window order, empty windows
+        gone); DeepStack taps and the merger then see the kept rows. Outputs
+        come back at full length, zero at dropped units (the merger's output
+        scattered before the tower undoes its window order). Returns (the
+        output, the merger's input at full length in the ViT's order, or None
+        when nothing was dropped).
+        """
+        tower = self.vision_tower()
+        blocks = tower.blocks
+        unit = self.merge**2
+        full_attention = getattr(tower, "fullatt_block_indexes", None)
+        order = self.merger_order(grid_thw)
+        state: dict[str, Any] = {}
+
+        def prune(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            keep, updates = choose(hidden)
+            if bool(keep.all()):
+                return None
+            device = hidden.device
+            keep = keep.to(device)
+            in_order = keep if order is None else keep[order.to(device)]
+            units = torch.nonzero(in_order).flatten()
+            rows = (units[:, None] * unit + torch.arange(unit, device=device)).flatten()
+            raster = torch.nonzero(keep).flatten()
+            raster_rows = (raster[:, None] * unit + torch.arange(unit, device=device)).flatten()
+            extra = self.kept_tower_inputs(grid_thw, keep, raster_rows)
+            slot = torch.full((keep.numel(),), -1, dtype=torch.long, device=device)
+            slot[units if order is None else order.to(device)[units]] = torch.arange(units.numel(), device=device)
+            kept = hidden[rows]
+            for unit_index, values in updates:
+                view = kept.view(units.numel(), unit, -1)
+                view[slot[unit_index.to(device)]] = values.to(kept).view(-1, unit, view.shape[-1])
+            # a frame (or window) left without kept units is no attention segment
+            state.update(rows=rows, in_order=in_order, keep=keep, cu=torch.unique_consecutive(extra["cu_seqlens"].to(device)),
+                         cu_window=extra.get("cu_window_seqlens"))
+            return (kept, *output[1:]) if isinstance(output, tuple) else kept
+
+        def substitute(index: int):
+            def hook(_module, args, kw):
+                if not state:
+                    return None
+                kw = dict(kw)
+                if "position_embeddings" not in state:
+                    state["position_embeddings"] = tuple(t[state["rows"]] for t in kw["position_embeddings"])
+                kw["position_embeddings"] = state["position_embeddings"]
+                window = full_attention is not None and index not in full_attention
+                kw["cu_seqlens"] = state["cu_window"].to(state["cu"]) if window else state["cu"]
+                kw["max_seqlen"] = None
+                return args, kw
+
+            return hook
+
+        def scatter_merged(_module, _args, output):
+            if not state:
+                return None
+            full = output.new_zeros(state["in_order"].numel(), *output.shape[1:])
+            full[state["in_order"]] = output
+            return full
+
+        handles = [blocks[at - 1].register_forward_hook(prune)]
+        handles += [blocks[j].register_forward_pre_hook(substitute(j), with_kwargs=True, prepend=True)
+                    for j in range(at, len(blocks))]
+        handles.append(tower.merger.register_forward_hook(scatter_merged))
+        try:
+            out = original(hidden_states, grid_thw, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not state:
+            return out, None
+        full_hidden = self.full_vit_rows(out.last_hidden_state, grid_thw, state["keep"])
+        out.last_hidden_state = full_hidden
+        if getattr(out, "deepstack_features", None):
+            n_units = state["keep"].numel()
+
+            def full_units(values: torch.Tensor) -> torch.Tensor:
+                if values.shape[0] == n_units:  # a tap before the prune
+                    return values
+                full = values.new_zeros(n_units, *values.shape[1:])
+                full[state["in_order"]] = values
+                return full
+
+            out.deepstack_features = [full_units(f) for f in out.deepstack_features]
         return out, full_hidden
 
     def full_vit_rows(self, values: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

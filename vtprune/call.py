@@ -35,6 +35,8 @@ class VisionCapture:
     layers: dict[int, list[LayerCall]] = field(default_factory=dict)
     #: per vision-tower call, (its grid, the merge units an encoder-side policy (PixelPrune) let the tower encode)
     pixel_keep: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: the first ViT layer that ran on the kept units only (0: PixelPrune's, before the encoder; k: ``vit_layer=k``)
+    keep_layer: int = 0
     #: (expand_size, input_ids) when generate() repeated each sample after encoding
     expand: tuple[int, torch.Tensor] | None = None
     used: bool = False
@@ -49,6 +51,8 @@ class CallRecord:
     #: the base forward's inputs, while a forward runs (None between forwards)
     outer: dict[str, Any] | None = None
     forward_depth: int = 0
+    #: generate's own inputs (input_ids, grids), for what runs before its first forward (the media encoded ahead)
+    generate_inputs: dict[str, Any] | None = None
     #: the prefill or decode state of the forward running now
     state: PrefillState | None = None
     #: the base inputs completed with the encoder's grid arguments, for this prefill

@@ -42,7 +42,7 @@ def check_policies(command: str, argv: list[str]) -> str | None:
     from .policies.base import unknown_policy
 
     names = _policy_names(argv)
-    if command == "bench":  # the bench chains policies with "+" (a Pipeline)
+    if command in ("bench", "show"):  # both chain policies with "+" (a Pipeline)
         names = [part for name in names for part in name.split("+")]
     error = unknown_policy(names, variants=True)
     return f"vtprune {command}: {error}" if error else None

@@ -277,8 +277,11 @@ class StageContext:
             if not calls:
                 raise NotCaptured(f"vision layer {layer} was not captured; list it in the policy's `Signals.vision_inputs`")
             values = [probe(layer, call) for call in calls]
-            # an encoder-side prune (PixelPrune) ran the tower on the kept units: back to one row per patch
+            # an encoder-side prune (PixelPrune; vit_layer=k from layer k on) ran these layers on the kept units:
+            # back to one row per patch
             kept = self.captured.get("pixel_keep") or ()
+            if layer < self.captured.get("pixel_keep_layer", 0):
+                kept = ()
             for c, (grid, keep) in enumerate(kept[: len(values)]):
                 values[c] = self.adapter.full_vit_rows(values[c], grid, keep)
             self._memo[(what, layer)] = values

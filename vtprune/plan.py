@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .checks import as_user_error
+from .checks import BadValue, as_user_error
 from .patches import Adapter, adapter_for
 from .policies.base import POSITION_MODES, Pipeline, Policy, Signals, check_decoder_layer, make_policy
 
@@ -45,6 +45,11 @@ class Plan:
     def encoder_policy(self) -> Policy | None:
         """The policy that chooses which patches the vision tower encodes (``Signals.encoder_prune``), if any."""
         return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.encoder_prune), None)
+
+    @property
+    def encoder_layer(self) -> int:
+        """ViT blocks that run before the encoder-side policy selects (0: before the encoder; `encoder_policy`)."""
+        return next((s.encoder_prune[0] for s in self.signals if s.encoder_prune), 0)
 
     def sub_blocks(self) -> list[tuple[int, Policy, int]]:
         """(index in the pipeline, policy, decoder layer) of every sub-block observation."""
@@ -111,9 +116,11 @@ def _build_plan(model: nn.Module, policy, keep, positions: str, options: dict, t
                     f"softmax attention are {list(attention)}: choose the policy's layers so that it reads one of them"
                 )
     for p, s in zip(bound.policies, signals):
-        if s.encoder_prune and s.encoder_prune != (0,):
-            raise ValueError(f"{p.describe()}: the vision tower is pruned before its first block only (0); "
-                             f"got {s.encoder_prune}")
+        if len(s.encoder_prune) > 1:
+            raise BadValue(f"{p.describe()}: the vision tower is pruned at one point; got {s.encoder_prune}")
+    pruning = [p.describe() for p, s in zip(bound.policies, signals) if s.encoder_prune]
+    if len(pruning) > 1:
+        raise BadValue(f"only one policy of a Pipeline can prune inside or before the vision encoder; got {pruning}")
     for layer in reads.decoder_queries:
         adapter.query_module(layer)  # the adapter must know where the queries are (raises otherwise)
     return Plan(

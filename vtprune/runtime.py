@@ -275,6 +275,8 @@ class Runtime:
         record = self._open("generate")
         if record is None:
             return original(*args, **kwargs)
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        record.generate_inputs = {**kwargs, "input_ids": ids}  # generate encodes the media before any forward
         try:
             with self._continuing(given_cache(kwargs)):
                 return original(*args, **kwargs)
@@ -420,6 +422,9 @@ class Runtime:
             return original(pixels, *args, **kwargs)
         vision = record.fresh_vision()
         grid = args[0] if args else kwargs.get("grid_thw")  # Qwen towers take the grid; CLIP's images are square
+        at = self.plan.encoder_layer
+        if at > 0:
+            return self._tower_pruned_after(original, record, vision, pixels, grid, kwargs, at)
         with torch.no_grad():
             keep = self.plan.encoder_policy.encoder_keep(self.adapter, pixels, grid)
         vision.pixel_keep.append((grid, keep))
@@ -428,6 +433,32 @@ class Runtime:
         captured = len(vision.pre_projector)
         rest = {k: v for k, v in kwargs.items() if k != "grid_thw"}
         out, merger_input = self.adapter.encode_kept(original, pixels, grid, keep, rest)
+        if merger_input is not None and len(vision.pre_projector) > captured:
+            vision.pre_projector[captured] = merger_input
+        return out
+
+    def _tower_pruned_after(self, original, record, vision, pixels, grid, kwargs, at: int):
+        """The vision tower with the encoder-side policy selecting after block ``at - 1`` (``vit_layer=at``)."""
+        from .encoder import encoder_selection
+
+        policy = self.plan.encoder_policy
+        vision.keep_layer = at
+        # this tower call's encoder method: the calls are recorded in tower-call order, a method another one calls
+        # (Qwen3-VL's get_video_features calls get_image_features) recorded after it
+        n_call = len(vision.pixel_keep)
+        call = vision.calls[n_call] if n_call < len(vision.calls) else {"method": "get_image_features"}
+        start = {j: len(calls) for j, calls in vision.layers.items()}
+
+        def choose(hidden):
+            layer_calls = {j: calls[start.get(j, 0):] for j, calls in vision.layers.items()}
+            outer = record.outer if record.outer is not None else record.generate_inputs
+            keep, updates = encoder_selection(policy, self.adapter, outer, call, grid, hidden, layer_calls)
+            vision.pixel_keep.append((grid, keep))
+            return keep, updates
+
+        captured = len(vision.pre_projector)
+        rest = {k: v for k, v in kwargs.items() if k != "grid_thw"}
+        out, merger_input = self.adapter.encode_pruned_after(original, pixels, grid, rest, at, choose)
         if merger_input is not None and len(vision.pre_projector) > captured:
             vision.pre_projector[captured] = merger_input
         return out

@@ -20,6 +20,7 @@ from .call import CallRecord
 from .context import StageContext
 from .plan import Plan
 from .policies.base import Policy, Selection
+from .policies.vit_layer import encoder_kept
 from .reporting import Report
 from .sequence import Level, PrefillState, Sequence
 
@@ -43,6 +44,7 @@ class StageRunner:
         captured["pre_projector"] = vision.pre_projector
         captured["vision_layers"] = vision.layers
         captured["pixel_keep"] = vision.pixel_keep
+        captured["pixel_keep_layer"] = vision.keep_layer
         if vision.expand is not None:
             size, ids = vision.expand
             captured.update(self.adapter.expand_metadata(captured, ids, size))
@@ -154,7 +156,10 @@ class StageRunner:
             selections = None
         if selections is None:
             with torch.no_grad():
-                selections = policy.select(ctx)
+                if getattr(policy, "vit_layer", None) is not None:  # it selected inside the encoder
+                    selections = encoder_kept(ctx, policy.describe())
+                else:
+                    selections = policy.select(ctx)
             if record.prefills == 1:
                 record.selections[key] = selections
         if ctx.hidden.is_cuda:

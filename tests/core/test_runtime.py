@@ -68,7 +68,8 @@ def test_policies_are_immutable_hashable_configurations():
     assert fixed.kept == (((1, 3),),) and hash(fixed) == hash(Fixed(kept=(((1, 3),),)))
     pipeline = Pipeline([Pooling(keep=6), Random(keep=2, at_layer=1)])
     assert hash(pipeline) == hash(Pipeline([Pooling(keep=6), Random(keep=2, at_layer=1)]))
-    assert pipeline.to_dict()["policies"][1] == {"name": "random", "keep": 2, "seed": 0, "at_layer": 1, "where": None}
+    assert pipeline.to_dict()["policies"][1] == {"name": "random", "keep": 2, "seed": 0, "at_layer": 1, "where": None,
+                                              "vit_layer": None}
 
 
 def test_report_records_the_bound_configuration():

@@ -76,3 +76,25 @@ def test_show_video_strip_draws_kept_cells_bright_and_refuses_bad_videos(tmp_pat
     assert main(["show", str(tmp_path / "f.png"), "--video", "4", "--model", "llava", "--policy", "evs",
                  "--keep", "0.5", "--out", str(tmp_path / "v.png")]) == 2
     assert "qwen2_5_vl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", SHIPPED)
+def test_show_draws_what_pixelprune_dropped(arch, tmp_path, capsys):
+    """A flat picture with one square: pixelprune keeps few units; show prints its counts and draws one panel."""
+    from vtprune.toyvqa.models import IMAGE_SIZE
+
+    side = IMAGE_SIZE[arch]
+    pixels = np.full((side, side, 3), 255, dtype=np.uint8)
+    pixels[side // 4 : side // 2, side // 4 : side // 2] = (200, 30, 30)
+    Image.fromarray(pixels).save(tmp_path / "flat.png")
+    out = tmp_path / "dropped.png"
+    assert main(["show", str(tmp_path / "flat.png"), "--model", arch, "--policy", "pixelprune", "--out", str(out),
+                 "--max-new-tokens", "2"]) == 0
+    printed = capsys.readouterr().out
+    before, after = (int(v) for v in printed.split("vision ")[1].split(";")[0].split("->"))
+    assert after < before // 2  # most units of a flat picture equal their prediction
+    with Image.open(out) as png:
+        assert png.size[0] > 0
+    assert main(["show", str(tmp_path / "flat.png"), "--model", arch, "--policy", "pixelprune+random", "--keep", "4",
+                 "--out", str(out), "--max-new-tokens", "2"]) == 0
+    assert "->4" in capsys.readouterr().out

@@ -378,6 +378,16 @@ class AnyStagePolicy(LLMStagePolicy):
         where: str | None
 
     def __post_init__(self) -> None:
+        vit_layer = getattr(self, "vit_layer", None)
+        if vit_layer is not None:
+            from .vit_layer import check_vit_layer
+
+            check_vit_layer(self.name, vit_layer)
+            if self.at_layer is not None or self.where == "projector":
+                raise BadValue(
+                    f"{self.name}: vit_layer={vit_layer} selects inside the vision encoder; it cannot be combined "
+                    f"with {'at_layer' if self.at_layer is not None else 'where=' + repr(self.where)}"
+                )
         if self.at_layer is None:
             Policy.__post_init__(self)
             if self.where not in (None, "vision", "projector"):
@@ -395,7 +405,21 @@ class AnyStagePolicy(LLMStagePolicy):
 
     @property
     def stage(self) -> str:  # type: ignore[override]
+        if getattr(self, "vit_layer", None) is not None:
+            return "vision"
         return "llm" if self.at_layer is not None else (self.where or "projector")
+
+    def resolve(self, adapter) -> Policy:
+        from .vit_layer import resolve_vit_layer
+
+        resolve_vit_layer(self.name, adapter, getattr(self, "vit_layer", None))
+        return self
+
+    def signals(self) -> Signals:
+        vit_layer = getattr(self, "vit_layer", None)
+        if vit_layer is not None:
+            return Signals(encoder_prune=(vit_layer,))
+        return super().signals()
 
     @property
     def at(self) -> int | None:

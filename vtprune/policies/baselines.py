@@ -45,13 +45,17 @@ class Random(AnyStagePolicy):
     ``where="vision"`` selects at the same point as ``"projector"`` (after
     the projector, before the first decoder layer; the vision tower always
     sees every token): it only labels the stage in the report, so a Pipeline
-    can order it before projector-stage policies.
+    can order it before projector-stage policies. ``vit_layer=k`` selects
+    the same keep sets inside the vision encoder, after its k-th block: the
+    blocks after it, and the merger or projector, run on the kept tokens only
+    (`vtprune.policies.vit_layer`).
     """
 
     keep: int | float = 64
     seed: int = 0
     at_layer: int | None = None
     where: str | None = None
+    vit_layer: int | None = None
 
     name: ClassVar[str] = "random"
     paper: ClassVar[str] = "baseline (seeded uniform subset)"
@@ -68,6 +72,8 @@ class Random(AnyStagePolicy):
 
     def describe(self) -> str:
         where = f"llm@{self.at_layer}" if self.at_layer is not None else self.stage
+        if self.vit_layer is not None:
+            where = f"vit@{self.vit_layer}"
         return f"random(seed={self.seed}, {where})"
 
 
@@ -150,14 +156,16 @@ class Fixed(AnyStagePolicy):
     Useful to rerun a selection exactly, for instance to compare generation
     with and without the KV cache under the same keep sets when a policy
     depends on the prompt (recomputation sees the generated tokens too).
-    Acts at the projector stage, at ``where="vision"``, or before
-    ``at_layer``; ``keep`` is ignored (the lists are the budget).
+    Acts at the projector stage, at ``where="vision"``, before
+    ``at_layer``, or inside the vision encoder after its ``vit_layer``-th
+    block; ``keep`` is ignored (the lists are the budget).
     """
 
     kept: tuple = ()
     keep: int | float = 1
     at_layer: int | None = None
     where: str | None = None
+    vit_layer: int | None = None
 
     name: ClassVar[str] = "fixed"
     paper: ClassVar[str] = "baseline (given keep sets, e.g. a replayed report)"
@@ -191,7 +199,7 @@ class Fixed(AnyStagePolicy):
         return out
 
     def describe(self) -> str:
-        return "fixed"
+        return "fixed" if self.vit_layer is None else f"fixed(vit@{self.vit_layer})"
 
 
 def _kept_lists(kept: object) -> tuple:

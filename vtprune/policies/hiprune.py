@@ -11,6 +11,7 @@ from ..checks import check_bool, check_int, check_number
 from ..context import StageContext
 from ..ops.select import sanitize_scores, topk_indices
 from .base import Policy, Selection, Signals, probe_depth, register
+from .vit_layer import check_vit_layer, layer_at_most, resolve_vit_layer
 
 
 @register
@@ -55,6 +56,10 @@ class HiPrune(Policy):
             whose output is the model's visual feature (CLIP: second to last;
             Qwen: the last block).
         wrap_correct: drop +-1 neighbours that wrap to another row; default False.
+        vit_layer: select inside the vision encoder after its k-th block
+            (`vtprune.policies.vit_layer`): the registers' deep layer is k
+            (a given ``deep_layer`` must be <= k) and the anchors are read at
+            ``min(object_layer, k)``; None (default): after the encoder.
     """
 
     keep: int | float = 64
@@ -62,6 +67,7 @@ class HiPrune(Policy):
     object_layer: int | None = None
     deep_layer: int | None = None
     wrap_correct: bool = False
+    vit_layer: int | None = None
 
     name: ClassVar[str] = "hiprune"
     stage: ClassVar[str] = "vision"
@@ -75,11 +81,17 @@ class HiPrune(Policy):
         for name in ("object_layer", "deep_layer"):
             check_int(self.name, f"{name} (a 1-based layer number)", getattr(self, name), minimum=1, allow_none=True)
         check_bool(self.name, "wrap_correct", self.wrap_correct)
+        check_vit_layer(self.name, self.vit_layer)
 
     def resolve(self, adapter) -> Policy:
         depth = probe_depth(adapter, "hiprune")
         if self.object_layer is None:
             raise ValueError(f"hiprune: no object_layer default for {adapter.model_type!r}; give object_layer")
+        resolve_vit_layer(self.name, adapter, self.vit_layer)
+        if self.vit_layer is not None:
+            deep = layer_at_most(self.name, "deep_layer", self.deep_layer, self.vit_layer)
+            obj = min(self.object_layer, self.vit_layer)
+            return replace(self, object_layer=obj, deep_layer=deep)
         deep = self.deep_layer or adapter.feature_vision_layer
         for name, layer in (("object_layer", self.object_layer), ("deep_layer", deep)):
             if not 1 <= layer <= depth:
@@ -96,7 +108,8 @@ class HiPrune(Policy):
         return obj - 1, deep - 1
 
     def signals(self) -> Signals:
-        return Signals(vision_inputs=tuple(sorted(set(self.layers))))
+        prune = (self.vit_layer,) if self.vit_layer is not None else ()
+        return Signals(vision_inputs=tuple(sorted(set(self.layers))), encoder_prune=prune)
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         image = ctx.layouts[b].images[i]
@@ -133,4 +146,5 @@ class HiPrune(Policy):
         raise IndexError(f"token {index} is outside the image's grids")
 
     def describe(self) -> str:
-        return f"hiprune(alpha={self.alpha})"
+        at = "" if self.vit_layer is None else f", vit@{self.vit_layer}"
+        return f"hiprune(alpha={self.alpha}{at})"

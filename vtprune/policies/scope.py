@@ -15,6 +15,7 @@ from .vision_views import (
     resolve_saliency,
     select_per_view_by_saliency,
 )
+from .vit_layer import check_vit_layer, layer_at_most, resolve_vit_layer
 
 COMBINES = ("multi", "add")
 
@@ -69,6 +70,10 @@ class Scope(Policy):
             features stay the projector's input); None: the layer whose
             output is the visual feature (CLIP: second to last; Qwen: the
             last block).
+        vit_layer: select inside the vision encoder after its k-th block
+            (`vtprune.policies.vit_layer`): saliency and features are read at
+            layer ``layer`` (<= k; None: k), the features being the hidden
+            states leaving block k; None (default): after the encoder.
     """
 
     keep: int | float = 64
@@ -76,6 +81,7 @@ class Scope(Policy):
     combine: str = "multi"
     saliency: str | None = None
     layer: int | None = None
+    vit_layer: int | None = None
 
     name: ClassVar[str] = "scope"
     stage: ClassVar[str] = "vision"
@@ -90,9 +96,11 @@ class Scope(Policy):
             raise ValueError(f"scope: combine must be one of {COMBINES}; got {self.combine!r}")
         check_saliency(self.name, self.saliency)
         check_int(self.name, "layer (a 1-based layer number)", self.layer, minimum=1, allow_none=True)
+        check_vit_layer(self.name, self.vit_layer)
 
     def resolve(self, adapter) -> Policy:
-        layer = resolve_layer(self.name, adapter, self.layer)
+        resolve_vit_layer(self.name, adapter, self.vit_layer)
+        layer = resolve_layer(self.name, adapter, layer_at_most(self.name, "layer", self.layer, self.vit_layer))
         saliency = resolve_saliency(self.name, adapter, self.saliency)
         if self.combine == "add" and saliency != "cls":
             raise ValueError(
@@ -106,7 +114,8 @@ class Scope(Policy):
         return layer - 1, saliency
 
     def signals(self) -> Signals:
-        return Signals(vision_inputs=(self._resolved()[0],))
+        prune = (self.vit_layer,) if self.vit_layer is not None else ()
+        return Signals(vision_inputs=(self._resolved()[0],), encoder_prune=prune)
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         layer, saliency = self._resolved()
@@ -115,4 +124,5 @@ class Scope(Policy):
         ))
 
     def describe(self) -> str:
-        return f"scope(combine={self.combine})"
+        at = "" if self.vit_layer is None else f", vit@{self.vit_layer}"
+        return f"scope(combine={self.combine}{at})"

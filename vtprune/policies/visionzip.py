@@ -15,6 +15,7 @@ from ..ops.greedy import finite_fp32
 from ..ops.select import sanitize_scores, topk_indices
 from ..zoo import adapter_defaults
 from .base import Policy, Selection, Signals, probe_depth, register
+from .vit_layer import check_vit_layer, layer_at_most, resolve_vit_layer
 
 DOMINANT_SCORES = ("cls", "received")
 MERGES = ("reference", "mean")
@@ -142,6 +143,13 @@ class VisionZip(Policy):
         exact_keep: with ``contextual_fraction`` and a fractional ``keep``,
             keep ``round(keep * N)`` tokens instead of the reference's
             ``int((keep - f) N) + max(int(f N), 1)``; default False.
+        vit_layer: select inside the vision encoder after its k-th block
+            (`vtprune.policies.vit_layer`): scores and keys at ``layer``
+            (<= k; None: k); each contextual group's hidden states leaving
+            block k are merged (``merge``) into its target's rows, which the
+            remaining blocks encode like every kept token; the CLS token
+            stays the encoder's own (``cls_token`` is False). None (default):
+            after the encoder.
     """
 
     keep: int | float = 64
@@ -153,6 +161,7 @@ class VisionZip(Policy):
     merge_before_projector: bool | None = None
     cls_token: bool | None = None
     exact_keep: bool = False
+    vit_layer: int | None = None
 
     name: ClassVar[str] = "visionzip"
     stage: ClassVar[str] = "vision"
@@ -178,6 +187,7 @@ class VisionZip(Policy):
         check_bool(self.name, "merge_before_projector", self.merge_before_projector, allow_none=True)
         check_bool(self.name, "cls_token", self.cls_token, allow_none=True)
         check_bool(self.name, "exact_keep", self.exact_keep)
+        check_vit_layer(self.name, self.vit_layer)
 
     def bind(self, adapter) -> Policy:
         """The zoo's contextual split applies only when neither ``contextual`` nor ``contextual_fraction`` is given."""
@@ -192,7 +202,8 @@ class VisionZip(Policy):
 
     def resolve(self, adapter) -> Policy:
         depth = probe_depth(adapter, "visionzip")
-        layer = self.layer or adapter.feature_vision_layer
+        resolve_vit_layer(self.name, adapter, self.vit_layer)
+        layer = layer_at_most(self.name, "layer", self.layer, self.vit_layer) or adapter.feature_vision_layer
         if not 1 <= layer <= depth:
             origin = "" if self.layer else f" (the {adapter.model_type} feature layer)"
             raise ValueError(
@@ -205,7 +216,7 @@ class VisionZip(Policy):
                 "none (use 'received', the Qwen2.5-VL reference's score)"
             )
         before = bool(self.merge_before_projector)
-        cls_token = bool(self.cls_token)
+        cls_token = bool(self.cls_token) and self.vit_layer is None  # inside the encoder CLS stays CLS
         if cls_token and not (adapter.vision_cls and adapter.vision_cls_per_image):
             raise ValueError(
                 f"visionzip: cls_token=True keeps each image's CLS token; {adapter.model_type}'s vision encoder has "
@@ -233,7 +244,8 @@ class VisionZip(Policy):
     def signals(self) -> Signals:
         layer = self._settings()["layer"]
         # the CLS feature: the input of the next layer
-        return Signals(vision_inputs=(layer, layer + 1) if self.cls_token else (layer,))
+        prune = (self.vit_layer,) if self.vit_layer is not None else ()
+        return Signals(vision_inputs=(layer, layer + 1) if self.cls_token else (layer,), encoder_prune=prune)
 
     def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         """The reference's count with ``contextual_fraction`` and a fractional ``keep``; else the usual budget."""
@@ -303,7 +315,8 @@ class VisionZip(Policy):
         return Selection(torch.cat(kept), torch.cat(values))
 
     def describe(self) -> str:
-        return f"visionzip(merge={self.merge})"
+        at = "" if self.vit_layer is None else f", vit@{self.vit_layer}"
+        return f"visionzip(merge={self.merge}{at})"
 
 
 def _check_contextual(contextual: object, fraction: object) -> None:

@@ -15,6 +15,7 @@ from .vision_views import (
     resolve_saliency,
     select_per_view_by_saliency,
 )
+from .vit_layer import check_vit_layer, layer_at_most, resolve_vit_layer
 
 
 @register
@@ -63,12 +64,17 @@ class VisPruner(Policy):
             (0.5 default; the reference README uses 0.75 for MME at 64).
         saliency: ``"cls"`` or ``"received"``; None: the model's default.
         layer: 1-based ViT layer of the saliency; None: the feature layer.
+        vit_layer: select inside the vision encoder after its k-th block
+            (`vtprune.policies.vit_layer`): saliency and features are read at
+            layer ``layer`` (<= k; None: k), the features being the hidden
+            states leaving block k; None (default): after the encoder.
     """
 
     keep: int | float = 64
     important_ratio: float = 0.5
     saliency: str | None = None
     layer: int | None = None
+    vit_layer: int | None = None
 
     name: ClassVar[str] = "vispruner"
     stage: ClassVar[str] = "vision"
@@ -81,9 +87,11 @@ class VisPruner(Policy):
         check_number(self.name, "important_ratio", self.important_ratio, 0, 1)
         check_saliency(self.name, self.saliency)
         check_int(self.name, "layer (a 1-based layer number)", self.layer, minimum=1, allow_none=True)
+        check_vit_layer(self.name, self.vit_layer)
 
     def resolve(self, adapter) -> Policy:
-        layer = resolve_layer(self.name, adapter, self.layer)
+        resolve_vit_layer(self.name, adapter, self.vit_layer)
+        layer = resolve_layer(self.name, adapter, layer_at_most(self.name, "layer", self.layer, self.vit_layer))
         saliency = resolve_saliency(self.name, adapter, self.saliency)
         return replace(self, layer=layer, saliency=saliency)
 
@@ -92,7 +100,8 @@ class VisPruner(Policy):
         return layer - 1, saliency
 
     def signals(self) -> Signals:
-        return Signals(vision_inputs=(self._resolved()[0],))
+        prune = (self.vit_layer,) if self.vit_layer is not None else ()
+        return Signals(vision_inputs=(self._resolved()[0],), encoder_prune=prune)
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         layer, saliency = self._resolved()
@@ -101,4 +110,5 @@ class VisPruner(Policy):
         ))
 
     def describe(self) -> str:
-        return f"vispruner(important_ratio={self.important_ratio})"
+        at = "" if self.vit_layer is None else f", vit@{self.vit_layer}"
+        return f"vispruner(important_ratio={self.important_ratio}{at})"
