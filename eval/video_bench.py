@@ -37,7 +37,7 @@ def pan(frames: int = FRAMES, side: int = 448, shift: int = 4) -> list[np.ndarra
     image = photo()
     window = image.shape[0] - shift * (frames - 1)
     views = [image[:window, k * shift:k * shift + window] for k in range(frames)]
-    return [np.asarray(Image.fromarray(v).resize((side, side), Image.BICUBIC)) for v in views]
+    return [np.asarray(Image.fromarray(v).resize((side, side), Image.Resampling.BICUBIC)) for v in views]
 
 
 def qwen_video_inputs(model, frames: list[np.ndarray]) -> dict:

@@ -21,7 +21,7 @@ from transformers.masking_utils import (
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from ..sequence import SequenceTensor
-from .attention import attention_rows, layer_keys, split_queries
+from .attention import HFModule, attention_rows, layer_keys, split_queries
 from .family import FamilySpec
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
@@ -80,10 +80,11 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.base = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        base: HFModule = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        self.base = base
         if not hasattr(self.base, "language_model"):
             raise TypeError(f"{type(model).__name__} has no language_model; is it a vision-language model?")
-        self.config = self.base.config
+        self.config: HFModule = self.base.config
         self.check_config()
         eos = getattr(self.text_config, "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -104,11 +105,12 @@ class Adapter:
 
     # --- structure -----------------------------------------------------
     @property
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> HFModule:
         return self.base.language_model
 
     @property
-    def decoder_layers(self) -> nn.ModuleList:
+    def decoder_layers(self) -> HFModule:
+        """The language model's decoder layers (an ``nn.ModuleList``; each layer's parts are read by name)."""
         return self.language_model.layers
 
     @property

@@ -254,7 +254,7 @@ def render(scene: Scene, size: int = CANVAS) -> tuple[Image.Image, np.ndarray]:
     amp = scene.meta.get("texture_amp", TARGET.texture_amp)
     coarse = trng.normal(0.0, 1.0, (12, 12, 3)).astype(np.float32)
     coarse_img = Image.fromarray(((coarse.clip(-3, 3) + 3) * (255 / 6)).astype(np.uint8))
-    smooth = np.asarray(coarse_img.resize((size, size), Image.BICUBIC), dtype=np.float32) / (255 / 6) - 3
+    smooth = np.asarray(coarse_img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / (255 / 6) - 3
     fine = trng.normal(0.0, 1.0, (size, size, 3)).astype(np.float32)
     pixels = np.asarray(scene.bg_base, dtype=np.float32) + amp * smooth + 0.4 * amp * fine
     img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
