@@ -68,12 +68,15 @@ def onevision_video_inputs(model, frames: list[np.ndarray]) -> dict:
     from transformers import LlavaOnevisionImageProcessorPil
 
     from ..patches import adapter_for
+    from ..patches.llava_onevision import LlavaOnevisionAdapter
 
     side = model.config.vision_config.image_size
     proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
                                            image_grid_pinpoints=model.config.image_grid_pinpoints)
     views = torch.stack([proc(f, return_tensors="pt")["pixel_values"][0, 0] for f in frames])
-    n = adapter_for(model).video_token_count(len(frames))
+    adapter = adapter_for(model)
+    assert isinstance(adapter, LlavaOnevisionAdapter), type(adapter)
+    n = adapter.video_token_count(len(frames))
     ids = torch.tensor([[1, 5, 6] + [VIDEO_TOKEN] * n + list(range(20, 32))])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": views[None]}
 

@@ -200,6 +200,29 @@ class Adapter:
         """Position embeddings the decoder layers take, for the given position ids."""
         return self.language_model.rotary_emb(hidden, position_ids)
 
+    # --- pruning before the encoder (PixelPrune): families with ``pixel_prune`` implement these ----
+    def vision_tower(self) -> HFModule:
+        """The vision encoder whose forward the runtime replaces with `encode_kept`."""
+        raise NotImplementedError
+
+    def unit_keep(self, pixel_values: torch.Tensor, grid_thw: Any, tau: float) -> torch.Tensor:
+        """Which units (patches, or merge units) of one encoder call to keep, bool."""
+        raise NotImplementedError
+
+    def encode_kept(self, original: Any, pixel_values: torch.Tensor, grid_thw: Any, keep: torch.Tensor,
+                    kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
+        """Run the tower's forward ``original`` on the kept units; (its output at full length, the merger's input or None)."""
+        raise NotImplementedError
+
+    def full_vit_rows(self, values: torch.Tensor, grid_thw: Any, keep: torch.Tensor) -> torch.Tensor:
+        """Per-token values of a tower call on the kept units -> one per unit of the call, zero where dropped."""
+        raise NotImplementedError
+
+    def raster_unit_rows(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int,
+                         per_call: list[torch.Tensor]) -> torch.Tensor:
+        """Values per unit of every encoder call, in the processor's (raster) order -> image ``i`` of sample ``b``'s."""
+        raise NotImplementedError
+
     # --- layouts -------------------------------------------------------
     def layouts(self, captured: dict[str, Any], inputs_embeds: torch.Tensor) -> list[SampleLayout] | None:
         """Visual layout of every sample, or None when the batch holds no visual tokens."""
