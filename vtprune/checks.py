@@ -24,12 +24,11 @@ def check_int(who: str, name: str, value: object, minimum: int | None = None, al
     """`value` as an int if it is one (not a bool) and at least `minimum`, else a ValueError."""
     if value is None and allow_none:
         return None
-    ok = isinstance(value, Integral) and not isinstance(value, bool) and (minimum is None or value >= minimum)
-    if not ok:
-        bound = f" >= {minimum}" if minimum is not None else ""
-        none = " or None" if allow_none else ""
-        raise ValueError(f"{who}: {name} must be an int{bound}{none}; got {value!r}")
-    return int(value)
+    if isinstance(value, Integral) and not isinstance(value, bool) and (minimum is None or int(value) >= minimum):
+        return int(value)
+    bound = f" >= {minimum}" if minimum is not None else ""
+    none = " or None" if allow_none else ""
+    raise ValueError(f"{who}: {name} must be an int{bound}{none}; got {value!r}")
 
 
 def check_number(who: str, name: str, value: object, low: float, high: float, *, low_open: bool = False,
@@ -37,11 +36,9 @@ def check_number(who: str, name: str, value: object, low: float, high: float, *,
     """`value` as a float if it is a finite real (not a bool) inside the interval, else a ValueError."""
     if value is None and allow_none:
         return None
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok:
+    if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value)):
         v = float(value)
-        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{who}: {name} must be a number in {interval}; got {value!r}")
-    return float(value)
+        if (v > low if low_open else v >= low) and (v < high if high_open else v <= high):
+            return v
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{who}: {name} must be a number in {interval}; got {value!r}")

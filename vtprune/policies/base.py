@@ -109,6 +109,7 @@ One example per stage (see the modules for the full classes)::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -310,7 +311,9 @@ class LLMStagePolicy(Policy):
     the kept set.
     """
 
-    at_layer: int = 2
+    #: None only where a subclass resolves it later (`PerModelLayerPolicy`) or it picks another stage
+    #: (`AnyStagePolicy`); this class's check refuses None
+    at_layer: int | None = 2
     stage: ClassVar[str] = "llm"
 
     def __post_init__(self) -> None:
@@ -318,7 +321,7 @@ class LLMStagePolicy(Policy):
         check_int(self.name, "at_layer", self.at_layer, minimum=1)  # prune between layers at_layer-1 and at_layer
 
     @property
-    def at(self) -> int:
+    def at(self) -> int | None:
         return self.at_layer
 
 
@@ -368,7 +371,7 @@ class AnyStagePolicy(LLMStagePolicy):
     """
 
     if TYPE_CHECKING:  # pragma: no cover
-        where: str | None
+        where: str | None = None
 
     def __post_init__(self) -> None:
         if self.at_layer is None:
@@ -412,7 +415,7 @@ class Pipeline:
     increasing order); a later stage sees only the tokens earlier ones kept.
     """
 
-    policies: tuple[Policy, ...] = field(default_factory=tuple)
+    policies: Sequence[Policy] = field(default_factory=tuple)  # a tuple once made
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policies", tuple(self.policies))
