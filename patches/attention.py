@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..ops import probe
 from ..ops.probe import rotate_half

@@ -353,7 +353,7 @@ class Adapter:
         kind = "video" if key.startswith("video") else "image"
         return value[torch.as_tensor(source[kind], dtype=torch.long)]
 
-    def vision_layers(self) -> nn.ModuleList:
+    def vision_layers(self) -> HFModule:
         """The vision encoder's transformer layers."""
         raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
 
