@@ -34,7 +34,7 @@ class VisionCapture:
     pre_projector: list[torch.Tensor] = field(default_factory=list)
     layers: dict[int, list[LayerCall]] = field(default_factory=dict)
     #: per vision-tower call, (its grid, the merge units an encoder-side policy (PixelPrune) let the tower encode)
-    pixel_keep: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pixel_keep: list[tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
     #: (expand_size, input_ids) when generate() repeated each sample after encoding
     expand: tuple[int, torch.Tensor] | None = None
     used: bool = False

@@ -271,6 +271,10 @@ class Policy:
         """
         raise NotImplementedError(f"{type(self).__name__} observes sub-blocks but has no sub_block_statistic()")
 
+    def encoder_keep(self, adapter: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """Bool per unit of one vision-tower call: the units the tower encodes (policies with ``encoder_prune``)."""
+        raise NotImplementedError(f"{type(self).__name__} prunes inside the encoder but has no encoder_keep()")
+
     def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         n_alive = int(ctx.alive[b][i].numel())
         n_original = ctx.layouts[b].images[i].num_tokens
