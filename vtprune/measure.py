@@ -12,6 +12,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -130,7 +131,7 @@ def cache_bytes_by_kind(cache) -> dict[str, int]:
 
 
 @torch.no_grad()
-def time_prefill(model, batch: dict, repeats: int = 3, warmup: int = 1) -> tuple[float, object]:
+def time_prefill(model, batch: dict, repeats: int = 3, warmup: int = 1) -> tuple[float, Any]:
     """Median wall time (ms) of one prefill forward with a cache, and the last output."""
     out = None
     times = []
