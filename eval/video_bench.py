@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,8 @@ def bench_family(family: str, policies: list[str], budgets: list, repeats: int, 
         with torch.no_grad():
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    counts, selection = {}, {}
+    counts: dict[tuple[str, Any], tuple[int, int]] = {}
+    selection: dict[str, list[float]] = {}
 
     def wrapped(policy, keep):
         def run():
