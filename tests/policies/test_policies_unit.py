@@ -2,13 +2,14 @@
 
 import json
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import vtprune
-from vtprune.context import StageContext
+from vtprune.context import StageContext, token_rows
 from vtprune.layout import ImageLayout, SampleLayout, SubGrid
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import coverage_select, divprune_select, mmr_select
@@ -16,8 +17,10 @@ from vtprune.ops.select import topk_indices
 from vtprune.patches.attention import layer_queries
 from vtprune.patches.base import Adapter
 from vtprune.policies.base import make_policy
+from vtprune.policies.baselines import Random
 from vtprune.policies.divprune import DivPrune
 from vtprune.policies.entropyprune import EntropyPrune
+from vtprune.policies.hiprune import HiPrune
 from vtprune.policies.idpruner import IDPruner, split_pooled
 from vtprune.policies.mmtok import MMTok, coverage_matrix
 from vtprune.policies.selector import load_selector
@@ -93,7 +96,6 @@ def test_registered_by_name(name):
     [
         (lambda: IDPruner(lam=-0.1), r"lam must be a number in \[0, 1\]; got -0.1"),
         (lambda: IDPruner(lam=1.5), r"lam must be a number in \[0, 1\]; got 1.5"),
-        (lambda: IDPruner(lam=True), r"lam must be a number in \[0, 1\]; got True"),
         (lambda: IDPruner(importance="attention"), r"importance must be one of \('prompt', 'norm', 'received'\)"),
         (lambda: IDPruner(keep=9.0), r"keep as a fraction must be in \(0, 1\]; got 9.0"),
         (lambda: MMTok(alpha=-1), r"alpha must be a finite number >= 0; got -1"),
@@ -107,6 +109,23 @@ def test_registered_by_name(name):
 def test_bad_options_raise_with_value_and_range(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: IDPruner(lam=True), r"lam must be a number in \[0, 1\]; got True"),
+    (lambda: Random(seed="1"), "seed must be an int; got '1'"),
+    (lambda: EntropyPrune(at_layer=2.0), "at_layer must be an int >= 1; got 2.0"),
+    (lambda: HiPrune(wrap_correct="yes"), "wrap_correct must be True or False"),
+])
+def test_a_value_of_the_wrong_type_is_a_type_error_and_a_user_error(make, message):
+    from vtprune.checks import BadType, UserInputError
+
+    with pytest.raises(TypeError, match=message) as info:
+        make()
+    assert isinstance(info.value, BadType) and isinstance(info.value, UserInputError)
+    with pytest.raises(ValueError) as info:  # the right type, a value out of range
+        Random(seed=1, at_layer=0)
+    assert isinstance(info.value, UserInputError) and not isinstance(info.value, TypeError)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +155,27 @@ def test_idpruner_pools_images_of_a_sample():
     got = out[0][0].indices.tolist() + [30 + j for j in out[0][1].indices.tolist()]
     assert got == expected
     assert kept(out)[1] == [mmr_select(ctx.features(1, 0), ctx.features(1, 0).norm(dim=-1), 8).tolist()]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_idpruner_norm_importance_with_nonfinite_or_huge_features_selects_as_on_the_zeroed_features(bad):
+    # the norms are the finite check: a NaN/inf entry (or a finite one whose square overflows) is caught there
+    ctx = make_ctx([{"images": [40], "question": 3}])
+    rows = ctx.seq_positions[0][0]
+    ctx.hidden[0, rows[5], 2] = bad
+    ctx.hidden[0, rows[17], 0] = -bad
+    x = ctx.features(0, 0)
+    if bad == 3e38:  # finite: nothing to replace in the features; their inf norms are replaced as importance
+        with pytest.warns(RuntimeWarning, match="2 non-finite importance scores replaced"):
+            got = IDPruner(keep=9, importance="norm").select(ctx)[0][0].indices.tolist()
+        clean = x
+    else:
+        with pytest.warns(RuntimeWarning, match="2 non-finite features entries set to 0"):
+            got = IDPruner(keep=9, importance="norm").select(ctx)[0][0].indices.tolist()
+        clean = torch.where(torch.isfinite(x), x, torch.zeros(()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert got == mmr_select(clean, torch.linalg.vector_norm(clean, dim=-1), 9).tolist()
 
 
 def test_idpruner_fraction_budget_is_rounded_over_the_sample():
@@ -380,20 +420,33 @@ def test_readme_policy_table_is_the_registry():
 
     from vtprune.policies import policy_table
 
-    readme = Path(__file__).resolve().parent.parent / "README.md"
+    readme = Path(__file__).resolve().parents[2] / "README.md"
     table = policy_table()
     assert table in readme.read_text(), "README.md's policy table differs from policy_table(); paste its output"
     assert table.count("\n") == len(vtprune.available_policies()) + 1
 
 
 def test_every_registered_policy_runs_in_the_family_matrix():
-    """Each registered policy is in tests/test_policies_models.py's POLICIES (or is a baseline tested on its own)."""
-    from test_policies_models import POLICIES
-    from test_video_policies import POLICIES as VIDEO_POLICIES  # video policies: their own matrix, video families
+    """Each registered policy is in tests/families/test_policies_models.py's POLICIES (or is a baseline tested on its own)."""
+    from families.test_policies_models import POLICIES
+
+    from policies.test_video_policies import POLICIES as VIDEO_POLICIES  # video policies: their own matrix, video families
 
     in_matrix = {make(3).name for make in [*POLICIES.values(), *VIDEO_POLICIES.values()]}
     baselines = {"random", "pooling", "fixed"}  # test_runtime / test_policies_unit cover them on every family
     # pixelprune takes no budget (the matrix checks budgets) and runs on the families whose tower it can shorten:
-    # tests/test_pixelprune.py runs the same invariants (batch, cache, report) on each of them
+    # tests/policies/test_pixelprune.py runs the same invariants (batch, cache, report) on each of them
     budget_free = {"pixelprune"}
     assert set(vtprune.available_policies()) - baselines - budget_free <= in_matrix
+
+
+@pytest.mark.parametrize(
+    "positions,view",
+    [([3, 4, 5, 6], True), ([3, 4, 6, 7], False), ([5, 4, 3, 2], False), ([3, 5, 4, 6], False), ([7], False)],
+)
+def test_rows_of_is_index_select_and_a_view_only_for_consecutive_positions(positions, view):
+    x = torch.randn(10, 6)
+    index = torch.tensor(positions)
+    got = token_rows(x, index)
+    assert torch.equal(got, x.index_select(0, index))
+    assert (got.data_ptr() == x[positions[0]].data_ptr()) == view
