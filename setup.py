@@ -68,7 +68,7 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-image", "matplotlib"],
-        "test": ["pytest", "scikit-image", "matplotlib", "ruff", "ray"],  # ray: the sweep's --backend ray test
+        "test": ["pytest", "scikit-image", "matplotlib", "ruff", "mypy", "ray"],  # ray: the sweep's --backend ray test
         # lmms-eval itself is installed separately with --no-deps (README): its own
         # requirements would replace the installed torch. These are what its evaluator,
         # its HF model wrappers and its common tasks import (decord: wheels for x86-64

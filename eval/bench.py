@@ -45,11 +45,14 @@ written without it). The compaction op is also timed at
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -59,7 +62,7 @@ from ..compaction import gather_seq, keep_index
 from ..demo import DEMO_GEOMETRY, QWEN_PIXELS, demo_inputs, photo
 from ..measure import cache_bytes_by_kind, interleaved, median, synchronize, timed
 from ..patches import adapter_for
-from ..policies.base import Pipeline, make_policy
+from ..policies.base import Pipeline, Policy, make_policy
 from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
 from .outputs import file_problem, make_parent
 
@@ -126,7 +129,7 @@ def bench_policy(policy: str, keep, vit_layer: int | None = None):
         extra = {"vit_layer": vit_layer} if vit_layer is not None and not placed else {}
         placed = placed or bool(extra)
         made.append(make_policy(n, keep=keep, **extra))
-    return made[0] if len(made) == 1 else Pipeline(made)
+    return made[0] if len(made) == 1 else Pipeline(cast("list[Policy]", made))  # each name is one policy
 
 
 class _TowerClock:
@@ -240,7 +243,9 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
         one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
     inputs = batched(one, batch_size, device)
     # patch tokens of the image, as the demo and the report count them (LLaVA-NeXT / OneVision newlines excluded)
-    n_visual = adapter_for(model).layouts(one, one["input_ids"])[0].images[0].num_tokens
+    layouts = adapter_for(model).layouts(one, one["input_ids"])
+    assert layouts is not None  # the bench image is in the inputs
+    n_visual = layouts[0].images[0].num_tokens
     seq = inputs["input_ids"].shape[1]
     is_llava = adapter_for(model).spec.bench_bare  # `_Bare` writes out LLaVA-1.5's pipeline
 
@@ -265,7 +270,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             return ms, out, sum(s["ms"] for s in stages.values())
         return run
 
-    fns = {"unpruned": prefill}
+    fns: dict[str, Callable[[], Any]] = {"unpruned": prefill}
     bare = None
     if is_llava:
         bare = _Bare(model, inputs, n_visual)
@@ -282,12 +287,12 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
         wrapped_fns[label(keep)] = wrapped(keep)
         for vit in vit_layers:
             wrapped_fns[label(keep, vit)] = wrapped(keep, vit)
-        entry = {"kept": kept}
+        entry: dict[str, Any] = {"kept": kept}
         if is_llava:
             b = _Bare(model, inputs, kept)
             pruned_embeds = full_embeds[:, b.keep]
             fns[f"bare pruned {keep}"] = b.pruned_prefill
-            fns[f"llm prefill {keep}"] = (lambda b=b, e=pruned_embeds: b.llm(e, b.positions))
+            fns[f"llm prefill {keep}"] = functools.partial(b.llm, pruned_embeds, b.positions)
             entry["bare"] = b
         per_budget[str(keep)] = entry  # by text: the int 1 (one token) and 1.0 (full budget) differ
 

@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,14 +81,14 @@ def _compaction(dtype: torch.dtype) -> dict:
         fns["cuda kernel (rows)"] = lambda: comp.gather_seq(x, index)
         fns["cuda kernel (batch, one launch)"] = lambda: comp.compact_batch(x, index, positions)
     t = interleaved(fns, 50, 5)
-    row = {"dtype": str(dtype), "rows_out": index.numel(), **{f"{k} ms": median(v) for k, v in t.items()}}
+    row: dict[str, Any] = {"dtype": str(dtype), "rows_out": index.numel(), **{f"{k} ms": median(v) for k, v in t.items()}}
     copy = row["plain copy ms"]
     row["torch path / copy"] = row["torch path (rows) ms"] / copy
     if kernel is not None:
         row["kernel / copy"] = row["cuda kernel (rows) ms"] / copy
         want = torch_batch()
         got = comp.compact_batch(x, index, positions)
-        row["kernel equal to torch path"] = all(bool(torch.equal(a, b)) for a, b in zip(got, want))
+        row["kernel equal to torch path"] = all(a is not None and bool(torch.equal(a, b)) for a, b in zip(got, want))
     return row
 
 

@@ -63,6 +63,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,7 +114,7 @@ def _wrapper_class(model_type: str, force_simple: bool, require_imports: bool = 
     packages it needs to run (not to import: lmms-eval imports them optionally) are missing."""
     if model_type not in FAMILIES:
         raise BadValue(f"model_type {model_type!r} has no lmms-eval runner here; supported: {', '.join(FAMILIES)}")
-    needs = WRAPPER_NEEDS.get(FAMILIES.get(model_type), ()) if require_imports else ()
+    needs = WRAPPER_NEEDS.get(FAMILIES[model_type], ()) if require_imports else ()
     missing = [name for name in needs if not _importable(name)]
     if missing:
         from vtprune.doctor import torchvision_advice, torchvision_problem
@@ -218,6 +219,7 @@ def pruned(lm, prune: dict) -> Iterator[PrefillLog]:
     """``lm``'s HF model pruned as ``prune`` says (unpruned for ``policy=none``), with a :class:`PrefillLog` attached."""
     policy, keep, options = split_policy(prune)
     model = lm.model
+    scope: contextlib.AbstractContextManager[Any]
     if policy == "none":
         scope = contextlib.nullcontext(model)
     else:
@@ -264,7 +266,7 @@ class PrefillLog:
         if self._start is None:
             return
         synchronize()
-        record = {"ms": round((time.perf_counter() - self._start) * 1000.0, 3), "batch": self._batch}
+        record: dict[str, Any] = {"ms": round((time.perf_counter() - self._start) * 1000.0, 3), "batch": self._batch}
         self._start = None
         if api.is_wrapped(self.model):
             samples = api.report(self.model).to_dict()["samples"]
@@ -400,7 +402,7 @@ def _toyvqa_image_size(config) -> int:
     """The toyvqa image size for a checkpoint of ``config``'s family (the LLaVA toy model's without one)."""
     from vtprune.toyvqa.models import IMAGE_SIZE
 
-    return IMAGE_SIZE.get(getattr(config, "model_type", None), IMAGE_SIZE["llava"])
+    return IMAGE_SIZE.get(getattr(config, "model_type", None) or "", IMAGE_SIZE["llava"])
 
 
 def write(out: Path, results: dict, samples: dict, records: list[dict], summary: dict) -> None:

@@ -62,6 +62,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -78,7 +79,18 @@ from vtprune.patches.attention import layer_queries, vit_attention_received
 from vtprune.policies.mmtok import coverage_matrix
 from vtprune.policies.selector import VisionSelector
 
-SHAPES = {
+
+class Shape(TypedDict):
+    """One model's geometry: LLM width, ViT width, attention heads and head width, MMTok's text temperature."""
+
+    dim: int
+    pre_dim: int
+    heads: int
+    head_dim: int
+    tau_t: float
+
+
+SHAPES: dict[str, Shape] = {
     "llava": {"dim": 4096, "pre_dim": 1024, "heads": 32, "head_dim": 128, "tau_t": 0.02},
     "qwen": {"dim": 3584, "pre_dim": 1280, "heads": 28, "head_dim": 128, "tau_t": 0.01},
 }
@@ -86,7 +98,7 @@ DEFAULT_CASES = [("llava", 576, 64), ("llava", 2880, 320), ("qwen", 8192, 819)]
 QUESTION_TOKENS = 32
 SELECTOR_HIDDEN = 1792
 LAM, ALPHA, TAU_V = 0.5, 0.5, 0.2
-CLIP_L = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096}
+CLIP_L: dict[str, Any] = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096}
 CLIP_TOKENS = 577  # 336 px / 14, plus CLS
 #: the reference loops allocate the same temporaries at every step, so at N >= this their memory run
 #: stops after `MEMORY_STEPS` picks (the peak is reached at the first step); vtprune's runs are complete
@@ -210,8 +222,8 @@ def reference_holov(features: torch.Tensor, attention: torch.Tensor, k: int) -> 
         var = ((s - mean[:, None]) ** 2).sum(1) / (m - 1)
         a = a * 1e3
         scores.append((a + 0.09 * var * (a.abs().mean() / (var.abs().mean() + 1e-6))).mean())
-    scores = torch.stack(scores)
-    weights = scores / (scores.sum() + 1e-6)
+    stacked = torch.stack(scores)
+    weights = stacked / (stacked.sum() + 1e-6)
     alloc = (weights * k).floor().long()
     left = int(k - alloc.sum())
     if left > 0:
@@ -252,9 +264,10 @@ class _ProbeLayer(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.input_layernorm = nn.RMSNorm(dim)
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = nn.Linear(dim, heads * head_dim)
-        self.self_attn.head_dim = head_dim
+        attn: Any = nn.Module()
+        attn.q_proj = nn.Linear(dim, heads * head_dim)
+        attn.head_dim = head_dim
+        self.self_attn = attn
 
 
 def _clip_layer(device: torch.device) -> nn.Module:
@@ -413,6 +426,7 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
                 "ours_peak_mb": peak_bytes(ours, device) / 2**20,
             }
             if ref is not None:
+                assert ref_mem is not None  # a reference has its memory run
                 theirs = ref()
                 same = torch.equal(mine.cpu(), theirs.cpu())
                 if compared == "pick order" and not same:
@@ -519,7 +533,7 @@ def time_whole(n_images: int, repeats: int, warmup: int) -> list[dict]:
     }
     rows = []
     saved = vtprune.stages.time
-    vtprune.stages.time = _ReportClock  # the report's ms, in thread CPU time
+    vtprune.stages.time = _ReportClock  # type: ignore[assignment]  # the report's ms, in thread CPU time
     try:
         for name, (policy, alone, reference) in cases.items():
             vtprune.wrap(model, policy)

@@ -116,7 +116,7 @@ def _key(row: dict) -> tuple:
 
 def _grid(cfg: SweepConfig) -> list[tuple[str, str, str, object]]:
     policies = list(dict.fromkeys([*BASELINES, *cfg.policies]))  # a listed baseline runs once
-    runs = []
+    runs: list[tuple[str, str, str, object]] = []
     for model in cfg.models:
         for task in cfg.tasks:
             runs.append((model, task, "none", "all"))
@@ -560,9 +560,9 @@ def _plots(rows: list[dict], out: Path) -> None:
                 if x_name == "tokens":  # the papers' points for this checkpoint
                     paper = [(r.get("kept_tokens"), paper_point(r.get("checkpoint"), policy, r["keep"]))
                              for r in mine if r["policy"] == policy]
-                    paper = sorted((x, p[0]) for x, p in paper if p and x is not None)
-                    if paper:
-                        ax.plot([p[0] for p in paper], [p[1] for p in paper], linestyle="none", markersize=13,
+                    paper_xy = sorted((x, p[0]) for x, p in paper if p and x is not None)
+                    if paper_xy:
+                        ax.plot([p[0] for p in paper_xy], [p[1] for p in paper_xy], linestyle="none", markersize=13,
                                 marker=style[policy]["marker"], color=style[policy]["color"], markerfacecolor="none",
                                 markeredgewidth=2, label=f"{policy}, paper")
             if base is not None and x_of(base) is not None:

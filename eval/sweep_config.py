@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -120,7 +121,8 @@ def check_config(cfg, source: str = "", backend: str = "local") -> SweepConfig:
     given = {k: v for k, v in cfg.items() if v is not None or k == "n"}  # null is the default (n: null is every item)
     if given.get("stability") is False:
         given["stability"] = 0
-    return SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}  # checked above
+    return SweepConfig(**fields)
 
 
 def _known_settings(cfg: dict, problems: list[str]) -> dict:

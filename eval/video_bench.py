@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ def pan(frames: int = FRAMES, side: int = 448, shift: int = 4, image: np.ndarray
                          f"{shift * (frames - 1)} px; got {image.shape[1]} x {image.shape[0]}")
     window = min(image.shape[:2]) - shift * (frames - 1)
     views = [image[:window, k * shift:k * shift + window] for k in range(frames)]
-    return [np.asarray(Image.fromarray(v).resize((side, side), Image.BICUBIC)) for v in views]
+    return [np.asarray(Image.fromarray(v).resize((side, side), Image.Resampling.BICUBIC)) for v in views]
 
 
 def qwen_video_inputs(model, frames: list[np.ndarray]) -> dict:
@@ -73,12 +74,15 @@ def onevision_video_inputs(model, frames: list[np.ndarray]) -> dict:
     from transformers import LlavaOnevisionImageProcessorPil
 
     from ..patches import adapter_for
+    from ..patches.llava_onevision import LlavaOnevisionAdapter
 
     side = model.config.vision_config.image_size
     proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
                                            image_grid_pinpoints=model.config.image_grid_pinpoints)
     views = torch.stack([proc(f, return_tensors="pt")["pixel_values"][0, 0] for f in frames])
-    n = adapter_for(model).video_token_count(len(frames))
+    adapter = adapter_for(model)
+    assert isinstance(adapter, LlavaOnevisionAdapter), type(adapter)
+    n = adapter.video_token_count(len(frames))
     ids = torch.tensor([[1, 5, 6] + [VIDEO_TOKEN] * n + list(range(20, 32))])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": views[None]}
 
@@ -93,7 +97,8 @@ def bench_family(family: str, policies: list[str], budgets: list, repeats: int, 
         with torch.no_grad():
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    counts, selection = {}, {}
+    counts: dict[tuple[str, Any], tuple[int, int]] = {}
+    selection: dict[str, list[float]] = {}
 
     def wrapped(policy, keep):
         def run():

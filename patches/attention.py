@@ -13,14 +13,20 @@ read a layer's modules for it, one set per kind of attention:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 from ..ops import probe
 from ..ops.probe import rotate_half
 
+#: A transformers module or config read by attribute name (``attn.q_proj``, ``config.head_dim``): each family names
+#: its parts differently and transformers types none of them (torch types every ``Module`` attribute as
+#: ``Tensor | Module``), so these reads are duck-typed; the alias marks where.
+HFModule = Any
 
-def _head_dim(attn: nn.Module, width: int) -> int:
+
+def _head_dim(attn: HFModule, width: int) -> int:
     head_dim = getattr(attn, "head_dim", None)
     if head_dim is None:
         config = attn.config
@@ -34,7 +40,7 @@ def _head_dim(attn: nn.Module, width: int) -> int:
 
 
 @torch.no_grad()
-def layer_queries(decoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def layer_queries(decoder_layer: HFModule, hidden: torch.Tensor) -> torch.Tensor:
     """Pre-RoPE query vectors ``(..., heads, head_dim)`` of `decoder_layer` for `hidden` ``(..., D)``.
 
     Runs the layer's ``input_layernorm`` and ``self_attn.q_proj`` (and the
@@ -48,7 +54,7 @@ def layer_queries(decoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tenso
     return split_queries(attn, attn.q_proj(decoder_layer.input_layernorm(hidden)))
 
 
-def split_queries(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
+def split_queries(attn: HFModule, q: torch.Tensor) -> torch.Tensor:
     """``q_proj`` output ``(..., heads * head_dim)`` -> pre-RoPE queries ``(..., heads, head_dim)`` (q_norm applied).
 
     Gated attention (Qwen3.5's full-attention layers: ``q_proj`` gives
@@ -62,7 +68,7 @@ def split_queries(attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
     return _split_heads(attn, q, getattr(attn, "q_norm", None))
 
 
-def _split_heads(attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+def _split_heads(attn: HFModule, x: torch.Tensor, norm: HFModule | None) -> torch.Tensor:
     """Projection output -> ``(..., heads, head_dim)``, with the attention's q/k norm where it has one.
 
     The norm runs per head when its weight has ``head_dim`` entries (Qwen3),
@@ -73,12 +79,12 @@ def _split_heads(attn: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> to
     if norm is not None and not per_head:
         x = norm(x)
     x = x.view(*x.shape[:-1], x.shape[-1] // head_dim, head_dim)
-    return norm(x) if per_head else x
+    return norm(x) if per_head and norm is not None else x
 
 
 @torch.no_grad()
 def attention_rows(
-    decoder_layer: nn.Module,
+    decoder_layer: HFModule,
     hidden: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     query_index: torch.Tensor,
@@ -106,7 +112,7 @@ def attention_rows(
 
 @torch.no_grad()
 def layer_keys(
-    decoder_layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    decoder_layer: HFModule, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """Post-RoPE keys ``(L, kv_heads, head_dim)`` in fp32 of `decoder_layer` for one sample's `hidden` ``(L, D)``.
 
@@ -125,7 +131,7 @@ def layer_keys(
 # --- CLIP ViT layers ----------------------------------------------------------------------------------
 
 
-def _clip_qk(encoder_layer: nn.Module, hidden: torch.Tensor, query: slice | None = None):
+def _clip_qk(encoder_layer: HFModule, hidden: torch.Tensor, query: slice | None = None):
     attn = encoder_layer.self_attn
     x = encoder_layer.layer_norm1(hidden)
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -136,7 +142,7 @@ def _clip_qk(encoder_layer: nn.Module, hidden: torch.Tensor, query: slice | None
 
 
 @torch.no_grad()
-def vit_attention_received(encoder_layer: nn.Module, hidden: torch.Tensor, chunk: int = 256,
+def vit_attention_received(encoder_layer: HFModule, hidden: torch.Tensor, chunk: int = 256,
                            valid: torch.Tensor | None = None) -> torch.Tensor:
     """Attention each token of a CLIP-style ViT layer receives, summed over queries, mean over heads.
 
@@ -152,7 +158,7 @@ def vit_attention_received(encoder_layer: nn.Module, hidden: torch.Tensor, chunk
 
 
 @torch.no_grad()
-def vit_attention_from(encoder_layer: nn.Module, hidden: torch.Tensor, query: int = 0,
+def vit_attention_from(encoder_layer: HFModule, hidden: torch.Tensor, query: int = 0,
                        valid: torch.Tensor | None = None) -> torch.Tensor:
     """Attention one query token of a CLIP-style ViT layer pays every token, summed over heads, ``(n_images, T)`` fp32.
 
@@ -165,7 +171,7 @@ def vit_attention_from(encoder_layer: nn.Module, hidden: torch.Tensor, query: in
 
 
 @torch.no_grad()
-def vit_keys(encoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def vit_keys(encoder_layer: HFModule, hidden: torch.Tensor) -> torch.Tensor:
     """Keys of a CLIP-style ViT layer (``k_proj`` of its ``layer_norm1``), mean over heads, ``(n_images, T, head_dim)`` fp32."""
     attn = encoder_layer.self_attn
     k = attn.k_proj(encoder_layer.layer_norm1(hidden)).float()
@@ -175,7 +181,7 @@ def vit_keys(encoder_layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 # --- packed Qwen ViT blocks -------------------------------------------------------------------------
 
 
-def _packed_qk(block: nn.Module, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_qk(block: HFModule, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated queries and keys ``(L, heads, head_dim)`` of a packed ViT block, in the model's dtype.
 
     As the block does: ``norm1``, the fused ``attn.qkv`` projection, then the
@@ -194,7 +200,7 @@ def _packed_qk(block: nn.Module, hidden: torch.Tensor, position_embeddings) -> t
 
 @torch.no_grad()
 def packed_vit_attention_received(
-    block: nn.Module,
+    block: HFModule,
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -218,7 +224,7 @@ def packed_vit_attention_received(
 
 @torch.no_grad()
 def packed_vit_keys(
-    block: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    block: HFModule, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """Rotated keys of a packed ViT block (as the block computes them), mean over heads, ``(L, head_dim)`` fp32."""
     _, k = _packed_qk(block, hidden, position_embeddings)
@@ -227,7 +233,7 @@ def packed_vit_keys(
 
 @torch.no_grad()
 def packed_vit_frame_query_attention(
-    block: nn.Module,
+    block: HFModule,
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],

@@ -21,7 +21,7 @@ from transformers.masking_utils import (
 from ..context import LayerCall
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from ..sequence import SequenceTensor
-from .attention import attention_rows, layer_keys, split_queries
+from .attention import HFModule, attention_rows, layer_keys, split_queries
 from .family import FamilySpec
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
@@ -82,10 +82,11 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.base = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        base: HFModule = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        self.base = base
         if not hasattr(self.base, "language_model"):
             raise TypeError(f"{type(model).__name__} has no language_model; is it a vision-language model?")
-        self.config = self.base.config
+        self.config: HFModule = self.base.config
         self.check_config()
         eos = getattr(self.text_config, "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -106,11 +107,12 @@ class Adapter:
 
     # --- structure -----------------------------------------------------
     @property
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> HFModule:
         return self.base.language_model
 
     @property
-    def decoder_layers(self) -> nn.ModuleList:
+    def decoder_layers(self) -> HFModule:
+        """The language model's decoder layers (an ``nn.ModuleList``; each layer's parts are read by name)."""
         return self.language_model.layers
 
     @property
@@ -199,6 +201,29 @@ class Adapter:
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         """Position embeddings the decoder layers take, for the given position ids."""
         return self.language_model.rotary_emb(hidden, position_ids)
+
+    # --- pruning before the encoder (PixelPrune): families with ``pixel_prune`` implement these ----
+    def vision_tower(self) -> HFModule:
+        """The vision encoder whose forward the runtime replaces with `encode_kept`."""
+        raise NotImplementedError
+
+    def unit_keep(self, pixel_values: torch.Tensor, grid_thw: Any, tau: float) -> torch.Tensor:
+        """Which units (patches, or merge units) of one encoder call to keep, bool."""
+        raise NotImplementedError
+
+    def encode_kept(self, original: Any, pixel_values: torch.Tensor, grid_thw: Any, keep: torch.Tensor,
+                    kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
+        """Run the tower's forward ``original`` on the kept units; (its output at full length, the merger's input or None)."""
+        raise NotImplementedError
+
+    def full_vit_rows(self, values: torch.Tensor, grid_thw: Any, keep: torch.Tensor) -> torch.Tensor:
+        """Per-token values of a tower call on the kept units -> one per unit of the call, zero where dropped."""
+        raise NotImplementedError
+
+    def raster_unit_rows(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int,
+                         per_call: list[torch.Tensor]) -> torch.Tensor:
+        """Values per unit of every encoder call, in the processor's (raster) order -> image ``i`` of sample ``b``'s."""
+        raise NotImplementedError
 
     # --- layouts -------------------------------------------------------
     def layouts(self, captured: dict[str, Any], inputs_embeds: torch.Tensor) -> list[SampleLayout] | None:
@@ -330,7 +355,7 @@ class Adapter:
         kind = "video" if key.startswith("video") else "image"
         return value[torch.as_tensor(source[kind], dtype=torch.long)]
 
-    def vision_layers(self) -> nn.ModuleList:
+    def vision_layers(self) -> HFModule:
         """The vision encoder's transformer layers."""
         raise NotImplementedError(f"{self.model_type}: the vision-layer probe is not available for this family yet")
 

@@ -17,9 +17,12 @@ classes are looked up when a tiny model is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
 
 VOCAB = 128
 IMAGE_TOKEN = 100
@@ -148,7 +151,7 @@ class FamilySpec:
         """The config of a tiny random-weight model of this family with geometry `g`."""
         raise NotImplementedError
 
-    def model_class(self) -> type:
+    def model_class(self) -> type[PreTrainedModel]:
         import transformers
 
         return getattr(transformers, self.hf_class)

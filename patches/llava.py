@@ -85,7 +85,7 @@ class LlavaSpec(FamilySpec):
 class LlavaAdapter(Adapter):
     model_type = "llava"
     lmms_model = "llava_hf"
-    grid_keys = ("image_sizes",)
+    grid_keys: ClassVar[tuple[str, ...]] = ("image_sizes",)
     vision_cls = True
     vision_cls_per_image = True
     template_markers = ("ASSISTANT:",)

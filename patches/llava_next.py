@@ -89,7 +89,8 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = captured.get("image_sizes")
         positions = torch.nonzero(self.visual_token_mask(ids)).flatten()
         side = self.grid_side
-        images, cursor = [], 0
+        images: list[ImageLayout] = []
+        cursor = 0
         while cursor < positions.numel():
             if sizes is None or counter["image"] >= len(sizes):
                 raise ValueError("llava_next: the prompt holds more image placeholders than `image_sizes` describes")

@@ -168,7 +168,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         Read from the model's own `pack_image_features` applied to a marker
         tensor (1 at the newlines), so the layout is the model's by construction.
         """
-        key = tuple(int(x) for x in image_size)
+        key = (int(image_size[0]), int(image_size[1]))
         if key not in self._view_shapes:
             base = self.grid_side**2
             marker = torch.zeros(self.num_crops(key), base, 1)
@@ -204,7 +204,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def find_images(self, captured: dict[str, Any], ids: torch.Tensor, counter: dict[str, int]) -> list[ImageLayout]:
         visual = torch.nonzero(self.visual_token_mask(ids)).flatten()
-        images, cursor = [], 0
+        images: list[ImageLayout] = []
+        cursor = 0
         while cursor < visual.numel():
             kind = "video" if int(ids[visual[cursor]]) == self.config.video_token_id else "image"
             need = self._video_need(captured, counter) if kind == "video" else self._image_need(captured, counter)

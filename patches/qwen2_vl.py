@@ -151,7 +151,7 @@ class Qwen2VLSpec(FamilySpec):
         _, h, w = (int(v) for v in inputs["image_grid_thw"][0])
         patch = model.config.vision_config.patch_size
         merge = model.config.vision_config.spatial_merge_size
-        view = np.asarray(image.convert("RGB").resize((w * patch, h * patch), Image.BICUBIC))
+        view = np.asarray(image.convert("RGB").resize((w * patch, h * patch), Image.Resampling.BICUBIC))
         return view, (h // merge, w // merge)
 
 
@@ -198,7 +198,7 @@ class Qwen2VLAdapter(Adapter):
         return (ids == self.config.vision_start_token_id) | (ids == self.config.vision_end_token_id)
 
     def find_images(self, captured: dict[str, Any], ids: torch.Tensor, counter: dict[str, int]) -> list[ImageLayout]:
-        images = []
+        images: list[ImageLayout] = []
         visual = torch.nonzero(self.visual_token_mask(ids)).flatten()
         cursor = 0
         while cursor < visual.numel():

@@ -71,6 +71,7 @@ def _deepcopy_wrapped(model: nn.Module, memo: dict) -> nn.Module:
     after it, and the copy is wrapped with the same configuration.
     """
     runtime = _detach(model)
+    assert runtime is not None  # called on wrapped models only
     try:
         clone = copy.deepcopy(model, memo)
     finally:

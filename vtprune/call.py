@@ -34,7 +34,7 @@ class VisionCapture:
     pre_projector: list[torch.Tensor] = field(default_factory=list)
     layers: dict[int, list[LayerCall]] = field(default_factory=dict)
     #: per vision-tower call, (its grid, the merge units an encoder-side policy (PixelPrune) let the tower encode)
-    pixel_keep: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pixel_keep: list[tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
     #: the first ViT layer that ran on the kept units only (0: PixelPrune's, before the encoder; k: ``vit_layer=k``)
     keep_layer: int = 0
     #: (expand_size, input_ids) when generate() repeated each sample after encoding

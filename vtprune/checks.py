@@ -51,11 +51,11 @@ def check_int(who: str, name: str, value: object, minimum: int | None = None, al
     if value is None and allow_none:
         return None
     is_int = isinstance(value, Integral) and not isinstance(value, bool)
-    if not is_int or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        none = " or None" if allow_none else ""
-        raise (BadValue if is_int else BadType)(f"{who}: {name} must be an int{bound}{none}; got {value!r}")
-    return int(value)
+    if isinstance(value, Integral) and is_int and (minimum is None or int(value) >= minimum):
+        return int(value)
+    bound = f" >= {minimum}" if minimum is not None else ""
+    none = " or None" if allow_none else ""
+    raise (BadValue if is_int else BadType)(f"{who}: {name} must be an int{bound}{none}; got {value!r}")
 
 
 def check_number(who: str, name: str, value: object, low: float, high: float, *, low_open: bool = False,
@@ -64,11 +64,9 @@ def check_number(who: str, name: str, value: object, low: float, high: float, *,
     if value is None and allow_none:
         return None
     is_real = isinstance(value, Real) and not isinstance(value, bool)
-    ok = is_real and math.isfinite(float(value))
-    if ok:
+    if isinstance(value, Real) and is_real and math.isfinite(float(value)):
         v = float(value)
-        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise (BadValue if is_real else BadType)(f"{who}: {name} must be a number in {interval}; got {value!r}")
-    return float(value)
+        if (v > low if low_open else v >= low) and (v < high if high_open else v <= high):
+            return v
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise (BadValue if is_real else BadType)(f"{who}: {name} must be a number in {interval}; got {value!r}")

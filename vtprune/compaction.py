@@ -114,7 +114,7 @@ def compact_batch(
         if kernel is not None and fits:
             with torch.cuda.device(embeds.device):
                 out, mask, pos = kernel.compact_batch(embeds, index.to(embeds.device), rows, _stream(embeds))
-            return out, mask, None if pos is None else pos.view(*positions.shape[:-1], index.shape[1])
+            return out, mask, None if pos is None or positions is None else pos.view(*positions.shape[:-1], index.shape[1])
     mask = (index >= 0).long()
     pos = None if positions is None else gather_seq(positions, index, dim=-1)
     return gather_seq(embeds, index), mask, pos

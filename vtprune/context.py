@@ -16,7 +16,7 @@ from .layout import SampleLayout
 from .ops.probe import shift_rotary
 
 if TYPE_CHECKING:  # pragma: no cover
-    from patches.base import Adapter
+    from .patches.base import Adapter
 
 
 class NotCaptured(LookupError):

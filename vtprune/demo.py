@@ -79,7 +79,9 @@ def run_family(family: str, policy: str, budgets: list, new_tokens: int, repeats
         base_gen = model.generate(**batch, **gen_kw)[0, -new_tokens:].tolist()
     from .patches import adapter_for
 
-    n_visual = adapter_for(model).layouts(batch, batch["input_ids"])[0].images[0].num_tokens  # newlines excluded
+    layouts = adapter_for(model).layouts(batch, batch["input_ids"])
+    assert layouts is not None  # the demo inputs hold an image
+    n_visual = layouts[0].images[0].num_tokens  # newlines excluded
     rows.append(dict(family=family, policy="none", keep="all", before=n_visual, after=n_visual, prefill_ms=base_ms,
                      speedup=1.0, kv_mb=base_kv / 2**20, generated=base_gen, agree=1.0))
     for keep in budgets:

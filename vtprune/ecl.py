@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ def _photos() -> list[np.ndarray]:
     return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
 
 
-def _model_and_batches(args) -> tuple[object, list[dict], str]:
+def _model_and_batches(args) -> tuple[Any, list[dict], str]:
     if args.model:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

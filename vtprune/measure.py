@@ -11,7 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,7 +34,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return (time.perf_counter() - start) * 1000.0, out
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Times (ms) of every function of `fns`, run round-robin `warmup + repeats` times (warm-up rounds dropped).
 
     Round-robin order makes drift in the machine's load hit every function
@@ -130,7 +131,7 @@ def cache_bytes_by_kind(cache) -> dict[str, int]:
 
 
 @torch.no_grad()
-def time_prefill(model, batch: dict, repeats: int = 3, warmup: int = 1) -> tuple[float, object]:
+def time_prefill(model, batch: dict, repeats: int = 3, warmup: int = 1) -> tuple[float, Any]:
     """Median wall time (ms) of one prefill forward with a cache, and the last output."""
     out = None
     times = []

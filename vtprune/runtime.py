@@ -244,9 +244,9 @@ class Runtime:
 
         def call(original, *args, **kwargs):
             record = self.record
-            state = record.state if record is not None else None
-            if state is None:
+            if record is None or record.state is None:
                 return original(*args, **kwargs)
+            state = record.state
             level = state.level_for(record.current_layer)
             if level.layer == 0:
                 return original(*args, **kwargs)
@@ -425,8 +425,10 @@ class Runtime:
         at = self.plan.encoder_layer
         if at > 0:
             return self._tower_pruned_after(original, record, vision, pixels, grid, kwargs, at)
+        policy = self.plan.encoder_policy
+        assert policy is not None  # the tower is bound only for one
         with torch.no_grad():
-            keep = self.plan.encoder_policy.encoder_keep(self.adapter, pixels, grid)
+            keep = policy.encoder_keep(self.adapter, pixels, grid)
         vision.pixel_keep.append((grid, keep))
         if bool(keep.all()):
             return original(pixels, *args, **kwargs)
@@ -477,8 +479,8 @@ class Runtime:
         # Keep the original signature visible: generate() inspects it to route inputs.
         sig = inspect.signature(link.original)
         this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        bound.__signature__ = sig.replace(parameters=[this, *sig.parameters.values()])
-        bound._vtprune_link = link
+        bound.__signature__ = sig.replace(parameters=[this, *sig.parameters.values()])  # type: ignore[attr-defined]
+        bound._vtprune_link = link  # type: ignore[attr-defined]  # read by _link_of
         method = types.MethodType(bound, module)
         setattr(module, attr, method)
         self._bound.append((module, attr, method))
@@ -488,6 +490,7 @@ class Runtime:
             handle.remove()
         for module, attr, method in reversed(self._bound):
             link = _link_of(method)
+            assert link is not None  # `_bind` made it
             if module.__dict__.get(attr) is method:
                 if link.previous is None:
                     delattr(module, attr)
@@ -564,9 +567,9 @@ class Runtime:
     def _layer_forward_for(self, idx: int):
         def forward(original, hidden_states, *args, **kwargs):
             record = self.record
-            state = record.state if record is not None else None
-            if state is None:
+            if record is None or record.state is None:
                 return original(hidden_states, *args, **kwargs)
+            state = record.state
             record.current_layer = idx
             if record.in_prefill:
                 if idx in self.plan.reads.decoder_inputs:

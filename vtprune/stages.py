@@ -35,6 +35,7 @@ class StageRunner:
     def prefill_inputs(self, record: CallRecord) -> dict[str, Any]:
         """The base forward's inputs, completed with what the vision encoder was called with."""
         vision = record.vision
+        assert record.outer is not None  # set while a forward runs
         captured = {k: v for k, v in record.outer.items() if v is not None}
         for call in vision.calls:
             for key, value in call.items():
@@ -83,12 +84,12 @@ class StageRunner:
         )
         report.start(layouts)
         hidden, alive, seq_pos = embeds, sequence.alive, sequence.seq_positions
-        for index, policy in enumerate(self.plan.pipeline.policies):
+        for position, policy in enumerate(self.plan.pipeline.policies):
             if policy.stage == "llm":
                 continue
             ctx = self._context(record, policy.stage, layouts, hidden, alive, seq_pos, sequence.question_positions,
                                 extras=sequence.extras)
-            hidden, alive, seq_pos = self.apply(record, index, policy, ctx, report)
+            hidden, alive, seq_pos = self.apply(record, position, policy, ctx, report)
         # a row without any attended token says nothing about the side the batch is padded on
         pad_left = not bool((~valid[valid.any(1), -1]).any())
         short, index = replace(sequence, hidden=hidden).compact(
@@ -209,6 +210,7 @@ class StageRunner:
         mask = bound.get("attention_mask")
         call["attention_mask"] = level0.decode_mask(mask, new_cols)
         positions = bound.get("position_ids")
+        assert record.outer is not None  # set while a forward runs
         from_cache = self.adapter.decode_positions_from_cache(record.outer)
         if from_cache:
             # HF derives them from get_seq_length(), whichever layer (and length) that reads
@@ -287,6 +289,7 @@ class StageRunner:
             mask2d=prev.mask2d,
             sub_block_stats=record.sub_block_stats.get(index_in_pipeline, {}),
         )
+        assert record.prefill_report is not None  # set at the prefill's start
         hidden, alive, seq_pos = self.apply(record, index_in_pipeline, policy, ctx, record.prefill_report)
         short, index = replace(sequence, hidden=hidden).compact(
             state.layouts, alive, seq_pos, pad_left=state.pad_left,
@@ -397,7 +400,7 @@ def layer_length(cache, layer: int) -> int:
 
 def _kept(sequence: Sequence) -> Sequence:
     """What the state keeps of a sequence between prune points and decode steps (no activations)."""
-    return replace(sequence, hidden=None, rotary=None, stats=[])
+    return replace(sequence, hidden=None, rotary=None, stats=[])  # type: ignore[arg-type]  # no activations kept
 
 
 def _same_images(selections: list[list[Selection]], ctx: StageContext) -> bool:

@@ -123,7 +123,7 @@ def patch_positions(model, batch, b: int = 0) -> torch.Tensor:
 
 def lm_input_embeds(model, batch) -> torch.Tensor:
     """The merged input embeddings the language model receives for `batch` (before any pruning)."""
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}
     handle = model.model.language_model.register_forward_pre_hook(
         lambda _m, _a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
     with torch.no_grad():

@@ -24,7 +24,7 @@ def validate_normalize(normalize: object) -> str | None:
     """Return `normalize` if it is an accepted option, else raise naming the allowed values."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
-    return normalize  # type: ignore[return-value]
+    return normalize
 
 
 def matrix_entropy(queries: torch.Tensor, normalize: str | None = None, chunk: int = 4096) -> torch.Tensor:

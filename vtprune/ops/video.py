@@ -71,7 +71,7 @@ def vidcom2_target(frames: int, per_frame: int, keep: int | float) -> int:
 
 def _gaussian(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     dist = ((x - centre) ** 2).sum(-1)
-    return sum(torch.exp(-dist / (2 * a)) for a in VIDCOM2_ALPHAS)
+    return sum((torch.exp(-dist / (2 * a)) for a in VIDCOM2_ALPHAS), torch.zeros_like(dist))
 
 
 def vidcom2_scores(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

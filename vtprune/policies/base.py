@@ -109,6 +109,7 @@ One example per stage (see the modules for the full classes)::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -277,6 +278,10 @@ class Policy:
         """
         raise NotImplementedError(f"{type(self).__name__} observes sub-blocks but has no sub_block_statistic()")
 
+    def encoder_keep(self, adapter: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """Bool per unit of one vision-tower call: the units the tower encodes (policies with ``encoder_prune``)."""
+        raise NotImplementedError(f"{type(self).__name__} prunes inside the encoder but has no encoder_keep()")
+
     def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         n_alive = int(ctx.alive[b][i].numel())
         n_original = ctx.layouts[b].images[i].num_tokens
@@ -317,7 +322,9 @@ class LLMStagePolicy(Policy):
     the kept set.
     """
 
-    at_layer: int = 2
+    #: None only where a subclass resolves it later (`PerModelLayerPolicy`) or it picks another stage
+    #: (`AnyStagePolicy`); this class's check refuses None
+    at_layer: int | None = 2
     stage: ClassVar[str] = "llm"
 
     def __post_init__(self) -> None:
@@ -325,7 +332,7 @@ class LLMStagePolicy(Policy):
         check_int(self.name, "at_layer", self.at_layer, minimum=1)  # prune between layers at_layer-1 and at_layer
 
     @property
-    def at(self) -> int:
+    def at(self) -> int | None:
         return self.at_layer
 
 
@@ -375,7 +382,7 @@ class AnyStagePolicy(LLMStagePolicy):
     """
 
     if TYPE_CHECKING:  # pragma: no cover
-        where: str | None
+        where: str | None = None
 
     def __post_init__(self) -> None:
         vit_layer = getattr(self, "vit_layer", None)
@@ -443,7 +450,7 @@ class Pipeline:
     increasing order); a later stage sees only the tokens earlier ones kept.
     """
 
-    policies: tuple[Policy, ...] = field(default_factory=tuple)
+    policies: Sequence[Policy] = field(default_factory=tuple)  # a tuple once made
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policies", tuple(self.policies))

@@ -126,7 +126,8 @@ class Pooling(Policy):
         warn_nonfinite(ctx, b, i, "pooling")
         feats = ctx.features(b, i)
         parts = split_budget([g.size for g in image.grids], k)
-        labels, firsts = [], []
+        labels: list[torch.Tensor] = []
+        firsts: list[int] = []
         for grid, kg in zip(image.grids, parts):
             if kg == 0:  # a sub-grid with no budget (tiny fractions): its tokens go nowhere
                 labels.append(torch.full((grid.size,), -1, dtype=torch.long))
@@ -228,4 +229,4 @@ def _kept_lists(kept: object) -> tuple:
 
 
 def _is_index(value: object) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 0

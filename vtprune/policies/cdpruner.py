@@ -148,6 +148,11 @@ class CDPruner(Policy):
                 raise ValueError("cdpruner: text='clip' with a loaded clip_model needs clip_tokenizer= (its tokenizer)")
         self._set("_clip", (model, tokenizer) if self.text == "clip" else None)
 
+    def _clip_models(self) -> tuple[Any, Any]:
+        """The CLIP model and tokenizer (``text="clip"``)."""
+        assert self._clip is not None, "cdpruner: the CLIP model is loaded for text='clip' only"
+        return self._clip
+
     def resolve(self, adapter) -> Policy:
         """Check ``text="clip"`` against the model: a CLIP family, matching widths and an LLM tokenizer to decode with."""
         if self.text != "clip":
@@ -157,7 +162,7 @@ class CDPruner(Policy):
                 f"cdpruner: text='clip' pairs the CLIP ViT-L towers of {CLIP_FAMILIES}; {adapter.model_type} has "
                 "another vision encoder (use text='llm')"
             )
-        model = self._clip[0]
+        model = self._clip_models()[0]
         width = adapter.config.vision_config.hidden_size
         if model.config.vision_config.hidden_size != width:
             raise ValueError(
@@ -192,7 +197,7 @@ class CDPruner(Policy):
         """Projected CLIP text embeddings of the sample's question, one per 77-position segment, memoised per sample."""
         key = ("cdpruner_clip_text", b)
         if key not in ctx._memo:
-            model, tokenizer = self._clip
+            model, tokenizer = self._clip_models()
             device = model.text_projection.weight.device
             width = model.config.text_config.max_position_embeddings
             tokens = tokenizer(text=[self._question_text(ctx, b)], return_tensors="pt")
@@ -206,7 +211,7 @@ class CDPruner(Policy):
 
     @torch.no_grad()
     def _clip_image_embeds(self, ctx: StageContext, b: int, i: int) -> torch.Tensor:
-        model = self._clip[0]
+        model = self._clip_models()[0]
         norm = model.vision_model.post_layernorm
         device = norm.weight.device
         rows = ctx.pre_projector(b, i).to(device).float()
@@ -248,7 +253,7 @@ class CDPruner(Policy):
             view = slice(start, start + size)
             if kv >= size:
                 parts.append(torch.arange(start, start + size, device=device))
-            elif kv > 0 and not self.split:
+            elif kv > 0 and relevance is not None:  # not split
                 parts.append(cdpruner_select(features[view], relevance[view], kv, self.relevance_weight) + start)
             elif kv > 0:
                 (n1, k1), (_, k2) = split_halves(size, kv)

@@ -44,12 +44,12 @@ def coverage_matrix(
 
 
 def _positive(name: str, value: object, allow_zero: bool = False) -> float:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
-    ok = ok and (float(value) >= 0 if allow_zero else float(value) > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"mmtok: {name} must be a finite number {bound}; got {value!r}")
-    return float(value)
+    if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value)):
+        in_range = float(value) >= 0 if allow_zero else float(value) > 0
+        if in_range:
+            return float(value)
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"mmtok: {name} must be a finite number {bound}; got {value!r}")
 
 
 @register

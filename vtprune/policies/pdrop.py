@@ -71,7 +71,7 @@ class PyramidDrop(Policy):
             reference's lambda = 0.5: (0.5, 0.25, 0.125).
     """
 
-    keep: int | float | None = None
+    keep: int | float | None = None  # type: ignore[assignment]  # None: the schedule's counts (own image_budget)
     prune_after: Sequence[int] | None = None
     ratios: Sequence[float] | None = None
 
@@ -86,7 +86,7 @@ class PyramidDrop(Policy):
             self._set("keep", validate_keep(self.keep))
         self._set("prune_after", check_layers(self.name, self.prune_after))
         self._set("ratios", check_ratios(self.name, self.ratios))
-        if self._resolved and len(self.ratios) != len(self.prune_after):
+        if self.prune_after is not None and self.ratios is not None and len(self.ratios) != len(self.prune_after):
             raise ValueError(
                 f"pdrop: one ratio per boundary is needed; got prune_after={list(self.prune_after)} and "
                 f"ratios={list(self.ratios)}"
@@ -107,6 +107,7 @@ class PyramidDrop(Policy):
                 f"pdrop: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; "
                 "give them explicitly"
             )
+        assert self.prune_after is not None  # not missing
         if self.prune_after[-1] > adapter.num_layers - 1:
             raise ValueError(
                 f"pdrop: prune_after={list(self.prune_after)} does not fit this model's {adapter.num_layers} decoder "
@@ -121,17 +122,19 @@ class PyramidDrop(Policy):
 
     def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         """This boundary's count for image i (`pdrop_counts`), at most the tokens still alive."""
-        step = tuple(self.prune_after).index(ctx.layer)
+        prune_after, ratios = self.resolved("prune_after", "ratios")
+        step = tuple(prune_after).index(ctx.layer)
         n_alive = int(ctx.alive[b][i].numel())
         if n_alive == 0:
             return 0
         n = ctx.layouts[b].images[i].num_tokens
-        return resolve_budget(pdrop_counts(n, self.ratios, self.keep)[step], n_alive, n, self.rounding)
+        return resolve_budget(pdrop_counts(n, ratios, self.keep)[step], n_alive, n, self.rounding)
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
         if not ctx.num_images(b):
             return []
         last = torch.nonzero(ctx.valid(b)).flatten()[-1:]
+        assert ctx.layer is not None  # the llm stage
         row = ctx.attention_rows(ctx.layer, ctx.hidden[b], b, last)[0]
         return [
             Selection(topk_indices(row[ctx.seq_positions[b][i]], self.image_budget(ctx, b, i)))
@@ -141,7 +144,8 @@ class PyramidDrop(Policy):
     def describe(self) -> str:
         if not self._resolved:
             return "pdrop(per-model schedule)"
-        options = [f"after={','.join(map(str, self.prune_after))}", f"ratios={','.join(f'{r:g}' for r in self.ratios)}"]
+        prune_after, ratios = self.resolved("prune_after", "ratios")
+        options = [f"after={','.join(map(str, prune_after))}", f"ratios={','.join(f'{r:g}' for r in ratios)}"]
         if self.keep is not None:
             options.append(f"keep={self.keep}")
         return f"pdrop({', '.join(options)})"
@@ -168,7 +172,7 @@ def check_ratios(who: str, value) -> tuple[float, ...] | None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"{who}: ratios must be a non-empty list of fractions in (0, 1]; got {value!r}")
-    if not all(isinstance(r, Real) and not isinstance(r, bool) and 0.0 < r <= 1.0 for r in value):
+    if not all(isinstance(r, Real) and not isinstance(r, bool) and 0.0 < float(r) <= 1.0 for r in value):
         raise ValueError(f"{who}: every ratio must be a fraction in (0, 1] of the original tokens; got {list(value)}")
     if list(value) != sorted(value, reverse=True):
         raise ValueError(f"{who}: ratios must not increase from one boundary to the next; got {list(value)}")

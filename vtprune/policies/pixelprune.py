@@ -66,7 +66,7 @@ class PixelPrune(Policy):
     def signals(self) -> Signals:
         return Signals(encoder_prune=(0,))  # the tower runs on `encoder_keep`'s units only
 
-    def encoder_keep(self, adapter, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def encoder_keep(self, adapter, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None) -> torch.Tensor:
         """Bool per merge unit of one encoder call: the units the tower encodes."""
         return adapter.unit_keep(pixel_values, grid_thw, self.tau)
 

@@ -142,7 +142,8 @@ class PruneSID(Policy):
     def signals(self) -> Signals:
         if self._variant() == "qwen":
             return Signals()
-        return Signals(vision_inputs=(self.layer - 1, self.layer))  # CLS attention; CLS feature: the next input
+        layer = self.resolved("layer")
+        return Signals(vision_inputs=(layer - 1, layer))  # CLS attention; CLS feature: the next input
 
     def image_budget(self, ctx: StageContext, b: int, i: int) -> int:
         if self._variant() == "llava" or not self.reference_budget:
@@ -183,7 +184,7 @@ class PruneSID(Policy):
         return Selection(torch.sort(torch.cat(kept)).values)
 
     def _select_llava(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
-        layer = self.layer - 1
+        layer = self.resolved("layer") - 1
         projected = ctx.features(b, i)
         device = projected.device
         pre = ctx.pre_projector(b, i).to(device)
@@ -214,7 +215,7 @@ class PruneSID(Policy):
     def _cls_feature(self, ctx: StageContext, b: int, i: int, crop: int | None) -> torch.Tensor:
         """The CLS row entering ViT layer ``self.layer`` (0-based: the output of the signal layer) of the image or crop."""
         if crop is None:
-            return ctx.vision_cls_feature(b, i, self.layer)
+            return ctx.vision_cls_feature(b, i, self.resolved("layer"))
         calls = ctx.captured.get("vision_layers", {}).get(self.layer)
         if not calls:
             raise NotCaptured(f"vision layer {self.layer} was not captured; list it in `signals().vision_inputs`")

@@ -70,7 +70,7 @@ class TransPrune(Policy):
         abs_cos: use ``1 - |cos|`` in TTV's weight, as the paper writes it.
     """
 
-    keep: int | float | None = None
+    keep: int | float | None = None  # type: ignore[assignment]  # None: the schedule's counts (own image_budget)
     prune_after: Sequence[int] | None = None
     ratios: Sequence[float] | None = None
     ttv_from: int | None = None
@@ -92,7 +92,7 @@ class TransPrune(Policy):
         self._set("ratios", _ratios(self.ratios))
         self._set("ttv_from", _ttv_from(self.ttv_from))
         if self._resolved:
-            _check_schedule(self.prune_after, self.ratios, self.ttv_from)
+            _check_schedule(*self.schedule())
 
     @property
     def _resolved(self) -> bool:
@@ -110,7 +110,7 @@ class TransPrune(Policy):
                 f"transprune: model_zoo.yaml has no {', '.join(sorted(missing))} for model type "
                 f"{adapter.model_type!r}; give them explicitly"
             )
-        _check_schedule(self.prune_after, self.ratios, self.ttv_from, depth=adapter.num_layers)
+        _check_schedule(*self.schedule(), depth=adapter.num_layers)
         return self
 
     def schedule(self) -> tuple[tuple[int, ...], tuple[float, ...], int]:
@@ -166,6 +166,7 @@ class TransPrune(Policy):
         rows = ctx.after_images(b)
         if not rows.numel():
             return None
+        assert ctx.layer is not None  # the llm stage
         return ctx.attention_rows(ctx.layer, ctx.hidden[b], b, rows).mean(dim=0)
 
     def describe(self) -> str:
@@ -202,7 +203,7 @@ def _ratios(value) -> tuple[float, ...] | None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"transprune: ratios must be a non-empty list of fractions in (0, 1]; got {value!r}")
-    if not all(isinstance(r, Real) and not isinstance(r, bool) and 0.0 < r <= 1.0 for r in value):
+    if not all(isinstance(r, Real) and not isinstance(r, bool) and 0.0 < float(r) <= 1.0 for r in value):
         raise ValueError(f"transprune: every ratio must be a fraction in (0, 1] of the original tokens; got {list(value)}")
     if list(value) != sorted(value, reverse=True):
         raise ValueError(f"transprune: ratios must not increase from one prune layer to the next; got {list(value)}")

@@ -192,6 +192,7 @@ class VisionZip(Policy):
     def bind(self, adapter) -> Policy:
         """The zoo's contextual split applies only when neither ``contextual`` nor ``contextual_fraction`` is given."""
         bound = super().bind(adapter)
+        assert isinstance(bound, VisionZip)
         if self.contextual is None and self.contextual_fraction is None:
             defaults = adapter_defaults(adapter, self.name)
             contextual, fraction = defaults.get("contextual"), defaults.get("contextual_fraction")
@@ -285,7 +286,7 @@ class VisionZip(Policy):
             score = ctx.vision_cls_attention(b, i, layer)
         else:
             score = ctx.vision_attention(b, i, layer)
-        with_cls = self.cls_token and dominant_count >= 1  # the CLS token is one of the dominant tokens
+        with_cls = bool(self.cls_token) and dominant_count >= 1  # the CLS token is one of the dominant tokens
         dominant = topk_indices(sanitize_scores(score, "dominant-token scores"), dominant_count - int(with_cls))
         projected = ctx.features(b, i)
         dominant = dominant.to(projected.device)
@@ -326,7 +327,7 @@ def _check_contextual(contextual: object, fraction: object) -> None:
             f"tokens), not both; got contextual={contextual!r}, contextual_fraction={fraction!r}"
         )
     if contextual is not None:
-        count_ok = isinstance(contextual, Integral) and not isinstance(contextual, bool) and contextual >= 0
+        count_ok = isinstance(contextual, Integral) and not isinstance(contextual, bool) and int(contextual) >= 0
         share_ok = isinstance(contextual, float) and math.isfinite(contextual) and 0 <= contextual < 1
         if not (count_ok or share_ok):
             raise ValueError(
@@ -334,5 +335,5 @@ def _check_contextual(contextual: object, fraction: object) -> None:
             )
     if fraction is not None:
         ok = isinstance(fraction, Real) and not isinstance(fraction, bool) and math.isfinite(float(fraction))
-        if not (ok and 0 < float(fraction) < 1):
+        if not (ok and isinstance(fraction, Real) and 0 < float(fraction) < 1):
             raise ValueError(f"visionzip: contextual_fraction must be a float in (0, 1); got {fraction!r}")

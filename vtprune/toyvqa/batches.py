@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from vtprune.toyvqa.models import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, TOKEN_CELL
 from vtprune.toyvqa.questions import PLURAL, TYPES, ask, scene_for, split_rng
 from vtprune.toyvqa.scene import CANVAS, COLOR_NAMES, SHAPES, Difficulty, cell_owner, cell_targets, render
-from vtprune.toyvqa.vocab import end_of_answer, follow_up, prompt
+from vtprune.toyvqa.vocab import end_of_answer, follow_up, prompt, token_ids
 
 IGNORE = -100
 
@@ -85,18 +85,18 @@ def make_sample(
     image, label_map = render(scene, IMAGE_SIZE[arch])
     owner = cell_owner(scene, label_map, TOKEN_CELL[arch])
     glyph = len(scene.objects) + 1
-    eos = tokenizer.convert_tokens_to_ids(end_of_answer(arch))
+    [eos] = token_ids(tokenizer, [end_of_answer(arch)])
     ids: list[int] = []
     labels: list[int] = []
     focus: list[tuple[int, np.ndarray, bool]] = []
     words: list[tuple[int, int, int]] = []
     far: list[int] = []
-    colour_ids = set(tokenizer.convert_tokens_to_ids(list(COLOR_NAMES)))
-    shape_ids = set(tokenizer.convert_tokens_to_ids([*SHAPES, *PLURAL.values()]))
+    colour_ids = set(token_ids(tokenizer, list(COLOR_NAMES)))
+    shape_ids = set(token_ids(tokenizer, [*SHAPES, *PLURAL.values()]))
     for turn, qa in enumerate(qas):
         text = _expand_image(arch, prompt(arch, qa.question)) if turn == 0 else follow_up(arch, qa.question)
         q_ids = tokenizer(text, add_special_tokens=turn == 0)["input_ids"]
-        a_ids = tokenizer.convert_tokens_to_ids([qa.answer]) + [eos]
+        a_ids = token_ids(tokenizer, [qa.answer]) + [eos]
         if qa.type == "count":
             focus.append((len(ids) + len(q_ids), _centre_cells(scene, qa.focus, arch, owner.size), True))
         else:

@@ -51,7 +51,9 @@ def _sha256(path: Path) -> str:
 
 def _entries(folder: Path) -> tuple[list[str], list[str], list[str]]:
     """Files, folders and other entries (links, sockets, ...) under ``folder``, as POSIX paths relative to it."""
-    files, folders, others = [], [], []
+    files: list[str] = []
+    folders: list[str] = []
+    others: list[str] = []
     for root, dirs, names in os.walk(folder, followlinks=False):
         base = Path(root)
         for name in dirs:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -39,7 +40,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 
 from vtprune.checks import BadValue
-from vtprune.toyvqa.vocab import ARCHS, build_tokenizer
+from vtprune.toyvqa.vocab import ARCHS, build_tokenizer, token_ids
 
 IMAGE_SIZE: dict[str, int] = {"llava": 336, "qwen2_5_vl": 448}
 #: Side, in pixels, of the image region behind one visual token of the LLM.
@@ -104,15 +105,16 @@ def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) ->
         config = LlavaConfig(
             vision_config=vision,
             text_config=LlamaConfig(**common),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_token_index=token_ids(tokenizer, ["<image>"])[0],  # config.image_token_id reads it
             projector_hidden_act="gelu",
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
             image_seq_length=576,
             tie_word_embeddings=False,
         )
-        model = LlavaForConditionalGeneration(config)
-        _init_sincos_positions(model.model.vision_tower.embeddings.position_embedding.weight, 336 // 14)
+        llava = LlavaForConditionalGeneration(config)
+        _init_sincos_positions(llava.model.vision_tower.embeddings.position_embedding.weight, 336 // 14)
+        model: PreTrainedModel = llava
     else:
         head_dim = s["llm_width"] // s["llm_heads"]
         quarter = head_dim // 8
@@ -128,7 +130,7 @@ def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) ->
                 ],
             },
         }
-        vision = {
+        qwen_vision = {
             "depth": s["vit_layers"],
             "hidden_size": s["vit_width"],
             "intermediate_size": 3 * s["vit_width"],
@@ -140,7 +142,7 @@ def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) ->
             "window_size": 112,
             "fullatt_block_indexes": [s["vit_layers"] - 1],
         }
-        ids = {
+        ids: dict[str, Any] = {
             t: tokenizer.convert_tokens_to_ids(t)
             for t in (
                 "<|image_pad|>",
@@ -149,16 +151,16 @@ def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) ->
                 "<|vision_end|>",
             )
         }
-        config = Qwen2_5_VLConfig(
+        qwen_config = Qwen2_5_VLConfig(
             text_config=text,
-            vision_config=vision,
+            vision_config=qwen_vision,
             image_token_id=ids["<|image_pad|>"],
             video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=False,
         )
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = Qwen2_5_VLForConditionalGeneration(qwen_config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -231,11 +233,11 @@ def _tolerate_missing_video_processor():
             return None
         return original(self, argument_name, argument)
 
-    ProcessorMixin.check_argument_for_proper_class = check
+    ProcessorMixin.check_argument_for_proper_class = check  # type: ignore[method-assign]
     try:
         yield
     finally:
-        ProcessorMixin.check_argument_for_proper_class = original
+        ProcessorMixin.check_argument_for_proper_class = original  # type: ignore[method-assign]
 
 
 def build_processor(arch: str, tokenizer: PreTrainedTokenizerFast | None = None) -> ProcessorMixin:
@@ -320,4 +322,5 @@ def save_processor(processor: ProcessorMixin, path: str | Path) -> None:
     processor.tokenizer.save_pretrained(str(path))
     processor.image_processor.save_pretrained(str(path))
     (path / "processor_config.json").write_text(json.dumps({"processor_class": type(processor).__name__}, indent=2) + "\n")
+    assert isinstance(processor.chat_template, str), "the toy processors carry one template"
     (path / "chat_template.jinja").write_text(processor.chat_template)

@@ -165,6 +165,12 @@ def _place(
     return None
 
 
+def _rgb(channels) -> tuple[int, int, int]:
+    """Three channel values (drawn in order) as an RGB triple."""
+    r, g, b = channels
+    return r, g, b
+
+
 def sample_scene(rng: np.random.Generator, kind: str = "any", difficulty: Difficulty = TARGET) -> Scene:
     """Sample a scene; ``kind`` is the question type it is drawn for."""
     while True:
@@ -184,11 +190,11 @@ def sample_scene(rng: np.random.Generator, kind: str = "any", difficulty: Diffic
                 break
     char = CHARS[rng.integers(len(CHARS))]
     base = int(rng.integers(95, 165))
-    bg = tuple(int(np.clip(base + rng.integers(-12, 13), 0, 255)) for _ in range(3))
+    bg = _rgb(int(np.clip(base + rng.integers(-12, 13), 0, 255)) for _ in range(3))
     blobs = []
     for _ in range(int(rng.integers(difficulty.n_blobs[0], difficulty.n_blobs[1] + 1))):
         grey = int(np.clip(base + rng.integers(-45, 46), 0, 255))
-        rgb = tuple(int(np.clip(grey + rng.integers(-18, 19), 0, 255)) for _ in range(3))
+        rgb = _rgb(int(np.clip(grey + rng.integers(-18, 19), 0, 255)) for _ in range(3))
         blobs.append(
             Blob(
                 float(rng.uniform(0, CANVAS)),
@@ -254,7 +260,7 @@ def render(scene: Scene, size: int = CANVAS) -> tuple[Image.Image, np.ndarray]:
     amp = scene.meta.get("texture_amp", TARGET.texture_amp)
     coarse = trng.normal(0.0, 1.0, (12, 12, 3)).astype(np.float32)
     coarse_img = Image.fromarray(((coarse.clip(-3, 3) + 3) * (255 / 6)).astype(np.uint8))
-    smooth = np.asarray(coarse_img.resize((size, size), Image.BICUBIC), dtype=np.float32) / (255 / 6) - 3
+    smooth = np.asarray(coarse_img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / (255 / 6) - 3
     fine = trng.normal(0.0, 1.0, (size, size, 3)).astype(np.float32)
     pixels = np.asarray(scene.bg_base, dtype=np.float32) + amp * smooth + 0.4 * amp * fine
     img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))

@@ -29,6 +29,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,7 @@ def dense_loss(head: nn.Linear, feats: BaseModelOutputWithPooling, cells: torch.
     background and foreground cells are averaged separately and weighted
     equally; otherwise the loss is low while shapes and glyphs stay unlearnt.
     """
+    assert feats.pooler_output is not None  # the vision model's per-token features
     x = torch.stack(list(feats.pooler_output))  # (B, N, D)
     logits = head(x).split(HEAD_SPLITS, dim=-1)
     total = x.new_zeros(())
@@ -199,7 +201,7 @@ class _AttentionInputs:
 
 
 def grounded_rows(
-    attn: nn.Module, hidden: torch.Tensor, rope, sample: torch.Tensor, pos: torch.Tensor, heads: int
+    attn: Any, hidden: torch.Tensor, rope, sample: torch.Tensor, pos: torch.Tensor, heads: int
 ) -> torch.Tensor:
     """Attention probabilities ``(R, heads, L)`` of query ``pos[r]`` of sample ``sample[r]``
     in the first ``heads`` heads, recomputed from the layer's own projections,

@@ -113,6 +113,13 @@ def vocabulary() -> list[str]:
     return list(seen)
 
 
+def token_ids(tokenizer: PreTrainedTokenizerFast, tokens: list[str]) -> list[int]:
+    """`convert_tokens_to_ids` of a list of tokens (transformers types one token's and a list's result alike)."""
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    assert isinstance(ids, list)
+    return ids
+
+
 def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer (left padding, BOS prepended) for ``arch``."""
     vocab = {t: i for i, t in enumerate(vocabulary())}
