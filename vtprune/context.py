@@ -64,6 +64,8 @@ class StageContext:
     #: the language model's declared extra inputs (``adapter.sequence_tensors``) as the prefill got them,
     #: before any prune (vision/projector stages): e.g. Qwen3-VL's DeepStack features (`feature_levels`)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: (llm stage) a progressive policy's values of this prefill, kept from one of its prune points to the next
+    prefill_memo: dict[Any, Any] = field(default_factory=dict)
     _memo: dict[Any, Any] = field(default_factory=dict)
 
     @property

@@ -22,7 +22,9 @@ class Report:
     "kept": [int, ...], "ms": float}}}]}]}``. ``kept`` lists positions within the
     image's own token grid (raster order, ascending, newlines skipped); a
     video's stages also say, per frame, its tokens before (``frames_before``)
-    and after (``frames``: T counts, frame t holding indices t * P .. t * P + P - 1); STAGE is
+    and after (``frames``: T counts, frame t holding indices t * P .. t * P + P - 1). A stage that
+    leaves merged rows in the sequence (SparseVLM's recycled tokens, rows that were not in the input)
+    says how many under ``merged``: ``after`` counts them, ``kept`` lists only the image's own tokens. STAGE is
     ``vision`` (selected from vision-encoder signals, applied where the
     projector stage is: the vision tower itself sees every token),
     ``projector`` or ``llm@K``. ``ms`` is the policy's selection
@@ -57,15 +59,20 @@ class Report:
                 name, n = key, 2
                 while name in image["stages"]:
                     name, n = f"{key}#{n}", n + 1
+                own = a_i < image["tokens"]  # merged rows are named N + g (see StageRunner.apply)
+                merged = int((~own).sum())
                 image["stages"][name] = {
                     "before": int(b_i.numel()),
                     "after": int(a_i.numel()),
-                    "kept": a_i.tolist(),
+                    "kept": torch.sort(a_i[own]).values.tolist() if merged else a_i.tolist(),
                     "ms": round(ms, 4),
                 }
+                if merged:
+                    image["stages"][name]["merged"] = merged
+                    a_i = a_i[own]
                 if image["kind"] == "video" and per_frame:
                     frames = image["tokens"] // per_frame
-                    image["stages"][name]["frames_before"] = _per_frame(b_i, per_frame, frames)
+                    image["stages"][name]["frames_before"] = _per_frame(b_i[b_i < image["tokens"]], per_frame, frames)
                     image["stages"][name]["frames"] = _per_frame(a_i, per_frame, frames)
 
     def to_dict(self) -> dict[str, Any]:

@@ -162,14 +162,22 @@ class Signals:
 
 @dataclass
 class Selection:
-    """Kept tokens of one image: indices into its alive tokens, optionally new features.
+    """Kept tokens of one image: indices into its alive tokens, optionally new features and new rows.
 
     ``values`` (``(k, D)``, same order as ``indices``) replace the kept tokens'
     features, for policies that merge or pool (Pooling, VisionZip).
+    ``merged`` (``(c, D)``, llm stage only) are rows that were not in the
+    sequence, inserted right after the image's current tokens in this order
+    (SparseVLM's recycled tokens); row j stands at the alive token
+    ``merged_at[j]``, one the selection does not keep: it takes that token's
+    position id (``positions="original"``) and is a visual token of the
+    image at later prune points.
     """
 
     indices: torch.Tensor
     values: torch.Tensor | None = None
+    merged: torch.Tensor | None = None
+    merged_at: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
