@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, single_spec
 from test_policies_models import POLICIES
+from test_policies_models import make as make_policy
 
 import vtprune
 from vtprune.patches import adapter_for
@@ -141,7 +142,7 @@ def test_deepcopy_is_an_independent_wrapped_model(family):
 def test_forward_with_autograd_equals_no_grad(family, policy):
     model = model_for(family)
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, POLICIES[policy](3))
+    vtprune.wrap(model, make_policy(policy, 3, family))
     with torch.no_grad():
         want = model(**batch).logits
         kept = _kept(model)
@@ -156,7 +157,7 @@ def test_generate_without_cache_equals_cached_for_every_policy(family, policy):
     """Cached == uncached generation without replaying keep sets through `fixed`: generate selects once per call."""
     model = model_for(family)
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, POLICIES[policy](3))
+    vtprune.wrap(model, make_policy(policy, 3, family))
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
     kept = _kept(model)
