@@ -165,10 +165,14 @@ def test_the_users_rng_is_untouched_and_the_noise_is_seeded():
     after = torch.rand(3)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(3), after)
-    first = vtprune.report(model).to_dict()
+    first = _kept(vtprune.report(model))
     torch.manual_seed(7)
     model(**batch)
-    assert vtprune.report(model).to_dict()["samples"] == first["samples"]
+    assert _kept(vtprune.report(model)) == first
+
+
+def _kept(report):
+    return [(k, v["kept"], v.get("merged")) for k, v in report.to_dict()["samples"][0]["images"][0]["stages"].items()]
 
 
 def test_options_are_checked_and_defaults_come_from_the_zoo():
@@ -210,3 +214,20 @@ def test_toy_model_runs_the_toy_schedule():
         model(**batch)
         stages = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]
     assert list(stages) == ["llm@1", "llm@2", "llm@3"]
+
+
+@torch.no_grad()
+def test_in_a_pipeline_after_a_projector_policy_and_before_fastv():
+    from vtprune.policies import DivPrune, FastV, Pipeline
+
+    model = model_for("llava", "sdpa")
+    batch = inputs(model, [SampleSpec(images=((32, 32),), question=6)])
+    vtprune.wrap(model, Pipeline([DivPrune(keep=32), SparseVLM(budgets=(8,), prune_after=(2,)), FastV(keep=4, at_layer=3)]))
+    model(**batch)
+    stages = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]
+    assert list(stages) == ["projector", "llm@2", "llm@3"]
+    assert [stages[k]["after"] for k in stages] == [32, 8 + 1, 4]  # 23 pruned: 7 recycled into one merged row
+    assert len(stages["llm@3"]["kept"]) + stages["llm@3"].get("merged", 0) == 4
+    assert set(stages["llm@3"]["kept"]) <= set(stages["llm@2"]["kept"]) <= set(stages["projector"]["kept"])
+    with pytest.raises(ValueError, match="before every other llm-stage policy"):
+        Pipeline([FastV(keep=4, at_layer=2), SparseVLM(budgets=(8,), prune_after=(3,))])

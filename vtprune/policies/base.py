@@ -20,6 +20,8 @@ Class constants, read without a model (registry, Pipeline checks, README table):
   them from model_zoo.yaml, then `resolve` checks them against the model.
 - ``whole_grid``: True when it reads each image's whole token grid (it must
   come first in a Pipeline).
+- ``first_llm``: True when it reads layer 0's sequence at its own prune
+  points (SparseVLM's raters): no llm-stage policy may come before it.
 - ``rounding``: how a fractional ``keep`` becomes a count (``"round"``/``"floor"``).
 
 One method, on the bound policy: `signals()` returns a `Signals` value, the
@@ -207,6 +209,8 @@ class Policy:
     zoo_fields: ClassVar[tuple[str, ...]] = ()
     #: True for policies that read each image's whole grid: they must come first in a Pipeline
     whole_grid: ClassVar[bool] = False
+    #: True for llm-stage policies that read layer 0's sequence at their prune points: first llm stage in a Pipeline
+    first_llm: ClassVar[bool] = False
     #: how a fractional keep becomes a count
     rounding: ClassVar[str] = "round"
 
@@ -448,6 +452,11 @@ class Pipeline:
                 raise ValueError(
                     f"{p.describe()} reads each image's whole token grid; put it first in a Pipeline "
                     f"(it is at position {position} of {', '.join(q.stage_key for q in self.policies)})"
+                )
+            if p.first_llm and any(q.stage == "llm" for q in self.policies[:position]):
+                raise ValueError(
+                    f"{p.describe()} reads layer 0's sequence at its prune points; put it before every other "
+                    f"llm-stage policy in a Pipeline (got {', '.join(q.stage_key for q in self.policies)})"
                 )
 
     def bind(self, adapter) -> Pipeline:

@@ -103,6 +103,7 @@ class SparseVLM(Policy):
     rounding: ClassVar[str] = "floor"
     paper: ClassVar[str] = "SparseVLM (ICML 2025), code Gumpest/SparseVLMs"
     zoo_fields: ClassVar[tuple[str, ...]] = ("prune_after",)
+    first_llm: ClassVar[bool] = True  # raters from layer 0's sequence
 
     def __post_init__(self) -> None:
         if self.budgets is not None:
@@ -155,12 +156,7 @@ class SparseVLM(Policy):
 
     def select(self, ctx: StageContext) -> list[list[Selection]]:
         step = tuple(self.prune_after).index(ctx.layer)
-        if step == 0:
-            if ctx.layer_input(0).shape[1] != ctx.hidden.shape[1]:
-                raise BadValue(
-                    "sparsevlm reads its raters from layer 0's input at its first pruning layer: put it before any "
-                    "other llm-stage policy in a Pipeline"
-                )
+        if step == 0:  # the sequence is still layer 0's (`first_llm`): the raters' positions hold there
             for b in range(ctx.batch_size):
                 for i in range(ctx.num_images(b)):
                     ctx.prefill_memo[(self, b, i)] = self._raters(ctx, b, i)
