@@ -231,3 +231,20 @@ def test_in_a_pipeline_after_a_projector_policy_and_before_fastv():
     assert set(stages["llm@3"]["kept"]) <= set(stages["llm@2"]["kept"]) <= set(stages["projector"]["kept"])
     with pytest.raises(ValueError, match="before every other llm-stage policy"):
         Pipeline([FastV(keep=4, at_layer=2), SparseVLM(budgets=(8,), prune_after=(3,))])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+def test_compact_positions_cache_equals_recomputation_and_batch_equals_alone(family):
+    from helpers import gen_kwargs, mixed_specs, sample_alone
+
+    model = model_for(family, "sdpa")
+    batch = inputs(model, mixed_specs(family))
+    vtprune.wrap(model, SparseVLM(budgets=(6, 3), prune_after=(2, 3)), positions="compact")
+    kw = gen_kwargs(4)
+    cached = model.generate(**batch, **kw)
+    assert torch.equal(cached, model.generate(**batch, use_cache=False, **kw))
+    together = model(**batch).logits[:, -1]
+    for b in range(batch["input_ids"].shape[0]):
+        torch.testing.assert_close(model(**sample_alone(batch, b, family)).logits[0, -1], together[b], rtol=1e-4,
+                                   atol=1e-5)
