@@ -46,7 +46,10 @@ class StageContext:
     merged input embeddings for vision/projector, the input of decoder layer
     ``layer`` for llm. ``alive[b][i]`` are the grid indices (within image i's
     own patch tokens, ascending) still present; ``seq_positions[b][i]`` are
-    where those tokens sit in ``hidden`` now.
+    where those tokens sit in ``hidden`` now. Rows a policy inserted inside
+    the LLM (SparseVLM's merged tokens) follow the image's kept tokens and are
+    named N + g in ``alive`` (N the image's token count, g the grid index of
+    the token each stands at): never a grid index.
     """
 
     stage: str
