@@ -5,13 +5,13 @@ eager attention (weights returned), takes the raters from the layer-0
 embeddings, scores at each pruning layer from that layer's own weights,
 and rebuilds the sequence by hand: text before the image, the kept visual
 rows ascending, the merged rows (DPC-KNN on the layer's output, written out
-in loops in tests/test_sparsevlm_oracles.py), the rest. LLaVA-1.5 geometry
+in loops in tests/policies/test_sparsevlm_oracles.py), the rest. LLaVA-1.5 geometry
 (576 tokens, the reference's layers 2/6/15 on a 17-layer LLM) at 64/128/192,
 every stage, with ``positions="compact"`` (the reference's renumbering) and
 ``"original"``; Qwen2.5-VL with 768 tokens (``original``, M-RoPE). The
 wrapped model runs with an attention backend that returns no weights.
 Budgets, batching, cache and backends on every family: the policy x family
-matrix in tests/test_policies_models.py.
+matrix in tests/families/test_policies_models.py.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import hooks_left, inputs, model_for, patch_positions
-from test_sparsevlm_oracles import _dpc_oracle, _raters_oracle
 
 import vtprune
+from policies.test_sparsevlm_oracles import _dpc_oracle, _raters_oracle
 from vtprune.policies import SparseVLM
 from vtprune.tiny import SampleSpec
 

@@ -398,20 +398,21 @@ def test_readme_policy_table_is_the_registry():
 
     from vtprune.policies import policy_table
 
-    readme = Path(__file__).resolve().parent.parent / "README.md"
+    readme = Path(__file__).resolve().parents[2] / "README.md"
     table = policy_table()
     assert table in readme.read_text(), "README.md's policy table differs from policy_table(); paste its output"
     assert table.count("\n") == len(vtprune.available_policies()) + 1
 
 
 def test_every_registered_policy_runs_in_the_family_matrix():
-    """Each registered policy is in tests/test_policies_models.py's POLICIES (or is a baseline tested on its own)."""
-    from test_policies_models import POLICIES
-    from test_video_policies import POLICIES as VIDEO_POLICIES  # video policies: their own matrix, video families
+    """Each registered policy is in tests/families/test_policies_models.py's POLICIES (or is a baseline tested on its own)."""
+    from families.test_policies_models import POLICIES
+
+    from policies.test_video_policies import POLICIES as VIDEO_POLICIES  # video policies: their own matrix, video families
 
     in_matrix = {make(3).name for make in [*POLICIES.values(), *VIDEO_POLICIES.values()]}
     baselines = {"random", "pooling", "fixed"}  # test_runtime / test_policies_unit cover them on every family
     # pixelprune takes no budget (the matrix checks budgets) and runs on the families whose tower it can shorten:
-    # tests/test_pixelprune.py runs the same invariants (batch, cache, report) on each of them
+    # tests/policies/test_pixelprune.py runs the same invariants (batch, cache, report) on each of them
     budget_free = {"pixelprune"}
     assert set(vtprune.available_policies()) - baselines - budget_free <= in_matrix
