@@ -72,6 +72,8 @@ class CallRecord:
     layer_q: dict[int, torch.Tensor] = field(default_factory=dict)
     #: per policy (its index in the pipeline): ``(layer, part) -> (B, L)`` sub-block statistics
     sub_block_stats: dict[int, dict[tuple[int, str], torch.Tensor]] = field(default_factory=dict)
+    #: what a progressive policy computes at its first prune point and reads at the later ones of this prefill
+    prefill_memo: dict[Any, Any] = field(default_factory=dict)
 
     def fresh_vision(self) -> VisionCapture:
         """The capture to record an encoder call into: a new one once a prefill consumed the last."""
@@ -84,3 +86,4 @@ class CallRecord:
         self.layer_inputs.clear()
         self.layer_q.clear()
         self.sub_block_stats.clear()
+        self.prefill_memo.clear()

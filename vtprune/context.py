@@ -46,7 +46,10 @@ class StageContext:
     merged input embeddings for vision/projector, the input of decoder layer
     ``layer`` for llm. ``alive[b][i]`` are the grid indices (within image i's
     own patch tokens, ascending) still present; ``seq_positions[b][i]`` are
-    where those tokens sit in ``hidden`` now.
+    where those tokens sit in ``hidden`` now. Rows a policy inserted inside
+    the LLM (SparseVLM's merged tokens) follow the image's kept tokens and are
+    named N + g in ``alive`` (N the image's token count, g the grid index of
+    the token each stands at): never a grid index.
     """
 
     stage: str
@@ -68,6 +71,8 @@ class StageContext:
     #: the language model's declared extra inputs (``adapter.sequence_tensors``) as the prefill got them,
     #: before any prune (vision/projector stages): e.g. Qwen3-VL's DeepStack features (`feature_levels`)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: (llm stage) a progressive policy's values of this prefill, kept from one of its prune points to the next
+    prefill_memo: dict[Any, Any] = field(default_factory=dict)
     _memo: dict[Any, Any] = field(default_factory=dict)
 
     @property

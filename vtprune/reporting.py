@@ -23,7 +23,9 @@ class Report:
     image's own token grid (raster order, ascending, newlines skipped); a
     video's stages also say, per frame, its tokens before (``frames_before``)
     and after (``frames``: T counts, frame t holding indices t * P .. t * P + P - 1); a policy that
-    merges says which kept tokens' rows are merges (``merged``, a subset of ``kept``); STAGE is
+    merges says which kept tokens' rows are merges (``merged``, a subset of ``kept``); a stage that
+    leaves new rows in the sequence (SparseVLM's recycled tokens, rows that were not in the input)
+    says how many under ``inserted``: ``after`` counts them, ``kept`` lists only the image's own tokens. STAGE is
     ``vision`` (selected from vision-encoder signals, applied where the
     projector stage is: the vision tower itself sees every token),
     ``projector`` or ``llm@K``. ``ms`` is the policy's selection
@@ -60,15 +62,20 @@ class Report:
                 name, n = key, 2
                 while name in image["stages"]:
                     name, n = f"{key}#{n}", n + 1
+                own = a_i < image["tokens"]  # inserted rows are named N + g (see StageRunner.apply)
+                inserted = int((~own).sum())
                 image["stages"][name] = {
                     "before": int(b_i.numel()),
                     "after": int(a_i.numel()),
-                    "kept": a_i.tolist(),
+                    "kept": torch.sort(a_i[own]).values.tolist() if inserted else a_i.tolist(),
                     "ms": round(ms, 4),
                 }
+                if inserted:
+                    image["stages"][name]["inserted"] = inserted
+                    a_i = a_i[own]
                 if image["kind"] == "video" and per_frame:
                     frames = image["tokens"] // per_frame
-                    image["stages"][name]["frames_before"] = _per_frame(b_i, per_frame, frames)
+                    image["stages"][name]["frames_before"] = _per_frame(b_i[b_i < image["tokens"]], per_frame, frames)
                     image["stages"][name]["frames"] = _per_frame(a_i, per_frame, frames)
                 if i in merged.get(b, {}):
                     image["stages"][name]["merged"] = merged[b][i].tolist()

@@ -572,11 +572,11 @@ class Runtime:
             state = record.state
             record.current_layer = idx
             if record.in_prefill:
-                if idx in self.plan.reads.decoder_inputs:
-                    record.layer_inputs[idx] = hidden_states
                 if idx in self.plan.prune_layers:
                     hidden_states = self.stages.prune_llm(record, state, idx, hidden_states, kwargs)
                     self._refuse_labels(state.levels[-1].removed)
+                if idx in self.plan.reads.decoder_inputs:  # what the layer runs on: after a prune before it
+                    record.layer_inputs[idx] = hidden_states
             level = state.level_for(idx)
             if level.layer > 0:
                 kwargs = self.stages.substitute(level, idx, kwargs)

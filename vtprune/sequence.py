@@ -23,6 +23,23 @@ from .layout import SampleLayout
 
 
 @dataclass(frozen=True)
+class Insertion:
+    """Rows a prune point adds to one image (SparseVLM's merged tokens): rows that were not in the sequence.
+
+    ``values`` ``(c, D)`` go right after the image's current tokens, in this
+    order, at sequence position ``after`` (the image's last current token,
+    itself kept or not) of the sequence being shortened. Row j stands for
+    the token at ``sources[j]`` (a pruned position of the same sequence): its
+    position id, rotary rows, mask column, per-token statistics and declared
+    extras (for a ``rows_of`` extra: that token's row) are that token's.
+    """
+
+    values: torch.Tensor
+    sources: torch.Tensor
+    after: int
+
+
+@dataclass(frozen=True)
 class SequenceTensor:
     """An adapter's declaration of one extra tensor of the language model's inputs that a prune must shorten.
 
@@ -74,6 +91,7 @@ class Sequence:
         compact_positions: bool,
         declared: tuple[SequenceTensor, ...] = (),
         rotary_fn=None,
+        inserted: list[list[Insertion | None]] | None = None,
     ) -> tuple[Sequence, torch.Tensor]:
         """Keep only the visual tokens at ``seq_positions`` (current positions, after a selection) and every other token.
 
@@ -88,7 +106,10 @@ class Sequence:
         (``-1``: re-padding). ``compact_positions`` renumbers the attended
         tokens 0..n-1 (and recomputes rotary tables with ``rotary_fn`` where
         this point has them); otherwise positions and rotary tables are
-        gathered.
+        gathered. ``inserted[b][i]`` (llm stage) adds new rows to image i
+        (`Insertion`); its new positions follow the kept ones in
+        ``seq_positions`` of the result (``alive`` names them already), and
+        the returned index points at each new row's source token.
         """
         visual = torch.zeros_like(self.mask2d, dtype=torch.bool)
         kept = torch.zeros_like(visual)
@@ -102,9 +123,15 @@ class Sequence:
             attended = self.mask2d.bool()
             inside = attended.cummax(dim=1).values & attended.flip(1).cummax(dim=1).values.flip(1)
             keep = (inside & ~visual) | kept
-        index = keep_index(keep, pad_left)
+        fresh = None
+        if inserted is not None and any(ins is not None for per in inserted for ins in per):
+            index, fresh, values = _index_with_insertions(keep, inserted, pad_left)
+        else:
+            index = keep_index(keep, pad_left)
         new_mask = gather_seq(self.mask2d, index)
         hidden = gather_seq(self.hidden, index)
+        if fresh is not None:
+            hidden[fresh] = values.to(device=hidden.device, dtype=hidden.dtype)
         rotary, positions = self.rotary, self.position_ids
         if compact_positions:
             renumbered = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
@@ -121,6 +148,9 @@ class Sequence:
         old_len = self.mask2d.shape[1]
         extras, rows = _gather_extras(self.extras, declared, keep, index)
         row_index = {name: self.row_index[name][r] if name in self.row_index else r for name, r in rows.items()}
+        new_positions = remap(seq_positions, index, old_len)
+        if fresh is not None:
+            new_positions = _append_inserted(new_positions, inserted, fresh)
         shortened = replace(
             self,
             hidden=hidden,
@@ -128,7 +158,7 @@ class Sequence:
             position_ids=positions,
             rotary=rotary,
             alive=alive,
-            seq_positions=remap(seq_positions, index, old_len),
+            seq_positions=new_positions,
             question_positions=remap([[q] for q in self.question_positions], index, old_len, flat=True),
             extras=extras,
             row_index=row_index,
@@ -150,11 +180,69 @@ def _gather_extras(extras: dict[str, Any], declared: tuple[SequenceTensor, ...],
             mask = extras.get(spec.rows_of)  # the mask before this prune (``out`` may hold the shortened one)
             if mask is None:
                 raise RuntimeError(f"{spec.name} is declared as rows of {spec.rows_of!r}, which the inputs lack")
-            # kept flags of the mask's positions, row-major: one per row of the tensor
-            rows = torch.nonzero(keep[mask.bool()]).flatten()
+            # the row of each position the index picks (an inserted row: its source's), in row-major order
+            mask = mask.bool().to(index.device)
+            row_of = (mask.flatten().long().cumsum(0) - 1).view(mask.shape)
+            picked = index.clamp(min=0)
+            rows = row_of.gather(1, picked)[(index >= 0) & mask.gather(1, picked)]
             out[spec.name] = _each(value, lambda t, d=spec.dim, r=rows: t.index_select(d, r.to(t.device)))
             kept_rows[spec.name] = rows
     return out, kept_rows
+
+
+def _index_with_insertions(keep: torch.Tensor, inserted: list[list[Insertion | None]], pad_left: bool):
+    """`keep_index` with new rows: (index ``(B, L')``, True at the new rows' slots, their values in row-major order).
+
+    Each sample's rows: its kept positions ascending, an image's inserted
+    rows right after position ``after`` (in their order); re-padded on the
+    side the batch is padded. The index of a new row is its source's position.
+    """
+    bsz = keep.shape[0]
+    device = keep.device
+    rows, flags, values = [], [], []
+    for b in range(bsz):
+        kept = torch.nonzero(keep[b]).flatten()
+        per = [ins for ins in (inserted[b] if b < len(inserted) else []) if ins is not None and ins.values.shape[0]]
+        width = 1 + max((ins.values.shape[0] for ins in per), default=0)
+        keys = [kept * width]
+        src = [kept]
+        flag = [torch.zeros_like(kept, dtype=torch.bool)]
+        for ins in per:
+            c = ins.values.shape[0]
+            keys.append(ins.after * width + 1 + torch.arange(c, device=device))
+            src.append(ins.sources.to(device=device, dtype=torch.long))
+            flag.append(torch.ones(c, dtype=torch.bool, device=device))
+        order = torch.argsort(torch.cat(keys), stable=True)
+        rows.append(torch.cat(src)[order])
+        flags.append(torch.cat(flag)[order])
+        for ins in sorted(per, key=lambda ins: ins.after):
+            values.append(ins.values)
+    width = max(r.numel() for r in rows)
+    index = torch.full((bsz, width), -1, dtype=torch.long, device=device)
+    fresh = torch.zeros(bsz, width, dtype=torch.bool, device=device)
+    for b, (r, f) in enumerate(zip(rows, flags)):
+        sl = slice(width - r.numel(), width) if pad_left else slice(0, r.numel())
+        index[b, sl] = r
+        fresh[b, sl] = f
+    return index, fresh, torch.cat(values)
+
+
+def _append_inserted(seq_positions, inserted, fresh: torch.Tensor):
+    """Each image's new positions: its kept ones (remapped), then the slots of its inserted rows."""
+    out = []
+    for b, per_image in enumerate(seq_positions):
+        slots = torch.nonzero(fresh[b]).flatten()
+        order = sorted(range(len(per_image)), key=lambda i: inserted[b][i].after if inserted[b][i] is not None else 0)
+        taken, mapped = 0, list(per_image)
+        for i in order:
+            ins = inserted[b][i]
+            if ins is None or not ins.values.shape[0]:
+                continue
+            c = ins.values.shape[0]
+            mapped[i] = torch.cat([per_image[i], slots[taken: taken + c].to(per_image[i])])
+            taken += c
+        out.append(mapped)
+    return out
 
 
 def _each(value, fn):

@@ -22,7 +22,7 @@ from .plan import Plan
 from .policies.base import Policy, Selection
 from .policies.vit_layer import encoder_kept
 from .reporting import Report
-from .sequence import Level, PrefillState, Sequence
+from .sequence import Insertion, Level, PrefillState, Sequence
 
 
 class StageRunner:
@@ -89,7 +89,10 @@ class StageRunner:
                 continue
             ctx = self._context(record, policy.stage, layouts, hidden, alive, seq_pos, sequence.question_positions,
                                 extras=sequence.extras)
-            hidden, alive, seq_pos = self.apply(record, position, policy, ctx, report)
+            hidden, alive, seq_pos, inserted = self.apply(record, position, policy, ctx, report)
+            if inserted is not None:
+                raise RuntimeError(f"{policy.describe()} returned merged rows to insert at the {policy.stage} stage; "
+                                   "rows are inserted inside the language model only (llm stage)")
         # a row without any attended token says nothing about the side the batch is padded on
         pad_left = not bool((~valid[valid.any(1), -1]).any())
         short, index = replace(sequence, hidden=hidden).compact(
@@ -147,8 +150,14 @@ class StageRunner:
     def apply(self, record: CallRecord, index: int, policy: Policy, ctx: StageContext, report: Report):
         """Run one policy (or reuse the call's earlier selection), then narrow the alive sets and write merged features.
 
-        Selection runs without autograd: it needs no gradient, and the greedy
-        ops write into preallocated buffers.
+        Returns (hidden, alive, kept positions, insertions): a selection's
+        ``merged`` rows (`Selection`) come back as one `Insertion` per image
+        (None where an image has none; None overall when no image has any),
+        and their tokens are already in ``alive`` (after the kept ones) as
+        ``N + g`` for the grid index g of the token each stands at, N the
+        image's token count: unique, never a grid index, and the report
+        counts them apart. Selection runs without autograd: it needs no
+        gradient, and the greedy ops write into preallocated buffers.
         """
         start = time.perf_counter()
         key = (index, ctx.layer)
@@ -167,7 +176,7 @@ class StageRunner:
             torch.cuda.synchronize(ctx.hidden.device)
         ms = (time.perf_counter() - start) * 1000.0
         hidden = ctx.hidden
-        alive, seq_pos = [], []
+        alive, seq_pos, inserted = [], [], []
         merged: dict[int, dict[int, torch.Tensor]] = {}
         wrote = False
         for b, per_image in enumerate(selections):
@@ -176,7 +185,7 @@ class StageRunner:
                     f"{policy.describe()} returned {len(per_image)} selections for sample {b} with "
                     f"{ctx.num_images(b)} images"
                 )
-            a_b, s_b = [], []
+            a_b, s_b, i_b = [], [], []
             for i, sel in enumerate(per_image):
                 idx = sel.indices.to(device=hidden.device, dtype=torch.long)
                 order = torch.argsort(idx)
@@ -191,10 +200,33 @@ class StageRunner:
                     merged.setdefault(b, {})[i] = ctx.alive[b][i][idx[sel.merged.to(idx.device)[order]]]
                 a_b.append(ctx.alive[b][i][idx])
                 s_b.append(ctx.seq_positions[b][i][idx])
+                i_b.append(self._insertion(policy, ctx, b, i, idx, sel))
+                if i_b[-1] is not None:
+                    n = ctx.layouts[b].images[i].num_tokens
+                    stands_at = ctx.alive[b][i][sel.inserted_at.to(device=idx.device, dtype=torch.long)] % n
+                    a_b[-1] = torch.cat([a_b[-1], n + stands_at])
             alive.append(a_b)
             seq_pos.append(s_b)
+            inserted.append(i_b)
         report.stage(f"llm@{ctx.layer}" if ctx.stage == "llm" else ctx.stage, ctx.alive, alive, ms, merged=merged)
-        return hidden, alive, seq_pos
+        any_inserted = any(ins is not None for per in inserted for ins in per)
+        return hidden, alive, seq_pos, inserted if any_inserted else None
+
+    @staticmethod
+    def _insertion(policy: Policy, ctx: StageContext, b: int, i: int, kept: torch.Tensor,
+                   sel: Selection) -> Insertion | None:
+        """Image i's merged rows as an `Insertion` (after its last current token), or None; checked against the kept."""
+        if sel.inserted is None or sel.inserted.shape[0] == 0:
+            return None
+        at = sel.inserted_at
+        if at is None or at.numel() != sel.inserted.shape[0]:
+            raise RuntimeError(f"{policy.describe()}: every inserted row needs the token it stands at (inserted_at)")
+        at = at.to(device=kept.device, dtype=torch.long)
+        n_alive = ctx.alive[b][i].numel()
+        if bool(((at < 0) | (at >= n_alive)).any()) or bool(torch.isin(at, kept).any()) or at.unique().numel() != at.numel():
+            raise RuntimeError(f"{policy.describe()}: merged rows must stand at distinct tokens it did not keep")
+        positions = ctx.seq_positions[b][i]
+        return Insertion(values=sel.inserted, sources=positions[at], after=int(positions.max()))
 
     def decode(self, record: CallRecord, state: PrefillState, bound: dict[str, Any], embeds: torch.Tensor):
         """One decode step's inputs: each level's 2-D mask translated to its kept columns, positions fixed
@@ -288,12 +320,14 @@ class StageRunner:
             position_embeddings=rotary,
             mask2d=prev.mask2d,
             sub_block_stats=record.sub_block_stats.get(index_in_pipeline, {}),
+            prefill_memo=record.prefill_memo,
         )
         assert record.prefill_report is not None  # set at the prefill's start
-        hidden, alive, seq_pos = self.apply(record, index_in_pipeline, policy, ctx, record.prefill_report)
+        hidden, alive, seq_pos, inserted = self.apply(record, index_in_pipeline, policy, ctx, record.prefill_report)
         short, index = replace(sequence, hidden=hidden).compact(
             state.layouts, alive, seq_pos, pad_left=state.pad_left,
             compact_positions=self.plan.positions == "compact", declared=declared, rotary_fn=self.adapter.rotary,
+            inserted=inserted,
         )
         if _is_identity(index, prev.mask2d.shape[1]):
             # nothing left: the layers above keep running on what the layers below had (no new level)

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from families.test_policies_models import POLICIES
+from families.test_policies_models import POLICIES, make
 from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, single_spec
 from transformers import CompileConfig, DynamicCache, StaticCache
 
@@ -52,7 +52,7 @@ def test_no_cache_outlives_its_generate_call(family, policy):
     """The state a prefill leaves is kept with its cache, never keeping that cache alive itself."""
     model = model_for(family)
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, LIFETIME_POLICIES[policy](3))
+    vtprune.wrap(model, make(policy, 3, family) if policy in POLICIES else LIFETIME_POLICIES[policy](3))
     refs, handle = _cache_refs(model)
     try:
         for _ in range(3):

@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 from families.test_policies_models import POLICIES
+from families.test_policies_models import make as make_policy
 from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, single_spec
 
 import vtprune
@@ -142,7 +143,7 @@ def test_deepcopy_is_an_independent_wrapped_model(family):
 def test_forward_with_autograd_equals_no_grad(family, policy):
     model = model_for(family)
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, POLICIES[policy](3))
+    vtprune.wrap(model, make_policy(policy, 3, family))
     with torch.no_grad():
         want = model(**batch).logits
         kept = _kept(model)
@@ -157,7 +158,7 @@ def test_generate_without_cache_equals_cached_for_every_policy(family, policy):
     """Cached == uncached generation without replaying keep sets through `fixed`: generate selects once per call."""
     model = model_for(family)
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, POLICIES[policy](3))
+    vtprune.wrap(model, make_policy(policy, 3, family))
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
     kept = _kept(model)

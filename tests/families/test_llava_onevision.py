@@ -17,6 +17,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 import vtprune
 from vtprune.ops.leaders import prunesid_qwen_budget
 from vtprune.ops.select import topk_indices
+from vtprune.ops.sparsevlm import counts_after, stage_counts
 from vtprune.patches import adapter_for
 from vtprune.policies import HiPrune, Random, VisionZip
 from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, Geometry, SampleSpec, make_inputs, tiny_config
@@ -208,7 +209,7 @@ def test_every_policy_runs_with_the_family_defaults_at_the_real_depths(policy):
     """model_zoo.yaml's llava_onevision defaults bind (no 'no reference' refusal) on SigLIP's 26 layers and a 28-layer LLM."""
     model = model_for(FAMILY, layers=28, vision_layers=26)
     batch = inputs(model, mixed_specs(FAMILY))
-    vtprune.wrap(model, policy, keep=4)
+    vtprune.wrap(model, policy, keep=64 if policy == "sparsevlm" else 4)  # sparsevlm: keep names a reference table
     out = model.generate(**batch, **gen_kwargs(2))
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
     for sample in vtprune.report(model).to_dict()["samples"]:
@@ -225,6 +226,8 @@ def test_every_policy_runs_with_the_family_defaults_at_the_real_depths(policy):
                         assert stage["frames"] == [image["tokens"] // t] + [0] * (t - 1)
         elif policy == "idpruner":  # one selection over the sample's images (the reference's): the total is exact
             assert sum(afters) == min(4 * len(afters), sum(i["tokens"] for i in sample["images"]))
+        elif policy == "sparsevlm":  # the keep=64 table scaled to each image's N, merged rows included
+            assert afters == [counts_after(i["tokens"], stage_counts(64, i["tokens"]))[-1] for i in sample["images"]]
         elif policy == "prunesid":  # the Qwen variant's reference count: max(round(M keep / 576), 16)
             assert afters == [prunesid_qwen_budget(i["tokens"], 4) for i in sample["images"]]
         else:

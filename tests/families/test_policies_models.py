@@ -3,6 +3,8 @@ backend without attention weights."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import ATTNS, gen_kwargs, inputs, mixed_specs, model_for, patch_positions, sample_alone
@@ -24,6 +26,7 @@ from vtprune.policies import (
     PruneSID,
     PyramidDrop,
     Scope,
+    SparseVLM,
     TransPrune,
     VisionZip,
     VisPruner,
@@ -51,7 +54,23 @@ POLICIES = {
     "vispruner": lambda k: VisPruner(keep=k),
     # the Qwen variant's reference count, max(round(M keep / 576), 16), would keep tiny images whole: keep per image
     "prunesid": lambda k: PruneSID(keep=k, reference_budget=False),
+    # two pruning layers on the 4-layer tiny models (scoring layers 1 and 2); K_s = (2k, k), merged rows inserted
+    "sparsevlm": lambda k: SparseVLM(budgets=(2 * k, k) if isinstance(k, int) else (4, 2), prune_after=(2, 3)),
 }
+
+
+def make(policy: str, k, family: str):
+    """``POLICIES[policy](k)`` for `family`'s tiny model (sparsevlm on qwen3_5: its one full-attention layer, 1, scores)."""
+    made = POLICIES[policy](k)
+    if policy == "sparsevlm" and family == "qwen3_5":
+        made = dataclasses.replace(made, budgets=made.budgets[-1:], prune_after=(2,))
+    return made
+
+
+def sparsevlm_merged(n: int, k: int) -> int:
+    """Merged rows one SparseVLM pruning layer adds to n current tokens at budget k (the reference's arithmetic)."""
+    kept = min(k, n - 1)
+    return int((int((n - kept) * 0.3) + 1) / 10) + 1
 
 
 def zoo_layer(family: str, policy: str, default: int) -> int:
@@ -84,14 +103,15 @@ def _replay(data):
 def test_budgets_and_cache(family, attn, policy):
     model = model_for(family, attn)
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, POLICIES[policy](3))
+    vtprune.wrap(model, make(policy, 3, family))
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
     want_stages = {"entropyprune": [f"llm@{zoo_layer(family, 'entropyprune', 1)}"],
                    "fastv": [f"llm@{zoo_layer(family, 'fastv', 2)}"], "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
                    "dart": [f"llm@{zoo_layer(family, 'dart', 2)}"], "pdrop": ["llm@1", "llm@3"],
                    "visionzip": ["vision"], "scope": ["vision"], "vispruner": ["vision"],
-                   "prunesid": ["vision"]}.get(policy, ["projector"])
+                   "prunesid": ["vision"],
+                   "sparsevlm": ["llm@2"] if family == "qwen3_5" else ["llm@2", "llm@3"]}.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:
         vtprune.wrap(model, _replay(data))  # the cached run's keep sets, every stage
@@ -103,7 +123,12 @@ def test_budgets_and_cache(family, attn, policy):
             name, stage = _stage(image)
             assert stage["kept"] == sorted(set(stage["kept"])) and all(0 <= k < image["tokens"] for k in stage["kept"])
             afters.append(stage["after"])
-            if policy not in ("idpruner_pooled", "idpruner_received"):
+            if policy == "sparsevlm":  # min(K, n - 1) kept (merged rows of the last layer among them), new merged rows
+                n = stage["before"]
+                assert stage["after"] == min(3, n - 1) + sparsevlm_merged(n, 3)
+                assert len(stage["kept"]) + stage["inserted"] == stage["after"]
+                assert stage["inserted"] >= sparsevlm_merged(n, 3)
+            elif policy not in ("idpruner_pooled", "idpruner_received"):
                 assert stage["after"] == min(3, image["tokens"])
         if policy in ("idpruner_pooled", "idpruner_received"):  # one selection over the sample's images: the total is exact
             assert sum(afters) == min(3 * len(afters), sum(i["tokens"] for i in sample["images"]))
@@ -113,7 +138,7 @@ def test_budgets_and_cache(family, attn, policy):
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_batch_equals_one_by_one(family, policy):
     model = model_for(family, "sdpa")
-    vtprune.wrap(model, POLICIES[policy](0.25))
+    vtprune.wrap(model, make(policy, 0.25, family))
     batch = inputs(model, mixed_specs(family))
     together = model(**batch).logits[:, -1]
     kept_together = vtprune.report(model).to_dict()["samples"]
@@ -132,7 +157,7 @@ def test_selections_do_not_depend_on_the_attention_backend(family, policy):
     picks = {}
     for name in ("eager", "sdpa", "vtprune_noweights"):
         model = model_for(family, name)
-        vtprune.wrap(model, POLICIES[policy](3))
+        vtprune.wrap(model, make(policy, 3, family))
         model(**inputs(model, mixed_specs(family)))
         samples = vtprune.report(model).to_dict()["samples"]
         picks[name] = [[{k: v["kept"] for k, v in i["stages"].items()} for i in s["images"]] for s in samples]

@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 import torch
-from families.test_policies_models import POLICIES
+from families.test_policies_models import POLICIES, make
 from helpers import inputs, mixed_specs, model_for
 
 import vtprune
@@ -25,7 +25,7 @@ def _run(family: str, attn: str, policy: str, dtype: torch.dtype):
     batch = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs(model, mixed_specs(family)).items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    with vtprune.pruned(model, POLICIES[policy](3)):
+    with vtprune.pruned(model, make(policy, 3, family)):
         logits = model(**batch).logits[:, -1].float().cpu()  # the last position: real in every sample
         samples = vtprune.report(model).to_dict()["samples"]
     picks = [[{k: v["kept"] for k, v in i["stages"].items()} for i in s["images"]] for s in samples]

@@ -1,8 +1,7 @@
 """SparseVLM (code v1.5) selection over tensors: text raters, per-stage counts, top-k and DPC-KNN recycling.
 
-Pure fp32 functions (no model). The llm-stage policy that drives them needs
-the runtime to insert merged rows into the sequence; it is not registered
-yet (see the README), so these are the tested building blocks.
+Pure fp32 functions (no model), driven by the llm-stage policy
+`vtprune.policies.sparsevlm.SparseVLM` (the runtime inserts its merged rows).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from .pdrop import PyramidDrop
 from .pixelprune import PixelPrune
 from .prunesid import PruneSID
 from .scope import Scope
+from .sparsevlm import SparseVLM
 from .transprune import TransPrune
 from .video import EVS, DyCoke, FastVID, VidCom2
 from .visionzip import VisionZip
@@ -57,6 +58,7 @@ __all__ = [
     "Scope",
     "Selection",
     "Signals",
+    "SparseVLM",
     "TransPrune",
     "VidCom2",
     "VisionZip",

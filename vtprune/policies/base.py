@@ -20,6 +20,8 @@ Class constants, read without a model (registry, Pipeline checks, README table):
   them from model_zoo.yaml, then `resolve` checks them against the model.
 - ``whole_grid``: True when it reads each image's whole token grid (it must
   come first in a Pipeline).
+- ``first_llm``: True when it reads layer 0's sequence at its own prune
+  points (SparseVLM's raters): no llm-stage policy may come before it.
 - ``rounding``: how a fractional ``keep`` becomes a count (``"round"``/``"floor"``).
 
 One method, on the bound policy: `signals()` returns a `Signals` value, the
@@ -163,7 +165,7 @@ class Signals:
 
 @dataclass
 class Selection:
-    """Kept tokens of one image: indices into its alive tokens, optionally new features.
+    """Kept tokens of one image: indices into its alive tokens, optionally new features and new rows.
 
     ``values`` (``(k, D)``, same order as ``indices``) replace the kept tokens'
     features, for policies that merge or pool (Pooling, VisionZip, FastVID).
@@ -172,12 +174,20 @@ class Selection:
     one ``(k, D')`` tensor per level in `StageContext.feature_levels`'s order
     (Qwen3-VL's DeepStack rows merged like the sequence's). ``merged`` (bool
     per index) marks the kept rows that are merges (the report's ``merged``).
+    ``inserted`` (``(c, D)``, llm stage only) are rows that were not in the
+    sequence, inserted right after the image's current tokens in this order
+    (SparseVLM's recycled tokens); row j stands at the alive token
+    ``inserted_at[j]``, one the selection does not keep: it takes that token's
+    position id (``positions="original"``) and is a visual token of the
+    image at later prune points.
     """
 
     indices: torch.Tensor
     values: torch.Tensor | None = None
     level_values: list[torch.Tensor] | None = None
     merged: torch.Tensor | None = None
+    inserted: torch.Tensor | None = None
+    inserted_at: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,8 @@ class Policy:
     zoo_fields: ClassVar[tuple[str, ...]] = ()
     #: True for policies that read each image's whole grid: they must come first in a Pipeline
     whole_grid: ClassVar[bool] = False
+    #: True for llm-stage policies that read layer 0's sequence at their prune points: first llm stage in a Pipeline
+    first_llm: ClassVar[bool] = False
     #: how a fractional keep becomes a count
     rounding: ClassVar[str] = "round"
 
@@ -478,6 +490,11 @@ class Pipeline:
                 raise ValueError(
                     f"{p.describe()} reads each image's whole token grid; put it first in a Pipeline "
                     f"(it is at position {position} of {', '.join(q.stage_key for q in self.policies)})"
+                )
+            if p.first_llm and any(q.stage == "llm" for q in self.policies[:position]):
+                raise ValueError(
+                    f"{p.describe()} reads layer 0's sequence at its prune points; put it before every other "
+                    f"llm-stage policy in a Pipeline (got {', '.join(q.stage_key for q in self.policies)})"
                 )
 
     def bind(self, adapter) -> Pipeline:
