@@ -333,16 +333,16 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     decode_full = median(dec[None])
     wrap_ms = median(w_times["wrapped, full budget"])
     rows = []
-    for keep, vit in [(keep, vit) for keep in budgets for vit in (None, *vit_layers)]:
+    for keep, vit_at in [(keep, v) for keep in budgets for v in (None, *vit_layers)]:
         entry = per_budget[str(keep)]
-        stages = after[(keep, vit)]
-        name = label(keep, vit)
+        stages = after[(keep, vit_at)]
+        name = label(keep, vit_at)
         kept = list(stages.values())[-1]["after"]  # what the policy kept (pixelprune: what its predictor kept)
         vt_ms = median(w_times[name])
         sel_ms = median(sel_times[name])
         new_seq = seq - n_visual + kept
         row = dict(
-            family=family, batch=batch_size, policy=policy, keep=keep, vit_layer=vit, visual_before=n_visual,
+            family=family, batch=batch_size, policy=policy, keep=keep, vit_layer=vit_at, visual_before=n_visual,
             visual_after=kept,
             seq_len=seq, pruned_seq_len=new_seq,
             prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,

@@ -36,6 +36,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -220,9 +221,9 @@ def _load(model_ref: str):
 def shown_policy(policy: str, keep, tau: float | None = None, vit_layer: int | None = None, **options):
     """The policy ``show`` runs: a name, or ``pixelprune+NAME`` (a Pipeline); pixelprune takes ``tau``, not
     ``keep``; ``vit_layer`` goes to the first budgeted policy."""
-    from ..policies.base import Pipeline, make_policy
+    from ..policies.base import Pipeline, Policy, make_policy
 
-    made = []
+    made: list[Policy | Pipeline] = []
     for name in policy.split("+"):
         if name == "pixelprune":
             made.append(make_policy(name, **({} if tau is None else {"tau": tau})))
@@ -231,7 +232,7 @@ def shown_policy(policy: str, keep, tau: float | None = None, vit_layer: int | N
         if vit_layer is not None and not any(getattr(p, "vit_layer", None) for p in made):
             extra["vit_layer"] = vit_layer
         made.append(make_policy(name, keep=keep, **extra))
-    return made[0] if len(made) == 1 else Pipeline(made)
+    return made[0] if len(made) == 1 else Pipeline(cast(list[Policy], made))  # each name is one policy
 
 
 def show(image_path: str | Path, model_ref: str, policy: str, keep, out: str | Path, question: str,

@@ -225,6 +225,21 @@ class Adapter:
         """Values per unit of every encoder call, in the processor's (raster) order -> image ``i`` of sample ``b``'s."""
         raise NotImplementedError
 
+    # --- pruning inside the encoder (vit_layer; families with `vit_prune` implement these) ---------------
+    def encoder_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states between two ViT blocks -> the projector input's rows (one per patch / unit)."""
+        raise NotImplementedError
+
+    def encoder_keep_units(self, grid_thw: Any, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]
+                           ) -> torch.Tensor:
+        """``(image, indices)`` pairs of one tower call -> the bool keep mask the tower applies."""
+        raise NotImplementedError
+
+    def encode_pruned_after(self, original: Any, pixel_values: torch.Tensor, grid_thw: Any, kwargs: dict[str, Any],
+                            at: int, choose: Any) -> tuple[Any, torch.Tensor | None]:
+        """Run the tower, choosing the kept tokens after block ``at - 1`` and running the blocks after on them only."""
+        raise NotImplementedError
+
     # --- layouts -------------------------------------------------------
     def layouts(self, captured: dict[str, Any], inputs_embeds: torch.Tensor) -> list[SampleLayout] | None:
         """Visual layout of every sample, or None when the batch holds no visual tokens."""

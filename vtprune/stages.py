@@ -202,6 +202,7 @@ class StageRunner:
                 s_b.append(ctx.seq_positions[b][i][idx])
                 i_b.append(self._insertion(policy, ctx, b, i, idx, sel))
                 if i_b[-1] is not None:
+                    assert sel.inserted_at is not None  # checked by _insertion
                     n = ctx.layouts[b].images[i].num_tokens
                     stands_at = ctx.alive[b][i][sel.inserted_at.to(device=idx.device, dtype=torch.long)] % n
                     a_b[-1] = torch.cat([a_b[-1], n + stands_at])

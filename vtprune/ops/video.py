@@ -391,7 +391,7 @@ def fastvid_ov_select(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: i
         rest[top] = False
         rest = torch.nonzero(rest).flatten() + f * p
         others.append(rest)
-        scores.append(_density_score(xf[rest], noise[f]) if any(slots) else None)
+        scores.append(_density_score(xf[rest], noise[f]) if any(slots) else torch.empty(0))  # read only where slots
     start = 0
     for length in segments:
         pool = torch.cat(others[start : start + length])

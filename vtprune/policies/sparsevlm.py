@@ -92,7 +92,7 @@ class SparseVLM(Policy):
         seed: seed of the DPC-KNN noise; default 0.
     """
 
-    keep: int | None = 64
+    keep: int | None = 64  # type: ignore[assignment]  # None with `budgets`
     budgets: Sequence[int] | None = None
     prune_after: Sequence[int] | None = None
     recycle: bool = True
@@ -152,10 +152,10 @@ class SparseVLM(Policy):
 
     def stage_counts(self, n: int) -> tuple[int, ...]:
         """K_s at each pruning layer for an image of ``n`` tokens (`vtprune.ops.sparsevlm.stage_counts`)."""
-        return ops.stage_counts(self.keep, n, self.budgets)
+        return ops.stage_counts(self.keep, n, None if self.budgets is None else tuple(self.budgets))
 
     def select(self, ctx: StageContext) -> list[list[Selection]]:
-        step = tuple(self.prune_after).index(ctx.layer)
+        step = tuple(self.resolved("prune_after")).index(ctx.layer)
         if step == 0:  # the sequence is still layer 0's (`first_llm`): the raters' positions hold there
             for b in range(ctx.batch_size):
                 for i in range(ctx.num_images(b)):
@@ -190,6 +190,7 @@ class SparseVLM(Policy):
             rows = torch.nonzero(ctx.valid(b)).flatten()[-1:]
         else:
             rows = self._text_after(ctx, b, i)[raters.to(device)]
+        assert ctx.layer is not None  # an llm-stage context
         layer = ctx.layer - 1
         attention = ctx.attention_rows(layer, ctx.layer_input(layer)[b], b, rows)
         score = attention.mean(dim=0)[ctx.seq_positions[b][i]]

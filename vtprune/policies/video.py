@@ -288,7 +288,7 @@ class FastVID(VideoPolicy):
             layer (the last block on Qwen, as the official).
     """
 
-    keep: int | float | None = None
+    keep: int | float | None = None  # type: ignore[assignment]  # None: model_zoo.yaml's per-family budget
     segments: int = 8
     tau: float | None = None
     ignore: float | None = None
@@ -342,7 +342,7 @@ class FastVID(VideoPolicy):
         out = []
         for i, image in enumerate(ctx.layouts[b].images):
             n = int(ctx.alive[b][i].numel())
-            if not image.is_video or keeps_all(self.keep, n):
+            if not image.is_video or keeps_all(self.resolved("keep"), n):
                 out.append(Selection(torch.arange(n, device=ctx.hidden.device)))
                 continue
             out.append(self.select_one(ctx, b, i, image.num_frames, image.frame_tokens))
@@ -352,15 +352,15 @@ class FastVID(VideoPolicy):
         x = ctx.features(b, i).reshape(t, p, -1)
         g = x.float().mean(dim=1)
         layer = self.resolved("vision_layer") - 1
+        keep, tau = self.resolved("keep", "tau")
         if self.path == "onevision":
             a = ctx.vision_attention(b, i, layer).reshape(t, p)
-            salient, _ = fastvid_counts(p, self.keep, self.context, t)
+            salient, _ = fastvid_counts(p, keep, self.context, t)
             noise = fastvid_noise(t, p - salient, self.seed)
-            pick = fastvid_ov_select(x, g, a, self.keep, noise, self.segments, self.tau, self.context, self.stride,
-                                     self.beta)
+            pick = fastvid_ov_select(x, g, a, keep, noise, self.segments, tau, self.context, self.stride, self.beta)
         else:
             a = ctx.vision_frame_saliency(b, i, layer).reshape(t, p)
-            pick = fastvid_qwen_select(x, g, a, self.keep, self.seed, self.segments, self.tau, self.ignore,
+            pick = fastvid_qwen_select(x, g, a, keep, self.seed, self.segments, tau, self.resolved("ignore"),
                                        self.context, self.stride, self.beta)
         kept = pick.indices.numel()
         levels = [fastvid_apply(pick.mix, kept, lv) for lv in ctx.feature_levels(b, i)]
