@@ -68,12 +68,15 @@ import torch
 from torch import nn
 
 from vtprune.measure import interleaved, median, peak_bytes
+from vtprune.ops.coverage import coverage_select
 from vtprune.ops.dart import dart_select
+from vtprune.ops.diversity import divprune_select
 from vtprune.ops.dpp import cdpruner_select, minmax_llm, relevance_llm
 from vtprune.ops.entropy import matrix_entropy
-from vtprune.ops.greedy import cosine_similarity, coverage_select, divprune_select, mmr_select
+from vtprune.ops.greedy import cosine_similarity
 from vtprune.ops.holov import holov_select
 from vtprune.ops.leaders import pca_groups, prunesid_select, scope_select, vispruner_select
+from vtprune.ops.mmr import mmr_select
 from vtprune.ops.select import topk_indices
 from vtprune.patches.attention import layer_queries, vit_attention_received
 from vtprune.policies.mmtok import coverage_matrix

@@ -5,16 +5,13 @@ import math
 import pytest
 import torch
 
-from vtprune.ops import greedy
+from vtprune.ops import coverage, greedy, mmr
+from vtprune.ops.coverage import coverage_select, coverage_value
+from vtprune.ops.diversity import divprune_select
 from vtprune.ops.entropy import matrix_entropy
-from vtprune.ops.greedy import (
-    coverage_select,
-    coverage_value,
-    divprune_select,
-    minmax_normalize,
-    mmr_select,
-)
-from vtprune.ops.select import topk_indices
+from vtprune.ops.greedy import minmax_normalize
+from vtprune.ops.mmr import mmr_select
+from vtprune.ops.select import sanitize_scores, topk_indices
 from vtprune.patches.attention import layer_queries
 
 SEEDS = range(4)
@@ -28,11 +25,11 @@ def path(request, monkeypatch):
         monkeypatch.setattr(greedy, "LAZY_MAX_FRACTION", 0.0)
     else:
         monkeypatch.setattr(greedy, "LAZY_MAX_FRACTION", 1.0)
-        monkeypatch.setattr(greedy, "LAZY_MIN_ENTRIES", 0)
-        monkeypatch.setattr(greedy, "LAZY_BATCH", 3)
-        monkeypatch.setattr(greedy, "LAZY_HOT", 2)
-        monkeypatch.setattr(greedy, "COVERAGE_BATCH", 3)
-        monkeypatch.setattr(greedy, "LAZY_PENDING", 4)
+        monkeypatch.setattr(coverage, "LAZY_MIN_ENTRIES", 0)
+        monkeypatch.setattr(mmr, "LAZY_BATCH", 3)
+        monkeypatch.setattr(mmr, "LAZY_HOT", 2)
+        monkeypatch.setattr(coverage, "COVERAGE_BATCH", 3)
+        monkeypatch.setattr(mmr, "LAZY_PENDING", 4)
     return request.param
 
 
@@ -196,13 +193,13 @@ def test_mmr_tie_heavy_matches_brute_force(seed, lam, path):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("hot", [1, 16, 500])
 def test_mmr_lazy_equals_matrix_loop(seed, hot, monkeypatch):
-    monkeypatch.setattr(greedy, "LAZY_HOT", hot)  # 500: every refreshed candidate stays hot
+    monkeypatch.setattr(mmr, "LAZY_HOT", hot)  # 500: every refreshed candidate stays hot
     g = torch.Generator().manual_seed(seed)
     x, imp = torch.randn(300, 32, generator=g), torch.randn(300, generator=g)
     unit, norm = greedy.normalize_rows(x), minmax_normalize(imp)
-    want = greedy.mmr_matrix(greedy.cosine_similarity(x), norm, 120, 0.5)
+    want = mmr.mmr_matrix(greedy.cosine_similarity(x), norm, 120, 0.5)
     for batch in (1, 8, 64):
-        assert torch.equal(greedy.mmr_lazy(unit, norm, 120, 0.5, batch=batch), want)
+        assert torch.equal(mmr.mmr_lazy(unit, norm, 120, 0.5, batch=batch), want)
 
 
 def test_minmax_normalize():
@@ -275,10 +272,10 @@ def test_coverage_gains_never_increase_and_totals_are_f(seed, path):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_coverage_compaction_is_exact(seed, monkeypatch):
     cover = random_cover(seed, 6, 64)
-    plain = greedy.coverage_eager(cover, 40)
-    monkeypatch.setattr(greedy, "COMPACT_MIN_ENTRIES", 0)
-    monkeypatch.setattr(greedy, "_FIRST_COMPACTION", 1)
-    compacted = greedy.coverage_eager(cover, 40)
+    plain = coverage.coverage_eager(cover, 40)
+    monkeypatch.setattr(coverage, "COMPACT_MIN_ENTRIES", 0)
+    monkeypatch.setattr(coverage, "_FIRST_COMPACTION", 1)
+    compacted = coverage.coverage_eager(cover, 40)
     assert compacted.order.tolist() == plain.order.tolist() == brute_coverage(cover, 40)[0]
     assert torch.allclose(compacted.gains, plain.gains, rtol=1e-5, atol=1e-10)
 
@@ -298,9 +295,9 @@ def test_coverage_tie_heavy_matches_brute_force(seed, path):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_coverage_lazy_equals_eager(seed):
     cover = random_cover(seed, 8, 200)
-    want = greedy.coverage_eager(cover, 80)
+    want = coverage.coverage_eager(cover, 80)
     for batch in (1, 8, 64):
-        got = greedy.coverage_lazy(cover, 80, batch=batch)
+        got = coverage.coverage_lazy(cover, 80, batch=batch)
         assert got.order.tolist() == want.order.tolist()
         assert torch.allclose(got.gains, want.gains, rtol=1e-5, atol=1e-10)
 
@@ -354,7 +351,7 @@ def test_finite_fast_path_keeps_large_finite_values_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(greedy.finite_fp32(x), x)
-        assert torch.equal(greedy.sanitize_scores(x[0]), x[0])
+        assert torch.equal(sanitize_scores(x[0]), x[0])
 
 
 # --- matrix entropy -------------------------------------------------------------------

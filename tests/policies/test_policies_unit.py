@@ -11,8 +11,10 @@ import torch
 import vtprune
 from vtprune.context import StageContext, token_rows
 from vtprune.layout import ImageLayout, SampleLayout, SubGrid
+from vtprune.ops.coverage import coverage_select
+from vtprune.ops.diversity import divprune_select
 from vtprune.ops.entropy import matrix_entropy
-from vtprune.ops.greedy import coverage_select, divprune_select, mmr_select
+from vtprune.ops.mmr import mmr_select
 from vtprune.ops.select import topk_indices
 from vtprune.patches.attention import layer_queries
 from vtprune.patches.base import Adapter

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..context import StageContext
-from ..ops.greedy import divprune_select
+from ..ops.diversity import divprune_select
 from .base import Policy, Selection, register
 
 
@@ -19,7 +19,7 @@ class DivPrune(Policy):
 
     Source: "DivPrune: Diversity-based Visual Token Pruning for Large
     Multimodal Models" (CVPR 2025, code vbdi/divprune). Follows the official
-    code (`vtprune.ops.greedy.divprune_select`): distance ``1 - cosine`` of
+    code (`vtprune.ops.diversity.divprune_select`): distance ``1 - cosine`` of
     the post-projector features; the first pick is the token whose nearest
     other token is farthest; then repeatedly the token farthest from the
     picked set. Per image, ``K = round(N * keep)`` for a fraction. The

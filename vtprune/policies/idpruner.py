@@ -11,7 +11,8 @@ import torch
 from ..budget import resolve_budget
 from ..checks import check_bool, check_int, check_number
 from ..context import StageContext, token_rows
-from ..ops.greedy import COSINE_EPS, cosine_similarity, finite_fp32, mmr_select
+from ..ops.greedy import COSINE_EPS, cosine_similarity, finite_fp32
+from ..ops.mmr import mmr_select
 from .base import Policy, Selection, Signals, probe_depth, register
 from .selector import VisionSelector, load_selector
 
@@ -28,7 +29,7 @@ class IDPruner(Policy):
     post-projector features X of a sample: importance I min-max normalised
     to [0, 1]; cosine similarity S; first pick ``argmax I``, then
     repeatedly ``argmax lam * I - (1 - lam) * max_sim_to_picked``
-    (`vtprune.ops.greedy.mmr_select`). Like the reference, all images and
+    (`vtprune.ops.mmr.mmr_select`). Like the reference, all images and
     video frames of a sample form one selection problem with
     ``K = round(N_total * keep)`` (a fraction) or the sum of the images'
     budgets (a count); positions stay original.

@@ -11,7 +11,8 @@ import torch
 
 from ..budget import split_budget
 from ..context import StageContext
-from ..ops.greedy import cosine_similarity, coverage_select, finite_fp32
+from ..ops.coverage import coverage_select
+from ..ops.greedy import cosine_similarity, finite_fp32
 from .base import Policy, Selection, register
 
 
@@ -62,7 +63,7 @@ class MMTok(Policy):
     coverage matrix (`coverage_matrix`: the question's tokens against the
     post-projector tokens, and the pre-projector tokens against each other)
     and the greedy facility-location selection of the reference
-    (`vtprune.ops.greedy.coverage_select`). Each image of a sample uses that
+    (`vtprune.ops.coverage.coverage_select`). Each image of a sample uses that
     sample's question tokens (the adapter's question span; the LLaVA
     reference also drops stop-words and re-tokenises the question word by
     word, which an in-context selection cannot do); a sample without
