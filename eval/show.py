@@ -144,31 +144,31 @@ def render_video(frames: list[np.ndarray], grid: tuple[int, int], stage: dict, t
     plt.close(fig)
 
 
-VIDEO_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava_onevision")
-
-
 def show_video(image_path: str | Path, family: str, policy: str, keep, out: str | Path, frames: int = 16,
                shift: int = 4, **options) -> dict:
     """Prune a panning video made from one image with ``policy`` on the demo's ``family`` model; save the strip."""
     from ..demo import demo_model
-    from .video_bench import onevision_video_inputs, pan, qwen_video_inputs
+    from ..patches import family_spec, supported_video_demo
+    from .video_bench import pan
 
-    if family not in VIDEO_FAMILIES:
-        raise BadValue(f"vtprune show --video draws the demo models {', '.join(VIDEO_FAMILIES)}; got {family!r}")
-    qwen = family.startswith("qwen")
-    if qwen and frames % 2:
-        raise BadValue(f"--video {frames}: Qwen slots hold two frames each; give an even number of frames")
+    if family not in supported_video_demo():
+        raise BadValue(f"vtprune show --video draws the demo models {', '.join(supported_video_demo())}; "
+                       f"got {family!r}")
+    spec = family_spec(family)
+    per_slot = spec.frames_per_slot
+    if frames % per_slot:
+        raise BadValue(f"--video {frames}: {family}'s video slots hold {per_slot} frames each; give an even "
+                       "number of frames")
     model = demo_model(family)
-    side = 448 if qwen else model.config.vision_config.image_size
     with Image.open(image_path) as img:
         source = np.asarray(img.convert("RGB"))
-    pictures = pan(frames=frames, side=side, shift=shift, image=source)
-    inputs = (qwen_video_inputs if qwen else onevision_video_inputs)(model, pictures)
+    pictures = pan(frames=frames, side=spec.demo_video_side(model), shift=shift, image=source)
+    inputs = spec.demo_video(model, pictures)
     with api.pruned(model, policy, keep=keep, **options), torch.no_grad():
         model(**inputs)
         video = api.report(model).to_dict()["samples"][0]["images"][0]
     stage = video["stages"]["projector"]
-    shown = pictures[0::2] if qwen else pictures
+    shown = pictures[0::per_slot]
     per = video["tokens"] // len(shown)
     side_tokens = math.isqrt(per)
     title = f"{family} (demo, random weights) - policy {policy}, keep={keep}" + "".join(
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--video", type=int, metavar="N", help="draw a video policy on N frames of the image panned "
-                        "(--model: the demo family qwen2_5_vl, qwen2_vl or llava_onevision)")
+                        "(--model: a family whose demo builds videos: patches.supported_video_demo())")
     parser.add_argument("--shift", type=int, default=4, help="--video: pixels the window moves per frame (default 4)")
     parser.add_argument("--tau", type=float, default=None,
                         help="pixelprune's largest pixel difference still counted as a match (default 0: exact)")

@@ -27,7 +27,7 @@ from ..budget import parse_keep
 from ..checks import BadValue
 from ..demo import demo_model, photo
 from ..measure import median, timed
-from ..tiny import VIDEO_TOKEN, VISION_END, VISION_START
+from ..patches import family_spec, supported_video_demo
 
 FRAMES = 16
 
@@ -46,52 +46,11 @@ def pan(frames: int = FRAMES, side: int = 448, shift: int = 4, image: np.ndarray
     return [np.asarray(Image.fromarray(v).resize((side, side), Image.Resampling.BICUBIC)) for v in views]
 
 
-def qwen_video_inputs(model, frames: list[np.ndarray]) -> dict:
-    """Processor-equivalent Qwen2-VL video inputs: each slot holds two consecutive frames (patches C, t, p, p)."""
-    from transformers import Qwen2VLImageProcessorPil
-
-    vision = model.config.vision_config
-    merge, patch = vision.spatial_merge_size, vision.patch_size
-    pixels = frames[0].shape[0] * frames[0].shape[1]
-    proc = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=merge)
-    slots = []
-    for a, b in zip(frames[0::2], frames[1::2]):
-        pa, pb = (proc(f, return_tensors="pt") for f in (a, b))
-        grid = pa["image_grid_thw"][0]
-        ca, cb = (p["pixel_values"].view(-1, 3, 2, patch, patch)[:, :, 0] for p in (pa, pb))
-        slots.append(torch.stack([ca, cb], dim=2).flatten(1))  # the image processor repeats one frame in time
-    t, h, w = len(slots), int(grid[1]), int(grid[2])
-    n = t * h * w // merge**2
-    ids = [1, 5, 6, VISION_START] + [VIDEO_TOKEN] * n + [VISION_END] + list(range(20, 32))
-    ids_t = torch.tensor([ids])
-    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values_videos": torch.cat(slots),
-            "video_grid_thw": torch.tensor([[t, h, w]]), "second_per_grid_ts": torch.tensor([1.0]),
-            "mm_token_type_ids": (2 * (ids_t == VIDEO_TOKEN)).int()}
-
-
-def onevision_video_inputs(model, frames: list[np.ndarray]) -> dict:
-    """LLaVA-OneVision video inputs: each frame one base view (its image processor's first crop)."""
-    from transformers import LlavaOnevisionImageProcessorPil
-
-    from ..patches import adapter_for
-    from ..patches.llava_onevision import LlavaOnevisionAdapter
-
-    side = model.config.vision_config.image_size
-    proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
-                                           image_grid_pinpoints=model.config.image_grid_pinpoints)
-    views = torch.stack([proc(f, return_tensors="pt")["pixel_values"][0, 0] for f in frames])
-    adapter = adapter_for(model)
-    assert isinstance(adapter, LlavaOnevisionAdapter), type(adapter)
-    n = adapter.video_token_count(len(frames))
-    ids = torch.tensor([[1, 5, 6] + [VIDEO_TOKEN] * n + list(range(20, 32))])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": views[None]}
-
-
 def bench_family(family: str, policies: list[str], budgets: list, repeats: int, warmup: int) -> list[dict]:
     model = demo_model(family)
-    side = 448 if family.startswith("qwen") else model.config.vision_config.image_size
-    frames = pan(side=side)
-    inputs = (qwen_video_inputs if family.startswith("qwen") else onevision_video_inputs)(model, frames)
+    spec = family_spec(family)
+    frames = pan(side=spec.demo_video_side(model))
+    inputs = spec.demo_video(model, frames)
 
     def prefill():
         with torch.no_grad():
@@ -142,7 +101,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtprune.eval.video_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=["qwen2_5_vl", "llava_onevision"],
-                        choices=["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+                        choices=supported_video_demo())
     parser.add_argument("--policies", nargs="+", default=["evs", "vidcom2", "dycoke"])
     parser.add_argument("--keep", nargs="+", default=["0.25", "0.1"])
     parser.add_argument("--repeats", type=int, default=3)

@@ -48,6 +48,11 @@ def supported_video() -> list[str]:
     return sorted(t for t, cls in ADAPTERS.items() if cls.videos)
 
 
+def supported_video_demo() -> list[str]:
+    """The model types whose `FamilySpec` builds demo video inputs (``vtprune show --video``, the video bench)."""
+    return sorted(t for t, cls in ADAPTERS.items() if cls.spec.video_demo)
+
+
 def family_spec(model_type: str) -> FamilySpec:
     """The `FamilySpec` of a supported ``config.model_type``; a clear error for anything else."""
     if model_type not in ADAPTERS:

@@ -145,6 +145,10 @@ class FamilySpec:
     bench_bare: ClassVar[bool] = False
     #: True where ``vtprune show`` draws the kept patches (one view per image, `view_and_grid`)
     drawn: ClassVar[bool] = False
+    #: True where `demo_video` builds video inputs (``vtprune show --video``, ``eval.video_bench``)
+    video_demo: ClassVar[bool] = False
+    #: frames one video slot holds (Qwen: 2, a temporal patch); a demo video's frame count is a multiple of it
+    frames_per_slot: ClassVar[int] = 1
 
     # --- the tiny model -------------------------------------------------------
     def tiny_config(self, g: Geometry):
@@ -187,6 +191,14 @@ class FamilySpec:
         raise NotImplementedError
 
     # --- the demo's photo -----------------------------------------------------
+    def demo_video_side(self, model) -> int:
+        """The side in pixels of a demo video's square frames."""
+        return model.config.vision_config.image_size
+
+    def demo_video(self, model, frames: list) -> dict:
+        """Processor-equivalent inputs of one video (``frames``: HxWx3 uint8 arrays) in a short prompt."""
+        raise NotImplementedError(f"{type(self).__name__} builds no demo video")
+
     def demo_image(self, model, adapter, image, pixels: int) -> tuple[dict, list[int]]:
         """The processor's outputs for one photo and the placeholder ids of the prompt; `pixels`: the
         resize target of the dynamic-resolution families."""

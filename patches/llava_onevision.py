@@ -45,6 +45,8 @@ class LlavaOnevisionSpec(LlavaNextSpec):
     checkpoints' 384 px views and cap (up to 9 crops' worth of tokens before shrinking).
     """
 
+    video_demo = True
+
     hf_class = "LlavaOnevisionForConditionalGeneration"
     demo_geometry = {"image_size": 384}
     demo_config = {"vision_aspect_ratio": "anyres_max_9"}
@@ -104,6 +106,22 @@ class LlavaOnevisionSpec(LlavaNextSpec):
             if v_mine:
                 out["pixel_values_videos"] = batch["pixel_values_videos"][v_before : v_before + v_mine]
         return out
+
+    def demo_video(self, model, frames):
+        """LLaVA-OneVision video inputs: each frame one base view (its image processor's first crop)."""
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        from . import adapter_for
+
+        side = model.config.vision_config.image_size
+        proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                               image_grid_pinpoints=model.config.image_grid_pinpoints)
+        views = torch.stack([proc(f, return_tensors="pt")["pixel_values"][0, 0] for f in frames])
+        adapter = adapter_for(model)
+        assert isinstance(adapter, LlavaOnevisionAdapter), type(adapter)
+        n = adapter.video_token_count(len(frames))
+        ids = torch.tensor([[1, 5, 6] + [VIDEO_TOKEN] * n + list(range(20, 32))])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": views[None]}
 
     def demo_image(self, model, adapter, image, pixels):
         from transformers import LlavaOnevisionImageProcessorPil

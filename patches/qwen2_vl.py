@@ -38,6 +38,8 @@ class Qwen2VLSpec(FamilySpec):
 
     hf_class = "Qwen2VLForConditionalGeneration"
     drawn = True
+    video_demo = True  # Qwen2-VL, Qwen2.5-VL (Qwen3-VL and Qwen3.5 write timestamps: not built)
+    frames_per_slot = 2
 
     @staticmethod
     def parts(g: Geometry) -> tuple[dict, dict, dict]:
@@ -133,6 +135,31 @@ class Qwen2VLSpec(FamilySpec):
                 out[pix] = batch[pix][start : start + int(patches[first:last].sum())]
                 out[key] = grids[first:last]
         return out
+
+    def demo_video_side(self, model) -> int:
+        return 448
+
+    def demo_video(self, model, frames):
+        """Qwen2-VL video inputs: each slot holds two consecutive frames (patches C, t, p, p)."""
+        from transformers import Qwen2VLImageProcessorPil
+
+        vision = model.config.vision_config
+        merge, patch = vision.spatial_merge_size, vision.patch_size
+        pixels = frames[0].shape[0] * frames[0].shape[1]
+        proc = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=patch, merge_size=merge)
+        slots = []
+        for a, b in zip(frames[0::2], frames[1::2]):
+            pa, pb = (proc(f, return_tensors="pt") for f in (a, b))
+            grid = pa["image_grid_thw"][0]
+            ca, cb = (p["pixel_values"].view(-1, 3, 2, patch, patch)[:, :, 0] for p in (pa, pb))
+            slots.append(torch.stack([ca, cb], dim=2).flatten(1))  # the image processor repeats one frame in time
+        t, h, w = len(slots), int(grid[1]), int(grid[2])
+        n = t * h * w // merge**2
+        ids = [1, 5, 6, VISION_START] + [VIDEO_TOKEN] * n + [VISION_END] + list(range(20, 32))
+        ids_t = torch.tensor([ids])
+        return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values_videos": torch.cat(slots),
+                "video_grid_thw": torch.tensor([[t, h, w]]), "second_per_grid_ts": torch.tensor([1.0]),
+                "mm_token_type_ids": (2 * (ids_t == VIDEO_TOKEN)).int()}
 
     def demo_image(self, model, adapter, image, pixels):
         from transformers import Qwen2VLImageProcessorPil

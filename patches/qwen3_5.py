@@ -53,6 +53,7 @@ class Qwen3_5Spec(Qwen2VLSpec):
     hf_class = "Qwen3_5ForConditionalGeneration"
     timestamp_tokens = 1
     drawn = False
+    video_demo = False  # a Qwen3-VL-style video (timestamps per frame): no demo video yet
 
     def tiny_config(self, g: Geometry):
         from transformers import Qwen3_5Config

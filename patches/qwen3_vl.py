@@ -52,6 +52,7 @@ class Qwen3VLSpec(Qwen2VLSpec):
     hf_class = "Qwen3VLForConditionalGeneration"
     timestamp_tokens = 3
     drawn = False
+    video_demo = False  # its videos carry timestamp text per frame: no demo video yet
 
     def tiny_config(self, g: Geometry):
         from transformers import Qwen3VLConfig

@@ -25,8 +25,6 @@ from ..ops.dpp import (
 from .base import Policy, Selection, register
 
 TEXT_SOURCES = ("llm", "clip")
-#: families whose vision tower is the CLIP ViT the reference's text tower pairs with
-CLIP_FAMILIES = ("llava", "llava_next")
 
 
 def load_clip(path: str | os.PathLike) -> tuple[Any, Any]:
@@ -157,9 +155,12 @@ class CDPruner(Policy):
         """Check ``text="clip"`` against the model: a CLIP family, matching widths and an LLM tokenizer to decode with."""
         if self.text != "clip":
             return self
-        if adapter.model_type not in CLIP_FAMILIES:
+        if not adapter.vision_cls:  # the CLIP towers (a CLS token) are what the reference's text tower pairs with
+            from ..patches import ADAPTERS
+
+            clip = tuple(t for t, cls in sorted(ADAPTERS.items()) if cls.vision_cls)
             raise ValueError(
-                f"cdpruner: text='clip' pairs the CLIP ViT-L towers of {CLIP_FAMILIES}; {adapter.model_type} has "
+                f"cdpruner: text='clip' pairs the CLIP ViT-L towers of {clip}; {adapter.model_type} has "
                 "another vision encoder (use text='llm')"
             )
         model = self._clip_models()[0]
