@@ -338,16 +338,15 @@ def test_a_family_without_videos_is_refused_and_left_untouched(family):
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_video_bench_inputs_are_a_panning_video_the_model_reads(family):
-    from vtprune.eval.video_bench import markdown, onevision_video_inputs, pan, qwen_video_inputs
+    from vtprune.eval.video_bench import markdown, pan
+    from vtprune.patches import family_spec, supported_video_demo
 
     frames = pan(frames=4, side=32, shift=8)
     assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
     assert not (frames[0] == frames[1]).all()  # the window moves
     model = model_for(family, "sdpa")
-    if family == "llava_onevision":
-        inputs_ = onevision_video_inputs(model, frames)
-    else:
-        inputs_ = qwen_video_inputs(model, frames)
+    assert family in supported_video_demo()
+    inputs_ = family_spec(family).demo_video(model, frames)
     vtprune.wrap(model, EVS(keep=0.5))
     model(**inputs_)
     (video,) = vtprune.report(model).to_dict()["samples"][0]["images"]
