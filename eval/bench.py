@@ -464,18 +464,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: the CUDA kernel and attention-backend equality tests plus this bench, one JSON")
-    parser.add_argument("--policy", default="random")
-    parser.add_argument("--keep", nargs="+", default=["64"])
+    parser.add_argument("--policy", default="random", help="the registry policy timed (default random)")
+    parser.add_argument("--keep", nargs="+", default=["64"],
+                        help="budgets timed, each a token count per image (int) or a fraction in (0, 1] (default 64)")
     parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES,
                         help="llava also gets the bare pipeline and the per-part rows")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--llm-layers", type=int, default=DEMO_GEOMETRY.layers)
-    parser.add_argument("--llm-hidden", type=int, default=DEMO_GEOMETRY.hidden)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--decode-tokens", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32],
+                        help="batch sizes timed, each a batch of the demo image (default 1 8 32)")
+    parser.add_argument("--llm-layers", type=int, default=DEMO_GEOMETRY.layers,
+                        help=f"decoder layers of the randomly initialised bench model (default {DEMO_GEOMETRY.layers})")
+    parser.add_argument("--llm-hidden", type=int, default=DEMO_GEOMETRY.hidden,
+                        help=f"hidden width of its decoder (default {DEMO_GEOMETRY.hidden})")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds after the warm-up, interleaved across variants; the median is reported "
+                        "(default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--decode-tokens", type=int, default=8,
+                        help="tokens generated per round for the decode time per token (default 8)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's dtype (default float32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default cuda where available, else cpu)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
     parser.add_argument("--image", choices=sorted(IMAGES), default="photo",
                         help="photo: scikit-image's astronaut; text: its scanned text sample; page: a rendered text page")

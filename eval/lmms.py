@@ -67,6 +67,7 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..checks import BadType, BadValue
 from ..measure import synchronize
 from ..patches import ADAPTERS
 from ..policies.base import make_policy
@@ -111,7 +112,7 @@ def _wrapper_class(model_type: str, force_simple: bool, require_imports: bool = 
     """lmms-eval's wrapper class for ``model_type``; with ``require_imports``, a clear error first when the
     packages it needs to run (not to import: lmms-eval imports them optionally) are missing."""
     if model_type not in FAMILIES:
-        raise ValueError(f"model_type {model_type!r} has no lmms-eval runner here; supported: {', '.join(FAMILIES)}")
+        raise BadValue(f"model_type {model_type!r} has no lmms-eval runner here; supported: {', '.join(FAMILIES)}")
     needs = WRAPPER_NEEDS.get(FAMILIES.get(model_type), ()) if require_imports else ()
     missing = [name for name in needs if not _importable(name)]
     if missing:
@@ -146,7 +147,7 @@ def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cp
     """
     args = parse_model_args(model_args)
     if "pretrained" not in args:
-        raise ValueError(f"model_args needs pretrained=PATH (a checkpoint folder or hub id); got {sorted(args)}")
+        raise BadValue(f"model_args needs pretrained=PATH (a checkpoint folder or hub id); got {sorted(args)}")
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(str(args["pretrained"])).model_type
@@ -174,7 +175,7 @@ def _check_policy(prune: dict, wrapper_args: str) -> None:
         make_policy(policy, **({"keep": keep} if keep is not None else {}), **options)
     except TypeError:  # an unknown option: perhaps a misspelt argument of the wrapper
         unknown = sorted(set(options) - set(policy_options(policy)))
-        raise TypeError(f"policy {policy!r} has no option {', '.join(unknown) or sorted(options)}; its options: "
+        raise BadType(f"policy {policy!r} has no option {', '.join(unknown) or sorted(options)}; its options: "
                         f"{', '.join(policy_options(policy))}. Keys of model_args go to the policy unless "
                         f"{wrapper_args}") from None
 
@@ -208,7 +209,7 @@ def split_policy(prune: dict) -> tuple[str, int | float | None, dict]:
     policy = options.pop("policy", "none")
     keep = options.pop("keep", None)
     if policy == "none" and (options or keep is not None):
-        raise ValueError(f"model_args {sorted(prune)} need a policy (policy=NAME); without one the model runs unpruned")
+        raise BadValue(f"model_args {sorted(prune)} need a policy (policy=NAME); without one the model runs unpruned")
     return policy, keep, options
 
 

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .. import api, toyvqa
+from ..checks import BadValue, UserInputError
 
 
 def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], title: str, path: str | Path,
@@ -71,7 +72,7 @@ def _view_and_grid(model, processor, inputs: dict, image: Image.Image) -> tuple[
     if family in ADAPTERS and ADAPTERS[family].spec.drawn:
         return ADAPTERS[family].spec.view_and_grid(model, processor, inputs, image)
     drawn = [t for t, adapter in ADAPTERS.items() if adapter.spec.drawn]
-    raise ValueError(f"vtprune show draws {', '.join(drawn[:-1])} and {drawn[-1]} models; got {family!r} "
+    raise BadValue(f"vtprune show draws {', '.join(drawn[:-1])} and {drawn[-1]} models; got {family!r} "
                      "(LLaVA-NeXT's several views are not drawn yet)")
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keep = validate_keep(parse_keep(args.keep))
         result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens)
-    except (ValueError, TypeError, OSError) as exc:
+    except (UserInputError, OSError) as exc:
         print(f"vtprune show: {exc}", file=sys.stderr)
         return 2
     print(f"saved {result['png']}: {result['model']} {result['policy']} keep={keep}, stages "

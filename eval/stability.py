@@ -38,6 +38,7 @@ from PIL import Image
 
 from .. import api, toyvqa
 from ..budget import parse_keep, validate_keep
+from ..checks import BadValue, UserInputError
 from ..policies.base import policy_spec
 from .outputs import file_problem, make_parent
 
@@ -63,7 +64,7 @@ def perturb(image: Image.Image, kind: str, seed: int = 0) -> Image.Image:
         with Image.open(buffer) as decoded:
             return decoded.convert("RGB")
     else:
-        raise ValueError(f"unknown perturbation {kind!r}; choose from {PERTURBATIONS}")
+        raise BadValue(f"unknown perturbation {kind!r}; choose from {PERTURBATIONS}")
     return Image.fromarray(np.round(pixels * 255.0).astype(np.uint8))
 
 
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keep = validate_keep(parse_keep(args.keep))
         model, processor = toyvqa.load(args.model)
-    except (ValueError, OSError) as exc:
+    except (UserInputError, OSError) as exc:
         print(f"vtprune stability: {exc}", file=sys.stderr)
         return 2
     result = {"model": args.model, **measure(model, processor, args.policies, keep, args.n, args.batch_size)}

@@ -77,6 +77,7 @@ import torch
 import yaml
 
 from .. import api, toyvqa
+from ..checks import BadValue
 from ..measure import time_prefill
 from ..policies.base import policy_spec
 
@@ -107,7 +108,7 @@ def family_of(task: str) -> str:
     return "other"
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(BadValue):
     """A sweep configuration with problems, one line each (raised before the first run)."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
@@ -506,7 +507,7 @@ def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None, ray
             _append(results, row)
             done[_key(row)] = row
     else:
-        raise ValueError(f"unknown backend {backend!r}; choose local or ray")
+        raise BadValue(f"unknown backend {backend!r}; choose local or ray")
     rows = [done[(m, t, p, str(k), n)] for m, t, p, k in runs]
     write_summary(rows, out)
     return rows

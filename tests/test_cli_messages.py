@@ -207,3 +207,31 @@ def test_the_other_eval_scripts_check_their_json_path_first(module, heavy, tmp_p
     except SystemExit as exc:
         code = exc.code
     assert code == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_only_user_errors_are_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """The command line prints bad input (a UserInputError) as one line; any other exception propagates."""
+    import vtprune.ecl as ecl
+    from vtprune.checks import BadType, BadValue
+
+    for err in (BadValue("--n must be >= 1; got 0"), BadType("keep must be an int or a float; got 'x' of type str")):
+        monkeypatch.setattr(ecl, "main", lambda argv, err=err: (_ for _ in ()).throw(err))
+        assert main(["calibrate-ecl"]) == 2
+        out = capsys.readouterr().err
+        assert out.startswith(f"vtprune calibrate-ecl: error: {err}") and len(out.splitlines()) == 1
+    for bug in (ValueError("too many values to unpack"), TypeError("'NoneType' object is not subscriptable")):
+        monkeypatch.setattr(ecl, "main", lambda argv, bug=bug: (_ for _ in ()).throw(bug))
+        with pytest.raises(type(bug)) as info:
+            main(["calibrate-ecl"])
+        assert info.value is bug
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from vtprune.cli import main; main(['--help']); "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "commands:" in out and out.strip().endswith("[]")
+

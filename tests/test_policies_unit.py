@@ -16,8 +16,10 @@ from vtprune.ops.select import topk_indices
 from vtprune.patches.attention import layer_queries
 from vtprune.patches.base import Adapter
 from vtprune.policies.base import make_policy
+from vtprune.policies.baselines import Random
 from vtprune.policies.divprune import DivPrune
 from vtprune.policies.entropyprune import EntropyPrune
+from vtprune.policies.hiprune import HiPrune
 from vtprune.policies.idpruner import IDPruner, split_pooled
 from vtprune.policies.mmtok import MMTok, coverage_matrix
 from vtprune.policies.selector import load_selector
@@ -93,7 +95,6 @@ def test_registered_by_name(name):
     [
         (lambda: IDPruner(lam=-0.1), r"lam must be a number in \[0, 1\]; got -0.1"),
         (lambda: IDPruner(lam=1.5), r"lam must be a number in \[0, 1\]; got 1.5"),
-        (lambda: IDPruner(lam=True), r"lam must be a number in \[0, 1\]; got True"),
         (lambda: IDPruner(importance="attention"), r"importance must be one of \('prompt', 'norm', 'received'\)"),
         (lambda: IDPruner(keep=9.0), r"keep as a fraction must be in \(0, 1\]; got 9.0"),
         (lambda: MMTok(alpha=-1), r"alpha must be a finite number >= 0; got -1"),
@@ -107,6 +108,23 @@ def test_registered_by_name(name):
 def test_bad_options_raise_with_value_and_range(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: IDPruner(lam=True), r"lam must be a number in \[0, 1\]; got True"),
+    (lambda: Random(seed="1"), "seed must be an int; got '1'"),
+    (lambda: EntropyPrune(at_layer=2.0), "at_layer must be an int >= 1; got 2.0"),
+    (lambda: HiPrune(wrap_correct="yes"), "wrap_correct must be True or False"),
+])
+def test_a_value_of_the_wrong_type_is_a_type_error_and_a_user_error(make, message):
+    from vtprune.checks import BadType, UserInputError
+
+    with pytest.raises(TypeError, match=message) as info:
+        make()
+    assert isinstance(info.value, BadType) and isinstance(info.value, UserInputError)
+    with pytest.raises(ValueError) as info:  # the right type, a value out of range
+        Random(seed=1, at_layer=0)
+    assert isinstance(info.value, UserInputError) and not isinstance(info.value, TypeError)
 
 
 @pytest.mark.parametrize(

@@ -269,8 +269,8 @@ def test_rewrap_then_unwrap_restores_the_model():
 
 
 @pytest.mark.parametrize("make, err, words", [
-    (lambda: Random(seed="1"), ValueError, "seed must be an int"),
-    (lambda: Random(seed=1.5), ValueError, "seed must be an int"),
+    (lambda: Random(seed="1"), TypeError, "seed must be an int"),
+    (lambda: Random(seed=1.5), TypeError, "seed must be an int"),
     (lambda: HiPrune(wrap_correct="yes"), TypeError, "wrap_correct must be True or False"),
     (lambda: IDPruner(per_image="false"), TypeError, "per_image must be True or False"),
     (lambda: VisionZip(merge_before_projector=1), TypeError, "merge_before_projector must be True, False or None"),

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from .checks import BadValue
 from .plan import build_plan
 from .policies.base import Pipeline, Policy
 from .reporting import Report
@@ -147,5 +148,5 @@ def report(model: nn.Module) -> Report:
     """The report of the model's last call (tokens per image and stage, kept indices, timing, the bound policy)."""
     runtime = _runtime(model)
     if runtime is None:
-        raise ValueError(f"{type(model).__name__} is not wrapped by vtprune; call vtprune.wrap(model, ...) first")
+        raise BadValue(f"{type(model).__name__} is not wrapped by vtprune; call vtprune.wrap(model, ...) first")
     return runtime.report

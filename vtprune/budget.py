@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+from .checks import BadType, BadValue
+
 
 def parse_keep(text: str) -> int | float:
     """A budget as a command line gives it: ``"64"`` is a token count, ``"0.25"`` or ``"1e-3"`` a fraction.
@@ -22,7 +24,7 @@ def parse_keep(text: str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"keep {text!r} is not a number: give a token count (an integer such as 64) "
+        raise BadValue(f"keep {text!r} is not a number: give a token count (an integer such as 64) "
                          "or a fraction in (0, 1] (such as 0.25)") from None
 
 
@@ -39,17 +41,17 @@ def validate_keep(keep: object, name: str = "keep") -> int | float:
     above 1 are refused: a config that says ``ratio: 9`` is an error, not 0.9.
     """
     if isinstance(keep, bool) or not isinstance(keep, Real):
-        raise TypeError(
+        raise BadType(
             f"{name} must be an int token count >= 1 or a float fraction in (0, 1]; "
             f"got {keep!r} of type {type(keep).__name__}"
         )
     if isinstance(keep, Integral):
         if keep < 1:
-            raise ValueError(f"{name} as a token count must be >= 1; got {keep}")
+            raise BadValue(f"{name} as a token count must be >= 1; got {keep}")
         return int(keep)
     keep = float(keep)
     if math.isnan(keep) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"{name} as a fraction must be in (0, 1]; got {keep}")
+        raise BadValue(f"{name} as a fraction must be in (0, 1]; got {keep}")
     return keep
 
 

@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
+    from .checks import UserInputError
+
     try:
         return int(module.main(rest) or 0)
-    except (ValueError, TypeError) as exc:  # bad input is raised where it enters, with the allowed range
+    except UserInputError as exc:  # bad input is raised where it enters, with the allowed range; a bug keeps its traceback
         if os.environ.get(DEBUG):
             raise
         hint = f"(set {DEBUG}=1 for the traceback)"

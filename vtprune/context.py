@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from patches.base import Adapter
 
 
+class NotCaptured(LookupError):
+    """A policy asked the `StageContext` for a model signal its `Signals` did not declare (a bug in the policy)."""
+
+
 @dataclass
 class LayerCall:
     """One call of a vision-encoder layer, as its forward pre-hook saw it (captured in prefill)."""
@@ -113,7 +117,7 @@ class StageContext:
     def layer_input(self, layer: int) -> torch.Tensor:
         """Hidden states entering decoder ``layer`` (captured during this prefill), ``(B, L, D)``."""
         if layer not in self.layer_inputs:
-            raise KeyError(
+            raise NotCaptured(
                 f"the input of decoder layer {layer} was not captured; a policy lists the layers it reads "
                 f"in `Signals.decoder_inputs` (captured here: {sorted(self.layer_inputs)})"
             )
@@ -126,7 +130,7 @@ class StageContext:
         the policy's `Signals.decoder_queries`), so nothing is recomputed.
         """
         if layer not in self.layer_q:
-            raise KeyError(
+            raise NotCaptured(
                 f"the queries of decoder layer {layer} were not captured; a policy lists the layers it reads "
                 f"in `Signals.decoder_queries` (captured here: {sorted(self.layer_q)})"
             )
@@ -202,7 +206,7 @@ class StageContext:
         """
         calls = self.captured.get("vision_layers", {}).get(layer)
         if not calls:
-            raise KeyError(f"vision layer {layer} was not captured; list it in the policy's `Signals.vision_inputs`")
+            raise NotCaptured(f"vision layer {layer} was not captured; list it in the policy's `Signals.vision_inputs`")
         return self.adapter.vision_cls_feature(self.captured, self.layouts, b, i, calls)
 
     def vision_keys(self, b: int, i: int, layer: int) -> torch.Tensor:
@@ -227,7 +231,7 @@ class StageContext:
         if (what, layer) not in self._memo:
             calls = self.captured.get("vision_layers", {}).get(layer)
             if not calls:
-                raise KeyError(f"vision layer {layer} was not captured; list it in the policy's `Signals.vision_inputs`")
+                raise NotCaptured(f"vision layer {layer} was not captured; list it in the policy's `Signals.vision_inputs`")
             values = [probe(layer, call) for call in calls]
             # an encoder-side prune (PixelPrune) ran the tower on the kept units: back to one row per patch
             kept = self.captured.get("pixel_keep") or ()
@@ -239,7 +243,7 @@ class StageContext:
     def rotary(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of sample b at this point of the sequence, ``(L, head_dim)`` each (llm stage)."""
         if self.position_embeddings is None:
-            raise KeyError("position embeddings are only available at the llm stage")
+            raise NotCaptured("position embeddings are only available at the llm stage")
         return tuple(t[b if t.shape[0] > 1 else 0] for t in self.position_embeddings)
 
     def valid(self, b: int) -> torch.Tensor:

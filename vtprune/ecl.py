@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import torch
 
+from .checks import BadValue
 from .ops.entropy import matrix_entropy
 from .patches import adapter_for, supported_model_types
 
@@ -35,7 +36,7 @@ def entropy_curve(model, batch: dict) -> list[float]:
     states = out.hidden_states
     layouts = adapter.layouts({**batch, **{k: v for k, v in batch.items() if k in adapter.grid_keys}}, states[0])
     if layouts is None:
-        raise ValueError("calibrate-ecl needs inputs with images; the batch holds no visual tokens")
+        raise BadValue("calibrate-ecl needs inputs with images; the batch holds no visual tokens")
     curve = []
     for hidden in states:
         values = [
@@ -52,7 +53,7 @@ def propose_collapse_layer(curve: list[float]) -> int:
     """The layer K whose input shows the sharpest entropy drop (ties: the earliest)."""
     drops = [curve[k - 1] - curve[k] for k in range(1, len(curve) - 1)]
     if not drops:
-        raise ValueError(f"the curve needs at least 3 points to propose a layer; got {len(curve)}")
+        raise BadValue(f"the curve needs at least 3 points to propose a layer; got {len(curve)}")
     return 1 + int(np.argmax(drops))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from .checks import as_user_error
 from .patches import Adapter, adapter_for
 from .policies.base import POSITION_MODES, Pipeline, Policy, Signals, check_decoder_layer, make_policy
 
@@ -67,7 +68,14 @@ class Plan:
 
 
 def build_plan(model: nn.Module, policy, keep, positions: str, options: dict, tokenizer=None) -> Plan:
-    """Everything that can fail, before the model is touched."""
+    """Everything that can fail, before the model is touched: a ValueError / TypeError here is bad input."""
+    try:
+        return _build_plan(model, policy, keep, positions, options, tokenizer)
+    except (ValueError, TypeError) as err:
+        raise as_user_error(err).with_traceback(err.__traceback__) from None
+
+
+def _build_plan(model: nn.Module, policy, keep, positions: str, options: dict, tokenizer=None) -> Plan:
     adapter = adapter_for(model)
     if tokenizer is not None:
         adapter.set_tokenizer(tokenizer)

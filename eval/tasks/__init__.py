@@ -30,6 +30,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ...checks import BadValue
+
 HERE = Path(__file__).resolve().parent
 LOCAL_TASKS = ("toyvqa",)
 TOYVQA_N = 500  # the test items scored by default (vtprune.toyvqa.score's n)
@@ -50,7 +52,7 @@ def prepare_toyvqa(n: int = TOYVQA_N, image_size: int = 336, cache_dir: str | Pa
     into place, so concurrent ranks never read a half-written one.
     """
     if n < 1:
-        raise ValueError(f"toyvqa needs n >= 1 items, got {n}")
+        raise BadValue(f"toyvqa needs n >= 1 items, got {n}")
     from vtprune.toyvqa.export import check_manifest, export
 
     target = cache_root(cache_dir) / "toyvqa" / f"test-n{n}-{image_size}px"

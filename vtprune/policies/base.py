@@ -115,7 +115,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..budget import resolve_budget, validate_keep
-from ..checks import check_int
+from ..checks import BadType, BadValue, as_user_error, check_int
 from ..context import StageContext
 from ..ops.select import topk_indices
 
@@ -517,19 +517,21 @@ def make_policy(policy: str | Policy | Pipeline, **options) -> Policy | Pipeline
     """A policy object from a registry name and options, or the given object."""
     if isinstance(policy, (Policy, Pipeline)):
         if options:
-            raise TypeError(
+            raise BadType(
                 f"options {sorted(options)} were given with a policy object; set them on the object instead"
             )
         return policy
     if not isinstance(policy, str):
-        raise TypeError(
+        raise BadType(
             f"policy must be a name from {available_policies()} or a vtprune policy object; got {policy!r}"
         )
     if policy not in _REGISTRY:
-        raise ValueError(f"unknown policy {policy!r}; available: {', '.join(available_policies())}")
+        raise BadValue(f"unknown policy {policy!r}; available: {', '.join(available_policies())}")
     cls = _REGISTRY[policy]
     try:
         return cls(**options)
     except TypeError as err:
         fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)  # the options, not class constants
-        raise TypeError(f"bad options for policy {policy!r}: {err}; it accepts {fields}") from None
+        raise BadType(f"bad options for policy {policy!r}: {err}; it accepts {fields}") from None
+    except ValueError as err:  # a policy's own check of an option's value
+        raise as_user_error(err).with_traceback(err.__traceback__) from None

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..checks import check_bool, check_int
-from ..context import StageContext
+from ..context import NotCaptured, StageContext
 from ..ops.leaders import (
     pca_groups,
     prunesid_qwen_budget,
@@ -217,7 +217,7 @@ class PruneSID(Policy):
             return ctx.vision_cls_feature(b, i, self.layer)
         calls = ctx.captured.get("vision_layers", {}).get(self.layer)
         if not calls:
-            raise KeyError(f"vision layer {self.layer} was not captured; list it in `signals().vision_inputs`")
+            raise NotCaptured(f"vision layer {self.layer} was not captured; list it in `signals().vision_inputs`")
         return torch.cat([call.hidden for call in calls])[crop, 0]
 
     def describe(self) -> str:

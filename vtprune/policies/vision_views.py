@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..context import StageContext
+from ..context import NotCaptured, StageContext
 
 
 def per_crop_cls(adapter) -> bool:
@@ -26,7 +26,7 @@ def crop_of_tokens(ctx: StageContext, b: int, i: int, layer: int) -> torch.Tenso
     """
     calls = ctx.captured.get("vision_layers", {}).get(layer)
     if not calls:
-        raise KeyError(f"vision layer {layer} was not captured; list it in `signals().vision_inputs`")
+        raise NotCaptured(f"vision layer {layer} was not captured; list it in `signals().vision_inputs`")
     per_call, start = [], 0
     for call in calls:
         crops, length = call.hidden.shape[0], call.hidden.shape[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vtprune.checks import BadValue
 from vtprune.toyvqa.questions import TYPES, Item, make_item
 from vtprune.toyvqa.vocab import ARCHS
 
@@ -30,7 +31,7 @@ def checkpoint_path(arch: str) -> Path:
     exist yet if no model of that arch has been shipped.
     """
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        raise BadValue(f"unknown arch {arch!r}; expected one of {ARCHS}")
     return Path(__file__).resolve().parent / "checkpoints" / arch
 
 

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from vtprune.checks import BadValue
 from vtprune.toyvqa.models import IMAGE_SIZE
 from vtprune.toyvqa.questions import make_item
 
@@ -23,7 +24,7 @@ from vtprune.toyvqa.questions import make_item
 def export(out: str | Path, n: int = 500, split: str = "test", size: int = IMAGE_SIZE["llava"]) -> Path:
     """Export the first ``n`` items of ``split`` at ``size`` px; returns the JSONL path."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise BadValue(f"n must be >= 1, got {n}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     path = out / f"{split}.jsonl"

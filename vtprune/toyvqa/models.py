@@ -38,6 +38,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
 )
 
+from vtprune.checks import BadValue
 from vtprune.toyvqa.vocab import ARCHS, build_tokenizer
 
 IMAGE_SIZE: dict[str, int] = {"llava": 336, "qwen2_5_vl": 448}
@@ -69,7 +70,7 @@ SIZES: dict[str, dict[str, int]] = {
 
 def _check_arch(arch: str) -> None:
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        raise BadValue(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
 def build_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> PreTrainedModel:
@@ -265,7 +266,7 @@ def arch_of(path: str | Path) -> str:
     """The toy arch of a saved model folder, from its ``config.json``."""
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
     if model_type not in ARCHS:
-        raise ValueError(f"{path} holds a {model_type!r} model; expected one of {ARCHS}")
+        raise BadValue(f"{path} holds a {model_type!r} model; expected one of {ARCHS}")
     return model_type
 
 

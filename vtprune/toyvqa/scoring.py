@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import torch
 
+from vtprune.checks import BadValue
 from vtprune.toyvqa.models import IMAGE_SIZE
 from vtprune.toyvqa.questions import Item, make_item
 from vtprune.toyvqa.vocab import ARCHS, prompt
@@ -20,7 +21,7 @@ from vtprune.toyvqa.vocab import ARCHS, prompt
 def _arch(model) -> str:
     arch = getattr(getattr(model, "config", None), "model_type", None)
     if arch not in ARCHS:
-        raise ValueError(f"model_type {arch!r} is not a toy arch; expected one of {ARCHS}")
+        raise BadValue(f"model_type {arch!r} is not a toy arch; expected one of {ARCHS}")
     return arch
 
 
@@ -58,7 +59,7 @@ def score(
     types by construction; the result is deterministic for a given model.
     """
     if n < 1 or batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+        raise BadValue(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     arch = _arch(model)
     was_training = model.training
     model.eval()

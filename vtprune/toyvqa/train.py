@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vtprune.checks import BadValue
 from vtprune.ops.probe import rotate_half
 from vtprune.toyvqa.batches import IGNORE, collate, make_sample
 from vtprune.toyvqa.models import SIZES, build_model, build_processor, model_class
@@ -126,15 +127,15 @@ def type_weights(text: str) -> tuple[float, ...] | None:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or name not in weights:
-            raise ValueError(f"--type-weights entry {part!r} is not TYPE=WEIGHT with TYPE one of {TYPES}")
+            raise BadValue(f"--type-weights entry {part!r} is not TYPE=WEIGHT with TYPE one of {TYPES}")
         try:
             weights[name] = float(value)
         except ValueError:
-            raise ValueError(f"--type-weights entry {part!r}: weight {value!r} is not a number") from None
+            raise BadValue(f"--type-weights entry {part!r}: weight {value!r} is not a number") from None
         if weights[name] < 0:
-            raise ValueError(f"--type-weights entry {part!r}: weight must be >= 0")
+            raise BadValue(f"--type-weights entry {part!r}: weight must be >= 0")
     if sum(weights.values()) <= 0:
-        raise ValueError(f"--type-weights {text!r} gives every type weight 0")
+        raise BadValue(f"--type-weights {text!r} gives every type weight 0")
     return tuple(weights[t] for t in TYPES)
 
 
@@ -374,7 +375,7 @@ def train(args: argparse.Namespace) -> int:
     depth = SIZES[args.arch]["llm_layers"]
     for layer in (*ground_layers, args.word_ground_layer):
         if not -1 <= layer < depth:
-            raise ValueError(f"grounded LLM layer {layer} is outside 0..{depth - 1} (0-based; -1 turns word grounding off)")
+            raise BadValue(f"grounded LLM layer {layer} is outside 0..{depth - 1} (0-based; -1 turns word grounding off)")
     head = nn.Linear(SIZES[args.arch]["llm_width"], sum(HEAD_SPLITS))
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
