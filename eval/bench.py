@@ -107,11 +107,28 @@ def rendered_page(side: int = 1280):
 IMAGES = {"photo": photo, "text": text_page, "page": rendered_page}
 
 
-def bench_policy(policy: str, keep):
-    """The policy a bench row runs: a name, or names joined by ``+`` (a Pipeline); pixelprune takes no budget."""
+def bench_policy(policy: str, keep, options: dict | None = None):
+    """The policy a bench row runs: a name, or names joined by ``+`` (a Pipeline); pixelprune takes no budget.
+
+    ``options`` (``--option KEY=VALUE``) go to the last policy of the chain, the one the budget is for.
+    """
     names = policy.split("+")
-    made = [make_policy(n) if n == "pixelprune" else make_policy(n, keep=keep) for n in names]
+    made = []
+    for j, n in enumerate(names):
+        own = dict(options or {}) if j == len(names) - 1 else {}
+        made.append(make_policy(n, **own) if n == "pixelprune" else make_policy(n, keep=keep, **own))
     return made[0] if len(made) == 1 else Pipeline(made)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value): the value read as JSON (``[2,4,6]``, ``0.5``, ``true``), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"an option is KEY=VALUE, e.g. prune_after=[2,4,6]; got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 class _TowerClock:
@@ -218,8 +235,8 @@ def decode_ms_per_token(model, inputs: dict, tokens: int) -> float:
 @torch.no_grad()
 def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list, repeats: int, warmup: int,
                 decode_tokens: int, device: torch.device, image: str = "photo",
-                qwen_pixels: int = QWEN_PIXELS) -> list[dict]:
-    """Rows (one per budget) for one batch size."""
+                qwen_pixels: int = QWEN_PIXELS, options: dict | None = None) -> list[dict]:
+    """Rows (one per budget) for one batch size; ``options`` go to the budgeted policy (`bench_policy`)."""
     one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
     if "pixel_values" in one:
         one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
@@ -239,7 +256,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
 
     def wrapped(keep):
         def run():
-            chosen = make_policy("random", keep=keep) if is_full_budget(keep) else bench_policy(policy, keep)
+            chosen = make_policy("random", keep=keep) if is_full_budget(keep) else bench_policy(policy, keep, options)
             with api.pruned(model, chosen):
                 ms, out = timed(prefill)
                 stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
@@ -298,7 +315,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             if keep is None:
                 ms = decode_ms_per_token(model, inputs, decode_tokens)
             else:
-                with api.pruned(model, bench_policy(policy, keep)):
+                with api.pruned(model, bench_policy(policy, keep, options)):
                     ms = decode_ms_per_token(model, inputs, decode_tokens)
             if rnd >= warmup:
                 dec[key].append(ms)
@@ -316,7 +333,8 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
         sel_ms = median(sel_times[f"vtprune {keep}"])
         new_seq = seq - n_visual + kept
         row = dict(
-            family=family, batch=batch_size, policy=policy, keep=keep, visual_before=n_visual, visual_after=kept,
+            family=family, batch=batch_size, policy=policy, options=options or {}, keep=keep,
+            visual_before=n_visual, visual_after=kept,
             seq_len=seq, pruned_seq_len=new_seq,
             prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,
             selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
@@ -465,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: the CUDA kernel and attention-backend equality tests plus this bench, one JSON")
     parser.add_argument("--policy", default="random", help="the registry policy timed (default random)")
+    parser.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+                        help="an option of the policy (the last of a + chain), the value read as JSON, repeatable: "
+                        "--option prune_after=[2,4,6] for PyramidDrop on an 8-layer bench LLM")
     parser.add_argument("--keep", nargs="+", default=["64"],
                         help="budgets timed, each a token count per image (int) or a fraction in (0, 1] (default 64)")
     parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES,
@@ -507,13 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     # one row per budget: "64 64" is one budget; the int 1 (one token) and 1.0 (full budget) are two
     budgets = list({(type(k), k): k for k in (validate_keep(parse_keep(k)) for k in args.keep)}.values())
+    options = dict(args.option)
+    bench_policy(args.policy, budgets[0], options)  # a bad name or option fails here, before any timing
     load_before = os.getloadavg()
     rows = []
     for family in args.families:
         model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype)
         for bsz in args.batch_sizes:
             rows.extend(bench_batch(model, family, bsz, args.policy, budgets, args.repeats, args.warmup,
-                                    args.decode_tokens, device, args.image, args.qwen_pixels))
+                                    args.decode_tokens, device, args.image, args.qwen_pixels, options))
             print(markdown(rows[-len(budgets):]).split("\n\n")[0].split("\n", 2)[-1], flush=True)
     comp = [bench_compaction(dtype=d, device=device) for d in (torch.float32, torch.bfloat16)]
     result = {

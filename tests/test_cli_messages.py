@@ -195,6 +195,22 @@ def test_bench_chains_policies_with_plus():
     assert main(["bench", "--policy", "pixelprune+nosuch"]) == 2
 
 
+def test_bench_options_go_to_the_budgeted_policy_and_bad_ones_fail_before_timing(monkeypatch, capsys):
+    from vtprune.eval import bench
+    from vtprune.policies import Pipeline, PixelPrune, PyramidDrop
+
+    assert bench.parse_option("prune_after=[2,4,6]") == ("prune_after", [2, 4, 6])
+    assert bench.parse_option("text=llm") == ("text", "llm")
+    made = bench.bench_policy("pixelprune+pdrop", 64, {"prune_after": [2, 4, 6]})
+    assert made == Pipeline([PixelPrune(), PyramidDrop(keep=64, prune_after=[2, 4, 6])])
+    monkeypatch.setattr(bench, "bench_model", _must_not_run)
+    assert main(["bench", "--policy", "pdrop", "--option", "no_such_option=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no_such_option" in err
+    with pytest.raises(SystemExit):
+        main(["bench", "--option", "no-equals-sign"])
+
+
 @pytest.mark.parametrize("module, heavy", [("gpu_suite", "run_tests"), ("selection_time", "time_case"),
                                            ("toyvqa_policies", "run")])
 def test_the_other_eval_scripts_check_their_json_path_first(module, heavy, tmp_path, monkeypatch, capsys):
