@@ -37,6 +37,7 @@ the ViT probe of IDPruner's default `received` importance (LLaVA shapes).
 
     python -m vtprune.eval.selection_time                        # 576 -> 64, 2880 -> 320, 8192 -> 819
     python -m vtprune.eval.selection_time --cases llava:576:64 --repeats 9 --json runs/sel.json
+    python -m vtprune.eval.selection_time --cases llava:576:64 --only scope dart --json runs/sel.json
     python -m vtprune.eval.selection_time --whole 1 5 --repeats 9  # the policy's whole selection, 576 and 2880
 
 ``--whole IMAGES``: selection as users pay for it. A tiny random-weight
@@ -369,8 +370,10 @@ def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
 
-def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: torch.device) -> list[dict]:
-    """Rows of the table for one geometry: each selector, vtprune beside its reference."""
+def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: torch.device,
+              only: list[str] | None = None) -> list[dict]:
+    """Rows of the table for one geometry: each selector, vtprune beside its reference (``only``: the selectors
+    whose row name starts with one of these words, e.g. ``["scope", "dart"]``)."""
     geo = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     visual = torch.randn(n, geo["dim"], generator=g).to(device)
@@ -482,6 +485,8 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
         pairs["idpruner received importance (ViT probe)"] = (
             lambda: vit_attention_received(vit, views).flatten()[:n], None, None, "-")
 
+    if only:
+        pairs = {name: pair for name, pair in pairs.items() if name.split()[0] in only}
     rows = []
     for name, (ours, ref, ref_mem, compared) in pairs.items():
         with torch.no_grad():
@@ -666,6 +671,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", type=_case, default=DEFAULT_CASES,
                         help="shape:N:K, e.g. llava:576:64 (default: llava:576:64 llava:2880:320 qwen:8192:819)")
+    parser.add_argument("--only", nargs="+", metavar="SELECTOR",
+                        help="time only these selectors (the first word of a row: scope, dart, idpruner, ...)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--big-repeats", type=int, default=1, help=f"repeats (and no warm-up) for N >= {BIG}")
@@ -701,7 +708,7 @@ def main(argv: list[str] | None = None) -> dict:
     for shape, n, k in args.cases:
         big = n >= BIG
         repeats, warmup = (args.big_repeats, 0) if big else (args.repeats, args.warmup)
-        rows.extend(time_case(shape, n, k, repeats, warmup, device))
+        rows.extend(time_case(shape, n, k, repeats, warmup, device, args.only))
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
