@@ -424,6 +424,62 @@ def _f(value, fmt: str = ".1f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def options_for(name: str, options: dict) -> dict:
+    """The ``--option`` entries for policy ``name`` in ``--shares``: ``KEY`` goes to every policy,
+    ``NAME.KEY`` only to ``name``."""
+    out = {}
+    for key, value in options.items():
+        owner, dot, field = key.rpartition(".")
+        if not dot:
+            out[key] = value
+        elif owner == name:
+            out[field] = value
+    return out
+
+
+def bench_shares(model, family: str, batch_size: int, policies: list[str], keep, repeats: int, warmup: int,
+                 device: torch.device, options: dict | None = None, image: str = "photo",
+                 qwen_pixels: int = QWEN_PIXELS) -> list[dict]:
+    """Each policy's selection beside its own pruned prefill: one row per policy, runs round-robin over the
+    policies (``warmup`` rounds dropped), medians. Selection is the report's ``ms`` summed over the policy's
+    stages (what the runtime times around ``select``, attention probes included), in the same forward."""
+    one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
+    if "pixel_values" in one:
+        one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
+    inputs = batched(one, batch_size, device)
+    n_visual = adapter_for(model).layouts(one, one["input_ids"])[0].images[0].num_tokens
+    made = {p: bench_policy(p, keep, options_for(p, options or {})) for p in policies}
+    prefill_ms: dict = {p: [] for p in policies}
+    select_ms: dict = {p: [] for p in policies}
+    kept: dict = {}
+    for rnd in range(warmup + repeats):
+        for p in policies:
+            with api.pruned(model, made[p]):
+                ms, _ = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+                stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
+            kept[p] = list(stages.values())[-1]["after"]
+            if rnd >= warmup:
+                prefill_ms[p].append(ms)
+                select_ms[p].append(sum(s["ms"] for s in stages.values()))
+    rows = []
+    for p in policies:
+        pre, sel = median(prefill_ms[p]), median(select_ms[p])
+        rows.append(dict(family=family, batch=batch_size, policy=p, options=options_for(p, options or {}), keep=keep,
+                         visual_before=n_visual, visual_after=kept[p], prefill_vtprune_ms=pre, selection_ms=sel,
+                         selection_share=sel / pre, prefill_runs_ms=prefill_ms[p], selection_runs_ms=select_ms[p]))
+    return rows
+
+
+def shares_markdown(rows: list[dict]) -> str:
+    lines = ["| family | batch | keep | policy | selection ms | pruned prefill ms | selection / prefill |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['batch']} | {r['keep']} ({r['visual_before']}->{r['visual_after']}) | "
+                     f"{r['policy']} | {r['selection_ms']:.1f} | {r['prefill_vtprune_ms']:.1f} | "
+                     f"{r['selection_share']:.1%} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     """Two tables: the costs (ms) and the ratios."""
     costs = ["| family | batch | keep | prefill unpruned | vtprune prefill | bare pruned | vision tower | projector | "
@@ -485,7 +541,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="random", help="the registry policy timed (default random)")
     parser.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
                         help="an option of the policy (the last of a + chain), the value read as JSON, repeatable: "
-                        "--option prune_after=[2,4,6] for PyramidDrop on an 8-layer bench LLM")
+                        "--option prune_after=[2,4,6] for PyramidDrop on an 8-layer bench LLM; with --shares, "
+                        "NAME.KEY=VALUE for one policy (--option pdrop.prune_after=[2,4,6])")
+    parser.add_argument("--shares", nargs="+", metavar="POLICY",
+                        help="instead of the full bench: each POLICY's selection time beside its own pruned prefill, "
+                        "the policies interleaved round-robin in one process (one table row per policy and budget)")
     parser.add_argument("--keep", nargs="+", default=["64"],
                         help="budgets timed, each a token count per image (int) or a fraction in (0, 1] (default 64)")
     parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES,
@@ -529,9 +589,34 @@ def main(argv: list[str] | None = None) -> int:
     # one row per budget: "64 64" is one budget; the int 1 (one token) and 1.0 (full budget) are two
     budgets = list({(type(k), k): k for k in (validate_keep(parse_keep(k)) for k in args.keep)}.values())
     options = dict(args.option)
-    bench_policy(args.policy, budgets[0], options)  # a bad name or option fails here, before any timing
+    for name in args.shares or [args.policy]:  # a bad name or option fails here, before any timing
+        bench_policy(name, budgets[0], options_for(name, options) if args.shares else options)
     load_before = os.getloadavg()
     rows = []
+    if args.shares:
+        for family in args.families:
+            model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype)
+            for bsz in args.batch_sizes:
+                for keep in budgets:
+                    rows.extend(bench_shares(model, family, bsz, args.shares, keep, args.repeats, args.warmup, device,
+                                             options, args.image, args.qwen_pixels))
+                    print(shares_markdown(rows[-len(args.shares):]), flush=True)
+        result = {
+            "mode": "shares", "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "llm": {"layers": args.llm_layers, "hidden": args.llm_hidden}, "dtype": args.dtype,
+            "repeats": args.repeats, "warmup": args.warmup, "load_average_before": load_before,
+            "load_average_after": os.getloadavg(), "rows": rows,
+        }
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+        print()
+        print(shares_markdown(rows))
+        print(f"\n(torch threads: {torch.get_num_threads()}; load average {load_before[0]:.2f} before, "
+              f"{result['load_average_after'][0]:.2f} after; medians of {args.repeats} interleaved rounds"
+              + (f"; JSON: {args.json})" if args.json else ")"))
+        return 0
     for family in args.families:
         model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype)
         for bsz in args.batch_sizes:
