@@ -28,12 +28,20 @@ page``) a page of text rendered here, black on white, 1280 px square.
 ``--policy`` may chain policies with ``+``: ``pixelprune+idpruner`` is a
 Pipeline, pixelprune first (it takes no budget), the rest at each ``--keep``.
 
+``--shares P1 P2 ...`` replaces all of that by one table: each policy's
+selection time (the report's, summed over its stages) beside its own pruned
+prefill, the policies run round-robin in one process. ``--option KEY=VALUE``
+(the value read as JSON) sets an option of the policy, ``NAME.KEY=VALUE`` of
+one policy of ``--shares``.
+
 Prints markdown tables (and writes them as JSON with ``--json PATH``; nothing is
 written without it). The compaction op is also timed at
 7B width (D = 4096) at batch 8 with unequal keeps, fp32 and bf16.
 
     python -m vtprune.eval.bench                                  # batch 1, 8, 32; random at 64; CPU, 1 thread
     python -m vtprune.eval.bench --batch-sizes 1 8 --keep 64 192 --policy idpruner --json runs/bench.json
+    python -m vtprune.eval.bench --shares scope holov pdrop --option 'pdrop.prune_after=[2,4,6]' --llm-layers 8 \
+        --batch-sizes 1                                           # selection / pruned prefill per policy
     python -m vtprune.eval.bench --suite gpu --json gpu.json      # on a GPU machine: see vtprune/eval/gpu_suite.py
     python -m vtprune.eval.bench --families qwen3_vl --image text --qwen-pixels 1638400 --policy pixelprune+random \
         --keep 0.25 --batch-sizes 1                               # a document page: the ViT's share and its cut
