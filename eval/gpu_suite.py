@@ -6,7 +6,7 @@ Run on a machine with a CUDA GPU (CI never does):
 
 1. pytest on the CUDA kernel tests (the extension built and checked bit for bit
    against the torch path), the compaction tests, and the SDPA / eager /
-   FlashAttention-2 equality tests of every policy (`tests/test_gpu_backends.py`);
+   FlashAttention-2 equality tests of every policy (`tests/gpu/test_gpu_backends.py`);
 2. the compaction op at 7B width, batch 8, fp32 / bf16: the CUDA kernel, the
    torch path and a plain copy of the output bytes;
 3. `selection_time` on the GPU (576 -> 64, 2880 -> 320, 8192 -> 819);
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_cuda_kernel.py", "tests/test_compaction.py", "tests/test_gpu_backends.py"]
+TESTS = ["tests/gpu/test_cuda_kernel.py", "tests/core/test_compaction.py", "tests/gpu/test_gpu_backends.py"]
 
 
 def run_tests() -> dict:

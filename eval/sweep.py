@@ -80,10 +80,9 @@ from .. import api, toyvqa
 from ..checks import BadValue
 from ..measure import time_prefill
 from ..policies.base import policy_spec
+from .sweep_config import LMMS, SETTINGS, TIMED_ITEMS, SweepConfig, SweepConfigError, check_config  # noqa: F401
 
 BASELINES = ("random", "pooling")
-LMMS = "lmms:"
-TIMED_ITEMS = 8  # toyvqa items timed one by one for "prefill ms b1"; also the size of the b8 batch
 PERTURBATIONS = ("noise", "shift", "jpeg")
 
 #: lmms-eval task name prefix -> task family (OCR reported on its own).
@@ -108,158 +107,6 @@ def family_of(task: str) -> str:
     return "other"
 
 
-class SweepConfigError(BadValue):
-    """A sweep configuration with problems, one line each (raised before the first run)."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(f"sweep config {source}: {len(problems)} problem(s), nothing was run:\n"
-                         + "\n".join(f"  - {p}" for p in problems))
-
-
-#: every setting a sweep YAML may have (``threads``: set by ``--threads``)
-SETTINGS = ("out", "models", "policies", "budgets", "tasks", "n", "stability", "timed_items", "model_args",
-            "batch_size", "device", "offline", "cache_dir", "gen_kwargs", "ray_gpus_per_run", "threads")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _strings(cfg: dict, key: str, problems: list[str], what: str) -> list[str]:
-    """``cfg[key]`` as a list of non-empty strings, duplicates dropped (with a warning); problems appended."""
-    value = cfg[key]
-    if not isinstance(value, list) or not value:
-        problems.append(f"{key!r} must be a non-empty list of {what}; got {value!r}")
-        return []
-    bad = [v for v in value if not isinstance(v, str) or not v.strip()]
-    if bad:
-        problems.append(f"{key!r} must hold {what}; got {', '.join(map(repr, bad))}")
-    good = [v for v in value if isinstance(v, str) and v.strip()]
-    unique = list(dict.fromkeys(good))
-    if len(unique) < len(good):
-        warnings.warn(f"sweep config: {key!r} lists {', '.join(sorted({v for v in good if good.count(v) > 1}))} "
-                      "more than once; each is run once", stacklevel=3)
-    return unique
-
-
-def check_config(cfg, source: str = "", backend: str = "local") -> dict:
-    """The sweep configuration, checked as a whole before anything runs, with duplicates removed.
-
-    Raises :class:`SweepConfigError` listing every problem (a misspelt policy
-    or model, a bad budget, a negative count, an unknown setting, an output
-    path that is a file, ...), one line each. Duplicate models, policies,
-    budgets or tasks are run once (a warning says so); the int budget 1 (one
-    token) and the float 1.0 (full budget) are different budgets.
-    """
-    import difflib
-    import importlib.util
-
-    from ..budget import validate_keep
-    from ..policies.base import make_policy, unknown_policy
-    from .outputs import folder_problem
-
-    if not isinstance(cfg, dict):
-        got = "an empty file" if cfg is None else f"a {type(cfg).__name__}"
-        raise SweepConfigError(source, [f"must be a mapping of settings (at least models: [...] and budgets: "
-                                        f"[...]); got {got}"])
-    problems: list[str] = []
-    for key in cfg:
-        if key not in SETTINGS:
-            close = difflib.get_close_matches(str(key), SETTINGS, n=1)
-            problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                            + f"; settings: {', '.join(SETTINGS)}")
-    cfg = {k: v for k, v in cfg.items() if k in SETTINGS}
-    for key in ("models", "budgets"):
-        if cfg.get(key) is None:
-            problems.append(f"{key!r} is required")
-    if cfg.get("models") is not None:
-        cfg["models"] = _strings(cfg, "models", problems, "toyvqa arch names, checkpoint folders or hub ids")
-    budgets = []
-    if cfg.get("budgets") is not None:
-        value = cfg["budgets"]
-        if not isinstance(value, list) or not value:
-            problems.append(f"'budgets' must be a non-empty list of token counts (int >= 1) or fractions "
-                            f"(float in (0, 1]); got {value!r}")
-        else:
-            for i, keep in enumerate(value):
-                try:
-                    budgets.append(validate_keep(keep, name=f"budgets[{i}]"))
-                except (TypeError, ValueError) as exc:
-                    problems.append(str(exc))
-            unique = list({(type(k), k): k for k in budgets}.values())  # 1 and 1.0 differ
-            if len(unique) < len(budgets):
-                warnings.warn(f"sweep config: budgets {value} repeat a budget; each is run once: {unique}",
-                              stacklevel=2)
-            budgets = cfg["budgets"] = unique
-    if cfg.get("policies") is not None:
-        cfg["policies"] = _strings(cfg, "policies", problems, "policy names (name or name:variant)")
-        for policy in cfg["policies"]:
-            name, options = policy_spec(policy)
-            if name == "none":
-                problems.append("policy 'none' is not a policy to list: every model's unpruned run is added")
-            elif error := unknown_policy([name]):
-                problems.append(error)
-            else:
-                for keep in budgets:  # options and budget as the run will build them
-                    try:
-                        make_policy(name, keep=keep, **options)
-                    except (TypeError, ValueError) as exc:
-                        variant = (f" (':{policy.partition(':')[2]}' sets the option importance, which only "
-                                   "idpruner takes)") if options and name != "idpruner" else ""
-                        problems.append(f"policy {policy!r} at keep {keep!r}{variant}: {exc}")
-                        break
-    if cfg.get("tasks") is not None:
-        cfg["tasks"] = _strings(cfg, "tasks", problems, "task names (toyvqa or lmms:NAME)")
-        for task in cfg["tasks"]:
-            if task != "toyvqa" and not (task.startswith(LMMS) and task[len(LMMS):]):
-                problems.append(f"unknown task {task!r}; use toyvqa (offline scorer) or lmms:NAME (an lmms-eval "
-                                "task, e.g. lmms:toyvqa)")
-        if any(t.startswith(LMMS) for t in cfg["tasks"]) and importlib.util.find_spec("lmms_eval") is None:
-            problems.append("lmms: tasks need lmms-eval, which is not installed (README: pip install '.[eval]' && "
-                            "pip install --no-deps lmms-eval==0.7.3)")
-    for model in cfg.get("models") or []:  # toyvqa loads toy checkpoints from disk; lmms-eval also takes hub ids
-        local = model in toyvqa.ARCHS or (Path(model) / "config.json").is_file()
-        tasks = cfg.get("tasks") or ["toyvqa"]
-        if not local and "toyvqa" in tasks:
-            problems.append(f"model {model!r}: task toyvqa needs a toyvqa arch ({', '.join(toyvqa.ARCHS)}) or a "
-                            "checkpoint folder with config.json")
-        elif not local and "/" not in model:
-            problems.append(f"model {model!r} is neither a toyvqa arch ({', '.join(toyvqa.ARCHS)}), a checkpoint "
-                            "folder with config.json, nor a hub id (org/name)")
-    counts = {"n": (1, "null (every item) or an int >= 1"), "timed_items": (1, "an int >= 1"),
-              "stability": (0, "an int >= 0 (toyvqa items; 0 or null: off)"), "batch_size": (1, "an int >= 1"),
-              "threads": (1, "an int >= 1")}
-    for key, (low, allowed) in counts.items():
-        value = cfg.get(key)
-        if value is None or (key == "stability" and value is False):
-            continue
-        if not _is_int(value) or value < low:
-            problems.append(f"{key!r} must be {allowed}; got {value!r}")
-    gpus = cfg.get("ray_gpus_per_run")
-    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0):
-        problems.append(f"'ray_gpus_per_run' must be a number >= 0; got {gpus!r}")
-    for key in ("out", "model_args", "device", "cache_dir", "gen_kwargs"):
-        if cfg.get(key) is not None and not isinstance(cfg[key], str):
-            problems.append(f"{key!r} must be a string; got {cfg[key]!r}")
-    if cfg.get("offline") is not None and not isinstance(cfg["offline"], bool):
-        problems.append(f"'offline' must be true or false; got {cfg['offline']!r}")
-    if isinstance(cfg.get("device"), str):
-        try:
-            torch.device(cfg["device"])
-        except (RuntimeError, ValueError):
-            problems.append(f"'device' {cfg['device']!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-    for key, default in (("out", "runs/sweep"), ("cache_dir", None)):
-        value = cfg.get(key, default)
-        if isinstance(value, str) and (problem := folder_problem(value, repr(key))):
-            problems.append(problem)
-    if backend not in ("local", "ray"):
-        problems.append(f"unknown backend {backend!r}; choose local or ray")
-    if problems:
-        raise SweepConfigError(source, problems)
-    return {k: v for k, v in cfg.items() if v is not None or k == "n"}  # null is the default (n: null is every item)
-
-
 ROW_KEYS = ("model", "task", "policy", "keep", "n")  # what identifies a row (a run of the grid)
 
 
@@ -267,13 +114,13 @@ def _key(row: dict) -> tuple:
     return (row["model"], row["task"], row["policy"], str(row["keep"]), row["n"])
 
 
-def _grid(cfg: dict) -> list[tuple[str, str, str, object]]:
-    policies = list(dict.fromkeys([*BASELINES, *(cfg.get("policies") or [])]))  # a listed baseline runs once
+def _grid(cfg: SweepConfig) -> list[tuple[str, str, str, object]]:
+    policies = list(dict.fromkeys([*BASELINES, *cfg.policies]))  # a listed baseline runs once
     runs = []
-    for model in cfg["models"]:
-        for task in cfg.get("tasks") or ["toyvqa"]:
+    for model in cfg.models:
+        for task in cfg.tasks:
             runs.append((model, task, "none", "all"))
-            runs += [(model, task, p, k) for p in policies for k in cfg["budgets"]]
+            runs += [(model, task, p, k) for p in policies for k in cfg.budgets]
     return runs
 
 
@@ -422,9 +269,9 @@ def _checkpoint(model_ref: str) -> str:
 class Runner:
     """Runs grid entries, keeping one model in memory at a time (the local backend, and each Ray worker)."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: SweepConfig) -> None:
         self.cfg = cfg
-        self.out = Path(cfg.get("out", "runs/sweep"))
+        self.out = Path(cfg.out)
         self.loaded: dict[tuple[str, str], object] = {}
 
     def model(self, model_ref: str, kind: str):
@@ -433,27 +280,26 @@ class Runner:
             if kind == "lmms":
                 from .lmms import load_model
 
-                model_args = ",".join(a for a in (f"pretrained={_checkpoint(model_ref)}", self.cfg.get("model_args"))
-                                      if a)
-                self.loaded[(model_ref, kind)] = load_model(model_args, batch_size=int(self.cfg.get("batch_size", 1)),
-                                                            device=self.cfg.get("device", "cpu"))[0]
+                model_args = ",".join(a for a in (f"pretrained={_checkpoint(model_ref)}", self.cfg.model_args) if a)
+                self.loaded[(model_ref, kind)] = load_model(model_args, batch_size=self.cfg.batch_size,
+                                                            device=self.cfg.device)[0]
             else:
                 self.loaded[(model_ref, kind)] = toyvqa.load(model_ref)
         return self.loaded[(model_ref, kind)]
 
     def __call__(self, run: tuple, base: dict | None) -> dict:
         model_ref, task, policy, keep = run
-        n = self.cfg["n"]
+        n = self.cfg.n
         kind = "lmms" if task.startswith(LMMS) else "toyvqa"
         loaded = self.model(model_ref, kind)
         if kind == "lmms":
             run_dir = self.out / "lmms" / Path(model_ref).name / task[len(LMMS):] / f"{policy.replace(':', '-')}-{keep}"
-            row = run_lmms(loaded, task[len(LMMS):], policy, keep, n, base, run_dir, self.cfg.get("cache_dir"),
-                           self.cfg.get("gen_kwargs"))
+            row = run_lmms(loaded, task[len(LMMS):], policy, keep, n, base, run_dir, self.cfg.cache_dir,
+                           self.cfg.gen_kwargs)
         else:
             model, processor = loaded
             row = run_one(model, processor, policy, keep, n if n is not None else toyvqa_n(),
-                          base, int(self.cfg.get("stability") or 0), int(self.cfg.get("timed_items", TIMED_ITEMS)))
+                          base, self.cfg.stability, self.cfg.timed_items)
         row.update(model=model_ref, task=task, n=n)
         return row
 
@@ -476,20 +322,22 @@ def _append(results: Path, row: dict) -> None:
         fh.flush()
 
 
-def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
+def sweep(cfg: SweepConfig | dict, backend: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
           source: str = "(given as a dict)") -> list[dict]:
     """Run the grid of ``cfg`` (checked whole first: :func:`check_config`), resuming from ``out/results.jsonl``."""
-    cfg = check_config(cfg, source, backend)
-    out = Path(cfg.get("out", "runs/sweep"))
+    if not isinstance(cfg, SweepConfig):
+        cfg = check_config(cfg, source, backend)
+    elif backend not in ("local", "ray"):
+        raise BadValue(f"unknown backend {backend!r}; choose local or ray")
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**cfg, "n": None if cfg.get("n", 200) is None else int(cfg.get("n", 200))}
-    if cfg.get("offline"):
+    if cfg.offline:
         from .lmms import offline
 
         offline()
     results = out / "results.jsonl"
     done = {_key(row): row for row in read_results(results, ROW_KEYS)}
-    n = cfg["n"]
+    n = cfg.n
     runs = _grid(cfg)
     todo = [r for r in runs if (r[0], r[1], r[2], str(r[3]), n) not in done]
     if backend == "ray":
@@ -513,7 +361,7 @@ def sweep(cfg: dict, backend: str = "local", ray_address: str | None = None, ray
     return rows
 
 
-def _sweep_ray(cfg: dict, todo: list[tuple], done: dict, results: Path, address: str | None,
+def _sweep_ray(cfg: SweepConfig, todo: list[tuple], done: dict, results: Path, address: str | None,
                workers: int | None = None) -> None:
     """The grid on a Ray cluster: unpruned runs first (their answers are the reference), then the rest."""
     if not todo:
@@ -534,9 +382,9 @@ def _sweep_ray(cfg: dict, todo: list[tuple], done: dict, results: Path, address:
         ray.init(address=address, num_cpus=workers if address is None else None, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     # one GPU per run on a GPU cluster (each run holds its whole model), none for CPU runs
-    gpus = cfg.get("ray_gpus_per_run", 1 if str(cfg.get("device", "cpu")).startswith("cuda") else 0)
+    gpus = cfg.gpus_per_run
     remote = ray.remote(num_gpus=gpus, num_cpus=1)(_ray_run)
-    n = cfg["n"]
+    n = cfg.n
     try:
         for phase in ([r for r in todo if r[2] == "none"], [r for r in todo if r[2] != "none"]):
             pending = {}
@@ -559,10 +407,10 @@ def _sweep_ray(cfg: dict, todo: list[tuple], done: dict, results: Path, address:
 _WORKER_RUNNER: Runner | None = None
 
 
-def _ray_run(cfg: dict, run: tuple, base: dict | None) -> dict:
+def _ray_run(cfg: SweepConfig, run: tuple, base: dict | None) -> dict:
     """One grid entry in a Ray worker; the worker keeps its last model loaded for the next task."""
     global _WORKER_RUNNER
-    torch.set_num_threads(int(cfg.get("threads") or 1))
+    torch.set_num_threads(cfg.threads)
     if _WORKER_RUNNER is None or _WORKER_RUNNER.cfg != cfg:
         _WORKER_RUNNER = Runner(cfg)
     return _WORKER_RUNNER(run, base)
@@ -764,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     rows = sweep(cfg, backend=args.backend, ray_address=args.ray_address, ray_workers=args.ray_workers,
                  source=args.config)
-    out = Path(cfg.get("out", "runs/sweep"))
+    out = Path(cfg.out)
     print((out / "summary.md").read_text())
     print(f"{len(rows)} runs; results, summary and plots in {out}")
     return 0

@@ -38,6 +38,11 @@ def supported_pixel_prune() -> list[str]:
     return sorted(t for t, cls in ADAPTERS.items() if cls.pixel_prune)
 
 
+def supported_video() -> list[str]:
+    """The model types whose adapter takes videos (the video policies' families), sorted."""
+    return sorted(t for t, cls in ADAPTERS.items() if cls.videos)
+
+
 def family_spec(model_type: str) -> FamilySpec:
     """The `FamilySpec` of a supported ``config.model_type``; a clear error for anything else."""
     if model_type not in ADAPTERS:
@@ -57,4 +62,5 @@ def adapter_for(model: nn.Module) -> Adapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "FamilySpec", "adapter_for", "family_spec", "supported_model_types", "supported_pixel_prune"]
+__all__ = ["ADAPTERS", "Adapter", "FamilySpec", "adapter_for", "family_spec", "supported_model_types", "supported_pixel_prune",
+           "supported_video"]

@@ -23,9 +23,23 @@ def _no_weights_attention(*args, **kwargs):
 AttentionInterface.register("vtprune_noweights", _no_weights_attention)
 AttentionMaskInterface.register("vtprune_noweights", sdpa_mask)
 
-ATTNS = ("eager", "sdpa", "vtprune_noweights")
-
 
 @pytest.fixture(params=supported_model_types())
 def family(request):
     return request.param
+
+
+# Markers by where a test lives (registered in pyproject.toml): `-m "not slow"` for a quick run, `-m gpu` on a GPU.
+MARKED_FILES = {
+    "gpu": {"test_gpu_backends.py", "test_cuda_kernel.py"},
+    "lmms": {"test_lmms_eval.py", "test_lmms_accelerate.py"},
+    "slow": {"test_lmms_eval.py", "test_lmms_accelerate.py", "test_sweep_ray.py", "test_toyvqa.py"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        for marker, files in MARKED_FILES.items():
+            if name in files:
+                item.add_marker(getattr(pytest.mark, marker))

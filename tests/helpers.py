@@ -19,6 +19,8 @@ from vtprune.tiny import (  # noqa: F401  (re-exported for the tests)
     tiny_model,
 )
 
+ATTNS = ("eager", "sdpa", "vtprune_noweights")  # the no-weights backend is registered by conftest.py
+
 
 def model_for(family: str, attn: str = "sdpa", seed: int = 0, **geometry):
     from vtprune.tiny import Geometry

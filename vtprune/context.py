@@ -81,6 +81,10 @@ class StageContext:
         """Current features of image i's alive tokens, ``(n, D)`` (post-projector at the projector stage)."""
         return self.hidden[b].index_select(0, self.seq_positions[b][i])  # one gather of rows (indexing: slower)
 
+    def features_view(self, b: int, i: int) -> torch.Tensor:
+        """`features`, as a view of ``hidden`` where image i's alive tokens are consecutive (no copy): read only."""
+        return token_rows(self.hidden[b], self.seq_positions[b][i])
+
     def pre_projector(self, b: int, i: int) -> torch.Tensor:
         """Vision-encoder features of image i's alive tokens before the projector, ``(n, D')``."""
         feats = self.adapter.pre_projector_features(self.captured, self.layouts, b, i)
@@ -267,3 +271,14 @@ class StageContext:
         end = max(img.span[1] for img in layout.images)
         count = int(layout.valid[end:].sum())
         return valid[valid.numel() - count :]
+
+
+def token_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, positions)``, or the same rows as a view of `x` where `positions` are consecutive
+    ascending (an image's tokens before any prune: no copy of the features). Read only."""
+    n = positions.numel()
+    if n > 1 and x.device.type == "cpu" and positions.device == x.device:
+        first = int(positions[0])
+        if int(positions[-1]) - first == n - 1 and bool((positions.diff() == 1).all()):
+            return x.narrow(0, first, n)
+    return x.index_select(0, positions)

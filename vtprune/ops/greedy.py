@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .select import replace_nonfinite, sanitize_scores
@@ -146,9 +147,9 @@ def _check_matrix(features: torch.Tensor, what: str = "features") -> None:
 
 
 #: the lazy MMR loop re-scores this many of the highest stale bounds at once (one small matmul)
-LAZY_BATCH = 8
+LAZY_BATCH = 64
 #: the lazy coverage loop re-scores this many columns at once (a refresh reads every row of each)
-COVERAGE_BATCH = 64
+COVERAGE_BATCH = 32
 #: `mmr_select` / `coverage_select` run the lazy loop when ``k <= n * LAZY_MAX_FRACTION``; near a full
 #: budget nearly every bound goes stale each step and the matrix loop is cheaper
 LAZY_MAX_FRACTION = 0.5
@@ -225,106 +226,141 @@ def mmr_matrix(sim: torch.Tensor, imp: torch.Tensor, k: int, lam: float) -> torc
     return torch.sort(picks).values
 
 
-#: `_LazyMax` brings every candidate up to date (one matmul over all rows) once this many picks are pending
+#: `mmr_lazy` brings every candidate up to date (one matmul over all rows) once this many picks are pending
 #: (measured at 2880 -> 320: 32 pending 491 ms, 128 370 ms, 512 307 ms; most candidates never need it)
 LAZY_PENDING = 512
 
 
-class _LazyMax:
-    """Running maxima of ``unit @ unit[p]`` over a growing picked set, brought up to date only where needed.
-
-    ``value[i]`` is the max over the first ``max(base, seen[i])`` picks.
-    The top candidates are refreshed against the picks they have not seen
-    (the pending ones, fewer than `LAZY_PENDING`) in one small matmul; when
-    `LAZY_PENDING` picks are pending, every candidate is brought up to date
-    in one matmul, so the work is about ``n x k x D`` in large products.
-    Re-counting a pick already seen changes no max.
-    """
-
-    def __init__(self, unit: torch.Tensor, first: int, k: int) -> None:
-        self.unit = unit
-        self.picks = [first]
-        self.value = unit @ unit[first]
-        self.base = 1
-        self.seen = [1] * unit.shape[0]
-        # rows of the pending picks (picks[base:]), so a refresh reads them without a gather
-        rows = min(LAZY_PENDING, k)
-        self.pending = torch.empty(rows, unit.shape[1], dtype=unit.dtype, device=unit.device)
-
-    def add(self, pick: int) -> bool:
-        """Record a pick; True when that brought every candidate up to date (recompute every bound)."""
-        self.pending[len(self.picks) - self.base] = self.unit[pick]
-        self.picks.append(pick)
-        t = len(self.picks)
-        if t - self.base < self.pending.shape[0]:
-            return False
-        torch.maximum(self.value, (self.unit @ self.pending.T).max(dim=1).values, out=self.value)
-        self.base = t
-        return True
-
-    def refresh(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bring candidates `idx` up to date; returns them as a device tensor and their maxima."""
-        cand = torch.tensor(idx, dtype=torch.long, device=self.unit.device)
-        t = len(self.picks)
-        start = max(self.base, min(self.seen[i] for i in idx))
-        sims = self.unit.index_select(0, cand) @ self.pending[start - self.base : t - self.base].T
-        fresh = torch.maximum(self.value.index_select(0, cand), sims.max(dim=1).values)
-        self.value.index_copy_(0, cand, fresh)
-        for i in idx:
-            self.seen[i] = t
-        return cand, fresh
-
-    def is_fresh(self, i: int) -> bool:
-        return max(self.base, self.seen[i]) == len(self.picks)
-
-
-def _lazy_argmax(bound: torch.Tensor, is_fresh, refresh, batch: int) -> int:
+def _lazy_argmax(bound: np.ndarray, seen: np.ndarray, t: int, refresh, batch: int) -> int:
     """Index of the largest true value (first maximum) given upper bounds `bound` (updated in place).
 
-    `refresh(idx)` writes the true values of candidates `idx` (a list) into
-    `bound`. The first maximum of the bounds is the answer once its bound
-    is true: every other true value is at most its bound, and an equal
-    bound at a lower index would have come first. Each round refreshes the
-    stale ones among the `batch` highest bounds, the first maximum always
-    among them; picked candidates sit at ``-inf`` and are never refreshed.
+    ``seen[i] == t`` marks candidate i's bound as its true value (it has
+    seen all `t` picks); `refresh(idx)` (an index array) writes the true
+    values of candidates `idx` into `bound` and marks them. The first
+    maximum of the bounds is the answer once its bound is true: every other
+    true value is at most its bound, and an equal bound at a lower index
+    would have come first. Each round refreshes the stale ones among the
+    `batch` highest bounds, the first maximum always among them; picked
+    candidates sit at ``-inf`` and are never refreshed. The bookkeeping is
+    numpy on views of the CPU tensors (a small numpy call costs a fraction
+    of a torch call, and a round makes a dozen).
     """
-    batch = min(batch, bound.shape[0])
+    n = bound.shape[0]
     while True:
-        j = int(torch.argmax(bound))
-        if is_fresh(j):
+        j = int(bound.argmax())
+        if seen[j] == t:
             return j
-        values, top = torch.topk(bound, batch, sorted=False)
-        stale = [i for i, v in zip(top.tolist(), values.tolist()) if i != j and v != float("-inf") and not is_fresh(i)]
-        refresh([j, *stale])
+        top = np.argpartition(bound, n - batch)[n - batch :] if batch < n else np.arange(n)
+        top = top[(top != j) & (seen[top] != t) & (bound[top] != -np.inf)]
+        refresh(np.concatenate((np.array([j]), top)))
+
+
+#: `mmr_lazy` keeps up to this many candidates (the ones last found at the top) fresh at every pick from their
+#: similarities to each other, so a pick among them needs no torch call
+LAZY_HOT = 16
 
 
 def mmr_lazy(unit: torch.Tensor, imp: torch.Tensor, k: int, lam: float, batch: int | None = None) -> torch.Tensor:
-    """Exact lazy MMR on unit-norm rows `unit` ``(n, D)`` and normalised importance: `k` indices, ascending.
+    """Exact lazy MMR on unit-norm rows `unit` ``(n, D)`` and normalised importance (CPU): `k` indices, ascending.
 
     The same scores as `mmr_matrix` (``lam * I - (1 - lam) * m``, the same
-    operations) and the same picks, ties to the lowest index; similarities
-    are computed only for the candidates that reach the top, against the
-    picks they have not seen (``n x k x D`` work at most, no ``N x N``).
+    fp32 operations) and the same picks, ties to the lowest index;
+    similarities are computed only for the candidates that reach the top
+    (``n x k x D`` work at most, no ``N x N``). ``m[i]`` is the running
+    maximum similarity over the first ``seen[i]`` picks (re-counting a pick
+    already seen changes no max):
+
+    - a stale candidate at the top is refreshed against the picks it has
+      not seen (their rows kept in ``pending``), with the other stale ones
+      among the `batch` highest bounds, in one small matmul;
+    - refreshed candidates join the hot set (at most `LAZY_HOT`, the
+      highest bounds stay), whose similarities to each other are kept: at
+      each pick from it every hot candidate is brought up to date from that
+      small matrix, so the next top is often fresh already;
+    - once `LAZY_PENDING` picks are pending every candidate is brought up
+      to date in one matmul.
     """
     batch = batch or LAZY_BATCH
+    unit = unit.detach()
+    n, dim = unit.shape
+    keep = np.float32(1.0 - lam)
     first = int(torch.argmax(imp))
+    relevance_t = imp.detach() * lam
+    relevance_t[first] = float("-inf")
+    value_t = unit @ unit[first]
+    bound_t = relevance_t - value_t * (1.0 - lam)
+    rel, value, bound, unit_np = relevance_t.numpy(), value_t.numpy(), bound_t.numpy(), unit.numpy()
+    seen = np.ones(n, dtype=np.int64)
+    pending_t = torch.empty(min(LAZY_PENDING, k), dim, dtype=unit.dtype)
+    pending = pending_t.numpy()
     picks = [first]
-    relevance = (imp * lam).index_fill_(0, torch.tensor([first], device=unit.device), float("-inf"))
-    running = _LazyMax(unit, first, k)
-    bound = relevance - running.value * (1.0 - lam)
+    base = 1  # picks[:base] are seen by every candidate; the rows of picks[base:] are in `pending`
+    # The hot set in preallocated slots: ids, rows, similarities to each other, each id's slot (-1: not hot).
+    # Hot candidates are always fresh, so a refresh (stale ones, at most batch + 1) never repeats one; picked
+    # ones stay, at -inf, until the next eviction.
+    room = min(LAZY_HOT + batch + 1, n)
+    hot_ids = np.zeros(room, dtype=np.int64)
+    hot_rows_t = torch.empty(room, dim, dtype=unit.dtype)
+    hot_rows = hot_rows_t.numpy()
+    hot_sim = np.zeros((room, room), dtype=np.float32)
+    slot = np.full(n, -1, dtype=np.int64)
+    h = 0
 
-    def refresh(idx: list[int]) -> None:
-        cand, fresh = running.refresh(idx)
-        bound.index_copy_(0, cand, relevance.index_select(0, cand) - fresh * (1.0 - lam))
+    def evict(r: int) -> None:
+        """Make room for `r` more, keeping the highest bounds (at most `LAZY_HOT`)."""
+        nonlocal h
+        stay_n = min(h, LAZY_HOT, room - r)
+        stay = np.sort(np.argpartition(bound[hot_ids[:h]], h - stay_n)[h - stay_n :]) if stay_n else slot[:0]
+        slot[hot_ids[:h]] = -1
+        hot_ids[:stay_n] = hot_ids[stay]
+        hot_rows[:stay_n] = hot_rows[stay]
+        hot_sim[:stay_n, :stay_n] = hot_sim[np.ix_(stay, stay)]
+        slot[hot_ids[:stay_n]] = np.arange(stay_n)
+        h = stay_n
 
-    for _ in range(1, k):
-        j = _lazy_argmax(bound, running.is_fresh, refresh, batch)
+    def refresh(idx: np.ndarray) -> None:
+        nonlocal h
+        t = len(picks)
+        r = idx.shape[0]
+        if h + r > room:
+            evict(r)
+        hot_rows[h : h + r] = unit_np[idx]
+        rows = hot_rows_t[h : h + r]
+        start = int(seen[idx].min())
+        sims = rows @ pending_t[start - base : t - base].T
+        fresh = np.maximum(value[idx], sims.numpy().max(axis=1))
+        value[idx] = fresh
+        bound[idx] = rel[idx] - fresh * keep
+        seen[idx] = t
+        # join the hot set: the new rows against the old hot rows and themselves
+        cross = (rows @ hot_rows_t[: h + r].T).numpy()
+        hot_sim[h : h + r, : h + r] = cross
+        hot_sim[:h, h : h + r] = cross[:, :h].T
+        hot_ids[h : h + r] = idx
+        slot[idx] = np.arange(h, h + r)
+        h += r
+
+    for t in range(1, k):
+        j = _lazy_argmax(bound, seen, t, refresh, batch)
+        pending[t - base] = unit_np[j]
         picks.append(j)
-        relevance[j] = float("-inf")
-        if running.add(j):
-            torch.sub(relevance, running.value * (1.0 - lam), out=bound)
-        else:
-            bound[j] = float("-inf")
+        rel[j] = -np.inf
+        if t + 1 - base < pending.shape[0]:
+            bound[j] = -np.inf
+            if h:
+                # every hot candidate brought up to date with pick j
+                ids = hot_ids[:h]
+                col = hot_sim[:h, slot[j]] if slot[j] >= 0 else (hot_rows_t[:h] @ unit[j]).numpy()
+                fresh = np.maximum(value[ids], col)
+                value[ids] = fresh
+                bound[ids] = rel[ids] - fresh * keep
+                seen[ids] = t + 1
+            continue
+        # every candidate brought up to date at once
+        torch.maximum(value_t, (unit @ pending_t.T).max(dim=1).values, out=value_t)
+        torch.sub(relevance_t, value_t * (1.0 - lam), out=bound_t)
+        base = t + 1
+        seen.fill(base)
     return torch.sort(torch.tensor(picks, dtype=torch.long, device=unit.device)).values
 
 
@@ -385,6 +421,9 @@ class CoverageResult(NamedTuple):
 #: coverage matrix has at least this many entries (below it, compaction costs
 #: more than it saves)
 COMPACT_MIN_ENTRIES = 1 << 20
+#: `coverage_select` runs the lazy loop on the CPU from this many entries (measured, one thread: 256 columns
+#: eager 2.2 ms, lazy 2.1 ms; 576 columns eager 26 ms, lazy 7 ms)
+LAZY_MIN_ENTRIES = 1 << 17
 _FIRST_COMPACTION = 8
 
 
@@ -425,7 +464,7 @@ def coverage_select(cover: torch.Tensor, k: int) -> CoverageResult:
     same pick order.
 
     Run as the exact lazy greedy (`coverage_lazy`) where it wins (on the
-    CPU, a matrix of at least `COMPACT_MIN_ENTRIES` entries, ``k <= N *
+    CPU, a matrix of at least `LAZY_MIN_ENTRIES` entries, ``k <= N *
     LAZY_MAX_FRACTION``), else as the reference's loop with dead entries
     dropped (`coverage_eager`, no host sync per step).
     """
@@ -436,7 +475,7 @@ def coverage_select(cover: torch.Tensor, k: int) -> CoverageResult:
     if k == 0:
         none = torch.zeros(0, dtype=torch.float32, device=device)
         return CoverageResult(_empty(device), _empty(device), none, none)
-    if cover.numel() >= COMPACT_MIN_ENTRIES and _use_lazy(n, k, device):
+    if cover.numel() >= LAZY_MIN_ENTRIES and _use_lazy(n, k, device):
         return coverage_lazy(cover, k)
     return coverage_eager(cover, k)
 
@@ -453,37 +492,34 @@ def coverage_lazy(cover: torch.Tensor, k: int, batch: int | None = None) -> Cove
     gain bounds the fresh one exactly.
     """
     batch = batch or COVERAGE_BATCH
-    cover = finite_fp32(cover, "coverage matrix")
+    cover = finite_fp32(cover, "coverage matrix").detach()
     n_rows, n = cover.shape
     device = cover.device
     # Candidates as rows: a refresh reads whole contiguous rows. Negative entries never add anything
     # (``best`` starts at 0), so clamping them here changes no gain.
     cand_rows = torch.empty(n, n_rows, dtype=torch.float32, device=device)
     torch.clamp_min(cover.T, 0, out=cand_rows)
-    bound = cand_rows.sum(dim=1)
+    bound_t = cand_rows.sum(dim=1)
+    bound = bound_t.numpy()
     best = torch.zeros(n_rows, dtype=torch.float32, device=device)
-    seen = [0] * n
+    seen = np.zeros(n, dtype=np.int64)
     order: list[int] = []
-    gains = torch.empty(k, dtype=torch.float32, device=device)
+    gains = np.empty(k, dtype=np.float32)
 
-    def is_fresh(i: int) -> bool:
-        return seen[i] == len(order)
-
-    def refresh(idx: list[int]) -> None:
-        cand = torch.tensor(idx, dtype=torch.long, device=device)
-        gain = cand_rows.index_select(0, cand).sub_(best).clamp_min_(0).sum(dim=1)
-        bound.index_copy_(0, cand, gain)
-        for i in idx:
-            seen[i] = len(order)
+    def refresh(idx: np.ndarray) -> None:
+        gain = cand_rows.index_select(0, torch.from_numpy(idx)).sub_(best).clamp_min_(0).sum(dim=1)
+        bound[idx] = gain.numpy()
+        seen[idx] = len(order)
 
     for t in range(k):
-        j = _lazy_argmax(bound, is_fresh, refresh, batch)
+        j = _lazy_argmax(bound, seen, t, refresh, batch)
         gains[t] = bound[j]
         order.append(j)
         torch.maximum(best, cand_rows[j], out=best)
-        bound[j] = float("-inf")
+        bound[j] = -np.inf
     order_t = torch.tensor(order, dtype=torch.long, device=device)
-    return CoverageResult(torch.sort(order_t).values, order_t, gains, torch.cumsum(gains, dim=0))
+    gains_t = torch.from_numpy(gains)
+    return CoverageResult(torch.sort(order_t).values, order_t, gains_t, torch.cumsum(gains_t, dim=0))
 
 
 def coverage_eager(cover: torch.Tensor, k: int) -> CoverageResult:

@@ -60,7 +60,7 @@ Converting a policy written against the earlier hooks: ``needs_layer_inputs``
 ``needs_whole_grid`` -> ``whole_grid``; ``reference_positions`` is gone; a
 "bind(adapter) first" check -> ``self.resolved(...)``; a stage picked by the
 options -> `AnyStagePolicy`. Then add the class to `vtprune.policies`'s
-``__init__``, a row to tests/test_policies_models.py's ``POLICIES`` (a test
+``__init__``, a row to tests/families/test_policies_models.py's ``POLICIES`` (a test
 checks every registered policy is there) and paste `policy_table()` into the
 README (a test checks it). A new kind of signal is a new `Signals` field,
 its capture in `vtprune.runtime` (from the plan's union of it) and its

@@ -10,7 +10,7 @@ import torch
 
 from ..budget import resolve_budget
 from ..checks import check_bool, check_int, check_number
-from ..context import StageContext
+from ..context import StageContext, token_rows
 from ..ops.greedy import COSINE_EPS, cosine_similarity, finite_fp32, mmr_select
 from .base import Policy, Selection, Signals, probe_depth, register
 from .selector import VisionSelector, load_selector
@@ -150,12 +150,17 @@ class IDPruner(Policy):
         total = sum(sizes)
         if k >= total:
             return [Selection(torch.arange(n, device=device)) for n in sizes]
-        # the tokens of every image in one gather (the rows torch.cat of per-image features would hold)
-        x = ctx.hidden[b].index_select(0, torch.cat(positions) if len(positions) > 1 else positions[0])
+        # the tokens of every image in one gather (the rows torch.cat of per-image features would hold), or a view
+        x = token_rows(ctx.hidden[b], torch.cat(positions) if len(positions) > 1 else positions[0])
         if self._norm_importance(ctx, b):
-            # the norms are the importance and the cosine's denominators: compute them (and the finite check) once
-            x = finite_fp32(x)
+            # the norms are the importance and the cosine's denominators: compute them once. They are the finite
+            # check too: a NaN/inf entry makes its row's norm non-finite, so finite norms (a finite sum of them)
+            # mean finite features; otherwise `finite_fp32`'s check and fix, as before
+            x = x.float()
             norms = torch.linalg.vector_norm(x, dim=-1)
+            if not bool(torch.isfinite(norms.sum())):
+                x = finite_fp32(x)
+                norms = torch.linalg.vector_norm(x, dim=-1)
             kept = mmr_select(x, norms, k, self.lam, unit=x / (norms.unsqueeze(1) + COSINE_EPS))
         else:
             kept = mmr_select(x, self.scores(ctx, b, images, x), k, self.lam)

@@ -116,7 +116,7 @@ class MMTok(Policy):
         return self.resolved("tau_t", "per_crop")
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
-        visual = ctx.features(b, i)
+        visual = ctx.features_view(b, i)  # read only: every use below copies or normalises it
         n = visual.shape[0]
         if k >= n:
             return Selection(torch.arange(n, device=visual.device))

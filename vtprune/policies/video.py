@@ -35,9 +35,11 @@ class VideoPolicy(Policy):
 
     def resolve(self, adapter) -> Policy:
         if not adapter.videos:
+            from ..patches import supported_video
+
             raise ValueError(
-                f"{self.name} prunes videos, and {adapter.model_type} takes none; video families: qwen2_vl, "
-                "qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava_onevision (use an image policy here)"
+                f"{self.name} prunes videos, and {adapter.model_type} takes none; video families: "
+                f"{', '.join(supported_video())} (use an image policy here)"
             )
         return self
 

@@ -22,13 +22,15 @@ SEEDS = range(4)
 
 @pytest.fixture(params=["matrix", "lazy"])
 def path(request, monkeypatch):
-    """Run a test through the matrix loops or through the lazy ones (small batches, frequent full updates)."""
+    """Run a test through the matrix loops or through the lazy ones (small batches and hot set, frequent full
+    updates)."""
     if request.param == "matrix":
         monkeypatch.setattr(greedy, "LAZY_MAX_FRACTION", 0.0)
     else:
         monkeypatch.setattr(greedy, "LAZY_MAX_FRACTION", 1.0)
-        monkeypatch.setattr(greedy, "COMPACT_MIN_ENTRIES", 0)
+        monkeypatch.setattr(greedy, "LAZY_MIN_ENTRIES", 0)
         monkeypatch.setattr(greedy, "LAZY_BATCH", 3)
+        monkeypatch.setattr(greedy, "LAZY_HOT", 2)
         monkeypatch.setattr(greedy, "COVERAGE_BATCH", 3)
         monkeypatch.setattr(greedy, "LAZY_PENDING", 4)
     return request.param
@@ -192,7 +194,9 @@ def test_mmr_tie_heavy_matches_brute_force(seed, lam, path):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_mmr_lazy_equals_matrix_loop(seed):
+@pytest.mark.parametrize("hot", [1, 16, 500])
+def test_mmr_lazy_equals_matrix_loop(seed, hot, monkeypatch):
+    monkeypatch.setattr(greedy, "LAZY_HOT", hot)  # 500: every refreshed candidate stays hot
     g = torch.Generator().manual_seed(seed)
     x, imp = torch.randn(300, 32, generator=g), torch.randn(300, generator=g)
     unit, norm = greedy.normalize_rows(x), minmax_normalize(imp)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import inputs, model_for, visual_positions
-from test_leaders_vision_ops import prunesid_oracle, scope_oracle, vispruner_oracle
 
 import vtprune
+from policies.test_leaders_vision_ops import prunesid_oracle, scope_oracle, vispruner_oracle
 from vtprune.ops.leaders import pca_groups
 from vtprune.policies import PruneSID, Scope, VisPruner
 from vtprune.policies.vision_views import view_budgets
@@ -140,8 +140,8 @@ def test_prunesid_qwen_variant_equals_the_oracle_on_the_merger_output():
     import math
 
     import numpy as np
-    from test_leaders_vision_ops import grouped_oracle
 
+    from policies.test_leaders_vision_ops import grouped_oracle
     from vtprune.ops.leaders import prunesid_qwen_budget, qwen_groups
 
     model = model_for("qwen2_vl", "sdpa")

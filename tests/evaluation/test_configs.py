@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vtprune.eval.sweep import LMMS, _grid, paper_point, validate
+from vtprune.eval.sweep import LMMS, _grid, check_config, paper_point, validate
 from vtprune.policies.base import available_policies
 from vtprune.zoo import zoo
 
 if not os.environ.get("CI"):
     pytest.importorskip("lmms_eval")
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "eval" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "eval" / "configs").glob("*.yaml"))
 
 
 def _load(path: Path) -> dict:
@@ -56,7 +56,7 @@ def test_shipped_config_is_a_runnable_grid(path, task_index):
     assert "gqa_lite" in task_index and "mme_lite" not in task_index  # the real index, not a stand-in
     cfg = _load(path)
     budgets = [validate(b) for b in cfg["budgets"]]
-    assert _grid({**cfg, "budgets": budgets})
+    assert _grid(check_config(cfg, str(path)))
     assert set(p.partition(":")[0] for p in cfg["policies"]) <= set(available_policies())
     missing = [t for t in cfg["tasks"] if not t.startswith(LMMS) or t[len(LMMS):] not in task_index]
     assert not missing, f"not lmms:NAME of an installed lmms-eval 0.7.3 task: {missing}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTNS
 from helpers import (
+    ATTNS,
     gen_kwargs,
     hooks_left,
     inputs,

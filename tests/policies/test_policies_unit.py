@@ -2,13 +2,14 @@
 
 import json
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import vtprune
-from vtprune.context import StageContext
+from vtprune.context import StageContext, token_rows
 from vtprune.layout import ImageLayout, SampleLayout, SubGrid
 from vtprune.ops.entropy import matrix_entropy
 from vtprune.ops.greedy import coverage_select, divprune_select, mmr_select
@@ -154,6 +155,27 @@ def test_idpruner_pools_images_of_a_sample():
     got = out[0][0].indices.tolist() + [30 + j for j in out[0][1].indices.tolist()]
     assert got == expected
     assert kept(out)[1] == [mmr_select(ctx.features(1, 0), ctx.features(1, 0).norm(dim=-1), 8).tolist()]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_idpruner_norm_importance_with_nonfinite_or_huge_features_selects_as_on_the_zeroed_features(bad):
+    # the norms are the finite check: a NaN/inf entry (or a finite one whose square overflows) is caught there
+    ctx = make_ctx([{"images": [40], "question": 3}])
+    rows = ctx.seq_positions[0][0]
+    ctx.hidden[0, rows[5], 2] = bad
+    ctx.hidden[0, rows[17], 0] = -bad
+    x = ctx.features(0, 0)
+    if bad == 3e38:  # finite: nothing to replace in the features; their inf norms are replaced as importance
+        with pytest.warns(RuntimeWarning, match="2 non-finite importance scores replaced"):
+            got = IDPruner(keep=9, importance="norm").select(ctx)[0][0].indices.tolist()
+        clean = x
+    else:
+        with pytest.warns(RuntimeWarning, match="2 non-finite features entries set to 0"):
+            got = IDPruner(keep=9, importance="norm").select(ctx)[0][0].indices.tolist()
+        clean = torch.where(torch.isfinite(x), x, torch.zeros(()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert got == mmr_select(clean, torch.linalg.vector_norm(clean, dim=-1), 9).tolist()
 
 
 def test_idpruner_fraction_budget_is_rounded_over_the_sample():
@@ -398,20 +420,33 @@ def test_readme_policy_table_is_the_registry():
 
     from vtprune.policies import policy_table
 
-    readme = Path(__file__).resolve().parent.parent / "README.md"
+    readme = Path(__file__).resolve().parents[2] / "README.md"
     table = policy_table()
     assert table in readme.read_text(), "README.md's policy table differs from policy_table(); paste its output"
     assert table.count("\n") == len(vtprune.available_policies()) + 1
 
 
 def test_every_registered_policy_runs_in_the_family_matrix():
-    """Each registered policy is in tests/test_policies_models.py's POLICIES (or is a baseline tested on its own)."""
-    from test_policies_models import POLICIES
-    from test_video_policies import POLICIES as VIDEO_POLICIES  # video policies: their own matrix, video families
+    """Each registered policy is in tests/families/test_policies_models.py's POLICIES (or is a baseline tested on its own)."""
+    from families.test_policies_models import POLICIES
+
+    from policies.test_video_policies import POLICIES as VIDEO_POLICIES  # video policies: their own matrix, video families
 
     in_matrix = {make(3).name for make in [*POLICIES.values(), *VIDEO_POLICIES.values()]}
     baselines = {"random", "pooling", "fixed"}  # test_runtime / test_policies_unit cover them on every family
     # pixelprune takes no budget (the matrix checks budgets) and runs on the families whose tower it can shorten:
-    # tests/test_pixelprune.py runs the same invariants (batch, cache, report) on each of them
+    # tests/policies/test_pixelprune.py runs the same invariants (batch, cache, report) on each of them
     budget_free = {"pixelprune"}
     assert set(vtprune.available_policies()) - baselines - budget_free <= in_matrix
+
+
+@pytest.mark.parametrize(
+    "positions,view",
+    [([3, 4, 5, 6], True), ([3, 4, 6, 7], False), ([5, 4, 3, 2], False), ([3, 5, 4, 6], False), ([7], False)],
+)
+def test_rows_of_is_index_select_and_a_view_only_for_consecutive_positions(positions, view):
+    x = torch.randn(10, 6)
+    index = torch.tensor(positions)
+    got = token_rows(x, index)
+    assert torch.equal(got, x.index_select(0, index))
+    assert (got.data_ptr() == x[positions[0]].data_ptr()) == view

@@ -1,7 +1,7 @@
 """TransPrune: TTV and IGA against brute force, stage counts, cache, positions, bad schedules.
 
 Budgets, batch == alone, cache == recomputation and backend independence on
-every family also run in tests/test_policies_models.py (a two-stage schedule).
+every family also run in tests/families/test_policies_models.py (a two-stage schedule).
 """
 
 from __future__ import annotations

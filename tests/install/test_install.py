@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(code: str, cwd: Path) -> str:
@@ -118,7 +118,7 @@ def test_ci_runs_both_ends_of_the_declared_transformers_range():
 
     from packaging.specifiers import SpecifierSet
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     declared = re.search(r'"transformers([^"]+)"', (root / "setup.py").read_text()).group(1)
     pinned = re.search(r"^transformers==(\S+)$", (root / "constraints.txt").read_text(), re.M).group(1)
     newest = re.search(r"^NEWEST_TRANSFORMERS=(\S+)$", (root / ".ci" / "run").read_text(), re.M).group(1)
@@ -137,4 +137,4 @@ def test_public_names_stay_the_api_functions_whatever_is_imported_first():
     code = ("import vtprune, vtprune.reporting, vtprune.api, vtprune.policies; "
             "assert vtprune.report.__module__ == 'vtprune.api', vtprune.report; "
             "assert vtprune.wrap.__module__ == 'vtprune.api'; print('ok')")
-    assert _run(code, Path(__file__).resolve().parent.parent).strip().endswith("ok")
+    assert _run(code, Path(__file__).resolve().parents[2]).strip().endswith("ok")

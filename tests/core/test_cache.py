@@ -8,8 +8,8 @@ import weakref
 
 import pytest
 import torch
+from families.test_policies_models import POLICIES
 from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, single_spec
-from test_policies_models import POLICIES
 from transformers import CompileConfig, DynamicCache, StaticCache
 
 import vtprune

@@ -51,7 +51,7 @@ def test_import_and_doctor_survive_a_broken_torchvision(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_broken_torchvision(tmp_path)), str(root)]))
     probe = subprocess.run([sys.executable, "-c", "import torchvision"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0  # the fake is installed and broken

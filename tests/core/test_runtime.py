@@ -9,8 +9,8 @@ import threading
 
 import pytest
 import torch
+from families.test_policies_models import POLICIES
 from helpers import QWEN, gen_kwargs, inputs, mixed_specs, model_for, single_spec
-from test_policies_models import POLICIES
 
 import vtprune
 from vtprune.patches import adapter_for
@@ -351,11 +351,10 @@ def test_family_knowledge_is_asked_of_the_adapter(family):
 
 def test_one_table_of_supported_model_types():
     """patches.ADAPTERS is the table; tiny models, fixtures, model_zoo.yaml and the eval runner follow it."""
-    from conftest import supported_model_types as fixture_types
-
     from vtprune import tiny, zoo
     from vtprune.eval.lmms import FAMILIES
     from vtprune.patches import ADAPTERS, supported_model_types
+    from vtprune.patches import supported_model_types as fixture_types
 
     types = supported_model_types()
     assert types == sorted(ADAPTERS) and fixture_types() == types and sorted(tiny.FAMILIES) == types

@@ -24,7 +24,7 @@ if not os.environ.get("CI"):
     pytest.importorskip("accelerate")
 
 CHECKPOINT = toyvqa.checkpoint_path("llava")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N = 6
 pytestmark = pytest.mark.skipif(not (CHECKPOINT / "config.json").exists(), reason="no shipped toy model")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import inputs, lm_input_embeds, model_for, visual_positions
-from test_holov_cdpruner_ops import dpp_oracle, holov_oracle, kernel_oracle, relevance_llm_oracle
 
 import vtprune
+from policies.test_holov_cdpruner_ops import dpp_oracle, holov_oracle, kernel_oracle, relevance_llm_oracle
 from vtprune.patches import adapter_for
 from vtprune.policies import CDPruner, HoloV
 from vtprune.tiny import SampleSpec

@@ -11,8 +11,8 @@ import importlib.util
 
 import pytest
 import torch
+from families.test_policies_models import POLICIES
 from helpers import inputs, mixed_specs, model_for
-from test_policies_models import POLICIES
 
 import vtprune
 

@@ -1,7 +1,7 @@
 """DART and PyramidDrop on the tiny models against brute force from the unwrapped model's own tensors.
 
 Budgets, batch == alone, cache == recomputation and backend independence on
-every family run in tests/test_policies_models.py.
+every family run in tests/families/test_policies_models.py.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import hooks_left, inputs, model_for, patch_positions, single_spec
-from test_dart_pdrop_oracles import _dart_oracle
 
 import vtprune
+from policies.test_dart_pdrop_oracles import _dart_oracle
 from vtprune.policies import DART, Fixed, Pipeline, PyramidDrop
 
 

@@ -153,7 +153,7 @@ def test_attention_reading_policies_refuse_linear_layers_at_wrap(policy, layer):
 @torch.no_grad()
 def test_transprune_ttv_only_prunes_before_linear_layers_as_brute_force():
     """TTV alone reads no attention, so it may prune before any layer; TTV of a linear layer is its Gated DeltaNet's."""
-    from test_transprune import SCHEDULE, _brute_force
+    from policies.test_transprune import SCHEDULE, _brute_force
 
     schedule = dict(SCHEDULE, ttv_only=True)  # prune before layers 1, 2 (linear), 3
     model = model_for(FAMILY)

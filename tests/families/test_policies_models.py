@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTNS
-from helpers import gen_kwargs, inputs, mixed_specs, model_for, patch_positions, sample_alone
+from helpers import ATTNS, gen_kwargs, inputs, mixed_specs, model_for, patch_positions, sample_alone
 
 import vtprune
 from vtprune import zoo
@@ -216,7 +215,7 @@ def test_beam_search_and_several_returns_prune_each_copy_alike(family):
 def test_idpruner_received_importance_equals_brute_force_on_llava():
     """importance='received': MMR over the projected features with the eager ViT's attention received at the feature layer."""
     from helpers import lm_input_embeds, visual_positions
-    from test_greedy_ops import brute_mmr
+    from policies.test_greedy_ops import brute_mmr
 
     from vtprune.tiny import SampleSpec
 

@@ -1,6 +1,6 @@
 """Qwen3-VL (and Qwen3-VL-MoE): DeepStack under pruning at every stage, checked against the model run by hand.
 
-The shared family tests (tests/test_core.py, tests/test_policies_models.py,
+The shared family tests (tests/core/test_core.py, tests/families/test_policies_models.py,
 the ViT-probe tests) run on ``qwen3_vl`` through the ``family`` fixture; this
 file adds what only this family has: DeepStack rows and ``visual_pos_masks``
 gathered with every keep set, llm-stage prunes inside the DeepStack range
@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import gen_kwargs, hooks_left, model_for, sample_alone
-from test_policies_models import POLICIES
 from transformers.masking_utils import create_causal_mask
 
 import vtprune
+from families.test_policies_models import POLICIES
 from vtprune.patches import adapter_for, family_spec
 from vtprune.policies import Pipeline, Random
 from vtprune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, SampleSpec, make_inputs
