@@ -31,12 +31,20 @@ Pipeline, pixelprune first (it takes no budget), the rest at each ``--keep``.
 vision encoder after that many blocks (``vit_layer``), in the same
 round-robin; ``--vision-layers`` / ``--vision-hidden`` size the ViT.
 
+``--shares P1 P2 ...`` replaces all of that by one table: each policy's
+selection time (the report's, summed over its stages) beside its own pruned
+prefill, the policies run round-robin in one process. ``--option KEY=VALUE``
+(the value read as JSON) sets an option of the policy, ``NAME.KEY=VALUE`` of
+one policy of ``--shares``.
+
 Prints markdown tables (and writes them as JSON with ``--json PATH``; nothing is
 written without it). The compaction op is also timed at
 7B width (D = 4096) at batch 8 with unequal keeps, fp32 and bf16.
 
     python -m vtprune.eval.bench                                  # batch 1, 8, 32; random at 64; CPU, 1 thread
     python -m vtprune.eval.bench --batch-sizes 1 8 --keep 64 192 --policy idpruner --json runs/bench.json
+    python -m vtprune.eval.bench --shares scope holov pdrop --option 'pdrop.prune_after=[2,4,6]' --llm-layers 8 \
+        --batch-sizes 1                                           # selection / pruned prefill per policy
     python -m vtprune.eval.bench --suite gpu --json gpu.json      # on a GPU machine: see vtprune/eval/gpu_suite.py
     python -m vtprune.eval.bench --families qwen3_vl --image text --qwen-pixels 1638400 --policy pixelprune+random \
         --keep 0.25 --batch-sizes 1                               # a document page: the ViT's share and its cut
@@ -115,21 +123,35 @@ def rendered_page(side: int = 1280):
 IMAGES = {"photo": photo, "text": text_page, "page": rendered_page}
 
 
-def bench_policy(policy: str, keep, vit_layer: int | None = None):
+def bench_policy(policy: str, keep, vit_layer: int | None = None, options: dict | None = None):
     """The policy a bench row runs: a name, or names joined by ``+`` (a Pipeline); pixelprune takes no budget.
 
-    With `vit_layer` the first budgeted policy selects inside the vision encoder after that many blocks.
+    With `vit_layer` the first budgeted policy selects inside the vision encoder after that many blocks;
+    ``options`` (``--option KEY=VALUE``) go to the last policy of the chain, the one the budget is for.
     """
     names = policy.split("+")
-    made, placed = [], False
-    for n in names:
+    made: list[Policy | Pipeline] = []
+    placed = False
+    for j, n in enumerate(names):
+        own = dict(options or {}) if j == len(names) - 1 else {}
         if n == "pixelprune":
-            made.append(make_policy(n))
+            made.append(make_policy(n, **own))
             continue
-        extra = {"vit_layer": vit_layer} if vit_layer is not None and not placed else {}
-        placed = placed or bool(extra)
-        made.append(make_policy(n, keep=keep, **extra))
+        if vit_layer is not None and not placed:
+            own["vit_layer"], placed = vit_layer, True
+        made.append(make_policy(n, keep=keep, **own))
     return made[0] if len(made) == 1 else Pipeline(cast("list[Policy]", made))  # each name is one policy
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value): the value read as JSON (``[2,4,6]``, ``0.5``, ``true``), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"an option is KEY=VALUE, e.g. prune_after=[2,4,6]; got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 class _TowerClock:
@@ -236,8 +258,10 @@ def decode_ms_per_token(model, inputs: dict, tokens: int) -> float:
 @torch.no_grad()
 def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list, repeats: int, warmup: int,
                 decode_tokens: int, device: torch.device, image: str = "photo",
-                qwen_pixels: int = QWEN_PIXELS, vit_layers: tuple[int, ...] = ()) -> list[dict]:
-    """Rows (one per budget, and per budget and `vit_layers` entry) for one batch size."""
+                qwen_pixels: int = QWEN_PIXELS, vit_layers: tuple[int, ...] = (),
+                options: dict | None = None) -> list[dict]:
+    """Rows (one per budget, and per budget and `vit_layers` entry) for one batch size; ``options`` go to the
+    budgeted policy (`bench_policy`)."""
     one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
     if "pixel_values" in one:
         one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
@@ -262,7 +286,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
 
     def wrapped(keep, vit=None):
         def run():
-            chosen = make_policy("random", keep=keep) if is_full_budget(keep) else bench_policy(policy, keep, vit)
+            chosen = make_policy("random", keep=keep) if is_full_budget(keep) else bench_policy(policy, keep, vit, options)
             with api.pruned(model, chosen):
                 ms, out = timed(prefill)
                 stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
@@ -323,7 +347,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             if keep is None:
                 ms = decode_ms_per_token(model, inputs, decode_tokens)
             else:
-                with api.pruned(model, bench_policy(policy, keep)):
+                with api.pruned(model, bench_policy(policy, keep, options=options)):
                     ms = decode_ms_per_token(model, inputs, decode_tokens)
             if rnd >= warmup:
                 dec[key].append(ms)
@@ -342,8 +366,8 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
         sel_ms = median(sel_times[name])
         new_seq = seq - n_visual + kept
         row = dict(
-            family=family, batch=batch_size, policy=policy, keep=keep, vit_layer=vit_at, visual_before=n_visual,
-            visual_after=kept,
+            family=family, batch=batch_size, policy=policy, options=options or {}, keep=keep, vit_layer=vit_at,
+            visual_before=n_visual, visual_after=kept,
             seq_len=seq, pruned_seq_len=new_seq,
             prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,
             selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
@@ -439,6 +463,64 @@ def _keep(row: dict) -> str:
     return f"{row['keep']}" if vit is None else f"{row['keep']} vit@{vit}"
 
 
+def options_for(name: str, options: dict) -> dict:
+    """The ``--option`` entries for policy ``name`` in ``--shares``: ``KEY`` goes to every policy,
+    ``NAME.KEY`` only to ``name``."""
+    out = {}
+    for key, value in options.items():
+        owner, dot, field = key.rpartition(".")
+        if not dot:
+            out[key] = value
+        elif owner == name:
+            out[field] = value
+    return out
+
+
+def bench_shares(model, family: str, batch_size: int, policies: list[str], keep, repeats: int, warmup: int,
+                 device: torch.device, options: dict | None = None, image: str = "photo",
+                 qwen_pixels: int = QWEN_PIXELS) -> list[dict]:
+    """Each policy's selection beside its own pruned prefill: one row per policy, runs round-robin over the
+    policies (``warmup`` rounds dropped), medians. Selection is the report's ``ms`` summed over the policy's
+    stages (what the runtime times around ``select``, attention probes included), in the same forward."""
+    one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
+    if "pixel_values" in one:
+        one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
+    inputs = batched(one, batch_size, device)
+    layouts = adapter_for(model).layouts(one, one["input_ids"])
+    assert layouts is not None  # the demo input has an image
+    n_visual = layouts[0].images[0].num_tokens
+    made = {p: bench_policy(p, keep, options=options_for(p, options or {})) for p in policies}
+    prefill_ms: dict = {p: [] for p in policies}
+    select_ms: dict = {p: [] for p in policies}
+    kept: dict = {}
+    for rnd in range(warmup + repeats):
+        for p in policies:
+            with api.pruned(model, made[p]):
+                ms, _ = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+                stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
+            kept[p] = list(stages.values())[-1]["after"]
+            if rnd >= warmup:
+                prefill_ms[p].append(ms)
+                select_ms[p].append(sum(s["ms"] for s in stages.values()))
+    rows = []
+    for p in policies:
+        pre, sel = median(prefill_ms[p]), median(select_ms[p])
+        rows.append(dict(family=family, batch=batch_size, policy=p, options=options_for(p, options or {}), keep=keep,
+                         visual_before=n_visual, visual_after=kept[p], prefill_vtprune_ms=pre, selection_ms=sel,
+                         selection_share=sel / pre, prefill_runs_ms=prefill_ms[p], selection_runs_ms=select_ms[p]))
+    return rows
+
+
+def shares_markdown(rows: list[dict]) -> str:
+    lines = ["| family | batch | keep | policy | selection ms | pruned prefill ms | selection / prefill |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['batch']} | {r['keep']} ({r['visual_before']}->{r['visual_after']}) | "
+                     f"{r['policy']} | {r['selection_ms']:.1f} | {r['prefill_vtprune_ms']:.1f} | "
+                     f"{r['selection_share']:.1%} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     """Two tables: the costs (ms) and the ratios."""
     costs = ["| family | batch | keep | prefill unpruned | vtprune prefill | bare pruned | vision tower | projector | "
@@ -498,6 +580,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: the CUDA kernel and attention-backend equality tests plus this bench, one JSON")
     parser.add_argument("--policy", default="random", help="the registry policy timed (default random)")
+    parser.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+                        help="an option of the policy (the last of a + chain), the value read as JSON, repeatable: "
+                        "--option prune_after=[2,4,6] for PyramidDrop on an 8-layer bench LLM; with --shares, "
+                        "NAME.KEY=VALUE for one policy (--option pdrop.prune_after=[2,4,6])")
+    parser.add_argument("--shares", nargs="+", metavar="POLICY",
+                        help="instead of the full bench: each POLICY's selection time beside its own pruned prefill, "
+                        "the policies interleaved round-robin in one process (one table row per policy and budget)")
     parser.add_argument("--keep", nargs="+", default=["64"],
                         help="budgets timed, each a token count per image (int) or a fraction in (0, 1] (default 64)")
     parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES,
@@ -547,14 +636,41 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     # one row per budget: "64 64" is one budget; the int 1 (one token) and 1.0 (full budget) are two
     budgets = list({(type(k), k): k for k in (validate_keep(parse_keep(k)) for k in args.keep)}.values())
+    options = dict(args.option)
+    for name in args.shares or [args.policy]:  # a bad name or option fails here, before any timing
+        bench_policy(name, budgets[0], options=options_for(name, options) if args.shares else options)
     load_before = os.getloadavg()
     rows = []
+    if args.shares:
+        for family in args.families:
+            model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype)
+            for bsz in args.batch_sizes:
+                for keep in budgets:
+                    rows.extend(bench_shares(model, family, bsz, args.shares, keep, args.repeats, args.warmup, device,
+                                             options, args.image, args.qwen_pixels))
+                    print(shares_markdown(rows[-len(args.shares):]), flush=True)
+        result = {
+            "mode": "shares", "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "llm": {"layers": args.llm_layers, "hidden": args.llm_hidden}, "dtype": args.dtype,
+            "repeats": args.repeats, "warmup": args.warmup, "load_average_before": load_before,
+            "load_average_after": os.getloadavg(), "rows": rows,
+        }
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+        print()
+        print(shares_markdown(rows))
+        print(f"\n(torch threads: {torch.get_num_threads()}; load average {load_before[0]:.2f} before, "
+              f"{result['load_average_after'][0]:.2f} after; medians of {args.repeats} interleaved rounds"
+              + (f"; JSON: {args.json})" if args.json else ")"))
+        return 0
     for family in args.families:
         model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype, args.vision_layers,
                             args.vision_hidden)
         for bsz in args.batch_sizes:
             new = bench_batch(model, family, bsz, args.policy, budgets, args.repeats, args.warmup,
-                              args.decode_tokens, device, args.image, args.qwen_pixels, tuple(args.vit_layers))
+                              args.decode_tokens, device, args.image, args.qwen_pixels, tuple(args.vit_layers), options)
             rows.extend(new)
             print(markdown(new).split("\n\n")[0].split("\n", 2)[-1], flush=True)
     comp = [bench_compaction(dtype=d, device=device) for d in (torch.float32, torch.bfloat16)]

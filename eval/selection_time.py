@@ -21,7 +21,11 @@ The reference loops below are ours, written from the papers
 - SCOPE (official loop): every step masks the picked columns of the full
   cosine matrix and sums all N x N clipped differences again.
 - VisPruner (official rounds): the same rounds; compared on even-length lists.
-- PruneSID: listed alone (PCA and NMS are its own calls, no cheaper form).
+- PruneSID (official structure): one seeded batched PCA over the views, a
+  ``(views, groups, N, N)`` group-masked copy of the cosine matrix, NMS for
+  all groups at once, the budget split in whole-tensor loops, an argsort per
+  group; per 576-token view (2880 -> 320 is LLaVA-NeXT's 5 views of
+  576 -> 64, both sides), so only on LLaVA shapes whose N is a multiple of 576.
 
 Per case it prints vtprune's time, the reference's, their ratio, the peak
 memory each allocates (`vtprune.measure.peak_bytes`) and whether the keep
@@ -33,6 +37,7 @@ the ViT probe of IDPruner's default `received` importance (LLaVA shapes).
 
     python -m vtprune.eval.selection_time                        # 576 -> 64, 2880 -> 320, 8192 -> 819
     python -m vtprune.eval.selection_time --cases llava:576:64 --repeats 9 --json runs/sel.json
+    python -m vtprune.eval.selection_time --cases llava:576:64 --only scope dart --json runs/sel.json
     python -m vtprune.eval.selection_time --whole 1 5 --repeats 9  # the policy's whole selection, 576 and 2880
 
 ``--whole IMAGES``: selection as users pay for it. A tiny random-weight
@@ -58,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -103,6 +109,7 @@ SELECTOR_HIDDEN = 1792
 LAM, ALPHA, TAU_V = 0.5, 0.5, 0.2
 CLIP_L: dict[str, Any] = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096}
 CLIP_TOKENS = 577  # 336 px / 14, plus CLS
+CLIP_PATCHES = CLIP_TOKENS - 1
 #: the reference loops allocate the same temporaries at every step, so at N >= this their memory run
 #: stops after `MEMORY_STEPS` picks (the peak is reached at the first step); vtprune's runs are complete
 BIG = 4096
@@ -315,12 +322,74 @@ def reference_vispruner(features: torch.Tensor, attention: torch.Tensor, k: int)
     return torch.sort(torch.cat([important, rest])).values
 
 
+def reference_prunesid(views: torch.Tensor, cls_attention: torch.Tensor, t: int, seed: int = 0) -> torch.Tensor:
+    """PruneSID (LLaVA) as its code has it, batched over views: ``views`` (B, 1 + N, D') are the layer -2 rows
+    with CLS first, ``cls_attention`` (B, N) the CLS row summed over heads, ``t`` each view's budget with its
+    CLS slot. One seeded PCA call for the whole batch; a (B, G, N, N) copy of the cosine matrix kept where the
+    row or the column is in group g; NMS for every group at once, one pick per group per round; the budget
+    split with whole-tensor ``while`` loops; per group an argsort of its (B, N) score column. Sorts are
+    stable (the SPEC's tie rule; the reference's are not). Returns (B, t) token indices, CLS (0) first, then
+    group 0's picks, group 1's, ... as the reference emits them."""
+    b, n = cls_attention.shape
+    g = int(t / 4)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        z = torch.sigmoid(views.float()).transpose(2, 1)[:, :, 1:]  # (B, D', N) without CLS
+        _, _, v = torch.pca_lowrank(z, q=g, niter=2)
+    member = torch.argmax(v.abs(), dim=-1)  # (B, N)
+    in_group = member[:, :, None] == torch.arange(g)[None, None, :]  # (B, N, G)
+    scores = cls_attention.float()[:, :, None].expand(b, n, g).clone()
+    scores[~in_group] = 0
+    unit = torch.nn.functional.normalize(views[:, 1:].float(), p=2, dim=-1)
+    sim = torch.bmm(unit, unit.transpose(1, 2))
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    theta = (t / 32) * (sim * upper).sum((-1, -2)) / upper.sum()  # (B,)
+    rows = in_group.transpose(1, 2)  # (B, G, N)
+    group_sim = sim[:, None].expand(b, g, n, n).clone()
+    group_sim[~(rows[:, :, :, None] | rows[:, :, None, :])] = 0
+    left, ranked, mark, picks = scores.clone(), scores.clone(), 1000.0, torch.zeros(b, g, dtype=torch.long)
+    bi, gi = torch.arange(b)[:, None].expand(b, g), torch.arange(g)[None, :].expand(b, g)
+    while left.sum() > 0:
+        best, where = left.max(dim=1)  # (B, G): one pick per group
+        live = best > 0
+        sim_row = group_sim[bi, gi, where]  # (B, G, N)
+        ranked[bi[live], where[live], gi[live]] = mark
+        left[bi[live], where[live], gi[live]] = 0
+        picks += live.long()
+        mark -= 1
+        left[(sim_row > theta[:, None, None]).transpose(1, 2)] = 0
+    counts = in_group.sum(dim=1)  # (B, G)
+    lower = counts.clamp(max=1)
+    upper_b = torch.minimum(torch.minimum(torch.full_like(counts, 5 * math.ceil(t / 64)), counts), picks)
+    while bool((upper_b.sum(-1) < t).any()):
+        short = upper_b.sum(-1) < t
+        upper_b[short] = torch.minimum(upper_b[short] + 1, counts[short])
+    spare = (t - lower.sum(-1) - 1).clamp(min=0)  # the -1: the CLS slot
+    cum = torch.round(torch.cumsum(picks / picks.sum(-1, keepdim=True), dim=-1) * spare[:, None]).long()
+    share = torch.minimum(cum - torch.nn.functional.pad(cum[:, :-1], (1, 0)) + lower, upper_b)
+    order = torch.argsort(picks, dim=-1, descending=True, stable=True)
+    target = spare + lower.sum(-1)
+    for i in range(b):
+        for j in order[i].tolist():
+            if int(share[i].sum()) >= int(target[i]):
+                break
+            share[i, j] += min(int(upper_b[i, j] - share[i, j]), int(target[i] - share[i].sum()))
+    ranking = torch.argsort(ranked, dim=1, descending=True, stable=True)  # (B, N, G)
+    out = []
+    for i in range(b):
+        parts = [ranking[i, : int(share[i, j]), j] + 1 for j in range(g)]
+        out.append(torch.cat([torch.zeros(1, dtype=torch.long), *parts]))
+    return torch.stack(out)
+
+
 def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
 
-def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: torch.device) -> list[dict]:
-    """Rows of the table for one geometry: each selector, vtprune beside its reference."""
+def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: torch.device,
+              only: list[str] | None = None) -> list[dict]:
+    """Rows of the table for one geometry: each selector, vtprune beside its reference (``only``: the selectors
+    whose row name starts with one of these words, e.g. ``["scope", "dart"]``)."""
     geo = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     visual = torch.randn(n, geo["dim"], generator=g).to(device)
@@ -405,18 +474,35 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
             lambda: reference_vispruner(visual_pre, saliency, k),
             "keep set",
         ),
-        # no reference loop: the randomised PCA and the NMS are the reference's own calls; listed alone
-        "prunesid (PCA groups + NMS + split)": (
-            lambda: prunesid_select(visual_pre, saliency, k, group=pca_groups([visual_pre], k // 4, 0)[0]),
-            None, None, "-",
-        ),
     }
+    if shape == "llava" and n % CLIP_PATCHES == 0:
+        # PruneSID runs per 576-token view (LLaVA-NeXT: 2880 -> 320 is 5 crops of 576 -> 64), as the policy does
+        views, t = n // CLIP_PATCHES, k // (n // CLIP_PATCHES)
+        view_rows = list(visual_pre.view(views, CLIP_PATCHES, -1))
+        view_saliency = saliency.view(views, CLIP_PATCHES)
+        cls_rows = torch.randn(views, 1, geo["pre_dim"], generator=torch.Generator().manual_seed(2)).to(device)
+        with_cls = torch.cat([cls_rows, visual_pre.view(views, CLIP_PATCHES, -1)], dim=1)
+        offsets = torch.arange(views, device=device)[:, None] * CLIP_PATCHES
+
+        def prunesid_ours():
+            groups = pca_groups(view_rows, int(t / 4), 0, batched=True)
+            return torch.cat([prunesid_select(r, a, t, group=gr) + i * CLIP_PATCHES
+                              for i, (r, a, gr) in enumerate(zip(view_rows, view_saliency, groups))])
+
+        def prunesid_reference():
+            # the patches the reference keeps (its CLS slot dropped), ascending, in the flat numbering
+            return torch.sort(((reference_prunesid(with_cls, view_saliency, t)[:, 1:] - 1) + offsets).flatten()).values
+
+        pairs["prunesid (PCA groups + NMS + split, per 576-token view)"] = (
+            prunesid_ours, prunesid_reference, prunesid_reference, "keep set")
     if shape == "llava":
         vit = _clip_layer(device)
-        views = torch.randn(max(1, n // 576), CLIP_TOKENS, CLIP_L["hidden_size"], generator=g).to(device)
+        clip_views = torch.randn(max(1, n // 576), CLIP_TOKENS, CLIP_L["hidden_size"], generator=g).to(device)
         pairs["idpruner received importance (ViT probe)"] = (
-            lambda: vit_attention_received(vit, views).flatten()[:n], None, None, "-")
+            lambda: vit_attention_received(vit, clip_views).flatten()[:n], None, None, "-")
 
+    if only:
+        pairs = {name: pair for name, pair in pairs.items() if name.split()[0] in only}
     rows = []
     for name, (ours, ref, ref_mem, compared) in pairs.items():
         with torch.no_grad():
@@ -602,6 +688,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", type=_case, default=DEFAULT_CASES,
                         help="shape:N:K, e.g. llava:576:64 (default: llava:576:64 llava:2880:320 qwen:8192:819)")
+    parser.add_argument("--only", nargs="+", metavar="SELECTOR",
+                        help="time only these selectors (the first word of a row: scope, dart, idpruner, ...)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--big-repeats", type=int, default=1, help=f"repeats (and no warm-up) for N >= {BIG}")
@@ -637,7 +725,7 @@ def main(argv: list[str] | None = None) -> dict:
     for shape, n, k in args.cases:
         big = n >= BIG
         repeats, warmup = (args.big_repeats, 0) if big else (args.repeats, args.warmup)
-        rows.extend(time_case(shape, n, k, repeats, warmup, device))
+        rows.extend(time_case(shape, n, k, repeats, warmup, device, args.only))
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

@@ -46,7 +46,7 @@ PERTURBATIONS = ("noise", "shift", "jpeg")
 NOISE_SIGMA = 2.0 / 255.0
 JPEG_QUALITY = 90
 DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner", "entropyprune", "fastv", "transprune",
-                    "hiprune", "visionzip"]
+                    "hiprune", "visionzip", "scope", "vispruner", "prunesid", "holov", "cdpruner", "dart", "pdrop"]
 
 
 def perturb(image: Image.Image, kind: str, seed: int = 0) -> Image.Image:

@@ -24,7 +24,8 @@ from ..budget import parse_keep
 from ..policies.base import policy_spec
 
 DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner:prompt", "idpruner:norm", "idpruner:received",
-                    "entropyprune", "fastv", "transprune", "hiprune", "visionzip", "dart", "pdrop"]
+                    "entropyprune", "fastv", "transprune", "hiprune", "visionzip", "scope", "vispruner", "prunesid",
+                    "holov", "cdpruner", "dart", "pdrop"]
 
 def run(model_ref: str, policies: list[str], budgets: list, n: int, batch_size: int,
         vit_layers: tuple[int, ...] = ()) -> list[dict]:

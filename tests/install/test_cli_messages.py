@@ -195,6 +195,47 @@ def test_bench_chains_policies_with_plus():
     assert main(["bench", "--policy", "pixelprune+nosuch"]) == 2
 
 
+def test_bench_options_go_to_the_budgeted_policy_and_bad_ones_fail_before_timing(monkeypatch, capsys):
+    from vtprune.eval import bench
+    from vtprune.policies import Pipeline, PixelPrune, PyramidDrop
+
+    assert bench.parse_option("prune_after=[2,4,6]") == ("prune_after", [2, 4, 6])
+    assert bench.parse_option("text=llm") == ("text", "llm")
+    made = bench.bench_policy("pixelprune+pdrop", 64, {"prune_after": [2, 4, 6]})
+    assert made == Pipeline([PixelPrune(), PyramidDrop(keep=64, prune_after=[2, 4, 6])])
+    monkeypatch.setattr(bench, "bench_model", _must_not_run)
+    assert main(["bench", "--policy", "pdrop", "--option", "no_such_option=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no_such_option" in err
+    with pytest.raises(SystemExit):
+        main(["bench", "--option", "no-equals-sign"])
+
+
+def test_bench_shares_times_each_policy_with_its_own_options(tmp_path, monkeypatch, capsys):
+    """`--shares`: one row per policy, its selection (the report's ms) inside its own pruned prefill; a
+    ``NAME.KEY`` option reaches only that policy, and the kept counts are each policy's own."""
+    import json
+
+    from vtprune.eval import bench
+
+    assert bench.options_for("pdrop", {"pdrop.prune_after": [1], "dart.at_layer": 1, "seed": 3}) == \
+        {"prune_after": [1], "seed": 3}
+    out = tmp_path / "shares.json"
+    assert main(["bench", "--shares", "random", "pdrop", "dart", "--option", "pdrop.prune_after=[1]",
+                 "--option", "pdrop.ratios=[0.5]", "--option", "dart.at_layer=1", "--keep", "64", "--llm-layers", "2",
+                 "--llm-hidden", "64", "--batch-sizes", "1", "--repeats", "2", "--warmup", "0", "--json", str(out)]) == 0
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["random", "pdrop", "dart"]
+    assert rows["pdrop"]["options"] == {"prune_after": [1], "ratios": [0.5]} and rows["dart"]["options"] == {"at_layer": 1}
+    assert rows["random"]["visual_after"] == 64 and rows["pdrop"]["visual_after"] == 64
+    assert rows["dart"]["visual_after"] == 68  # the reference budget: 4 image pivots on top of keep
+    for r in rows.values():
+        assert len(r["prefill_runs_ms"]) == 2 and 0 < r["selection_ms"] < r["prefill_vtprune_ms"]
+        assert r["selection_share"] == pytest.approx(r["selection_ms"] / r["prefill_vtprune_ms"])
+    assert "| llava | 1 | 64 (576->68) | dart |" in capsys.readouterr().out
+    assert main(["bench", "--shares", "random", "pdrop", "--option", "pdrop.no_such=1"]) == 2
+
+
 @pytest.mark.parametrize("module, heavy", [("gpu_suite", "run_tests"), ("selection_time", "time_case"),
                                            ("toyvqa_policies", "run")])
 def test_the_other_eval_scripts_check_their_json_path_first(module, heavy, tmp_path, monkeypatch, capsys):
