@@ -201,7 +201,7 @@ def test_bench_options_go_to_the_budgeted_policy_and_bad_ones_fail_before_timing
 
     assert bench.parse_option("prune_after=[2,4,6]") == ("prune_after", [2, 4, 6])
     assert bench.parse_option("text=llm") == ("text", "llm")
-    made = bench.bench_policy("pixelprune+pdrop", 64, {"prune_after": [2, 4, 6]})
+    made = bench.bench_policy("pixelprune+pdrop", 64, options={"prune_after": [2, 4, 6]})
     assert made == Pipeline([PixelPrune(), PyramidDrop(keep=64, prune_after=[2, 4, 6])])
     monkeypatch.setattr(bench, "bench_model", _must_not_run)
     assert main(["bench", "--policy", "pdrop", "--option", "no_such_option=1"]) == 2

@@ -302,3 +302,28 @@ def test_prunesid_all_zero_scores_warn_and_keep_the_budget():
     with pytest.warns(RuntimeWarning, match="every score is 0"):
         got = prunesid_select(x[1:], torch.zeros(64), 16, seed=0)
     assert got.tolist() == list(range(15))
+
+
+def test_vispruner_exact_ties_go_to_the_lowest_token_index():
+    """On these features one round has two candidates with exactly the same fp32 highest cosine; the rounds
+    written out with a (-cosine, token index) sort key (the tie rule) give vtprune's keep set, and a stable
+    sort by list position (the reference's order) another one: the tie changes every later round."""
+    g = torch.Generator().manual_seed(0)
+    x, attention = torch.randn(576, 1024, generator=g), torch.rand(576, generator=g)
+    unit = x / x.norm(dim=-1, keepdim=True)
+    order = torch.sort(attention, descending=True, stable=True).indices
+    important, by_index, by_position = order[:32], order[32:], order[32:]
+    ties = 0
+    while (s := min(8, by_index.numel() - 32)) > 0:
+        evens, odds = by_index[0::2], by_index[1::2]
+        best = (unit[evens] @ unit[odds].T).max(dim=-1).values.tolist()
+        ties += len(best) - len(set(best))
+        ranked = sorted(range(len(best)), key=lambda i: (-best[i], int(evens[i])))
+        by_index = torch.cat([evens[torch.tensor(ranked[s:], dtype=torch.long)], odds])
+        evens, odds = by_position[0::2], by_position[1::2]
+        best_p = (unit[evens] @ unit[odds].T).max(dim=-1).values
+        by_position = torch.cat([evens[torch.sort(best_p, descending=True, stable=True).indices[s:]], odds])
+    assert ties >= 1  # the case this test is about
+    got = vispruner_select(x, attention, 64)
+    assert torch.equal(got, torch.sort(torch.cat([important, by_index])).values)
+    assert not torch.equal(got, torch.sort(torch.cat([important, by_position])).values)
