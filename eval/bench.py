@@ -256,26 +256,71 @@ def decode_ms_per_token(model, inputs: dict, tokens: int) -> float:
 
 
 @torch.no_grad()
+def bench_inputs(model, image: str, qwen_pixels: int, batch_size: int, device: torch.device) -> tuple[dict, int]:
+    """The bench image's inputs repeated `batch_size` times, and its patch tokens (as the demo and the report count
+    them: LLaVA-NeXT / OneVision newlines excluded)."""
+    one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
+    if "pixel_values" in one:
+        one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
+    layouts = adapter_for(model).layouts(one, one["input_ids"])
+    assert layouts is not None  # the bench image is in the inputs
+    return batched(one, batch_size, device), layouts[0].images[0].num_tokens
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], wrapped_fns: dict[str, Callable[[], Any]], clock: _TowerClock,
+                warmup: int, repeats: int) -> tuple[dict, dict, dict, dict]:
+    """One round-robin over every configuration, wrapped or not, so that load drift hits them alike; a wrapped
+    run times only its forward (wrapping is not part of a prefill). Per name: prefill ms, selection ms (wrapped),
+    the last run's cache bytes by kind (wrapped), the vision tower's ms."""
+    times: dict = {name: [] for name in [*fns, *wrapped_fns]}
+    sel_times: dict = {name: [] for name in wrapped_fns}
+    kv: dict = {}
+    tower_ms: dict = {}
+    for rnd in range(warmup + repeats):
+        for name in times:
+            clock.reset()
+            if name in wrapped_fns:
+                ms, out, sel = wrapped_fns[name]()
+                kv[name] = cache_bytes_by_kind(out.cache)
+                if rnd >= warmup:
+                    sel_times[name].append(sel)
+            else:
+                ms, _ = timed(fns[name])
+            if rnd >= warmup:
+                times[name].append(ms)
+                tower_ms.setdefault(name, []).append(clock.reset())
+    clock.remove()
+    return times, sel_times, kv, tower_ms
+
+
+def decode_times(model, inputs: dict, policy: str, budgets: list, decode_tokens: int, warmup: int, repeats: int,
+                 options: dict | None = None) -> dict:
+    """Decode ms per token, unpruned (key None) and pruned at each budget (key ``str(keep)``), round-robin."""
+    dec: dict = {None: [], **{str(keep): [] for keep in budgets}}
+    for rnd in range(warmup + repeats):
+        for key, keep in [(None, None), *((str(k), k) for k in budgets)]:
+            if keep is None:
+                ms = decode_ms_per_token(model, inputs, decode_tokens)
+            else:
+                with api.pruned(model, bench_policy(policy, keep, options=options)):
+                    ms = decode_ms_per_token(model, inputs, decode_tokens)
+            if rnd >= warmup:
+                dec[key].append(ms)
+    return dec
+
+
 def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list, repeats: int, warmup: int,
                 decode_tokens: int, device: torch.device, image: str = "photo",
                 qwen_pixels: int = QWEN_PIXELS, vit_layers: tuple[int, ...] = (),
                 options: dict | None = None) -> list[dict]:
     """Rows (one per budget, and per budget and `vit_layers` entry) for one batch size; ``options`` go to the
     budgeted policy (`bench_policy`)."""
-    one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
-    if "pixel_values" in one:
-        one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
-    inputs = batched(one, batch_size, device)
-    # patch tokens of the image, as the demo and the report count them (LLaVA-NeXT / OneVision newlines excluded)
-    layouts = adapter_for(model).layouts(one, one["input_ids"])
-    assert layouts is not None  # the bench image is in the inputs
-    n_visual = layouts[0].images[0].num_tokens
+    inputs, n_visual = bench_inputs(model, image, qwen_pixels, batch_size, device)
     seq = inputs["input_ids"].shape[1]
-    is_llava = adapter_for(model).spec.bench_bare  # `_Bare` writes out LLaVA-1.5's pipeline
-
-    clock = _TowerClock(adapter_for(model).vision_tower() if adapter_for(model).pixel_prune else
+    adapter = adapter_for(model)
+    is_llava = adapter.spec.bench_bare  # `_Bare` writes out LLaVA-1.5's pipeline
+    clock = _TowerClock(adapter.vision_tower() if adapter.pixel_prune else
                         getattr(model.model, "vision_tower", None) or model.model.visual)
-    tower_ms: dict = {}
     after: dict = {}
 
     def prefill():
@@ -295,74 +340,35 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
         return run
 
     fns: dict[str, Callable[[], Any]] = {"unpruned": prefill}
-    bare = None
-    if is_llava:
-        bare = _Bare(model, inputs, n_visual)
-        feats = bare.tower()
-        full_embeds = bare.embeds()
-        fns["vision tower"] = bare.tower
-        fns["projector"] = lambda: bare.project(feats)
-        fns["llm prefill (unpruned)"] = lambda: bare.llm(full_embeds)
-    # wrapped runs time only their forward (wrapping is not part of a prefill); collected separately
     wrapped_fns = {"wrapped, full budget": wrapped(1.0)}
-    per_budget = {}
+    bares: dict = {}
+    if is_llava:
+        full = _Bare(model, inputs, n_visual)
+        feats, full_embeds = full.tower(), full.embeds()
+        fns.update({"vision tower": full.tower, "projector": lambda: full.project(feats),
+                    "llm prefill (unpruned)": lambda: full.llm(full_embeds)})
     for keep in budgets:
-        kept = min(keep, n_visual) if isinstance(keep, int) else max(1, round(n_visual * keep))
         wrapped_fns[label(keep)] = wrapped(keep)
         for vit in vit_layers:
             wrapped_fns[label(keep, vit)] = wrapped(keep, vit)
-        entry: dict[str, Any] = {"kept": kept}
         if is_llava:
-            b = _Bare(model, inputs, kept)
-            pruned_embeds = full_embeds[:, b.keep]
+            kept = min(keep, n_visual) if isinstance(keep, int) else max(1, round(n_visual * keep))
+            b = bares[str(keep)] = _Bare(model, inputs, kept)  # by text: the int 1 and 1.0 (full budget) differ
             fns[f"bare pruned {keep}"] = b.pruned_prefill
-            fns[f"llm prefill {keep}"] = functools.partial(b.llm, pruned_embeds, b.positions)
-            entry["bare"] = b
-        per_budget[str(keep)] = entry  # by text: the int 1 (one token) and 1.0 (full budget) differ
+            fns[f"llm prefill {keep}"] = functools.partial(b.llm, full_embeds[:, b.keep], b.positions)
 
-    # One round-robin over every configuration, wrapped or not, so that load drift hits them alike;
-    # a wrapped run times only its forward (wrapping is not part of a prefill).
-    times: dict = {name: [] for name in [*fns, *wrapped_fns]}
-    sel_times: dict = {name: [] for name in wrapped_fns}
-    kv: dict = {}
-    for rnd in range(warmup + repeats):
-        for name in times:
-            clock.reset()
-            if name in wrapped_fns:
-                ms, out, sel = wrapped_fns[name]()
-                kv[name] = cache_bytes_by_kind(out.cache)
-                if rnd >= warmup:
-                    sel_times[name].append(sel)
-            else:
-                ms, _ = timed(fns[name])
-            if rnd >= warmup:
-                times[name].append(ms)
-                tower_ms.setdefault(name, []).append(clock.reset())
-    clock.remove()
-    w_times = times
-    # decode per token, unpruned and pruned, round-robin
-    dec: dict = {None: [], **{str(keep): [] for keep in budgets}}
-    for rnd in range(warmup + repeats):
-        for key, keep in [(None, None), *((str(k), k) for k in budgets)]:
-            if keep is None:
-                ms = decode_ms_per_token(model, inputs, decode_tokens)
-            else:
-                with api.pruned(model, bench_policy(policy, keep, options=options)):
-                    ms = decode_ms_per_token(model, inputs, decode_tokens)
-            if rnd >= warmup:
-                dec[key].append(ms)
+    times, sel_times, kv, tower_ms = round_robin(fns, wrapped_fns, clock, warmup, repeats)
+    dec = decode_times(model, inputs, policy, budgets, decode_tokens, warmup, repeats, options)
     kv["unpruned"] = cache_bytes_by_kind(prefill().cache)
 
     full_ms = median(times["unpruned"])
-    decode_full = median(dec[None])
-    wrap_ms = median(w_times["wrapped, full budget"])
+    wrap_ms = median(times["wrapped, full budget"])
     rows = []
     for keep, vit_at in [(keep, v) for keep in budgets for v in (None, *vit_layers)]:
-        entry = per_budget[str(keep)]
         stages = after[(keep, vit_at)]
         name = label(keep, vit_at)
         kept = list(stages.values())[-1]["after"]  # what the policy kept (pixelprune: what its predictor kept)
-        vt_ms = median(w_times[name])
+        vt_ms = median(times[name])
         sel_ms = median(sel_times[name])
         new_seq = seq - n_visual + kept
         row = dict(
@@ -372,31 +378,37 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
             prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,
             selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
             flops_ratio=prefill_flops(model, seq) / prefill_flops(model, new_seq),
-            decode_unpruned_ms_per_token=decode_full, decode_vtprune_ms_per_token=median(dec[str(keep)]),
+            decode_unpruned_ms_per_token=median(dec[None]), decode_vtprune_ms_per_token=median(dec[str(keep)]),
             # per layer kind: attention layers' keys and values shrink, linear-attention state (Qwen3.5) does not
             kv_bytes_unpruned=kv["unpruned"]["kv"], kv_bytes_vtprune=kv[name]["kv"],
             linear_state_bytes_unpruned=kv["unpruned"]["linear_state"],
             linear_state_bytes_vtprune=kv[name]["linear_state"],
             selection_share=sel_ms / vt_ms,
-            image=image, qwen_pixels=qwen_pixels if adapter_for(model).mrope else None,
+            image=image, qwen_pixels=qwen_pixels if adapter.mrope else None,
             vision_unpruned_ms=median(tower_ms["unpruned"]), vision_vtprune_ms=median(tower_ms[name]),
             vision_share_unpruned=median(tower_ms["unpruned"]) / full_ms,
             units_dropped=(1 - stages["vision"]["after"] / stages["vision"]["before"]) if "pixelprune" in policy
             and "vision" in stages else None,
         )
         if is_llava:
-            bare_ms = median(times[f"bare pruned {keep}"])
-            comp = bench_compaction_index(full_embeds, entry["bare"].keep, repeats=max(5, repeats))
-            row.update(
-                vision_ms=median(times["vision tower"]), projector_ms=median(times["projector"]),
-                llm_prefill_unpruned_ms=median(times["llm prefill (unpruned)"]),
-                llm_prefill_pruned_ms=median(times[f"llm prefill {keep}"]),
-                bare_pruned_ms=bare_ms, speedup_achievable=full_ms / bare_ms,
-                vtprune_path_over_bare=(vt_ms - sel_ms) / bare_ms,
-                compaction_ms=comp["gather_ms"], compaction_copy_ms=comp["copy_ms"], compaction_ratio=comp["ratio"],
-            )
+            row.update(_bare_columns(times, keep, full_ms, vt_ms - sel_ms, full_embeds, bares[str(keep)].keep, repeats))
         rows.append(row)
     return rows
+
+
+def _bare_columns(times: dict, keep, full_ms: float, path_ms: float, full_embeds: torch.Tensor,
+                  keep_row: torch.Tensor, repeats: int) -> dict:
+    """LLaVA-1.5's hand-written pipeline beside the wrapped run: its stages, the achievable speedup, the
+    compaction's cost (`path_ms`: the wrapped prefill without its selection)."""
+    bare_ms = median(times[f"bare pruned {keep}"])
+    comp = bench_compaction_index(full_embeds, keep_row, repeats=max(5, repeats))
+    return dict(
+        vision_ms=median(times["vision tower"]), projector_ms=median(times["projector"]),
+        llm_prefill_unpruned_ms=median(times["llm prefill (unpruned)"]),
+        llm_prefill_pruned_ms=median(times[f"llm prefill {keep}"]),
+        bare_pruned_ms=bare_ms, speedup_achievable=full_ms / bare_ms, vtprune_path_over_bare=path_ms / bare_ms,
+        compaction_ms=comp["gather_ms"], compaction_copy_ms=comp["copy_ms"], compaction_ratio=comp["ratio"],
+    )
 
 
 def bench_compaction_index(x: torch.Tensor, keep_row: torch.Tensor, repeats: int = 9) -> dict:
@@ -482,13 +494,7 @@ def bench_shares(model, family: str, batch_size: int, policies: list[str], keep,
     """Each policy's selection beside its own pruned prefill: one row per policy, runs round-robin over the
     policies (``warmup`` rounds dropped), medians. Selection is the report's ``ms`` summed over the policy's
     stages (what the runtime times around ``select``, attention probes included), in the same forward."""
-    one = demo_inputs(model, IMAGES[image](), qwen_pixels=qwen_pixels)
-    if "pixel_values" in one:
-        one["pixel_values"] = one["pixel_values"].to(next(model.parameters()).dtype)
-    inputs = batched(one, batch_size, device)
-    layouts = adapter_for(model).layouts(one, one["input_ids"])
-    assert layouts is not None  # the demo input has an image
-    n_visual = layouts[0].images[0].num_tokens
+    inputs, n_visual = bench_inputs(model, image, qwen_pixels, batch_size, device)
     made = {p: bench_policy(p, keep, options=options_for(p, options or {})) for p in policies}
     prefill_ms: dict = {p: [] for p in policies}
     select_ms: dict = {p: [] for p in policies}
