@@ -75,15 +75,30 @@ from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
 from .outputs import file_problem, make_parent
 
 
-def bench_model(family: str, layers: int, hidden: int, device: torch.device, dtype: torch.dtype,
-                vision_layers: int = DEMO_GEOMETRY.vision_layers, vision_hidden: int = DEMO_GEOMETRY.vision_hidden):
+def bench_model(
+    family: str,
+    layers: int,
+    hidden: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    vision_layers: int = DEMO_GEOMETRY.vision_layers,
+    vision_hidden: int = DEMO_GEOMETRY.vision_hidden,
+):
     """The demo model of `family` with an LLM of `layers` x `hidden` (heads of 64, MLP 8/3 x hidden) and a ViT of
     `vision_layers` x `vision_hidden`."""
     heads = max(1, hidden // 64)
     intermediate = (8 * hidden // 3 + 63) // 64 * 64
-    geometry = Geometry(hidden=hidden, layers=layers, heads=heads, kv_heads=heads, intermediate=intermediate,
-                        vision_hidden=vision_hidden, vision_layers=vision_layers,
-                        image_size=DEMO_GEOMETRY.image_size, patch=DEMO_GEOMETRY.patch)
+    geometry = Geometry(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=heads,
+        intermediate=intermediate,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        image_size=DEMO_GEOMETRY.image_size,
+        patch=DEMO_GEOMETRY.patch,
+    )
     model = tiny_model(family, geometry, dtype=dtype)  # LLaVA-NeXT: grid pinpoints of 336 px views, as the demo's
     return model.to(device)
 
@@ -109,8 +124,9 @@ def rendered_page(side: int = 1280):
     page = Image.new("RGB", (side, side), "white")
     draw = ImageDraw.Draw(page)
     font = ImageFont.load_default(size=22)
-    words = ("vision tokens prune the encoder before it runs; duplicate patches of flat background cost "
-             "nothing once they are gone. ").split()
+    words = (
+        "vision tokens prune the encoder before it runs; duplicate patches of flat background cost nothing once they are gone. "
+    ).split()
     y, line = 96, 0
     while y < side - 128:
         text = " ".join(words[(line * 5 + k) % len(words)] for k in range(14))
@@ -250,8 +266,14 @@ def decode_ms_per_token(model, inputs: dict, tokens: int) -> float:
     from transformers import LogitsProcessorList
 
     clock = _StepClock()
-    model.generate(**inputs, max_new_tokens=1 + tokens, min_new_tokens=1 + tokens, do_sample=False, pad_token_id=0,
-                   logits_processor=LogitsProcessorList([clock]))
+    model.generate(
+        **inputs,
+        max_new_tokens=1 + tokens,
+        min_new_tokens=1 + tokens,
+        do_sample=False,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([clock]),
+    )
     return (clock.stamps[-1] - clock.stamps[0]) * 1000.0 / tokens
 
 
@@ -267,8 +289,9 @@ def bench_inputs(model, image: str, qwen_pixels: int, batch_size: int, device: t
     return batched(one, batch_size, device), layouts[0].images[0].num_tokens
 
 
-def round_robin(fns: dict[str, Callable[[], Any]], wrapped_fns: dict[str, Callable[[], Any]], clock: _TowerClock,
-                warmup: int, repeats: int) -> tuple[dict, dict, dict, dict]:
+def round_robin(
+    fns: dict[str, Callable[[], Any]], wrapped_fns: dict[str, Callable[[], Any]], clock: _TowerClock, warmup: int, repeats: int
+) -> tuple[dict, dict, dict, dict]:
     """One round-robin over every configuration, wrapped or not, so that load drift hits them alike; a wrapped
     run times only its forward (wrapping is not part of a prefill). Per name: prefill ms, selection ms (wrapped),
     the last run's cache bytes by kind (wrapped), the vision tower's ms."""
@@ -293,8 +316,9 @@ def round_robin(fns: dict[str, Callable[[], Any]], wrapped_fns: dict[str, Callab
     return times, sel_times, kv, tower_ms
 
 
-def decode_times(model, inputs: dict, policy: str, budgets: list, decode_tokens: int, warmup: int, repeats: int,
-                 options: dict | None = None) -> dict:
+def decode_times(
+    model, inputs: dict, policy: str, budgets: list, decode_tokens: int, warmup: int, repeats: int, options: dict | None = None
+) -> dict:
     """Decode ms per token, unpruned (key None) and pruned at each budget (key ``str(keep)``), round-robin."""
     dec: dict = {None: [], **{str(keep): [] for keep in budgets}}
     for rnd in range(warmup + repeats):
@@ -309,18 +333,30 @@ def decode_times(model, inputs: dict, policy: str, budgets: list, decode_tokens:
     return dec
 
 
-def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list, repeats: int, warmup: int,
-                decode_tokens: int, device: torch.device, image: str = "photo",
-                qwen_pixels: int = QWEN_PIXELS, vit_layers: tuple[int, ...] = (),
-                options: dict | None = None) -> list[dict]:
+def bench_batch(
+    model,
+    family: str,
+    batch_size: int,
+    policy: str,
+    budgets: list,
+    repeats: int,
+    warmup: int,
+    decode_tokens: int,
+    device: torch.device,
+    image: str = "photo",
+    qwen_pixels: int = QWEN_PIXELS,
+    vit_layers: tuple[int, ...] = (),
+    options: dict | None = None,
+) -> list[dict]:
     """Rows (one per budget, and per budget and `vit_layers` entry) for one batch size; ``options`` go to the
     budgeted policy (`bench_policy`)."""
     inputs, n_visual = bench_inputs(model, image, qwen_pixels, batch_size, device)
     seq = inputs["input_ids"].shape[1]
     adapter = adapter_for(model)
     is_llava = adapter.spec.bench_bare  # `_Bare` writes out LLaVA-1.5's pipeline
-    clock = _TowerClock(adapter.vision_tower() if adapter.pixel_prune else
-                        getattr(model.model, "vision_tower", None) or model.model.visual)
+    clock = _TowerClock(
+        adapter.vision_tower() if adapter.pixel_prune else getattr(model.model, "vision_tower", None) or model.model.visual
+    )
     after: dict = {}
 
     def prefill():
@@ -337,6 +373,7 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
                 stages = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]
             after[(keep, vit)] = stages
             return ms, out, sum(s["ms"] for s in stages.values())
+
         return run
 
     fns: dict[str, Callable[[], Any]] = {"unpruned": prefill}
@@ -345,8 +382,13 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     if is_llava:
         full = _Bare(model, inputs, n_visual)
         feats, full_embeds = full.tower(), full.embeds()
-        fns.update({"vision tower": full.tower, "projector": lambda: full.project(feats),
-                    "llm prefill (unpruned)": lambda: full.llm(full_embeds)})
+        fns.update(
+            {
+                "vision tower": full.tower,
+                "projector": lambda: full.project(feats),
+                "llm prefill (unpruned)": lambda: full.llm(full_embeds),
+            }
+        )
     for keep in budgets:
         wrapped_fns[label(keep)] = wrapped(keep)
         for vit in vit_layers:
@@ -372,23 +414,39 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
         sel_ms = median(sel_times[name])
         new_seq = seq - n_visual + kept
         row = dict(
-            family=family, batch=batch_size, policy=policy, options=options or {}, keep=keep, vit_layer=vit_at,
-            visual_before=n_visual, visual_after=kept,
-            seq_len=seq, pruned_seq_len=new_seq,
-            prefill_unpruned_ms=full_ms, prefill_wrapped_full_budget_ms=wrap_ms, prefill_vtprune_ms=vt_ms,
-            selection_ms=sel_ms, wrap_overhead=wrap_ms / full_ms, speedup_vtprune=full_ms / vt_ms,
+            family=family,
+            batch=batch_size,
+            policy=policy,
+            options=options or {},
+            keep=keep,
+            vit_layer=vit_at,
+            visual_before=n_visual,
+            visual_after=kept,
+            seq_len=seq,
+            pruned_seq_len=new_seq,
+            prefill_unpruned_ms=full_ms,
+            prefill_wrapped_full_budget_ms=wrap_ms,
+            prefill_vtprune_ms=vt_ms,
+            selection_ms=sel_ms,
+            wrap_overhead=wrap_ms / full_ms,
+            speedup_vtprune=full_ms / vt_ms,
             flops_ratio=prefill_flops(model, seq) / prefill_flops(model, new_seq),
-            decode_unpruned_ms_per_token=median(dec[None]), decode_vtprune_ms_per_token=median(dec[str(keep)]),
+            decode_unpruned_ms_per_token=median(dec[None]),
+            decode_vtprune_ms_per_token=median(dec[str(keep)]),
             # per layer kind: attention layers' keys and values shrink, linear-attention state (Qwen3.5) does not
-            kv_bytes_unpruned=kv["unpruned"]["kv"], kv_bytes_vtprune=kv[name]["kv"],
+            kv_bytes_unpruned=kv["unpruned"]["kv"],
+            kv_bytes_vtprune=kv[name]["kv"],
             linear_state_bytes_unpruned=kv["unpruned"]["linear_state"],
             linear_state_bytes_vtprune=kv[name]["linear_state"],
             selection_share=sel_ms / vt_ms,
-            image=image, qwen_pixels=qwen_pixels if adapter.mrope else None,
-            vision_unpruned_ms=median(tower_ms["unpruned"]), vision_vtprune_ms=median(tower_ms[name]),
+            image=image,
+            qwen_pixels=qwen_pixels if adapter.mrope else None,
+            vision_unpruned_ms=median(tower_ms["unpruned"]),
+            vision_vtprune_ms=median(tower_ms[name]),
             vision_share_unpruned=median(tower_ms["unpruned"]) / full_ms,
-            units_dropped=(1 - stages["vision"]["after"] / stages["vision"]["before"]) if "pixelprune" in policy
-            and "vision" in stages else None,
+            units_dropped=(1 - stages["vision"]["after"] / stages["vision"]["before"])
+            if "pixelprune" in policy and "vision" in stages
+            else None,
         )
         if is_llava:
             row.update(_bare_columns(times, keep, full_ms, vt_ms - sel_ms, full_embeds, bares[str(keep)].keep, repeats))
@@ -396,18 +454,24 @@ def bench_batch(model, family: str, batch_size: int, policy: str, budgets: list,
     return rows
 
 
-def _bare_columns(times: dict, keep, full_ms: float, path_ms: float, full_embeds: torch.Tensor,
-                  keep_row: torch.Tensor, repeats: int) -> dict:
+def _bare_columns(
+    times: dict, keep, full_ms: float, path_ms: float, full_embeds: torch.Tensor, keep_row: torch.Tensor, repeats: int
+) -> dict:
     """LLaVA-1.5's hand-written pipeline beside the wrapped run: its stages, the achievable speedup, the
     compaction's cost (`path_ms`: the wrapped prefill without its selection)."""
     bare_ms = median(times[f"bare pruned {keep}"])
     comp = bench_compaction_index(full_embeds, keep_row, repeats=max(5, repeats))
     return dict(
-        vision_ms=median(times["vision tower"]), projector_ms=median(times["projector"]),
+        vision_ms=median(times["vision tower"]),
+        projector_ms=median(times["projector"]),
         llm_prefill_unpruned_ms=median(times["llm prefill (unpruned)"]),
         llm_prefill_pruned_ms=median(times[f"llm prefill {keep}"]),
-        bare_pruned_ms=bare_ms, speedup_achievable=full_ms / bare_ms, vtprune_path_over_bare=path_ms / bare_ms,
-        compaction_ms=comp["gather_ms"], compaction_copy_ms=comp["copy_ms"], compaction_ratio=comp["ratio"],
+        bare_pruned_ms=bare_ms,
+        speedup_achievable=full_ms / bare_ms,
+        vtprune_path_over_bare=path_ms / bare_ms,
+        compaction_ms=comp["gather_ms"],
+        compaction_copy_ms=comp["copy_ms"],
+        compaction_ratio=comp["ratio"],
     )
 
 
@@ -422,13 +486,28 @@ def _time_gather(x: torch.Tensor, index: torch.Tensor, repeats: int) -> dict:
     src = x.reshape(-1, x.shape[-1])[:rows]
     t = interleaved({"gather": lambda: gather_seq(x, index), "copy": lambda: src.clone()}, repeats, 2)
     gather, copy = median(t["gather"]), median(t["copy"])
-    return dict(device=str(x.device), dtype=str(x.dtype).replace("torch.", ""), batch=x.shape[0], length=x.shape[1],
-                kept_max=index.shape[1], width=x.shape[-1], padding_rows=int((index < 0).sum()),
-                gather_ms=gather, copy_ms=copy, ratio=gather / copy)
+    return dict(
+        device=str(x.device),
+        dtype=str(x.dtype).replace("torch.", ""),
+        batch=x.shape[0],
+        length=x.shape[1],
+        kept_max=index.shape[1],
+        width=x.shape[-1],
+        padding_rows=int((index < 0).sum()),
+        gather_ms=gather,
+        copy_ms=copy,
+        ratio=gather / copy,
+    )
 
 
-def bench_compaction(batch: int = 8, length: int = 640, width: int = 4096, dtype=torch.float32, repeats: int = 15,
-                     device: torch.device | None = None) -> dict:
+def bench_compaction(
+    batch: int = 8,
+    length: int = 640,
+    width: int = 4096,
+    dtype=torch.float32,
+    repeats: int = 15,
+    device: torch.device | None = None,
+) -> dict:
     """The compaction op on a padded batch with unequal keeps (64 + 40 b rows of sample b) beside a plain copy."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
@@ -488,9 +567,19 @@ def options_for(name: str, options: dict) -> dict:
     return out
 
 
-def bench_shares(model, family: str, batch_size: int, policies: list[str], keep, repeats: int, warmup: int,
-                 device: torch.device, options: dict | None = None, image: str = "photo",
-                 qwen_pixels: int = QWEN_PIXELS) -> list[dict]:
+def bench_shares(
+    model,
+    family: str,
+    batch_size: int,
+    policies: list[str],
+    keep,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    options: dict | None = None,
+    image: str = "photo",
+    qwen_pixels: int = QWEN_PIXELS,
+) -> list[dict]:
     """Each policy's selection beside its own pruned prefill: one row per policy, runs round-robin over the
     policies (``warmup`` rounds dropped), medians. Selection is the report's ``ms`` summed over the policy's
     stages (what the runtime times around ``select``, attention probes included), in the same forward."""
@@ -511,32 +600,53 @@ def bench_shares(model, family: str, batch_size: int, policies: list[str], keep,
     rows = []
     for p in policies:
         pre, sel = median(prefill_ms[p]), median(select_ms[p])
-        rows.append(dict(family=family, batch=batch_size, policy=p, options=options_for(p, options or {}), keep=keep,
-                         visual_before=n_visual, visual_after=kept[p], prefill_vtprune_ms=pre, selection_ms=sel,
-                         selection_share=sel / pre, prefill_runs_ms=prefill_ms[p], selection_runs_ms=select_ms[p]))
+        rows.append(
+            dict(
+                family=family,
+                batch=batch_size,
+                policy=p,
+                options=options_for(p, options or {}),
+                keep=keep,
+                visual_before=n_visual,
+                visual_after=kept[p],
+                prefill_vtprune_ms=pre,
+                selection_ms=sel,
+                selection_share=sel / pre,
+                prefill_runs_ms=prefill_ms[p],
+                selection_runs_ms=select_ms[p],
+            )
+        )
     return rows
 
 
 def shares_markdown(rows: list[dict]) -> str:
-    lines = ["| family | batch | keep | policy | selection ms | pruned prefill ms | selection / prefill |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = [
+        "| family | batch | keep | policy | selection ms | pruned prefill ms | selection / prefill |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['batch']} | {r['keep']} ({r['visual_before']}->{r['visual_after']}) | "
-                     f"{r['policy']} | {r['selection_ms']:.1f} | {r['prefill_vtprune_ms']:.1f} | "
-                     f"{r['selection_share']:.1%} |")
+        lines.append(
+            f"| {r['family']} | {r['batch']} | {r['keep']} ({r['visual_before']}->{r['visual_after']}) | "
+            f"{r['policy']} | {r['selection_ms']:.1f} | {r['prefill_vtprune_ms']:.1f} | "
+            f"{r['selection_share']:.1%} |"
+        )
     return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
     """Two tables: the costs (ms) and the ratios."""
-    costs = ["| family | batch | keep | prefill unpruned | vtprune prefill | bare pruned | vision tower | projector | "
-             "selection | compaction (copy) | LLM prefill unpruned / pruned | decode/token unpruned / pruned | "
-             "KV MB unpruned / pruned | linear-attention state MB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    ratios = ["| family | batch | keep | vtprune speedup | achievable speedup | FLOPs ratio | vtprune / achievable | "
-              "achievable / FLOPs | wrap overhead (full budget) | vtprune path / bare | selection / prefill | "
-              "compaction / copy |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    costs = [
+        "| family | batch | keep | prefill unpruned | vtprune prefill | bare pruned | vision tower | projector | "
+        "selection | compaction (copy) | LLM prefill unpruned / pruned | decode/token unpruned / pruned | "
+        "KV MB unpruned / pruned | linear-attention state MB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratios = [
+        "| family | batch | keep | vtprune speedup | achievable speedup | FLOPs ratio | vtprune / achievable | "
+        "achievable / FLOPs | wrap overhead (full budget) | vtprune path / bare | selection / prefill | "
+        "compaction / copy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         g = r.get
         costs.append(
@@ -557,9 +667,11 @@ def markdown(rows: list[dict]) -> str:
             f"{_f(g('vtprune_path_over_bare'), '.3f')}x | {r['selection_share']:.1%} | "
             f"{_f(g('compaction_ratio'), '.2f')}x |"
         )
-    vision = ["| family | image | keep | units dropped (pixelprune) | vision tower ms unpruned / vtprune | "
-              "tower speedup | tower share of the unpruned prefill | prefill ms unpruned / vtprune | prefill speedup |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    vision = [
+        "| family | image | keep | units dropped (pixelprune) | vision tower ms unpruned / vtprune | "
+        "tower speedup | tower share of the unpruned prefill | prefill ms unpruned / vtprune | prefill speedup |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         dropped = r.get("units_dropped")
         vision.append(
@@ -573,60 +685,134 @@ def markdown(rows: list[dict]) -> str:
 
 
 def compaction_markdown(comp: list[dict]) -> str:
-    lines = ["| compaction | dtype | batch x length -> kept (max) | width | padding rows | gather_seq ms | "
-             "plain copy of the output ms | ratio |", "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| compaction | dtype | batch x length -> kept (max) | width | padding rows | gather_seq ms | "
+        "plain copy of the output ms | ratio |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for c in comp:
-        lines.append(f"| {c['device']} | {c['dtype']} | {c['batch']} x {c['length']} -> {c['kept_max']} | {c['width']} | "
-                     f"{c['padding_rows']} | {c['gather_ms']:.3f} | {c['copy_ms']:.3f} | {c['ratio']:.2f}x |")
+        lines.append(
+            f"| {c['device']} | {c['dtype']} | {c['batch']} x {c['length']} -> {c['kept_max']} | {c['width']} | "
+            f"{c['padding_rows']} | {c['gather_ms']:.3f} | {c['copy_ms']:.3f} | {c['ratio']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
-                        help="gpu: the CUDA kernel and attention-backend equality tests plus this bench, one JSON")
+    parser.add_argument(
+        "--suite",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="gpu: the CUDA kernel and attention-backend equality tests plus this bench, one JSON",
+    )
     parser.add_argument("--policy", default="random", help="the registry policy timed (default random)")
-    parser.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
-                        help="an option of the policy (the last of a + chain), the value read as JSON, repeatable: "
-                        "--option prune_after=[2,4,6] for PyramidDrop on an 8-layer bench LLM; with --shares, "
-                        "NAME.KEY=VALUE for one policy (--option pdrop.prune_after=[2,4,6])")
-    parser.add_argument("--shares", nargs="+", metavar="POLICY",
-                        help="instead of the full bench: each POLICY's selection time beside its own pruned prefill, "
-                        "the policies interleaved round-robin in one process (one table row per policy and budget)")
-    parser.add_argument("--keep", nargs="+", default=["64"],
-                        help="budgets timed, each a token count per image (int) or a fraction in (0, 1] (default 64)")
-    parser.add_argument("--families", nargs="+", default=["llava"], choices=FAMILIES,
-                        help="llava also gets the bare pipeline and the per-part rows")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32],
-                        help="batch sizes timed, each a batch of the demo image (default 1 8 32)")
-    parser.add_argument("--llm-layers", type=int, default=DEMO_GEOMETRY.layers,
-                        help=f"decoder layers of the randomly initialised bench model (default {DEMO_GEOMETRY.layers})")
-    parser.add_argument("--llm-hidden", type=int, default=DEMO_GEOMETRY.hidden,
-                        help=f"hidden width of its decoder (default {DEMO_GEOMETRY.hidden})")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed rounds after the warm-up, interleaved across variants; the median is reported "
-                        "(default 3)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        type=parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the policy (the last of a + chain), the value read as JSON, repeatable: "
+        "--option prune_after=[2,4,6] for PyramidDrop on an 8-layer bench LLM; with --shares, "
+        "NAME.KEY=VALUE for one policy (--option pdrop.prune_after=[2,4,6])",
+    )
+    parser.add_argument(
+        "--shares",
+        nargs="+",
+        metavar="POLICY",
+        help="instead of the full bench: each POLICY's selection time beside its own pruned prefill, "
+        "the policies interleaved round-robin in one process (one table row per policy and budget)",
+    )
+    parser.add_argument(
+        "--keep",
+        nargs="+",
+        default=["64"],
+        help="budgets timed, each a token count per image (int) or a fraction in (0, 1] (default 64)",
+    )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=["llava"],
+        choices=FAMILIES,
+        help="llava also gets the bare pipeline and the per-part rows",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=[1, 8, 32],
+        help="batch sizes timed, each a batch of the demo image (default 1 8 32)",
+    )
+    parser.add_argument(
+        "--llm-layers",
+        type=int,
+        default=DEMO_GEOMETRY.layers,
+        help=f"decoder layers of the randomly initialised bench model (default {DEMO_GEOMETRY.layers})",
+    )
+    parser.add_argument(
+        "--llm-hidden",
+        type=int,
+        default=DEMO_GEOMETRY.hidden,
+        help=f"hidden width of its decoder (default {DEMO_GEOMETRY.hidden})",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed rounds after the warm-up, interleaved across variants; the median is reported (default 3)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--decode-tokens", type=int, default=8,
-                        help="tokens generated per round for the decode time per token (default 8)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="the model's dtype (default float32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default cuda where available, else cpu)")
+    parser.add_argument(
+        "--decode-tokens", type=int, default=8, help="tokens generated per round for the decode time per token (default 8)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype (default float32)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default cuda where available, else cpu)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (default: print only)")
-    parser.add_argument("--image", choices=sorted(IMAGES), default="photo",
-                        help="photo: scikit-image's astronaut; text: its scanned text sample; page: a rendered text page")
-    parser.add_argument("--qwen-pixels", type=int, default=QWEN_PIXELS,
-                        help="pixels of the image for Qwen families (default 448 x 448; a document page: 1280 x 1280)")
-    parser.add_argument("--vision-layers", type=int, default=DEMO_GEOMETRY.vision_layers,
-                        help=f"ViT blocks of the bench model (default {DEMO_GEOMETRY.vision_layers})")
-    parser.add_argument("--vision-hidden", type=int, default=DEMO_GEOMETRY.vision_hidden,
-                        help=f"hidden width of its ViT (default {DEMO_GEOMETRY.vision_hidden})")
-    parser.add_argument("--vit-layers", nargs="+", type=int, default=[],
-                        help="also time the policy selecting inside the vision encoder after each of these many "
-                        "blocks (vit_layer), interleaved with the rest (default: none)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1); use fewer than the "
-                        "idle cores, oversubscribed threads make CPU timings meaningless")
+    parser.add_argument(
+        "--image",
+        choices=sorted(IMAGES),
+        default="photo",
+        help="photo: scikit-image's astronaut; text: its scanned text sample; page: a rendered text page",
+    )
+    parser.add_argument(
+        "--qwen-pixels",
+        type=int,
+        default=QWEN_PIXELS,
+        help="pixels of the image for Qwen families (default 448 x 448; a document page: 1280 x 1280)",
+    )
+    parser.add_argument(
+        "--vision-layers",
+        type=int,
+        default=DEMO_GEOMETRY.vision_layers,
+        help=f"ViT blocks of the bench model (default {DEMO_GEOMETRY.vision_layers})",
+    )
+    parser.add_argument(
+        "--vision-hidden",
+        type=int,
+        default=DEMO_GEOMETRY.vision_hidden,
+        help=f"hidden width of its ViT (default {DEMO_GEOMETRY.vision_hidden})",
+    )
+    parser.add_argument(
+        "--vit-layers",
+        nargs="+",
+        type=int,
+        default=[],
+        help="also time the policy selecting inside the vision encoder after each of these many "
+        "blocks (vit_layer), interleaved with the rest (default: none)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1); use fewer than the idle cores, oversubscribed threads make CPU timings meaningless",
+    )
     args = parser.parse_args(argv)
     if args.json is not None and (problem := file_problem(args.json, "--json")):
         print(f"vtprune bench: {problem}", file=sys.stderr)  # before any timing: a bad path must not cost the finished results
@@ -652,41 +838,84 @@ def main(argv: list[str] | None = None) -> int:
             model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype)
             for bsz in args.batch_sizes:
                 for keep in budgets:
-                    rows.extend(bench_shares(model, family, bsz, args.shares, keep, args.repeats, args.warmup, device,
-                                             options, args.image, args.qwen_pixels))
-                    print(shares_markdown(rows[-len(args.shares):]), flush=True)
+                    rows.extend(
+                        bench_shares(
+                            model,
+                            family,
+                            bsz,
+                            args.shares,
+                            keep,
+                            args.repeats,
+                            args.warmup,
+                            device,
+                            options,
+                            args.image,
+                            args.qwen_pixels,
+                        )
+                    )
+                    print(shares_markdown(rows[-len(args.shares) :]), flush=True)
         result = {
-            "mode": "shares", "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "llm": {"layers": args.llm_layers, "hidden": args.llm_hidden}, "dtype": args.dtype,
-            "repeats": args.repeats, "warmup": args.warmup, "load_average_before": load_before,
-            "load_average_after": os.getloadavg(), "rows": rows,
+            "mode": "shares",
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "llm": {"layers": args.llm_layers, "hidden": args.llm_hidden},
+            "dtype": args.dtype,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "rows": rows,
         }
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=1)
         print()
         print(shares_markdown(rows))
-        print(f"\n(torch threads: {torch.get_num_threads()}; load average {load_before[0]:.2f} before, "
-              f"{result['load_average_after'][0]:.2f} after; medians of {args.repeats} interleaved rounds"
-              + (f"; JSON: {args.json})" if args.json else ")"))
+        print(
+            f"\n(torch threads: {torch.get_num_threads()}; load average {load_before[0]:.2f} before, "
+            f"{result['load_average_after'][0]:.2f} after; medians of {args.repeats} interleaved rounds"
+            + (f"; JSON: {args.json})" if args.json else ")")
+        )
         return 0
     for family in args.families:
-        model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype, args.vision_layers,
-                            args.vision_hidden)
+        model = bench_model(family, args.llm_layers, args.llm_hidden, device, dtype, args.vision_layers, args.vision_hidden)
         for bsz in args.batch_sizes:
-            new = bench_batch(model, family, bsz, args.policy, budgets, args.repeats, args.warmup,
-                              args.decode_tokens, device, args.image, args.qwen_pixels, tuple(args.vit_layers), options)
+            new = bench_batch(
+                model,
+                family,
+                bsz,
+                args.policy,
+                budgets,
+                args.repeats,
+                args.warmup,
+                args.decode_tokens,
+                device,
+                args.image,
+                args.qwen_pixels,
+                tuple(args.vit_layers),
+                options,
+            )
             rows.extend(new)
             print(markdown(new).split("\n\n")[0].split("\n", 2)[-1], flush=True)
     comp = [bench_compaction(dtype=d, device=device) for d in (torch.float32, torch.bfloat16)]
     result = {
-        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
         "llm": {"layers": args.llm_layers, "hidden": args.llm_hidden},
-        "vit": {"layers": args.vision_layers, "hidden": args.vision_hidden}, "dtype": args.dtype,
-        "repeats": args.repeats, "warmup": args.warmup, "load_average_before": load_before,
-        "load_average_after": os.getloadavg(), "rows": rows, "compaction": comp,
+        "vit": {"layers": args.vision_layers, "hidden": args.vision_hidden},
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "rows": rows,
+        "compaction": comp,
     }
     if args.json:
         with open(args.json, "w") as fh:
@@ -695,8 +924,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     print()
     print(compaction_markdown(comp))
-    print(f"\n(torch threads: {torch.get_num_threads()}; load average {load_before[0]:.2f} before, "
-          f"{result['load_average_after'][0]:.2f} after" + (f"; JSON: {args.json})" if args.json else ")"))
+    print(
+        f"\n(torch threads: {torch.get_num_threads()}; load average {load_before[0]:.2f} before, "
+        f"{result['load_average_after'][0]:.2f} after" + (f"; JSON: {args.json})" if args.json else ")")
+    )
     return 0
 
 

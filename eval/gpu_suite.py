@@ -38,8 +38,13 @@ TESTS = ["tests/gpu/test_cuda_kernel.py", "tests/core/test_compaction.py", "test
 def run_tests() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", *TESTS, f"--junitxml={report}", "-p",
-                               "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", *TESTS, f"--junitxml={report}", "-p", "no:cacheprovider"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         summary = {"returncode": done.returncode, "tail": done.stdout[-4000:] + done.stderr[-2000:]}
         if report.exists():
             import xml.etree.ElementTree as ET
@@ -47,8 +52,11 @@ def run_tests() -> dict:
             suite = ET.parse(report).getroot()
             suite = suite if suite.tag == "testsuite" else suite[0]
             summary.update({k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")})
-            summary["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                                 if c.find("failure") is not None or c.find("error") is not None]
+            summary["failed"] = [
+                f"{c.get('classname')}::{c.get('name')}"
+                for c in suite.iter("testcase")
+                if c.find("failure") is not None or c.find("error") is not None
+            ]
     return summary
 
 
@@ -75,8 +83,11 @@ def _compaction(dtype: torch.dtype) -> dict:
     def torch_batch():  # compact_batch's torch path: rows, mask, positions
         return comp._gather_rows(x, index), (index >= 0).long(), comp.gather_seq(positions, index, dim=-1)
 
-    fns = {"torch path (rows)": lambda: comp._gather_rows(x, index), "torch path (batch)": torch_batch,
-           "plain copy": lambda: src.clone()}
+    fns = {
+        "torch path (rows)": lambda: comp._gather_rows(x, index),
+        "torch path (batch)": torch_batch,
+        "plain copy": lambda: src.clone(),
+    }
     if kernel is not None:
         fns["cuda kernel (rows)"] = lambda: comp.gather_seq(x, index)
         fns["cuda kernel (batch, one launch)"] = lambda: comp.compact_batch(x, index, positions)
@@ -126,17 +137,35 @@ def main(argv: list[str] | None = None) -> int:
     def selection():
         from .selection_time import main as sel
 
-        return sel(["--device", "cuda", "--repeats", "20", "--warmup", "3", "--big-repeats", "5",
-                    "--json", str(tmp / "sel.json")])
+        return sel(
+            ["--device", "cuda", "--repeats", "20", "--warmup", "3", "--big-repeats", "5", "--json", str(tmp / "sel.json")]
+        )
 
     def bench():
         from .bench import main as bench_main
 
         rows = {}
         for policy in ("random", "idpruner"):
-            bench_main(["--device", "cuda", "--policy", policy, "--keep", "64", "--llm-layers", "8",
-                        "--llm-hidden", "1024", "--repeats", "10", "--warmup", "3", "--json",
-                        str(tmp / f"bench_{policy}.json")])
+            bench_main(
+                [
+                    "--device",
+                    "cuda",
+                    "--policy",
+                    policy,
+                    "--keep",
+                    "64",
+                    "--llm-layers",
+                    "8",
+                    "--llm-hidden",
+                    "1024",
+                    "--repeats",
+                    "10",
+                    "--warmup",
+                    "3",
+                    "--json",
+                    str(tmp / f"bench_{policy}.json"),
+                ]
+            )
             rows[policy] = json.loads((tmp / f"bench_{policy}.json").read_text())
         return rows
 

@@ -76,8 +76,10 @@ from ..policies.base import make_policy
 #: lmms-eval's HF wrapper for each supported ``config.model_type``.
 FAMILIES = {t: adapter.lmms_model for t, adapter in ADAPTERS.items()}
 PRUNE_KEYS = ("policy", "keep", "positions")
-INSTALL_HINT = ("lmms-eval is not installed; install it without its dependencies (they would replace torch), "
-                "from the vtprune clone:\n  pip install '.[eval]' && pip install --no-deps lmms-eval==0.7.3")
+INSTALL_HINT = (
+    "lmms-eval is not installed; install it without its dependencies (they would replace torch), "
+    "from the vtprune clone:\n  pip install '.[eval]' && pip install --no-deps lmms-eval==0.7.3"
+)
 #: What lmms-eval's wrapper of each name (``FAMILIES``' values) needs beyond the ``[eval]`` extra, as each adapter
 #: declares it (``lmms_needs``: its Qwen wrappers all go through qwen_vl_utils, which imports torchvision).
 WRAPPER_NEEDS = {adapter.lmms_model: adapter.lmms_needs for adapter in ADAPTERS.values() if adapter.lmms_needs}
@@ -123,10 +125,14 @@ def _wrapper_class(model_type: str, force_simple: bool, require_imports: bool = 
         raise ImportError(
             f"lmms-eval's {FAMILIES[model_type]} wrapper (model_type {model_type!r}) needs {', '.join(missing)}, "
             "which cannot be imported here. "
-            + (problem if problem else
-               "Install qwen-vl-utils (pip install qwen-vl-utils) and a torchvision that matches your torch. "
-               + torchvision_advice())
-            + " LLaVA families need neither.")
+            + (
+                problem
+                if problem
+                else "Install qwen-vl-utils (pip install qwen-vl-utils) and a torchvision that matches your torch. "
+                + torchvision_advice()
+            )
+            + " LLaVA families need neither."
+        )
     from lmms_eval.models import get_model
 
     return get_model(FAMILIES[model_type], force_simple=force_simple)
@@ -157,8 +163,11 @@ def load_model(model_args: str | dict, *, batch_size: int = 1, device: str = "cp
     prune = {k: args.pop(k) for k in list(args) if k in PRUNE_KEYS or k not in accepted}
     _check_policy(prune, f"lmms-eval's {cls.__name__} takes {sorted(accepted)}")
     args = {"batch_size": batch_size, "device": device, **args}
-    if "device_map" in accepted and "device_map" not in args and (
-            int(os.environ.get("WORLD_SIZE", "1")) == 1 or str(device) == "cpu"):
+    if (
+        "device_map" in accepted
+        and "device_map" not in args
+        and (int(os.environ.get("WORLD_SIZE", "1")) == 1 or str(device) == "cpu")
+    ):
         # llava_hf's default device_map="" is refused by transformers 5.x; under several GPU
         # processes it must stay "" (the wrapper then places each rank on its own GPU). CPU
         # processes (accelerate launch --cpu, gloo) each hold the whole model on the CPU; the
@@ -176,9 +185,11 @@ def _check_policy(prune: dict, wrapper_args: str) -> None:
         make_policy(policy, **({"keep": keep} if keep is not None else {}), **options)
     except TypeError:  # an unknown option: perhaps a misspelt argument of the wrapper
         unknown = sorted(set(options) - set(policy_options(policy)))
-        raise BadType(f"policy {policy!r} has no option {', '.join(unknown) or sorted(options)}; its options: "
-                        f"{', '.join(policy_options(policy))}. Keys of model_args go to the policy unless "
-                        f"{wrapper_args}") from None
+        raise BadType(
+            f"policy {policy!r} has no option {', '.join(unknown) or sorted(options)}; its options: "
+            f"{', '.join(policy_options(policy))}. Keys of model_args go to the policy unless "
+            f"{wrapper_args}"
+        ) from None
 
 
 def policy_options(policy: str) -> list[str]:
@@ -245,8 +256,10 @@ class PrefillLog:
         self.records: list[dict] = []
         self._start: float | None = None
         self._batch = 1
-        self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
-                       model.register_forward_hook(self._after, with_kwargs=True)]
+        self._hooks = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, with_kwargs=True),
+        ]
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -270,8 +283,11 @@ class PrefillLog:
         self._start = None
         if api.is_wrapped(self.model):
             samples = api.report(self.model).to_dict()["samples"]
-            record["images"] = [{name: {k: st[k] for k in ("before", "after", "ms")} for name, st in image["stages"].items()}
-                                for sample in samples for image in sample["images"]]
+            record["images"] = [
+                {name: {k: st[k] for k in ("before", "after", "ms")} for name, st in image["stages"].items()}
+                for sample in samples
+                for image in sample["images"]
+            ]
         self.records.append(record)
 
     def gathered(self) -> list[dict]:
@@ -291,7 +307,8 @@ class PrefillLog:
             # the median per batch size: what the sweep's "prefill ms, batch B" columns show
             sizes = sorted({r.get("batch", 1) for r in records})
             out["prefill_ms_median_by_batch"] = {
-                str(b): round(statistics.median(r["ms"] for r in records if r.get("batch", 1) == b), 3) for b in sizes}
+                str(b): round(statistics.median(r["ms"] for r in records if r.get("batch", 1) == b), 3) for b in sizes
+            }
         images = [image for r in records for image in r.get("images", [])]
         if images:
             out["images"] = len(images)
@@ -333,9 +350,18 @@ def _check(results: dict | None, tasks: list[str], errors: list[str]) -> None:
             raise EvalFailed(f"task {task!r} has no finite metric: {metrics}")
 
 
-def run(lm, log: PrefillLog, tasks: list[str], *, limit: float | None = None, output_path: str | Path | None = None,
-        gen_kwargs: str | None = None, include_path: list[str] | None = None, cache_dir: str | Path | None = None,
-        verbosity: str = "WARNING") -> tuple[dict, dict]:
+def run(
+    lm,
+    log: PrefillLog,
+    tasks: list[str],
+    *,
+    limit: float | None = None,
+    output_path: str | Path | None = None,
+    gen_kwargs: str | None = None,
+    include_path: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    verbosity: str = "WARNING",
+) -> tuple[dict, dict]:
     """Evaluate ``lm`` (lmms-eval model instance, possibly pruned) on ``tasks``; check and write the results.
 
     Returns ``(results, samples)``: lmms-eval's results dict with a
@@ -349,12 +375,12 @@ def run(lm, log: PrefillLog, tasks: list[str], *, limit: float | None = None, ou
     # the local tasks' YAML in a private folder of this run (the shared cache holds only verified data)
     with tempfile.TemporaryDirectory(prefix="vtprune-tasks-") as own:
         include = prepare(tasks, n=n_local, image_size=size, cache_dir=cache_dir, include_dir=own)
-        return _evaluate(lm, log, tasks, include + list(include_path or []), limit, output_path, gen_kwargs,
-                         verbosity)
+        return _evaluate(lm, log, tasks, include + list(include_path or []), limit, output_path, gen_kwargs, verbosity)
 
 
-def _evaluate(lm, log: PrefillLog, tasks: list[str], include: list[str], limit, output_path, gen_kwargs,
-              verbosity: str) -> tuple[dict, dict]:
+def _evaluate(
+    lm, log: PrefillLog, tasks: list[str], include: list[str], limit, output_path, gen_kwargs, verbosity: str
+) -> tuple[dict, dict]:
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager
     from loguru import logger
@@ -370,8 +396,17 @@ def _evaluate(lm, log: PrefillLog, tasks: list[str], include: list[str], limit, 
     modules = {k: v for k, v in vars(lm).items() if isinstance(v, torch.nn.Module)}
     try:
         results = evaluator.simple_evaluate(
-            model=lm, tasks=tasks, limit=limit, batch_size=lm.batch_size, log_samples=True, bootstrap_iters=0,
-            gen_kwargs=gen_kwargs, task_manager=task_manager, verbosity=verbosity, process_docs_parallel=1)
+            model=lm,
+            tasks=tasks,
+            limit=limit,
+            batch_size=lm.batch_size,
+            log_samples=True,
+            bootstrap_iters=0,
+            gen_kwargs=gen_kwargs,
+            task_manager=task_manager,
+            verbosity=verbosity,
+            process_docs_parallel=1,
+        )
     except Exception as exc:
         cause = _cause(exc)
         raise EvalFailed(f"lmms-eval raised {type(cause).__name__}: {cause}") from exc
@@ -415,8 +450,7 @@ def write(out: Path, results: dict, samples: dict, records: list[dict], summary:
                 fh.write(json.dumps(row, default=_json_default) + "\n")
     # {"summary": {...}, "prefills": [...]}, one prefill a line
     lines = ",\n".join("  " + json.dumps(r) for r in records)
-    (out / "vtprune_report.json").write_text(
-        f'{{"summary": {json.dumps(summary, indent=2)},\n "prefills": [\n{lines}\n]}}\n')
+    (out / "vtprune_report.json").write_text(f'{{"summary": {json.dumps(summary, indent=2)},\n "prefills": [\n{lines}\n]}}\n')
 
 
 def _print_include_path(args) -> int:
@@ -425,8 +459,11 @@ def _print_include_path(args) -> int:
     tasks = [t.strip() for t in args.print_include_path.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in LOCAL_TASKS]
     if unknown or not tasks:
-        print(f"vtprune eval: --print-include-path takes local tasks ({', '.join(LOCAL_TASKS)}); got {tasks}. "
-              "lmms-eval's own tasks need no include path.", file=sys.stderr)
+        print(
+            f"vtprune eval: --print-include-path takes local tasks ({', '.join(LOCAL_TASKS)}); got {tasks}. "
+            "lmms-eval's own tasks need no include path.",
+            file=sys.stderr,
+        )
         return 2
     n = int(args.limit) if args.limit is not None and args.limit >= 1 else TOYVQA_N
     pretrained = parse_model_args(args.model_args).get("pretrained") if args.model_args else None
@@ -442,14 +479,18 @@ def _print_include_path(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtprune eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_args",
-                        help="pretrained=PATH[,policy=NAME,keep=N|F,positions=original|compact,OPTION=VALUE,...]")
+    parser = argparse.ArgumentParser(
+        prog="vtprune eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_args", help="pretrained=PATH[,policy=NAME,keep=N|F,positions=original|compact,OPTION=VALUE,...]")
     parser.add_argument("--tasks", help="comma-separated lmms-eval task names (local: toyvqa)")
-    parser.add_argument("--print-include-path", metavar="TASKS", dest="print_include_path",
-                        help="export the local tasks among TASKS (e.g. toyvqa) and print the folder that "
-                             "lmms-eval's --include_path takes, then exit")
+    parser.add_argument(
+        "--print-include-path",
+        metavar="TASKS",
+        dest="print_include_path",
+        help="export the local tasks among TASKS (e.g. toyvqa) and print the folder that "
+        "lmms-eval's --include_path takes, then exit",
+    )
     parser.add_argument("--limit", type=float, help="first N items per task (N < 1: that fraction)")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -460,9 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force_simple", action="store_true", help="lmms-eval's 'simple' wrapper instead of the chat one")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--verbosity", default="WARNING")
-    parser.add_argument("--offline", action="store_true",
-                        help="no downloads: set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE=1 "
-                             "(default: the environment as it is)")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="no downloads: set HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE=1 (default: the environment as it is)",
+    )
     args = parser.parse_args(argv)
     if args.print_include_path is not None:
         return _print_include_path(args)
@@ -487,11 +530,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        lm, prune = load_model(args.model_args, batch_size=args.batch_size, device=args.device,
-                               force_simple=args.force_simple)
+        lm, prune = load_model(args.model_args, batch_size=args.batch_size, device=args.device, force_simple=args.force_simple)
         with pruned(lm, prune) as log:
-            results, _ = run(lm, log, tasks, limit=args.limit, output_path=args.output_path, gen_kwargs=args.gen_kwargs,
-                             include_path=args.include_path, cache_dir=args.cache_dir, verbosity=args.verbosity)
+            results, _ = run(
+                lm,
+                log,
+                tasks,
+                limit=args.limit,
+                output_path=args.output_path,
+                gen_kwargs=args.gen_kwargs,
+                include_path=args.include_path,
+                cache_dir=args.cache_dir,
+                verbosity=args.verbosity,
+            )
     except (EvalFailed, ValueError, TypeError, OSError, ImportError) as exc:
         print(f"vtprune eval: FAILED: {exc}", file=sys.stderr)
         return 1

@@ -386,8 +386,9 @@ def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
 
-def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: torch.device,
-              only: list[str] | None = None) -> list[dict]:
+def time_case(
+    shape: str, n: int, k: int, repeats: int, warmup: int, device: torch.device, only: list[str] | None = None
+) -> list[dict]:
     """Rows of the table for one geometry: each selector, vtprune beside its reference (``only``: the selectors
     whose row name starts with one of these words, e.g. ``["scope", "dart"]``)."""
     geo = SHAPES[shape]
@@ -397,9 +398,13 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
     question = torch.randn(QUESTION_TOKENS, geo["dim"], generator=g).to(device)
     hidden = torch.randn(n, geo["dim"], generator=g).to(device)
     scorer = VisionSelector(
-        "random", geo["dim"], SELECTOR_HIDDEN,
-        torch.randn(SELECTOR_HIDDEN, geo["dim"], generator=g) * 0.02, torch.zeros(SELECTOR_HIDDEN),
-        torch.randn(SELECTOR_HIDDEN, geo["dim"], generator=g) * 0.02, torch.zeros(SELECTOR_HIDDEN),
+        "random",
+        geo["dim"],
+        SELECTOR_HIDDEN,
+        torch.randn(SELECTOR_HIDDEN, geo["dim"], generator=g) * 0.02,
+        torch.zeros(SELECTOR_HIDDEN),
+        torch.randn(SELECTOR_HIDDEN, geo["dim"], generator=g) * 0.02,
+        torch.zeros(SELECTOR_HIDDEN),
     )
     with torch.no_grad():
         prompt_imp = cosine_similarity(visual, question.mean(dim=0, keepdim=True))[:, 0]
@@ -454,14 +459,25 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
         ),
         "entropyprune (matrix entropy + top-k)": (lambda: _topk(matrix_entropy(queries), k), None, None, "-"),
         "dart (pivots + least-duplicated picks)": (
-            lambda: dart_select(key_norm, hidden, text_norm, question, k, image_positions=torch.arange(n),
-                                text_positions=n + 1 + torch.arange(QUESTION_TOKENS)),
+            lambda: dart_select(
+                key_norm,
+                hidden,
+                text_norm,
+                question,
+                k,
+                image_positions=torch.arange(n),
+                text_positions=n + 1 + torch.arange(QUESTION_TOKENS),
+            ),
             lambda: reference_dart(key_norm, hidden, text_norm, question, k),
             lambda: reference_dart(key_norm, hidden, text_norm, question, k),
             "keep set",
         ),
         "pdrop (top-k of the last token's row)": (
-            lambda: topk_indices(last_row, k), lambda: _topk(last_row, k), lambda: _topk(last_row, k), "keep set"),
+            lambda: topk_indices(last_row, k),
+            lambda: _topk(last_row, k),
+            lambda: _topk(last_row, k),
+            "keep set",
+        ),
         "scope (saliency-weighted coverage)": (
             lambda: scope_select(visual_pre, saliency, k),
             lambda: reference_scope(visual_pre, saliency, k),
@@ -486,20 +502,32 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
 
         def prunesid_ours():
             groups = pca_groups(view_rows, int(t / 4), 0, batched=True)
-            return torch.cat([prunesid_select(r, a, t, group=gr) + i * CLIP_PATCHES
-                              for i, (r, a, gr) in enumerate(zip(view_rows, view_saliency, groups))])
+            return torch.cat(
+                [
+                    prunesid_select(r, a, t, group=gr) + i * CLIP_PATCHES
+                    for i, (r, a, gr) in enumerate(zip(view_rows, view_saliency, groups))
+                ]
+            )
 
         def prunesid_reference():
             # the patches the reference keeps (its CLS slot dropped), ascending, in the flat numbering
             return torch.sort(((reference_prunesid(with_cls, view_saliency, t)[:, 1:] - 1) + offsets).flatten()).values
 
         pairs["prunesid (PCA groups + NMS + split, per 576-token view)"] = (
-            prunesid_ours, prunesid_reference, prunesid_reference, "keep set")
+            prunesid_ours,
+            prunesid_reference,
+            prunesid_reference,
+            "keep set",
+        )
     if shape == "llava":
         vit = _clip_layer(device)
         clip_views = torch.randn(max(1, n // 576), CLIP_TOKENS, CLIP_L["hidden_size"], generator=g).to(device)
         pairs["idpruner received importance (ViT probe)"] = (
-            lambda: vit_attention_received(vit, clip_views).flatten()[:n], None, None, "-")
+            lambda: vit_attention_received(vit, clip_views).flatten()[:n],
+            None,
+            None,
+            "-",
+        )
 
     if only:
         pairs = {name: pair for name, pair in pairs.items() if name.split()[0] in only}
@@ -510,8 +538,12 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
             times = interleaved(fns, repeats, warmup)
             mine = ours()
             row = {
-                "selector": name, "shape": shape, "n": n, "keep": k,
-                "ours_ms": median(times["ours"]), "ours_runs_ms": times["ours"],
+                "selector": name,
+                "shape": shape,
+                "n": n,
+                "keep": k,
+                "ours_ms": median(times["ours"]),
+                "ours_runs_ms": times["ours"],
                 "ours_peak_mb": peak_bytes(ours, device) / 2**20,
             }
             if ref is not None:
@@ -522,10 +554,13 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
                     compared_sets = torch.equal(mine.sort().values.cpu(), theirs.sort().values.cpu())
                     row["same_keep_set"] = compared_sets
                 row.update(
-                    reference_ms=median(times["reference"]), reference_runs_ms=times["reference"],
+                    reference_ms=median(times["reference"]),
+                    reference_runs_ms=times["reference"],
                     ratio=median(times["ours"]) / median(times["reference"]),
                     reference_peak_mb=peak_bytes(ref_mem, device) / 2**20,
-                    reference_memory_steps=mem_k, compared=compared, equal=same,
+                    reference_memory_steps=mem_k,
+                    compared=compared,
+                    equal=same,
                 )
         rows.append(row)
         print(_line(row), flush=True)
@@ -534,16 +569,19 @@ def time_case(shape: str, n: int, k: int, repeats: int, warmup: int, device: tor
 
 def _line(r: dict) -> str:
     if "reference_ms" not in r:
-        return (f"| {r['selector']} | {r['n']} -> {r['keep']} | {r['ours_ms']:.1f} | - | - | "
-                f"{r['ours_peak_mb']:.1f} | - | - |")
+        return f"| {r['selector']} | {r['n']} -> {r['keep']} | {r['ours_ms']:.1f} | - | - | {r['ours_peak_mb']:.1f} | - | - |"
     equal = "yes" if r["equal"] else ("keep set yes, order no" if r.get("same_keep_set") else "NO")
     steps = "" if r["reference_memory_steps"] == r["keep"] else f" ({r['reference_memory_steps']} steps)"
-    return (f"| {r['selector']} | {r['n']} -> {r['keep']} | {r['ours_ms']:.1f} | {r['reference_ms']:.1f} | "
-            f"{r['ratio']:.2f}x | {r['ours_peak_mb']:.1f} | {r['reference_peak_mb']:.1f}{steps} | {equal} |")
+    return (
+        f"| {r['selector']} | {r['n']} -> {r['keep']} | {r['ours_ms']:.1f} | {r['reference_ms']:.1f} | "
+        f"{r['ratio']:.2f}x | {r['ours_peak_mb']:.1f} | {r['reference_peak_mb']:.1f}{steps} | {equal} |"
+    )
 
 
-HEADER = ("| selector | N -> K | vtprune ms | reference ms | ratio | vtprune peak MB | reference peak MB | "
-          "equal |\n|---|---|---:|---:|---:|---:|---:|---|")
+HEADER = (
+    "| selector | N -> K | vtprune ms | reference ms | ratio | vtprune peak MB | reference peak MB | "
+    "equal |\n|---|---|---:|---:|---:|---:|---:|---|"
+)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -553,8 +591,9 @@ def markdown(rows: list[dict]) -> str:
 # --- the policy's whole selection through the public API -------------------------------------------
 
 #: the `--whole` model: LLaVA, language width 1024, 576 tokens per image (96 px / 4), one small ViT layer
-WHOLE_GEOMETRY = dict(hidden=1024, layers=1, heads=8, kv_heads=8, intermediate=64, vision_hidden=256,
-                      vision_layers=1, image_size=96, patch=4)
+WHOLE_GEOMETRY = dict(
+    hidden=1024, layers=1, heads=8, kv_heads=8, intermediate=64, vision_hidden=256, vision_layers=1, image_size=96, patch=4
+)
 WHOLE_KEEP = 64
 
 
@@ -609,12 +648,14 @@ def time_whole(n_images: int, repeats: int, warmup: int) -> list[dict]:
         return reference_mmr(visual, visual.norm(dim=-1), k)
 
     def mmtok_alone():
-        return [coverage_select(coverage_matrix(visual[s], visual_pre[s], question, ALPHA, TAU_V, tau_t),
-                                WHOLE_KEEP).indices + s.start for s in images]
+        return [
+            coverage_select(coverage_matrix(visual[s], visual_pre[s], question, ALPHA, TAU_V, tau_t), WHOLE_KEEP).indices
+            + s.start
+            for s in images
+        ]
 
     def mmtok_reference():
-        return [reference_mmtok(visual[s], visual_pre[s], question, tau_t, WHOLE_KEEP).sort().values + s.start
-                for s in images]
+        return [reference_mmtok(visual[s], visual_pre[s], question, tau_t, WHOLE_KEEP).sort().values + s.start for s in images]
 
     cases = {
         "idpruner (importance=norm)": (IDPruner(keep=WHOLE_KEEP, importance="norm"), norm_mmr, norm_reference),
@@ -641,24 +682,35 @@ def time_whole(n_images: int, repeats: int, warmup: int) -> list[dict]:
                 if rnd >= warmup:
                     for key, value in got.items():
                         times[key].append(value)
-            kept = torch.cat([torch.tensor(img["stages"]["projector"]["kept"]) + i * per_image
-                              for i, img in enumerate(vtprune.report(model).to_dict()["samples"][0]["images"])])
+            kept = torch.cat(
+                [
+                    torch.tensor(img["stages"]["projector"]["kept"]) + i * per_image
+                    for i, img in enumerate(vtprune.report(model).to_dict()["samples"][0]["images"])
+                ]
+            )
             with torch.no_grad():
                 mine, theirs = alone(), reference()
             mine = torch.cat(mine) if isinstance(mine, list) else mine
             theirs = torch.cat(theirs) if isinstance(theirs, list) else theirs
             quiet = min(range(repeats), key=lambda r: times["reference"][r] + times["whole"][r])
-            rows.append({
-                "policy": name, "n": n, "keep": k, "images": n_images, "dim": dim,
-                "whole_ms": median(times["whole"]), "alone_ms": median(times["alone"]),
-                "reference_ms": median(times["reference"]),
-                "whole_ratio": median(times["whole"]) / median(times["reference"]),
-                "alone_ratio": median(times["alone"]) / median(times["reference"]),
-                "quietest_whole_ratio": times["whole"][quiet] / times["reference"][quiet],
-                "runs_ms": times,
-                "equal": torch.equal(kept.sort().values, theirs.sort().values)
-                and torch.equal(mine.sort().values, theirs.sort().values),
-            })
+            rows.append(
+                {
+                    "policy": name,
+                    "n": n,
+                    "keep": k,
+                    "images": n_images,
+                    "dim": dim,
+                    "whole_ms": median(times["whole"]),
+                    "alone_ms": median(times["alone"]),
+                    "reference_ms": median(times["reference"]),
+                    "whole_ratio": median(times["whole"]) / median(times["reference"]),
+                    "alone_ratio": median(times["alone"]) / median(times["reference"]),
+                    "quietest_whole_ratio": times["whole"][quiet] / times["reference"][quiet],
+                    "runs_ms": times,
+                    "equal": torch.equal(kept.sort().values, theirs.sort().values)
+                    and torch.equal(mine.sort().values, theirs.sort().values),
+                }
+            )
             print(_whole_line(rows[-1]), flush=True)
             vtprune.unwrap(model)
     finally:
@@ -666,15 +718,19 @@ def time_whole(n_images: int, repeats: int, warmup: int) -> list[dict]:
     return rows
 
 
-WHOLE_HEADER = ("| policy | N -> K | whole selection ms (report) | selector alone ms | reference ms | "
-                "whole / reference | alone / reference | quietest round whole / reference | keep sets equal |\n"
-                "|---|---|---:|---:|---:|---:|---:|---:|---|")
+WHOLE_HEADER = (
+    "| policy | N -> K | whole selection ms (report) | selector alone ms | reference ms | "
+    "whole / reference | alone / reference | quietest round whole / reference | keep sets equal |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---|"
+)
 
 
 def _whole_line(r: dict) -> str:
-    return (f"| {r['policy']} | {r['n']} -> {r['keep']} | {r['whole_ms']:.2f} | {r['alone_ms']:.2f} | "
-            f"{r['reference_ms']:.2f} | {r['whole_ratio']:.2f}x | {r['alone_ratio']:.2f}x | "
-            f"{r['quietest_whole_ratio']:.2f}x | {'yes' if r['equal'] else 'NO'} |")
+    return (
+        f"| {r['policy']} | {r['n']} -> {r['keep']} | {r['whole_ms']:.2f} | {r['alone_ms']:.2f} | "
+        f"{r['reference_ms']:.2f} | {r['whole_ratio']:.2f}x | {r['alone_ratio']:.2f}x | "
+        f"{r['quietest_whole_ratio']:.2f}x | {'yes' if r['equal'] else 'NO'} |"
+    )
 
 
 def _case(text: str) -> tuple[str, int, int]:
@@ -686,18 +742,32 @@ def _case(text: str) -> tuple[str, int, int]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", type=_case, default=DEFAULT_CASES,
-                        help="shape:N:K, e.g. llava:576:64 (default: llava:576:64 llava:2880:320 qwen:8192:819)")
-    parser.add_argument("--only", nargs="+", metavar="SELECTOR",
-                        help="time only these selectors (the first word of a row: scope, dart, idpruner, ...)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        type=_case,
+        default=DEFAULT_CASES,
+        help="shape:N:K, e.g. llava:576:64 (default: llava:576:64 llava:2880:320 qwen:8192:819)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SELECTOR",
+        help="time only these selectors (the first word of a row: scope, dart, idpruner, ...)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--big-repeats", type=int, default=1, help=f"repeats (and no warm-up) for N >= {BIG}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--whole", nargs="+", type=int, metavar="IMAGES",
-                        help="instead of the selectors: each policy's whole selection through the public API for one "
-                             "prompt of IMAGES images of 576 tokens (1: 576 -> 64, 5: 2880 -> 320), CPU")
+    parser.add_argument(
+        "--whole",
+        nargs="+",
+        type=int,
+        metavar="IMAGES",
+        help="instead of the selectors: each policy's whole selection through the public API for one "
+        "prompt of IMAGES images of 576 tokens (1: 576 -> 64, 5: 2880 -> 320), CPU",
+    )
     parser.add_argument("--json", default="runs/selection_time.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
     from .outputs import file_problem
@@ -711,14 +781,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.whole:
         print(WHOLE_HEADER)
         rows = [row for images in args.whole for row in time_whole(images, args.repeats, args.warmup)]
-        result = {"mode": "whole", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                  "repeats": args.repeats, "warmup": args.warmup, "geometry": WHOLE_GEOMETRY, "rows": rows}
+        result = {
+            "mode": "whole",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "geometry": WHOLE_GEOMETRY,
+            "rows": rows,
+        }
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-        print(f"\n(thread CPU time, {torch.get_num_threads()} torch thread, load average before "
-              f"{load_before[0]:.2f}, after {result['load_average_after'][0]:.2f}); wrote {out}")
+        print(
+            f"\n(thread CPU time, {torch.get_num_threads()} torch thread, load average before "
+            f"{load_before[0]:.2f}, after {result['load_average_after'][0]:.2f}); wrote {out}"
+        )
         return result
     print(HEADER)
     rows = []
@@ -727,13 +807,22 @@ def main(argv: list[str] | None = None) -> dict:
         repeats, warmup = (args.big_repeats, 0) if big else (args.repeats, args.warmup)
         rows.extend(time_case(shape, n, k, repeats, warmup, device, args.only))
     result = {
-        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "repeats": args.repeats, "warmup": args.warmup, "big_repeats": args.big_repeats, "rows": rows,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "big_repeats": args.big_repeats,
+        "rows": rows,
     }
-    print(f"\n(load average before {load_before[0]:.2f}, after {result['load_average_after'][0]:.2f}; "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread)")
+    print(
+        f"\n(load average before {load_before[0]:.2f}, after {result['load_average_after'][0]:.2f}; "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread)"
+    )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -46,8 +46,15 @@ from .. import api, toyvqa
 from ..checks import BadValue, UserInputError
 
 
-def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], title: str, path: str | Path,
-           subtitle: str = "", dropped_stage: str | None = None) -> None:
+def render(
+    view: np.ndarray,
+    grid: tuple[int, int],
+    stages: dict[str, dict],
+    title: str,
+    path: str | Path,
+    subtitle: str = "",
+    dropped_stage: str | None = None,
+) -> None:
     """Save ``view`` (H x W x 3 uint8) once per stage with that stage's ``kept`` cells of ``grid`` highlighted.
 
     ``stages``: ``{name: {"before", "after", "kept"}}`` as in the report; every
@@ -80,8 +87,7 @@ def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], tit
             dropped = ~cell
             ax.contourf(dropped, levels=[0.5, 1.5], colors="none", hatches=["////"])
             ax.imshow(np.ma.masked_where(~dropped, dropped), cmap="autumn", alpha=0.25, vmin=0, vmax=1)
-            caption = (f"stage {name}: pixelprune dropped {stage['before'] - stage['after']} of {stage['before']} "
-                       f"units (hatched)")
+            caption = f"stage {name}: pixelprune dropped {stage['before'] - stage['after']} of {stage['before']} units (hatched)"
         ax.set_title(caption, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -92,8 +98,9 @@ def render(view: np.ndarray, grid: tuple[int, int], stages: dict[str, dict], tit
     plt.close(fig)
 
 
-def render_video(frames: list[np.ndarray], grid: tuple[int, int], stage: dict, title: str, path: str | Path,
-                 columns: int = 8) -> None:
+def render_video(
+    frames: list[np.ndarray], grid: tuple[int, int], stage: dict, title: str, path: str | Path, columns: int = 8
+) -> None:
     """Save a strip of a video's frames with one stage's kept cells bright (merged rows outlined in cyan).
 
     ``frames``: one picture (H x W x 3 uint8) per frame of the video as the
@@ -127,16 +134,18 @@ def render_video(frames: list[np.ndarray], grid: tuple[int, int], stage: dict, t
         view = frames[k]
         height, width = view.shape[:2]
         block = np.ones((math.ceil(height / rows), math.ceil(width / cols)), bool)
-        cell = np.kron(kept[k * per:(k + 1) * per].reshape(rows, cols), block)[:height, :width]
+        cell = np.kron(kept[k * per : (k + 1) * per].reshape(rows, cols), block)[:height, :width]
         shown = np.where(cell[..., None], view.astype(np.float32), view.astype(np.float32) * 0.2 + 20)
         ax.imshow(shown.clip(0, 255).astype(np.uint8))
         ax.contour(cell, levels=[0.5], colors=["yellow"], linewidths=0.4)
-        mixed = np.kron(merged[k * per:(k + 1) * per].reshape(rows, cols), block)[:height, :width]
+        mixed = np.kron(merged[k * per : (k + 1) * per].reshape(rows, cols), block)[:height, :width]
         if mixed.any():
             ax.contour(mixed, levels=[0.5], colors=["cyan"], linewidths=0.6)
-        count = int(kept[k * per:(k + 1) * per].sum())
-        ax.set_title(f"frame {k}: {count}/{per}" + (f", {int(merged[k * per:(k + 1) * per].sum())} merged"
-                                                    if mixed.any() else ""), fontsize=7)
+        count = int(kept[k * per : (k + 1) * per].sum())
+        ax.set_title(
+            f"frame {k}: {count}/{per}" + (f", {int(merged[k * per : (k + 1) * per].sum())} merged" if mixed.any() else ""),
+            fontsize=7,
+        )
     caption = f"{title} - kept {stage['after']} of {stage['before']} video tokens"
     fig.suptitle("\n".join(textwrap.wrap(caption, int(2.1 * ncols * 12))), fontsize=9)
     fig.tight_layout()
@@ -144,21 +153,20 @@ def render_video(frames: list[np.ndarray], grid: tuple[int, int], stage: dict, t
     plt.close(fig)
 
 
-def show_video(image_path: str | Path, family: str, policy: str, keep, out: str | Path, frames: int = 16,
-               shift: int = 4, **options) -> dict:
+def show_video(
+    image_path: str | Path, family: str, policy: str, keep, out: str | Path, frames: int = 16, shift: int = 4, **options
+) -> dict:
     """Prune a panning video made from one image with ``policy`` on the demo's ``family`` model; save the strip."""
     from ..demo import demo_model
     from ..patches import family_spec, supported_video_demo
     from .video_bench import pan
 
     if family not in supported_video_demo():
-        raise BadValue(f"vtprune show --video draws the demo models {', '.join(supported_video_demo())}; "
-                       f"got {family!r}")
+        raise BadValue(f"vtprune show --video draws the demo models {', '.join(supported_video_demo())}; got {family!r}")
     spec = family_spec(family)
     per_slot = spec.frames_per_slot
     if frames % per_slot:
-        raise BadValue(f"--video {frames}: {family}'s video slots hold {per_slot} frames each; give an even "
-                       "number of frames")
+        raise BadValue(f"--video {frames}: {family}'s video slots hold {per_slot} frames each; give an even number of frames")
     model = demo_model(family)
     with Image.open(image_path) as img:
         source = np.asarray(img.convert("RGB"))
@@ -171,12 +179,18 @@ def show_video(image_path: str | Path, family: str, policy: str, keep, out: str 
     shown = pictures[0::per_slot]
     per = video["tokens"] // len(shown)
     side_tokens = math.isqrt(per)
-    title = f"{family} (demo, random weights) - policy {policy}, keep={keep}" + "".join(
-        f" {k}={v}" for k, v in options.items())
+    title = f"{family} (demo, random weights) - policy {policy}, keep={keep}" + "".join(f" {k}={v}" for k, v in options.items())
     render_video(shown, (side_tokens, side_tokens), stage, title, out)
-    return {"image": str(image_path), "model": family, "policy": policy, "keep": keep, "frames": stage["frames"],
-            "stages": {"projector": {"before": stage["before"], "after": stage["after"]}},
-            "merged": len(stage.get("merged", [])), "png": str(out)}
+    return {
+        "image": str(image_path),
+        "model": family,
+        "policy": policy,
+        "keep": keep,
+        "frames": stage["frames"],
+        "stages": {"projector": {"before": stage["before"], "after": stage["after"]}},
+        "merged": len(stage.get("merged", [])),
+        "png": str(out),
+    }
 
 
 def _view_and_grid(model, processor, inputs: dict, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
@@ -187,8 +201,10 @@ def _view_and_grid(model, processor, inputs: dict, image: Image.Image) -> tuple[
     if family in ADAPTERS and ADAPTERS[family].spec.drawn:
         return ADAPTERS[family].spec.view_and_grid(model, processor, inputs, image)
     drawn = [t for t, adapter in ADAPTERS.items() if adapter.spec.drawn]
-    raise BadValue(f"vtprune show draws {', '.join(drawn[:-1])} and {drawn[-1]} models; got {family!r} "
-                     "(LLaVA-NeXT's several views are not drawn yet)")
+    raise BadValue(
+        f"vtprune show draws {', '.join(drawn[:-1])} and {drawn[-1]} models; got {family!r} "
+        "(LLaVA-NeXT's several views are not drawn yet)"
+    )
 
 
 def _load(model_ref: str):
@@ -235,8 +251,18 @@ def shown_policy(policy: str, keep, tau: float | None = None, vit_layer: int | N
     return made[0] if len(made) == 1 else Pipeline(cast(list[Policy], made))  # each name is one policy
 
 
-def show(image_path: str | Path, model_ref: str, policy: str, keep, out: str | Path, question: str,
-         max_new_tokens: int = 8, tau: float | None = None, vit_layer: int | None = None, **options) -> dict:
+def show(
+    image_path: str | Path,
+    model_ref: str,
+    policy: str,
+    keep,
+    out: str | Path,
+    question: str,
+    max_new_tokens: int = 8,
+    tau: float | None = None,
+    vit_layer: int | None = None,
+    **options,
+) -> dict:
     """Prune one image with ``policy``, answer ``question``, and save the kept patches per stage to ``out``."""
     model, processor, build = _load(model_ref)
     with Image.open(image_path) as img:
@@ -246,11 +272,14 @@ def show(image_path: str | Path, model_ref: str, policy: str, keep, out: str | P
     with api.pruned(model, chosen, tokenizer=processor), torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         image_report = api.report(model).to_dict()["samples"][0]["images"][0]
-    answer = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    answer = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     view, grid = _view_and_grid(model, processor, inputs, image)
     stages = image_report["stages"]
-    given = {**options, **({"tau": tau} if tau is not None else {}),
-             **({"vit_layer": vit_layer} if vit_layer is not None else {})}
+    given = {
+        **options,
+        **({"tau": tau} if tau is not None else {}),
+        **({"vit_layer": vit_layer} if vit_layer is not None else {}),
+    }
     options_text = "".join(f" {k}={v}" for k, v in given.items())
     from ..zoo import checkpoint_for
 
@@ -259,14 +288,22 @@ def show(image_path: str | Path, model_ref: str, policy: str, keep, out: str | P
     title = f"model {Path(str(model_ref)).name} ({name}) - policy {policy}{budget}{options_text}"
     dropped = "vision" if policy.split("+")[0] == "pixelprune" else None
     render(view, grid, stages, title, out, subtitle=f"Q: {question}   A (pruned): {answer!r}", dropped_stage=dropped)
-    return {"image": str(image_path), "model": str(model_ref), "policy": policy, "keep": keep, "answer": answer,
-            "grid": list(grid), "stages": {k: {"before": v["before"], "after": v["after"]} for k, v in stages.items()},
-            "png": str(out)}
+    return {
+        "image": str(image_path),
+        "model": str(model_ref),
+        "policy": policy,
+        "keep": keep,
+        "answer": answer,
+        "grid": list(grid),
+        "stages": {k: {"before": v["before"], "after": v["after"]} for k, v in stages.items()},
+        "png": str(out),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtprune show", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vtprune show", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("image", help="an image file")
     parser.add_argument("--model", default="llava", help="toyvqa arch name or checkpoint folder (default: llava)")
     parser.add_argument("--policy", default="idpruner")
@@ -274,13 +311,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", default="what color is the circle ?")
     parser.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--video", type=int, metavar="N", help="draw a video policy on N frames of the image panned "
-                        "(--model: a family whose demo builds videos: patches.supported_video_demo())")
+    parser.add_argument(
+        "--video",
+        type=int,
+        metavar="N",
+        help="draw a video policy on N frames of the image panned "
+        "(--model: a family whose demo builds videos: patches.supported_video_demo())",
+    )
     parser.add_argument("--shift", type=int, default=4, help="--video: pixels the window moves per frame (default 4)")
-    parser.add_argument("--tau", type=float, default=None,
-                        help="pixelprune's largest pixel difference still counted as a match (default 0: exact)")
-    parser.add_argument("--vit-layer", type=int, default=None,
-                        help="select inside the vision encoder after this many of its blocks (vit_layer)")
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="pixelprune's largest pixel difference still counted as a match (default 0: exact)",
+    )
+    parser.add_argument(
+        "--vit-layer", type=int, default=None, help="select inside the vision encoder after this many of its blocks (vit_layer)"
+    )
     args = parser.parse_args(argv)
     from ..budget import parse_keep, validate_keep
     from ..policies.base import unknown_policy
@@ -301,18 +348,31 @@ def main(argv: list[str] | None = None) -> int:
             if args.video < 1 or args.shift < 0:
                 raise BadValue(f"--video must be >= 1 and --shift >= 0; got {args.video} and {args.shift}")
             result = show_video(args.image, args.model, args.policy, keep, args.out, args.video, args.shift)
-            print(f"saved {result['png']}: {result['model']} {result['policy']} keep={keep}, video "
-                  f"{result['stages']['projector']['before']}->{result['stages']['projector']['after']} tokens, "
-                  f"per frame {result['frames']}" + (f", {result['merged']} merged" if result["merged"] else ""))
+            print(
+                f"saved {result['png']}: {result['model']} {result['policy']} keep={keep}, video "
+                f"{result['stages']['projector']['before']}->{result['stages']['projector']['after']} tokens, "
+                f"per frame {result['frames']}" + (f", {result['merged']} merged" if result["merged"] else "")
+            )
             return 0
-        result = show(args.image, args.model, args.policy, keep, args.out, args.question, args.max_new_tokens,
-                      tau=args.tau, vit_layer=args.vit_layer)
+        result = show(
+            args.image,
+            args.model,
+            args.policy,
+            keep,
+            args.out,
+            args.question,
+            args.max_new_tokens,
+            tau=args.tau,
+            vit_layer=args.vit_layer,
+        )
     except (UserInputError, OSError) as exc:
         print(f"vtprune show: {exc}", file=sys.stderr)
         return 2
-    print(f"saved {result['png']}: {result['model']} {result['policy']} keep={keep}, stages "
-          + ", ".join(f"{k} {v['before']}->{v['after']}" for k, v in result["stages"].items())
-          + f"; answer {result['answer']!r}")
+    print(
+        f"saved {result['png']}: {result['model']} {result['policy']} keep={keep}, stages "
+        + ", ".join(f"{k} {v['before']}->{v['after']}" for k, v in result["stages"].items())
+        + f"; answer {result['answer']!r}"
+    )
     return 0
 
 

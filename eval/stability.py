@@ -45,8 +45,25 @@ from .outputs import file_problem, make_parent
 PERTURBATIONS = ("noise", "shift", "jpeg")
 NOISE_SIGMA = 2.0 / 255.0
 JPEG_QUALITY = 90
-DEFAULT_POLICIES = ["random", "pooling", "divprune", "mmtok", "idpruner", "entropyprune", "fastv", "transprune",
-                    "hiprune", "visionzip", "scope", "vispruner", "prunesid", "holov", "cdpruner", "dart", "pdrop"]
+DEFAULT_POLICIES = [
+    "random",
+    "pooling",
+    "divprune",
+    "mmtok",
+    "idpruner",
+    "entropyprune",
+    "fastv",
+    "transprune",
+    "hiprune",
+    "visionzip",
+    "scope",
+    "vispruner",
+    "prunesid",
+    "holov",
+    "cdpruner",
+    "dart",
+    "pdrop",
+]
 
 
 def perturb(image: Image.Image, kind: str, seed: int = 0) -> Image.Image:
@@ -97,8 +114,9 @@ def _answers_and_kept(model, processor, items, images, batch_size: int, pruned: 
     return answers, kept
 
 
-def measure(model, processor, policies: list[str], keep, n: int = 8, batch_size: int = 16,
-            perturbations: tuple[str, ...] = PERTURBATIONS) -> dict:
+def measure(
+    model, processor, policies: list[str], keep, n: int = 8, batch_size: int = 16, perturbations: tuple[str, ...] = PERTURBATIONS
+) -> dict:
     """Jaccard of kept sets, answer agreement and accuracy under each perturbation, per policy and unpruned."""
     items, images = _items(model, n)
     truth = [it.answer for it in items]
@@ -112,55 +130,86 @@ def measure(model, processor, policies: list[str], keep, n: int = 8, batch_size:
     def agreement(a, b):
         return sum(x == y for x, y in zip(a, b)) / len(a)
 
-    base = {v: _answers_and_kept(model, processor, items, imgs, batch_size, pruned=False)[0]
-            for v, imgs in versions.items()}
-    out = {"n": n, "keep": keep, "perturbations": {"noise": f"gaussian sigma={NOISE_SIGMA:.5f} (2/255)",
-                                                     "shift": "1 pixel to the right", "jpeg": f"quality {JPEG_QUALITY}"},
-           "unpruned": {"accuracy": {v: accuracy(a) for v, a in base.items()},
-                        "agreement": {k: agreement(base[k], base["original"]) for k in perturbations}},
-           "policies": []}
+    base = {v: _answers_and_kept(model, processor, items, imgs, batch_size, pruned=False)[0] for v, imgs in versions.items()}
+    out = {
+        "n": n,
+        "keep": keep,
+        "perturbations": {
+            "noise": f"gaussian sigma={NOISE_SIGMA:.5f} (2/255)",
+            "shift": "1 pixel to the right",
+            "jpeg": f"quality {JPEG_QUALITY}",
+        },
+        "unpruned": {
+            "accuracy": {v: accuracy(a) for v, a in base.items()},
+            "agreement": {k: agreement(base[k], base["original"]) for k in perturbations},
+        },
+        "policies": [],
+    }
     for spec in policies:
         name, options = policy_spec(spec)
         start = time.perf_counter()
         with api.pruned(model, name, keep=keep, tokenizer=processor, **options):
-            runs = {v: _answers_and_kept(model, processor, items, imgs, batch_size, pruned=True)
-                    for v, imgs in versions.items()}
+            runs = {v: _answers_and_kept(model, processor, items, imgs, batch_size, pruned=True) for v, imgs in versions.items()}
         answers0, kept0 = runs["original"]
-        out["policies"].append({
-            "policy": spec,
-            "jaccard": {k: float(np.mean([jaccard(a, b) for a, b in zip(kept0, runs[k][1])])) for k in perturbations},
-            "agreement": {k: agreement(runs[k][0], answers0) for k in perturbations},
-            "agreement_with_unpruned": agreement(answers0, base["original"]),
-            "accuracy": {v: accuracy(r[0]) for v, r in runs.items()},
-            "kept_tokens": float(np.mean([len(k) for k in kept0])),
-            "seconds": round(time.perf_counter() - start, 2),
-        })
+        out["policies"].append(
+            {
+                "policy": spec,
+                "jaccard": {k: float(np.mean([jaccard(a, b) for a, b in zip(kept0, runs[k][1])])) for k in perturbations},
+                "agreement": {k: agreement(runs[k][0], answers0) for k in perturbations},
+                "agreement_with_unpruned": agreement(answers0, base["original"]),
+                "accuracy": {v: accuracy(r[0]) for v, r in runs.items()},
+                "kept_tokens": float(np.mean([len(k) for k in kept0])),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
     return out
 
 
 def markdown(result: dict) -> str:
     """The result as a markdown table: Jaccard, agreement, accuracy per perturbation; the unpruned row first."""
     kinds = list(result["unpruned"]["agreement"])
-    head = ["policy"] + [f"Jaccard {k}" for k in kinds] + [f"agree {k}" for k in kinds] + \
-        ["acc original"] + [f"acc {k}" for k in kinds]
+    head = (
+        ["policy"]
+        + [f"Jaccard {k}" for k in kinds]
+        + [f"agree {k}" for k in kinds]
+        + ["acc original"]
+        + [f"acc {k}" for k in kinds]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     u = result["unpruned"]
-    lines.append("| none (unpruned) | " + " | ".join(["-"] * len(kinds)) + " | "
-                 + " | ".join(f"{u['agreement'][k]:.2f}" for k in kinds) + " | "
-                 + " | ".join(f"{u['accuracy'][v]:.2f}" for v in ["original", *kinds]) + " |")
+    lines.append(
+        "| none (unpruned) | "
+        + " | ".join(["-"] * len(kinds))
+        + " | "
+        + " | ".join(f"{u['agreement'][k]:.2f}" for k in kinds)
+        + " | "
+        + " | ".join(f"{u['accuracy'][v]:.2f}" for v in ["original", *kinds])
+        + " |"
+    )
     for p in result["policies"]:
-        lines.append(f"| {p['policy']} | " + " | ".join(f"{p['jaccard'][k]:.2f}" for k in kinds) + " | "
-                     + " | ".join(f"{p['agreement'][k]:.2f}" for k in kinds) + " | "
-                     + " | ".join(f"{p['accuracy'][v]:.2f}" for v in ["original", *kinds]) + " |")
+        lines.append(
+            f"| {p['policy']} | "
+            + " | ".join(f"{p['jaccard'][k]:.2f}" for k in kinds)
+            + " | "
+            + " | ".join(f"{p['agreement'][k]:.2f}" for k in kinds)
+            + " | "
+            + " | ".join(f"{p['accuracy'][v]:.2f}" for v in ["original", *kinds])
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtprune stability", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vtprune stability", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="llava", help="toyvqa arch name (llava, qwen2_5_vl) or checkpoint folder")
-    parser.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
-                        help="registry names; idpruner:IMPORTANCE picks IDPruner-TF's importance")
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=DEFAULT_POLICIES,
+        help="registry names; idpruner:IMPORTANCE picks IDPruner-TF's importance",
+    )
     parser.add_argument("--keep", default="64", help="tokens per image (int) or fraction (float); default 64")
     parser.add_argument("--n", type=int, default=8, help="toyvqa test items (default 8)")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -87,20 +87,32 @@ PERTURBATIONS = ("noise", "shift", "jpeg")
 
 #: lmms-eval task name prefix -> task family (OCR reported on its own).
 FAMILIES = {
-    "textvqa": "ocr", "docvqa": "ocr", "chartqa": "ocr", "ocrbench": "ocr", "infovqa": "ocr", "ocrvqa": "ocr",
+    "textvqa": "ocr",
+    "docvqa": "ocr",
+    "chartqa": "ocr",
+    "ocrbench": "ocr",
+    "infovqa": "ocr",
+    "ocrvqa": "ocr",
     "pope": "hallucination",
     "mme": "perception",
-    "mmbench": "multiple-choice", "scienceqa": "multiple-choice", "seedbench": "multiple-choice",
-    "mmmu": "multiple-choice", "ai2d": "multiple-choice", "mmstar": "multiple-choice",
+    "mmbench": "multiple-choice",
+    "scienceqa": "multiple-choice",
+    "seedbench": "multiple-choice",
+    "mmmu": "multiple-choice",
+    "ai2d": "multiple-choice",
+    "mmstar": "multiple-choice",
     "realworldqa": "multiple-choice",
-    "gqa": "open vqa", "vqav2": "open vqa", "vizwiz": "open vqa", "ok_vqa": "open vqa",
+    "gqa": "open vqa",
+    "vqav2": "open vqa",
+    "vizwiz": "open vqa",
+    "ok_vqa": "open vqa",
 }
 TOY_TYPES = ("color", "exist", "count", "position", "reading")
 
 
 def family_of(task: str) -> str:
     """The task family of an lmms-eval task name (``other`` when unknown)."""
-    name = task[len(LMMS):] if task.startswith(LMMS) else task
+    name = task[len(LMMS) :] if task.startswith(LMMS) else task
     for prefix, family in FAMILIES.items():
         if name.startswith(prefix):
             return family
@@ -150,9 +162,12 @@ def read_results(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
             row["prefill_ms_old_definition"] = row.pop("prefill_ms")
         rows.append(row)
     if bad:
-        warnings.warn(f"{path}: line(s) {bad} are not complete JSON rows (a run cut off while writing, or a line "
-                      f"that is not a row: a JSON object with {', '.join(keys) or 'fields'}); dropped, their "
-                      "runs are redone", stacklevel=2)
+        warnings.warn(
+            f"{path}: line(s) {bad} are not complete JSON rows (a run cut off while writing, or a line "
+            f"that is not a row: a JSON object with {', '.join(keys) or 'fields'}); dropped, their "
+            "runs are redone",
+            stacklevel=2,
+        )
         staging = path.with_suffix(".jsonl.tmp")
         staging.write_text("".join(json.dumps(r) + "\n" for r in rows))
         staging.replace(path)
@@ -175,8 +190,7 @@ def _prefill_items(model, processor, size: int = TIMED_ITEMS) -> tuple[list[dict
 def _time_toyvqa(model, processor, size: int = TIMED_ITEMS) -> dict[str, float]:
     """``{"1": median over 8 items of one batch-1 prefill, "8": median of 3 prefills of a batch of 8}`` (8: ``size``)."""
     singles, batch = _prefill_items(model, processor, size)
-    b1 = statistics.median(time_prefill(model, b, repeats=1, warmup=1 if i == 0 else 0)[0]
-                           for i, b in enumerate(singles))
+    b1 = statistics.median(time_prefill(model, b, repeats=1, warmup=1 if i == 0 else 0)[0] for i, b in enumerate(singles))
     b8, _ = time_prefill(model, batch, repeats=3)
     return {"1": round(b1, 3), str(size): round(b8, 3)}
 
@@ -189,16 +203,18 @@ def _compare(row: dict, base: dict | None) -> None:
     row["retained"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
     parts = row.get("per_type") or row.get("metrics") or {}
     base_parts = base.get("per_type") or base.get("metrics") or {}
-    row["retained_per_type"] = {t: parts[t] / base_parts[t] for t in TOY_TYPES
-                                if t in parts and t in base_parts and _finite(parts[t]) and base_parts[t]}
+    row["retained_per_type"] = {
+        t: parts[t] / base_parts[t] for t in TOY_TYPES if t in parts and t in base_parts and _finite(parts[t]) and base_parts[t]
+    }
 
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def run_one(model, processor, policy: str, keep, n: int, base: dict | None, stability: int = 0,
-            timed_items: int = TIMED_ITEMS) -> dict:
+def run_one(
+    model, processor, policy: str, keep, n: int, base: dict | None, stability: int = 0, timed_items: int = TIMED_ITEMS
+) -> dict:
     """One toyvqa run: accuracy (batch 16), prefill times at batch 1 and 8, optionally selection stability."""
     from ..zoo import checkpoint_for
 
@@ -219,10 +235,18 @@ def run_one(model, processor, policy: str, keep, n: int, base: dict | None, stab
             from .stability import measure
 
             stab = measure(model, processor, [policy], keep, n=stability)
-            row["stability"] = {"n": stability, "jaccard": stab["policies"][0]["jaccard"],
-                                "agreement": stab["policies"][0]["agreement"]}
-    row.update(accuracy=res["overall"], per_type=res["per_type"], batch_size=16,
-               seconds=time.perf_counter() - start, predictions=res["predictions"])
+            row["stability"] = {
+                "n": stability,
+                "jaccard": stab["policies"][0]["jaccard"],
+                "agreement": stab["policies"][0]["agreement"],
+            }
+    row.update(
+        accuracy=res["overall"],
+        per_type=res["per_type"],
+        batch_size=16,
+        seconds=time.perf_counter() - start,
+        predictions=res["predictions"],
+    )
     _compare(row, base)
     return row
 
@@ -235,29 +259,42 @@ def _policy_args(policy: str, keep) -> dict:
     return {"policy": name, "keep": keep, **options}
 
 
-def run_lmms(lm, task: str, policy: str, keep, n: int | None, base: dict | None, out: Path, cache_dir=None,
-             gen_kwargs: str | None = None) -> dict:
+def run_lmms(
+    lm, task: str, policy: str, keep, n: int | None, base: dict | None, out: Path, cache_dir=None, gen_kwargs: str | None = None
+) -> dict:
     """One run of lmms-eval task ``task`` through the ``vtprune eval`` runner; the same row fields as :func:`run_one`."""
     from ..zoo import checkpoint_for
     from . import lmms
 
     start = time.perf_counter()
     with lmms.pruned(lm, _policy_args(policy, keep)) as log:
-        results, samples = lmms.run(lm, log, [task], limit=n, output_path=out, cache_dir=cache_dir,
-                                    gen_kwargs=gen_kwargs)
-    metrics = {k.split(",")[0]: v for k, v in results["results"][task].items()
-               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+        results, samples = lmms.run(lm, log, [task], limit=n, output_path=out, cache_dir=cache_dir, gen_kwargs=gen_kwargs)
+    metrics = {
+        k.split(",")[0]: v
+        for k, v in results["results"][task].items()
+        if "," in k and "_stderr" not in k and isinstance(v, (int, float))
+    }
     primary = results["configs"][task]["metric_list"][0]["metric"]
     summary = results["vtprune"]
     kept = summary.get("visual_tokens_after")
     before = summary.get("visual_tokens_before")
-    row = dict(policy=policy, keep=keep, checkpoint=checkpoint_for(lm.model.config),
-               kept_tokens=int(kept) if kept is not None and kept == int(kept) else kept,
-               visual_tokens=before, accuracy=metrics[primary], metric=primary, metrics=metrics,
-               prefill_ms=summary.get("prefill_ms_median_by_batch", {}), batch_size=lm.batch_size,
-               seconds=time.perf_counter() - start)
-    row["predictions"] = [{"doc_id": s["doc_id"], "prediction": str(s["filtered_resps"][0]).strip().lower()}
-                          for s in sorted(samples[task], key=lambda s: s["doc_id"])]
+    row = dict(
+        policy=policy,
+        keep=keep,
+        checkpoint=checkpoint_for(lm.model.config),
+        kept_tokens=int(kept) if kept is not None and kept == int(kept) else kept,
+        visual_tokens=before,
+        accuracy=metrics[primary],
+        metric=primary,
+        metrics=metrics,
+        prefill_ms=summary.get("prefill_ms_median_by_batch", {}),
+        batch_size=lm.batch_size,
+        seconds=time.perf_counter() - start,
+    )
+    row["predictions"] = [
+        {"doc_id": s["doc_id"], "prediction": str(s["filtered_resps"][0]).strip().lower()}
+        for s in sorted(samples[task], key=lambda s: s["doc_id"])
+    ]
     _compare(row, base)
     return row
 
@@ -281,8 +318,7 @@ class Runner:
                 from .lmms import load_model
 
                 model_args = ",".join(a for a in (f"pretrained={_checkpoint(model_ref)}", self.cfg.model_args) if a)
-                self.loaded[(model_ref, kind)] = load_model(model_args, batch_size=self.cfg.batch_size,
-                                                            device=self.cfg.device)[0]
+                self.loaded[(model_ref, kind)] = load_model(model_args, batch_size=self.cfg.batch_size, device=self.cfg.device)[0]
             else:
                 self.loaded[(model_ref, kind)] = toyvqa.load(model_ref)
         return self.loaded[(model_ref, kind)]
@@ -293,13 +329,13 @@ class Runner:
         kind = "lmms" if task.startswith(LMMS) else "toyvqa"
         loaded = self.model(model_ref, kind)
         if kind == "lmms":
-            run_dir = self.out / "lmms" / Path(model_ref).name / task[len(LMMS):] / f"{policy.replace(':', '-')}-{keep}"
-            row = run_lmms(loaded, task[len(LMMS):], policy, keep, n, base, run_dir, self.cfg.cache_dir,
-                           self.cfg.gen_kwargs)
+            run_dir = self.out / "lmms" / Path(model_ref).name / task[len(LMMS) :] / f"{policy.replace(':', '-')}-{keep}"
+            row = run_lmms(loaded, task[len(LMMS) :], policy, keep, n, base, run_dir, self.cfg.cache_dir, self.cfg.gen_kwargs)
         else:
             model, processor = loaded
-            row = run_one(model, processor, policy, keep, n if n is not None else toyvqa_n(),
-                          base, self.cfg.stability, self.cfg.timed_items)
+            row = run_one(
+                model, processor, policy, keep, n if n is not None else toyvqa_n(), base, self.cfg.stability, self.cfg.timed_items
+            )
         row.update(model=model_ref, task=task, n=n)
         return row
 
@@ -322,8 +358,13 @@ def _append(results: Path, row: dict) -> None:
         fh.flush()
 
 
-def sweep(cfg: SweepConfig | dict, backend: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
-          source: str = "(given as a dict)") -> list[dict]:
+def sweep(
+    cfg: SweepConfig | dict,
+    backend: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    source: str = "(given as a dict)",
+) -> list[dict]:
     """Run the grid of ``cfg`` (checked whole first: :func:`check_config`), resuming from ``out/results.jsonl``."""
     if not isinstance(cfg, SweepConfig):
         cfg = check_config(cfg, source, backend)
@@ -361,8 +402,9 @@ def sweep(cfg: SweepConfig | dict, backend: str = "local", ray_address: str | No
     return rows
 
 
-def _sweep_ray(cfg: SweepConfig, todo: list[tuple], done: dict, results: Path, address: str | None,
-               workers: int | None = None) -> None:
+def _sweep_ray(
+    cfg: SweepConfig, todo: list[tuple], done: dict, results: Path, address: str | None, workers: int | None = None
+) -> None:
     """The grid on a Ray cluster: unpruned runs first (their answers are the reference), then the rest."""
     if not todo:
         return
@@ -379,8 +421,13 @@ def _sweep_ray(cfg: SweepConfig, todo: list[tuple], done: dict, results: Path, a
 
         root = str(Path(__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        ray.init(address=address, num_cpus=workers if address is None else None, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(
+            address=address,
+            num_cpus=workers if address is None else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
     # one GPU per run on a GPU cluster (each run holds its whole model), none for CPU runs
     gpus = cfg.gpus_per_run
     remote = ray.remote(num_gpus=gpus, num_cpus=1)(_ray_run)
@@ -434,8 +481,11 @@ def paper_point(checkpoint: str | None, policy: str, keep) -> tuple[float, str] 
     if not isinstance(retained, dict):
         return None
     for budget, value in retained.items():
-        if isinstance(keep, (int, float)) and math.isclose(float(budget), float(keep)) and \
-                isinstance(budget, int) == isinstance(keep, int):
+        if (
+            isinstance(keep, (int, float))
+            and math.isclose(float(budget), float(keep))
+            and isinstance(budget, int) == isinstance(keep, int)
+        ):
             return value / 100.0, entry.get("source", "")
     return None
 
@@ -444,10 +494,9 @@ def _families(row: dict) -> dict[str, float]:
     """Retained per task family for one row: the task's family, or toyvqa's question types (reading = OCR)."""
     if row.get("retained") is None:
         return {}
-    name = row["task"][len(LMMS):] if row["task"].startswith(LMMS) else row["task"]
+    name = row["task"][len(LMMS) :] if row["task"].startswith(LMMS) else row["task"]
     if name == "toyvqa":
-        return {("ocr (toy reading)" if t == "reading" else f"toy {t}"): v
-                for t, v in row.get("retained_per_type", {}).items()}
+        return {("ocr (toy reading)" if t == "reading" else f"toy {t}"): v for t, v in row.get("retained_per_type", {}).items()}
     return {family_of(name): row["retained"]}
 
 
@@ -463,18 +512,30 @@ def write_summary(rows: list[dict], out: Path) -> None:
     head += ["Jaccard noise/shift/jpeg"] if stability else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [Path(r["model"]).name, r["task"], r["policy"], str(r["keep"]), str(r["kept_tokens"] or "all"),
-                 f"{r['accuracy']:.3f}", _pct(r.get("retained")), _pct(r.get("agreement"))]
+        cells = [
+            Path(r["model"]).name,
+            r["task"],
+            r["policy"],
+            str(r["keep"]),
+            str(r["kept_tokens"] or "all"),
+            f"{r['accuracy']:.3f}",
+            _pct(r.get("retained")),
+            _pct(r.get("agreement")),
+        ]
         cells += [f"{r['prefill_ms'][b]:.1f}" if b in r.get("prefill_ms", {}) else "-" for b in batches]
         if stability:
             j = r.get("stability", {}).get("jaccard")
             cells.append("/".join(f"{j[k]:.2f}" for k in PERTURBATIONS) if j else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    text = ["# Sweep summary", "",
-            "prefill ms bB: median wall time of one prefill of B items (policy selection included); "
-            "b1 over the evaluated items (toyvqa: the first 8), toyvqa b8: one batch of 8, 3 repeats. "
-            "Accuracy: toyvqa scorer at batch 16" + (f"; lmms-eval at batch {_lmms_batch(rows)}" if _lmms_batch(rows)
-                                                      else "") + ".", "", *lines]
+    text = [
+        "# Sweep summary",
+        "",
+        "prefill ms bB: median wall time of one prefill of B items (policy selection included); "
+        "b1 over the evaluated items (toyvqa: the first 8), toyvqa b8: one batch of 8, 3 repeats. "
+        "Accuracy: toyvqa scorer at batch 16" + (f"; lmms-eval at batch {_lmms_batch(rows)}" if _lmms_batch(rows) else "") + ".",
+        "",
+        *lines,
+    ]
     text += ["", "## Accuracy retained per task family (OCR apart)", "", *_family_table(rows)]
     text += ["", "## Beside the papers (model_zoo.yaml)", "", *_paper_table(rows)]
     (out / "summary.md").write_text("\n".join(text) + "\n")
@@ -506,14 +567,18 @@ def _paper_table(rows: list[dict]) -> list[str]:
     for r in rows:
         if r.get("retained") is not None:
             groups.setdefault((r["model"], r.get("checkpoint"), r["policy"], r["keep"]), []).append(r)
-    lines = ["| model | zoo checkpoint | policy | keep | ours: mean retained (tasks) | paper | paper's source |",
-             "|" + "---|" * 7]
+    lines = [
+        "| model | zoo checkpoint | policy | keep | ours: mean retained (tasks) | paper | paper's source |",
+        "|" + "---|" * 7,
+    ]
     for (model, checkpoint, policy, keep), group in groups.items():
         paper = paper_point(checkpoint, policy, keep)
         ours = statistics.fmean(r["retained"] for r in group)
         tasks = ", ".join(r["task"] for r in group)
-        lines.append(f"| {Path(model).name} | {checkpoint or '-'} | {policy} | {keep} | {ours:.1%} ({tasks}) | "
-                     f"{_pct(paper[0]) if paper else '-'} | {paper[1] if paper else 'none in model_zoo.yaml'} |")
+        lines.append(
+            f"| {Path(model).name} | {checkpoint or '-'} | {policy} | {keep} | {ours:.1%} ({tasks}) | "
+            f"{_pct(paper[0]) if paper else '-'} | {paper[1] if paper else 'none in model_zoo.yaml'} |"
+        )
     return lines
 
 
@@ -530,13 +595,21 @@ def _plots(rows: list[dict], out: Path) -> None:
     panels = list(dict.fromkeys((r["model"], r["task"]) for r in rows))
     policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "none"))
     colors = plt.get_cmap("tab10")
-    style = {p: dict(color=colors(i % 10), marker=MARKERS[i % len(MARKERS)],
-                     linestyle=LINESTYLES[i % len(LINESTYLES)], markersize=9 - 4 * (i % 2) + 1,
-                     markerfacecolor="none" if i % 2 else colors(i % 10)) for i, p in enumerate(policies)}
+    style = {
+        p: dict(
+            color=colors(i % 10),
+            marker=MARKERS[i % len(MARKERS)],
+            linestyle=LINESTYLES[i % len(LINESTYLES)],
+            markersize=9 - 4 * (i % 2) + 1,
+            markerfacecolor="none" if i % 2 else colors(i % 10),
+        )
+        for i, p in enumerate(policies)
+    }
     first = next((b for b in ("1", "8") if any(b in r.get("prefill_ms", {}) for r in rows)), None)
-    for x_name, label, fname in (("tokens", "visual tokens kept per image", "retained_vs_tokens.png"),
-                                 ("prefill", f"prefill ms (batch {first}, median; selection included)",
-                                  "retained_vs_prefill.png")):
+    for x_name, label, fname in (
+        ("tokens", "visual tokens kept per image", "retained_vs_tokens.png"),
+        ("prefill", f"prefill ms (batch {first}, median; selection included)", "retained_vs_prefill.png"),
+    ):
         cols = min(len(panels), 2)
         nrows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.6 * nrows), squeeze=False)
@@ -552,22 +625,44 @@ def _plots(rows: list[dict], out: Path) -> None:
 
             for policy in policies:
                 # joined in budget order (not x order: prefill times need not fall with the budget)
-                pts = [(x_of(r), r["retained"]) for r in sorted(
-                    (r for r in mine if r["policy"] == policy and r.get("retained") is not None
-                     and x_of(r) is not None), key=lambda r: r.get("kept_tokens") or 0)]
+                pts = [
+                    (x_of(r), r["retained"])
+                    for r in sorted(
+                        (r for r in mine if r["policy"] == policy and r.get("retained") is not None and x_of(r) is not None),
+                        key=lambda r: r.get("kept_tokens") or 0,
+                    )
+                ]
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=policy, alpha=0.85, **style[policy])
                 if x_name == "tokens":  # the papers' points for this checkpoint
-                    paper = [(r.get("kept_tokens"), paper_point(r.get("checkpoint"), policy, r["keep"]))
-                             for r in mine if r["policy"] == policy]
+                    paper = [
+                        (r.get("kept_tokens"), paper_point(r.get("checkpoint"), policy, r["keep"]))
+                        for r in mine
+                        if r["policy"] == policy
+                    ]
                     paper_xy = sorted((x, p[0]) for x, p in paper if p and x is not None)
                     if paper_xy:
-                        ax.plot([p[0] for p in paper_xy], [p[1] for p in paper_xy], linestyle="none", markersize=13,
-                                marker=style[policy]["marker"], color=style[policy]["color"], markerfacecolor="none",
-                                markeredgewidth=2, label=f"{policy}, paper")
+                        ax.plot(
+                            [p[0] for p in paper_xy],
+                            [p[1] for p in paper_xy],
+                            linestyle="none",
+                            markersize=13,
+                            marker=style[policy]["marker"],
+                            color=style[policy]["color"],
+                            markerfacecolor="none",
+                            markeredgewidth=2,
+                            label=f"{policy}, paper",
+                        )
             if base is not None and x_of(base) is not None:
-                ax.plot([x_of(base)], [1.0], marker="*", markersize=16, color="black", linestyle="none",
-                        label=f"unpruned (acc {base['accuracy']:.3f})")
+                ax.plot(
+                    [x_of(base)],
+                    [1.0],
+                    marker="*",
+                    markersize=16,
+                    color="black",
+                    linestyle="none",
+                    label=f"unpruned (acc {base['accuracy']:.3f})",
+                )
             ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
             checkpoint = next((r.get("checkpoint") for r in mine if r.get("checkpoint")), None)
             ax.set_title(f"{Path(model).name}" + (f" ({checkpoint})" if checkpoint else "") + f" - {task}", fontsize=10)
@@ -576,7 +671,7 @@ def _plots(rows: list[dict], out: Path) -> None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, loc="lower right", ncol=2 if len(policies) > 6 else 1)
-        for ax in list(axes.flat)[len(panels):]:
+        for ax in list(axes.flat)[len(panels) :]:
             ax.set_visible(False)
         fig.suptitle("accuracy retained vs " + ("visual tokens kept" if x_name == "tokens" else "prefill time"))
         fig.tight_layout()
@@ -585,12 +680,14 @@ def _plots(rows: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtprune sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vtprune sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", help="sweep YAML")
     parser.add_argument("--threads", type=int, help="torch threads (per Ray worker with --backend ray)")
-    parser.add_argument("--backend", choices=("local", "ray"), default="local",
-                        help="local (default): one process; ray: one Ray task per run")
+    parser.add_argument(
+        "--backend", choices=("local", "ray"), default="local", help="local (default): one process; ray: one Ray task per run"
+    )
     parser.add_argument("--ray-address", help="Ray cluster address (default: start a local instance)")
     parser.add_argument("--ray-workers", type=int, help="CPUs (= concurrent runs) of the local Ray instance")
     parser.add_argument("--offline", action="store_true", help="no downloads (sets HF_*_OFFLINE=1)")
@@ -610,13 +707,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SweepConfigError(args.config, [f"--ray-workers must be >= 1; got {args.ray_workers}"])
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = sweep(cfg, backend=args.backend, ray_address=args.ray_address, ray_workers=args.ray_workers,
-                 source=args.config)
+    rows = sweep(cfg, backend=args.backend, ray_address=args.ray_address, ray_workers=args.ray_workers, source=args.config)
     out = Path(cfg.out)
     print((out / "summary.md").read_text())
     print(f"{len(rows)} runs; results, summary and plots in {out}")
     return 0
-
 
 
 def validate(keep):

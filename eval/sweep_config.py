@@ -39,8 +39,7 @@ class SweepConfig:
 
     def to_dict(self) -> dict:
         """The settings as a YAML-able mapping (lists for tuples)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self)}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
 
     @property
     def gpus_per_run(self) -> float:
@@ -54,13 +53,30 @@ class SweepConfigError(BadValue):
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__(f"sweep config {source}: {len(problems)} problem(s), nothing was run:\n"
-                         + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(
+            f"sweep config {source}: {len(problems)} problem(s), nothing was run:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
 
 
 #: every setting a sweep YAML may have (``threads``: set by ``--threads``)
-SETTINGS = ("out", "models", "policies", "budgets", "tasks", "n", "stability", "timed_items", "model_args",
-            "batch_size", "device", "offline", "cache_dir", "gen_kwargs", "ray_gpus_per_run", "threads")
+SETTINGS = (
+    "out",
+    "models",
+    "policies",
+    "budgets",
+    "tasks",
+    "n",
+    "stability",
+    "timed_items",
+    "model_args",
+    "batch_size",
+    "device",
+    "offline",
+    "cache_dir",
+    "gen_kwargs",
+    "ray_gpus_per_run",
+    "threads",
+)
 
 
 def _is_int(value) -> bool:
@@ -79,8 +95,11 @@ def _strings(cfg: dict, key: str, problems: list[str], what: str) -> list[str]:
     good = [v for v in value if isinstance(v, str) and v.strip()]
     unique = list(dict.fromkeys(good))
     if len(unique) < len(good):
-        warnings.warn(f"sweep config: {key!r} lists {', '.join(sorted({v for v in good if good.count(v) > 1}))} "
-                      "more than once; each is run once", stacklevel=3)
+        warnings.warn(
+            f"sweep config: {key!r} lists {', '.join(sorted({v for v in good if good.count(v) > 1}))} "
+            "more than once; each is run once",
+            stacklevel=3,
+        )
     return unique
 
 
@@ -95,8 +114,7 @@ def check_config(cfg, source: str = "", backend: str = "local") -> SweepConfig:
     """
     if not isinstance(cfg, dict):
         got = "an empty file" if cfg is None else f"a {type(cfg).__name__}"
-        raise SweepConfigError(source, [f"must be a mapping of settings (at least models: [...] and budgets: "
-                                        f"[...]); got {got}"])
+        raise SweepConfigError(source, [f"must be a mapping of settings (at least models: [...] and budgets: [...]); got {got}"])
     problems: list[str] = []
     cfg = _known_settings(cfg, problems)
     for key in ("models", "budgets"):
@@ -132,8 +150,11 @@ def _known_settings(cfg: dict, problems: list[str]) -> dict:
     for key in cfg:
         if key not in SETTINGS:
             close = difflib.get_close_matches(str(key), SETTINGS, n=1)
-            problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                            + f"; settings: {', '.join(SETTINGS)}")
+            problems.append(
+                f"unknown setting {key!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; settings: {', '.join(SETTINGS)}"
+            )
     return {k: v for k, v in cfg.items() if k in SETTINGS}
 
 
@@ -142,8 +163,9 @@ def _budgets(value, problems: list[str]) -> list:
     from ..budget import validate_keep
 
     if not isinstance(value, list) or not value:
-        problems.append(f"'budgets' must be a non-empty list of token counts (int >= 1) or fractions "
-                        f"(float in (0, 1]); got {value!r}")
+        problems.append(
+            f"'budgets' must be a non-empty list of token counts (int >= 1) or fractions (float in (0, 1]); got {value!r}"
+        )
         return []
     budgets = []
     for i, keep in enumerate(value):
@@ -172,8 +194,11 @@ def _check_policies(policies: list[str], budgets: list, problems: list[str]) -> 
                 try:
                     make_policy(name, keep=keep, **options)
                 except (TypeError, ValueError) as exc:
-                    variant = (f" (':{policy.partition(':')[2]}' sets the option importance, which only "
-                               "idpruner takes)") if options and name != "idpruner" else ""
+                    variant = (
+                        (f" (':{policy.partition(':')[2]}' sets the option importance, which only idpruner takes)")
+                        if options and name != "idpruner"
+                        else ""
+                    )
                     problems.append(f"policy {policy!r} at keep {keep!r}{variant}: {exc}")
                     break
 
@@ -182,12 +207,15 @@ def _check_tasks(tasks: list[str], problems: list[str]) -> None:
     import importlib.util
 
     for task in tasks:
-        if task != "toyvqa" and not (task.startswith(LMMS) and task[len(LMMS):]):
-            problems.append(f"unknown task {task!r}; use toyvqa (offline scorer) or lmms:NAME (an lmms-eval "
-                            "task, e.g. lmms:toyvqa)")
+        if task != "toyvqa" and not (task.startswith(LMMS) and task[len(LMMS) :]):
+            problems.append(
+                f"unknown task {task!r}; use toyvqa (offline scorer) or lmms:NAME (an lmms-eval task, e.g. lmms:toyvqa)"
+            )
     if any(t.startswith(LMMS) for t in tasks) and importlib.util.find_spec("lmms_eval") is None:
-        problems.append("lmms: tasks need lmms-eval, which is not installed (README: pip install '.[eval]' && "
-                        "pip install --no-deps lmms-eval==0.7.3)")
+        problems.append(
+            "lmms: tasks need lmms-eval, which is not installed (README: pip install '.[eval]' && "
+            "pip install --no-deps lmms-eval==0.7.3)"
+        )
 
 
 def _check_models(models: list[str], tasks: list[str], problems: list[str]) -> None:
@@ -197,16 +225,24 @@ def _check_models(models: list[str], tasks: list[str], problems: list[str]) -> N
     for model in models:
         local = model in toyvqa.ARCHS or (Path(model) / "config.json").is_file()
         if not local and "toyvqa" in tasks:
-            problems.append(f"model {model!r}: task toyvqa needs a toyvqa arch ({', '.join(toyvqa.ARCHS)}) or a "
-                            "checkpoint folder with config.json")
+            problems.append(
+                f"model {model!r}: task toyvqa needs a toyvqa arch ({', '.join(toyvqa.ARCHS)}) or a "
+                "checkpoint folder with config.json"
+            )
         elif not local and "/" not in model:
-            problems.append(f"model {model!r} is neither a toyvqa arch ({', '.join(toyvqa.ARCHS)}), a checkpoint "
-                            "folder with config.json, nor a hub id (org/name)")
+            problems.append(
+                f"model {model!r} is neither a toyvqa arch ({', '.join(toyvqa.ARCHS)}), a checkpoint "
+                "folder with config.json, nor a hub id (org/name)"
+            )
 
 
-COUNTS = {"n": (1, "null (every item) or an int >= 1"), "timed_items": (1, "an int >= 1"),
-          "stability": (0, "an int >= 0 (toyvqa items; 0 or null: off)"), "batch_size": (1, "an int >= 1"),
-          "threads": (1, "an int >= 1")}
+COUNTS = {
+    "n": (1, "null (every item) or an int >= 1"),
+    "timed_items": (1, "an int >= 1"),
+    "stability": (0, "an int >= 0 (toyvqa items; 0 or null: off)"),
+    "batch_size": (1, "an int >= 1"),
+    "threads": (1, "an int >= 1"),
+}
 
 
 def _check_scalars(cfg: dict, problems: list[str]) -> None:

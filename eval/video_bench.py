@@ -39,10 +39,12 @@ def pan(frames: int = FRAMES, side: int = 448, shift: int = 4, image: np.ndarray
 
     image = photo() if image is None else image
     if shift * (frames - 1) >= min(image.shape[:2]):
-        raise BadValue(f"a pan of {frames} frames moving {shift} px needs an image wider than "
-                         f"{shift * (frames - 1)} px; got {image.shape[1]} x {image.shape[0]}")
+        raise BadValue(
+            f"a pan of {frames} frames moving {shift} px needs an image wider than "
+            f"{shift * (frames - 1)} px; got {image.shape[1]} x {image.shape[0]}"
+        )
     window = min(image.shape[:2]) - shift * (frames - 1)
-    views = [image[:window, k * shift:k * shift + window] for k in range(frames)]
+    views = [image[:window, k * shift : k * shift + window] for k in range(frames)]
     return [np.asarray(Image.fromarray(v).resize((side, side), Image.Resampling.BICUBIC)) for v in views]
 
 
@@ -66,6 +68,7 @@ def bench_family(family: str, policies: list[str], budgets: list, repeats: int, 
                 stage = api.report(model).to_dict()["samples"][0]["images"][0]["stages"]["projector"]
             counts[(policy, keep)] = (stage["before"], stage["after"])
             return ms, stage["ms"]
+
         return run
 
     runs = {"unpruned": lambda: (timed(prefill)[0], 0.0), **{f"{p} {k}": wrapped(p, k) for p in policies for k in budgets}}
@@ -82,26 +85,39 @@ def bench_family(family: str, policies: list[str], budgets: list, repeats: int, 
         for k in budgets:
             ms = median(times[f"{p} {k}"])
             before, after = counts[(p, k)]
-            rows.append(dict(family=family, policy=p, keep=k, tokens_before=before, tokens_after=after,
-                             prefill_unpruned_ms=full, prefill_ms=ms, speedup=full / ms,
-                             selection_ms=median(selection[f"{p} {k}"])))
+            rows.append(
+                dict(
+                    family=family,
+                    policy=p,
+                    keep=k,
+                    tokens_before=before,
+                    tokens_after=after,
+                    prefill_unpruned_ms=full,
+                    prefill_ms=ms,
+                    speedup=full / ms,
+                    selection_ms=median(selection[f"{p} {k}"]),
+                )
+            )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| family | policy | keep | video tokens | prefill unpruned ms | prefill ms | speedup | selection ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| family | policy | keep | video tokens | prefill unpruned ms | prefill ms | speedup | selection ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['policy']} | {r['keep']} | {r['tokens_before']} -> {r['tokens_after']} | "
-                     f"{r['prefill_unpruned_ms']:.0f} | {r['prefill_ms']:.0f} | {r['speedup']:.2f}x | "
-                     f"{r['selection_ms']:.1f} |")
+        lines.append(
+            f"| {r['family']} | {r['policy']} | {r['keep']} | {r['tokens_before']} -> {r['tokens_after']} | "
+            f"{r['prefill_unpruned_ms']:.0f} | {r['prefill_ms']:.0f} | {r['speedup']:.2f}x | "
+            f"{r['selection_ms']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtprune.eval.video_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--families", nargs="+", default=["qwen2_5_vl", "llava_onevision"],
-                        choices=supported_video_demo())
+    parser.add_argument("--families", nargs="+", default=["qwen2_5_vl", "llava_onevision"], choices=supported_video_demo())
     parser.add_argument("--policies", nargs="+", default=["evs", "vidcom2", "dycoke"])
     parser.add_argument("--keep", nargs="+", default=["0.25", "0.1"])
     parser.add_argument("--repeats", type=int, default=3)

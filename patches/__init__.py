@@ -23,8 +23,16 @@ from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.model_type: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaOnevisionAdapter, Qwen3_5Adapter,
-                Qwen3VLAdapter, Qwen3VLMoeAdapter)
+    for cls in (
+        LlavaAdapter,
+        LlavaNextAdapter,
+        Qwen2VLAdapter,
+        Qwen2_5_VLAdapter,
+        LlavaOnevisionAdapter,
+        Qwen3_5Adapter,
+        Qwen3VLAdapter,
+        Qwen3VLMoeAdapter,
+    )
 }
 
 
@@ -72,5 +80,14 @@ def adapter_for(model: nn.Module) -> Adapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "FamilySpec", "adapter_for", "family_spec", "supported_model_types", "supported_pixel_prune",
-           "supported_video", "supported_vit_prune"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "FamilySpec",
+    "adapter_for",
+    "family_spec",
+    "supported_model_types",
+    "supported_pixel_prune",
+    "supported_video",
+    "supported_vit_prune",
+]

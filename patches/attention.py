@@ -142,8 +142,9 @@ def _clip_qk(encoder_layer: HFModule, hidden: torch.Tensor, query: slice | None 
 
 
 @torch.no_grad()
-def vit_attention_received(encoder_layer: HFModule, hidden: torch.Tensor, chunk: int = 256,
-                           valid: torch.Tensor | None = None) -> torch.Tensor:
+def vit_attention_received(
+    encoder_layer: HFModule, hidden: torch.Tensor, chunk: int = 256, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention each token of a CLIP-style ViT layer receives, summed over queries, mean over heads.
 
     ``hidden`` ``(n_images, T, D)`` is the layer's input; returns ``(n_images, T)``
@@ -158,8 +159,9 @@ def vit_attention_received(encoder_layer: HFModule, hidden: torch.Tensor, chunk:
 
 
 @torch.no_grad()
-def vit_attention_from(encoder_layer: HFModule, hidden: torch.Tensor, query: int = 0,
-                       valid: torch.Tensor | None = None) -> torch.Tensor:
+def vit_attention_from(
+    encoder_layer: HFModule, hidden: torch.Tensor, query: int = 0, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention one query token of a CLIP-style ViT layer pays every token, summed over heads, ``(n_images, T)`` fp32.
 
     ``query=0`` is the CLS token (VisionZip's dominant-token score, which

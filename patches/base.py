@@ -35,6 +35,7 @@ CLIP_PIXEL_NORM: tuple[tuple[float, ...], tuple[float, ...]] = (
     (0.26862954, 0.26130258, 0.27577711),
 )
 
+
 class Adapter:
     """Base adapter: the structure every supported HF vision-language model shares.
 
@@ -140,8 +141,14 @@ class Adapter:
         """`query_module` output of decoder ``layer`` ``(..., H * d)`` -> pre-RoPE queries ``(..., H, d)``."""
         return split_queries(self.decoder_layers[layer].self_attn, q)
 
-    def attention_rows(self, layer: int, hidden: torch.Tensor, position_embeddings, query_index: torch.Tensor,
-                       key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def attention_rows(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        position_embeddings,
+        query_index: torch.Tensor,
+        key_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The probe's causal attention rows of decoder ``layer`` for one sample (`patches.attention.attention_rows`)."""
         return attention_rows(self.decoder_layers[layer], hidden, position_embeddings, query_index, key_valid)
 
@@ -211,8 +218,9 @@ class Adapter:
         """Which units (patches, or merge units) of one encoder call to keep, bool."""
         raise NotImplementedError
 
-    def encode_kept(self, original: Any, pixel_values: torch.Tensor, grid_thw: Any, keep: torch.Tensor,
-                    kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
+    def encode_kept(
+        self, original: Any, pixel_values: torch.Tensor, grid_thw: Any, keep: torch.Tensor, kwargs: dict[str, Any]
+    ) -> tuple[Any, torch.Tensor | None]:
         """Run the tower's forward ``original`` on the kept units; (its output at full length, the merger's input or None)."""
         raise NotImplementedError
 
@@ -220,8 +228,9 @@ class Adapter:
         """Per-token values of a tower call on the kept units -> one per unit of the call, zero where dropped."""
         raise NotImplementedError
 
-    def raster_unit_rows(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int,
-                         per_call: list[torch.Tensor]) -> torch.Tensor:
+    def raster_unit_rows(
+        self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int, per_call: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Values per unit of every encoder call, in the processor's (raster) order -> image ``i`` of sample ``b``'s."""
         raise NotImplementedError
 
@@ -230,13 +239,13 @@ class Adapter:
         """Hidden states between two ViT blocks -> the projector input's rows (one per patch / unit)."""
         raise NotImplementedError
 
-    def encoder_keep_units(self, grid_thw: Any, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]
-                           ) -> torch.Tensor:
+    def encoder_keep_units(self, grid_thw: Any, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """``(image, indices)`` pairs of one tower call -> the bool keep mask the tower applies."""
         raise NotImplementedError
 
-    def encode_pruned_after(self, original: Any, pixel_values: torch.Tensor, grid_thw: Any, kwargs: dict[str, Any],
-                            at: int, choose: Any) -> tuple[Any, torch.Tensor | None]:
+    def encode_pruned_after(
+        self, original: Any, pixel_values: torch.Tensor, grid_thw: Any, kwargs: dict[str, Any], at: int, choose: Any
+    ) -> tuple[Any, torch.Tensor | None]:
         """Run the tower, choosing the kept tokens after block ``at - 1`` and running the blocks after on them only."""
         raise NotImplementedError
 
@@ -392,8 +401,9 @@ class Adapter:
         """Attention the CLS token pays each token in one captured call of vision ``layer``, summed over heads."""
         raise NotImplementedError(f"{self.model_type}: its vision encoder has no CLS token")
 
-    def vision_cls_feature(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int,
-                           calls: list[LayerCall]) -> torch.Tensor:
+    def vision_cls_feature(
+        self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int, calls: list[LayerCall]
+    ) -> torch.Tensor:
         """The CLS row of image i's hidden states in the captured calls of one vision layer, ``(D',)``."""
         raise NotImplementedError(f"{self.model_type}: its vision encoder has no CLS token per image")
 

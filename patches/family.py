@@ -180,10 +180,16 @@ class FamilySpec:
     def mixed_samples(self) -> list[SampleSpec]:
         """Unequal samples: different image sizes (where the family has them), two images, none, padding."""
         if self.square_images:
-            return [SampleSpec(images=((32, 32),), question=4), SampleSpec(images=((32, 32), (32, 32)), question=7),
-                    SampleSpec(question=9)]
-        return [SampleSpec(images=((32, 48),), question=4), SampleSpec(images=((48, 32), (32, 32)), question=7),
-                SampleSpec(question=9)]
+            return [
+                SampleSpec(images=((32, 32),), question=4),
+                SampleSpec(images=((32, 32), (32, 32)), question=7),
+                SampleSpec(question=9),
+            ]
+        return [
+            SampleSpec(images=((32, 48),), question=4),
+            SampleSpec(images=((48, 32), (32, 32)), question=7),
+            SampleSpec(question=9),
+        ]
 
     # --- samples of a batch ---------------------------------------------------
     def alone_visual_inputs(self, batch: dict, b: int, mask: torch.Tensor) -> dict[str, torch.Tensor]:

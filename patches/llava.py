@@ -39,8 +39,13 @@ class LlavaSpec(FamilySpec):
 
         vision = CLIPVisionConfig(**vit_kwargs(g), projection_dim=g.vision_hidden)
         text = LlamaConfig(**text_kwargs(g))
-        return dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN,
-                    vision_feature_layer=-2, vision_feature_select_strategy="default")
+        return dict(
+            vision_config=vision.to_dict(),
+            text_config=text.to_dict(),
+            image_token_id=IMAGE_TOKEN,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
 
     def tiny_image(self, batch: TinyBatch, size, images_in_sample):
         side = batch.vision.image_size
@@ -229,8 +234,7 @@ class LlavaAdapter(Adapter):
             keep[item, indices.to(hidden.device)] = True
         return keep
 
-    def encode_pruned_after(self, original, pixel_values: torch.Tensor, grid_thw, kwargs: dict[str, Any], at: int,
-                            choose):
+    def encode_pruned_after(self, original, pixel_values: torch.Tensor, grid_thw, kwargs: dict[str, Any], at: int, choose):
         """Run the CLIP tower, choosing the kept patches after layer ``at - 1`` (0-based) and running the rest on them.
 
         ``choose(hidden)`` gets the hidden states leaving layer ``at - 1``
@@ -278,8 +282,9 @@ class LlavaAdapter(Adapter):
             return args, {**kw, "attention_mask": state["mask"]}
 
         handles = [layers[at - 1].register_forward_hook(prune)]
-        handles += [layers[j].register_forward_pre_hook(substitute, with_kwargs=True, prepend=True)
-                    for j in range(at, len(layers))]
+        handles += [
+            layers[j].register_forward_pre_hook(substitute, with_kwargs=True, prepend=True) for j in range(at, len(layers))
+        ]
         try:
             out = original(pixel_values, **kwargs)
         finally:
@@ -299,8 +304,7 @@ class LlavaAdapter(Adapter):
             # entry j is layer j - 1's output: entries past `at` ran on the kept tokens; entry `at` is the kept
             # rows where the recorder read the output after the prune
             out.hidden_states = tuple(
-                scatter(h) if h is not None and (j > at or h is state["kept"]) else h
-                for j, h in enumerate(out.hidden_states)
+                scatter(h) if h is not None and (j > at or h is state["kept"]) else h for j, h in enumerate(out.hidden_states)
             )
         return out, None
 
@@ -323,4 +327,3 @@ class LlavaAdapter(Adapter):
     def raster_unit_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor]) -> torch.Tensor:
         """Values per patch of every encoder call (one row per image) -> image i's."""
         return torch.cat(per_call)[self.global_image_index(layouts, b, i, captured=captured)]
-

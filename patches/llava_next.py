@@ -61,8 +61,11 @@ class LlavaNextSpec(LlavaSpec):
     def demo_image(self, model, adapter, image, pixels):
         from transformers import LlavaNextImageProcessorPil
 
-        proc = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                          image_grid_pinpoints=model.config.image_grid_pinpoints)
+        proc = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+            image_grid_pinpoints=model.config.image_grid_pinpoints,
+        )
         pix = proc(image, return_tensors="pt")
         rows, cols = adapter.hires_shape(pix["image_sizes"][0])
         return pix, [IMAGE_TOKEN] * (adapter.grid_side**2 + rows * (cols + 1))

@@ -114,8 +114,9 @@ class LlavaOnevisionSpec(LlavaNextSpec):
         from . import adapter_for
 
         side = model.config.vision_config.image_size
-        proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
-                                               image_grid_pinpoints=model.config.image_grid_pinpoints)
+        proc = LlavaOnevisionImageProcessorPil(
+            size={"height": side, "width": side}, image_grid_pinpoints=model.config.image_grid_pinpoints
+        )
         views = torch.stack([proc(f, return_tensors="pt")["pixel_values"][0, 0] for f in frames])
         adapter = adapter_for(model)
         assert isinstance(adapter, LlavaOnevisionAdapter), type(adapter)
@@ -127,8 +128,9 @@ class LlavaOnevisionSpec(LlavaNextSpec):
         from transformers import LlavaOnevisionImageProcessorPil
 
         side = model.config.vision_config.image_size
-        proc = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
-                                               image_grid_pinpoints=model.config.image_grid_pinpoints)
+        proc = LlavaOnevisionImageProcessorPil(
+            size={"height": side, "width": side}, image_grid_pinpoints=model.config.image_grid_pinpoints
+        )
         pix = proc(image, return_tensors="pt")
         return pix, [IMAGE_TOKEN] * adapter.image_token_count(pix["image_sizes"][0], crops=True)
 
@@ -191,7 +193,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             base = self.grid_side**2
             marker = torch.zeros(self.num_crops(key), base, 1)
             packed, _ = self.base.pack_image_features(
-                [marker], torch.tensor([key]), image_newline=torch.ones(1),
+                [marker],
+                torch.tensor([key]),
+                image_newline=torch.ones(1),
                 vision_aspect_ratio=self.config.vision_aspect_ratio,
             )
             hires = packed[0][base:, 0]
@@ -267,8 +271,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             grids = [SubGrid(f * pooled * pooled, pooled, pooled) for f in range(frames)]
             return ImageLayout(index=index, positions=span[:-1], grids=grids, newline_positions=span[-1:], kind="video")
         if span.numel() == base + 1:  # a base view and its newline
-            return ImageLayout(index=index, positions=span[:base], grids=[SubGrid(0, side, side)],
-                               newline_positions=span[base:])
+            return ImageLayout(index=index, positions=span[:base], grids=[SubGrid(0, side, side)], newline_positions=span[base:])
         rows, cols = self.hires_shape(torch.as_tensor(captured["image_sizes"][counter["image"]]))
         hires = span[base:].view(rows, cols + 1)
         return ImageLayout(
@@ -321,7 +324,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         crops = [self.num_crops(s) if c else 1 for s, c in zip(sizes, flags)]
         start = sum(crops[:g])
         packed, _ = self.base.pack_image_features(
-            [views[start : start + crops[g]]], torch.as_tensor(sizes[g : g + 1]),
+            [views[start : start + crops[g]]],
+            torch.as_tensor(sizes[g : g + 1]),
             vision_aspect_ratio=self.config.vision_aspect_ratio,
         )
         return packed[0]

@@ -54,7 +54,9 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         out = super().kept_tower_inputs(grid_thw, keep, rows)
         vision = self.config.vision_config
         window_index, cu_window = get_vision_window_index(
-            grid_thw, spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size,
+            grid_thw,
+            spatial_merge_size=vision.spatial_merge_size,
+            window_size=vision.window_size,
             patch_size=vision.patch_size,
         )
         unit = self.merge**2
@@ -67,4 +69,3 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         out["window_index"] = rank[window_index[kept_in_order]]
         out["cu_window_seqlens"] = torch.unique_consecutive(F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)))
         return out
-

@@ -63,8 +63,12 @@ class Qwen2VLSpec(FamilySpec):
             hidden_act="silu",
             intermediate_size=2 * g.vision_hidden,
         )
-        ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                   vision_end_token_id=VISION_END)
+        ids = dict(
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
         return text, vision, ids
 
     def tiny_config(self, g: Geometry):
@@ -157,16 +161,22 @@ class Qwen2VLSpec(FamilySpec):
         n = t * h * w // merge**2
         ids = [1, 5, 6, VISION_START] + [VIDEO_TOKEN] * n + [VISION_END] + list(range(20, 32))
         ids_t = torch.tensor([ids])
-        return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values_videos": torch.cat(slots),
-                "video_grid_thw": torch.tensor([[t, h, w]]), "second_per_grid_ts": torch.tensor([1.0]),
-                "mm_token_type_ids": (2 * (ids_t == VIDEO_TOKEN)).int()}
+        return {
+            "input_ids": ids_t,
+            "attention_mask": torch.ones_like(ids_t),
+            "pixel_values_videos": torch.cat(slots),
+            "video_grid_thw": torch.tensor([[t, h, w]]),
+            "second_per_grid_ts": torch.tensor([1.0]),
+            "mm_token_type_ids": (2 * (ids_t == VIDEO_TOKEN)).int(),
+        }
 
     def demo_image(self, model, adapter, image, pixels):
         from transformers import Qwen2VLImageProcessorPil
 
         vision = model.config.vision_config
-        proc = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=vision.patch_size,
-                                        merge_size=adapter.merge)
+        proc = Qwen2VLImageProcessorPil(
+            min_pixels=pixels, max_pixels=pixels, patch_size=vision.patch_size, merge_size=adapter.merge
+        )
         pix = proc(image, return_tensors="pt")
         n = int(pix["image_grid_thw"].prod()) // adapter.merge**2
         return pix, [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END]
@@ -273,7 +283,7 @@ class Qwen2VLAdapter(Adapter):
         x = pixel_values
         if tau > 0:  # exact equality (tau = 0) is the same on the normalised values: no copy
             mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device)[:channels, None] for v in self.pixel_norm)
-            x = (x.float().reshape(-1, channels, frames * patch * patch) * std + mean)
+            x = x.float().reshape(-1, channels, frames * patch * patch) * std + mean
         x = x.reshape(-1, self.merge**2 * pixel_values.shape[-1])
         keep, offset = [], 0
         for t, h, w in grid_thw.tolist():
@@ -303,15 +313,19 @@ class Qwen2VLAdapter(Adapter):
             from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
             indices, weights = get_vision_interpolation_indices_and_weights(
-                grid_thw, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
-                align_corners=tower.interpolation_align_corners, spatial_merge_size=self.merge,
+                grid_thw,
+                num_grid_per_side=tower.num_grid_per_side,
+                mode=tower.interpolation_mode,
+                align_corners=tower.interpolation_align_corners,
+                spatial_merge_size=self.merge,
             )
             rows = rows.to(indices.device)
             out["interp_indices"], out["interp_weights"] = indices[rows], weights[rows]
         return out
 
-    def encode_kept(self, original, hidden_states: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor,
-                    kwargs: dict[str, Any]):
+    def encode_kept(
+        self, original, hidden_states: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor, kwargs: dict[str, Any]
+    ):
         """Run the tower (``original``, its forward) on the kept merge units only; outputs scattered back.
 
         ``keep``: bool per merge unit (`unit_keep`). The tower gets the kept
@@ -348,8 +362,9 @@ class Qwen2VLAdapter(Adapter):
         reads): the same rows, in the ViT's order."""
         return hidden
 
-    def encoder_keep_units(self, grid_thw: torch.Tensor, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]
-                           ) -> torch.Tensor:
+    def encoder_keep_units(
+        self, grid_thw: torch.Tensor, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]
+    ) -> torch.Tensor:
         """``(item, indices of its merge units)`` pairs of one tower call -> bool per merge unit of the call
         (processor order, as `unit_keep`)."""
         sizes = (grid_thw.prod(-1) // self.merge**2).tolist()
@@ -359,8 +374,9 @@ class Qwen2VLAdapter(Adapter):
             keep[offsets[item] + indices.to(hidden.device)] = True
         return keep
 
-    def encode_pruned_after(self, original, hidden_states: torch.Tensor, grid_thw: torch.Tensor,
-                            kwargs: dict[str, Any], at: int, choose):
+    def encode_pruned_after(
+        self, original, hidden_states: torch.Tensor, grid_thw: torch.Tensor, kwargs: dict[str, Any], at: int, choose
+    ):
         """Run the tower, choosing the kept merge units after block ``at - 1`` (0-based) and running the rest on them.
 
         ``choose(hidden)`` gets the hidden states leaving block ``at - 1`` (the
@@ -403,8 +419,13 @@ class Qwen2VLAdapter(Adapter):
                 view = kept.view(units.numel(), unit, -1)
                 view[slot[unit_index.to(device)]] = values.to(kept).view(-1, unit, view.shape[-1])
             # a frame (or window) left without kept units is no attention segment
-            state.update(rows=rows, in_order=in_order, keep=keep, cu=torch.unique_consecutive(extra["cu_seqlens"].to(device)),
-                         cu_window=extra.get("cu_window_seqlens"))
+            state.update(
+                rows=rows,
+                in_order=in_order,
+                keep=keep,
+                cu=torch.unique_consecutive(extra["cu_seqlens"].to(device)),
+                cu_window=extra.get("cu_window_seqlens"),
+            )
             return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
         def substitute(index: int):
@@ -430,8 +451,9 @@ class Qwen2VLAdapter(Adapter):
             return full
 
         handles = [blocks[at - 1].register_forward_hook(prune)]
-        handles += [blocks[j].register_forward_pre_hook(substitute(j), with_kwargs=True, prepend=True)
-                    for j in range(at, len(blocks))]
+        handles += [
+            blocks[j].register_forward_pre_hook(substitute(j), with_kwargs=True, prepend=True) for j in range(at, len(blocks))
+        ]
         handles.append(tower.merger.register_forward_hook(scatter_merged))
         try:
             out = original(hidden_states, grid_thw, **kwargs)
@@ -482,7 +504,10 @@ class Qwen2VLAdapter(Adapter):
 
     def vision_frame_query_attention(self, layer: int, call: LayerCall) -> torch.Tensor:
         return packed_vit_frame_query_attention(
-            self.vision_layers()[layer], call.hidden, call.kwargs["cu_seqlens"], call.kwargs["position_embeddings"],
+            self.vision_layers()[layer],
+            call.hidden,
+            call.kwargs["cu_seqlens"],
+            call.kwargs["position_embeddings"],
             self.merge**2,
         )
 
@@ -498,8 +523,7 @@ class Qwen2VLAdapter(Adapter):
         merged = [t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1) for t in per_call]
         return self._image_rows(captured, layouts, b, i, merged)
 
-    def _image_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor],
-                    permuted: bool = True) -> torch.Tensor:
+    def _image_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor], permuted: bool = True) -> torch.Tensor:
         """One row per merge unit of every encoder call (the ViT's order) -> image i's rows in raster order.
 
         The ViT runs once per modality (all images, then all videos, packed);

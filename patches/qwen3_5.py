@@ -71,13 +71,26 @@ class Qwen3_5Spec(Qwen2VLSpec):
             linear_value_head_dim=g.hidden // g.heads,
             linear_num_key_heads=g.kv_heads,
             linear_num_value_heads=g.heads,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                             "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+            },
         )
         side = 2 * g.image_size // g.patch  # the learned position table is resampled to each grid
-        vision = dict(depth=g.vision_layers, hidden_size=g.vision_hidden, intermediate_size=2 * g.vision_hidden,
-                      num_heads=2, patch_size=g.patch, spatial_merge_size=2, temporal_patch_size=2,
-                      out_hidden_size=g.hidden, num_position_embeddings=side * side)
+        vision = dict(
+            depth=g.vision_layers,
+            hidden_size=g.vision_hidden,
+            intermediate_size=2 * g.vision_hidden,
+            num_heads=2,
+            patch_size=g.patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=g.hidden,
+            num_position_embeddings=side * side,
+        )
         return Qwen3_5Config(text_config=text, vision_config=vision, **ids)
 
 

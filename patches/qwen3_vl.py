@@ -65,8 +65,15 @@ class Qwen3VLSpec(Qwen2VLSpec):
         head_dim = g.hidden // g.heads
         half = head_dim // 2  # interleaved sections (as 24/20/20 of 64): h at 1::3, w at 2::3, t on the rest
         hw = half // 3
-        text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                        "mrope_section": [half - 2 * hw, hw, hw], "mrope_interleaved": True})
+        text.update(
+            head_dim=head_dim,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [half - 2 * hw, hw, hw],
+                "mrope_interleaved": True,
+            },
+        )
         depth = max(g.vision_layers, 3)
         side = max(g.image_size // g.patch, 2)
         vision.update(depth=depth, deepstack_visual_indexes=[0, 1, 2], num_position_embeddings=side * side)
@@ -84,8 +91,9 @@ class Qwen3VLMoeSpec(Qwen3VLSpec):
         from transformers import Qwen3VLMoeConfig
 
         kwargs = self.deepstack_parts(g)
-        kwargs["text_config"].update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=g.intermediate // 2,
-                                     decoder_sparse_step=1)
+        kwargs["text_config"].update(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=g.intermediate // 2, decoder_sparse_step=1
+        )
         return Qwen3VLMoeConfig(**kwargs)
 
 

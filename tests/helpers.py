@@ -53,8 +53,13 @@ def gen_kwargs(n: int, **extra) -> dict:
     nor stop early (a sample alone would end at eos where the batch pads it: compare n tokens)."""
     from vtprune.tiny import VISION_END, VISION_START
 
-    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-              suppress_tokens=[IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END])
+    kw = dict(
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        suppress_tokens=[IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END],
+    )
     kw.update(extra)
     return kw
 

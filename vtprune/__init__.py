@@ -1,10 +1,10 @@
 """vtprune: visual-token pruning for HuggingFace multimodal LLMs.
 
-    import vtprune
-    vtprune.wrap(model, "random", keep=64)   # the one line
-    model.generate(**inputs)
-    print(vtprune.report(model))
-    vtprune.unwrap(model)
+import vtprune
+vtprune.wrap(model, "random", keep=64)   # the one line
+model.generate(**inputs)
+print(vtprune.report(model))
+vtprune.unwrap(model)
 """
 
 import importlib
@@ -39,8 +39,14 @@ if not (Path(__file__).resolve().parent / "patches").is_dir() and (_SOURCE_ROOT 
 # The public names are imported on first use (PEP 562), so that `vtprune --help` and the
 # command line's argument errors need neither torch nor transformers.
 _PUBLIC = {
-    "wrap": "api", "unwrap": "api", "pruned": "api", "report": "api", "is_wrapped": "api",
-    "Pipeline": "policies", "available_policies": "policies", "supported_model_types": "patches",
+    "wrap": "api",
+    "unwrap": "api",
+    "pruned": "api",
+    "report": "api",
+    "is_wrapped": "api",
+    "Pipeline": "policies",
+    "available_policies": "policies",
+    "supported_model_types": "patches",
 }
 
 

@@ -91,8 +91,15 @@ def _refuse_pickle(model: nn.Module, _protocol: int):
     )
 
 
-def wrap(model: nn.Module, policy: str | Policy | Pipeline, keep: int | float | None = None, *,
-         positions: str = "original", tokenizer=None, **options) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    policy: str | Policy | Pipeline,
+    keep: int | float | None = None,
+    *,
+    positions: str = "original",
+    tokenizer=None,
+    **options,
+) -> nn.Module:
     """Prune visual tokens of `model` in prefill with `policy`; returns the same model object.
 
     ``keep``: tokens per image (int) or a fraction of each image's tokens (float
@@ -120,8 +127,15 @@ def is_wrapped(model: nn.Module) -> bool:
 
 
 @contextmanager
-def pruned(model: nn.Module, policy: str | Policy | Pipeline, keep: int | float | None = None, *,
-           positions: str = "original", tokenizer=None, **options) -> Iterator[nn.Module]:
+def pruned(
+    model: nn.Module,
+    policy: str | Policy | Pipeline,
+    keep: int | float | None = None,
+    *,
+    positions: str = "original",
+    tokenizer=None,
+    **options,
+) -> Iterator[nn.Module]:
     """Scoped `wrap`: the model is pruned inside the ``with`` block and restored after it.
 
     A policy the model was already wrapped with comes back afterwards. The

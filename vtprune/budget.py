@@ -24,8 +24,9 @@ def parse_keep(text: str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise BadValue(f"keep {text!r} is not a number: give a token count (an integer such as 64) "
-                         "or a fraction in (0, 1] (such as 0.25)") from None
+        raise BadValue(
+            f"keep {text!r} is not a number: give a token count (an integer such as 64) or a fraction in (0, 1] (such as 0.25)"
+        ) from None
 
 
 def is_full_budget(keep: object) -> bool:
@@ -42,8 +43,7 @@ def validate_keep(keep: object, name: str = "keep") -> int | float:
     """
     if isinstance(keep, bool) or not isinstance(keep, Real):
         raise BadType(
-            f"{name} must be an int token count >= 1 or a float fraction in (0, 1]; "
-            f"got {keep!r} of type {type(keep).__name__}"
+            f"{name} must be an int token count >= 1 or a float fraction in (0, 1]; got {keep!r} of type {type(keep).__name__}"
         )
     if isinstance(keep, Integral):
         if keep < 1:

@@ -58,8 +58,17 @@ def check_int(who: str, name: str, value: object, minimum: int | None = None, al
     raise (BadValue if is_int else BadType)(f"{who}: {name} must be an int{bound}{none}; got {value!r}")
 
 
-def check_number(who: str, name: str, value: object, low: float, high: float, *, low_open: bool = False,
-                 high_open: bool = False, allow_none: bool = False) -> float | None:
+def check_number(
+    who: str,
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> float | None:
     """`value` as a float if it is a finite real (not a bool) inside the interval, else a BadType / BadValue."""
     if value is None and allow_none:
         return None

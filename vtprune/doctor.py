@@ -61,10 +61,7 @@ def torchvision_problem() -> str | None:
     if probe.returncode == 0:
         return None
     last = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
-    return (
-        f"torchvision {installed} does not import beside torch {torch.__version__} ({last}). "
-        + torchvision_advice()
-    )
+    return f"torchvision {installed} does not import beside torch {torch.__version__} ({last}). " + torchvision_advice()
 
 
 def torchvision_advice() -> str:
@@ -77,7 +74,7 @@ def torchvision_advice() -> str:
         f"Install {which} (torch 2.N pairs with torchvision 0.(N+15)) from the same source as your torch "
         f"({'a +' + build + ' build' if build else 'the same build'}), with --no-deps so that pip keeps your torch, "
         "or uninstall torchvision if nothing of yours needs it. Check with: "
-        "python -c \"import torch, torchvision; print(torch.__version__, torchvision.__version__)\""
+        'python -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"'
     )
 
 
@@ -114,9 +111,7 @@ def check_hand_pruned(family: str) -> None:
     model = tiny_model(family)
     batch = make_inputs(model, [single_spec(family)])
     seen: dict = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: seen.update(kwargs), with_kwargs=True
-    )
+    handle = model.model.language_model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.update(kwargs), with_kwargs=True)
     model(**batch)
     handle.remove()
     embeds = seen["inputs_embeds"]
@@ -163,8 +158,13 @@ def check_cache(family: str) -> None:
 
     model = tiny_model(family)
     batch = make_inputs(model, mixed_specs(family))
-    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
-                  suppress_tokens=[IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END])
+    kwargs = dict(
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        suppress_tokens=[IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END],
+    )
     vtprune.wrap(model, vtprune.policies.Random(keep=3, at_layer=1, seed=3))
     try:
         cached = model.generate(**batch, **kwargs)
@@ -231,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
 
     families = supported_model_types()
     parser = argparse.ArgumentParser(prog="vtprune doctor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", nargs="+", default=families, metavar="FAMILY",
-                        help=f"families to check (default: all of {', '.join(families)})")
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=families,
+        metavar="FAMILY",
+        help=f"families to check (default: all of {', '.join(families)})",
+    )
     args = parser.parse_args(argv)
     unknown = [f for f in args.families if f not in families]
     if unknown:
@@ -248,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args.families)
     failed = [f for f, errors in results.items() if any(e is not None for e in errors.values())]
     total = len(results)
-    print(f"{total - len(failed)}/{total} families pass in {time.perf_counter() - start:.0f} s"
-          + (f"; failing: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{total - len(failed)}/{total} families pass in {time.perf_counter() - start:.0f} s"
+        + (f"; failing: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune calibrate-ecl", description=__doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="local model directory (loaded offline with its processor)")
-    source.add_argument("--tiny", default="llava", choices=supported_model_types(),
-                        help="a random-weight model of this family with the demo geometry (default: llava)")
+    source.add_argument(
+        "--tiny",
+        default="llava",
+        choices=supported_model_types(),
+        help="a random-weight model of this family with the demo geometry (default: llava)",
+    )
     parser.add_argument("--n", type=int, default=2, help="number of photos (1-4, default 2)")
     parser.add_argument("--json", help="append the result as one JSON row to this file")
     parser.add_argument("--png", help="save the entropy curve as a PNG plot")
@@ -99,13 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     curve = curves.mean(0).tolist()
     layer = propose_collapse_layer(curve)
     drops = [curve[k - 1] - curve[k] for k in range(1, len(curve) - 1)]
-    row = {"model": label, "model_type": model.config.model_type, "inputs": len(batches),
-           "entropy": [round(v, 6) for v in curve], "proposed_at_layer": layer, "collapses": max(drops) > 0}
+    row = {
+        "model": label,
+        "model_type": model.config.model_type,
+        "inputs": len(batches),
+        "entropy": [round(v, 6) for v in curve],
+        "proposed_at_layer": layer,
+        "collapses": max(drops) > 0,
+    }
     print(json.dumps(row))
     if max(drops) <= 0:
-        print(f"vtprune calibrate-ecl: warning: the entropy never drops on these inputs (it rises or stays at every "
-              f"layer), so there is no collapse layer; K = {layer} is only the smallest rise. Keep the reference K "
-              "from model_zoo.yaml (EntropyPrune: 2 for LLaVA, 1 for Qwen).", file=sys.stderr)
+        print(
+            f"vtprune calibrate-ecl: warning: the entropy never drops on these inputs (it rises or stays at every "
+            f"layer), so there is no collapse layer; K = {layer} is only the smallest rise. Keep the reference K "
+            "from model_zoo.yaml (EntropyPrune: 2 for LLaVA, 1 for Qwen).",
+            file=sys.stderr,
+        )
     if args.json:
         with open(args.json, "a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -28,8 +28,9 @@ class EncoderContext(StageContext):
         return features
 
 
-def encoder_selection(policy, adapter, outer: dict[str, Any] | None, call: dict[str, Any], grid, hidden: torch.Tensor,
-                      layer_calls: dict[int, list]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def encoder_selection(
+    policy, adapter, outer: dict[str, Any] | None, call: dict[str, Any], grid, hidden: torch.Tensor, layer_calls: dict[int, list]
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The policy's keep sets for the media of one encoder call, chosen from ``hidden`` (between two ViT blocks).
 
     ``call``: the encoder method's recorded call (``method`` and grid
@@ -49,11 +50,18 @@ def encoder_selection(policy, adapter, outer: dict[str, Any] | None, call: dict[
         raise RuntimeError(f"{policy.describe()}: vit_layer needs the call's input_ids to lay out its images")
     if any(img.kind != kind for s in layouts for img in s.images):
         # images and videos run through the encoder in separate calls (Qwen): select this call's kind here
-        layouts = [SampleLayout(images=[img for img in s.images if img.kind == kind],
-                                question_positions=s.question_positions, valid=s.valid) for s in layouts]
+        layouts = [
+            SampleLayout(
+                images=[img for img in s.images if img.kind == kind], question_positions=s.question_positions, valid=s.valid
+            )
+            for s in layouts
+        ]
     bsz, length = captured["input_ids"].shape
-    per_image = {(b, i): adapter.pre_projector_features(captured, layouts, b, i)
-                 for b, s in enumerate(layouts) for i in range(len(s.images))}
+    per_image = {
+        (b, i): adapter.pre_projector_features(captured, layouts, b, i)
+        for b, s in enumerate(layouts)
+        for i in range(len(s.images))
+    }
     if not per_image:
         raise RuntimeError(f"{policy.describe()}: the encoder ran on {kind}s the prompt does not hold")
     width = next(iter(per_image.values())).shape[-1]
@@ -61,10 +69,15 @@ def encoder_selection(policy, adapter, outer: dict[str, Any] | None, call: dict[
     for (b, i), values in per_image.items():
         features[b, layouts[b].images[i].positions.to(features.device)] = values
     ctx = EncoderContext(
-        stage="vision", layer=None, layouts=layouts, hidden=features,
+        stage="vision",
+        layer=None,
+        layouts=layouts,
+        hidden=features,
         alive=[[torch.arange(img.num_tokens, device=features.device) for img in s.images] for s in layouts],
         seq_positions=[[img.positions.to(features.device) for img in s.images] for s in layouts],
-        question_seq_positions=[s.question_positions for s in layouts], adapter=adapter, captured=captured,
+        question_seq_positions=[s.question_positions for s in layouts],
+        adapter=adapter,
+        captured=captured,
     )
     with torch.no_grad():
         selections = policy.select(ctx)

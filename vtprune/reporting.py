@@ -32,8 +32,7 @@ class Report:
     time for the whole batch at that stage (the same value in every image).
     """
 
-    def __init__(self, policy: str, samples: list[dict[str, Any]] | None = None,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(self, policy: str, samples: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None) -> None:
         self.policy = policy
         self.samples: list[dict[str, Any]] = samples or []
         #: the bound policy's configuration as plain data (`Policy.to_dict`, resolved for the model)
@@ -43,8 +42,7 @@ class Report:
     def start(self, layouts: list[SampleLayout]) -> Report:
         self._frames = [[img.frame_tokens if img.is_video else 0 for img in s.images] for s in layouts]
         self.samples = [
-            {"images": [{"kind": img.kind, "tokens": img.num_tokens, "stages": {}} for img in s.images]}
-            for s in layouts
+            {"images": [{"kind": img.kind, "tokens": img.num_tokens, "stages": {}} for img in s.images]} for s in layouts
         ]
         return self
 
@@ -52,7 +50,11 @@ class Report:
         self.samples = [{"images": []} for _ in range(batch_size)]
 
     def stage(
-        self, key: str, before: list[list[torch.Tensor]], after: list[list[torch.Tensor]], ms: float,
+        self,
+        key: str,
+        before: list[list[torch.Tensor]],
+        after: list[list[torch.Tensor]],
+        ms: float,
         merged: dict[int, dict[int, torch.Tensor]] | None = None,
     ) -> None:
         merged = merged or {}

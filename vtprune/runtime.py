@@ -452,7 +452,7 @@ class Runtime:
         start = {j: len(calls) for j, calls in vision.layers.items()}
 
         def choose(hidden):
-            layer_calls = {j: calls[start.get(j, 0):] for j, calls in vision.layers.items()}
+            layer_calls = {j: calls[start.get(j, 0) :] for j, calls in vision.layers.items()}
             outer = record.outer if record.outer is not None else record.generate_inputs
             keep, updates = encoder_selection(policy, self.adapter, outer, call, grid, hidden, layer_calls)
             vision.pixel_keep.append((grid, keep))
@@ -615,4 +615,3 @@ def _filled_cache(out: Any, given: Any) -> Any:
         if name in names and out[name] is not None:
             return out[name]
     return given
-

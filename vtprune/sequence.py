@@ -166,8 +166,9 @@ class Sequence:
         return shortened, index
 
 
-def _gather_extras(extras: dict[str, Any], declared: tuple[SequenceTensor, ...], keep: torch.Tensor,
-                   index: torch.Tensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _gather_extras(
+    extras: dict[str, Any], declared: tuple[SequenceTensor, ...], keep: torch.Tensor, index: torch.Tensor
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The declared extras shortened, and for each ``rows_of`` one the indices of the rows it kept."""
     out, kept_rows = dict(extras), {}
     for spec in declared:
@@ -239,7 +240,7 @@ def _append_inserted(seq_positions, inserted, fresh: torch.Tensor):
             if ins is None or not ins.values.shape[0]:
                 continue
             c = ins.values.shape[0]
-            mapped[i] = torch.cat([per_image[i], slots[taken: taken + c].to(per_image[i])])
+            mapped[i] = torch.cat([per_image[i], slots[taken : taken + c].to(per_image[i])])
             taken += c
         out.append(mapped)
     return out

@@ -65,9 +65,7 @@ class StageRunner:
         bsz, seq_len = embeds.shape[:2]
         mask = bound.get("attention_mask")
         if mask is not None and mask.dim() != 2:
-            raise ValueError(
-                f"vtprune needs a 2-D attention mask (batch, length) to prune; got a {mask.dim()}-D mask"
-            )
+            raise ValueError(f"vtprune needs a 2-D attention mask (batch, length) to prune; got a {mask.dim()}-D mask")
         valid = torch.stack([s.valid for s in layouts])
         positions = bound.get("position_ids")
         if positions is None:
@@ -87,24 +85,32 @@ class StageRunner:
         for position, policy in enumerate(self.plan.pipeline.policies):
             if policy.stage == "llm":
                 continue
-            ctx = self._context(record, policy.stage, layouts, hidden, alive, seq_pos, sequence.question_positions,
-                                extras=sequence.extras)
+            ctx = self._context(
+                record, policy.stage, layouts, hidden, alive, seq_pos, sequence.question_positions, extras=sequence.extras
+            )
             hidden, alive, seq_pos, inserted = self.apply(record, position, policy, ctx, report)
             if inserted is not None:
-                raise RuntimeError(f"{policy.describe()} returned merged rows to insert at the {policy.stage} stage; "
-                                   "rows are inserted inside the language model only (llm stage)")
+                raise RuntimeError(
+                    f"{policy.describe()} returned merged rows to insert at the {policy.stage} stage; "
+                    "rows are inserted inside the language model only (llm stage)"
+                )
         # a row without any attended token says nothing about the side the batch is padded on
         pad_left = not bool((~valid[valid.any(1), -1]).any())
         short, index = replace(sequence, hidden=hidden).compact(
-            layouts, alive, seq_pos, pad_left=pad_left, compact_positions=self.plan.positions == "compact",
+            layouts,
+            alive,
+            seq_pos,
+            pad_left=pad_left,
+            compact_positions=self.plan.positions == "compact",
             declared=declared,
         )
         packed = _packed_segments(bound.get("position_ids")) if mask is None else None
         level = Level(layer=0, mask2d=short.mask2d, removed=valid.sum(1) - short.mask2d.sum(1), extras=short.extras)
         # row indices count from level 0's rows (what the language model gets), not from the input's
         kept = replace(_kept(short), row_index={})
-        state = PrefillState(full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left,
-                             packed=packed is not None)
+        state = PrefillState(
+            full_len=seq_len, levels=[level], layouts=layouts, sequence=kept, pad_left=pad_left, packed=packed is not None
+        )
         call = dict(bound)
         call["inputs_embeds"] = short.hidden
         if _is_identity(index, seq_len):
@@ -120,12 +126,21 @@ class StageRunner:
                 call[name] = value
         return call, state
 
-    def _context(self, record: CallRecord, stage: str, layouts, hidden, alive, seq_positions, question_positions,
-                 **llm: Any) -> StageContext:
+    def _context(
+        self, record: CallRecord, stage: str, layouts, hidden, alive, seq_positions, question_positions, **llm: Any
+    ) -> StageContext:
         """What a policy sees at one stage; ``llm`` adds the llm stage's layer, captured signals, rotary and mask."""
-        return StageContext(stage=stage, layouts=layouts, hidden=hidden, alive=alive, seq_positions=seq_positions,
-                            question_seq_positions=question_positions, adapter=self.adapter, captured=record.captured,
-                            **{"layer": None, **llm})
+        return StageContext(
+            stage=stage,
+            layouts=layouts,
+            hidden=hidden,
+            alive=alive,
+            seq_positions=seq_positions,
+            question_seq_positions=question_positions,
+            adapter=self.adapter,
+            captured=record.captured,
+            **{"layer": None, **llm},
+        )
 
     def _layouts(self, record: CallRecord, embeds: torch.Tensor):
         """The batch's visual layouts, or None where the call holds no media the vision encoder saw.
@@ -182,8 +197,7 @@ class StageRunner:
         for b, per_image in enumerate(selections):
             if len(per_image) != ctx.num_images(b):
                 raise RuntimeError(
-                    f"{policy.describe()} returned {len(per_image)} selections for sample {b} with "
-                    f"{ctx.num_images(b)} images"
+                    f"{policy.describe()} returned {len(per_image)} selections for sample {b} with {ctx.num_images(b)} images"
                 )
             a_b, s_b, i_b = [], [], []
             for i, sel in enumerate(per_image):
@@ -214,8 +228,7 @@ class StageRunner:
         return hidden, alive, seq_pos, inserted if any_inserted else None
 
     @staticmethod
-    def _insertion(policy: Policy, ctx: StageContext, b: int, i: int, kept: torch.Tensor,
-                   sel: Selection) -> Insertion | None:
+    def _insertion(policy: Policy, ctx: StageContext, b: int, i: int, kept: torch.Tensor, sel: Selection) -> Insertion | None:
         """Image i's merged rows as an `Insertion` (after its last current token), or None; checked against the kept."""
         if sel.inserted is None or sel.inserted.shape[0] == 0:
             return None
@@ -300,8 +313,9 @@ class StageRunner:
             if isinstance(counter, torch.Tensor) and int(counter) != kept:
                 counter.fill_(kept)
 
-    def prune_llm(self, record: CallRecord, state: PrefillState, idx: int, hidden: torch.Tensor,
-                   kwargs: dict[str, Any]) -> torch.Tensor:
+    def prune_llm(
+        self, record: CallRecord, state: PrefillState, idx: int, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
         index_in_pipeline, policy = self.plan.prune_layers[idx]
         prev = state.level_for(idx)
         # Above an earlier prune point the layers run on that level's (gathered) rotary tables, positions and
@@ -311,10 +325,23 @@ class StageRunner:
         position_ids = prev.position_ids if above and prev.position_ids is not None else kwargs.get("position_ids")
         declared = self.adapter.sequence_tensors
         extras = dict(prev.extras)  # level 0's: what the prefill handed the language model, already shortened
-        sequence = replace(state.sequence, hidden=hidden, mask2d=prev.mask2d, rotary=rotary, position_ids=position_ids,
-                           extras=extras, stats=list(record.sub_block_stats.values()))
+        sequence = replace(
+            state.sequence,
+            hidden=hidden,
+            mask2d=prev.mask2d,
+            rotary=rotary,
+            position_ids=position_ids,
+            extras=extras,
+            stats=list(record.sub_block_stats.values()),
+        )
         ctx = self._context(
-            record, "llm", state.layouts, hidden, sequence.alive, sequence.seq_positions, sequence.question_positions,
+            record,
+            "llm",
+            state.layouts,
+            hidden,
+            sequence.alive,
+            sequence.seq_positions,
+            sequence.question_positions,
             layer=idx,
             layer_inputs=record.layer_inputs,
             layer_q=record.layer_q,
@@ -326,8 +353,13 @@ class StageRunner:
         assert record.prefill_report is not None  # set at the prefill's start
         hidden, alive, seq_pos, inserted = self.apply(record, index_in_pipeline, policy, ctx, record.prefill_report)
         short, index = replace(sequence, hidden=hidden).compact(
-            state.layouts, alive, seq_pos, pad_left=state.pad_left,
-            compact_positions=self.plan.positions == "compact", declared=declared, rotary_fn=self.adapter.rotary,
+            state.layouts,
+            alive,
+            seq_pos,
+            pad_left=state.pad_left,
+            compact_positions=self.plan.positions == "compact",
+            declared=declared,
+            rotary_fn=self.adapter.rotary,
             inserted=inserted,
         )
         if _is_identity(index, prev.mask2d.shape[1]):
@@ -361,8 +393,13 @@ class StageRunner:
             m = level.masks
             # the cache comes from the call, never from the level (a state kept with its cache must not hold it)
             cache = given_cache(kwargs)
-            args = dict(config=self.adapter.text_config, inputs_embeds=m["embeds"], attention_mask=m["mask2d"],
-                        cache=cache, position_ids=None)
+            args = dict(
+                config=self.adapter.text_config,
+                inputs_embeds=m["embeds"],
+                attention_mask=m["mask2d"],
+                cache=cache,
+                position_ids=None,
+            )
             level.masks[layer_type] = self.adapter.layer_mask(layer_type, idx, args)  # sized by this level's cache
         kwargs["attention_mask"] = level.masks[layer_type]
         if level.position_embeddings is not None:

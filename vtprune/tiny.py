@@ -33,8 +33,9 @@ def tiny_config(family: str, geometry: Geometry | None = None):
     return family_spec(family).tiny_config(geometry or Geometry())
 
 
-def tiny_model(family: str, geometry: Geometry | None = None, attn: str = "sdpa", seed: int = 0,
-               dtype: torch.dtype = torch.float32):
+def tiny_model(
+    family: str, geometry: Geometry | None = None, attn: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32
+):
     """A random-weight model of `family` in eval mode (deterministic for a seed)."""
     config = tiny_config(family, geometry)
     config._attn_implementation = attn
@@ -76,9 +77,7 @@ def make_inputs(model, specs: list[SampleSpec], seed: int = 0, pad_left: bool = 
         mask[b, sl] = 1
     out = {"input_ids": input_ids, "attention_mask": mask, **spec.tiny_visual_inputs(batch)}
     if adapter.mrope:
-        out["mm_token_type_ids"] = (
-            (input_ids == IMAGE_TOKEN).long() + 2 * (input_ids == VIDEO_TOKEN).long()
-        ).int()
+        out["mm_token_type_ids"] = ((input_ids == IMAGE_TOKEN).long() + 2 * (input_ids == VIDEO_TOKEN).long()).int()
     return out
 
 
@@ -125,7 +124,8 @@ def lm_input_embeds(model, batch) -> torch.Tensor:
     """The merged input embeddings the language model receives for `batch` (before any pruning)."""
     seen: dict[str, torch.Tensor] = {}
     handle = model.model.language_model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
+        lambda _m, _a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True
+    )
     with torch.no_grad():
         model(**batch)
     handle.remove()

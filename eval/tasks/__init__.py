@@ -83,8 +83,9 @@ def _install(staging: Path, target: Path, target_is_good) -> None:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise OSError(f"{target} is not what vtprune exported and cannot be replaced ({exc}); remove it, or "
-                          "give another --cache_dir") from None
+            raise OSError(
+                f"{target} is not what vtprune exported and cannot be replaced ({exc}); remove it, or give another --cache_dir"
+            ) from None
         finally:
             shutil.rmtree(trash, ignore_errors=True)
     raise OSError(f"could not install {target}: it kept changing while being replaced")
@@ -107,8 +108,13 @@ def write_include(include: Path, data: Path, final: Path | None = None) -> None:
     (include / "toyvqa.yaml").write_text(json.dumps(_task_config(data, final or include), indent=2) + "\n")
 
 
-def prepare(tasks: list[str], n: int = TOYVQA_N, image_size: int = 336, cache_dir: str | Path | None = None,
-            include_dir: str | Path | None = None) -> list[str]:
+def prepare(
+    tasks: list[str],
+    n: int = TOYVQA_N,
+    image_size: int = 336,
+    cache_dir: str | Path | None = None,
+    include_dir: str | Path | None = None,
+) -> list[str]:
     """lmms-eval include paths for the local tasks among ``tasks`` (their data verified or exported).
 
     The include folder is ``include_dir`` (a fresh folder the caller owns and

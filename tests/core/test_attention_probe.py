@@ -18,7 +18,8 @@ def _layer_inputs_and_eager_weights(family, layer_idx):
     seen = {}
     layer = model.model.language_model.layers[layer_idx]
     handle = layer.register_forward_pre_hook(
-        lambda _m, args, kw: seen.update(h=args[0], pe=kw["position_embeddings"]), with_kwargs=True)
+        lambda _m, args, kw: seen.update(h=args[0], pe=kw["position_embeddings"]), with_kwargs=True
+    )
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
     handle.remove()

@@ -79,8 +79,11 @@ def test_invalid_options(llava, call, err, words):
 def test_unsupported_model_type():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2
+        )
+    )
     from vtprune.patches import supported_model_types
 
     with pytest.raises(ValueError, match=f"unsupported model type 'llama'.*{', '.join(supported_model_types())}"):
@@ -156,17 +159,16 @@ def test_pooling_values_are_window_means():
     full = lm_input_embeds(model, batch)
     with torch.no_grad():
         vtprune.wrap(model, "pooling", keep=4)  # 8 x 8 grid -> four 4 x 4 windows
-        handle = model.model.language_model.layers[0].register_forward_pre_hook(
-            lambda _m, args: seen.update(e=args[0]))
+        handle = model.model.language_model.layers[0].register_forward_pre_hook(lambda _m, args: seen.update(e=args[0]))
         model(**batch)
         handle.remove()
     image = torch.nonzero(batch["input_ids"][0] == 100).flatten()
     grid = full[0, image].view(8, 8, -1)
-    want = torch.stack([grid[r:r + 4, c:c + 4].mean((0, 1)) for r in (0, 4) for c in (0, 4)])
+    want = torch.stack([grid[r : r + 4, c : c + 4].mean((0, 1)) for r in (0, 4) for c in (0, 4)])
     kept = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]["projector"]["kept"]
     assert kept == [0, 4, 32, 36]
     start = int(image[0])
-    torch.testing.assert_close(seen["e"][0, start:start + 4], want)
+    torch.testing.assert_close(seen["e"][0, start : start + 4], want)
 
 
 def test_prefill_from_inputs_embeds_only_warns_and_runs_unpruned(llava):

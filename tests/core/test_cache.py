@@ -101,9 +101,15 @@ def _two_turns(model, batch, family, n: int = 3):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy", [
-    lambda k: Random(keep=k), lambda k: DivPrune(keep=k), lambda k: Random(keep=k, at_layer=1),
-], ids=["random", "divprune", "random_llm"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        lambda k: Random(keep=k),
+        lambda k: DivPrune(keep=k),
+        lambda k: Random(keep=k, at_layer=1),
+    ],
+    ids=["random", "divprune", "random_llm"],
+)
 def test_second_turn_on_a_reused_cache_equals_recomputing_both_turns(family, policy):
     """A pruned cache passed to the next turn's generate stands for every column of the turns before:
     generate feeds only the new tokens, and the answer is the one a fresh call on both turns gives."""
@@ -155,9 +161,15 @@ def test_chunked_prefill_of_a_visual_prompt_is_refused_at_the_call(family):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy", [
-    lambda k: Random(keep=k), lambda k: DivPrune(keep=k), lambda k: Random(keep=k, at_layer=1),
-], ids=["random", "divprune", "random_llm"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        lambda k: Random(keep=k),
+        lambda k: DivPrune(keep=k),
+        lambda k: Random(keep=k, at_layer=1),
+    ],
+    ids=["random", "divprune", "random_llm"],
+)
 def test_static_cache_generates_what_the_dynamic_cache_does(family, policy):
     """cache_implementation="static" and a StaticCache passed in: the tokens of the dynamic cache; at full budget
     the unwrapped model's static-cache tokens."""
@@ -181,8 +193,9 @@ def test_pruned_prefill_fills_the_first_slots_of_a_static_cache(family):
     batch = inputs(model, mixed_specs(family))
     vtprune.wrap(model, Random(keep=3, at_layer=1))
     dynamic = model(**batch, cache=DynamicCache(config=model.config), use_cache=True).cache
-    static = model(**batch, cache=StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 4),
-                   use_cache=True).cache
+    static = model(
+        **batch, cache=StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 4), use_cache=True
+    ).cache
     held = [j for j, layer in enumerate(dynamic.layers) if getattr(layer, "keys", None) is not None]
     assert held and min(dynamic.layers[j].keys.shape[2] for j in held) < batch["input_ids"].shape[1]  # pruned
     for j in held:

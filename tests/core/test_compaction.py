@@ -64,8 +64,6 @@ def test_gather_seq_zeros_only_padding():
     assert pos.tolist() == [[0, 0, 8, 11], [12, 14, 15, 16]]
 
 
-
-
 @pytest.mark.parametrize("pad_left", [True, False])
 def test_gather_seq_with_autograd_equals_no_grad_and_backpropagates(pad_left):
     """A forward without no_grad compacts hidden states that require grad: same values, gradients to the kept rows."""

@@ -85,8 +85,10 @@ def test_projector_stage_equals_hand_pruned_inputs(family, attn):
     deepstack = {}
     if seen.get("visual_pos_masks") is not None:  # Qwen3-VL: the DeepStack rows of the kept visual positions
         mask = seen["visual_pos_masks"]
-        deepstack = dict(visual_pos_masks=mask[:, seq],
-                         deepstack_visual_embeds=[rows[keep[mask[0]]] for rows in seen["deepstack_visual_embeds"]])
+        deepstack = dict(
+            visual_pos_masks=mask[:, seq],
+            deepstack_visual_embeds=[rows[keep[mask[0]]] for rows in seen["deepstack_visual_embeds"]],
+        )
     out = model.model.language_model(
         inputs_embeds=embeds[:, seq],
         position_ids=positions[..., seq],

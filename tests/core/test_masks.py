@@ -123,10 +123,13 @@ def test_pruned_prefill_keeps_masked_positions_in_place(family, layout):
     deepstack = {}
     if seen.get("visual_pos_masks") is not None:  # Qwen3-VL: the DeepStack rows of the kept visual positions
         visual = seen["visual_pos_masks"]
-        deepstack = dict(visual_pos_masks=visual[:, seq],
-                         deepstack_visual_embeds=[rows[keep[visual[0]]] for rows in seen["deepstack_visual_embeds"]])
-    out = model.model.language_model(inputs_embeds=embeds[:, seq], position_ids=positions[..., seq],
-                                      attention_mask=mask[:, seq], use_cache=False, **deepstack)
+        deepstack = dict(
+            visual_pos_masks=visual[:, seq],
+            deepstack_visual_embeds=[rows[keep[visual[0]]] for rows in seen["deepstack_visual_embeds"]],
+        )
+    out = model.model.language_model(
+        inputs_embeds=embeds[:, seq], position_ids=positions[..., seq], attention_mask=mask[:, seq], use_cache=False, **deepstack
+    )
     hand = model.lm_head(out.last_hidden_state)
     assert pruned.shape == hand.shape and int(mask[0, seq].sum()) < seq.numel()  # masked positions stayed
     torch.testing.assert_close(pruned, hand, rtol=1e-5, atol=1e-5)
@@ -154,8 +157,9 @@ def test_manual_decode_step_of_a_padded_batch_continues_from_unpruned_positions(
     nxt = first.logits[:, -1].argmax(-1, keepdim=True)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], 1)
     step = model(input_ids=nxt, attention_mask=mask, cache=first.cache, use_cache=True).logits[:, -1]
-    recomputed = model(**dict(batch, input_ids=torch.cat([batch["input_ids"], nxt], 1), attention_mask=mask),
-                       use_cache=False).logits[:, -1]
+    recomputed = model(
+        **dict(batch, input_ids=torch.cat([batch["input_ids"], nxt], 1), attention_mask=mask), use_cache=False
+    ).logits[:, -1]
     torch.testing.assert_close(step, recomputed, rtol=1e-4, atol=1e-5)
 
 

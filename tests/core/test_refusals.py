@@ -19,8 +19,9 @@ def _labels(batch):
     return labels
 
 
-@pytest.mark.parametrize("policy", [Random(keep=3), Random(keep=3, at_layer=2), Random(keep=0.5)],
-                         ids=["projector", "llm", "fraction"])
+@pytest.mark.parametrize(
+    "policy", [Random(keep=3), Random(keep=3, at_layer=2), Random(keep=0.5)], ids=["projector", "llm", "fraction"]
+)
 def test_labels_under_a_prune_that_removes_tokens_are_refused_clearly(family, policy):
     model = model_for(family)
     batch = inputs(model, [single_spec(family)])
@@ -43,8 +44,7 @@ def test_labels_at_full_budget_give_the_unwrapped_loss(family):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("save", [lambda m: torch.save(m, io.BytesIO()), lambda m: pickle.dumps(m)],
-                         ids=["torch.save", "pickle"])
+@pytest.mark.parametrize("save", [lambda m: torch.save(m, io.BytesIO()), lambda m: pickle.dumps(m)], ids=["torch.save", "pickle"])
 def test_pickling_a_wrapped_model_is_refused_naming_unwrap(save):
     model = model_for("llava")
     vtprune.wrap(model, "random", keep=3)

@@ -21,8 +21,10 @@ from vtprune.sequence import Sequence, SequenceTensor
 
 def _kept(model):
     """Kept indices of every image and stage of the last call (timings left out)."""
-    return [[{k: v["kept"] for k, v in image["stages"].items()} for image in s["images"]]
-            for s in vtprune.report(model).to_dict()["samples"]]
+    return [
+        [{k: v["kept"] for k, v in image["stages"].items()} for image in s["images"]]
+        for s in vtprune.report(model).to_dict()["samples"]
+    ]
 
 
 def _run(model, batch):
@@ -33,12 +35,16 @@ def _run(model, batch):
 # --- one policy object, several models ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda: EntropyPrune(keep=3),
-    lambda: IDPruner(keep=3),
-    lambda: VisionZip(keep=4),
-    lambda: HiPrune(keep=3, object_layer=1),
-], ids=["entropyprune", "idpruner", "visionzip", "hiprune"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EntropyPrune(keep=3),
+        lambda: IDPruner(keep=3),
+        lambda: VisionZip(keep=4),
+        lambda: HiPrune(keep=3, object_layer=1),
+    ],
+    ids=["entropyprune", "idpruner", "visionzip", "hiprune"],
+)
 def test_one_policy_object_on_two_families(make):
     policy = make()
     before = copy.deepcopy(policy.to_dict())
@@ -69,8 +75,14 @@ def test_policies_are_immutable_hashable_configurations():
     assert fixed.kept == (((1, 3),),) and hash(fixed) == hash(Fixed(kept=(((1, 3),),)))
     pipeline = Pipeline([Pooling(keep=6), Random(keep=2, at_layer=1)])
     assert hash(pipeline) == hash(Pipeline([Pooling(keep=6), Random(keep=2, at_layer=1)]))
-    assert pipeline.to_dict()["policies"][1] == {"name": "random", "keep": 2, "seed": 0, "at_layer": 1, "where": None,
-                                              "vit_layer": None}
+    assert pipeline.to_dict()["policies"][1] == {
+        "name": "random",
+        "keep": 2,
+        "seed": 0,
+        "at_layer": 1,
+        "where": None,
+        "vit_layer": None,
+    }
 
 
 def test_report_records_the_bound_configuration():
@@ -221,8 +233,11 @@ def test_nan_pixels_warn_for_random_and_pooling(name):
 
 def test_pipeline_order_errors_at_wrap():
     model = model_for("llava")
-    for pipeline in ([Random(keep=4, where="vision"), HiPrune(keep=2)], [Random(keep=4), Pooling(keep=2)],
-                     [Random(keep=8, where="vision"), VisionZip(keep=4)]):
+    for pipeline in (
+        [Random(keep=4, where="vision"), HiPrune(keep=2)],
+        [Random(keep=4), Pooling(keep=2)],
+        [Random(keep=8, where="vision"), VisionZip(keep=4)],
+    ):
         with pytest.raises(ValueError, match="whole token grid; put it first in a Pipeline"):
             vtprune.wrap(model, Pipeline(pipeline))
     assert not vtprune.is_wrapped(model)
@@ -270,27 +285,33 @@ def test_rewrap_then_unwrap_restores_the_model():
     assert torch.equal(got, want) and set(model.__dict__) == own
 
 
-@pytest.mark.parametrize("make, err, words", [
-    (lambda: Random(seed="1"), TypeError, "seed must be an int"),
-    (lambda: Random(seed=1.5), TypeError, "seed must be an int"),
-    (lambda: HiPrune(wrap_correct="yes"), TypeError, "wrap_correct must be True or False"),
-    (lambda: IDPruner(per_image="false"), TypeError, "per_image must be True or False"),
-    (lambda: VisionZip(merge_before_projector=1), TypeError, "merge_before_projector must be True, False or None"),
-    (lambda: EntropyPrune(average=1), TypeError, "average must be True or False"),
-    (lambda: Random(where="vision", at_layer=2), ValueError, "not both"),
-    (lambda: Fixed(kept=[], where="projector", at_layer=2), ValueError, "not both"),
-    (lambda: IDPruner(selector=""), ValueError, "selector='' names no directory"),
-])
+@pytest.mark.parametrize(
+    "make, err, words",
+    [
+        (lambda: Random(seed="1"), TypeError, "seed must be an int"),
+        (lambda: Random(seed=1.5), TypeError, "seed must be an int"),
+        (lambda: HiPrune(wrap_correct="yes"), TypeError, "wrap_correct must be True or False"),
+        (lambda: IDPruner(per_image="false"), TypeError, "per_image must be True or False"),
+        (lambda: VisionZip(merge_before_projector=1), TypeError, "merge_before_projector must be True, False or None"),
+        (lambda: EntropyPrune(average=1), TypeError, "average must be True or False"),
+        (lambda: Random(where="vision", at_layer=2), ValueError, "not both"),
+        (lambda: Fixed(kept=[], where="projector", at_layer=2), ValueError, "not both"),
+        (lambda: IDPruner(selector=""), ValueError, "selector='' names no directory"),
+    ],
+)
 def test_strict_option_checks(make, err, words):
     with pytest.raises(err, match=words):
         make()
 
 
-@pytest.mark.parametrize("config, weights, words", [
-    (b"\xff\xfe not utf-8", None, "config.json' is not valid JSON"),
-    (b"[1, 2]", None, "must be a JSON object"),
-    (json.dumps({"in_features": 16, "hidden_dim": 6}).encode(), b"not a safetensors file", "w.safetensors' are not"),
-])
+@pytest.mark.parametrize(
+    "config, weights, words",
+    [
+        (b"\xff\xfe not utf-8", None, "config.json' is not valid JSON"),
+        (b"[1, 2]", None, "must be a JSON object"),
+        (json.dumps({"in_features": 16, "hidden_dim": 6}).encode(), b"not a safetensors file", "w.safetensors' are not"),
+    ],
+)
 def test_selector_folder_errors_name_the_file(tmp_path, config, weights, words):
     folder = tmp_path / "sel"
     folder.mkdir()
@@ -323,18 +344,27 @@ def test_sequence_compact_shortens_declared_extras():
     from vtprune.patches.base import single_grid_image
 
     # one sample: 2 text tokens, a 2x2 image at 2..5, 2 text tokens
-    layout = SampleLayout(images=[single_grid_image(0, torch.arange(2, 6), 2, 2)],
-                          question_positions=torch.tensor([6, 7]), valid=torch.ones(8, dtype=torch.bool))
+    layout = SampleLayout(
+        images=[single_grid_image(0, torch.arange(2, 6), 2, 2)],
+        question_positions=torch.tensor([6, 7]),
+        valid=torch.ones(8, dtype=torch.bool),
+    )
     visual = torch.zeros(1, 8, dtype=torch.bool)
     visual[0, 2:6] = True
     features = [torch.arange(4.0)[:, None] * 10, torch.arange(4.0)[:, None] * 100]  # one row per visual token
-    seq = Sequence(hidden=torch.arange(8.0).view(1, 8, 1), mask2d=torch.ones(1, 8, dtype=torch.long),
-                   position_ids=torch.arange(8).view(1, 8), alive=[[torch.arange(4)]],
-                   seq_positions=[[torch.arange(2, 6)]], question_positions=[torch.tensor([6, 7])],
-                   extras={"visual_pos_masks": visual, "deepstack": features})
+    seq = Sequence(
+        hidden=torch.arange(8.0).view(1, 8, 1),
+        mask2d=torch.ones(1, 8, dtype=torch.long),
+        position_ids=torch.arange(8).view(1, 8),
+        alive=[[torch.arange(4)]],
+        seq_positions=[[torch.arange(2, 6)]],
+        question_positions=[torch.tensor([6, 7])],
+        extras={"visual_pos_masks": visual, "deepstack": features},
+    )
     declared = (SequenceTensor("visual_pos_masks"), SequenceTensor("deepstack", dim=0, rows_of="visual_pos_masks"))
-    short, index = seq.compact([layout], [[torch.tensor([1, 3])]], [[torch.tensor([3, 5])]], pad_left=True,
-                               compact_positions=False, declared=declared)
+    short, index = seq.compact(
+        [layout], [[torch.tensor([1, 3])]], [[torch.tensor([3, 5])]], pad_left=True, compact_positions=False, declared=declared
+    )
     assert index.tolist() == [[0, 1, 3, 5, 6, 7]]
     assert short.hidden.flatten().tolist() == [0, 1, 3, 5, 6, 7]
     assert short.position_ids.tolist() == [[0, 1, 3, 5, 6, 7]]
@@ -378,13 +408,35 @@ def _tiny_qwen3_vl():
     torch.manual_seed(0)
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0, "mrope_interleaved": True}
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_parameters=rope,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=4096),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        text_config=dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters=rope,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            max_position_embeddings=4096,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=64,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        ),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
     model = Qwen3VLForConditionalGeneration(config).eval()
@@ -403,10 +455,13 @@ def test_qwen3_vl_deepstack_needs_only_an_adapter_declaration(monkeypatch):
 
     class Qwen3VLAdapter(Qwen2VLAdapter):  # the whole family-specific part of the runtime
         model_type = "qwen3_vl"
-        sequence_tensors = (SequenceTensor("visual_pos_masks"),
-                            SequenceTensor("deepstack_visual_embeds", dim=0, rows_of="visual_pos_masks"))
-        sequence_methods = {"_deepstack_process": {"visual_pos_masks": "visual_pos_masks",
-                                                   "visual_embeds": "deepstack_visual_embeds"}}
+        sequence_tensors = (
+            SequenceTensor("visual_pos_masks"),
+            SequenceTensor("deepstack_visual_embeds", dim=0, rows_of="visual_pos_masks"),
+        )
+        sequence_methods = {
+            "_deepstack_process": {"visual_pos_masks": "visual_pos_masks", "visual_embeds": "deepstack_visual_embeds"}
+        }
 
     monkeypatch.setitem(patches.ADAPTERS, "qwen3_vl", Qwen3VLAdapter)
     model, batch = _tiny_qwen3_vl()
@@ -443,8 +498,9 @@ def test_qwen3_vl_deepstack_needs_only_an_adapter_declaration(monkeypatch):
                 position_ids=full["position_ids"][..., b : b + 1, seq],
                 attention_mask=torch.ones(1, seq.numel(), dtype=torch.long),
                 visual_pos_masks=visual[b : b + 1, seq],
-                deepstack_visual_embeds=[d[first_row : first_row + int(visual[b].sum())][mine]
-                                         for d in full["deepstack_visual_embeds"]],
+                deepstack_visual_embeds=[
+                    d[first_row : first_row + int(visual[b].sum())][mine] for d in full["deepstack_visual_embeds"]
+                ],
                 use_cache=False,
             )
             hand = model.lm_head(out.last_hidden_state)[0, -1]

@@ -58,7 +58,7 @@ def test_shipped_config_is_a_runnable_grid(path, task_index):
     budgets = [validate(b) for b in cfg["budgets"]]
     assert _grid(check_config(cfg, str(path)))
     assert set(p.partition(":")[0] for p in cfg["policies"]) <= set(available_policies())
-    missing = [t for t in cfg["tasks"] if not t.startswith(LMMS) or t[len(LMMS):] not in task_index]
+    missing = [t for t in cfg["tasks"] if not t.startswith(LMMS) or t[len(LMMS) :] not in task_index]
     assert not missing, f"not lmms:NAME of an installed lmms-eval 0.7.3 task: {missing}"
     assert cfg.get("batch_size") == 1  # lmms-eval's llava_hf runs batch 1; batch size moves scores: state it
     for model in cfg["models"]:

@@ -30,9 +30,24 @@ pytestmark = pytest.mark.skipif(not (CHECKPOINT / "config.json").exists(), reaso
 
 
 def _args(out: Path, cache: Path) -> list[str]:
-    return ["eval", "--model_args", f"pretrained={CHECKPOINT},policy=divprune,keep=32", "--tasks", "toyvqa",
-            "--limit", str(N), "--device", "cpu", "--offline", "--threads", "1", "--output_path", str(out),
-            "--cache_dir", str(cache)]
+    return [
+        "eval",
+        "--model_args",
+        f"pretrained={CHECKPOINT},policy=divprune,keep=32",
+        "--tasks",
+        "toyvqa",
+        "--limit",
+        str(N),
+        "--device",
+        "cpu",
+        "--offline",
+        "--threads",
+        "1",
+        "--output_path",
+        str(out),
+        "--cache_dir",
+        str(cache),
+    ]
 
 
 def _answers(out: Path) -> dict:
@@ -44,10 +59,31 @@ def test_two_cpu_processes_equal_one(tmp_path):
     cache = tmp_path / "cache"
     # accelerate's --cpu flag starts one process unless MPI is set up; its torch.distributed launcher
     # (--multi_gpu) with ACCELERATE_USE_CPU gives MULTI_CPU over gloo, one process per rank.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "vtprune.cli", *_args(tmp_path / "two", cache)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    cmd = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "-m",
+        "vtprune.cli",
+        *_args(tmp_path / "two", cache),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert main(_args(tmp_path / "one", cache)) == 0

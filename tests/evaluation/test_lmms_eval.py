@@ -30,8 +30,25 @@ def cache(tmp_path_factory):
 
 
 def _eval(model_args: str, out, cache, *extra: str) -> int:
-    return main(["eval", "--model_args", model_args, "--tasks", "toyvqa", "--limit", str(N), "--device", "cpu",
-                 "--output_path", str(out), "--cache_dir", str(cache), "--offline", *extra])
+    return main(
+        [
+            "eval",
+            "--model_args",
+            model_args,
+            "--tasks",
+            "toyvqa",
+            "--limit",
+            str(N),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+            "--cache_dir",
+            str(cache),
+            "--offline",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("flag", [False, True], ids=["environment-as-is", "offline"])
@@ -97,12 +114,15 @@ def test_bad_arguments_exit_nonzero_before_loading(tmp_path, cache, capsys):
     assert "FAILED" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("results, message", [
-    (None, "no results"),
-    ({"results": {}, "n-samples": {}}, "missing"),
-    ({"results": {"t": {"acc,none": 1.0}}, "n-samples": {"t": {"effective": 0}}}, "no samples"),
-    ({"results": {"t": {"acc,none": float("nan"), "acc_stderr,none": 0.1}}, "n-samples": {"t": {"effective": 3}}}, "finite"),
-])
+@pytest.mark.parametrize(
+    "results, message",
+    [
+        (None, "no results"),
+        ({"results": {}, "n-samples": {}}, "missing"),
+        ({"results": {"t": {"acc,none": 1.0}}, "n-samples": {"t": {"effective": 0}}}, "no samples"),
+        ({"results": {"t": {"acc,none": float("nan"), "acc_stderr,none": 0.1}}, "n-samples": {"t": {"effective": 3}}}, "finite"),
+    ],
+)
 def test_results_that_are_not_a_success_are_refused(results, message):
     from vtprune.eval.lmms import EvalFailed, _check
 
@@ -117,8 +137,15 @@ def test_sweep_runs_lmms_tasks_beside_the_offline_scorer(tmp_path, cache):
 
     from vtprune.eval.sweep import main as sweep
 
-    cfg = {"out": str(tmp_path / "out"), "models": ["llava"], "budgets": [32], "n": 5, "cache_dir": str(cache),
-           "tasks": ["toyvqa", "lmms:toyvqa"], "offline": True}
+    cfg = {
+        "out": str(tmp_path / "out"),
+        "models": ["llava"],
+        "budgets": [32],
+        "n": 5,
+        "cache_dir": str(cache),
+        "tasks": ["toyvqa", "lmms:toyvqa"],
+        "offline": True,
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert sweep([str(path)]) == 0
@@ -163,10 +190,13 @@ def test_code_planted_in_the_task_cache_is_never_imported(tmp_path, monkeypatch,
     assert (folder / "test.jsonl").is_file()
     marker = tmp_path / "planted-code-ran"
     for where in (folder, folder / "images"):  # beside the items, and one folder down (indexed last)
-        (where / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                       "def doc_to_text(doc, kwargs=None):\n    return 'planted'\n")
-        (where / "evil.yaml").write_text(f"include: {folder / 'toyvqa.yaml'}\ntask: toyvqa\n"  # the task, one hook changed
-                                         "doc_to_text: !function evil.doc_to_text\n")
+        (where / "evil.py").write_text(
+            f"open({str(marker)!r}, 'w').close()\ndef doc_to_text(doc, kwargs=None):\n    return 'planted'\n"
+        )
+        (where / "evil.yaml").write_text(
+            f"include: {folder / 'toyvqa.yaml'}\ntask: toyvqa\n"  # the task, one hook changed
+            "doc_to_text: !function evil.doc_to_text\n"
+        )
     seen = {}
 
     def evaluate(*, tasks, task_manager, **kwargs):  # lmms-eval's evaluator up to the point it reads the task
@@ -193,8 +223,7 @@ def test_edited_or_extra_files_in_the_export_are_replaced_by_a_fresh_export(tmp_
     from vtprune.toyvqa.export import export
 
     def contents(folder):  # the items: what lmms-eval reads
-        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in [folder / "test.jsonl",
-                                                                           *(folder / "images").iterdir()]}
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in [folder / "test.jsonl", *(folder / "images").iterdir()]}
 
     fresh = tmp_path / "fresh"
     export(fresh, n=3, size=336)  # the truth: an export of its own

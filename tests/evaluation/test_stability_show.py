@@ -32,8 +32,10 @@ def test_perturbations_are_small_and_deterministic():
 @pytest.mark.parametrize("arch", SHIPPED)
 def test_stability_on_the_shipped_toy_models(arch, tmp_path):
     out = tmp_path / "stability.json"
-    assert main(["stability", "--model", arch, "--policies", "random", "divprune", "--keep", "16", "--n", "2",
-                 "--json", str(out)]) == 0
+    assert (
+        main(["stability", "--model", arch, "--policies", "random", "divprune", "--keep", "16", "--n", "2", "--json", str(out)])
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["model"] == arch and result["n"] == 2 and set(result["unpruned"]["agreement"]) == {"noise", "shift", "jpeg"}
     by_name = {p["policy"]: p for p in result["policies"]}
@@ -49,8 +51,27 @@ def test_show_writes_a_captioned_png_per_stage(arch, tmp_path, capsys):
     item, image, _ = toyvqa.make_item("test", 0, size=IMAGE_SIZE[arch])
     image.save(tmp_path / "scene.png")
     out = tmp_path / "kept.png"
-    assert main(["show", str(tmp_path / "scene.png"), "--model", arch, "--policy", "transprune", "--keep", "16",
-                 "--question", item.question, "--out", str(out), "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "show",
+                str(tmp_path / "scene.png"),
+                "--model",
+                arch,
+                "--policy",
+                "transprune",
+                "--keep",
+                "16",
+                "--question",
+                item.question,
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "llm@1" in printed and "->16" in printed  # three stages, the last one at the budget
     with Image.open(out) as png:
@@ -70,11 +91,45 @@ def test_show_video_strip_draws_kept_cells_bright_and_refuses_bad_videos(tmp_pat
             brightness[name] = float(np.asarray(png.convert("L"), dtype=np.float32).mean())
     assert brightness["all"] > brightness["first"] > brightness["none_but_one"]  # dropped cells are dimmed
     Image.fromarray(frames[0]).save(tmp_path / "f.png")
-    assert main(["show", str(tmp_path / "f.png"), "--video", "3", "--model", "qwen2_5_vl", "--policy", "evs",
-                 "--keep", "0.5", "--out", str(tmp_path / "v.png")]) == 2
+    assert (
+        main(
+            [
+                "show",
+                str(tmp_path / "f.png"),
+                "--video",
+                "3",
+                "--model",
+                "qwen2_5_vl",
+                "--policy",
+                "evs",
+                "--keep",
+                "0.5",
+                "--out",
+                str(tmp_path / "v.png"),
+            ]
+        )
+        == 2
+    )
     assert "even number of frames" in capsys.readouterr().err
-    assert main(["show", str(tmp_path / "f.png"), "--video", "4", "--model", "llava", "--policy", "evs",
-                 "--keep", "0.5", "--out", str(tmp_path / "v.png")]) == 2
+    assert (
+        main(
+            [
+                "show",
+                str(tmp_path / "f.png"),
+                "--video",
+                "4",
+                "--model",
+                "llava",
+                "--policy",
+                "evs",
+                "--keep",
+                "0.5",
+                "--out",
+                str(tmp_path / "v.png"),
+            ]
+        )
+        == 2
+    )
     assert "qwen2_5_vl" in capsys.readouterr().err
 
 
@@ -88,13 +143,45 @@ def test_show_draws_what_pixelprune_dropped(arch, tmp_path, capsys):
     pixels[side // 4 : side // 2, side // 4 : side // 2] = (200, 30, 30)
     Image.fromarray(pixels).save(tmp_path / "flat.png")
     out = tmp_path / "dropped.png"
-    assert main(["show", str(tmp_path / "flat.png"), "--model", arch, "--policy", "pixelprune", "--out", str(out),
-                 "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "show",
+                str(tmp_path / "flat.png"),
+                "--model",
+                arch,
+                "--policy",
+                "pixelprune",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     before, after = (int(v) for v in printed.split("vision ")[1].split(";")[0].split("->"))
     assert after < before // 2  # most units of a flat picture equal their prediction
     with Image.open(out) as png:
         assert png.size[0] > 0
-    assert main(["show", str(tmp_path / "flat.png"), "--model", arch, "--policy", "pixelprune+random", "--keep", "4",
-                 "--out", str(out), "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "show",
+                str(tmp_path / "flat.png"),
+                "--model",
+                arch,
+                "--policy",
+                "pixelprune+random",
+                "--keep",
+                "4",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "->4" in capsys.readouterr().out

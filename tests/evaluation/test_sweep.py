@@ -10,14 +10,12 @@ import yaml
 from vtprune import toyvqa
 from vtprune.eval.sweep import family_of, main, paper_point, read_results
 
-SHIPPED = pytest.mark.skipif(not (toyvqa.checkpoint_path("llava") / "config.json").exists(),
-                             reason="no shipped toy model")
+SHIPPED = pytest.mark.skipif(not (toyvqa.checkpoint_path("llava") / "config.json").exists(), reason="no shipped toy model")
 
 
 @SHIPPED
 def test_sweep_runs_baselines_resumes_and_plots(tmp_path):
-    cfg = {"out": str(tmp_path / "out"), "models": ["llava"], "policies": ["divprune"], "budgets": [32], "n": 5,
-           "stability": 2}
+    cfg = {"out": str(tmp_path / "out"), "models": ["llava"], "policies": ["divprune"], "budgets": [32], "n": 5, "stability": 2}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main([str(path), "--threads", "1"]) == 0
@@ -105,17 +103,34 @@ def test_every_problem_of_the_config_is_reported_before_the_first_run(tmp_path, 
 
     a_file = tmp_path / "taken"
     a_file.write_text("")
-    cfg = {"out": str(a_file), "models": ["llava", "lava"], "policies": ["divprune", "idprunr", "divprune:x"],
-           "budgets": [64, 9.0, "x"], "tasks": ["toyvqa", "mme"], "timed_items": 0, "stability": -3, "n": 0,
-           "polices": ["fastv"]}
+    cfg = {
+        "out": str(a_file),
+        "models": ["llava", "lava"],
+        "policies": ["divprune", "idprunr", "divprune:x"],
+        "budgets": [64, 9.0, "x"],
+        "tasks": ["toyvqa", "mme"],
+        "timed_items": 0,
+        "stability": -3,
+        "n": 0,
+        "polices": ["fastv"],
+    }
     assert cli(["sweep", str(_write(tmp_path, cfg)), "--threads", "-1"]) == 2
     err = capsys.readouterr().err
     assert runs == [] and "Traceback" not in err  # nothing ran: the misspelt policy is not found after the baselines
-    expected = ["'idprunr'", "policy 'divprune:x'", "budgets[1] as a fraction must be in (0, 1]; got 9.0",
-                "budgets[2] must be", "unknown task 'mme'", "'timed_items' must be an int >= 1; got 0",
-                "'stability' must be an int >= 0", "'n' must be null (every item) or an int >= 1; got 0",
-                "'threads' must be an int >= 1; got -1", "unknown setting 'polices' (did you mean 'policies'?)",
-                f"{str(a_file)!r} is a file, not a folder", "model 'lava': task toyvqa needs a toyvqa arch"]
+    expected = [
+        "'idprunr'",
+        "policy 'divprune:x'",
+        "budgets[1] as a fraction must be in (0, 1]; got 9.0",
+        "budgets[2] must be",
+        "unknown task 'mme'",
+        "'timed_items' must be an int >= 1; got 0",
+        "'stability' must be an int >= 0",
+        "'n' must be null (every item) or an int >= 1; got 0",
+        "'threads' must be an int >= 1; got -1",
+        "unknown setting 'polices' (did you mean 'policies'?)",
+        f"{str(a_file)!r} is a file, not a folder",
+        "model 'lava': task toyvqa needs a toyvqa arch",
+    ]
     problems = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(problems) == len(expected), err
     for text in expected:  # one line per problem, all of them at once
@@ -123,9 +138,15 @@ def test_every_problem_of_the_config_is_reported_before_the_first_run(tmp_path, 
     assert f"{len(expected)} problem(s)" in err
 
 
-@pytest.mark.parametrize("text, says", [("", "got an empty file"), ("- llava\n- 64\n", "got a list"),
-                                        ("models: [llava]\n", "'budgets' is required"),
-                                        ("models: llava\nbudgets: 64\n", "'models' must be a non-empty list")])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("", "got an empty file"),
+        ("- llava\n- 64\n", "got a list"),
+        ("models: [llava]\n", "'budgets' is required"),
+        ("models: llava\nbudgets: 64\n", "'models' must be a non-empty list"),
+    ],
+)
 def test_a_config_that_is_no_grid_is_one_message_not_a_traceback(text, says, tmp_path, runs, capsys):
     from vtprune.cli import main as cli
 
@@ -135,15 +156,18 @@ def test_a_config_that_is_no_grid_is_one_message_not_a_traceback(text, says, tmp
 
 
 def test_duplicate_budgets_run_once(tmp_path, runs):
-    path = _write(tmp_path, {"out": str(tmp_path / "out"), "models": ["llava", "llava"], "budgets": [64, 64, 1, 1.0],
-                             "policies": ["random"]})
+    path = _write(
+        tmp_path,
+        {"out": str(tmp_path / "out"), "models": ["llava", "llava"], "budgets": [64, 64, 1, 1.0], "policies": ["random"]},
+    )
     with pytest.warns(UserWarning) as warned:
         assert main([str(path)]) == 0
     messages = [str(w.message) for w in warned]
     assert any("repeat a budget" in m for m in messages) and any("'models' lists llava" in m for m in messages)
     # the int 1 (one token) and the float 1.0 (full budget) are two budgets; 64 twice is one
-    assert sorted(runs, key=str) == sorted([("none", "all")] + [(p, k) for p in ("random", "pooling")
-                                                                for k in (64, 1, 1.0)], key=str)
+    assert sorted(runs, key=str) == sorted(
+        [("none", "all")] + [(p, k) for p in ("random", "pooling") for k in (64, 1, 1.0)], key=str
+    )
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 7 and len({(r["policy"], str(r["keep"])) for r in rows}) == 7
 
@@ -152,8 +176,7 @@ def test_lines_that_are_no_row_are_skipped_with_a_warning_and_the_sweep_resumes(
     out = tmp_path / "out"
     out.mkdir()
     row = {"model": "llava", "task": "toyvqa", "policy": "none", "keep": "all", "n": 200, "accuracy": 0.5}
-    (out / "results.jsonl").write_text("\n".join([json.dumps(row), "null", "{}", "[1, 2]", "7", '{"model": "llava"}'])
-                                       + "\n")
+    (out / "results.jsonl").write_text("\n".join([json.dumps(row), "null", "{}", "[1, 2]", "7", '{"model": "llava"}']) + "\n")
     with pytest.warns(UserWarning, match=r"\[2, 3, 4, 5, 6\]"):
         rows = read_results(out / "results.jsonl", ("model", "task", "policy", "keep", "n"))
     assert rows == [row]

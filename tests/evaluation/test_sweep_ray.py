@@ -14,10 +14,19 @@ from vtprune.eval.sweep import main
 if not os.environ.get("CI"):  # CI installs ray with the [test] extra: a missing ray fails there
     pytest.importorskip("ray")
 
-pytestmark = pytest.mark.skipif(not (toyvqa.checkpoint_path("llava") / "config.json").exists(),
-                                reason="no shipped toy model")
-COMPARED = ("policy", "keep", "kept_tokens", "visual_tokens", "accuracy", "per_type", "agreement", "retained",
-            "predictions", "checkpoint")
+pytestmark = pytest.mark.skipif(not (toyvqa.checkpoint_path("llava") / "config.json").exists(), reason="no shipped toy model")
+COMPARED = (
+    "policy",
+    "keep",
+    "kept_tokens",
+    "visual_tokens",
+    "accuracy",
+    "per_type",
+    "agreement",
+    "retained",
+    "predictions",
+    "checkpoint",
+)
 
 
 def _rows(path):

@@ -46,8 +46,9 @@ def test_layout_is_the_models_own():
         assert torch.equal(torch.sort(mine).values, newline)
         assert torch.equal(torch.sort(torch.cat([sample.visual_positions, mine])).values, visual)
         assert torch.equal(sample.visual_positions, patch_positions(model, batch, b))
-    shapes = [[(img.kind, [(g.height, g.width) for g in img.grids], img.newline_positions.numel()) for img in s.images]
-              for s in layouts]
+    shapes = [
+        [(img.kind, [(g.height, g.width) for g in img.grids], img.newline_positions.numel()) for img in s.images] for s in layouts
+    ]
     assert shapes == [
         [("image", [(8, 8), (8, 12)], 8)],  # 32 x 48 on a 1 x 2 grid, unpadded: 8 rows of 12 and their newlines
         [("image", [(8, 8)], 1), ("image", [(8, 8)], 1)],  # a multi-image prompt: base views, one newline each
@@ -117,8 +118,12 @@ def test_projector_stage_equals_hand_pruned_inputs_with_every_kind_of_view(attn)
             keep[patch[start + torch.tensor(image["stages"]["projector"]["kept"])]] = True
             start += image["tokens"]
         seq = torch.nonzero(keep).flatten()
-        out = model.model.language_model(inputs_embeds=embeds[:, seq], position_ids=seq[None],
-                                         attention_mask=torch.ones(1, seq.numel(), dtype=torch.long), use_cache=False)
+        out = model.model.language_model(
+            inputs_embeds=embeds[:, seq],
+            position_ids=seq[None],
+            attention_mask=torch.ones(1, seq.numel(), dtype=torch.long),
+            use_cache=False,
+        )
         torch.testing.assert_close(pruned, model.lm_head(out.last_hidden_state), rtol=1e-5, atol=1e-5)
 
 
@@ -146,8 +151,9 @@ def test_siglip_scores_equal_the_eager_attention_weights():
     image_call, video_call = _eager_received(model, batch, layer=1)
     size = batch["image_sizes"][0]
     crops = image_size_to_num_patches(size.tolist(), model.config.image_grid_pinpoints, model.config.vision_config.image_size)
-    hires, _ = model.model.pack_image_features([image_call[:crops, :, None]], size[None],
-                                               vision_aspect_ratio=model.config.vision_aspect_ratio)
+    hires, _ = model.model.pack_image_features(
+        [image_call[:crops, :, None]], size[None], vision_aspect_ratio=model.config.vision_aspect_ratio
+    )
     pooled = model.model.apply_pooling(video_call[:, :, None])[..., 0].flatten()
     want = [[hires[0][:, 0], pooled], [image_call[crops], image_call[crops + 1]]]
     k = 5

@@ -78,8 +78,17 @@ def zoo_layer(family: str, policy: str, default: int) -> int:
     return zoo.policy_defaults(family, policy).get("at_layer", default)
 
 
-PROMPT_CONDITIONED = ("idpruner", "idpruner_pooled", "mmtok", "fastv", "transprune", "dart", "pdrop", "cdpruner",
-                      "cdpruner_split")
+PROMPT_CONDITIONED = (
+    "idpruner",
+    "idpruner_pooled",
+    "mmtok",
+    "fastv",
+    "transprune",
+    "dart",
+    "pdrop",
+    "cdpruner",
+    "cdpruner_split",
+)
 
 
 def _stage(image):
@@ -106,12 +115,19 @@ def test_budgets_and_cache(family, attn, policy):
     vtprune.wrap(model, make(policy, 3, family))
     kw = gen_kwargs(4)
     cached = model.generate(**batch, **kw)
-    want_stages = {"entropyprune": [f"llm@{zoo_layer(family, 'entropyprune', 1)}"],
-                   "fastv": [f"llm@{zoo_layer(family, 'fastv', 2)}"], "transprune": ["llm@1", "llm@3"], "hiprune": ["vision"],
-                   "dart": [f"llm@{zoo_layer(family, 'dart', 2)}"], "pdrop": ["llm@1", "llm@3"],
-                   "visionzip": ["vision"], "scope": ["vision"], "vispruner": ["vision"],
-                   "prunesid": ["vision"],
-                   "sparsevlm": ["llm@2"] if family == "qwen3_5" else ["llm@2", "llm@3"]}.get(policy, ["projector"])
+    want_stages = {
+        "entropyprune": [f"llm@{zoo_layer(family, 'entropyprune', 1)}"],
+        "fastv": [f"llm@{zoo_layer(family, 'fastv', 2)}"],
+        "transprune": ["llm@1", "llm@3"],
+        "hiprune": ["vision"],
+        "dart": [f"llm@{zoo_layer(family, 'dart', 2)}"],
+        "pdrop": ["llm@1", "llm@3"],
+        "visionzip": ["vision"],
+        "scope": ["vision"],
+        "vispruner": ["vision"],
+        "prunesid": ["vision"],
+        "sparsevlm": ["llm@2"] if family == "qwen3_5" else ["llm@2", "llm@3"],
+    }.get(policy, ["projector"])
     data = vtprune.report(model).to_dict()
     if policy in PROMPT_CONDITIONED:
         vtprune.wrap(model, _replay(data))  # the cached run's keep sets, every stage
@@ -145,8 +161,10 @@ def test_batch_equals_one_by_one(family, policy):
     for b in range(batch["input_ids"].shape[0]):
         alone = model(**sample_alone(batch, b, family)).logits[:, -1]
         assert vtprune.report(model).to_dict()["samples"][0] == kept_together[b] | {
-            "images": [dict(i, stages={k: dict(v, ms=i2["stages"][k]["ms"]) for k, v in i["stages"].items()})
-                       for i, i2 in zip(kept_together[b]["images"], vtprune.report(model).to_dict()["samples"][0]["images"])]
+            "images": [
+                dict(i, stages={k: dict(v, ms=i2["stages"][k]["ms"]) for k, v in i["stages"].items()})
+                for i, i2 in zip(kept_together[b]["images"], vtprune.report(model).to_dict()["samples"][0]["images"])
+            ]
         }
         torch.testing.assert_close(alone[0], together[b], rtol=1e-4, atol=1e-5)
 

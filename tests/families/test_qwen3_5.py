@@ -172,8 +172,10 @@ def test_queries_are_the_gated_attention_layers_own():
     adapter = adapter_for(model)
     attn = adapter.decoder_layers[3].self_attn
     seen = {}
-    handles = [attn.q_proj.register_forward_hook(lambda _m, _a, out: seen.update(q=out)),
-               attn.q_norm.register_forward_hook(lambda _m, _a, out: seen.update(normed=out))]
+    handles = [
+        attn.q_proj.register_forward_hook(lambda _m, _a, out: seen.update(q=out)),
+        attn.q_norm.register_forward_hook(lambda _m, _a, out: seen.update(normed=out)),
+    ]
     model(**inputs(model, [single_spec(FAMILY)]))
     for h in handles:
         h.remove()
@@ -183,8 +185,11 @@ def test_queries_are_the_gated_attention_layers_own():
 @torch.no_grad()
 @pytest.mark.parametrize(
     "policy",
-    [Random(keep=3, at_layer=1), Random(keep=3, at_layer=2), Pipeline([Random(keep=6), Random(keep=2, at_layer=1),
-                                                                       Random(keep=1, at_layer=2, seed=5)])],
+    [
+        Random(keep=3, at_layer=1),
+        Random(keep=3, at_layer=2),
+        Pipeline([Random(keep=6), Random(keep=2, at_layer=1), Random(keep=1, at_layer=2, seed=5)]),
+    ],
     ids=["before-first-full", "before-linear", "three-levels"],
 )
 def test_decode_after_llm_stage_pruning(policy):
@@ -200,8 +205,12 @@ def test_decode_after_llm_stage_pruning(policy):
     nxt = first.logits[:, -1].argmax(-1, keepdim=True)
     step = model(input_ids=nxt, cache=first.cache, use_cache=True).logits[:, -1]
     ids = torch.cat([one["input_ids"], nxt], dim=1)
-    again = dict(one, input_ids=ids, attention_mask=torch.ones_like(ids),
-                 mm_token_type_ids=torch.cat([one["mm_token_type_ids"], torch.zeros_like(nxt).int()], 1))
+    again = dict(
+        one,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=torch.cat([one["mm_token_type_ids"], torch.zeros_like(nxt).int()], 1),
+    )
     torch.testing.assert_close(step, model(**again, use_cache=False).logits[:, -1], rtol=1e-4, atol=1e-5)
 
 

@@ -25,8 +25,12 @@ FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 #: two image sizes and a video of two temporal frames (each after its timestamp), in one sample
 ONE = SampleSpec(images=((32, 48), (48, 32)), videos=((4, 32, 32),), question=6)
 #: unequal samples: two image sizes, a video, a text-only sample, padding
-MIXED = [SampleSpec(images=((32, 48),), question=4), SampleSpec(images=((48, 32), (32, 32)), question=7),
-         SampleSpec(question=9), SampleSpec(videos=((4, 32, 32),), question=3)]
+MIXED = [
+    SampleSpec(images=((32, 48),), question=4),
+    SampleSpec(images=((48, 32), (32, 32)), question=7),
+    SampleSpec(question=9),
+    SampleSpec(videos=((4, 32, 32),), question=3),
+]
 
 
 def _lm_inputs(model, batch) -> dict:
@@ -80,8 +84,9 @@ def _by_hand(model, batch, stages: list[tuple[int, list[list[int]]]]) -> torch.T
         rotary = tuple(t[:, here] for t in rotary)
 
     def causal():
-        return create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=torch.ones(1, hidden.shape[1]),
-                                  cache=None, position_ids=None)
+        return create_causal_mask(
+            config=lm.config, inputs_embeds=hidden, attention_mask=torch.ones(1, hidden.shape[1]), cache=None, position_ids=None
+        )
 
     with torch.no_grad():
         if 0 in prunes:
@@ -151,8 +156,9 @@ def test_llm_stage_inside_the_deepstack_range_equals_decoder_layers_by_hand(q3, 
 def test_projector_then_two_llm_prunes_inside_the_deepstack_range_by_hand(q3):
     model = model_for(q3, "sdpa")
     batch = make_inputs(model, [ONE])
-    vtprune.wrap(model, Pipeline([Random(keep=10, seed=1), Random(keep=6, at_layer=1, seed=2),
-                                  Random(keep=2, at_layer=2, seed=3)]))
+    vtprune.wrap(
+        model, Pipeline([Random(keep=10, seed=1), Random(keep=6, at_layer=1, seed=2), Random(keep=2, at_layer=2, seed=3)])
+    )
     pruned = model(**batch, use_cache=False).logits
     data = vtprune.report(model).to_dict()
     vtprune.unwrap(model)
@@ -161,9 +167,11 @@ def test_projector_then_two_llm_prunes_inside_the_deepstack_range_by_hand(q3):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy", [Random(keep=3, seed=3), Random(keep=3, at_layer=1, seed=3),
-                                    Pipeline([Random(keep=6), Random(keep=2, at_layer=2, seed=4)])],
-                         ids=["projector", "llm@1", "projector+llm@2"])
+@pytest.mark.parametrize(
+    "policy",
+    [Random(keep=3, seed=3), Random(keep=3, at_layer=1, seed=3), Pipeline([Random(keep=6), Random(keep=2, at_layer=2, seed=4)])],
+    ids=["projector", "llm@1", "projector+llm@2"],
+)
 def test_batch_equals_each_alone_and_cache_equals_no_cache(q3, policy):
     model = model_for(q3, "sdpa")
     batch = make_inputs(model, MIXED)
@@ -201,8 +209,11 @@ def test_kv_cache_of_every_layer_holds_text_and_kept_tokens(policy):
             kept = 0
             for image in sample["images"]:
                 stages = [(int(k[4:]) if k.startswith("llm@") else 0, v["after"]) for k, v in image["stages"].items()]
-                kept += [after for at, after in stages if at <= layer][-1] if any(at <= layer for at, _ in stages) \
+                kept += (
+                    [after for at, after in stages if at <= layer][-1]
+                    if any(at <= layer for at, _ in stages)
                     else image["tokens"]
+                )
             per_sample.append(int(text[b]) + kept)
         assert length == max(per_sample), (layer, length, per_sample)
 
@@ -272,8 +283,17 @@ def test_zoo_defaults_bind_at_the_released_depth(family, layers, vision_layers):
     """Every layer the zoo names for the family fits Qwen3-VL-8B (36 layers, 27 ViT blocks) / 30B-A3B (48)."""
     from vtprune.zoo import policy_defaults
 
-    model = model_for(family, "sdpa", layers=layers, vision_layers=vision_layers, hidden=32, heads=2, kv_heads=1,
-                      intermediate=32, vision_hidden=16)
+    model = model_for(
+        family,
+        "sdpa",
+        layers=layers,
+        vision_layers=vision_layers,
+        hidden=32,
+        heads=2,
+        kv_heads=1,
+        intermediate=32,
+        vision_hidden=16,
+    )
     batch = make_inputs(model, [SampleSpec(images=((32, 32),), question=4)])
     for name in ("hiprune", "visionzip", "fastv", "transprune", "entropyprune", "mmtok", "dart", "pdrop"):
         defaults = policy_defaults(family, name)

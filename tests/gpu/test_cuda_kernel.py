@@ -30,16 +30,26 @@ def test_kernel_compiles_with_nvcc(tmp_path, define):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-@pytest.mark.skipif(os.environ.get("VTPRUNE_TEST_EXTENSION_BUILD") != "1",
-                    reason="opt-in (about 2 minutes): VTPRUNE_TEST_EXTENSION_BUILD=1")
+@pytest.mark.skipif(
+    os.environ.get("VTPRUNE_TEST_EXTENSION_BUILD") != "1", reason="opt-in (about 2 minutes): VTPRUNE_TEST_EXTENSION_BUILD=1"
+)
 def test_torch_extension_compiles_against_this_torch(tmp_path):
     # The extension needs only torch/extension.h (no CUDA headers of torch), so a CPU build of torch checks it.
     from torch.utils.cpp_extension import include_paths
 
     with resources.as_file(_source()) as src:
-        cmd = ["nvcc", "-std=c++17", "-DVTPRUNE_TORCH_EXTENSION", "-DTORCH_EXTENSION_NAME=vtprune_compaction",
-               *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
-               "-c", str(src), "-o", str(tmp_path / "ext.o")]
+        cmd = [
+            "nvcc",
+            "-std=c++17",
+            "-DVTPRUNE_TORCH_EXTENSION",
+            "-DTORCH_EXTENSION_NAME=vtprune_compaction",
+            *(f"-I{p}" for p in include_paths()),
+            f"-I{sysconfig.get_paths()['include']}",
+            "-c",
+            str(src),
+            "-o",
+            str(tmp_path / "ext.o"),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
 

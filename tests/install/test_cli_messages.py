@@ -143,8 +143,17 @@ def test_eval_output_path_is_checked_before_the_model_loads(tmp_path, monkeypatc
     a_file = tmp_path / "results.json"
     a_file.write_text("{}")
     for option, bad in (("--output_path", a_file), ("--output_path", a_file / "sub"), ("--cache_dir", a_file)):
-        args = ["eval", "--model_args", "pretrained=x", "--tasks", "toyvqa", "--output_path", str(tmp_path / "o"),
-                option, str(bad)]
+        args = [
+            "eval",
+            "--model_args",
+            "pretrained=x",
+            "--tasks",
+            "toyvqa",
+            "--output_path",
+            str(tmp_path / "o"),
+            option,
+            str(bad),
+        ]
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and option in err and str(a_file) in err
@@ -179,8 +188,30 @@ def test_bench_keep_1_is_one_token_of_the_chosen_policy_and_nothing_is_written_u
     monkeypatch.setattr(bench.api, "pruned", spy)
     monkeypatch.setattr(bench, "bench_compaction", functools.partial(bench.bench_compaction, width=64, repeats=1))
     monkeypatch.chdir(tmp_path)
-    assert main(["bench", "--policy", "divprune", "--keep", "1", "--llm-layers", "1", "--llm-hidden", "64",
-                 "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--policy",
+                "divprune",
+                "--keep",
+                "1",
+                "--llm-layers",
+                "1",
+                "--llm-hidden",
+                "64",
+                "--batch-sizes",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--decode-tokens",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert set(used) == {("random", "float", 1.0), ("divprune", "int", 1)}
     assert "| 1 (576->1) |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # no bench.json in the current folder: it was not asked for
@@ -218,12 +249,43 @@ def test_bench_shares_times_each_policy_with_its_own_options(tmp_path, monkeypat
 
     from vtprune.eval import bench
 
-    assert bench.options_for("pdrop", {"pdrop.prune_after": [1], "dart.at_layer": 1, "seed": 3}) == \
-        {"prune_after": [1], "seed": 3}
+    assert bench.options_for("pdrop", {"pdrop.prune_after": [1], "dart.at_layer": 1, "seed": 3}) == {
+        "prune_after": [1],
+        "seed": 3,
+    }
     out = tmp_path / "shares.json"
-    assert main(["bench", "--shares", "random", "pdrop", "dart", "--option", "pdrop.prune_after=[1]",
-                 "--option", "pdrop.ratios=[0.5]", "--option", "dart.at_layer=1", "--keep", "64", "--llm-layers", "2",
-                 "--llm-hidden", "64", "--batch-sizes", "1", "--repeats", "2", "--warmup", "0", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--shares",
+                "random",
+                "pdrop",
+                "dart",
+                "--option",
+                "pdrop.prune_after=[1]",
+                "--option",
+                "pdrop.ratios=[0.5]",
+                "--option",
+                "dart.at_layer=1",
+                "--keep",
+                "64",
+                "--llm-layers",
+                "2",
+                "--llm-hidden",
+                "64",
+                "--batch-sizes",
+                "1",
+                "--repeats",
+                "2",
+                "--warmup",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["random", "pdrop", "dart"]
     assert rows["pdrop"]["options"] == {"prune_after": [1], "ratios": [0.5]} and rows["dart"]["options"] == {"at_layer": 1}
@@ -236,8 +298,9 @@ def test_bench_shares_times_each_policy_with_its_own_options(tmp_path, monkeypat
     assert main(["bench", "--shares", "random", "pdrop", "--option", "pdrop.no_such=1"]) == 2
 
 
-@pytest.mark.parametrize("module, heavy", [("gpu_suite", "run_tests"), ("selection_time", "time_case"),
-                                           ("toyvqa_policies", "run")])
+@pytest.mark.parametrize(
+    "module, heavy", [("gpu_suite", "run_tests"), ("selection_time", "time_case"), ("toyvqa_policies", "run")]
+)
 def test_the_other_eval_scripts_check_their_json_path_first(module, heavy, tmp_path, monkeypatch, capsys):
     import importlib
 
@@ -271,8 +334,8 @@ def test_help_imports_neither_torch_nor_transformers():
     import subprocess
     import sys
 
-    code = ("import sys; from vtprune.cli import main; main(['--help']); "
-            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    code = (
+        "import sys; from vtprune.cli import main; main(['--help']); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "commands:" in out and out.strip().endswith("[]")
-

@@ -55,11 +55,15 @@ def test_import_and_doctor_survive_a_broken_torchvision(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_broken_torchvision(tmp_path)), str(root)]))
     probe = subprocess.run([sys.executable, "-c", "import torchvision"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0  # the fake is installed and broken
-    ok = subprocess.run([sys.executable, "-c", "import vtprune; print(len(vtprune.available_policies()))"],
-                        env=env, capture_output=True, text=True, cwd=root)
+    ok = subprocess.run(
+        [sys.executable, "-c", "import vtprune; print(len(vtprune.available_policies()))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-m", "vtprune.cli", "doctor"], env=env, capture_output=True,
-                         text=True, cwd=root)
+    out = subprocess.run([sys.executable, "-m", "vtprune.cli", "doctor"], env=env, capture_output=True, text=True, cwd=root)
     assert out.returncode == 1
     assert "FAIL  torchvision: torchvision 0.99.0 does not import beside torch" in out.stdout
     assert "--no-deps" in out.stdout

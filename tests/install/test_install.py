@@ -24,8 +24,11 @@ def _run(code: str, cwd: Path) -> str:
 
 def test_repo_root_imports_the_whole_package():
     """From the repo root the source folder vtprune/ shadows any installed copy: its subpackages must still resolve."""
-    out = _run("import vtprune, vtprune.patches, vtprune.cuda, vtprune.eval, vtprune.eval.tasks\n"
-               "print(vtprune.__file__); print(vtprune.patches.__file__); print(vtprune.eval.tasks.__file__)", ROOT)
+    out = _run(
+        "import vtprune, vtprune.patches, vtprune.cuda, vtprune.eval, vtprune.eval.tasks\n"
+        "print(vtprune.__file__); print(vtprune.patches.__file__); print(vtprune.eval.tasks.__file__)",
+        ROOT,
+    )
     init, patches, tasks = (Path(line) for line in out.splitlines())
     assert init == ROOT / "vtprune" / "__init__.py"
     assert patches == ROOT / "patches" / "__init__.py"
@@ -33,8 +36,9 @@ def test_repo_root_imports_the_whole_package():
 
 
 def test_repo_root_runs_a_module_command():
-    out = _run("import runpy, sys; sys.argv = ['vtprune.cli', '--help']; runpy.run_module('vtprune.cli', run_name='__main__')",
-               ROOT)
+    out = _run(
+        "import runpy, sys; sys.argv = ['vtprune.cli', '--help']; runpy.run_module('vtprune.cli', run_name='__main__')", ROOT
+    )
     assert "calibrate-ecl" in out and "eval" in out
 
 
@@ -128,13 +132,14 @@ def test_ci_runs_both_ends_of_the_declared_transformers_range():
     upper = max(s.version for s in spec if s.operator == "<")
     assert pinned.startswith(lower), f"leg 1 runs {pinned}, the declared lower bound is {lower}"
     # the upper bound admits no minor release newer than the one leg 2 runs
-    assert [int(x) for x in upper.split(".")[:2]] == [int(x) for x in newest.split(".")[:2]][:1] + [
-        int(newest.split(".")[1]) + 1]
+    assert [int(x) for x in upper.split(".")[:2]] == [int(x) for x in newest.split(".")[:2]][:1] + [int(newest.split(".")[1]) + 1]
 
 
 def test_public_names_stay_the_api_functions_whatever_is_imported_first():
     """The lazily imported public names are never shadowed by a submodule of the same name."""
-    code = ("import vtprune, vtprune.reporting, vtprune.api, vtprune.policies; "
-            "assert vtprune.report.__module__ == 'vtprune.api', vtprune.report; "
-            "assert vtprune.wrap.__module__ == 'vtprune.api'; print('ok')")
+    code = (
+        "import vtprune, vtprune.reporting, vtprune.api, vtprune.policies; "
+        "assert vtprune.report.__module__ == 'vtprune.api', vtprune.report; "
+        "assert vtprune.wrap.__module__ == 'vtprune.api'; print('ok')"
+    )
     assert _run(code, Path(__file__).resolve().parents[2]).strip().endswith("ok")

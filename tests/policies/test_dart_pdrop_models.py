@@ -56,8 +56,10 @@ def _pdrop_brute_force(family, batch, prune_after, ratios, keep, positions):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family,positions", [("llava", "compact"), ("llava", "original"), ("llava_next", "compact"),
-                                              ("qwen2_5_vl", "original"), ("qwen3_5", "original")])
+@pytest.mark.parametrize(
+    "family,positions",
+    [("llava", "compact"), ("llava", "original"), ("llava_next", "compact"), ("qwen2_5_vl", "original"), ("qwen3_5", "original")],
+)
 @pytest.mark.parametrize("attn", ["sdpa", "vtprune_noweights"])
 def test_pdrop_every_stage_equals_brute_force_from_eager_weights(family, positions, attn):
     model = model_for(family, attn)
@@ -112,9 +114,15 @@ def _dart_brute_force(family, batch, at_layer, keep, budget):
     ids = batch["input_ids"][0]
     text = [p for p in range(ids.numel()) if p > last_visual]
     return _dart_oracle(
-        [float(l1[p]) for p in patches], [feats[p].tolist() for p in patches],
-        [float(l1[p]) for p in text], [feats[p].tolist() for p in text],
-        keep, 0, text, budget, image_positions=patches,
+        [float(l1[p]) for p in patches],
+        [feats[p].tolist() for p in patches],
+        [float(l1[p]) for p in text],
+        [feats[p].tolist() for p in text],
+        keep,
+        0,
+        text,
+        budget,
+        image_positions=patches,
     )
 
 

@@ -71,8 +71,12 @@ def _dart_oracle(key_l1, feats, text_l1, text_feats, keep, image_offset, text_of
 
 def _dart_tensors(n, m, dim, seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, generator=g) * 100, torch.randn(n, dim, generator=g),
-            torch.rand(m, generator=g) * 100, torch.randn(m, dim, generator=g))
+    return (
+        torch.rand(n, generator=g) * 100,
+        torch.randn(n, dim, generator=g),
+        torch.rand(m, generator=g) * 100,
+        torch.randn(m, dim, generator=g),
+    )
 
 
 @pytest.mark.parametrize("keep,expected", [(64, 68), (128, 132), (192, 196)])
@@ -82,8 +86,9 @@ def test_dart_reference_budget_equals_the_oracle_on_llava_geometry(keep, expecte
     key, feats, tkey, tfeats = _dart_tensors(n, m, 64, seed)
     text_offsets = torch.arange(offset + n, offset + n + m)
     got = dart_select(key, feats, tkey, tfeats, keep, image_positions=offset + torch.arange(n), text_positions=text_offsets)
-    want = _dart_oracle(key.tolist(), feats.tolist(), tkey.tolist(), tfeats.tolist(), keep, offset,
-                        text_offsets.tolist(), "reference")
+    want = _dart_oracle(
+        key.tolist(), feats.tolist(), tkey.tolist(), tfeats.tolist(), keep, offset, text_offsets.tolist(), "reference"
+    )
     assert got.tolist() == want
     assert len(want) == expected
 
@@ -93,12 +98,14 @@ def test_dart_exact_budget_equals_the_oracle_and_keeps_keep(keep):
     n, m, offset = 576, 40, 35
     key, feats, tkey, tfeats = _dart_tensors(n, m, 64, keep)
     text_offsets = torch.arange(offset + n, offset + n + m)
-    got = dart_select(key, feats, tkey, tfeats, keep, image_positions=offset + torch.arange(n),
-                      text_positions=text_offsets, budget="exact")
+    got = dart_select(
+        key, feats, tkey, tfeats, keep, image_positions=offset + torch.arange(n), text_positions=text_offsets, budget="exact"
+    )
     assert got.numel() == keep
     if keep % 8 <= 4:  # the oracle only trims (the exact budget raises the first quotas when keep % 8 > 4)
-        want = _dart_oracle(key.tolist(), feats.tolist(), tkey.tolist(), tfeats.tolist(), keep, offset,
-                            text_offsets.tolist(), "exact")
+        want = _dart_oracle(
+            key.tolist(), feats.tolist(), tkey.tolist(), tfeats.tolist(), keep, offset, text_offsets.tolist(), "exact"
+        )
         assert got.tolist() == want
 
 
@@ -109,8 +116,9 @@ def test_dart_on_qwen_geometry_keeps_the_reference_counts(ratio, expected):
     keep = resolve_budget(round(1 - ratio, 3), n, n, "floor")
     text_offsets = torch.arange(offset + n + 1, offset + n + 1 + m)  # <|vision_end|> sits between
     got = dart_select(key, feats, tkey, tfeats, keep, image_positions=offset + torch.arange(n), text_positions=text_offsets)
-    want = _dart_oracle(key.tolist(), feats.tolist(), tkey.tolist(), tfeats.tolist(), keep, offset,
-                        text_offsets.tolist(), "reference")
+    want = _dart_oracle(
+        key.tolist(), feats.tolist(), tkey.tolist(), tfeats.tolist(), keep, offset, text_offsets.tolist(), "reference"
+    )
     assert got.tolist() == want and len(want) == expected
 
 
@@ -137,12 +145,12 @@ def test_dart_small_pool_and_few_text_tokens():
     got = dart_select(key, feats, tkey, tfeats, 20, image_positions=torch.arange(20), text_positions=torch.tensor([21, 22]))
     assert got.numel() == 20
     # 6 pivots taking 16 // 8 = 2 each leave 12 of the 16 pooled tokens: 16 kept
-    got = dart_select(key, feats, tkey, tfeats, 19, image_positions=torch.arange(20),
-                      text_positions=torch.tensor([21, 22]))
+    got = dart_select(key, feats, tkey, tfeats, 19, image_positions=torch.arange(20), text_positions=torch.tensor([21, 22]))
     assert got.numel() == 16
     # quotas as large as the pool (10 tokens, 6 in the pool, 6 pivots x 9 // 8 at keep 9): all 10 kept, never more
-    got = dart_select(key[:10], feats[:10], tkey, tfeats, 9, image_positions=torch.arange(10),
-                      text_positions=torch.tensor([21, 22]))
+    got = dart_select(
+        key[:10], feats[:10], tkey, tfeats, 9, image_positions=torch.arange(10), text_positions=torch.tensor([21, 22])
+    )
     assert got.tolist() == list(range(10))
 
 
@@ -177,10 +185,10 @@ def _pdrop_row_oracle(h, wq, wk, cos, sin, last, heads, kv_heads):
     row = [0.0] * L
     for head in range(heads):
         kvh = head // (heads // kv_heads)
-        qh = rope(q[head * d:(head + 1) * d], last)
+        qh = rope(q[head * d : (head + 1) * d], last)
         logits = []
         for j in range(last + 1):
-            kh = rope(ks[j][kvh * d:(kvh + 1) * d], j)
+            kh = rope(ks[j][kvh * d : (kvh + 1) * d], j)
             logits.append(sum(a * b for a, b in zip(qh, kh)) / math.sqrt(d))
         mx = max(logits)
         ex = [math.exp(v - mx) for v in logits]
@@ -207,9 +215,9 @@ def test_pdrop_stage_keep_set_equals_the_oracle(n, keep_count):
     last = L - 1
     q = (h[last:] @ wq.T).view(1, heads, d)
     k = (h @ wk.T).view(L, kv_heads, d)
-    row = causal_rows(q, k, cos, sin, torch.tensor([last]), None, d ** -0.5)[0]
-    got = topk_indices(row[start:start + n], keep_count)
+    row = causal_rows(q, k, cos, sin, torch.tensor([last]), None, d**-0.5)[0]
+    got = topk_indices(row[start : start + n], keep_count)
     want_row = _pdrop_row_oracle(h, wq, wk, cos.tolist(), sin.tolist(), last, heads, kv_heads)
-    image = want_row[start:start + n]
+    image = want_row[start : start + n]
     want = sorted(sorted(range(n), key=lambda j: (-image[j], j))[:keep_count])
     assert got.tolist() == want

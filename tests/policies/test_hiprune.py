@@ -101,8 +101,17 @@ def _ctx(obj, deep, side=4):
     image = single_grid_image(0, torch.arange(side * side), side, side)
     layout = SampleLayout(images=[image], question_positions=torch.arange(0), valid=torch.ones(side * side).bool())
     n = side * side
-    return _Scores("vision", None, [layout], torch.zeros(1, n, 2), [[torch.arange(n)]], [[torch.arange(n)]],
-                   [torch.arange(0)], adapter=None, captured={"scores": {0: obj, 1: deep}})
+    return _Scores(
+        "vision",
+        None,
+        [layout],
+        torch.zeros(1, n, 2),
+        [[torch.arange(n)]],
+        [[torch.arange(n)]],
+        [torch.arange(0)],
+        adapter=None,
+        captured={"scores": {0: obj, 1: deep}},
+    )
 
 
 def test_anchors_buffers_registers_known_answer():

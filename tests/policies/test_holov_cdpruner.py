@@ -101,10 +101,24 @@ def tiny_clip(vision_width):
     from transformers import CLIPConfig, CLIPModel
 
     config = CLIPConfig(
-        text_config=dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=2, bos_token_id=1),
-        vision_config=dict(hidden_size=vision_width, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=4),
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            eos_token_id=2,
+            bos_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=vision_width,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=4,
+        ),
         projection_dim=8,
     )
     torch.manual_seed(1)
@@ -128,8 +142,7 @@ def test_cdpruner_clip_llava_equals_brute_force(keep):
     text_embeds = clip.text_projection(clip.text_model(input_ids=seg_ids, attention_mask=seg_mask).pooler_output)
     patches = out.hidden_states[layer + 1][:, 1:]  # layer -2 patch rows, the projector's input
     image_embeds = clip.visual_projection(clip.vision_model.post_layernorm(patches))
-    got = _kept(model, batch, CDPruner(keep=keep, text="clip", clip_model=clip, clip_tokenizer=CharIds()),
-                tokenizer=WordIds())
+    got = _kept(model, batch, CDPruner(keep=keep, text="clip", clip_model=clip, clip_tokenizer=CharIds()), tokenizer=WordIds())
     for g in range(2):
         e = image_embeds[g].double()
         t = text_embeds.double()
@@ -222,8 +235,7 @@ def test_cdpruner_views_are_separate_problems(family):
     from vtprune.ops.dpp import view_budgets
 
     model = model_for(family, "sdpa")
-    spec = (SampleSpec(images=((40, 24),), question=5) if family == "llava_next"
-            else SampleSpec(videos=((4, 32, 32),), question=5))
+    spec = SampleSpec(images=((40, 24),), question=5) if family == "llava_next" else SampleSpec(videos=((4, 32, 32),), question=5)
     batch = inputs(model, [spec])
     embeds = lm_input_embeds(model, batch)[0]
     layout = adapter_for(model).layouts(dict(batch), embeds[None])[0]
@@ -267,7 +279,6 @@ def test_cdpruner_clip_from_a_path_equals_the_loaded_model(tmp_path):
     clip.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     from_path = _kept(model, batch, CDPruner(keep=6, text="clip", clip_model=str(tmp_path)), tokenizer=WordIds())
-    given = _kept(model, batch, CDPruner(keep=6, text="clip", clip_model=clip, clip_tokenizer=tokenizer),
-                  tokenizer=WordIds())
+    given = _kept(model, batch, CDPruner(keep=6, text="clip", clip_model=clip, clip_tokenizer=tokenizer), tokenizer=WordIds())
     assert from_path == given and [len(k) for k in given] == [6, 6]
     assert CDPruner(keep=6, text="clip", clip_model=str(tmp_path)).to_dict()["clip_model"] == str(tmp_path)

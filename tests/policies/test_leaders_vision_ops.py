@@ -94,7 +94,7 @@ def vispruner_oracle(x, attention, k, ratio):
         product = (xn[evens] @ xn[odds].T).tolist()
         sim = {e: max(product[row]) for row, e in enumerate(evens)}
         ranked = sorted(evens, key=lambda e: (-sim[e], e))
-        rest = ranked[min(drop, len(ranked)):] + odds
+        rest = ranked[min(drop, len(ranked)) :] + odds
     return sorted(keep + rest)
 
 
@@ -152,8 +152,9 @@ def prunesid_oracle(x, attention_sum, t, group):
     n = sim.shape[0]
     mean = sum(sim[i, j] for i in range(n) for j in range(i + 1, n)) / (n * (n - 1) / 2)
     theta = t / 32 * mean
-    return grouped_oracle(sim, attention_sum.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 1, theta,
-                          lambda n, rank: 1000 - rank)
+    return grouped_oracle(
+        sim, attention_sum.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 1, theta, lambda n, rank: 1000 - rank
+    )
 
 
 # --- SCOPE -------------------------------------------------------------------------------------------------------
@@ -292,8 +293,9 @@ def test_prunesid_qwen_matches_the_oracle(keep):
     sim = v @ v.T
     mean = np.triu(sim).sum() / sim.size  # the upper triangle with the diagonal, zeros below, over all M^2
     theta = max(18 * t / 400, 1) * mean
-    want = grouped_oracle(sim, score.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 0, theta,
-                          lambda n, rank: n - rank)
+    want = grouped_oracle(
+        sim, score.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 0, theta, lambda n, rank: n - rank
+    )
     assert got.tolist() == want
 
 

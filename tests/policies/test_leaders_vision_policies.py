@@ -125,8 +125,9 @@ def test_llava_next_views_are_the_crops_and_vispruner_selects_in_each():
     assert len(kept) == k
     base = grid * grid
     hires = torch.arange(4 * grid * grid).view(2 * grid, 2 * grid) + base
-    regions = [torch.arange(base)] + [hires[r * grid:(r + 1) * grid, c * grid:(c + 1) * grid].flatten()
-                                      for r in range(2) for c in range(2)]
+    regions = [torch.arange(base)] + [
+        hires[r * grid : (r + 1) * grid, c * grid : (c + 1) * grid].flatten() for r in range(2) for c in range(2)
+    ]
     want = []
     for crop, (region, budget) in enumerate(zip(regions, view_budgets(k, [r.numel() for r in regions]))):
         picks = vispruner_oracle(hidden[crop], cls_mean[crop], budget, 0.5)
@@ -147,7 +148,7 @@ def test_prunesid_qwen_variant_equals_the_oracle_on_the_merger_output():
     model = model_for("qwen2_vl", "sdpa")
     batch = inputs(model, [SampleSpec(images=((64, 64),), question=5)])
     out = model.model.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
-    feats = (out.pooler_output if hasattr(out, "pooler_output") else out)
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
     feats = (feats[0] if isinstance(feats, (list, tuple)) else feats).float()
     m = feats.shape[0]
     t = prunesid_qwen_budget(m, 192)
@@ -158,6 +159,7 @@ def test_prunesid_qwen_variant_equals_the_oracle_on_the_merger_output():
     v = v / np.linalg.norm(v, axis=1, keepdims=True)
     sim = v @ v.T
     theta = max(18 * t / m, 1) * np.triu(sim).sum() / sim.size
-    want = grouped_oracle(sim, score.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 0, theta,
-                          lambda n, rank: n - rank)
+    want = grouped_oracle(
+        sim, score.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 0, theta, lambda n, rank: n - rank
+    )
     assert kept == want and len(kept) == t

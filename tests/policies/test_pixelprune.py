@@ -151,8 +151,12 @@ def hand_run_tower(tower, pixel_values, grid_thw, keep_units):
     hidden = tower.patch_embed(pixel_values[rows].to(tower.patch_embed.proj.weight.dtype))
     if hasattr(tower, "pos_embed"):
         idx, wts = get_vision_interpolation_indices_and_weights(
-            grid_thw, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
-            align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.spatial_merge_size)
+            grid_thw,
+            num_grid_per_side=tower.num_grid_per_side,
+            mode=tower.interpolation_mode,
+            align_corners=tower.interpolation_align_corners,
+            spatial_merge_size=tower.spatial_merge_size,
+        )
         hidden = hidden + (tower.pos_embed(idx) * wts[:, :, None]).sum(1)[rows].to(hidden.dtype)
     positions = get_vision_position_ids(grid_thw, tower.spatial_merge_size)
     rotary = tuple(x[rows] for x in tower.rotary_pos_emb(hidden, positions))
@@ -264,10 +268,10 @@ def test_language_model_sees_kept_units_at_original_positions(family, attn, patt
     drop = image_pos[dropped]
     keep_pos = torch.tensor([p for p in torch.nonzero(mask).flatten().tolist() if p not in drop.tolist()])
     length = seen["embeds"].shape[1]
-    got = seen["embeds"][0][length - keep_pos.numel():]  # left padded
+    got = seen["embeds"][0][length - keep_pos.numel() :]  # left padded
     if full_positions.shape[-2] == 1:  # one row of positions for the batch (the model's own arange)
         full_positions = full_positions.expand(*full_positions.shape[:-2], batch["input_ids"].shape[0], -1)
-    torch.testing.assert_close(seen["positions"][..., 0, length - keep_pos.numel():], full_positions[..., 0, keep_pos])
+    torch.testing.assert_close(seen["positions"][..., 0, length - keep_pos.numel() :], full_positions[..., 0, keep_pos])
     visual = torch.isin(keep_pos, image_pos)
     torch.testing.assert_close(got[~visual], full_embeds[0, keep_pos[~visual]])
     keep = torch.ones(units, dtype=torch.bool)
@@ -306,8 +310,10 @@ def test_later_policy_sees_only_kept_units(family, later):
     """
     model = model_for(family, "sdpa")
     batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
-    second = {"idpruner": IDPruner(keep=5, per_image=True),
-              "idpruner_received": IDPruner(keep=5, per_image=True, importance="received")}[later]
+    second = {
+        "idpruner": IDPruner(keep=5, per_image=True),
+        "idpruner_received": IDPruner(keep=5, per_image=True, importance="received"),
+    }[later]
     vtprune.wrap(model, Pipeline([PixelPrune(), second]))
     cached = model.generate(**batch, **gen_kwargs(3))
     stages = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]
@@ -315,9 +321,20 @@ def test_later_policy_sees_only_kept_units(family, later):
     assert first["after"] == first_image_units(model, batch) - len(dropped) and then["after"] == 5
     assert set(then["kept"]) <= set(first["kept"])
     # the sequence the language model gets depends on the keep sets only: replayed with `fixed`, the same tokens
-    vtprune.wrap(model, Pipeline([PixelPrune(), Fixed(kept=[[i["stages"][list(i["stages"])[-1]]["kept"]
-                                                               for i in s["images"]]
-                                                              for s in vtprune.report(model).to_dict()["samples"]])]))
+    vtprune.wrap(
+        model,
+        Pipeline(
+            [
+                PixelPrune(),
+                Fixed(
+                    kept=[
+                        [i["stages"][list(i["stages"])[-1]]["kept"] for i in s["images"]]
+                        for s in vtprune.report(model).to_dict()["samples"]
+                    ]
+                ),
+            ]
+        ),
+    )
     assert torch.equal(model.generate(**batch, **gen_kwargs(3)), cached)
 
 
@@ -344,8 +361,7 @@ def test_vit_signals_after_pixelprune_do_not_depend_on_the_batch(family):
     batch, _ = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
     vtprune.wrap(model, Pipeline([PixelPrune(), IDPruner(keep=5, per_image=True, importance="received", lam=1.0)]))
     model(**batch)
-    together = [[list(i["stages"].values())[-1]["kept"] for i in s["images"]]
-                for s in vtprune.report(model).to_dict()["samples"]]
+    together = [[list(i["stages"].values())[-1]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
     for b in range(batch["input_ids"].shape[0]):
         model(**sample_alone(batch, b, family))
         alone = [list(i["stages"].values())[-1]["kept"] for i in vtprune.report(model).to_dict()["samples"][0]["images"]]

@@ -113,12 +113,15 @@ def test_bad_options_raise_with_value_and_range(make, message):
         make()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: IDPruner(lam=True), r"lam must be a number in \[0, 1\]; got True"),
-    (lambda: Random(seed="1"), "seed must be an int; got '1'"),
-    (lambda: EntropyPrune(at_layer=2.0), "at_layer must be an int >= 1; got 2.0"),
-    (lambda: HiPrune(wrap_correct="yes"), "wrap_correct must be True or False"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: IDPruner(lam=True), r"lam must be a number in \[0, 1\]; got True"),
+        (lambda: Random(seed="1"), "seed must be an int; got '1'"),
+        (lambda: EntropyPrune(at_layer=2.0), "at_layer must be an int >= 1; got 2.0"),
+        (lambda: HiPrune(wrap_correct="yes"), "wrap_correct must be True or False"),
+    ],
+)
 def test_a_value_of_the_wrong_type_is_a_type_error_and_a_user_error(make, message):
     from vtprune.checks import BadType, UserInputError
 
@@ -354,8 +357,7 @@ def test_divprune_per_image():
 # --- EntropyPrune ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type, at", [("llava", 2), ("llava_next", 2), ("qwen2_vl", 1), ("qwen2_5_vl", 1),
-                                            ("qwen3_5", 4)])
+@pytest.mark.parametrize("model_type, at", [("llava", 2), ("llava_next", 2), ("qwen2_vl", 1), ("qwen2_5_vl", 1), ("qwen3_5", 4)])
 def test_entropyprune_per_model_layer(model_type, at):
     policy = EntropyPrune()
     assert policy.at is None

@@ -58,7 +58,8 @@ def _brute_force(family, batch, prune_after, counts, positions, seed=0):
     seen = {}
     hook = lm.layers[0].register_forward_pre_hook(
         lambda _m, args, kw: seen.update(h=args[0] if args else kw["hidden_states"], rope=kw["position_embeddings"]),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     model(**batch)
     hook.remove()
     h = seen["h"][0].double()
@@ -66,7 +67,7 @@ def _brute_force(family, batch, prune_after, counts, positions, seed=0):
     visual = patch_positions(model, batch).tolist()
     n0, L = len(visual), h.shape[0]
     last = max(visual)
-    raters = _raters_oracle(h[visual].tolist(), h[last + 1:].tolist())
+    raters = _raters_oracle(h[visual].tolist(), h[last + 1 :].tolist())
     # each row: ("text", position), ("vis", grid index) or ("merged", grid index of its centre); its rotary rows
     rows = [("vis", visual.index(p)) if p in visual else ("text", p) for p in range(L)]
     rope_rows = [(cos[p], sin[p]) for p in range(L)]
@@ -94,10 +95,10 @@ def _brute_force(family, batch, prune_after, counts, positions, seed=0):
         kept, merged, centres = _select(score, [h[v].tolist() for v in vis], counts[step], seed)
         first = vis[0]
         new_rows = rows[:first] + [rows[vis[r]] for r in kept] + [("merged", rows[vis[r]][1]) for r in centres]
-        new_rows += rows[max(vis) + 1:]
+        new_rows += rows[max(vis) + 1 :]
         new_rope = rope_rows[:first] + [rope_rows[vis[r]] for r in kept] + [rope_rows[vis[r]] for r in centres]
-        new_rope += rope_rows[max(vis) + 1:]
-        h = torch.cat([h[:first], h[[vis[r] for r in kept]], torch.tensor(merged, dtype=h.dtype), h[max(vis) + 1:]])
+        new_rope += rope_rows[max(vis) + 1 :]
+        h = torch.cat([h[:first], h[[vis[r] for r in kept]], torch.tensor(merged, dtype=h.dtype), h[max(vis) + 1 :]])
         rows, rope_rows = new_rows, new_rope
         own = sorted(g for kind, g in (rows[first + j] for j in range(len(kept))) if kind == "vis")
         stages.append((own, sum(1 for row in rows if row[0] == "merged")))
@@ -246,5 +247,4 @@ def test_compact_positions_cache_equals_recomputation_and_batch_equals_alone(fam
     assert torch.equal(cached, model.generate(**batch, use_cache=False, **kw))
     together = model(**batch).logits[:, -1]
     for b in range(batch["input_ids"].shape[0]):
-        torch.testing.assert_close(model(**sample_alone(batch, b, family)).logits[0, -1], together[b], rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(model(**sample_alone(batch, b, family)).logits[0, -1], together[b], rtol=1e-4, atol=1e-5)

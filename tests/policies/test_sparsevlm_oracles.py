@@ -19,8 +19,7 @@ def test_tables_and_counts():
     assert [stage_counts(k, 576) for k in (64, 128, 192)] == [(66, 30, 17), (303, 110, 36), (300, 200, 110)]
     assert stage_counts(64, 1152) == (132, 60, 34)
     assert stage_counts(None, 576, budgets=(238, 48, 26)) == (238, 48, 26)
-    assert [counts_after(576, stage_counts(k, 576)) for k in (64, 128, 192)] == [
-        [82, 32, 18], [312, 117, 39], [309, 204, 113]]
+    assert [counts_after(576, stage_counts(k, 576)) for k in (64, 128, 192)] == [[82, 32, 18], [312, 117, 39], [309, 204, 113]]
     assert counts_after(576, (66, 30, 17), recycle=False) == [66, 30, 17]
     # the averages the tables are named by: equal tokens (2, 4, 9, 17 layers) and the 32-layer mean (3, 4, 9, 16)
     for keep, equal, mean in [(64, 64.8, 82.2), (128, 128.6, 145.4), (192, 192.0, 206.5)]:

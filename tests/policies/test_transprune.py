@@ -121,8 +121,11 @@ def _brute_force(family, batch, prune_after, ratios, ttv_from, ttv_only=False, a
     layers = model.model.language_model.layers
     for at, ratio in zip(prune_after, ratios):
         sub_blocks, attention = {}, {}
-        handles = [] if ttv_only else [
-            layers[at].self_attn.register_forward_hook(_store(attention, "weights", lambda _a, _k, out: out[1][0]))]
+        handles = (
+            []
+            if ttv_only
+            else [layers[at].self_attn.register_forward_hook(_store(attention, "weights", lambda _a, _k, out: out[1][0]))]
+        )
         for j in range(previous, at):
             mixer = "self_attn" if hasattr(layers[j], "self_attn") else "linear_attn"  # Qwen3.5: Gated DeltaNet
             for part in (mixer, "mlp"):
@@ -355,8 +358,7 @@ def test_defaults_come_from_the_model_zoo():
     model = model_for("qwen2_5_vl", "sdpa", layers=13)
     policy = policy.bind(adapter_for(model))
     assert policy.schedule() == ((7, 9, 12), (0.875, 0.625, 0.125), 7)
-    assert policy.signals() == Signals(prune_before=(7, 9, 12), decoder_attention=(7, 9, 12),
-                                       sub_blocks=tuple(range(6, 12)))
+    assert policy.signals() == Signals(prune_before=(7, 9, 12), decoder_attention=(7, 9, 12), sub_blocks=tuple(range(6, 12)))
     assert policy.describe() == "transprune(after=7,9,12, ratios=0.875,0.625,0.125, ttv_from=7)"
     with torch.no_grad():
         vtprune.wrap(model, "transprune")

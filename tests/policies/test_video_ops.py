@@ -77,11 +77,14 @@ def test_evs_static_video_breaks_ties_by_lowest_index():
     assert kept == evs_oracle(x, 0.25)
 
 
-@pytest.mark.parametrize("t,p,table", [
-    (8, 256, {0.5: 1024, 0.25: 512, 0.1: 256, 0.05: 256}),
-    (16, 196, {0.5: 1568, 0.25: 784, 0.1: 313, 0.05: 196}),
-    (32, 196, {0.5: 3136, 0.25: 1568, 0.1: 627, 0.05: 313}),
-])
+@pytest.mark.parametrize(
+    "t,p,table",
+    [
+        (8, 256, {0.5: 1024, 0.25: 512, 0.1: 256, 0.05: 256}),
+        (16, 196, {0.5: 1568, 0.25: 784, 0.1: 313, 0.05: 196}),
+        (32, 196, {0.5: 3136, 0.25: 1568, 0.1: 627, 0.05: 313}),
+    ],
+)
 def test_evs_budget_table(t, p, table):
     for keep, count in table.items():
         assert evs_count(t, p, keep) == count
@@ -105,7 +108,7 @@ def vidcom2_oracle(x, keep, budget):
         sel = row[chans]
         normed.append(sel / max(float(sel.norm()), 1e-12))
     centre = sum(normed) / n
-    frame_centre = [sum(normed[f * p:(f + 1) * p]) / p for f in range(t)]
+    frame_centre = [sum(normed[f * p : (f + 1) * p]) / p for f in range(t)]
 
     def g(a, c):
         dist = float(((a - c) ** 2).sum())
@@ -113,13 +116,13 @@ def vidcom2_oracle(x, keep, budget):
 
     v = [g(normed[j], centre) for j in range(n)]
     u = [v[j] + g(normed[j], frame_centre[j // p]) for j in range(n)]
-    s = [-sum(v[f * p:(f + 1) * p]) / p for f in range(t)]
+    s = [-sum(v[f * p : (f + 1) * p]) / p for f in range(t)]
     e = [math.exp((si - max(s)) / 0.01) for si in s]
     prob = [ei / sum(e) for ei in e]
     ks = [max(1, round(min(1.0, r * (1 + pt - 1 / t)) * p)) for pt in prob]
     kept = []
     for f in range(t):
-        kept += [f * p + c for c in best(u[f * p:(f + 1) * p], ks[f], largest=False)]
+        kept += [f * p + c for c in best(u[f * p : (f + 1) * p], ks[f], largest=False)]
     if budget == "exact":
         target = max(t, min(keep if isinstance(keep, int) else int(n * keep), n))
         order = sorted(range(n), key=lambda j: (u[j], j))
@@ -153,13 +156,16 @@ def _frame_scores(t, s):
     return torch.tensor(s, dtype=torch.float32)[:, None].expand(t, 64).contiguous()
 
 
-@pytest.mark.parametrize("t,p,keep,equal,dominant,exact", [
-    (16, 196, 0.25, 784, 785, 784),
-    (16, 196, 0.15, 464, 477, 470),
-    (8, 256, 0.25, 512, 512, 512),
-    (8, 256, 0.10, 208, 202, 204),
-    (8, 256, 0.60, 1232, 1194, 1228),
-])
+@pytest.mark.parametrize(
+    "t,p,keep,equal,dominant,exact",
+    [
+        (16, 196, 0.25, 784, 785, 784),
+        (16, 196, 0.15, 464, 477, 470),
+        (8, 256, 0.25, 512, 512, 512),
+        (8, 256, 0.10, 208, 202, 204),
+        (8, 256, 0.60, 1232, 1194, 1228),
+    ],
+)
 def test_vidcom2_budget_table(t, p, keep, equal, dominant, exact):
     v = torch.zeros(t, p)
     assert sum(vidcom2_frame_budgets(v, keep)) == equal
@@ -196,12 +202,15 @@ def test_dycoke_matches_its_oracle(geometry, keep):
     assert dycoke_select(x, keep).tolist() == dycoke_oracle(x, keep)
 
 
-@pytest.mark.parametrize("t,p,count,whole", [
-    (15, 196, 1560, [0, 4, 8, 12, 14]),
-    (16, 196, 1618, [0, 4, 8, 12, 14]),
-    (32, 196, 3098, [0, 4, 8, 12, 16, 20, 24, 28, 30]),
-    (8, 256, 1148, [0, 4, 6]),
-])
+@pytest.mark.parametrize(
+    "t,p,count,whole",
+    [
+        (15, 196, 1560, [0, 4, 8, 12, 14]),
+        (16, 196, 1618, [0, 4, 8, 12, 14]),
+        (32, 196, 3098, [0, 4, 8, 12, 16, 20, 24, 28, 30]),
+        (8, 256, 1148, [0, 4, 6]),
+    ],
+)
 def test_dycoke_budget_table(t, p, count, whole):
     assert dycoke_count(t, p, 0.3) == int(0.3 * p) == int((1 - 0.7) * p)
     kept = dycoke_select(video(t, p, seed=5, d=8), 0.3)
@@ -377,11 +386,13 @@ def fastvid_qwen_oracle(x, g, a, keep, seed=0, c=8, tau=0.84, ignore=0.95, d=0.4
                 others = [i for i in range(p) if i not in top]
                 rows = x[f, others]
                 dist = [(((rows - rows[k]) ** 2).sum(1).sqrt() / math.sqrt(dim)).tolist() for k in range(len(others))]
-                rho = [math.exp(-sum(v * v for v in sorted(row)[:4]) / 4) + 1e-6 * float(noise[f][k])
-                       for k, row in enumerate(dist)]
+                rho = [
+                    math.exp(-sum(v * v for v in sorted(row)[:4]) / 4) + 1e-6 * float(noise[f][k]) for k, row in enumerate(dist)
+                ]
                 big = max(max(row) for row in dist)
-                delta = [min([dist[k][m] for m in range(len(others)) if rho[m] > rho[k]], default=big)
-                         for k in range(len(others))]
+                delta = [
+                    min([dist[k][m] for m in range(len(others)) if rho[m] > rho[k]], default=big) for k in range(len(others))
+                ]
                 targets[f] = sorted(f * p + others[k] for k in best([delta[k] * rho[k] for k in range(len(others))], ctx[f]))
         flat = x.reshape(t * p, dim)
         seg_tokens = [f * p + i for f in seg for i in range(p)]

@@ -66,12 +66,16 @@ def vfamily(request):
 def specs(family):
     """Unequal samples: a video beside an image, two videos, a video alone with other padding, no video."""
     if family == "llava_onevision":  # its videos share one frame count in a batch
-        return [SampleSpec(images=((32, 32),), videos=((8, 32, 32),)),
-                SampleSpec(videos=((8, 32, 32), (8, 32, 32)), prefix=6),
-                SampleSpec(images=((32, 32),), question=3)]
-    return [SampleSpec(images=((32, 32),), videos=((8, 32, 32),)),
-            SampleSpec(videos=((6, 32, 24), (4, 32, 32)), prefix=6),
-            SampleSpec(images=((32, 24),), question=3)]
+        return [
+            SampleSpec(images=((32, 32),), videos=((8, 32, 32),)),
+            SampleSpec(videos=((8, 32, 32), (8, 32, 32)), prefix=6),
+            SampleSpec(images=((32, 32),), question=3),
+        ]
+    return [
+        SampleSpec(images=((32, 32),), videos=((8, 32, 32),)),
+        SampleSpec(videos=((6, 32, 24), (4, 32, 32)), prefix=6),
+        SampleSpec(images=((32, 24),), question=3),
+    ]
 
 
 def frames_of(model, spec_videos):
@@ -95,7 +99,7 @@ def videos_of(model, batch, b, spec):
     video = patches[batch["input_ids"][b, patches] == VIDEO_TOKEN]
     out, start = [], 0
     for t, n in zip(frames_of(model, spec.videos), _video_sizes(model, batch, b, spec)):
-        out.append((video[start:start + n], t, n // t))
+        out.append((video[start : start + n], t, n // t))
         start += n
     assert start == video.numel()
     return out
@@ -153,7 +157,7 @@ def test_keep_sets_images_untouched_and_budgets(vfamily, policy):
         assert [i["kind"] for i in images] == ["image"] * len(spec.images) + ["video"] * len(spec.videos)
         for image in images[: len(spec.images)]:
             assert image["stages"]["projector"]["kept"] == list(range(image["tokens"]))
-        for image, (positions, t, p) in zip(images[len(spec.images):], videos_of(model, batch, b, spec)):
+        for image, (positions, t, p) in zip(images[len(spec.images) :], videos_of(model, batch, b, spec)):
             stage = image["stages"]["projector"]
             assert image["tokens"] == t * p and stage["before"] == t * p
             if policy == "fastvid":  # saliency from the ViT: the counts per frame by the rule, from the frames' means
@@ -163,8 +167,11 @@ def test_keep_sets_images_untouched_and_budgets(vfamily, policy):
             assert stage["kept"] == want
             assert stage["frames"] == torch.bincount(torch.tensor(want) // p, minlength=t).tolist()
             assert stage["frames_before"] == [p] * t
-            count = {"evs": evs_count(t, p, keep), "evs_merger": evs_count(t, p, keep),
-                     "vidcom2_exact": vidcom2_target(t, p, keep)}.get(policy)
+            count = {
+                "evs": evs_count(t, p, keep),
+                "evs_merger": evs_count(t, p, keep),
+                "vidcom2_exact": vidcom2_target(t, p, keep),
+            }.get(policy)
             if policy == "dycoke":
                 pruned = t // 2 + len(range(0, t - 4, 4))
                 count = (t - pruned) * p + pruned * dycoke_count(t, p, keep)
@@ -236,9 +243,13 @@ def test_projector_stage_equals_hand_pruned_inputs(vfamily, policy, monkeypatch)
     if seen.get("visual_pos_masks") is not None:
         mask = seen["visual_pos_masks"]
         deepstack = dict(visual_pos_masks=mask[:, seq], deepstack_visual_embeds=[rows[keep[mask[0]]] for rows in levels])
-    out = model.model.language_model(inputs_embeds=embeds[:, seq], position_ids=positions[..., seq],
-                                     attention_mask=torch.ones(1, seq.numel(), dtype=torch.long), use_cache=False,
-                                     **deepstack)
+    out = model.model.language_model(
+        inputs_embeds=embeds[:, seq],
+        position_ids=positions[..., seq],
+        attention_mask=torch.ones(1, seq.numel(), dtype=torch.long),
+        use_cache=False,
+        **deepstack,
+    )
     torch.testing.assert_close(pruned, model.lm_head(out.last_hidden_state), rtol=1e-5, atol=1e-5)
 
 
@@ -276,8 +287,9 @@ def test_selections_do_not_depend_on_the_attention_backend(vfamily, policy):
         model = model_for(vfamily, attn)
         vtprune.wrap(model, POLICIES[policy](0.3))
         model(**inputs(model, specs(vfamily)))
-        picks.append([[i["stages"]["projector"]["kept"] for i in s["images"]]
-                      for s in vtprune.report(model).to_dict()["samples"]])
+        picks.append(
+            [[i["stages"]["projector"]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
+        )
     assert picks[0] == picks[1] == picks[2]
 
 
@@ -354,8 +366,17 @@ def test_video_bench_inputs_are_a_panning_video_the_model_reads(family):
     stage = video["stages"]["projector"]
     assert video["kind"] == "video" and len(stage["frames"]) == t
     assert stage["after"] == evs_count(t, video["tokens"] // t, 0.5)
-    row = dict(family=family, policy="evs", keep=0.5, tokens_before=video["tokens"], tokens_after=stage["after"],
-               prefill_unpruned_ms=2.0, prefill_ms=1.0, speedup=2.0, selection_ms=0.1)
+    row = dict(
+        family=family,
+        policy="evs",
+        keep=0.5,
+        tokens_before=video["tokens"],
+        tokens_after=stage["after"],
+        prefill_unpruned_ms=2.0,
+        prefill_ms=1.0,
+        speedup=2.0,
+        selection_ms=0.1,
+    )
     assert "| 2.00x |" in markdown([row])
 
 
@@ -419,6 +440,7 @@ def test_fastvid_is_seeded_and_leaves_the_global_rng_alone(family):
         torch.manual_seed(global_seed)
         model(**batch)
         assert torch.equal(torch.rand(3), want)  # the density noise came from its own stream
-        kept[(global_seed, seed)] = [[i["stages"]["projector"]["kept"] for i in s["images"]]
-                                     for s in vtprune.report(model).to_dict()["samples"]]
+        kept[(global_seed, seed)] = [
+            [i["stages"]["projector"]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]
+        ]
     assert kept[(1, 0)] == kept[(2, 0)]  # the same seed, whatever the global RNG

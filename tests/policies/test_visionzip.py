@@ -160,8 +160,9 @@ def test_llava_equals_brute_force_from_eager_cls_attention(merge):
     policy = VisionZip(keep=12, contextual=4, merge=merge)  # CLS + 7 dominant patches + 4 contextual, as the reference
     _check_against_brute_force(model, batch, items, policy, 8, 4, project=project)
     items = [item[:5] for item in items]
-    _check_against_brute_force(model, batch, items, VisionZip(keep=12, contextual=4, merge=merge, cls_token=False), 8, 4,
-                               project=project)
+    _check_against_brute_force(
+        model, batch, items, VisionZip(keep=12, contextual=4, merge=merge, cls_token=False), 8, 4, project=project
+    )
 
 
 @torch.no_grad()

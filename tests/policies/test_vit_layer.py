@@ -46,8 +46,10 @@ def block_calls(model, batch):
     """Per ViT block: (input hidden, kwargs) of each call, from the unwrapped model."""
     blocks = adapter_for(model).vision_layers()
     seen = {j: [] for j in range(len(blocks))}
-    handles = [b.register_forward_pre_hook(lambda _m, a, kw, j=j: seen[j].append((a, dict(kw))), with_kwargs=True)
-               for j, b in enumerate(blocks)]
+    handles = [
+        b.register_forward_pre_hook(lambda _m, a, kw, j=j: seen[j].append((a, dict(kw))), with_kwargs=True)
+        for j, b in enumerate(blocks)
+    ]
     try:
         with torch.no_grad():
             model(**batch)
@@ -111,8 +113,11 @@ def test_qwen_tower_equals_hand_run_on_kept_rows(family, at, attn):
     model = deep_model(family, attn)
     batch = inputs(model, mixed_specs(family))
     # the samples with images (0 and 1): one tower call
-    batch = {k: (v[:2] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
-             for k, v in batch.items() if "video" not in k}
+    batch = {
+        k: (v[:2] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+        for k, v in batch.items()
+        if "video" not in k
+    }
     calls = block_calls(model, batch)
     sets = random_fixed_sets(token_counts(model, batch), seed=at)
     vtprune.wrap(model, Fixed(kept=sets, vit_layer=at))
@@ -139,8 +144,11 @@ def test_qwen_tower_equals_hand_run_on_kept_rows(family, at, attn):
         for a, b in zip(cu[:-1], cu[1:]):
             rows = torch.arange(a, b)[row_kept[a:b]]
             if rows.numel():
-                new[rows] = tower.blocks[j](h[rows], cu_seqlens=torch.tensor([0, rows.numel()], dtype=torch.int32),
-                                            position_embeddings=(cos[rows], sin[rows]))
+                new[rows] = tower.blocks[j](
+                    h[rows],
+                    cu_seqlens=torch.tensor([0, rows.numel()], dtype=torch.int32),
+                    position_embeddings=(cos[rows], sin[rows]),
+                )
         h = new
         if j in taps:
             want_taps[j] = tower.deepstack_merger_list[taps.index(j)](h[row_kept])
@@ -268,8 +276,7 @@ def test_later_policy_reads_the_vit_as_it_ran(family):
 
     model = deep_model(family)
     batch = inputs(model, mixed_specs(family))
-    vtprune.wrap(model, Pipeline([Random(keep=8, vit_layer=1), IDPruner(keep=4, per_image=True,
-                                                                         importance="received")]))
+    vtprune.wrap(model, Pipeline([Random(keep=8, vit_layer=1), IDPruner(keep=4, per_image=True, importance="received")]))
     together = model(**batch).logits[:, -1]
     report = vtprune.report(model).to_dict()["samples"]
     for s in report:

@@ -155,8 +155,6 @@ def _use_lazy(n: int, k: int, device: torch.device) -> bool:
     return device.type == "cpu" and k <= n * LAZY_MAX_FRACTION
 
 
-
-
 def _lazy_argmax(bound: np.ndarray, seen: np.ndarray, t: int, refresh, batch: int) -> int:
     """Index of the largest true value (first maximum) given upper bounds `bound` (updated in place).
 

@@ -92,9 +92,7 @@ def holov_allocate(weights: torch.Tensor, sizes: list[int], keep: int, overflow:
     return alloc
 
 
-def holov_select(
-    features: torch.Tensor, attention: torch.Tensor, keep: int, overflow: str = "redistribute"
-) -> torch.Tensor:
+def holov_select(features: torch.Tensor, attention: torch.Tensor, keep: int, overflow: str = "redistribute") -> torch.Tensor:
     """HoloV's keep set of one image: indices into its ``n`` tokens, ascending.
 
     ``features`` ``(n, D)`` (post-projector), ``attention`` ``(n,)`` (CLS
@@ -113,9 +111,7 @@ def holov_select(
     starts = [0]
     for s in sizes[:-1]:
         starts.append(starts[-1] + s)
-    scores = torch.stack(
-        [holov_chunk_score(features[st : st + s], attention[st : st + s]) for st, s in zip(starts, sizes)]
-    )
+    scores = torch.stack([holov_chunk_score(features[st : st + s], attention[st : st + s]) for st, s in zip(starts, sizes)])
     scores = sanitize_scores(scores, "chunk scores")
     weights = scores / (scores.sum() + HOLOV_EPS)
     alloc = holov_allocate(weights, sizes, keep, overflow)

@@ -110,7 +110,7 @@ def vispruner_select(
         # ties: the lowest token index (a stable sort over a's entries ordered by index)
         by_index = torch.argsort(a, stable=True)
         ranked = by_index[_descending(m[by_index])]
-        rest = torch.cat([a[ranked[min(s, a.numel()):]], b])
+        rest = torch.cat([a[ranked[min(s, a.numel()) :]], b])
     return torch.sort(torch.cat([important, rest])).values
 
 
@@ -200,8 +200,7 @@ def _grouped_keep(sim, key_scores, group, g, t, cap, spare, theta, pick_key):
     picks = [_nms(sim, key_scores, mem, theta) if mem.numel() else [] for mem in members]
     counts = [int(mem.numel()) for mem in members]
     if sum(len(p) for p in picks) == 0:
-        warnings.warn("prunesid: every score is 0; keeping the top tokens by score instead", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn("prunesid: every score is 0; keeping the top tokens by score instead", RuntimeWarning, stacklevel=3)
         return topk_indices(key_scores, t - spare)
     d = _group_budgets(counts, [len(p) for p in picks], t, cap, spare)
     kept = []

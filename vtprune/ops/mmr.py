@@ -22,6 +22,7 @@ from .select import sanitize_scores
 #: the lazy MMR loop re-scores this many of the highest stale bounds at once (one small matmul)
 LAZY_BATCH = 64
 
+
 def mmr_select(
     features: torch.Tensor,
     importance: torch.Tensor,

@@ -76,8 +76,7 @@ def causal_rows(
 
 
 @torch.no_grad()
-def received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256,
-             valid: torch.Tensor | None = None) -> torch.Tensor:
+def received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Attention each token receives under full attention, summed over queries, mean over heads.
 
     ``q``, ``k`` ``(n, T, H, d)`` fp32 -> ``(n, T)`` fp32, `chunk` query rows at a time.
@@ -97,8 +96,7 @@ def received(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 256,
 
 
 @torch.no_grad()
-def row_summed_over_heads(q: torch.Tensor, k: torch.Tensor, scale: float,
-                          valid: torch.Tensor | None = None) -> torch.Tensor:
+def row_summed_over_heads(q: torch.Tensor, k: torch.Tensor, scale: float, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query row ``q`` ``(n, 1, H, d)`` to every key ``(n, T, H, d)``, summed over heads, ``(n, T)``.
 
     ``valid`` ``(n, T)`` bool: keys that exist (False: padding); None: all.
@@ -110,9 +108,7 @@ def row_summed_over_heads(q: torch.Tensor, k: torch.Tensor, scale: float,
 
 
 @torch.no_grad()
-def segment_received(
-    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, chunk: int = 256
-) -> torch.Tensor:
+def segment_received(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
     """Attention each token of a packed sequence receives inside its ``cu_seqlens`` segment, ``(L,)`` fp32.
 
     ``q``, ``k`` ``(L, H, d)`` fp32, already rotated. Segments of equal
@@ -135,4 +131,3 @@ def segment_received(
                 got = torch.softmax(scores, dim=-1).sum(dim=2).mean(dim=1)  # (g, length)
                 out.index_add_(0, group.flatten(), got.flatten())
     return out
-

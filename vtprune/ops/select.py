@@ -19,9 +19,7 @@ def replace_nonfinite(x: torch.Tensor, what: str, done: str, fix) -> torch.Tenso
         return x
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
-        warnings.warn(
-            f"{int(bad.sum())} non-finite {what} {done} for a deterministic selection", RuntimeWarning, stacklevel=4
-        )
+        warnings.warn(f"{int(bad.sum())} non-finite {what} {done} for a deterministic selection", RuntimeWarning, stacklevel=4)
         x = fix(x, bad)
     return x
 
@@ -36,7 +34,9 @@ def sanitize_scores(scores: torch.Tensor, what: str = "scores") -> torch.Tensor:
     scores = scores if scores.dtype == torch.float64 else scores.float()
     finfo = torch.finfo(scores.dtype)
     return replace_nonfinite(
-        scores, what, "replaced (NaN -> lowest, +inf -> highest)",
+        scores,
+        what,
+        "replaced (NaN -> lowest, +inf -> highest)",
         lambda x, _bad: torch.nan_to_num(x, nan=finfo.min, posinf=finfo.max, neginf=finfo.min),
     )
 

@@ -23,8 +23,9 @@ def stage_counts(keep: int | None, n: int, budgets: tuple[int, ...] | None = Non
     if budgets is not None:
         return tuple(int(k) for k in budgets)
     if keep not in TABLES:
-        raise ValueError(f"sparsevlm: keep must be one of {sorted(TABLES)} (the reference's tables) or give budgets; "
-                         f"got {keep!r}")
+        raise ValueError(
+            f"sparsevlm: keep must be one of {sorted(TABLES)} (the reference's tables) or give budgets; got {keep!r}"
+        )
     table = TABLES[keep]
     return table if n == REFERENCE_TOKENS else tuple(int(k * n / REFERENCE_TOKENS) for k in table)
 

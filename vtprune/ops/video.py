@@ -189,8 +189,7 @@ class FastVIDPick(NamedTuple):
 def fastvid_apply(mix: tuple[torch.Tensor, torch.Tensor, torch.Tensor], kept: int, x: torch.Tensor) -> torch.Tensor:
     """The kept rows ``(kept, D)`` (fp32) that `FastVIDPick.mix` makes from a video's rows ``x`` ``(N, D)``."""
     rows, sources, weights = (t.to(x.device) for t in mix)
-    matrix = torch.sparse_coo_tensor(torch.stack([rows, sources]), weights.float(), (kept, x.shape[0]),
-                                     check_invariants=True)
+    matrix = torch.sparse_coo_tensor(torch.stack([rows, sources]), weights.float(), (kept, x.shape[0]), check_invariants=True)
     return torch.sparse.mm(matrix.coalesce(), x.float())
 
 
@@ -243,9 +242,16 @@ def fastvid_anchor_slots(segments: list[int], context: int, stride: int) -> list
     return slots
 
 
-def fastvid_qwen_budgets(g: torch.Tensor, per_frame: int, keep: int | float, c: int = 8, tau: float = 0.84,
-                         ignore: float = 0.95, d: float = 0.4,
-                         stride: int = 4) -> tuple[list[int], list[int], list[int]]:
+def fastvid_qwen_budgets(
+    g: torch.Tensor,
+    per_frame: int,
+    keep: int | float,
+    c: int = 8,
+    tau: float = 0.84,
+    ignore: float = 0.95,
+    d: float = 0.4,
+    stride: int = 4,
+) -> tuple[list[int], list[int], list[int]]:
     """FastVID's Qwen2.5-VL budgets: (segment lengths, salient count per frame, context count per frame).
 
     A segment of L frames holds R * L tokens, C_seg = max(int(R L d), 1)
@@ -336,8 +342,7 @@ class _Mix:
         w = (1 / (n + 1)).clamp(min=beta)
         rows = torch.arange(self.rows, self.rows + targets.numel())
         share = (1 - w) / n.clamp(min=1)
-        self._add(targets, True, (torch.cat([rows, rows[join]]), torch.cat([targets, pool]),
-                                  torch.cat([w, share[join]])))
+        self._add(targets, True, (torch.cat([rows, rows[join]]), torch.cat([targets, pool]), torch.cat([w, share[join]])))
 
     def _add(self, flat: torch.Tensor, merged: bool, entries) -> None:
         self.kept.append(flat)
@@ -361,9 +366,18 @@ class _Mix:
         )
 
 
-def fastvid_ov_select(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: int | float, noise: torch.Tensor,
-                      c: int = 8, tau: float = 0.9, d: float = 0.4, stride: int = 4,
-                      beta: float = 0.6) -> FastVIDPick:
+def fastvid_ov_select(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    a: torch.Tensor,
+    keep: int | float,
+    noise: torch.Tensor,
+    c: int = 8,
+    tau: float = 0.9,
+    d: float = 0.4,
+    stride: int = 4,
+    beta: float = 0.6,
+) -> FastVIDPick:
     """FastVID's LLaVA-OneVision path on one video.
 
     ``x`` ``(T, P, D)`` projector output, ``g`` ``(T, D')`` frame-global
@@ -405,9 +419,19 @@ def fastvid_ov_select(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: i
     return out.pick(xf)
 
 
-def fastvid_qwen_select(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: int | float, seed: int = 0,
-                        c: int = 8, tau: float = 0.84, ignore: float = 0.95, d: float = 0.4, stride: int = 4,
-                        beta: float = 0.6) -> FastVIDPick:
+def fastvid_qwen_select(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    a: torch.Tensor,
+    keep: int | float,
+    seed: int = 0,
+    c: int = 8,
+    tau: float = 0.84,
+    ignore: float = 0.95,
+    d: float = 0.4,
+    stride: int = 4,
+    beta: float = 0.6,
+) -> FastVIDPick:
     """FastVID's Qwen2.5-VL path on one video ``(T, P, D)`` (budgets: `fastvid_qwen_budgets`).
 
     Frame f keeps its top S_f tokens by saliency ``a`` ``(T, P)``

@@ -154,9 +154,9 @@ class Signals:
 
     def union(self, other: Signals) -> Signals:
         """Both policies' signals: each field the sorted, distinct layers of either."""
-        return Signals(**{
-            f.name: tuple(sorted({*getattr(self, f.name), *getattr(other, f.name)})) for f in dataclasses.fields(self)
-        })
+        return Signals(
+            **{f.name: tuple(sorted({*getattr(self, f.name), *getattr(other, f.name)})) for f in dataclasses.fields(self)}
+        )
 
     def decoder_layers_read(self) -> tuple[int, ...]:
         """Decoder layers something is captured from (their range is checked against the model's depth)."""
@@ -477,8 +477,7 @@ class Pipeline:
         if order != sorted(order):
             got = ", ".join(p.stage_key for p in self.policies)
             raise ValueError(
-                f"Pipeline stages must go forward (vision, projector, then llm layers in increasing order); "
-                f"got {got}"
+                f"Pipeline stages must go forward (vision, projector, then llm layers in increasing order); got {got}"
             )
         layers = [layer for stage, layer in order if stage == STAGES.index("llm") and layer]
         if len(set(layers)) != len(layers):
@@ -572,14 +571,10 @@ def make_policy(policy: str | Policy | Pipeline, **options) -> Policy | Pipeline
     """A policy object from a registry name and options, or the given object."""
     if isinstance(policy, (Policy, Pipeline)):
         if options:
-            raise BadType(
-                f"options {sorted(options)} were given with a policy object; set them on the object instead"
-            )
+            raise BadType(f"options {sorted(options)} were given with a policy object; set them on the object instead")
         return policy
     if not isinstance(policy, str):
-        raise BadType(
-            f"policy must be a name from {available_policies()} or a vtprune policy object; got {policy!r}"
-        )
+        raise BadType(f"policy must be a name from {available_policies()} or a vtprune policy object; got {policy!r}")
     if policy not in _REGISTRY:
         raise BadValue(f"unknown policy {policy!r}; available: {', '.join(available_policies())}")
     cls = _REGISTRY[policy]

@@ -90,9 +90,15 @@ class DART(PerModelLayerPolicy):
             text = ctx.tokens_after(b, i)
             keep = Policy.image_budget(self, ctx, b, i)
             picks = dart_select(
-                key_norm[pos], hidden[pos], key_norm[text], hidden[text], keep,
-                image_positions=pos - first, text_positions=text - first,
-                budget=self.budget, pivot_order=self.pivot_order,
+                key_norm[pos],
+                hidden[pos],
+                key_norm[text],
+                hidden[text],
+                keep,
+                image_positions=pos - first,
+                text_positions=text - first,
+                budget=self.budget,
+                pivot_order=self.pivot_order,
             )
             out.append(Selection(picks))
         return out

@@ -51,8 +51,7 @@ class FastV(PerModelLayerPolicy):
         last = torch.nonzero(valid).flatten()[-1:]
         row = ctx.attention_rows(layer, ctx.layer_input(layer)[b], b, last)[0]
         return [
-            Selection(topk_indices(row[ctx.seq_positions[b][i]], self.image_budget(ctx, b, i)))
-            for i in range(ctx.num_images(b))
+            Selection(topk_indices(row[ctx.seq_positions[b][i]], self.image_budget(ctx, b, i))) for i in range(ctx.num_images(b))
         ]
 
     def describe(self) -> str:

@@ -108,8 +108,7 @@ class MMTok(Policy):
         """Check that the model has a reference text temperature (or that tau_t is given); per_crop defaults off."""
         if self.tau_t is None:
             raise ValueError(
-                f"mmtok: model_zoo.yaml has no reference tau_t for model type {adapter.model_type!r}; "
-                "give tau_t explicitly"
+                f"mmtok: model_zoo.yaml has no reference tau_t for model type {adapter.model_type!r}; give tau_t explicitly"
             )
         return replace(self, per_crop=False) if self.per_crop is None else self
 

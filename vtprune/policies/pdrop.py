@@ -104,8 +104,7 @@ class PyramidDrop(Policy):
         missing = [k for k in self.zoo_fields if getattr(self, k) is None]
         if missing:
             raise ValueError(
-                f"pdrop: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; "
-                "give them explicitly"
+                f"pdrop: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; give them explicitly"
             )
         assert self.prune_after is not None  # not missing
         if self.prune_after[-1] > adapter.num_layers - 1:
@@ -137,8 +136,7 @@ class PyramidDrop(Policy):
         assert ctx.layer is not None  # the llm stage
         row = ctx.attention_rows(ctx.layer, ctx.hidden[b], b, last)[0]
         return [
-            Selection(topk_indices(row[ctx.seq_positions[b][i]], self.image_budget(ctx, b, i)))
-            for i in range(ctx.num_images(b))
+            Selection(topk_indices(row[ctx.seq_positions[b][i]], self.image_budget(ctx, b, i))) for i in range(ctx.num_images(b))
         ]
 
     def describe(self) -> str:

@@ -119,9 +119,18 @@ class Scope(Policy):
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         layer, saliency = self._resolved()
-        return Selection(select_per_view_by_saliency(
-            ctx, b, i, k, layer, saliency, self.name, lambda rows, sal, t: scope_select(rows, sal, t, self.alpha, self.combine)
-        ))
+        return Selection(
+            select_per_view_by_saliency(
+                ctx,
+                b,
+                i,
+                k,
+                layer,
+                saliency,
+                self.name,
+                lambda rows, sal, t: scope_select(rows, sal, t, self.alpha, self.combine),
+            )
+        )
 
     def describe(self) -> str:
         at = "" if self.vit_layer is None else f", vit@{self.vit_layer}"

@@ -134,8 +134,7 @@ class SparseVLM(Policy):
     def resolve(self, adapter) -> Policy:
         if self.prune_after is None:
             raise BadValue(
-                f"sparsevlm: model_zoo.yaml has no prune_after for model type {adapter.model_type!r}; give it "
-                "explicitly"
+                f"sparsevlm: model_zoo.yaml has no prune_after for model type {adapter.model_type!r}; give it explicitly"
             )
         if self.prune_after[-1] > adapter.num_layers - 1:
             raise BadValue(

@@ -324,8 +324,7 @@ class FastVID(VideoPolicy):
             missing.append("ignore")
         if missing:
             raise ValueError(
-                f"fastvid: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; "
-                "give them explicitly"
+                f"fastvid: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; give them explicitly"
             )
         depth = probe_depth(adapter, "fastvid")
         layer = self.vision_layer or adapter.feature_vision_layer
@@ -360,13 +359,15 @@ class FastVID(VideoPolicy):
             pick = fastvid_ov_select(x, g, a, keep, noise, self.segments, tau, self.context, self.stride, self.beta)
         else:
             a = ctx.vision_frame_saliency(b, i, layer).reshape(t, p)
-            pick = fastvid_qwen_select(x, g, a, keep, self.seed, self.segments, tau, self.resolved("ignore"),
-                                       self.context, self.stride, self.beta)
+            pick = fastvid_qwen_select(
+                x, g, a, keep, self.seed, self.segments, tau, self.resolved("ignore"), self.context, self.stride, self.beta
+            )
         kept = pick.indices.numel()
         levels = [fastvid_apply(pick.mix, kept, lv) for lv in ctx.feature_levels(b, i)]
         device = ctx.hidden.device
-        return Selection(pick.indices.to(device), values=pick.values.to(device), level_values=levels or None,
-                         merged=pick.merged.to(device))
+        return Selection(
+            pick.indices.to(device), values=pick.values.to(device), level_values=levels or None, merged=pick.merged.to(device)
+        )
 
     def describe(self) -> str:
         return f"fastvid(keep={self.keep})"

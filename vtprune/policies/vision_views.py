@@ -139,13 +139,13 @@ def select_per_view(ctx: StageContext, b: int, i: int, k: int, layer: int | None
     if k >= n:
         return torch.arange(n, device=device)
     views, _ = image_views(ctx, b, i, layer)
-    kept = [view[pick(view, t).to(view.device)] for view, t in zip(views, view_budgets(k, [v.numel() for v in views]))
-            if t > 0]
+    kept = [view[pick(view, t).to(view.device)] for view, t in zip(views, view_budgets(k, [v.numel() for v in views])) if t > 0]
     return torch.sort(torch.cat(kept)).values.to(device)
 
 
-def select_per_view_by_saliency(ctx: StageContext, b: int, i: int, k: int, layer: int, saliency: str, who: str,
-                                choose) -> torch.Tensor:
+def select_per_view_by_saliency(
+    ctx: StageContext, b: int, i: int, k: int, layer: int, saliency: str, who: str, choose
+) -> torch.Tensor:
     """`select_per_view` for the methods that pick from the merged pre-projector rows and a saliency per token
     (SCOPE, VisPruner): ``choose(rows, saliency, t)`` gives one view's picks; both are read once per image."""
     feats, sal = None, None
@@ -159,4 +159,3 @@ def select_per_view_by_saliency(ctx: StageContext, b: int, i: int, k: int, layer
         return choose(feats[view], sal[view], t)
 
     return select_per_view(ctx, b, i, k, layer, who, pick)
-

@@ -105,9 +105,18 @@ class VisPruner(Policy):
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         layer, saliency = self._resolved()
-        return Selection(select_per_view_by_saliency(
-            ctx, b, i, k, layer, saliency, self.name, lambda rows, sal, t: vispruner_select(rows, sal, t, self.important_ratio)
-        ))
+        return Selection(
+            select_per_view_by_saliency(
+                ctx,
+                b,
+                i,
+                k,
+                layer,
+                saliency,
+                self.name,
+                lambda rows, sal, t: vispruner_select(rows, sal, t, self.important_ratio),
+            )
+        )
 
     def describe(self) -> str:
         at = "" if self.vit_layer is None else f", vit@{self.vit_layer}"

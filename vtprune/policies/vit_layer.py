@@ -22,8 +22,7 @@ from .base import Selection
 
 def check_vit_layer(who: str, value: object) -> int | None:
     """``vit_layer`` as given: None or an int >= 1 (BadType / BadValue otherwise)."""
-    return check_int(who, "vit_layer (encoder blocks run before the selection, 1-based)", value, minimum=1,
-                     allow_none=True)
+    return check_int(who, "vit_layer (encoder blocks run before the selection, 1-based)", value, minimum=1, allow_none=True)
 
 
 def resolve_vit_layer(who: str, adapter, k: int | None) -> None:
@@ -79,4 +78,3 @@ def encoder_kept(ctx: StageContext, who: str) -> list[list[Selection]]:
             sample.append(Selection(torch.nonzero(keep.to(alive.device)[alive]).flatten()))
         out.append(sample)
     return out
-

@@ -200,9 +200,7 @@ class _AttentionInputs:
             h.remove()
 
 
-def grounded_rows(
-    attn: Any, hidden: torch.Tensor, rope, sample: torch.Tensor, pos: torch.Tensor, heads: int
-) -> torch.Tensor:
+def grounded_rows(attn: Any, hidden: torch.Tensor, rope, sample: torch.Tensor, pos: torch.Tensor, heads: int) -> torch.Tensor:
     """Attention probabilities ``(R, heads, L)`` of query ``pos[r]`` of sample ``sample[r]``
     in the first ``heads`` heads, recomputed from the layer's own projections,
     RoPE and scaling under the causal mask (padding is on the right, so every
