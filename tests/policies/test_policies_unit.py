@@ -454,3 +454,26 @@ def test_rows_of_is_index_select_and_a_view_only_for_consecutive_positions(posit
     got = token_rows(x, index)
     assert torch.equal(got, x.index_select(0, index))
     assert (got.data_ptr() == x[positions[0]].data_ptr()) == view
+
+
+@pytest.mark.parametrize(
+    "policy, family, missing",
+    [
+        ("pdrop", "llava", "prune_after, ratios"),
+        ("transprune", "llava", "prune_after, ratios, ttv_from"),
+        ("sparsevlm", "qwen2_5_vl", "prune_after"),
+        ("fastvid", "qwen2_5_vl", "keep, tau, ignore"),
+        ("fastvid", "llava_onevision", "keep, tau"),
+    ],
+)
+def test_a_model_without_zoo_defaults_names_what_to_give(policy, family, missing, monkeypatch):
+    """With no model_zoo.yaml entry for the model, binding names every missing field and the model type."""
+    from vtprune import zoo
+    from vtprune.patches import adapter_for
+    from vtprune.tiny import tiny_model
+
+    monkeypatch.setattr(zoo, "adapter_defaults", lambda adapter, name: {})
+    made = make_policy(policy, keep=None) if policy == "fastvid" else make_policy(policy)
+    with pytest.raises(ValueError) as err:
+        made.bind(adapter_for(tiny_model(family)))
+    assert f"{policy}: model_zoo.yaml has no {missing} for model type {family!r}" in str(err.value)

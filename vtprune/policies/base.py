@@ -273,6 +273,16 @@ class Policy:
         """
         return self.signals().prune_before
 
+    def require_zoo(self, adapter, *names: str) -> None:
+        """A clear error (what is missing, for which model type) when model_zoo.yaml gave no value to fields
+        `names` (default: every `zoo_fields` entry) and the user gave none either."""
+        missing = [n for n in (names or self.zoo_fields) if getattr(self, n) is None]
+        if missing:
+            raise ValueError(
+                f"{self.name}: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; "
+                f"give {'it' if len(missing) == 1 else 'them'} explicitly"
+            )
+
     def resolved(self, *names: str) -> Any:
         """The fields `names` of a bound policy (one value for one name); the one "bind first" error otherwise."""
         values = tuple(getattr(self, n) for n in names)

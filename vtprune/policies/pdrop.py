@@ -101,11 +101,7 @@ class PyramidDrop(Policy):
         return self.prune_after[0] if self.prune_after else None
 
     def resolve(self, adapter) -> Policy:
-        missing = [k for k in self.zoo_fields if getattr(self, k) is None]
-        if missing:
-            raise ValueError(
-                f"pdrop: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; give them explicitly"
-            )
+        self.require_zoo(adapter)
         assert self.prune_after is not None  # not missing
         if self.prune_after[-1] > adapter.num_layers - 1:
             raise ValueError(

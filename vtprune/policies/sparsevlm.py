@@ -132,10 +132,8 @@ class SparseVLM(Policy):
         return self.prune_after[0] if self.prune_after else None
 
     def resolve(self, adapter) -> Policy:
-        if self.prune_after is None:
-            raise BadValue(
-                f"sparsevlm: model_zoo.yaml has no prune_after for model type {adapter.model_type!r}; give it explicitly"
-            )
+        self.require_zoo(adapter, "prune_after")
+        assert self.prune_after is not None  # required above
         if self.prune_after[-1] > adapter.num_layers - 1:
             raise BadValue(
                 f"sparsevlm: prune_after={list(self.prune_after)} does not fit this model's {adapter.num_layers} "

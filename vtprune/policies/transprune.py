@@ -104,12 +104,7 @@ class TransPrune(Policy):
         return self.prune_after[0] if self.prune_after else None
 
     def resolve(self, adapter) -> Policy:
-        missing = [k for k in self.zoo_fields if getattr(self, k) is None]
-        if missing:
-            raise ValueError(
-                f"transprune: model_zoo.yaml has no {', '.join(sorted(missing))} for model type "
-                f"{adapter.model_type!r}; give them explicitly"
-            )
+        self.require_zoo(adapter, *sorted(self.zoo_fields))
         _check_schedule(*self.schedule(), depth=adapter.num_layers)
         return self
 

@@ -318,14 +318,8 @@ class FastVID(VideoPolicy):
 
     def resolve(self, adapter) -> Policy:
         super().resolve(adapter)
-        missing = [f for f in ("keep", "tau") if getattr(self, f) is None]
         path = "onevision" if adapter.model_type == "llava_onevision" else "qwen"
-        if path == "qwen" and self.ignore is None:
-            missing.append("ignore")
-        if missing:
-            raise ValueError(
-                f"fastvid: model_zoo.yaml has no {', '.join(missing)} for model type {adapter.model_type!r}; give them explicitly"
-            )
+        self.require_zoo(adapter, "keep", "tau", *(("ignore",) if path == "qwen" else ()))
         depth = probe_depth(adapter, "fastvid")
         layer = self.vision_layer or adapter.feature_vision_layer
         if not 1 <= layer <= depth:
