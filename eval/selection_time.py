@@ -26,6 +26,13 @@ The reference loops below are ours, written from the papers
   all groups at once, the budget split in whole-tensor loops, an argsort per
   group; per 576-token view (2880 -> 320 is LLaVA-NeXT's 5 views of
   576 -> 64, both sides), so only on LLaVA shapes whose N is a multiple of 576.
+- SparseVLM (official v1.5 structure, one pruning layer, the first): the
+  raters' mean attention over the image's columns, a boolean ``topk`` mask
+  to K_s (the table of keep = K * 576 / N, scaled to N), the pruned tokens
+  gathered from the whole sequence, the top 30% of them by score, DPC-KNN on
+  broadcast pairwise differences and the weighted ``index_add_`` merge; the
+  same seeded noise both sides. Compared: keep set and merged rows
+  (allclose 1e-5). Only where K * 576 / N names a table (64, 128, 192).
 
 Per case it prints vtprune's time, the reference's, their ratio, the peak
 memory each allocates (`vtprune.measure.peak_bytes`) and whether the keep
@@ -74,6 +81,7 @@ import torch
 from torch import nn
 
 from vtprune.measure import interleaved, median, peak_bytes
+from vtprune.ops import sparsevlm as sparsevlm_ops
 from vtprune.ops.coverage import coverage_select
 from vtprune.ops.dart import dart_select
 from vtprune.ops.diversity import divprune_select
@@ -382,6 +390,101 @@ def reference_prunesid(views: torch.Tensor, cls_attention: torch.Tensor, t: int,
     return torch.stack(out)
 
 
+#: SparseVLM (code v1.5): K_s at its three pruning layers per named budget on 576 tokens (its score.py tables)
+SPARSEVLM_TABLES = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
+#: rows of the pairwise-difference tensor per block in `reference_sparsevlm` (the official one broadcast is
+#: (r, r, D): 9.6 GB fp32 at 2880 -> 320's 766 recycled rows of D = 4096)
+SPARSEVLM_DIST_ROWS = 32
+
+
+def reference_sparsevlm(
+    rater_rows: torch.Tensor, hidden: torch.Tensor, start: int, n: int, budget: int, step: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SparseVLM v1.5 pruning layer as its code has it, for one image of ``n`` tokens at ``start``.
+
+    ``rater_rows`` (R, L): the text raters' attention rows (mean over heads) over the whole sequence;
+    ``hidden`` (L, D): the layer's output; ``budget``: the named budget on 576 tokens (64, 128, 192), its
+    table scaled by ``n / 576``. The score is the raters' mean over the image's columns; a boolean mask of its
+    ``topk`` (at most n - 1); the pruned tokens gathered from the whole sequence where the mask is off; the
+    top int(0.3 * pruned) + 1 of them by score (``topk``); DPC-KNN over those: the full pairwise L2 distance
+    of broadcast differences / sqrt(D) (here in blocks of `SPARSEVLM_DIST_ROWS` rows, to bound memory),
+    density from the ``topk`` nearest plus global-RNG noise drawn after seeding ``seed`` (the reference
+    draws from the unseeded stream), the masked delta, ``topk`` centres, argmin assignment, centres to
+    themselves, the weighted ``index_add_`` merge. Returns (kept image indices ascending, merged rows (c, D)).
+    """
+    table = SPARSEVLM_TABLES[budget]
+    k = table[step] if n == 576 else int(table[step] * n / 576)
+    relation = rater_rows[None, :, start : start + n].float().mean(dim=1)  # (1, n)
+    mask = torch.zeros_like(relation, dtype=torch.bool)
+    mask[0, torch.topk(relation, min(k, n - 1), dim=1).indices[0]] = True
+    keep_all = torch.ones(1, hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    keep_all[:, start : start + n] = mask
+    sparse = hidden[None].float()[:, torch.nonzero(~keep_all[0]).flatten()]  # (1, pruned, D), sequence order
+    pruned_scores = relation[0][torch.nonzero(~mask[0]).flatten()]
+    count = int(pruned_scores.numel() * 0.3) + 1
+    x = sparse[:, torch.topk(pruned_scores, count).indices]  # (1, r, D)
+    clusters = int(x.shape[1] / 10) + 1
+    _, r, d = x.shape
+    dist = torch.cat(
+        [(x[:, i : i + SPARSEVLM_DIST_ROWS, None] - x[:, None]).norm(dim=-1, p=2) for i in range(0, r, SPARSEVLM_DIST_ROWS)],
+        dim=1,
+    ) / (d**0.5)
+    nearest = torch.topk(dist, k=clusters, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(dim=-1)).exp()
+    with torch.random.fork_rng(devices=[hidden.device] if hidden.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        density = density + torch.rand(density.shape, device=density.device, dtype=density.dtype) * 1e-6
+    denser = (density[:, None, :] > density[:, :, None]).float()
+    dist_max = dist.flatten(1).max(dim=-1).values[:, None, None]
+    delta = (dist * denser + dist_max * (1 - denser)).min(dim=-1).values
+    centres = torch.topk(delta * density, k=clusters, dim=-1).indices  # (1, c)
+    assign = dist[:, centres[0]].argmin(dim=1)  # (1, r)
+    assign[0, centres[0]] = torch.arange(clusters, device=x.device)
+    weight = x.new_zeros(clusters, 1).index_add_(0, assign[0], x.new_ones(r, 1)) + 1e-6
+    norm_weight = x.new_ones(r, 1) / weight[assign[0]]
+    merged = x.new_zeros(clusters, d).index_add_(0, assign[0], x[0] * norm_weight)
+    return torch.nonzero(mask[0]).flatten(), merged
+
+
+#: the sequence around a SparseVLM image: LLaVA-1.5's 35 prompt tokens before it, a 40-token question after
+#: it, 24 of whose rows are raters (in the reference about half the text rows pass m_j > mean(m))
+SPARSEVLM_PREFIX, SPARSEVLM_TEXT, SPARSEVLM_RATERS = 35, 40, 24
+
+
+def sparsevlm_stage(
+    rater_rows: torch.Tensor, hidden: torch.Tensor, start: int, n: int, budget: int, step: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vtprune's side of one SparseVLM pruning layer, as the policy runs it on one image: the raters' mean
+    attention over the image's columns, the scaled table's K_s, the seeded noise, `prune_stage`."""
+    score = rater_rows.float().mean(dim=0)[start : start + n]
+    k = sparsevlm_ops.stage_counts(budget, n)[step]
+    count = int((n - min(k, n - 1)) * sparsevlm_ops.RECYCLE_FRACTION) + 1
+    with torch.random.fork_rng(devices=[hidden.device] if hidden.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        noise = torch.rand(count, device=hidden.device) * sparsevlm_ops.NOISE
+    kept, merged, _ = sparsevlm_ops.prune_stage(score, hidden[start : start + n], k, True, noise)
+    assert merged is not None  # recycle=True with k < n
+    return kept, merged
+
+
+def merged_rows_match(ours: torch.Tensor, theirs: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> str:
+    """``"in order"`` when the merged rows are allclose row by row, ``"as a set"`` when they are after a
+    permutation (clusters emitted in another centre order), else ``"no"``."""
+    if ours.shape != theirs.shape:
+        return "no"
+    if torch.allclose(ours, theirs, rtol=rtol, atol=atol):
+        return "in order"
+    close = (ours[:, None] - theirs[None]).abs() <= atol + rtol * theirs[None].abs()  # (c, c, D)
+    match = close.all(dim=-1)
+    used: set[int] = set()
+    for i in range(match.shape[0]):
+        free = [j for j in torch.nonzero(match[i]).flatten().tolist() if j not in used]
+        if not free:
+            return "no"
+        used.add(free[0])
+    return "as a set"
+
+
 def _topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
@@ -491,6 +594,25 @@ def time_case(
             "keep set",
         ),
     }
+    if k * 576 % n == 0 and k * 576 // n in SPARSEVLM_TABLES:  # keep 64 / 128 / 192 per 576 tokens: the tables
+        budget = k * 576 // n
+        sv = torch.Generator().manual_seed(3)
+        sv_len = SPARSEVLM_PREFIX + n + SPARSEVLM_TEXT
+        rater_rows = torch.softmax(torch.randn(SPARSEVLM_RATERS, sv_len, generator=sv), dim=-1).to(device)
+        sv_hidden = torch.randn(sv_len, geo["dim"], generator=sv).to(device)
+
+        def sparsevlm_ours():
+            return sparsevlm_stage(rater_rows, sv_hidden, SPARSEVLM_PREFIX, n, budget)
+
+        def sparsevlm_reference():
+            return reference_sparsevlm(rater_rows, sv_hidden, SPARSEVLM_PREFIX, n, budget)
+
+        pairs["sparsevlm (raters' attention top-k + DPC-KNN recycling, one stage)"] = (
+            sparsevlm_ours,
+            sparsevlm_reference,
+            sparsevlm_reference,
+            "keep set + merged rows",
+        )
     if shape == "llava" and n % CLIP_PATCHES == 0:
         # PruneSID runs per 576-token view (LLaVA-NeXT: 2880 -> 320 is 5 crops of 576 -> 64), as the policy does
         views, t = n // CLIP_PATCHES, k // (n // CLIP_PATCHES)
@@ -549,7 +671,13 @@ def time_case(
             if ref is not None:
                 assert ref_mem is not None  # a reference has its memory run
                 theirs = ref()
-                same = torch.equal(mine.cpu(), theirs.cpu())
+                if compared == "keep set + merged rows":  # (kept, merged rows): equal sets, rows allclose in order
+                    merged = merged_rows_match(mine[1].cpu(), theirs[1].cpu())
+                    row["same_keep_set"] = torch.equal(mine[0].cpu(), theirs[0].cpu())
+                    row["merged_rows"] = merged
+                    same = row["same_keep_set"] and merged == "in order"
+                else:
+                    same = torch.equal(mine.cpu(), theirs.cpu())
                 if compared == "pick order" and not same:
                     compared_sets = torch.equal(mine.sort().values.cpu(), theirs.sort().values.cpu())
                     row["same_keep_set"] = compared_sets
@@ -571,6 +699,10 @@ def _line(r: dict) -> str:
     if "reference_ms" not in r:
         return f"| {r['selector']} | {r['n']} -> {r['keep']} | {r['ours_ms']:.1f} | - | - | {r['ours_peak_mb']:.1f} | - | - |"
     equal = "yes" if r["equal"] else ("keep set yes, order no" if r.get("same_keep_set") else "NO")
+    if not r["equal"] and r.get("same_keep_set") and r.get("merged_rows") == "as a set":
+        equal = "keep set yes, merged rows as a set (order no)"
+    elif not r["equal"] and "merged_rows" in r:
+        equal = "NO"
     steps = "" if r["reference_memory_steps"] == r["keep"] else f" ({r['reference_memory_steps']} steps)"
     return (
         f"| {r['selector']} | {r['n']} -> {r['keep']} | {r['ours_ms']:.1f} | {r['reference_ms']:.1f} | "

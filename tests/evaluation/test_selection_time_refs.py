@@ -11,7 +11,17 @@ can say "yes" only when the two agree.
 import pytest
 import torch
 
-from vtprune.eval.selection_time import CLIP_PATCHES, reference_prunesid
+from vtprune.eval.selection_time import (
+    CLIP_PATCHES,
+    SPARSEVLM_PREFIX,
+    SPARSEVLM_RATERS,
+    SPARSEVLM_TABLES,
+    SPARSEVLM_TEXT,
+    merged_rows_match,
+    reference_prunesid,
+    reference_sparsevlm,
+    sparsevlm_stage,
+)
 from vtprune.ops.leaders import pca_groups, prunesid_select
 
 
@@ -36,3 +46,41 @@ def test_prunesid_reference_loop_sees_the_groups():
     rows = torch.randn(1, 1 + CLIP_PATCHES, 1024, generator=g)
     attention = torch.softmax(torch.randn(1, CLIP_PATCHES, generator=g), dim=-1)
     assert not torch.equal(reference_prunesid(rows, attention, 64, seed=0), reference_prunesid(rows, attention, 64, seed=1))
+
+
+def _sparsevlm_inputs(seed: int, n: int = 576):
+    """Random rater attention rows (24 raters over LLaVA-1.5's 35 + n + 40 tokens) and layer-output rows, D = 4096."""
+    g = torch.Generator().manual_seed(seed)
+    length = SPARSEVLM_PREFIX + n + SPARSEVLM_TEXT
+    rows = torch.softmax(torch.randn(SPARSEVLM_RATERS, length, generator=g), dim=-1)
+    return rows, torch.randn(length, 4096, generator=g)
+
+
+@pytest.mark.parametrize("seed,budget,step", [(0, 64, 0), (1, 64, 1), (2, 128, 0), (3, 192, 2)])
+def test_sparsevlm_reference_loop_keeps_and_merges_what_the_ops_do(seed, budget, step):
+    """576 tokens: the official-structure loop (mask, gather, broadcast distances, weighted merge) and vtprune's
+    ops (`prune_stage` as the policy calls it) keep the same tokens and emit the same merged rows in order."""
+    rows, hidden = _sparsevlm_inputs(seed)
+    kept, merged = sparsevlm_stage(rows, hidden, SPARSEVLM_PREFIX, CLIP_PATCHES, budget, step)
+    want_kept, want_merged = reference_sparsevlm(rows, hidden, SPARSEVLM_PREFIX, CLIP_PATCHES, budget, step)
+    k = SPARSEVLM_TABLES[budget][step]
+    assert want_kept.numel() == k and want_merged.shape == (int((int((576 - k) * 0.3) + 1) / 10) + 1, 4096)
+    assert torch.equal(kept, want_kept)
+    assert merged_rows_match(merged, want_merged) == "in order"
+
+
+def test_sparsevlm_reference_loop_reads_the_scores_and_the_table():
+    """Other rater rows keep other tokens; another named budget keeps its own table's count."""
+    rows, hidden = _sparsevlm_inputs(0)
+    kept, _ = reference_sparsevlm(rows, hidden, SPARSEVLM_PREFIX, CLIP_PATCHES, 64)
+    other_rows, _ = _sparsevlm_inputs(1)
+    assert not torch.equal(reference_sparsevlm(other_rows, hidden, SPARSEVLM_PREFIX, CLIP_PATCHES, 64)[0], kept)
+    assert reference_sparsevlm(rows, hidden, SPARSEVLM_PREFIX, CLIP_PATCHES, 128)[0].numel() == 303
+
+
+def test_merged_rows_match_tells_order_from_set():
+    a = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    assert merged_rows_match(a, a.clone()) == "in order"
+    assert merged_rows_match(a, a[[1, 0, 2, 3, 4]]) == "as a set"
+    assert merged_rows_match(a, a + 1e-3) == "no"
+    assert merged_rows_match(a, a[:4]) == "no"
