@@ -336,7 +336,7 @@ def reference_prunesid(views: torch.Tensor, cls_attention: torch.Tensor, t: int,
     CLS slot. One seeded PCA call for the whole batch; a (B, G, N, N) copy of the cosine matrix kept where the
     row or the column is in group g; NMS for every group at once, one pick per group per round; the budget
     split with whole-tensor ``while`` loops; per group an argsort of its (B, N) score column. Sorts are
-    stable (the SPEC's tie rule; the reference's are not). Returns (B, t) token indices, CLS (0) first, then
+    stable (ties to the lowest index, vtprune's rule; the reference's are not). Returns (B, t) token indices, CLS (0) first, then
     group 0's picks, group 1's, ... as the reference emits them."""
     b, n = cls_attention.shape
     g = int(t / 4)
