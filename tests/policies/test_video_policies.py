@@ -1,4 +1,5 @@
-"""The video policies (EVS, VidCom2, FastVID, DyCoke) on every video-capable family: the invariants every policy keeps (budgets, identity at full budget, cache == recomputation, batch == alone, backends).
+"""The video policies (EVS, VidCom2, FastVID, DyCoke) on every video-capable family: the invariants every policy
+keeps (budgets, identity at full budget, cache == recomputation, batch == alone, backends).
 
 Keep sets are checked against the selection functions (themselves checked
 against brute-force oracles in test_video_ops.py) applied to the language
