@@ -10,6 +10,7 @@ import torch
 from ..checks import check_number
 from ..context import StageContext
 from .base import Policy, Selection, Signals, register
+from .vit_layer import encoder_kept
 
 
 @register
@@ -71,18 +72,7 @@ class PixelPrune(Policy):
         return adapter.unit_keep(pixel_values, grid_thw, self.tau)
 
     def select(self, ctx: StageContext) -> list[list[Selection]]:
-        per_call = [keep for _grid, keep in ctx.captured.get("pixel_keep") or ()]
-        if not per_call:
-            raise RuntimeError("pixelprune: the vision encoder ran without it in this call (no keep sets recorded)")
-        out = []
-        for b in range(ctx.batch_size):
-            sample = []
-            for i in range(ctx.num_images(b)):
-                keep = ctx.adapter.raster_unit_rows(ctx.captured, ctx.layouts, b, i, per_call)
-                alive = ctx.alive[b][i]
-                sample.append(Selection(torch.nonzero(keep.to(alive.device)[alive]).flatten()))
-            out.append(sample)
-        return out
+        return encoder_kept(ctx, self.name)  # the units the tower encoded, as `vit_layer` policies read theirs
 
     def describe(self) -> str:
         return f"pixelprune(tau={self.tau:g})"
