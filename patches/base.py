@@ -249,6 +249,25 @@ class Adapter:
         """Run the tower, choosing the kept tokens after block ``at - 1`` and running the blocks after on them only."""
         raise NotImplementedError
 
+    def encoder_call_grid(self, grid_thw: Any, captured: dict[str, Any], layouts: list[SampleLayout], hidden: torch.Tensor) -> Any:
+        """The grid `encoder_keep_units` gets for one tower call (``captured``/``layouts``: the call's inputs and media).
+
+        The tower's own (Qwen's ``grid_thw``; None for a tower of square
+        images) unless the units of an item are laid out from the call's
+        recorded inputs (LLaVA-NeXT's crops: `LlavaNextAdapter`).
+        """
+        return grid_thw
+
+    def encoder_unit_rows(self, grid: Any, hidden: torch.Tensor, item: int, indices: torch.Tensor) -> torch.Tensor:
+        """Indices of one item's units -> their indices among the call's units (`encoder_keep_units` flattened), in
+        the order of ``indices``.
+
+        By default an item's units are in the call in the item's own order.
+        """
+        one = self.encoder_keep_units(grid, hidden, [(item, indices)]).flatten()
+        flat = torch.nonzero(one).flatten()
+        return flat[torch.argsort(torch.argsort(indices.to(flat.device)))]
+
     # --- layouts -------------------------------------------------------
     def layouts(self, captured: dict[str, Any], inputs_embeds: torch.Tensor) -> list[SampleLayout] | None:
         """Visual layout of every sample, or None when the batch holds no visual tokens."""

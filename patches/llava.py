@@ -183,9 +183,11 @@ class LlavaAdapter(Adapter):
         return torch.stack([pred2d_keep(g, tau).flatten() for g in grid])
 
     def encode_kept(self, original, pixel_values: torch.Tensor, grid_thw, keep: torch.Tensor, kwargs: dict[str, Any]):
-        """Run the CLIP tower on CLS plus each image's kept patches; every output back at full length (zero where dropped).
+        """Run the tower on each image's kept patches (plus its CLS, CLIP); every output back at full length (zero
+        where dropped).
 
-        The embeddings (patch embedding plus the position table, CLS first)
+        One image is one tower image (LLaVA-NeXT and OneVision: one crop). The
+        embeddings (patch embedding plus the position table; CLIP: CLS first)
         are the whole image's, gathered per image; images with fewer kept
         patches are padded at the end, and padded keys are masked for every
         query. Returns (the output, None: the projector sees the full-length
@@ -193,7 +195,7 @@ class LlavaAdapter(Adapter):
         """
         keep = keep.to(pixel_values.device)
         n, patches = keep.shape
-        with_cls = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=keep.device), keep], 1)
+        with_cls = self._with_cls(keep)
         length = int(with_cls.sum(1).max())
         index = torch.zeros(n, length, dtype=torch.long, device=keep.device)
         valid = torch.arange(length, device=keep.device)[None] < with_cls.sum(1, keepdim=True)
@@ -213,7 +215,7 @@ class LlavaAdapter(Adapter):
             handle.remove()
 
         def scatter(hidden: torch.Tensor) -> torch.Tensor:
-            full = hidden.new_zeros(n, patches + 1, *hidden.shape[2:])
+            full = hidden.new_zeros(n, with_cls.shape[1], *hidden.shape[2:])
             full[with_cls] = hidden[valid]
             return full
 
@@ -222,26 +224,32 @@ class LlavaAdapter(Adapter):
             out.hidden_states = tuple(None if h is None else scatter(h) for h in out.hidden_states)
         return out, None
 
+    def _with_cls(self, keep: torch.Tensor) -> torch.Tensor:
+        """A keep mask per patch ``(images, P)`` -> per token of the tower ``(images, cls + P)``: CLS (CLIP) always kept."""
+        if not self.vision_cls:
+            return keep
+        return torch.cat([torch.ones(keep.shape[0], 1, dtype=torch.bool, device=keep.device), keep], 1)
+
     # --- pruning inside the encoder (vit_layer) -------------------------
     def encoder_rows(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states between two ViT blocks ``(images, 1 + P, D)`` -> the projector input's shape (CLS dropped)."""
-        return hidden[:, 1:]
+        """Hidden states between two ViT blocks ``(images, cls + P, D)`` -> the projector input's shape (CLS dropped)."""
+        return hidden[:, int(self.vision_cls) :]
 
     def encoder_keep_units(self, grid_thw, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """``(image, indices of its patches)`` pairs of one tower call -> bool ``(images, P)``."""
-        keep = torch.zeros(hidden.shape[0], hidden.shape[1] - 1, dtype=torch.bool, device=hidden.device)
+        keep = torch.zeros(hidden.shape[0], hidden.shape[1] - int(self.vision_cls), dtype=torch.bool, device=hidden.device)
         for item, indices in chosen:
             keep[item, indices.to(hidden.device)] = True
         return keep
 
     def encode_pruned_after(self, original, pixel_values: torch.Tensor, grid_thw, kwargs: dict[str, Any], at: int, choose):
-        """Run the CLIP tower, choosing the kept patches after layer ``at - 1`` (0-based) and running the rest on them.
+        """Run the tower, choosing the kept patches after layer ``at - 1`` (0-based) and running the rest on them.
 
         ``choose(hidden)`` gets the hidden states leaving layer ``at - 1``
-        ``(images, 1 + P, D)`` and returns (bool ``(images, P)``, ``[(flat
+        ``(images, cls + P, D)`` and returns (bool ``(images, P)``, ``[(flat
         patch indices image * P + p, their new rows)]``). From layer ``at`` on
-        each image's sequence is its CLS plus its kept patches in raster
-        order, padded at the end to the most kept, padded keys masked for
+        each image's sequence is its kept patches in raster order (after its
+        CLS, CLIP), padded at the end to the most kept, padded keys masked for
         every query. Every per-token output (last hidden state, hidden states
         from entry ``at`` on) comes back at full length, zero at dropped
         patches. Returns (the output, None: the projector sees the full-length
@@ -257,7 +265,7 @@ class LlavaAdapter(Adapter):
                 return None
             keep = keep.to(hidden.device)
             n, patches = keep.shape
-            with_cls = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=keep.device), keep], 1)
+            with_cls = self._with_cls(keep)
             counts = with_cls.sum(1, keepdim=True)
             length = int(counts.max())
             valid = torch.arange(length, device=keep.device)[None] < counts
@@ -268,7 +276,7 @@ class LlavaAdapter(Adapter):
             for flat, values in updates:
                 flat = flat.to(keep.device)
                 image, patch = flat // patches, flat % patches
-                kept[image, slot[image, patch + 1]] = values.to(kept)
+                kept[image, slot[image, patch + int(self.vision_cls)]] = values.to(kept)
             mask = torch.zeros(n, 1, 1, length, dtype=hidden.dtype, device=keep.device)
             mask.masked_fill_(~valid[:, None, None], torch.finfo(hidden.dtype).min)
             state.update(keep=keep, with_cls=with_cls, valid=valid, mask=mask, kept=kept)
@@ -292,10 +300,10 @@ class LlavaAdapter(Adapter):
                 handle.remove()
         if not state:
             return out, None
-        n, patches = state["keep"].shape
+        n = state["keep"].shape[0]
 
         def scatter(hidden: torch.Tensor) -> torch.Tensor:
-            full = hidden.new_zeros(n, patches + 1, *hidden.shape[2:])
+            full = hidden.new_zeros(n, state["with_cls"].shape[1], *hidden.shape[2:])
             full[state["with_cls"]] = hidden[state["valid"]]
             return full
 
@@ -309,18 +317,17 @@ class LlavaAdapter(Adapter):
         return out, None
 
     def full_vit_rows(self, values: torch.Tensor, grid_thw, keep: torch.Tensor) -> torch.Tensor:
-        """Per-token values of a tower call on the kept patches (``(images, 1 + most kept, ...)``, padded) -> full length.
+        """Per-token values of a tower call on the kept patches (``(images, cls + most kept, ...)``, padded) -> full length.
 
         The padded length can equal the full one (an image with nothing
         dropped beside one with duplicates), so the keep sets decide.
         """
-        n, patches = keep.shape
+        n = keep.shape[0]
         if bool(keep.all()):  # the tower ran whole
             return values
-        keep = keep.to(values.device)
-        with_cls = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=keep.device), keep], 1)
-        valid = torch.arange(values.shape[1], device=keep.device)[None] < with_cls.sum(1, keepdim=True)
-        full = values.new_zeros(n, patches + 1, *values.shape[2:])
+        with_cls = self._with_cls(keep.to(values.device))
+        valid = torch.arange(values.shape[1], device=with_cls.device)[None] < with_cls.sum(1, keepdim=True)
+        full = values.new_zeros(n, with_cls.shape[1], *values.shape[2:])
         full[with_cls] = values[valid]
         return full
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..checks import BadValue
 from ..layout import ImageLayout, SampleLayout, SubGrid
 from .family import IMAGE_TOKEN, Geometry, TinyBatch, placeholder_runs
 from .llava import LlavaAdapter, LlavaSpec
@@ -75,8 +76,10 @@ class LlavaNextAdapter(LlavaAdapter):
     model_type = "llava_next"
     vision_cls_per_image = False  # one CLS per crop: VisionZip's reference budgets each crop instead
     spec = LlavaNextSpec()
-    pixel_prune = False  # anyres crops and newline rows: not done
-    vit_prune = False  # the same: a keep set per crop, mapped through unpadding, is not built
+    #: a unit is one patch of one crop (each crop is one tower image); a token's patch is found by packing the
+    #: crops' row indices as the model packs features (`_token_rows`)
+    pixel_prune = True
+    vit_prune = True
 
     def hires_shape(self, image_size: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of the unpadded high-resolution view of an image of `image_size` (h, w)."""
@@ -127,16 +130,20 @@ class LlavaNextAdapter(LlavaAdapter):
     def pre_projector_features(self, captured: dict[str, Any], layouts: list[SampleLayout], b: int, i: int) -> torch.Tensor:
         return self._pack(captured, layouts, b, i, captured["pre_projector"][0])
 
-    def _pack(self, captured, layouts, b, i, feats: torch.Tensor) -> torch.Tensor:
-        """Per-crop rows ``(crops, side^2, D)`` of image i -> its patch tokens in span order (newlines skipped)."""
+    def _image_crops(self, captured) -> list[int]:
+        """Crops (tower images) of each image of the encoder's image call, in order: the base view plus its tiles."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        sizes = self.encoded(captured, "image_sizes")
         vision = self.config.vision_config
-        crops = [
+        return [
             image_size_to_num_patches(torch.as_tensor(s).tolist(), self.config.image_grid_pinpoints, vision.image_size)
-            for s in sizes
+            for s in self.encoded(captured, "image_sizes")
         ]
+
+    def _pack(self, captured, layouts, b, i, feats: torch.Tensor) -> torch.Tensor:
+        """Per-crop rows ``(crops, side^2, D)`` of image i -> its patch tokens in span order (newlines skipped)."""
+        sizes = self.encoded(captured, "image_sizes")
+        crops = self._image_crops(captured)
         g = self.global_image_index(layouts, b, i, captured=captured)
         start = sum(crops[:g])
         per_image = feats[start : start + crops[g]]
@@ -144,3 +151,61 @@ class LlavaNextAdapter(LlavaAdapter):
             [per_image], torch.as_tensor(sizes[g : g + 1]), self.config.vision_feature_select_strategy, image_newline=None
         )
         return packed[0]
+
+    # --- pruning before and inside the encoder: a unit is one patch of one crop ----------------------------
+    def _mixing(self, captured, layouts, b: int, i: int) -> str | None:
+        """Why image i's tokens do not each come from one patch of one crop, or None (LLaVA-NeXT: they always do)."""
+        return None
+
+    def _call_units(self, captured, kind: str, per_call: list[torch.Tensor]) -> torch.Tensor:
+        """Per-crop values of the encoder call that encoded the media of `kind` (LLaVA-NeXT: one image call)."""
+        return torch.cat(per_call)
+
+    def _token_rows(self, captured, layouts, b: int, i: int, patches: int) -> torch.Tensor:
+        """The patch of each of image i's tokens (span order, newlines skipped) as its index ``crop * patches + p``
+        among the patches of the image's encoder call.
+
+        The model's own packing (`_pack`: tiles placed side by side,
+        unpadded) applied to the call's patch indices. Refused (BadValue)
+        where a token mixes several patches (`_mixing`): a patch pruned before
+        or inside the tower would enter a kept token as zeros.
+        """
+        reason = self._mixing(captured, layouts, b, i)
+        if reason is not None:
+            raise BadValue(
+                f"{self.model_type}: {reason}, so its tokens do not each come from one patch; pruning before or "
+                "inside the vision encoder (pixelprune, vit_layer) is refused for it rather than mix the dropped "
+                "patches into kept tokens. Use a policy after the encoder (vit_layer=None) for this input"
+            )
+        crops = sum(self._image_crops(captured))
+        rows = torch.arange(crops * patches, device=layouts[b].valid.device).view(crops, patches, 1)
+        return self._pack(captured, layouts, b, i, rows)[:, 0]
+
+    def raster_unit_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor]) -> torch.Tensor:
+        """Values per patch of every crop of an encoder call (one row per crop) -> image i's tokens, span order."""
+        units = self._call_units(captured, layouts[b].images[i].kind, per_call)
+        rows = self._token_rows(captured, layouts, b, i, units.shape[1])
+        return units.flatten(0, 1)[rows.to(units.device)]
+
+    def encoder_call_grid(self, grid_thw, captured, layouts, hidden):
+        """Each item's token rows (`_token_rows`) in this tower call, by its index among the call's items."""
+        patches = hidden.shape[1] - int(self.vision_cls)
+        return {
+            self.global_image_index(layouts, b, i, image.kind, captured=captured): self._token_rows(
+                captured, layouts, b, i, patches
+            ).to(hidden.device)
+            for b, sample in enumerate(layouts)
+            for i, image in enumerate(sample.images)
+        }
+
+    def encoder_keep_units(self, grid_thw, hidden: torch.Tensor, chosen: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """``(image, indices of its tokens)`` pairs of one tower call -> bool ``(crops, P)``: the patches the tokens
+        come from (`encoder_call_grid`'s rows); patches the model unpads away are no token and are dropped."""
+        patches = hidden.shape[1] - int(self.vision_cls)
+        keep = torch.zeros(hidden.shape[0] * patches, dtype=torch.bool, device=hidden.device)
+        for item, indices in chosen:
+            keep[grid_thw[item][indices.to(hidden.device)]] = True
+        return keep.view(hidden.shape[0], patches)
+
+    def encoder_unit_rows(self, grid_thw, hidden: torch.Tensor, item: int, indices: torch.Tensor) -> torch.Tensor:
+        return grid_thw[item][indices.to(hidden.device)]

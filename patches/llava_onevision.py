@@ -320,8 +320,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             pooled = self.base.apply_pooling(views[g * frames : (g + 1) * frames])
             return pooled.flatten(0, 1)
         sizes = self.encoded(captured, "image_sizes")
-        flags = self._with_crops(self.encoded(captured, "batch_num_images")) or [True] * len(sizes)
-        crops = [self.num_crops(s) if c else 1 for s, c in zip(sizes, flags)]
+        crops = self._image_crops(captured)
         start = sum(crops[:g])
         packed, _ = self.base.pack_image_features(
             [views[start : start + crops[g]]],
@@ -329,3 +328,34 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             vision_aspect_ratio=self.config.vision_aspect_ratio,
         )
         return packed[0]
+
+    def _image_crops(self, captured) -> list[int]:
+        sizes = self.encoded(captured, "image_sizes")
+        flags = self._with_crops(self.encoded(captured, "batch_num_images")) or [True] * len(sizes)
+        return [self.num_crops(s) if c else 1 for s, c in zip(sizes, flags)]
+
+    # --- pruning before and inside the encoder ---------------------------------------------------------------
+    def _call_units(self, captured, kind: str, per_call: list[torch.Tensor]) -> torch.Tensor:
+        return self._call_rows(captured, kind, per_call)
+
+    def _mixing(self, captured, layouts, b: int, i: int) -> str | None:
+        """A video (frames pooled 2x2) or an image whose high-resolution view the model shrinks (past anyres_max)."""
+        image = layouts[b].images[i]
+        if image.kind == "video":
+            side = self.grid_side
+            return (
+                f"video {self.global_image_index(layouts, b, i, 'video', captured=captured)}: the model pools each "
+                f"frame's {side} x {side} patches bilinearly to {self.pooled_side} x {self.pooled_side} tokens"
+            )
+        if len(image.grids) < 2:  # a base view (and its newline)
+            return None
+        g = self.global_image_index(layouts, b, i, captured=captured)
+        size = torch.as_tensor(self.encoded(captured, "image_sizes")[g])
+        rows, cols = self.hires_shape(size)
+        full = LlavaNextAdapter.hires_shape(self, size)
+        if (rows, cols) == full:
+            return None
+        return (
+            f"image {g} ({int(size[0])} x {int(size[1])} px): its high-resolution view of {full[0]} x {full[1]} patches "
+            f"is past {self.config.vision_aspect_ratio}, and the model shrinks it bilinearly to {rows} x {cols} tokens"
+        )

@@ -56,6 +56,7 @@ def encoder_selection(
             )
             for s in layouts
         ]
+    grid = adapter.encoder_call_grid(grid, captured, layouts, hidden)
     bsz, length = captured["input_ids"].shape
     per_image = {
         (b, i): adapter.pre_projector_features(captured, layouts, b, i)
@@ -94,7 +95,4 @@ def encoder_selection(
 
 def _flat_units(adapter, grid, hidden: torch.Tensor, item: int, indices: torch.Tensor) -> torch.Tensor:
     """Indices of one item's units -> indices among the call's units (flattened as `encoder_keep_units` lays them)."""
-    one = adapter.encoder_keep_units(grid, hidden, [(item, indices)]).flatten()
-    # the units in the item's own order: the flat index of each selected unit, in the order of `indices`
-    flat = torch.nonzero(one).flatten()
-    return flat[torch.argsort(torch.argsort(indices.to(flat.device)))]
+    return adapter.encoder_unit_rows(grid, hidden, item, indices)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gen_kwargs, inputs, mixed_specs, model_for, sample_alone
+from helpers import SampleSpec, gen_kwargs, inputs, model_for, sample_alone, unmixed_specs
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 import vtprune
 from vtprune.ops.pixel import pred2d_keep
+from vtprune.checks import BadValue
 from vtprune.patches import supported_pixel_prune
 from vtprune.policies import Fixed, HiPrune, IDPruner, Pipeline, PixelPrune
 
@@ -69,6 +71,7 @@ def test_predictor_known_answers():
 
 # ----------------------------------------------------------------- on the models
 QWEN = [f for f in FAMILIES if f.startswith("qwen")]
+ANYRES = ["llava_next", "llava_onevision"]  # a base view and tiles, each crop one tower image
 
 
 def is_qwen(model) -> bool:
@@ -76,10 +79,48 @@ def is_qwen(model) -> bool:
 
 
 def first_image_units(model, batch) -> int:
-    """Merge units of the batch's first image (Qwen: 2x2 patches; CLIP: patches)."""
+    """Tokens of the batch's first image: merge units (Qwen: 2x2 patches; CLIP: patches; LLaVA-NeXT and OneVision:
+    the patches of its base view and of its tiles that the unpadded view holds)."""
     if is_qwen(model):
         return int(batch["image_grid_thw"][0].prod()) // 4
+    if "image_sizes" in batch:
+        return token_patches(model, batch["image_sizes"][0], crops=True).numel()
     return (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+
+
+def token_patches(model, image_size, crops: bool) -> torch.Tensor:
+    """The patch behind each token of one anyres image, span order (newlines skipped), as ``crop * P + p``.
+
+    Written from the layout LLaVA-NeXT describes: the base view's patches in
+    raster order, then the tiles (crops 1..) placed side by side into one
+    grid of patches, the rows or columns the processor padded cut away
+    (transformers' ``unpad_image`` on that grid of indices), row by row.
+    """
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    per = side * side
+    base = torch.arange(per)
+    if not crops:
+        return base
+    rows, cols = get_anyres_image_grid_shape(image_size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+    grid = torch.zeros(rows * side, cols * side, dtype=torch.long)
+    for a in range(rows):
+        for c in range(cols):
+            crop = 1 + a * cols + c
+            grid[a * side : (a + 1) * side, c * side : (c + 1) * side] = crop * per + torch.arange(per).view(side, side)
+    return torch.cat([base, unpad_image(grid[None], image_size)[0].flatten()])
+
+
+def crop_patches(crop: torch.Tensor, patch: int) -> torch.Tensor:
+    """One crop's pixels ``(3, H, W)`` -> its patches ``(H/p * W/p, 3, p, p)``, raster order (a view for writing)."""
+    c, h, w = crop.shape
+    return crop.view(c, h // patch, patch, w // patch, patch).permute(1, 3, 0, 2, 4).reshape(-1, c, patch, patch)
+
+
+def put_patches(crop: torch.Tensor, patches: torch.Tensor) -> None:
+    c, h, w = crop.shape
+    p = patches.shape[-1]
+    crop.copy_(patches.view(h // p, w // p, c, p, p).permute(2, 0, 3, 1, 4).reshape(c, h, w))
 
 
 def with_pattern(model, batch: dict, pattern: str) -> tuple[dict, list[int]]:
@@ -96,11 +137,11 @@ def with_pattern(model, batch: dict, pattern: str) -> tuple[dict, list[int]]:
         width = int(batch["image_grid_thw"][0, 2]) // 2
         units = pv.view(-1, 4, pv.shape[-1])  # a unit's 4 patches are consecutive rows
         image = units[: first_image_units(model, batch)]
-    else:
+    else:  # LLaVA-NeXT, OneVision: the first image's base view, its first tokens
         patch = model.config.vision_config.patch_size
-        c, h, w = pv.shape[1:]
-        width = w // patch
-        image = pv[0].view(c, h // patch, patch, width, patch).permute(1, 3, 0, 2, 4).reshape(-1, c, patch, patch)
+        view = pv[0, 0] if pv.dim() == 5 else pv[0]
+        width = view.shape[-1] // patch
+        image = crop_patches(view, patch)
     n = image.shape[0]
     dropped = [1, 2, width + 1] if pattern == "duplicates" else list(range(1, n))
     if pattern == "duplicates":
@@ -112,8 +153,7 @@ def with_pattern(model, batch: dict, pattern: str) -> tuple[dict, list[int]]:
     if is_qwen(model):
         units[:n] = image
     else:
-        patch = model.config.vision_config.patch_size
-        pv[0] = image.view(h // patch, width, c, patch, patch).permute(2, 0, 3, 1, 4).reshape(c, h, w)
+        put_patches(view, image)
     batch["pixel_values"] = pv
     return batch, dropped
 
@@ -208,7 +248,7 @@ def window_order(tower, grid_thw, keep_units):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_duplicates_is_bit_identical(family):
     model = model_for(family, "sdpa")
-    batch = inputs(model, mixed_specs(family))  # random pixels: no unit equals a neighbour
+    batch = inputs(model, unmixed_specs(family))  # random pixels: no unit equals a neighbour
     want = model(**batch).logits
     vtprune.wrap(model, "pixelprune")
     assert torch.equal(model(**batch).logits, want)
@@ -223,7 +263,7 @@ def test_no_duplicates_is_bit_identical(family):
 @pytest.mark.parametrize("pattern", ["duplicates", "flat"])
 def test_qwen_tower_encodes_the_kept_units_only(family, attn, pattern):
     model = model_for(family, attn)
-    batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), pattern)
+    batch, dropped = with_pattern(model, inputs(model, unmixed_specs(family)), pattern)
     tower = model.model.visual
     seen = []
     handle = tower.register_forward_hook(lambda _m, args, out: seen.append((args[0].shape[0], out.pooler_output)))
@@ -242,12 +282,12 @@ def test_qwen_tower_encodes_the_kept_units_only(family, attn, pattern):
 
 @torch.no_grad()
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ANYRES])
 @pytest.mark.parametrize("pattern", ["duplicates", "flat"])
 def test_language_model_sees_kept_units_at_original_positions(family, attn, pattern):
     """The language model's input: the unpruned one at the kept rows (positions, text), the hand-run tower's units."""
     model = model_for(family, attn)
-    batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), pattern)
+    batch, dropped = with_pattern(model, inputs(model, unmixed_specs(family)), pattern)
     seen = {}
 
     def grab(_m, args, kwargs):  # the language model's rotary table is built from what its layers get
@@ -286,7 +326,7 @@ def test_language_model_sees_kept_units_at_original_positions(family, attn, patt
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_alone_and_cache_equals_recomputation(family):
     model = model_for(family, "sdpa")
-    batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
+    batch, dropped = with_pattern(model, inputs(model, unmixed_specs(family)), "duplicates")
     vtprune.wrap(model, "pixelprune")
     together = model(**batch).logits[:, -1]
     kept = [[i["stages"]["vision"]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
@@ -309,7 +349,7 @@ def test_later_policy_sees_only_kept_units(family, later):
     (HiPrune and VisionZip read each image's whole grid: a Pipeline refuses them after PixelPrune.)
     """
     model = model_for(family, "sdpa")
-    batch, dropped = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
+    batch, dropped = with_pattern(model, inputs(model, unmixed_specs(family)), "duplicates")
     second = {
         "idpruner": IDPruner(keep=5, per_image=True),
         "idpruner_received": IDPruner(keep=5, per_image=True, importance="received"),
@@ -345,11 +385,147 @@ def test_refusals():
         PixelPrune(keep=0.5)
     with pytest.raises(ValueError, match="tau"):
         PixelPrune(tau=-0.1)
-    for family in ("llava_next", "llava_onevision"):
-        if family in FAMILIES:
-            continue
-        with pytest.raises(ValueError, match="supported: " + ", ".join(FAMILIES)):
-            vtprune.wrap(model_for(family), "pixelprune")
+
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "sample,why",
+    [
+        # 64 x 64: a 2 x 2 grid of tiles, 16 x 16 patches, past the tiny model's anyres_max_2
+        (SampleSpec(images=((64, 64),)), r"image 0 \(64 x 64 px\): .* 16 x 16 patches .* shrinks it bilinearly to"),
+        (SampleSpec(videos=((2, 32, 32),)), r"video 0: the model pools each frame's 8 x 8 patches bilinearly to 4 x 4"),
+    ],
+    ids=["shrunk_view", "video"],
+)
+def test_onevision_refuses_tokens_that_mix_patches(sample, why):
+    """A OneVision token that mixes several patches (a shrunk high-resolution view, a pooled video frame) would mix a
+    dropped patch's zeros into a kept token: refused at the call, naming the input and why."""
+    model = model_for("llava_onevision")
+    batch = inputs(model, [sample])
+    batch, _ = with_pattern(model, batch, "duplicates") if "pixel_values" in batch else (batch, None)
+    vtprune.wrap(model, "pixelprune")
+    with pytest.raises(BadValue, match=why):
+        model(**batch)
+    vtprune.unwrap(model)
+    vtprune.wrap(model, "random", keep=4, vit_layer=1)
+    with pytest.raises(BadValue, match=why):
+        model(**batch)
+
+
+# ----------------------------------------------------------------- LLaVA-NeXT, OneVision: crops
+def with_crop_pattern(model, batch: dict) -> tuple[dict, torch.Tensor]:
+    """The `duplicates` pattern in the base view and in the first tile of the batch's first image.
+
+    Returns the batch and the keep mask the predictor must give that image's crops ``(crops, P)``: in each of the two
+    crops units 1 and 2 copy unit 0 and the unit at row 1, column 1 copies its left neighbour.
+    """
+    batch = dict(batch)
+    pv = batch["pixel_values"].clone()
+    patch = model.config.vision_config.patch_size
+    side = model.config.vision_config.image_size // patch
+    crops = token_patches(model, batch["image_sizes"][0], crops=True).max() // side**2 + 1
+    keep = torch.ones(int(crops), side * side, dtype=torch.bool)
+    for crop in (0, 1):
+        units = crop_patches(pv[0, crop], patch)
+        units[1] = units[0]
+        units[2] = units[0]
+        units[side + 1] = units[side]
+        put_patches(pv[0, crop], units)
+        keep[crop, [1, 2, side + 1]] = False
+    batch["pixel_values"] = pv
+    return batch, keep
+
+
+def hand_run_crop(model, crop: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The tower's hidden states at the feature layer for one crop's kept patches, run by hand on them alone.
+
+    The whole crop's embeddings (patch embedding plus position table; CLIP: CLS first), the kept rows gathered (CLIP:
+    CLS too), CLIP's pre-layernorm, then every block. Returns ``(kept patches, D)`` (CLS dropped).
+    """
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    cls = hasattr(tower, "pre_layrnorm")  # CLIP; SigLIP has no CLS token and no pre-layernorm
+    index = torch.nonzero(keep).flatten() + int(cls)
+    if cls:
+        index = torch.cat([torch.zeros(1, dtype=torch.long), index])
+    hidden = tower.embeddings(crop[None])[:, index]
+    if cls:
+        hidden = tower.pre_layrnorm(hidden)
+    states = [hidden]
+    for layer in tower.encoder.layers:
+        hidden = layer(hidden, None)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        states.append(hidden)
+    return states[model.config.vision_feature_layer][0, int(cls) :]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ANYRES)
+def test_anyres_tower_and_language_model_see_the_kept_patches(family, attn):
+    """Each crop is one tower image: the tower's features for the kept patches of every crop equal a hand run of the
+    tower on them alone (zero where dropped); the language model gets exactly the tokens of kept patches (text and
+    newlines as unpruned, at the unpruned positions), each the projected hand-run feature of its patch."""
+    model = model_for(family, attn)
+    batch, keep = with_crop_pattern(model, inputs(model, unmixed_specs(family)))
+    seen = {}
+
+    def grab(_m, args, kwargs):
+        x, positions = (*args, *kwargs.values())[:2]
+        seen.setdefault("embeds", x)
+        seen.setdefault("positions", positions)
+
+    handle = model.model.language_model.rotary_emb.register_forward_pre_hook(grab, with_kwargs=True)
+    model(**batch)
+    full_embeds, full_positions = seen.pop("embeds"), seen.pop("positions")
+    outs = []
+    tower_hook = model.model.vision_tower.register_forward_hook(lambda _m, _a, out: outs.append(out))
+    vtprune.wrap(model, "pixelprune")
+    model(**batch)
+    handle.remove()
+    tower_hook.remove()
+    # the tower: the first image's crops are the call's first rows
+    feature = outs[0].hidden_states[model.config.vision_feature_layer]
+    cls = int(hasattr(getattr(model.model.vision_tower, "vision_model", model.model.vision_tower), "pre_layrnorm"))
+    hand = []
+    for c in range(keep.shape[0]):
+        want = hand_run_crop(model, batch["pixel_values"][0, c], keep[c])
+        torch.testing.assert_close(feature[c, cls:][keep[c]], want, rtol=1e-5, atol=1e-5)
+        assert not feature[c, cls:][~keep[c]].any()
+        hand.append(want)
+    # the language model: image 0 is the first image span of sample 0
+    codes = token_patches(model, batch["image_sizes"][0], crops=True)
+    per = keep.shape[1]
+    kept_token = keep.flatten()[codes]
+    ids, mask = batch["input_ids"][0], batch["attention_mask"][0].bool()
+    span = torch.nonzero(ids == model.config.image_token_id).flatten()
+    cols = unpad_cols(model, batch["image_sizes"][0])
+    n_rows = (codes.numel() - per) // cols
+    span = span[: per + n_rows * (cols + 1)]  # base view, then each row of the unpadded view and its newline
+    hires_pos = span[per:].view(n_rows, cols + 1)
+    patch_pos = torch.cat([span[:per], hires_pos[:, :cols].flatten()])
+    drop = patch_pos[~kept_token]
+    keep_pos = torch.tensor([p for p in torch.nonzero(mask).flatten().tolist() if p not in set(drop.tolist())])
+    length = seen["embeds"].shape[1]
+    got = seen["embeds"][0][length - keep_pos.numel() :]  # left padded
+    torch.testing.assert_close(seen["positions"][..., 0, length - keep_pos.numel() :], full_positions[..., 0, keep_pos])
+    is_patch = torch.isin(keep_pos, patch_pos)
+    torch.testing.assert_close(got[~is_patch], full_embeds[0, keep_pos[~is_patch]])  # text and newlines
+    rank = keep.long().cumsum(1) - 1  # a kept patch's row in its crop's hand run
+    want = torch.stack([hand[int(code) // per][rank[int(code) // per, int(code) % per]] for code in codes[kept_token]])
+    torch.testing.assert_close(got[is_patch], model.model.multi_modal_projector(want), rtol=1e-5, atol=1e-5)
+    image = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]["vision"]
+    assert (image["before"], image["after"]) == (codes.numel(), int(kept_token.sum()))
+    assert image["kept"] == torch.nonzero(kept_token).flatten().tolist()
+
+
+def unpad_cols(model, image_size) -> int:
+    """Columns of the unpadded high-resolution view (tokens per row before its newline)."""
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = get_anyres_image_grid_shape(image_size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+    return unpad_image(torch.zeros(1, rows * side, cols * side), image_size).shape[-1]
 
 
 @torch.no_grad()
@@ -358,7 +534,7 @@ def test_vit_signals_after_pixelprune_do_not_depend_on_the_batch(family):
     """ViT attention read over the kept units: the same alone as in a batch (CLIP pads images to the longest kept
     set; the probe leaves the padding out)."""
     model = model_for(family, "sdpa")
-    batch, _ = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
+    batch, _ = with_pattern(model, inputs(model, unmixed_specs(family)), "duplicates")
     vtprune.wrap(model, Pipeline([PixelPrune(), IDPruner(keep=5, per_image=True, importance="received", lam=1.0)]))
     model(**batch)
     together = [[list(i["stages"].values())[-1]["kept"] for i in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
