@@ -39,6 +39,31 @@ def unmixed_specs(family: str) -> list:
     return specs[:3] if family == "llava_onevision" else specs
 
 
+def token_patches(model, image_size, crops: bool) -> torch.Tensor:
+    """The patch behind each token of one anyres image, span order (newlines skipped), as ``crop * P + p``.
+
+    Written from the layout LLaVA-NeXT describes: the base view's patches in
+    raster order, then the tiles (crops 1..) placed side by side into one
+    grid of patches, the rows or columns the processor padded cut away
+    (transformers' ``unpad_image`` on that grid of indices), row by row.
+    """
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    per = side * side
+    base = torch.arange(per)
+    if not crops:
+        return base
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    rows, cols = get_anyres_image_grid_shape(image_size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+    grid = torch.zeros(rows * side, cols * side, dtype=torch.long)
+    for a in range(rows):
+        for c in range(cols):
+            crop = 1 + a * cols + c
+            grid[a * side : (a + 1) * side, c * side : (c + 1) * side] = crop * per + torch.arange(per).view(side, side)
+    return torch.cat([base, unpad_image(grid[None], image_size)[0].flatten()])
+
+
 def visual_positions(family: str, input_ids: torch.Tensor) -> torch.Tensor:
     """Positions of every visual placeholder, found directly from the token ids (independent of adapters)."""
     row = input_ids[0] if input_ids.dim() == 2 else input_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SampleSpec, gen_kwargs, inputs, model_for, sample_alone, unmixed_specs
+from helpers import SampleSpec, gen_kwargs, inputs, model_for, sample_alone, token_patches, unmixed_specs
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
@@ -86,29 +86,6 @@ def first_image_units(model, batch) -> int:
     if "image_sizes" in batch:
         return token_patches(model, batch["image_sizes"][0], crops=True).numel()
     return (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-
-
-def token_patches(model, image_size, crops: bool) -> torch.Tensor:
-    """The patch behind each token of one anyres image, span order (newlines skipped), as ``crop * P + p``.
-
-    Written from the layout LLaVA-NeXT describes: the base view's patches in
-    raster order, then the tiles (crops 1..) placed side by side into one
-    grid of patches, the rows or columns the processor padded cut away
-    (transformers' ``unpad_image`` on that grid of indices), row by row.
-    """
-    config = model.config
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    per = side * side
-    base = torch.arange(per)
-    if not crops:
-        return base
-    rows, cols = get_anyres_image_grid_shape(image_size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
-    grid = torch.zeros(rows * side, cols * side, dtype=torch.long)
-    for a in range(rows):
-        for c in range(cols):
-            crop = 1 + a * cols + c
-            grid[a * side : (a + 1) * side, c * side : (c + 1) * side] = crop * per + torch.arange(per).view(side, side)
-    return torch.cat([base, unpad_image(grid[None], image_size)[0].flatten()])
 
 
 def crop_patches(crop: torch.Tensor, patch: int) -> torch.Tensor:

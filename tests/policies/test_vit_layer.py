@@ -8,14 +8,17 @@ encoder from the same layer's signals, and each sample run alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
-from helpers import inputs, mixed_specs, model_for, sample_alone
+from helpers import inputs, mixed_specs, model_for, sample_alone, token_patches, unmixed_specs
 
 import vtprune
 from vtprune.checks import BadType, BadValue
 from vtprune.patches import adapter_for, supported_vit_prune
 from vtprune.policies import Fixed, Pipeline, PixelPrune, Random
+from vtprune.policies.base import Selection
 
 FAMILIES = supported_vit_prune()
 QWEN_TOWERS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -73,33 +76,122 @@ def token_counts(model, batch) -> list[list[int]]:
     return counts
 
 
-# ----------------------------------------------------------------- CLIP (LLaVA-1.5)
+# ----------------------------------------------------------------- CLIP and SigLIP (LLaVA-1.5, -NeXT, -OneVision)
+def image_patches(model, batch) -> list[tuple[int, torch.Tensor]]:
+    """Per image of the batch: (its tower images, the patch behind each of its tokens as ``crop * P + p``).
+
+    LLaVA-1.5: an image is one tower image, a token one patch. LLaVA-NeXT and
+    OneVision: an image is its base view and tiles, a token the patch
+    `token_patches` gives it (OneVision's images of a multi-image prompt: a
+    base view only).
+    """
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    if "image_sizes" not in batch:
+        return [(1, torch.arange(side * side))] * batch["pixel_values"].shape[0]
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes, counts, config = batch["image_sizes"], batch.get("batch_num_images"), model.config
+    flags = [True] * len(sizes) if counts is None else [int(n) == 1 for n in counts for _ in range(int(n))]
+    out = []
+    for size, crops in zip(sizes, flags):
+        n = image_size_to_num_patches(size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+        out.append((n if crops else 1, token_patches(model, size, crops)))
+    return out
+
+
+def crop_keep(model, batch, sets) -> torch.Tensor:
+    """Per-token keep sets (one list per image) -> bool per patch of every tower image ``(crops, P)``; patches that are
+    no token are dropped."""
+    per = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    rows = []
+    for (crops, codes), kept in zip(image_patches(model, batch), [k for s in sets for k in s]):
+        keep = torch.zeros(crops * per, dtype=torch.bool)
+        keep[codes[list(kept)]] = True
+        rows.append(keep.view(crops, per))
+    return torch.cat(rows)
+
+
 @torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
 @pytest.mark.parametrize("at", [1, 2])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_clip_tower_equals_hand_run_on_kept_rows(at, attn):
-    model = deep_model("llava", attn)
-    batch = inputs(model, mixed_specs("llava"))
+def test_clip_siglip_tower_equals_hand_run_on_kept_rows(family, at, attn):
+    """From block `at` on, each tower image (LLaVA-NeXT, OneVision: each crop) runs alone on its CLS (CLIP) and the
+    patches behind its kept tokens; the feature layer's output at those rows equals that hand run, zero elsewhere."""
+    model = deep_model(family, attn)
+    batch = inputs(model, unmixed_specs(family))
     calls = block_calls(model, batch)
     sets = random_fixed_sets(token_counts(model, batch))
     vtprune.wrap(model, Fixed(kept=sets, vit_layer=at))
     (out,) = tower_output(model, batch)
     assert kept_of(model) == sets
-    layers = adapter_for(model).vision_layers()
-    feature = adapter_for(model).feature_vision_layer  # hidden_states[feature]: the output of layer feature - 1
-    entering = calls[at][0][0][0]  # the input of layer `at`, every patch: (images, 1 + P, D)
-    images = [k for s in sets for k in s]
-    assert len(images) == entering.shape[0]
-    for g, kept in enumerate(images):
-        rows = torch.tensor([0] + [k + 1 for k in kept])
-        h = entering[g : g + 1, rows]
-        for j in range(at, feature):
-            h = layers[j](h, None)
-        got = out.hidden_states[feature][g]
-        torch.testing.assert_close(got[rows], h[0], rtol=1e-5, atol=1e-5)
+    adapter = adapter_for(model)
+    layers = adapter.vision_layers()
+    feature = adapter.feature_vision_layer  # hidden_states[feature]: the output of layer feature - 1
+    entering = calls[at][0][0][0]  # the input of layer `at`, every patch: (crops, cls + P, D)
+    keep = crop_keep(model, batch, sets)
+    cls = int(adapter.vision_cls)
+    assert keep.shape[0] == entering.shape[0] and keep.shape[1] + cls == entering.shape[1]
+    assert not keep.all()
+    for c in range(keep.shape[0]):
+        rows = torch.cat([torch.zeros(cls, dtype=torch.long), torch.nonzero(keep[c]).flatten() + cls])
+        got = out.hidden_states[feature][c]
+        if rows.numel():
+            h = entering[c : c + 1, rows]
+            for j in range(at, feature):
+                h = layers[j](h, None)
+            torch.testing.assert_close(got[rows], h[0], rtol=1e-5, atol=1e-5)
         dropped = torch.ones(got.shape[0], dtype=torch.bool)
         dropped[rows] = False
         assert not got[dropped].any()  # dropped patches come back as zeros
+
+
+@dataclass(frozen=True)
+class FixedWithRows(Fixed):
+    """`fixed` inside the encoder that also writes new rows: each kept token, listed from the last, gets the hidden
+    state of the kept token listed after it (a permutation of the kept rows, as VisionZip's merged rows are written)."""
+
+    def select_sample(self, ctx, b):
+        out = []
+        for sel in super().select_sample(ctx, b):
+            order = sel.indices.flip(0)
+            out.append(Selection(order, ctx.features(b, len(out))[order.roll(-1)]))
+        return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+def test_written_rows_land_at_their_tokens_patches(family):
+    """Rows a policy writes inside the encoder (`Selection.values`, in the order of its indices) enter block k at the
+    patch of their own token: LLaVA-NeXT's tiles put a view's tokens in another order than the crops' patches."""
+    model = deep_model(family)
+    batch = inputs(model, unmixed_specs(family))
+    at = 2
+    entering = block_calls(model, batch)[at][0][0][0]  # unpruned: (crops, cls + P, D)
+    sets = random_fixed_sets(token_counts(model, batch), seed=3)
+    vtprune.wrap(model, FixedWithRows(kept=sets, vit_layer=at))
+    seen = []
+    layer = adapter_for(model).vision_layers()[at]
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        model(**batch)
+    finally:
+        handle.remove()
+    assert kept_of(model) == sets
+    got = seen[0]  # per crop: CLS (CLIP), then its kept patches in raster order, padded
+    cls = int(adapter_for(model).vision_cls)
+    per = entering.shape[1] - cls
+    keep = crop_keep(model, batch, sets)
+    slot = keep.long().cumsum(1) - 1 + cls
+    offset = 0
+    for (crops, codes), kept in zip(image_patches(model, batch), [k for s in sets for k in s]):
+        codes = codes + offset * per
+        order = torch.tensor(kept).flip(0)
+        for t, source in zip(order.tolist(), order.roll(-1).tolist()):
+            c, p = divmod(int(codes[t]), per)
+            sc, sp = divmod(int(codes[source]), per)
+            torch.testing.assert_close(got[c, slot[c, p]], entering[sc, cls + sp])
+        offset += crops
 
 
 # ----------------------------------------------------------------- the Qwen ViTs
@@ -111,7 +203,7 @@ def test_qwen_tower_equals_hand_run_on_kept_rows(family, at, attn):
     """From block `at` on, each attention segment of the full run (image/frame, Qwen2.5-VL's windows) restricted to
     its kept units goes through each block alone; the merger (and DeepStack taps) then see those rows."""
     model = deep_model(family, attn)
-    batch = inputs(model, mixed_specs(family))
+    batch = inputs(model, unmixed_specs(family))
     # the samples with images (0 and 1): one tower call
     batch = {
         k: (v[:2] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
@@ -182,7 +274,7 @@ def test_keep_sets_equal_the_same_signals_read_after_the_encoder(family, name, i
     """Blocks up to k run on every token in both, so a selection from layer-k signals is the same inside the encoder
     as after it (the runtime builds layouts, attention and keys inside the tower the way the vision stage does)."""
     model = deep_model(family)
-    batch = inputs(model, mixed_specs(family))
+    batch = inputs(model, unmixed_specs(family))
     k = 2
     vtprune.wrap(model, name, vit_layer=k, **inside)
     model(**batch)
@@ -208,7 +300,7 @@ VIT_POLICIES = [
 @pytest.mark.parametrize("name,options", VIT_POLICIES, ids=[p[0] for p in VIT_POLICIES])
 def test_batch_equals_alone(family, name, options):
     model = deep_model(family)
-    batch = inputs(model, mixed_specs(family))
+    batch = inputs(model, unmixed_specs(family))
     vtprune.wrap(model, name, vit_layer=1, **options)
     together = model(**batch).logits[:, -1]
     assert torch.isfinite(together).all()
@@ -222,10 +314,10 @@ def test_batch_equals_alone(family, name, options):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_5_vl"])
 def test_generate_with_cache_equals_recomputation(family):
     model = deep_model(family)
-    batch = inputs(model, mixed_specs(family))
+    batch = inputs(model, unmixed_specs(family))
     vtprune.wrap(model, "hiprune", keep=5, object_layer=1, vit_layer=2)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(**batch, **kw), model.generate(**batch, use_cache=False, **kw))
@@ -262,20 +354,17 @@ def test_bad_vit_layer_refused():
         vtprune.wrap(model, "hiprune", keep=4, object_layer=1, deep_layer=3, vit_layer=1)
     with pytest.raises(BadValue, match="only one policy"):
         vtprune.wrap(model, Pipeline([PixelPrune(), Random(keep=4, vit_layer=1)]))
-    next_model = model_for("llava_next", vision_layers=DEPTH)
-    with pytest.raises(BadValue, match="not yet for llava_next"):
-        vtprune.wrap(next_model, "random", keep=4, vit_layer=1)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"])
 def test_later_policy_reads_the_vit_as_it_ran(family):
     """A later policy reading ViT attention past k (IDPruner's received importance at the feature layer) gets
     per-token values at full length, so its keep set is a subset of the encoder's and batch == alone holds."""
     from vtprune.policies import IDPruner
 
     model = deep_model(family)
-    batch = inputs(model, mixed_specs(family))
+    batch = inputs(model, unmixed_specs(family))
     vtprune.wrap(model, Pipeline([Random(keep=8, vit_layer=1), IDPruner(keep=4, per_image=True, importance="received")]))
     together = model(**batch).logits[:, -1]
     report = vtprune.report(model).to_dict()["samples"]
