@@ -249,7 +249,9 @@ class Adapter:
         """Run the tower, choosing the kept tokens after block ``at - 1`` and running the blocks after on them only."""
         raise NotImplementedError
 
-    def encoder_call_grid(self, grid_thw: Any, captured: dict[str, Any], layouts: list[SampleLayout], hidden: torch.Tensor) -> Any:
+    def encoder_call_grid(
+        self, grid_thw: Any, captured: dict[str, Any], layouts: list[SampleLayout], hidden: torch.Tensor
+    ) -> Any:
         """The grid `encoder_keep_units` gets for one tower call (``captured``/``layouts``: the call's inputs and media).
 
         The tower's own (Qwen's ``grid_thw``; None for a tower of square

@@ -209,7 +209,7 @@ def test_generate_with_beams_repeats_crops_flags_and_videos():
 
 
 @torch.no_grad()
-# pixelprune takes no budget and runs on the Qwen towers only (tests/policies/test_pixelprune.py)
+# pixelprune takes no budget, and refuses this mixed batch's shrunk view and pooled video (tests/policies/test_pixelprune.py)
 @pytest.mark.parametrize("policy", sorted(set(vtprune.policies.available_policies()) - {"fixed", "pixelprune"}))
 def test_every_policy_runs_with_the_family_defaults_at_the_real_depths(policy):
     """model_zoo.yaml's llava_onevision defaults bind (no 'no reference' refusal) on SigLIP's 26 layers and a 28-layer LLM."""

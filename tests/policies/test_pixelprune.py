@@ -10,8 +10,8 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 import vtprune
-from vtprune.ops.pixel import pred2d_keep
 from vtprune.checks import BadValue
+from vtprune.ops.pixel import pred2d_keep
 from vtprune.patches import supported_pixel_prune
 from vtprune.policies import Fixed, HiPrune, IDPruner, Pipeline, PixelPrune
 
@@ -362,7 +362,6 @@ def test_refusals():
         PixelPrune(keep=0.5)
     with pytest.raises(ValueError, match="tau"):
         PixelPrune(tau=-0.1)
-
 
 
 @torch.no_grad()
