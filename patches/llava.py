@@ -179,7 +179,9 @@ class LlavaAdapter(Adapter):
             mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device)[:, None, None] for v in self.pixel_norm)
             x = x.float() * std + mean
         n, c, h, w = x.shape
-        grid = x.reshape(n, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5).flatten(3)
+        h, w = h // patch, w // patch  # SigLIP's 384 px at 14 px: 27 patches, the last 6 px unseen by its convolution
+        x = x[:, :, : h * patch, : w * patch]
+        grid = x.reshape(n, c, h, patch, w, patch).permute(0, 2, 4, 1, 3, 5).flatten(3)
         return torch.stack([pred2d_keep(g, tau).flatten() for g in grid])
 
     def encode_kept(self, original, pixel_values: torch.Tensor, grid_thw, keep: torch.Tensor, kwargs: dict[str, Any]):

@@ -12,7 +12,7 @@ from transformers.vision_utils import get_vision_interpolation_indices_and_weigh
 import vtprune
 from vtprune.checks import BadValue
 from vtprune.ops.pixel import pred2d_keep
-from vtprune.patches import supported_pixel_prune
+from vtprune.patches import adapter_for, supported_pixel_prune
 from vtprune.policies import Fixed, HiPrune, IDPruner, Pipeline, PixelPrune
 
 FAMILIES = supported_pixel_prune()
@@ -518,3 +518,21 @@ def test_vit_signals_after_pixelprune_do_not_depend_on_the_batch(family):
         model(**sample_alone(batch, b, family))
         alone = [list(i["stages"].values())[-1]["kept"] for i in vtprune.report(model).to_dict()["samples"][0]["images"]]
         assert alone == together[b]
+
+
+@torch.no_grad()
+def test_pixels_the_patch_embedding_never_sees_are_ignored():
+    """SigLIP at 384 px and 14 px patches sees 27 x 27 patches: the last 6 pixel rows and columns are outside every
+    patch, so they decide nothing (here 30 px at 4 px: 7 x 7 patches and 2 pixels unseen)."""
+    model = model_for("llava_onevision", image_size=30)
+    pixels = torch.zeros(1, 3, 30, 30)
+    pixels[..., 28:, :] = torch.rand(3, 2, 30)
+    pixels[..., :, 28:] = torch.rand(3, 30, 2)
+    keep = adapter_for(model).unit_keep(pixels, None, 0.0)
+    assert keep.shape == (1, 49) and keep.sum() == 1 and keep[0, 0]  # one flat grid of 7 x 7: its anchor only
+    vtprune.wrap(model, "pixelprune")
+    batch = inputs(model, [SampleSpec(images=((30, 30), (30, 30)))])  # two images: one base view each
+    batch["pixel_values"][0, 0] = pixels[0]
+    model(**batch)
+    kept = vtprune.report(model).to_dict()["samples"][0]["images"][0]["stages"]["vision"]
+    assert (kept["before"], kept["after"]) == (49, 1)
