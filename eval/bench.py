@@ -53,6 +53,7 @@ written without it). The compaction op is also timed at
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -71,7 +72,7 @@ from ..demo import DEMO_GEOMETRY, QWEN_PIXELS, demo_inputs, photo
 from ..measure import cache_bytes_by_kind, interleaved, median, synchronize, timed
 from ..patches import adapter_for
 from ..policies.base import Pipeline, Policy, make_policy
-from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, tiny_model
+from ..tiny import FAMILIES, IMAGE_TOKEN, Geometry, family_spec, tiny_model
 from .outputs import file_problem, make_parent
 
 
@@ -85,7 +86,8 @@ def bench_model(
     vision_hidden: int = DEMO_GEOMETRY.vision_hidden,
 ):
     """The demo model of `family` with an LLM of `layers` x `hidden` (heads of 64, MLP 8/3 x hidden) and a ViT of
-    `vision_layers` x `vision_hidden`."""
+    `vision_layers` x `vision_hidden`; the view size and config of the family's demo (`FamilySpec.demo_geometry`,
+    `demo_config`: LLaVA-OneVision's 384 px views and ``anyres_max_9``), as `vtprune.demo.demo_model`."""
     heads = max(1, hidden // 64)
     intermediate = (8 * hidden // 3 + 63) // 64 * 64
     geometry = Geometry(
@@ -99,7 +101,12 @@ def bench_model(
         image_size=DEMO_GEOMETRY.image_size,
         patch=DEMO_GEOMETRY.patch,
     )
-    model = tiny_model(family, geometry, dtype=dtype)  # LLaVA-NeXT: grid pinpoints of 336 px views, as the demo's
+    spec = family_spec(family)
+    # LLaVA-NeXT: grid pinpoints of 336 px views, as the demo's
+    model = tiny_model(family, dataclasses.replace(geometry, **spec.demo_geometry), dtype=dtype)
+    for name, value in spec.demo_config.items():
+        setattr(model.config, name, value)
+        setattr(model.model.config, name, value)
     return model.to(device)
 
 
