@@ -99,6 +99,7 @@ class LlavaAdapter(Adapter):
     pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = CLIP_PIXEL_NORM
     pixel_prune = True
     vit_prune = True
+    pixel_then_vit = True
 
     def check_config(self) -> None:
         strategy = self.config.vision_feature_select_strategy
@@ -195,42 +196,48 @@ class LlavaAdapter(Adapter):
         query. Returns (the output, None: the projector sees the full-length
         features the model selects from it).
         """
-        keep = keep.to(pixel_values.device)
-        n, patches = keep.shape
-        with_cls = self._with_cls(keep)
-        length = int(with_cls.sum(1).max())
-        index = torch.zeros(n, length, dtype=torch.long, device=keep.device)
-        valid = torch.arange(length, device=keep.device)[None] < with_cls.sum(1, keepdim=True)
-        index[valid] = torch.nonzero(with_cls)[:, 1]
+        rows = self._padded(keep.to(pixel_values.device), self._tower_dtype())
+        out = self._run_on(original, pixel_values, kwargs, rows)
+        out.last_hidden_state = rows.scatter(out.last_hidden_state)
+        if getattr(out, "hidden_states", None) is not None:
+            out.hidden_states = tuple(None if h is None else rows.scatter(h) for h in out.hidden_states)
+        return out, None
+
+    def _tower_dtype(self) -> torch.dtype:
+        tower = getattr(self.vision_tower(), "vision_model", self.vision_tower())
+        return tower.embeddings.patch_embedding.weight.dtype
+
+    def _run_on(self, original, pixel_values: torch.Tensor, kwargs: dict[str, Any], rows: _PaddedRows):
+        """The tower's forward with its embeddings gathered to ``rows`` (each image's kept tokens, padded) and the
+        padding masked; the outputs at that padded length."""
 
         def gather(_module, _args, embeddings):
-            return embeddings.gather(1, index[..., None].expand(-1, -1, embeddings.shape[-1]))
+            return rows.gather(embeddings)
 
         tower = getattr(self.vision_tower(), "vision_model", self.vision_tower())
-        dtype = tower.embeddings.patch_embedding.weight.dtype
-        mask = torch.zeros(n, 1, 1, length, dtype=dtype, device=keep.device)
-        mask.masked_fill_(~valid[:, None, None], torch.finfo(dtype).min)
         handle = tower.embeddings.register_forward_hook(gather)
         try:
-            out = original(pixel_values, **kwargs, attention_mask=mask)
+            return original(pixel_values, **kwargs, attention_mask=rows.mask)
         finally:
             handle.remove()
-
-        def scatter(hidden: torch.Tensor) -> torch.Tensor:
-            full = hidden.new_zeros(n, with_cls.shape[1], *hidden.shape[2:])
-            full[with_cls] = hidden[valid]
-            return full
-
-        out.last_hidden_state = scatter(out.last_hidden_state)
-        if getattr(out, "hidden_states", None) is not None:
-            out.hidden_states = tuple(None if h is None else scatter(h) for h in out.hidden_states)
-        return out, None
 
     def _with_cls(self, keep: torch.Tensor) -> torch.Tensor:
         """A keep mask per patch ``(images, P)`` -> per token of the tower ``(images, cls + P)``: CLS (CLIP) always kept."""
         if not self.vision_cls:
             return keep
         return torch.cat([torch.ones(keep.shape[0], 1, dtype=torch.bool, device=keep.device), keep], 1)
+
+    def _padded(self, keep: torch.Tensor, dtype: torch.dtype) -> _PaddedRows:
+        """The tower's sequences over the patches `keep` keeps (``(images, P)``; CLIP: and CLS), padded at the end."""
+        with_cls = self._with_cls(keep)
+        counts = with_cls.sum(1, keepdim=True)
+        length = int(counts.max())
+        valid = torch.arange(length, device=keep.device)[None] < counts
+        index = torch.zeros(keep.shape[0], length, dtype=torch.long, device=keep.device)
+        index[valid] = torch.nonzero(with_cls)[:, 1]
+        mask = torch.zeros(keep.shape[0], 1, 1, length, dtype=dtype, device=keep.device)
+        mask.masked_fill_(~valid[:, None, None], torch.finfo(dtype).min)
+        return _PaddedRows(keep, with_cls, valid, index, mask)
 
     # --- pruning inside the encoder (vit_layer) -------------------------
     def encoder_rows(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -250,75 +257,73 @@ class LlavaAdapter(Adapter):
         """Run the tower, choosing the kept patches after layer ``at - 1`` (0-based) and running the rest on them.
 
         ``choose(hidden)`` gets the hidden states leaving layer ``at - 1``
-        ``(images, cls + P, D)`` and returns (bool ``(images, P)``, ``[(flat
-        patch indices image * P + p, their new rows)]``). From layer ``at`` on
+        ``(images, cls + P, D)`` (zero at patches ``first`` dropped) and
+        returns (bool ``(images, P)``, ``[(flat patch indices image * P + p,
+        their new rows)]``). ``first``: the patches kept before the encoder
+        (PixelPrune): layers 0 .. ``at - 1`` run on those (as `encode_kept`
+        runs them) and the choice is narrowed to them. From layer ``at`` on
         each image's sequence is its kept patches in raster order (after its
-        CLS, CLIP), padded at the end to the most kept, padded keys masked for
-        every query. Every per-token output (last hidden state, hidden states
-        from entry ``at`` on) comes back at full length, zero at dropped
-        patches. Returns (the output, None: the projector sees the full-length
-        features the model selects from it).
+        CLS, CLIP), padded at the end to the most kept, padded keys masked
+        for every query. Every per-token output (last hidden state, hidden
+        states) comes back at full length, zero at dropped patches. Returns
+        (the output, None: the projector sees the full-length features the
+        model selects from it).
         """
-        if first is not None:  # `pixel_then_vit` is False: the plan refuses PixelPrune before a vit_layer policy
-            raise NotImplementedError(f"{self.model_type}: the tower cannot start from PixelPrune's units here")
         layers = self.vision_layers()
         state: dict[str, Any] = {}
+        start = None if first is None else self._padded(first.to(pixel_values.device), self._tower_dtype())
 
         def prune(_module, _args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            keep, updates = choose(hidden)
-            if bool(keep.all()):
-                return None
+            every = hidden if start is None else start.scatter(hidden)
+            keep, updates = choose(every)
             keep = keep.to(hidden.device)
-            n, patches = keep.shape
-            with_cls = self._with_cls(keep)
-            counts = with_cls.sum(1, keepdim=True)
-            length = int(counts.max())
-            valid = torch.arange(length, device=keep.device)[None] < counts
-            index = torch.zeros(n, length, dtype=torch.long, device=keep.device)
-            index[valid] = torch.nonzero(with_cls)[:, 1]
-            kept = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-            slot = torch.cumsum(with_cls.long(), 1) - 1  # a kept token's place in its image's sequence
+            if start is not None:
+                keep = keep & start.keep
+            if bool(keep.all()) or (start is not None and torch.equal(keep, start.keep)):
+                return None
+            rows = self._padded(keep, hidden.dtype)
+            kept = rows.gather(every)
+            patches = keep.shape[1]
+            slot = torch.cumsum(rows.with_cls.long(), 1) - 1  # a kept token's place in its image's sequence
             for flat, values in updates:
                 flat = flat.to(keep.device)
                 image, patch = flat // patches, flat % patches
                 kept[image, slot[image, patch + int(self.vision_cls)]] = values.to(kept)
-            mask = torch.zeros(n, 1, 1, length, dtype=hidden.dtype, device=keep.device)
-            mask.masked_fill_(~valid[:, None, None], torch.finfo(hidden.dtype).min)
-            state.update(keep=keep, with_cls=with_cls, valid=valid, mask=mask, kept=kept)
+            state.update(rows=rows, kept=kept)
             return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
         def substitute(_module, args, kw):
             if not state:
                 return None
             if len(args) > 1:
-                return (args[0], state["mask"], *args[2:]), kw
-            return args, {**kw, "attention_mask": state["mask"]}
+                return (args[0], state["rows"].mask, *args[2:]), kw
+            return args, {**kw, "attention_mask": state["rows"].mask}
 
         handles = [layers[at - 1].register_forward_hook(prune)]
         handles += [
             layers[j].register_forward_pre_hook(substitute, with_kwargs=True, prepend=True) for j in range(at, len(layers))
         ]
         try:
-            out = original(pixel_values, **kwargs)
+            out = original(pixel_values, **kwargs) if start is None else self._run_on(original, pixel_values, kwargs, start)
         finally:
             for handle in handles:
                 handle.remove()
-        if not state:
+        if not state and start is None:
             return out, None
-        n = state["keep"].shape[0]
+        last = state["rows"] if state else start
+        assert last is not None
 
-        def scatter(hidden: torch.Tensor) -> torch.Tensor:
-            full = hidden.new_zeros(n, state["with_cls"].shape[1], *hidden.shape[2:])
-            full[state["with_cls"]] = hidden[state["valid"]]
-            return full
+        def before(hidden: torch.Tensor) -> torch.Tensor:
+            return hidden if start is None else start.scatter(hidden)
 
-        out.last_hidden_state = scatter(out.last_hidden_state)
+        out.last_hidden_state = last.scatter(out.last_hidden_state)
         if getattr(out, "hidden_states", None) is not None:
             # entry j is layer j - 1's output: entries past `at` ran on the kept tokens; entry `at` is the kept
-            # rows where the recorder read the output after the prune
+            # rows where the recorder read the output after the prune; the entries before ran on `first`'s
             out.hidden_states = tuple(
-                scatter(h) if h is not None and (j > at or h is state["kept"]) else h for j, h in enumerate(out.hidden_states)
+                None if h is None else last.scatter(h) if state and (j > at or h is state["kept"]) else before(h)
+                for j, h in enumerate(out.hidden_states)
             )
         return out, None
 
@@ -328,15 +333,31 @@ class LlavaAdapter(Adapter):
         The padded length can equal the full one (an image with nothing
         dropped beside one with duplicates), so the keep sets decide.
         """
-        n = keep.shape[0]
         if bool(keep.all()):  # the tower ran whole
             return values
-        with_cls = self._with_cls(keep.to(values.device))
-        valid = torch.arange(values.shape[1], device=with_cls.device)[None] < with_cls.sum(1, keepdim=True)
-        full = values.new_zeros(n, with_cls.shape[1], *values.shape[2:])
-        full[with_cls] = values[valid]
-        return full
+        return self._padded(keep.to(values.device), torch.float32).scatter(values)
 
     def raster_unit_rows(self, captured, layouts, b: int, i: int, per_call: list[torch.Tensor]) -> torch.Tensor:
         """Values per patch of every encoder call (one row per image) -> image i's."""
         return torch.cat(per_call)[self.global_image_index(layouts, b, i, captured=captured)]
+
+
+class _PaddedRows:
+    """Each tower image's kept tokens (CLIP: CLS first) in raster order, padded at the end to the most kept.
+
+    ``with_cls``: bool per token of the whole image; ``valid``: bool per padded slot; ``index``: each slot's token
+    (0 for padding); ``mask``: the additive key mask, padding at the dtype's minimum.
+    """
+
+    def __init__(self, keep, with_cls, valid, index, mask) -> None:
+        self.keep, self.with_cls, self.valid, self.index, self.mask = keep, with_cls, valid, index, mask
+
+    def gather(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Whole images ``(images, cls + P, ...)`` -> the padded kept tokens."""
+        return hidden.gather(1, self.index.view(*self.index.shape, *[1] * (hidden.dim() - 2)).expand(-1, -1, *hidden.shape[2:]))
+
+    def scatter(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The padded kept tokens -> whole images, zero at the tokens not kept."""
+        full = hidden.new_zeros(self.with_cls.shape[0], self.with_cls.shape[1], *hidden.shape[2:])
+        full[self.with_cls] = hidden[self.valid]
+        return full
