@@ -51,6 +51,12 @@ def supported_vit_prune() -> list[str]:
     return sorted(t for t, cls in ADAPTERS.items() if cls.vit_prune)
 
 
+def supported_pixel_then_vit() -> list[str]:
+    """The model types whose adapter prunes before the vision tower and again inside it (PixelPrune, then a
+    ``vit_layer`` policy), sorted."""
+    return sorted(t for t, cls in ADAPTERS.items() if cls.pixel_then_vit)
+
+
 def supported_video() -> list[str]:
     """The model types whose adapter takes videos (the video policies' families), sorted."""
     return sorted(t for t, cls in ADAPTERS.items() if cls.videos)
@@ -89,5 +95,6 @@ __all__ = [
     "supported_model_types",
     "supported_pixel_prune",
     "supported_video",
+    "supported_pixel_then_vit",
     "supported_vit_prune",
 ]

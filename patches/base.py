@@ -80,6 +80,8 @@ class Adapter:
     pixel_prune: ClassVar[bool] = False
     #: True where the adapter prunes inside its vision tower after a block (``vit_layer``, `encode_pruned_after`)
     vit_prune: ClassVar[bool] = False
+    #: True where `encode_pruned_after` also takes the units kept before the encoder (PixelPrune, then ``vit_layer``)
+    pixel_then_vit: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -244,9 +246,21 @@ class Adapter:
         raise NotImplementedError
 
     def encode_pruned_after(
-        self, original: Any, pixel_values: torch.Tensor, grid_thw: Any, kwargs: dict[str, Any], at: int, choose: Any
+        self,
+        original: Any,
+        pixel_values: torch.Tensor,
+        grid_thw: Any,
+        kwargs: dict[str, Any],
+        at: int,
+        choose: Any,
+        first: torch.Tensor | None = None,
     ) -> tuple[Any, torch.Tensor | None]:
-        """Run the tower, choosing the kept tokens after block ``at - 1`` and running the blocks after on them only."""
+        """Run the tower, choosing the kept tokens after block ``at - 1`` and running the blocks after on them only.
+
+        ``first`` (adapters with ``pixel_then_vit``): the units kept before
+        the encoder (`unit_keep`'s layout); the blocks before ``at`` run on
+        those, and ``choose`` keeps a subset of them.
+        """
         raise NotImplementedError
 
     # --- layouts -------------------------------------------------------

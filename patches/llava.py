@@ -234,7 +234,9 @@ class LlavaAdapter(Adapter):
             keep[item, indices.to(hidden.device)] = True
         return keep
 
-    def encode_pruned_after(self, original, pixel_values: torch.Tensor, grid_thw, kwargs: dict[str, Any], at: int, choose):
+    def encode_pruned_after(
+        self, original, pixel_values: torch.Tensor, grid_thw, kwargs: dict[str, Any], at: int, choose, first=None
+    ):
         """Run the CLIP tower, choosing the kept patches after layer ``at - 1`` (0-based) and running the rest on them.
 
         ``choose(hidden)`` gets the hidden states leaving layer ``at - 1``
@@ -247,6 +249,8 @@ class LlavaAdapter(Adapter):
         patches. Returns (the output, None: the projector sees the full-length
         features the model selects from it).
         """
+        if first is not None:  # `pixel_then_vit` is False: the plan refuses PixelPrune before a vit_layer policy
+            raise NotImplementedError(f"{self.model_type}: the tower cannot start from PixelPrune's units here")
         layers = self.vision_layers()
         state: dict[str, Any] = {}
 

@@ -208,6 +208,7 @@ class Qwen2VLAdapter(Adapter):
     pixel_norm: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = CLIP_PIXEL_NORM
     pixel_prune = True
     vit_prune = True
+    pixel_then_vit = True
 
     @property
     def merge(self) -> int:
@@ -375,13 +376,23 @@ class Qwen2VLAdapter(Adapter):
         return keep
 
     def encode_pruned_after(
-        self, original, hidden_states: torch.Tensor, grid_thw: torch.Tensor, kwargs: dict[str, Any], at: int, choose
+        self,
+        original,
+        hidden_states: torch.Tensor,
+        grid_thw: torch.Tensor,
+        kwargs: dict[str, Any],
+        at: int,
+        choose,
+        first: torch.Tensor | None = None,
     ):
         """Run the tower, choosing the kept merge units after block ``at - 1`` (0-based) and running the rest on them.
 
         ``choose(hidden)`` gets the hidden states leaving block ``at - 1`` (the
-        ViT's row order) and returns (bool per merge unit in processor order,
-        ``[(merge units of the call, their new rows (m, unit * D))]``). From
+        ViT's row order, every unit: zero where ``first`` dropped one) and
+        returns (bool per merge unit in processor order, ``[(merge units of
+        the call, their new rows (m, unit * D))]``). ``first``: the units kept
+        before the encoder (PixelPrune): blocks 0 .. ``at - 1`` run on those
+        (as `encode_kept` runs them) and the choice is narrowed to them. From
         block ``at`` on, every block gets the kept rows, their rotary tables
         and attention segments rebuilt over the kept units (full-attention
         blocks: each image's or frame's kept units; Qwen2.5-VL's window
@@ -395,33 +406,54 @@ class Qwen2VLAdapter(Adapter):
         tower = self.vision_tower()
         blocks = tower.blocks
         unit = self.merge**2
+        n_units = int(grid_thw.prod(-1).sum()) // unit
+        device = hidden_states.device
         full_attention = getattr(tower, "fullatt_block_indexes", None)
         order = self.merger_order(grid_thw)
+        order = None if order is None else order.to(device)
+        # the units the blocks before `at` run on, in the ViT's order (None: every unit)
+        running: torch.Tensor | None = None
+        if first is not None:
+            first = first.to(device)
+            raster = torch.nonzero(first).flatten()
+            rows = (raster[:, None] * unit + torch.arange(unit, device=device)).flatten()
+            kwargs = {**kwargs, **self.kept_tower_inputs(grid_thw, first, rows)}
+            hidden_states = hidden_states[rows]
+            running = first if order is None else first[order]
         state: dict[str, Any] = {}
+
+        def unit_rows(units: torch.Tensor) -> torch.Tensor:
+            return (units[:, None] * unit + torch.arange(unit, device=device)).flatten()
 
         def prune(_module, _args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            keep, updates = choose(hidden)
-            if bool(keep.all()):
-                return None
-            device = hidden.device
+            every = hidden
+            if running is not None:
+                every = hidden.new_zeros(n_units * unit, *hidden.shape[1:])
+                every[unit_rows(torch.nonzero(running).flatten())] = hidden
+            keep, updates = choose(every)
             keep = keep.to(device)
-            in_order = keep if order is None else keep[order.to(device)]
-            units = torch.nonzero(in_order).flatten()
-            rows = (units[:, None] * unit + torch.arange(unit, device=device)).flatten()
+            if first is not None:
+                keep = keep & first
+            if bool(keep.all()) or (first is not None and torch.equal(keep, first)):
+                return None
+            in_order = keep if order is None else keep[order]  # every unit, the ViT's order
+            now = in_order if running is None else in_order[running]  # the units running now, the ViT's order
+            rows = unit_rows(torch.nonzero(now).flatten())
             raster = torch.nonzero(keep).flatten()
-            raster_rows = (raster[:, None] * unit + torch.arange(unit, device=device)).flatten()
-            extra = self.kept_tower_inputs(grid_thw, keep, raster_rows)
+            extra = self.kept_tower_inputs(grid_thw, keep, unit_rows(raster))
+            kept_units = torch.nonzero(in_order).flatten()
             slot = torch.full((keep.numel(),), -1, dtype=torch.long, device=device)
-            slot[units if order is None else order.to(device)[units]] = torch.arange(units.numel(), device=device)
+            slot[kept_units if order is None else order[kept_units]] = torch.arange(kept_units.numel(), device=device)
             kept = hidden[rows]
             for unit_index, values in updates:
-                view = kept.view(units.numel(), unit, -1)
+                view = kept.view(kept_units.numel(), unit, -1)
                 view[slot[unit_index.to(device)]] = values.to(kept).view(-1, unit, view.shape[-1])
             # a frame (or window) left without kept units is no attention segment
             state.update(
                 rows=rows,
                 in_order=in_order,
+                now=now,
                 keep=keep,
                 cu=torch.unique_consecutive(extra["cu_seqlens"].to(device)),
                 cu_window=extra.get("cu_window_seqlens"),
@@ -444,10 +476,11 @@ class Qwen2VLAdapter(Adapter):
             return hook
 
         def scatter_merged(_module, _args, output):
+            # back to the units the tower started from, in its order: the tower's own un-permutation follows
             if not state:
                 return None
-            full = output.new_zeros(state["in_order"].numel(), *output.shape[1:])
-            full[state["in_order"]] = output
+            full = output.new_zeros(state["now"].numel(), *output.shape[1:])
+            full[state["now"]] = output
             return full
 
         handles = [blocks[at - 1].register_forward_hook(prune)]
@@ -460,18 +493,27 @@ class Qwen2VLAdapter(Adapter):
         finally:
             for handle in handles:
                 handle.remove()
-        if not state:
+        keep = state["keep"] if state else first
+        if keep is None:  # nothing dropped, before or inside the tower
             return out, None
-        full_hidden = self.full_vit_rows(out.last_hidden_state, grid_thw, state["keep"])
+        full_hidden = self.full_vit_rows(out.last_hidden_state, grid_thw, keep)
         out.last_hidden_state = full_hidden
+        if first is not None:  # the merger's output covers the units the tower started from (raster order)
+            full = out.pooler_output.new_zeros(n_units, *out.pooler_output.shape[1:])
+            full[first] = out.pooler_output
+            out.pooler_output = full
         if getattr(out, "deepstack_features", None):
-            n_units = state["keep"].numel()
+            # a tap before the prune has a row per running unit, one after it a row per kept unit (the ViT's order)
+            ran = [(torch.ones(n_units, dtype=torch.bool, device=device) if running is None else running)]
+            if state:
+                ran.append(state["in_order"])
 
             def full_units(values: torch.Tensor) -> torch.Tensor:
-                if values.shape[0] == n_units:  # a tap before the prune
+                if values.shape[0] == n_units:  # a tap on every unit
                     return values
+                mask = next(m for m in reversed(ran) if int(m.sum()) == values.shape[0])
                 full = values.new_zeros(n_units, *values.shape[1:])
-                full[state["in_order"]] = values
+                full[mask] = values
                 return full
 
             out.deepstack_features = [full_units(f) for f in out.deepstack_features]

@@ -33,8 +33,12 @@ class VisionCapture:
     calls: list[dict[str, Any]] = field(default_factory=list)
     pre_projector: list[torch.Tensor] = field(default_factory=list)
     layers: dict[int, list[LayerCall]] = field(default_factory=dict)
-    #: per vision-tower call, (its grid, the merge units an encoder-side policy (PixelPrune) let the tower encode)
+    #: per vision-tower call, (its grid, the units the tower's last blocks and merger encoded: the encoder-side
+    #: policy's keep set, PixelPrune's or a ``vit_layer`` policy's)
     pixel_keep: list[tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
+    #: per vision-tower call, where PixelPrune ran before a ``vit_layer`` policy: (its grid, the units PixelPrune
+    #: kept, which blocks 0 .. keep_layer - 1 encoded); empty otherwise
+    first_keep: list[tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
     #: the first ViT layer that ran on the kept units only (0: PixelPrune's, before the encoder; k: ``vit_layer=k``)
     keep_layer: int = 0
     #: (expand_size, input_ids) when generate() repeated each sample after encoding

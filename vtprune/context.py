@@ -82,6 +82,11 @@ class StageContext:
     def num_images(self, b: int) -> int:
         return len(self.layouts[b].images)
 
+    def num_media(self, b: int) -> int:
+        """Images and videos of sample b's prompt: `num_images`, except inside one vision-encoder call (only the
+        media of that call's kind are laid out there; ``layouts[b].images[i].index`` is each one's place among all)."""
+        return self.num_images(b)
+
     def features(self, b: int, i: int) -> torch.Tensor:
         """Current features of image i's alive tokens, ``(n, D)`` (post-projector at the projector stage)."""
         return self.hidden[b].index_select(0, self.seq_positions[b][i])  # one gather of rows (indexing: slower)
@@ -285,8 +290,8 @@ class StageContext:
             # an encoder-side prune (PixelPrune; vit_layer=k from layer k on) ran these layers on the kept units:
             # back to one row per patch
             kept = self.captured.get("pixel_keep") or ()
-            if layer < self.captured.get("pixel_keep_layer", 0):
-                kept = ()
+            if layer < self.captured.get("pixel_keep_layer", 0):  # before a vit_layer prune: PixelPrune's units, if any
+                kept = self.captured.get("pixel_keep_first") or ()
             for c, (grid, keep) in enumerate(kept[: len(values)]):
                 values[c] = self.adapter.full_vit_rows(values[c], grid, keep)
             self._memo[(what, layer)] = values

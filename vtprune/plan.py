@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from .checks import BadValue, as_user_error
-from .patches import Adapter, adapter_for
+from .patches import Adapter, adapter_for, supported_pixel_then_vit
 from .policies.base import POSITION_MODES, Pipeline, Policy, Signals, check_decoder_layer, make_policy
 
 
@@ -43,13 +43,18 @@ class Plan:
 
     @property
     def encoder_policy(self) -> Policy | None:
-        """The policy that chooses which patches the vision tower encodes (``Signals.encoder_prune``), if any."""
-        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.encoder_prune), None)
+        """The policy that chooses which patches the vision tower encodes before its first block (PixelPrune), if any."""
+        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.encoder_prune == (0,)), None)
+
+    @property
+    def inside_encoder_policy(self) -> Policy | None:
+        """The policy that selects between two blocks of the vision tower (``vit_layer=k``), if any."""
+        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.encoder_prune[:1] > (0,)), None)
 
     @property
     def encoder_layer(self) -> int:
-        """ViT blocks that run before the encoder-side policy selects (0: before the encoder; `encoder_policy`)."""
-        return next((s.encoder_prune[0] for s in self.signals if s.encoder_prune), 0)
+        """ViT blocks that run before `inside_encoder_policy` selects (0: none selects inside the tower)."""
+        return next((s.encoder_prune[0] for s in self.signals if s.encoder_prune[:1] > (0,)), 0)
 
     def sub_blocks(self) -> list[tuple[int, Policy, int]]:
         """(index in the pipeline, policy, decoder layer) of every sub-block observation."""
@@ -118,9 +123,16 @@ def _build_plan(model: nn.Module, policy, keep, positions: str, options: dict, t
     for p, s in zip(bound.policies, signals):
         if len(s.encoder_prune) > 1:
             raise BadValue(f"{p.describe()}: the vision tower is pruned at one point; got {s.encoder_prune}")
-    pruning = [p.describe() for p, s in zip(bound.policies, signals) if s.encoder_prune]
-    if len(pruning) > 1:
-        raise BadValue(f"only one policy of a Pipeline can prune inside or before the vision encoder; got {pruning}")
+    before = [p.describe() for p, s in zip(bound.policies, signals) if s.encoder_prune == (0,)]
+    inside = [p.describe() for p, s in zip(bound.policies, signals) if s.encoder_prune[:1] > (0,)]
+    for where, names in (("before", before), ("inside", inside)):
+        if len(names) > 1:
+            raise BadValue(f"only one policy of a Pipeline can prune {where} the vision encoder; got {names}")
+    if before and inside and not adapter.pixel_then_vit:
+        raise BadValue(
+            f"{before[0]} then {inside[0]}: pruning before the vision encoder and again inside it is built for "
+            f"{', '.join(supported_pixel_then_vit())}; not yet for {adapter.model_type} (use one of the two)"
+        )
     for layer in reads.decoder_queries:
         adapter.query_module(layer)  # the adapter must know where the queries are (raises otherwise)
     return Plan(

@@ -394,7 +394,7 @@ class Runtime:
 
                 self._handles.append(layers[j].register_forward_pre_hook(grab_layer, with_kwargs=True))
 
-        if self.plan.encoder_policy is not None:
+        if self.plan.encoder_policy is not None or self.plan.inside_encoder_policy is not None:
             self._bind(self.adapter.vision_tower(), self._tower_forward)
 
         def expand(original, *args, **kwargs):
@@ -410,57 +410,72 @@ class Runtime:
             self._bind(self.adapter.model, expand, attr="_expand_inputs_for_generation")
 
     def _tower_forward(self, original, pixels, *args, **kwargs):
-        """The vision tower on the units the encoder-side policy keeps (outputs at full length, zero where dropped).
+        """The vision tower on the units the encoder-side policies keep (outputs at full length, zero where dropped).
 
-        Outside a call of the wrapped model the tower runs whole. Where the
-        tower's merger is the projector (Qwen), the merger's input captured
-        for the projector stage is replaced by its full-length form, so later
-        policies index it as unpruned.
+        Outside a call of the wrapped model the tower runs whole. A policy
+        before the encoder (PixelPrune) chooses the units the tower encodes;
+        one inside it (``vit_layer=k``) chooses, after block k - 1, the units
+        the later blocks encode (a subset of the first's when both run).
+        Where the tower's merger is the projector (Qwen), the merger's input
+        captured for the projector stage is replaced by its full-length form,
+        so later policies index it as unpruned.
         """
         record = self.record
         if record is None:
             return original(pixels, *args, **kwargs)
         vision = record.fresh_vision()
         grid = args[0] if args else kwargs.get("grid_thw")  # Qwen towers take the grid; CLIP's images are square
+        first = None
+        policy = self.plan.encoder_policy
+        if policy is not None:
+            with torch.no_grad():
+                first = policy.encoder_keep(self.adapter, pixels, grid)
         at = self.plan.encoder_layer
         if at > 0:
-            return self._tower_pruned_after(original, record, vision, pixels, grid, kwargs, at)
-        policy = self.plan.encoder_policy
-        assert policy is not None  # the tower is bound only for one
-        with torch.no_grad():
-            keep = policy.encoder_keep(self.adapter, pixels, grid)
-        vision.pixel_keep.append((grid, keep))
-        if bool(keep.all()):
+            return self._tower_pruned_after(original, record, vision, pixels, grid, kwargs, at, first)
+        assert first is not None  # the tower is bound only for an encoder-side policy
+        vision.pixel_keep.append((grid, first))
+        if bool(first.all()):
             return original(pixels, *args, **kwargs)
         captured = len(vision.pre_projector)
         rest = {k: v for k, v in kwargs.items() if k != "grid_thw"}
-        out, merger_input = self.adapter.encode_kept(original, pixels, grid, keep, rest)
+        out, merger_input = self.adapter.encode_kept(original, pixels, grid, first, rest)
         if merger_input is not None and len(vision.pre_projector) > captured:
             vision.pre_projector[captured] = merger_input
         return out
 
-    def _tower_pruned_after(self, original, record, vision, pixels, grid, kwargs, at: int):
-        """The vision tower with the encoder-side policy selecting after block ``at - 1`` (``vit_layer=at``)."""
+    def _tower_pruned_after(self, original, record, vision, pixels, grid, kwargs, at: int, first):
+        """The vision tower with the inside-encoder policy selecting after block ``at - 1`` (``vit_layer=at``), on
+        the units ``first`` keeps where a policy pruned before the encoder (None: every unit)."""
         from .encoder import encoder_selection
 
-        policy = self.plan.encoder_policy
+        policy = self.plan.inside_encoder_policy
+        assert policy is not None  # `at` comes from it
         vision.keep_layer = at
         # this tower call's encoder method: the calls are recorded in tower-call order, a method another one calls
         # (Qwen3-VL's get_video_features calls get_image_features) recorded after it
         n_call = len(vision.pixel_keep)
         call = vision.calls[n_call] if n_call < len(vision.calls) else {"method": "get_image_features"}
         start = {j: len(calls) for j, calls in vision.layers.items()}
+        if first is not None:
+            vision.first_keep.append((grid, first))
 
         def choose(hidden):
             layer_calls = {j: calls[start.get(j, 0) :] for j, calls in vision.layers.items()}
             outer = record.outer if record.outer is not None else record.generate_inputs
-            keep, updates = encoder_selection(policy, self.adapter, outer, call, grid, hidden, layer_calls)
+            keep, updates = encoder_selection(policy, self.adapter, outer, call, grid, hidden, layer_calls, first)
             vision.pixel_keep.append((grid, keep))
             return keep, updates
 
         captured = len(vision.pre_projector)
         rest = {k: v for k, v in kwargs.items() if k != "grid_thw"}
-        out, merger_input = self.adapter.encode_pruned_after(original, pixels, grid, rest, at, choose)
+        narrowed = None if first is None or bool(first.all()) else first
+        if narrowed is None:
+            out, merger_input = self.adapter.encode_pruned_after(original, pixels, grid, rest, at, choose)
+        else:
+            out, merger_input = self.adapter.encode_pruned_after(original, pixels, grid, rest, at, choose, first=narrowed)
+        if len(vision.pixel_keep) == n_call:  # the tower ran no block `at - 1` (it cannot: the plan checked `at`)
+            raise RuntimeError(f"{policy.describe()}: the vision tower never reached block {at - 1}")
         if merger_input is not None and len(vision.pre_projector) > captured:
             vision.pre_projector[captured] = merger_input
         return out

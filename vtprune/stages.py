@@ -46,6 +46,7 @@ class StageRunner:
         captured["vision_layers"] = vision.layers
         captured["pixel_keep"] = vision.pixel_keep
         captured["pixel_keep_layer"] = vision.keep_layer
+        captured["pixel_keep_first"] = vision.first_keep
         if vision.expand is not None:
             size, ids = vision.expand
             captured.update(self.adapter.expand_metadata(captured, ids, size))

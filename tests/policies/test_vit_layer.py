@@ -15,7 +15,7 @@ from helpers import inputs, mixed_specs, model_for, sample_alone
 import vtprune
 from vtprune.checks import BadType, BadValue
 from vtprune.patches import adapter_for, supported_vit_prune
-from vtprune.policies import Fixed, Pipeline, PixelPrune, Random
+from vtprune.policies import Fixed, Pipeline, Random
 
 FAMILIES = supported_vit_prune()
 QWEN_TOWERS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -167,6 +167,22 @@ def test_qwen_tower_equals_hand_run_on_kept_rows(family, at, attn):
         assert not tap[dropped].any()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision"])
+def test_fixed_keep_sets_of_images_and_videos_in_one_batch(family):
+    """Images and videos run through the tower in separate calls: each call applies its own media's lists."""
+    if family not in FAMILIES:
+        pytest.skip(f"{family}: vit_layer not built")
+    model = deep_model(family)
+    batch = inputs(model, mixed_specs(family))
+    sets = random_fixed_sets(token_counts(model, batch), seed=3)
+    vtprune.wrap(model, Fixed(kept=sets, vit_layer=1))
+    model(**batch)
+    assert kept_of(model) == sets
+    kinds = {img["kind"] for s in vtprune.report(model).to_dict()["samples"] for img in s["images"]}
+    assert kinds == {"image", "video"}
+
+
 # ----------------------------------------------------------------- the selection: the same as after the encoder
 SAME_SIGNALS = [
     ("random", dict(keep=5), dict(keep=5, where="vision")),
@@ -260,8 +276,8 @@ def test_bad_vit_layer_refused():
         Random(keep=4, vit_layer=1, where="projector")
     with pytest.raises(BadValue, match="deep_layer=3 is read after the selection at vit_layer=1"):
         vtprune.wrap(model, "hiprune", keep=4, object_layer=1, deep_layer=3, vit_layer=1)
-    with pytest.raises(BadValue, match="only one policy"):
-        vtprune.wrap(model, Pipeline([PixelPrune(), Random(keep=4, vit_layer=1)]))
+    with pytest.raises(BadValue, match="only one policy of a Pipeline can prune inside"):
+        vtprune.wrap(model, Pipeline([Random(keep=8, vit_layer=1), Random(keep=4, vit_layer=2)]))
     next_model = model_for("llava_next", vision_layers=DEPTH)
     with pytest.raises(BadValue, match="not yet for llava_next"):
         vtprune.wrap(next_model, "random", keep=4, vit_layer=1)

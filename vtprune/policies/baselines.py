@@ -184,13 +184,14 @@ class Fixed(AnyStagePolicy):
         return super().select(ctx)
 
     def select_sample(self, ctx: StageContext, b: int) -> list[Selection]:
-        if b >= len(self.kept) or len(self.kept[b]) != ctx.num_images(b):
+        if b >= len(self.kept) or len(self.kept[b]) != ctx.num_media(b):
             raise ValueError(
-                f"fixed: sample {b} has {ctx.num_images(b)} images but kept gives "
+                f"fixed: sample {b} has {ctx.num_media(b)} images but kept gives "
                 f"{len(self.kept[b]) if b < len(self.kept) else 'no'} lists"
             )
         out = []
-        for i, grid_indices in enumerate(self.kept[b]):
+        for i, image in enumerate(ctx.layouts[b].images):
+            grid_indices = self.kept[b][image.index]  # inside one encoder call: this call's media only
             alive = ctx.alive[b][i]
             want = torch.as_tensor(grid_indices, dtype=torch.long, device=alive.device)
             idx = torch.searchsorted(alive, want)

@@ -31,7 +31,9 @@ class PixelPrune(Policy):
 
     It reads whole images and acts before every other policy, so it must
     come first in a Pipeline; the budget of every later policy counts from
-    the image's unpruned token count as usual. Supported where the adapter can run its tower on a subset
+    the image's unpruned token count as usual. A later policy with
+    ``vit_layer=k`` (on the Qwen ViTs) then selects inside the tower among
+    the kept units, so the blocks after k run on fewer still. Supported where the adapter can run its tower on a subset
     (``Adapter.pixel_prune``). A later policy that reads the encoder's
     layers (HiPrune, VisionZip, IDPruner's received attention) reads them as
     the encoder ran: over the kept units.
@@ -72,7 +74,7 @@ class PixelPrune(Policy):
         return adapter.unit_keep(pixel_values, grid_thw, self.tau)
 
     def select(self, ctx: StageContext) -> list[list[Selection]]:
-        return encoder_kept(ctx, self.name)  # the units the tower encoded, as `vit_layer` policies read theirs
+        return encoder_kept(ctx, self.name, before=True)  # the units the tower encoded, as `vit_layer` policies read theirs
 
     def describe(self) -> str:
         return f"pixelprune(tau={self.tau:g})"

@@ -64,9 +64,15 @@ def layer_at_most(who: str, name: str, layer: int | None, k: int | None) -> int 
     return layer
 
 
-def encoder_kept(ctx: StageContext, who: str) -> list[list[Selection]]:
-    """Keep sets the vision encoder applied (``ctx.captured["pixel_keep"]``), as indices into each image's alive tokens."""
-    per_call = [keep for _grid, keep in ctx.captured.get("pixel_keep") or ()]
+def encoder_kept(ctx: StageContext, who: str, before: bool = False) -> list[list[Selection]]:
+    """Keep sets the vision encoder applied (``ctx.captured["pixel_keep"]``), as indices into each image's alive tokens.
+
+    ``before``: the keep sets applied before the encoder's first block
+    (PixelPrune's), which differ from the last blocks' where a ``vit_layer``
+    policy pruned again inside the tower.
+    """
+    recorded = (before and ctx.captured.get("pixel_keep_first")) or ctx.captured.get("pixel_keep") or ()
+    per_call = [keep for _grid, keep in recorded]
     if not per_call:
         raise RuntimeError(f"{who}: the vision encoder ran without it in this call (no keep sets recorded)")
     out = []
