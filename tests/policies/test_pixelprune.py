@@ -222,9 +222,10 @@ def window_order(tower, grid_thw, keep_units):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_no_duplicates_is_bit_identical(family):
-    model = model_for(family, "sdpa")
+def test_no_duplicates_is_bit_identical(family, attn):
+    model = model_for(family, attn)
     batch = inputs(model, unmixed_specs(family))  # random pixels: no unit equals a neighbour
     want = model(**batch).logits
     vtprune.wrap(model, "pixelprune")
