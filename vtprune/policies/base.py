@@ -19,7 +19,10 @@ Class constants, read without a model (registry, Pipeline checks, README table):
 - ``zoo_fields``: fields whose None means "the model's default": `bind` fills
   them from model_zoo.yaml, then `resolve` checks them against the model.
 - ``whole_grid``: True when it reads each image's whole token grid (it must
-  come first in a Pipeline).
+  come first in a Pipeline). ``after_pixelprune``: such a policy also reads
+  the grid that PixelPrune left (its alive tokens, holes where duplicate units
+  were dropped), so it may follow policies that act before the encoder
+  (``before_encoder``: PixelPrune).
 - ``first_llm``: True when it reads layer 0's sequence at its own prune
   points (SparseVLM's raters): no llm-stage policy may come before it.
 - ``rounding``: how a fractional ``keep`` becomes a count (``"round"``/``"floor"``).
@@ -217,6 +220,10 @@ class Policy:
     zoo_fields: ClassVar[tuple[str, ...]] = ()
     #: True for policies that read each image's whole grid: they must come first in a Pipeline
     whole_grid: ClassVar[bool] = False
+    #: True for whole-grid policies that also read the grid PixelPrune leaves: they may follow `before_encoder` ones
+    after_pixelprune: ClassVar[bool] = False
+    #: True for policies that choose before the vision encoder runs, from the pixels (PixelPrune)
+    before_encoder: ClassVar[bool] = False
     #: True for llm-stage policies that read layer 0's sequence at their prune points: first llm stage in a Pipeline
     first_llm: ClassVar[bool] = False
     #: how a fractional keep becomes a count
@@ -495,9 +502,11 @@ class Pipeline:
                 f"Pipeline policies prune before decoder layers {layers}; two policies cannot prune at the same layer"
             )
         for position, p in enumerate(self.policies):
-            if position and p.whole_grid:
+            after_pixels = p.after_pixelprune and all(q.before_encoder for q in self.policies[:position])
+            if position and p.whole_grid and not after_pixels:
+                also = " or right after pixelprune" if p.after_pixelprune else ""
                 raise ValueError(
-                    f"{p.describe()} reads each image's whole token grid; put it first in a Pipeline "
+                    f"{p.describe()} reads each image's whole token grid; put it first in a Pipeline{also} "
                     f"(it is at position {position} of {', '.join(q.stage_key for q in self.policies)})"
                 )
             if p.first_llm and any(q.stage == "llm" for q in self.policies[:position]):
@@ -553,7 +562,7 @@ def policy_table() -> str:
         cls = _REGISTRY[name]
         stage = "any (`where=`, `at_layer=`)" if issubclass(cls, AnyStagePolicy) else f"`{cls.stage}`"
         if cls.whole_grid:
-            stage += ", whole grid (first in a Pipeline)"
+            stage += ", whole grid (first in a Pipeline" + (", or after `pixelprune`)" if cls.after_pixelprune else ")")
         zoo = ", ".join(f"`{f}`" for f in cls.zoo_fields) or "-"
         rows.append(f"| `{name}` | {stage} | {cls.paper or '-'} | {zoo} |")
     return "\n".join(rows)

@@ -49,6 +49,7 @@ class PixelPrune(Policy):
     paper: ClassVar[str] = "PixelPrune (OPPO, 2026), code OPPO-Mente-Lab/PixelPrune"
     stage: ClassVar[str] = "vision"
     whole_grid: ClassVar[bool] = True
+    before_encoder: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
