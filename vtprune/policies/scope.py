@@ -88,6 +88,7 @@ class Scope(Policy):
     paper: ClassVar[str] = "SCOPE (NeurIPS 2025), code kinredon/SCOPE"
     zoo_fields: ClassVar[tuple[str, ...]] = ("saliency",)
     whole_grid: ClassVar[bool] = True
+    after_pixelprune: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,7 +128,6 @@ class Scope(Policy):
                 k,
                 layer,
                 saliency,
-                self.name,
                 lambda rows, sal, t: scope_select(rows, sal, t, self.alpha, self.combine),
             )
         )

@@ -129,23 +129,29 @@ def view_saliency(ctx: StageContext, b: int, i: int, layer: int, saliency: str) 
     return sanitize_scores(ctx.vision_attention(b, i, layer), "attention received")
 
 
-def select_per_view(ctx: StageContext, b: int, i: int, k: int, layer: int | None, who: str, pick) -> torch.Tensor:
-    """Image i's keep set: ``pick(view_indices, budget)`` (indices into the view) over every view, ascending."""
+def select_per_view(ctx: StageContext, b: int, i: int, k: int, layer: int | None, pick) -> torch.Tensor:
+    """Image i's keep set: ``pick(view_indices, budget)`` (indices into the view) over every view, ascending.
+
+    Indices are into the image's alive tokens. Before any prune they are the
+    whole grid; after PixelPrune each view holds its kept units only, and
+    the budget is split over the views by those counts (`view_budgets`).
+    """
     image = ctx.layouts[b].images[i]
-    n = int(ctx.alive[b][i].numel())
-    if n != image.num_tokens:
-        raise ValueError(f"{who} reads the whole ViT grid; put it first in a Pipeline")
+    alive = ctx.alive[b][i]
+    n = int(alive.numel())
     device = ctx.hidden.device
     if k >= n:
         return torch.arange(n, device=device)
     views, _ = image_views(ctx, b, i, layer)
+    if n != image.num_tokens:  # after PixelPrune (the Pipeline allows no other policy before this one)
+        where = torch.full((image.num_tokens,), -1, dtype=torch.long, device=device)
+        where[alive.to(device)] = torch.arange(n, device=device)
+        views = [w[w >= 0] for w in (where[v.to(device)] for v in views)]
     kept = [view[pick(view, t).to(view.device)] for view, t in zip(views, view_budgets(k, [v.numel() for v in views])) if t > 0]
     return torch.sort(torch.cat(kept)).values.to(device)
 
 
-def select_per_view_by_saliency(
-    ctx: StageContext, b: int, i: int, k: int, layer: int, saliency: str, who: str, choose
-) -> torch.Tensor:
+def select_per_view_by_saliency(ctx: StageContext, b: int, i: int, k: int, layer: int, saliency: str, choose) -> torch.Tensor:
     """`select_per_view` for the methods that pick from the merged pre-projector rows and a saliency per token
     (SCOPE, VisPruner): ``choose(rows, saliency, t)`` gives one view's picks; both are read once per image."""
     feats, sal = None, None
@@ -158,4 +164,4 @@ def select_per_view_by_saliency(
         view = view.to(feats.device)
         return choose(feats[view], sal[view], t)
 
-    return select_per_view(ctx, b, i, k, layer, who, pick)
+    return select_per_view(ctx, b, i, k, layer, pick)

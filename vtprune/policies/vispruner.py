@@ -81,6 +81,7 @@ class VisPruner(Policy):
     paper: ClassVar[str] = "VisPruner (ICCV 2025), code Theia-4869/VisPruner"
     zoo_fields: ClassVar[tuple[str, ...]] = ("saliency",)
     whole_grid: ClassVar[bool] = True
+    after_pixelprune: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,7 +114,6 @@ class VisPruner(Policy):
                 k,
                 layer,
                 saliency,
-                self.name,
                 lambda rows, sal, t: vispruner_select(rows, sal, t, self.important_ratio),
             )
         )
