@@ -169,6 +169,7 @@ class VisionZip(Policy):
     paper: ClassVar[str] = "VisionZip (CVPR 2025), code dvlab-research/VisionZip"
     zoo_fields: ClassVar[tuple[str, ...]] = ("dominant_score", "merge_before_projector", "cls_token")
     whole_grid: ClassVar[bool] = True
+    after_pixelprune: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -273,15 +274,13 @@ class VisionZip(Policy):
         return k - c, c
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
-        image = ctx.layouts[b].images[i]
+        # after PixelPrune the alive tokens are its kept units (grid order); everything below indexes them
         n = int(ctx.alive[b][i].numel())
-        if n != image.num_tokens:
-            raise ValueError("visionzip reads the whole ViT grid; put it first in a Pipeline")
         if k >= n:
             return Selection(torch.arange(n, device=ctx.hidden.device))
         settings = self._settings()
         layer = settings["layer"]
-        dominant_count, contextual_count = self.split(k, n)
+        dominant_count, contextual_count = self.split(k, ctx.layouts[b].images[i].num_tokens)
         if settings["score"] == "cls":
             score = ctx.vision_cls_attention(b, i, layer)
         else:
