@@ -45,6 +45,18 @@ class HiPrune(Policy):
     Positions: original (the LLaVA reference compacts; the Qwen one keeps the
     original M-RoPE positions).
 
+    After PixelPrune (``Pipeline([PixelPrune(), HiPrune(...)])``, ours: the
+    reference prunes full grids): the image's tokens are PixelPrune's kept
+    units and both layers' scores are the tower's as it ran on them
+    (attention received over the kept units only). Anchors are the top kept
+    units; an anchor's buffers are its grid neighbours (of its grid
+    position, clamped as above) that PixelPrune kept: a dropped neighbour
+    is not kept and its share of the budget goes to the registers, so
+    exactly N' tokens are still kept (the budget counts from the image's
+    unpruned token count, capped at the kept units). Registers come from
+    the kept units. With ``vit_layer=k`` the same selection runs inside the
+    tower, whose blocks before k ran on PixelPrune's units.
+
     Parameters:
         keep: tokens per image (int) or fraction; default 64.
         alpha: share of the budget spent on anchors and buffers; default 0.1.

@@ -120,6 +120,18 @@ class VisionZip(Policy):
     FlashAttention path takes the softmax across segments; its eager path does
     not).
 
+    After PixelPrune (``Pipeline([PixelPrune(), VisionZip(...)])``, ours:
+    the references prune full grids): the image's tokens are PixelPrune's
+    kept units, in grid order, and the signals are the tower's as it ran on
+    them (attention and keys over the kept units only). The dominant tokens
+    are the top d of those; the contextual targets are taken at the stride
+    above over the remaining kept tokens in grid order, and every other
+    remaining kept token joins one; a dropped unit is in no group. The
+    budget counts from the image's unpruned token count N (``keep`` as a
+    fraction, ``contextual_fraction``'s ``int(f N)``), capped at the kept
+    units. With ``vit_layer=k`` the same selection runs inside the tower,
+    whose blocks before k ran on PixelPrune's units.
+
     Parameters:
         keep: tokens per image (int) or fraction (float in (0, 1]); default 64.
         contextual: contextual tokens per image (int >= 0), or their share of
