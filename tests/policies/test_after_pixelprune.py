@@ -304,3 +304,74 @@ def test_only_pixelprune_may_come_before():
             Pipeline([Random(keep=16, where="vision"), second])
         with pytest.raises(ValueError, match="put it first in a Pipeline or right after pixelprune"):
             Pipeline([PixelPrune(), Random(keep=16, where="vision"), second])
+
+
+# ----------------------------------------------------------------- the signals: the tower's attention as it ran
+def record_weights(monkeypatch, module, attention_class) -> list:
+    """Every eager attention call of `attention_class` modules: (module, softmax weights ``(B, heads, q, k)``)."""
+    calls: list = []
+    original = module.eager_attention_forward
+
+    def eager(mod, *args, **kwargs):
+        out, weights = original(mod, *args, **kwargs)
+        if isinstance(mod, attention_class):
+            calls.append((mod, weights.float()))
+        return out, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", eager)
+    return calls
+
+
+@torch.no_grad()
+def test_clip_cls_attention_is_over_the_kept_patches(monkeypatch):
+    """VisionZip's dominant score on LLaVA-1.5 (CLS attention) equals the weights the tower's eager attention
+    computed on CLS and the kept patches (each image its own row of the call, padding after its kept patches)."""
+    from transformers.models.clip import modeling_clip
+
+    model = model_for("llava", "eager")
+    batch, dropped = with_pattern(model, inputs(model, unmixed_specs("llava")), "duplicates")
+    records = spy(monkeypatch, VisionZip, visionzip_reads)
+    calls = record_weights(monkeypatch, modeling_clip, modeling_clip.CLIPAttention)
+    vtprune.wrap(model, Pipeline([PixelPrune(), make("visionzip")]))
+    model(**batch)
+    policy = next(iter(records.values()))["policy"]
+    assert policy.dominant_score == "cls"
+    layer = model.model.vision_tower.encoder.layers[policy.layer - 1].self_attn
+    (weights,) = [w for mod, w in calls if mod is layer]
+    assert weights.shape[0] == len(records)  # one row of the call per image
+    for row, key in enumerate(sorted(records)):
+        r = records[key]
+        n = r["alive"].numel()
+        want = weights[row, :, 0, 1 : 1 + n].sum(0)  # the CLS query, the kept patches' columns, summed over heads
+        torch.testing.assert_close(r["score"], want, rtol=1e-5, atol=1e-6)
+        assert float(weights[row, :, 0, 1 + n :].sum()) < 1e-6  # padding gets nothing
+    assert records[(0, 0)]["alive"].numel() == 64 - len(dropped) and weights.shape[-1] == 1 + 64  # padded
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", NAMES)
+def test_qwen_received_attention_is_over_the_kept_units(monkeypatch, name):
+    """HiPrune's and VisionZip's Qwen score (attention received) equals the tower's eager attention over each
+    image's kept units (its own segment): column sums over the segment's queries, mean over heads, the 4 patches
+    of a unit averaged."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    model = model_for("qwen2_vl", "eager")
+    batch, dropped = with_pattern(model, inputs(model, unmixed_specs("qwen2_vl")), "duplicates")
+    cls, reads = (VisionZip, visionzip_reads) if name == "visionzip" else (HiPrune, hiprune_reads)
+    records = spy(monkeypatch, cls, reads)
+    calls = record_weights(monkeypatch, modeling_qwen2_vl, modeling_qwen2_vl.VisionAttention)
+    vtprune.wrap(model, Pipeline([PixelPrune(), make(name)]))
+    model(**batch)
+    policy = next(iter(records.values()))["policy"]
+    blocks = model.model.visual.blocks
+    layers = {"score": policy.layer - 1} if name == "visionzip" else dict(zip(("obj", "deep"), policy.layers))
+    images = sorted(k for k, r in records.items() if r["image"].kind == "image")  # the image call's segments, in order
+    assert images and records[images[0]]["alive"].numel() == records[images[0]]["image"].num_tokens - len(dropped)
+    for signal, layer in layers.items():
+        segments = [w for mod, w in calls if mod is blocks[layer].attn][: len(images)]
+        for key, weights in zip(images, segments):
+            r = records[key]
+            received = weights[0].sum(1).mean(0)  # (rows,): over the segment's queries, mean over heads
+            assert received.numel() == 4 * r["alive"].numel()  # the segment holds the kept units only
+            torch.testing.assert_close(r[signal], received.view(-1, 4).mean(1), rtol=1e-5, atol=1e-6)
