@@ -324,7 +324,7 @@ def test_batch_equals_alone_and_cache_equals_recomputation(family):
 def test_later_policy_sees_only_kept_units(family, later):
     """A later policy picks among the kept units; one reading the ViT's layers reads them as the tower ran.
 
-    (HiPrune and VisionZip read each image's whole grid: a Pipeline refuses them after PixelPrune.)
+    (HiPrune and VisionZip after PixelPrune: tests/policies/test_after_pixelprune.py.)
     """
     model = model_for(family, "sdpa")
     batch, dropped = with_pattern(model, inputs(model, unmixed_specs(family)), "duplicates")

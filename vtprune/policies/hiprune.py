@@ -45,6 +45,18 @@ class HiPrune(Policy):
     Positions: original (the LLaVA reference compacts; the Qwen one keeps the
     original M-RoPE positions).
 
+    After PixelPrune (``Pipeline([PixelPrune(), HiPrune(...)])``, ours: the
+    reference prunes full grids): the image's tokens are PixelPrune's kept
+    units and both layers' scores are the tower's as it ran on them
+    (attention received over the kept units only). Anchors are the top kept
+    units; an anchor's buffers are its grid neighbours (of its grid
+    position, clamped as above) that PixelPrune kept: a dropped neighbour
+    is not kept and its share of the budget goes to the registers, so
+    exactly N' tokens are still kept (the budget counts from the image's
+    unpruned token count, capped at the kept units). Registers come from
+    the kept units. With ``vit_layer=k`` the same selection runs inside the
+    tower, whose blocks before k ran on PixelPrune's units.
+
     Parameters:
         keep: tokens per image (int) or fraction; default 64.
         alpha: share of the budget spent on anchors and buffers; default 0.1.
@@ -74,6 +86,7 @@ class HiPrune(Policy):
     paper: ClassVar[str] = "HiPrune, code Danielement321/HiPrune"
     zoo_fields: ClassVar[tuple[str, ...]] = ("object_layer",)
     whole_grid: ClassVar[bool] = True
+    after_pixelprune: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,17 +126,19 @@ class HiPrune(Policy):
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         image = ctx.layouts[b].images[i]
-        if ctx.alive[b][i].numel() != image.num_tokens:
-            raise ValueError("hiprune reads the whole ViT grid; put it first in a Pipeline")
         obj_layer, deep_layer = self.layers
         obj = sanitize_scores(ctx.vision_attention(b, i, obj_layer), "object-layer scores")
         deep = sanitize_scores(ctx.vision_attention(b, i, deep_layer), "deep-layer scores")
-        n = obj.numel()
+        n = obj.numel()  # the alive tokens (after PixelPrune: its kept units), grid order
+        alive = ctx.alive[b][i].to(obj.device)
+        rank = torch.full((image.num_tokens,), -1, dtype=torch.long, device=obj.device)
+        rank[alive] = torch.arange(n, device=obj.device)  # grid index -> index among the alive tokens, -1: dropped
         anchors = topk_indices(obj, min(n, round(self.alpha * k / 5)))
         chosen = torch.zeros(n, dtype=torch.bool, device=obj.device)
         chosen[anchors] = True
-        for anchor in anchors.tolist():
-            chosen[self._neighbours(image.grids, anchor)] = True
+        for anchor in alive[anchors].tolist():
+            around = rank[self._neighbours(image.grids, anchor).to(obj.device)]
+            chosen[around[around >= 0]] = True  # a dropped neighbour is not kept: the registers fill its place
         picked = torch.nonzero(chosen).flatten()
         if picked.numel() > k:  # only for budgets too small for the buffers: keep the strongest
             picked = picked[topk_indices(obj[picked], k)]

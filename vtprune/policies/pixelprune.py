@@ -32,11 +32,14 @@ class PixelPrune(Policy):
     It reads whole images and acts before every other policy, so it must
     come first in a Pipeline; the budget of every later policy counts from
     the image's unpruned token count as usual. A later policy with
-    ``vit_layer=k`` (on the Qwen ViTs) then selects inside the tower among
-    the kept units, so the blocks after k run on fewer still. Supported where the adapter can run its tower on a subset
-    (``Adapter.pixel_prune``). A later policy that reads the encoder's
-    layers (HiPrune, VisionZip, IDPruner's received attention) reads them as
-    the encoder ran: over the kept units.
+    ``vit_layer=k`` then selects inside the tower among the kept units, so
+    the blocks after k run on fewer still. Supported where the adapter can
+    run its tower on a subset (``Adapter.pixel_prune``). A later policy that
+    reads the encoder's layers (HiPrune, VisionZip, IDPruner's received
+    attention) reads them as the encoder ran: over the kept units. Of the
+    policies that read each image's whole grid, those with
+    ``after_pixelprune`` (HiPrune, VisionZip, SCOPE, VisPruner) may follow it, after the
+    encoder or with ``vit_layer=k``.
 
     Parameters:
         tau: the largest pixel difference still counted as a match (>= 0; 0: exact).

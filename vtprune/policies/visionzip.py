@@ -120,6 +120,18 @@ class VisionZip(Policy):
     FlashAttention path takes the softmax across segments; its eager path does
     not).
 
+    After PixelPrune (``Pipeline([PixelPrune(), VisionZip(...)])``, ours:
+    the references prune full grids): the image's tokens are PixelPrune's
+    kept units, in grid order, and the signals are the tower's as it ran on
+    them (attention and keys over the kept units only). The dominant tokens
+    are the top d of those; the contextual targets are taken at the stride
+    above over the remaining kept tokens in grid order, and every other
+    remaining kept token joins one; a dropped unit is in no group. The
+    budget counts from the image's unpruned token count N (``keep`` as a
+    fraction, ``contextual_fraction``'s ``int(f N)``), capped at the kept
+    units. With ``vit_layer=k`` the same selection runs inside the tower,
+    whose blocks before k ran on PixelPrune's units.
+
     Parameters:
         keep: tokens per image (int) or fraction (float in (0, 1]); default 64.
         contextual: contextual tokens per image (int >= 0), or their share of
@@ -169,6 +181,7 @@ class VisionZip(Policy):
     paper: ClassVar[str] = "VisionZip (CVPR 2025), code dvlab-research/VisionZip"
     zoo_fields: ClassVar[tuple[str, ...]] = ("dominant_score", "merge_before_projector", "cls_token")
     whole_grid: ClassVar[bool] = True
+    after_pixelprune: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -273,15 +286,13 @@ class VisionZip(Policy):
         return k - c, c
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
-        image = ctx.layouts[b].images[i]
+        # after PixelPrune the alive tokens are its kept units (grid order); everything below indexes them
         n = int(ctx.alive[b][i].numel())
-        if n != image.num_tokens:
-            raise ValueError("visionzip reads the whole ViT grid; put it first in a Pipeline")
         if k >= n:
             return Selection(torch.arange(n, device=ctx.hidden.device))
         settings = self._settings()
         layer = settings["layer"]
-        dominant_count, contextual_count = self.split(k, n)
+        dominant_count, contextual_count = self.split(k, ctx.layouts[b].images[i].num_tokens)
         if settings["score"] == "cls":
             score = ctx.vision_cls_attention(b, i, layer)
         else:
