@@ -39,6 +39,9 @@ class VisionCapture:
     #: per vision-tower call, where PixelPrune ran before a ``vit_layer`` policy: (its grid, the units PixelPrune
     #: kept, which blocks 0 .. keep_layer - 1 encoded); empty otherwise
     first_keep: list[tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
+    #: milliseconds the encoder-side policies spent choosing inside the tower calls: "before" (PixelPrune's
+    #: predictor), "inside" (a ``vit_layer`` policy's selection); the report adds them to those policies' ``ms``
+    encoder_ms: dict[str, float] = field(default_factory=dict)
     #: the first ViT layer that ran on the kept units only (0: PixelPrune's, before the encoder; k: ``vit_layer=k``)
     keep_layer: int = 0
     #: (expand_size, input_ids) when generate() repeated each sample after encoding

@@ -27,9 +27,13 @@ class Report:
     leaves new rows in the sequence (SparseVLM's recycled tokens, rows that were not in the input)
     says how many under ``inserted``: ``after`` counts them, ``kept`` lists only the image's own tokens. STAGE is
     ``vision`` (selected from vision-encoder signals, applied where the
-    projector stage is: the vision tower itself sees every token),
-    ``projector`` or ``llm@K``. ``ms`` is the policy's selection
-    time for the whole batch at that stage (the same value in every image).
+    projector stage is; the vision tower itself sees every token unless a
+    policy chose before it, PixelPrune, or inside it, ``vit_layer``; a
+    second vision-stage policy is ``vision#2``), ``projector`` or
+    ``llm@K``. ``ms`` is the policy's selection time for the whole batch
+    at that stage (the same value in every image); for PixelPrune and a
+    ``vit_layer`` policy it includes the time they spent choosing inside
+    the vision tower's calls.
     """
 
     def __init__(self, policy: str, samples: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+import time
 import types
 import warnings
 import weakref
@@ -428,8 +429,10 @@ class Runtime:
         first = None
         policy = self.plan.encoder_policy
         if policy is not None:
+            start = time.perf_counter()
             with torch.no_grad():
                 first = policy.encoder_keep(self.adapter, pixels, grid)
+            _add_ms(vision.encoder_ms, "before", start, pixels)
         at = self.plan.encoder_layer
         if at > 0:
             return self._tower_pruned_after(original, record, vision, pixels, grid, kwargs, at, first)
@@ -461,10 +464,12 @@ class Runtime:
             vision.first_keep.append((grid, first))
 
         def choose(hidden):
+            began = time.perf_counter()
             layer_calls = {j: calls[start.get(j, 0) :] for j, calls in vision.layers.items()}
             outer = record.outer if record.outer is not None else record.generate_inputs
             keep, updates = encoder_selection(policy, self.adapter, outer, call, grid, hidden, layer_calls, first)
             vision.pixel_keep.append((grid, keep))
+            _add_ms(vision.encoder_ms, "inside", began, hidden)
             return keep, updates
 
         captured = len(vision.pre_projector)
@@ -630,3 +635,10 @@ def _filled_cache(out: Any, given: Any) -> Any:
         if name in names and out[name] is not None:
             return out[name]
     return given
+
+
+def _add_ms(into: dict[str, float], key: str, start: float, like: torch.Tensor) -> None:
+    """Add the milliseconds since ``start`` (`time.perf_counter`) to ``into[key]``, after the device's queued work."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+    into[key] = into.get(key, 0.0) + (time.perf_counter() - start) * 1000.0

@@ -47,6 +47,7 @@ class StageRunner:
         captured["pixel_keep"] = vision.pixel_keep
         captured["pixel_keep_layer"] = vision.keep_layer
         captured["pixel_keep_first"] = vision.first_keep
+        captured["encoder_ms"] = vision.encoder_ms
         if vision.expand is not None:
             size, ids = vision.expand
             captured.update(self.adapter.expand_metadata(captured, ids, size))
@@ -180,9 +181,14 @@ class StageRunner:
         selections = record.selections.get(key) if record.prefills > 1 else None
         if selections is not None and not _same_images(selections, ctx):
             selections = None
+        # a policy that chose before or inside the vision encoder spent that time in the tower call
+        chosen_in_tower = 0.0
         if selections is None:
+            inside = getattr(policy, "vit_layer", None) is not None
+            where = "inside" if inside else "before" if policy.before_encoder else None
+            chosen_in_tower = ctx.captured.get("encoder_ms", {}).get(where, 0.0) if where else 0.0
             with torch.no_grad():
-                if getattr(policy, "vit_layer", None) is not None:  # it selected inside the encoder
+                if inside:  # it selected inside the encoder
                     selections = encoder_kept(ctx, policy.describe())
                 else:
                     selections = policy.select(ctx)
@@ -190,7 +196,7 @@ class StageRunner:
                 record.selections[key] = selections
         if ctx.hidden.is_cuda:
             torch.cuda.synchronize(ctx.hidden.device)
-        ms = (time.perf_counter() - start) * 1000.0
+        ms = (time.perf_counter() - start) * 1000.0 + chosen_in_tower
         hidden = ctx.hidden
         alive, seq_pos, inserted = [], [], []
         merged: dict[int, dict[int, torch.Tensor]] = {}

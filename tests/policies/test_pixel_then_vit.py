@@ -234,3 +234,38 @@ def test_clip_siglip_tower_equals_hand_run_of_both_keep_sets(family, at, attn):
         want = hand_run_crop_two_stages(model, crops[c], first[c], at, second[c])
         torch.testing.assert_close(got[second[c]], want, rtol=1e-5, atol=1e-5)
         assert not got[~second[c]].any()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_reported_ms_include_the_choice_made_inside_the_tower(family, monkeypatch):
+    """PixelPrune's predictor and a vit_layer selection run inside the tower call; their stages' ms count them."""
+    import time
+
+    import vtprune.encoder as encoder_module
+
+    model = model_for(family, "sdpa", vision_layers=DEPTH)
+    batch, _ = with_pattern(model, inputs(model, mixed_specs(family)), "duplicates")
+    slow_keep, slow_select = 0.05, 0.08
+
+    def keep_slowly(self, adapter, pixel_values, grid_thw):
+        time.sleep(slow_keep)
+        return adapter.unit_keep(pixel_values, grid_thw, self.tau)
+
+    real_selection = encoder_module.encoder_selection
+
+    def select_slowly(*args, **kwargs):
+        time.sleep(slow_select)
+        return real_selection(*args, **kwargs)
+
+    monkeypatch.setattr(PixelPrune, "encoder_keep", keep_slowly)
+    monkeypatch.setattr(encoder_module, "encoder_selection", select_slowly)
+    vtprune.wrap(model, Pipeline([PixelPrune(), Random(keep=0.5, vit_layer=2)]))
+    model(**batch)
+    calls = 2 if family.startswith("qwen") else 1  # Qwen: one tower call for the images, one for the video
+    for sample in vtprune.report(model).to_dict()["samples"]:
+        for img in sample["images"]:
+            pix, inside = img["stages"].values()
+            assert pix["ms"] >= 1000 * slow_keep * calls * 0.99
+            assert inside["ms"] >= 1000 * slow_select * calls * 0.99
+            assert pix["ms"] < 1000 * slow_select * calls  # each stage counts its own part only
