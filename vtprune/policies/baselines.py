@@ -107,6 +107,15 @@ class Pooling(Policy):
     window's first (top-left) token. Sub-grids (LLaVA-NeXT views, video
     frames) are pooled separately with the budget split by size. Exactly
     ``keep`` tokens come out for any budget (windows are near-square bands).
+    The pooled rows replace features; the report does not list them as
+    ``merged``.
+
+    After PixelPrune (``Pipeline([PixelPrune(), Pooling(...)])``, ours): the
+    windows are laid over the whole grid as above, from the budget counted
+    from the image's unpruned token count (capped at PixelPrune's kept
+    units); each window's kept units are averaged into one row standing at
+    its first kept unit (raster order), and a window whose every unit was
+    dropped is gone, so fewer than ``keep`` tokens may come out.
     """
 
     keep: int | float = 64
@@ -114,39 +123,38 @@ class Pooling(Policy):
     stage: ClassVar[str] = "projector"
     paper: ClassVar[str] = "baseline (spatial average pooling)"
     whole_grid: ClassVar[bool] = True
+    after_pixelprune: ClassVar[bool] = True
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         image = ctx.layouts[b].images[i]
-        alive = ctx.alive[b][i]
-        if alive.numel() != image.num_tokens:
-            raise ValueError(
-                "pooling needs the image's whole token grid; put it first in a Pipeline "
-                f"(image {i} of sample {b} has {alive.numel()} of {image.num_tokens} tokens left)"
-            )
         warn_nonfinite(ctx, b, i, "pooling")
-        feats = ctx.features(b, i)
+        feats = ctx.features(b, i)  # the alive tokens: the whole grid, or after PixelPrune its kept units
         parts = split_budget([g.size for g in image.grids], k)
         labels: list[torch.Tensor] = []
-        firsts: list[int] = []
+        windows = 0
         for grid, kg in zip(image.grids, parts):
             if kg == 0:  # a sub-grid with no budget (tiny fractions): its tokens go nowhere
                 labels.append(torch.full((grid.size,), -1, dtype=torch.long))
                 continue
             label = torch.empty(grid.height, grid.width, dtype=torch.long)
             for r0, r1, c0, c1 in _window_grid(grid.height, grid.width, kg):
-                label[r0:r1, c0:c1] = len(firsts)
-                firsts.append(grid.offset + r0 * grid.width + c0)
+                label[r0:r1, c0:c1] = windows
+                windows += 1
             labels.append(label.flatten())
-        label = torch.cat(labels).to(feats.device)
+        label = torch.cat(labels).to(feats.device)[ctx.alive[b][i].to(feats.device)]  # the window of each alive token
         src = feats.float()
+        position = torch.arange(label.numel(), device=feats.device)
         if bool((label < 0).any()):
             used = label >= 0
-            label, src = label[used], src[used]
-        sums = src.new_zeros(len(firsts), src.shape[-1]).index_add_(0, label, src)
-        counts = torch.bincount(label, minlength=len(firsts)).clamp_min(1)
-        order = torch.tensor(firsts, device=feats.device)
+            label, src, position = label[used], src[used], position[used]
+        sums = src.new_zeros(windows, src.shape[-1]).index_add_(0, label, src)
+        counts = torch.bincount(label, minlength=windows)
+        first = torch.full((windows,), len(feats), dtype=torch.long, device=feats.device)
+        first = first.scatter_reduce_(0, label, position, "amin")  # each window's first alive member (raster order)
+        present = counts > 0  # a window whose every token PixelPrune dropped is gone
+        order, rows = first[present], (sums[present] / counts[present, None]).to(feats.dtype)
         sort = torch.argsort(order)
-        return Selection(order[sort], (sums / counts[:, None]).to(feats.dtype)[sort])
+        return Selection(order[sort], rows[sort])
 
 
 @register

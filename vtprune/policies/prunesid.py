@@ -106,6 +106,7 @@ class PruneSID(Policy):
     paper: ClassVar[str] = "PruneSID (ICLR 2026), code ZhengyaoFang/PruneSID"
     zoo_fields: ClassVar[tuple[str, ...]] = ("variant",)
     whole_grid: ClassVar[bool] = True
+    after_pixelprune: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,10 +155,8 @@ class PruneSID(Policy):
         return min(prunesid_qwen_budget(ctx.layouts[b].images[i].num_tokens, self.keep), n_alive)
 
     def select_image(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
-        image = ctx.layouts[b].images[i]
+        # the alive tokens: the whole grid, or after PixelPrune its kept units (grid order); all indices below are theirs
         n = int(ctx.alive[b][i].numel())
-        if n != image.num_tokens:
-            raise ValueError("prunesid reads the whole ViT grid; put it first in a Pipeline")
         if k >= n:
             return Selection(torch.arange(n, device=ctx.hidden.device))
         if self._variant() == "qwen":
@@ -167,7 +166,7 @@ class PruneSID(Policy):
     def _select_qwen(self, ctx: StageContext, b: int, i: int, k: int) -> Selection:
         feats = ctx.features(b, i)
         if ctx.layouts[b].images[i].kind == "video":
-            views, _ = image_views(ctx, b, i, None)  # frames
+            views = alive_views(ctx, b, i, image_views(ctx, b, i, None)[0])  # frames
         else:
             views = [torch.arange(feats.shape[0], device=feats.device)]  # the image as one (all its views packed)
         budgets = view_budgets(k, [v.numel() for v in views])
@@ -190,7 +189,7 @@ class PruneSID(Policy):
         pre = ctx.pre_projector(b, i).to(device)
         attention = sanitize_scores(ctx.vision_cls_attention(b, i, layer), "CLS attention").to(device)
         views, crop = image_views(ctx, b, i, layer)
-        views = [v.to(device) for v in views]
+        views = [v.to(device) for v in alive_views(ctx, b, i, views)]
         budgets = view_budgets(k, [v.numel() for v in views])
         partial = [(v, t) for v, t in zip(views, budgets) if 1 < t < v.numel()]
         equal = len({(v.numel(), t) for v, t in partial}) == 1
@@ -206,8 +205,8 @@ class PruneSID(Policy):
             patches = v[prunesid_select(pre[v], attention[v], t, group=next(groups))] if t > 1 else v[:0]
             free = torch.ones(v.numel(), dtype=torch.bool, device=device)
             free[torch.searchsorted(v, patches)] = False
-            slot = v[torch.nonzero(free).flatten()[:1]]
-            cls = self._cls_feature(ctx, b, i, None if crop is None else int(crop[v[0]]))
+            slot = v[torch.nonzero(free).flatten()[:1]]  # the view's first (alive) patch not kept
+            cls = self._cls_feature(ctx, b, i, None if crop is None else int(crop[ctx.alive[b][i][v[0]]]))
             kept += [patches, slot]
             values += [projected[patches], ctx.project(cls[None].to(pre.dtype)).to(projected.dtype).to(device)]
         return Selection(torch.cat(kept), torch.cat(values))
@@ -223,3 +222,18 @@ class PruneSID(Policy):
 
     def describe(self) -> str:
         return f"prunesid(variant={self.variant}, seed={self.seed})"
+
+
+def alive_views(ctx: StageContext, b: int, i: int, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views given as grid indices of image i -> indices into its alive tokens, the dropped ones left out.
+
+    The identity on a whole grid; after PixelPrune each view holds its kept
+    units only (a view may then be empty).
+    """
+    alive = ctx.alive[b][i]
+    n, total = int(alive.numel()), ctx.layouts[b].images[i].num_tokens
+    if n == total:
+        return views
+    where = torch.full((total,), -1, dtype=torch.long, device=alive.device)
+    where[alive] = torch.arange(n, device=alive.device)
+    return [w[w >= 0].to(v.device) for v, w in ((v, where[v.to(alive.device)]) for v in views)]
