@@ -280,6 +280,14 @@ class StageContext:
         values = self.adapter.vision_token_values(self.captured, self.layouts, b, i, per_call)
         return values[self.alive[b][i].to(values.device)]
 
+    def vision_ran_on(self, layer: int) -> tuple | list:
+        """``(grid, keep)`` per encoder call: the units vision ``layer`` (0-based) ran on, where an encoder-side
+        prune (PixelPrune; ``vit_layer=k`` from layer k on) ran it on fewer than every patch; empty otherwise."""
+        kept = self.captured.get("pixel_keep") or ()
+        if layer < self.captured.get("pixel_keep_layer", 0):  # before a vit_layer prune: PixelPrune's units, if any
+            kept = self.captured.get("pixel_keep_first") or ()
+        return kept
+
     def _vision_per_call(self, what: str, layer: int, probe) -> list[torch.Tensor]:
         """``probe(layer, call)`` of every captured call of vision-encoder ``layer``, memoised for the batch."""
         if (what, layer) not in self._memo:
@@ -289,10 +297,7 @@ class StageContext:
             values = [probe(layer, call) for call in calls]
             # an encoder-side prune (PixelPrune; vit_layer=k from layer k on) ran these layers on the kept units:
             # back to one row per patch
-            kept = self.captured.get("pixel_keep") or ()
-            if layer < self.captured.get("pixel_keep_layer", 0):  # before a vit_layer prune: PixelPrune's units, if any
-                kept = self.captured.get("pixel_keep_first") or ()
-            for c, (grid, keep) in enumerate(kept[: len(values)]):
+            for c, (grid, keep) in enumerate(self.vision_ran_on(layer)[: len(values)]):
                 values[c] = self.adapter.full_vit_rows(values[c], grid, keep)
             self._memo[(what, layer)] = values
         return self._memo[(what, layer)]

@@ -262,6 +262,47 @@ def test_prunesid_llava_equals_the_oracle_on_clip_run_by_hand(k):
         assert kept == sorted(pix[j] for j in want + [slot]) and len(kept) == k
 
 
+@torch.no_grad()
+def test_llava_next_every_crop_with_a_dropped_unit(monkeypatch):
+    """A 2 x 2 LLaVA-NeXT image whose five crops all lose a unit (the tower call is padded to fewer than a whole
+    crop): PruneSID's views are the base view and the four quadrants (written from the layout), each holding its
+    kept units, and its keep set is the hand computation over them; SCOPE's views (the same crop reading) keep
+    their shares."""
+    from policies.test_pixelprune import crop_patches, put_patches
+    from vtprune.policies import Scope
+
+    model = model_for("llava_next", "eager")
+    side = model.config.vision_config.image_size
+    grid = side // model.config.vision_config.patch_size
+    batch = inputs(model, [SampleSpec(images=((2 * side, 2 * side),), question=5)])
+    pv = batch["pixel_values"].clone()
+    for crop in range(pv.shape[1]):  # patch 1 of every crop copies patch 0: PixelPrune drops it
+        patches = crop_patches(pv[0, crop], model.config.vision_config.patch_size)
+        patches[1] = patches[0]
+        put_patches(pv[0, crop], patches)
+    batch["pixel_values"] = pv
+    base = grid * grid
+    hires = torch.arange(4 * base).view(2 * grid, 2 * grid) + base
+    regions = [torch.arange(base)] + [
+        hires[r * grid : (r + 1) * grid, c * grid : (c + 1) * grid].flatten() for r in range(2) for c in range(2)
+    ]
+    dropped = sorted(int(region[1]) for region in regions)
+    records = spy(monkeypatch, PruneSID, prunesid_reads)
+    vtprune.wrap(model, Pipeline([PixelPrune(), PruneSID(keep=12)]))
+    model(**batch)
+    (pixel, got), = stages_of(model)[0]
+    assert pixel == [u for u in range(5 * base) if u not in dropped]
+    r = records[(0, 0)]
+    assert [v.tolist() for v in r["views"]] == [v.tolist() for v in regions]
+    assert got == prunesid_llava_by_hand(r["policy"], r) and len(got) == 12
+    vtprune.unwrap(model)
+    vtprune.wrap(model, Pipeline([PixelPrune(), Scope(keep=12)]))
+    model(**batch)
+    (_, scope), = stages_of(model)[0]
+    shares = view_budgets(12, [base - 1] * 5)
+    assert [sum(int(g) in region.tolist() for g in scope) for region in regions] == shares
+
+
 # ----------------------------------------------------------------- batch == alone, cache == recomputation
 @torch.no_grad()
 @pytest.mark.parametrize("name,options", [CASES[0], CASES[1], CASES[3]], ids=[IDS[0], IDS[1], IDS[3]])

@@ -22,14 +22,19 @@ def crop_of_tokens(ctx: StageContext, b: int, i: int, layer: int) -> torch.Tenso
     """Encoder crop (global index among the crops the ViT saw) of each of image i's tokens, span order.
 
     Each captured call of vision ``layer`` is replaced by its crops' indices
-    and packed exactly as the adapter packs any per-ViT-token value.
+    (one per patch of the whole crop, also where the layer ran on fewer) and
+    packed exactly as the adapter packs any per-ViT-token value.
     """
     calls = ctx.captured.get("vision_layers", {}).get(layer)
     if not calls:
         raise NotCaptured(f"vision layer {layer} was not captured; list it in `signals().vision_inputs`")
     per_call, start = [], 0
-    for call in calls:
+    ran_on = ctx.vision_ran_on(layer)
+    for c, call in enumerate(calls):
         crops, length = call.hidden.shape[0], call.hidden.shape[1]
+        if c < len(ran_on):  # the layer ran on PixelPrune's (or a vit_layer policy's) units: a whole crop's length
+            grid, keep = ran_on[c]
+            length = ctx.adapter.full_vit_rows(call.hidden.new_zeros(crops, length), grid, keep).shape[1]
         ids = torch.arange(start, start + crops, dtype=torch.float32, device=call.hidden.device)
         per_call.append(ids[:, None].expand(crops, length))
         start += crops
