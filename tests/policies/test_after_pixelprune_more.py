@@ -24,7 +24,7 @@ import vtprune
 from policies.test_leaders_vision_ops import grouped_oracle, prunesid_oracle
 from policies.test_pixelprune import hand_run_first_image, is_qwen, with_pattern
 from policies.test_views_after_pixelprune import clip_signals_on_kept
-from vtprune.ops.leaders import pca_groups, prunesid_qwen_budget, qwen_group_count, scored_groups
+from vtprune.ops.leaders import pca_groups, qwen_group_count, scored_groups
 from vtprune.patches import supported_pixel_prune
 from vtprune.policies import Pipeline, PixelPrune, Pooling, PruneSID, Random
 from vtprune.policies.baselines import _window_grid
@@ -115,7 +115,11 @@ def prunesid_budget_by_hand(policy, n_tokens: int, n_alive: int) -> int:
     ``max(round(N keep / 576), 16)`` (or ``max(round(N f), 16)``), N <= 16 keeping all; capped at the alive units."""
     keep = policy.keep
     if policy.variant == "qwen" and policy.reference_budget:
-        t = n_tokens if n_tokens <= 16 else max(round(n_tokens * keep / 576) if isinstance(keep, int) else round(n_tokens * keep), 16)
+        t = (
+            n_tokens
+            if n_tokens <= 16
+            else max(round(n_tokens * keep / 576) if isinstance(keep, int) else round(n_tokens * keep), 16)
+        )
     else:
         t = keep if isinstance(keep, int) else round(keep * n_tokens)
     return max(1, min(t, n_alive))
@@ -144,7 +148,9 @@ def prunesid_qwen_by_hand(policy, r) -> list[int]:
         x = x / np.linalg.norm(x, axis=1, keepdims=True)
         sim = x @ x.T
         theta = max(18 * t / len(v), 1) * np.triu(sim).sum() / sim.size
-        picks = grouped_oracle(sim, score.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 0, theta, lambda m, rank: m - rank)
+        picks = grouped_oracle(
+            sim, score.double().numpy(), group.tolist(), t, 5 * math.ceil(t / 64), 0, theta, lambda m, rank: m - rank
+        )
         kept += [v[j] for j in picks]
     return sorted(alive[kept].tolist())
 
@@ -193,7 +199,9 @@ def pooling_by_hand(r) -> tuple[list[int], torch.Tensor]:
             continue
         for r0, r1, c0, c1 in _window_grid(grid.height, grid.width, kg):
             members = [
-                grid.offset + row * grid.width + col for row in range(r0, r1) for col in range(c0, c1)
+                grid.offset + row * grid.width + col
+                for row in range(r0, r1)
+                for col in range(c0, c1)
                 if grid.offset + row * grid.width + col in where
             ]
             if members:
@@ -290,7 +298,7 @@ def test_llava_next_every_crop_with_a_dropped_unit(monkeypatch):
     records = spy(monkeypatch, PruneSID, prunesid_reads)
     vtprune.wrap(model, Pipeline([PixelPrune(), PruneSID(keep=12)]))
     model(**batch)
-    (pixel, got), = stages_of(model)[0]
+    ((pixel, got),) = stages_of(model)[0]
     assert pixel == [u for u in range(5 * base) if u not in dropped]
     r = records[(0, 0)]
     assert [v.tolist() for v in r["views"]] == [v.tolist() for v in regions]
@@ -298,7 +306,7 @@ def test_llava_next_every_crop_with_a_dropped_unit(monkeypatch):
     vtprune.unwrap(model)
     vtprune.wrap(model, Pipeline([PixelPrune(), Scope(keep=12)]))
     model(**batch)
-    (_, scope), = stages_of(model)[0]
+    ((_, scope),) = stages_of(model)[0]
     shares = view_budgets(12, [base - 1] * 5)
     assert [sum(int(g) in region.tolist() for g in scope) for region in regions] == shares
 

@@ -38,8 +38,9 @@ class PixelPrune(Policy):
     reads the encoder's layers (HiPrune, VisionZip, IDPruner's received
     attention) reads them as the encoder ran: over the kept units. Of the
     policies that read each image's whole grid, those with
-    ``after_pixelprune`` (HiPrune, VisionZip, SCOPE, VisPruner) may follow it, after the
-    encoder or with ``vit_layer=k``.
+    ``after_pixelprune`` (HiPrune, VisionZip, SCOPE, VisPruner, PruneSID,
+    Pooling) may follow it, after the encoder or (the first four) with
+    ``vit_layer=k``.
 
     Parameters:
         tau: the largest pixel difference still counted as a match (>= 0; 0: exact).

@@ -83,6 +83,17 @@ class PruneSID(Policy):
     could pick a non-member there). Reproduced on purpose: the CLS token is
     kept and projected (LLaVA's projector never saw it in training).
 
+    After PixelPrune (``Pipeline([PixelPrune(), PruneSID(...)])``, ours:
+    the reference prunes full grids): the image's tokens are PixelPrune's
+    kept units, in grid order, and the rows and the CLS attention are the
+    tower's as it ran on them. PCA groups, the similarity matrix and its
+    mean (the Qwen threshold's M included), the NMS and the group budgets
+    are over each view's kept units only; the budget counts from the
+    image's unpruned token count (the Qwen reference budget from the
+    unpruned M), capped at the kept units, and is split over the views by
+    their kept counts; the CLS feature takes the slot of the view's first
+    kept patch not otherwise kept.
+
     Parameters:
         keep: tokens per image, CLS slot included for ``variant="llava"``
             (int), or fraction (float in (0, 1]); default 64.
