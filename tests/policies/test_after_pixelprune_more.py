@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import gen_kwargs, inputs, model_for, sample_alone, unmixed_specs
+from helpers import gen_kwargs, inputs, model_for, sample_alone, unmixed_specs, visual_positions
 
 import vtprune
 from policies.test_leaders_vision_ops import grouped_oracle, prunesid_oracle
@@ -256,8 +256,17 @@ def test_prunesid_llava_equals_the_oracle_on_clip_run_by_hand(k):
     model = model_for("llava", "eager")
     batch = inputs(model, [SampleSpec(images=((32, 32), (32, 32)), question=5)])
     batch, dropped = with_pattern(model, batch, "duplicates")
+    seen = {}
+
+    def grab(module, args, kwargs):  # the sequence entering decoder layer 0: pruned
+        seen["embeds"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
     vtprune.wrap(model, Pipeline([PixelPrune(), PruneSID(keep=k, seed=3)]))
-    model(**batch)
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**batch)
+    finally:
+        handle.remove()
     got = stages_of(model)[0]
     for g in range(2):
         pix, kept = got[g]
@@ -268,6 +277,23 @@ def test_prunesid_llava_equals_the_oracle_on_clip_run_by_hand(k):
         want = prunesid_oracle(hidden, cls_sum, k, group)
         slot = min(set(range(len(pix))) - set(want))  # the CLS slot: the first kept unit not chosen
         assert kept == sorted(pix[j] for j in want + [slot]) and len(kept) == k
+        if g == 0:  # what the language model gets: the projected rows, the CLS feature in the slot
+            rows = [hidden[j] for j in sorted(want + [slot])]
+            rows[sorted(want + [slot]).index(slot)] = clip_cls_on_kept(model, batch["pixel_values"][0], pix)
+            projected = model.model.multi_modal_projector(torch.stack(rows).to(model.dtype)).float()
+            start = int(visual_positions("llava", batch["input_ids"])[0])
+            torch.testing.assert_close(seen["embeds"][0, start : start + k].float(), projected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def clip_cls_on_kept(model, pixel_values, kept: list[int]) -> torch.Tensor:
+    """The CLS row of the feature layer's output, CLIP run by hand on CLS and the ``kept`` patches of one image."""
+    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    index = torch.tensor([0] + [j + 1 for j in kept])
+    h = tower.pre_layrnorm(tower.embeddings(pixel_values[None])[:, index])
+    for block in tower.encoder.layers[: len(tower.encoder.layers) + model.config.vision_feature_layer + 1]:
+        h = block(h, None)
+    return h[0, 0].float()
 
 
 @torch.no_grad()
@@ -309,6 +335,42 @@ def test_llava_next_every_crop_with_a_dropped_unit(monkeypatch):
     ((_, scope),) = stages_of(model)[0]
     shares = view_budgets(12, [base - 1] * 5)
     assert [sum(int(g) in region.tolist() for g in scope) for region in regions] == shares
+
+
+VIDEO_FAMILIES = [f for f in FAMILIES if f.startswith("qwen")]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["prunesid", "pooling"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_frames_with_holes(monkeypatch, family, name):
+    """A Qwen video whose second frame repeats its first unit twice: PruneSID's views (the frames) and Pooling's
+    sub-grids hold their kept units, and the result is the hand computation over them."""
+    model = model_for(family, "sdpa")
+    batch = dict(inputs(model, unmixed_specs(family)))
+    t, h, w = batch["video_grid_thw"][0].tolist()
+    assert t >= 2
+    units = batch["pixel_values_videos"].clone().view(-1, 4, batch["pixel_values_videos"].shape[-1])
+    second = h * w // 4  # the first unit of frame 1
+    units[second + 1] = units[second]
+    units[second + 2] = units[second]
+    batch["pixel_values_videos"] = units.view_as(batch["pixel_values_videos"])
+    cls, reads = (PruneSID, prunesid_reads) if name == "prunesid" else (Pooling, pooling_reads)
+    records = spy(monkeypatch, cls, reads)
+    vtprune.wrap(model, Pipeline([PixelPrune(), make(name, keep=8 if name == "pooling" else 64)]))
+    model(**batch)
+    stages = stages_of(model)
+    (b, i), r = next((key, r) for key, r in records.items() if r["image"].kind == "video")
+    pixel, got = stages[b][i]
+    assert pixel == [u for u in range(r["image"].num_tokens) if u not in (second + 1, second + 2)]
+    assert r["alive"].tolist() == pixel and set(got) <= set(pixel)
+    if name == "prunesid":
+        assert r["k"] == 16 and len(got) == 16  # max(round(32 x 64 / 576), 16) of the unpruned 32
+        assert got == prunesid_qwen_by_hand(r["policy"], r)
+    else:
+        want, rows = pooling_by_hand(r)
+        assert got == want
+        torch.testing.assert_close(r["sel"].values.float().cpu(), rows, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------- batch == alone, cache == recomputation
