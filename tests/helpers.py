@@ -80,6 +80,16 @@ def hooks_left(model) -> list[str]:
     return left
 
 
+def stages_of(model) -> list[list[list[list[int]]]]:
+    """Per sample, per image of the wrapped model's last report: the kept lists of each stage, in pipeline order."""
+    import vtprune
+
+    return [
+        [[stage["kept"] for stage in img["stages"].values()] for img in s["images"]]
+        for s in vtprune.report(model).to_dict()["samples"]
+    ]
+
+
 def gen_kwargs(n: int, **extra) -> dict:
     """generate() options; the random models must not emit placeholder ids (a no-cache step would read them as images)
     nor stop early (a sample alone would end at eos where the batch pads it: compare n tokens)."""

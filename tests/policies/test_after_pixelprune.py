@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import gen_kwargs, inputs, model_for, sample_alone, unmixed_specs
+from helpers import gen_kwargs, inputs, model_for, sample_alone, stages_of, unmixed_specs
 
 import vtprune
 from policies.test_pixelprune import with_pattern
@@ -41,14 +41,6 @@ def deep_model(family: str):
     return model_for(family, "sdpa", vision_layers=DEPTH)
 
 
-def stages_of(model) -> list[list[list[list[int]]]]:
-    """Per sample, per image: the kept lists of each stage, in pipeline order."""
-    return [
-        [[stage["kept"] for stage in img["stages"].values()] for img in s["images"]]
-        for s in vtprune.report(model).to_dict()["samples"]
-    ]
-
-
 def last_kept(model) -> list[list[list[int]]]:
     return [[img[-1] for img in s] for s in stages_of(model)]
 
@@ -63,7 +55,12 @@ def test_no_duplicates_is_the_policy_alone(family, name, where):
         pytest.skip(f"{family}: pixelprune then vit_layer not built")
     model = deep_model(family)
     batch = inputs(model, unmixed_specs(family))  # random pixels: PixelPrune keeps every unit
-    policy = make(name, vit_layer=2 if where == "vit" else None)
+    assert_after_pixelprune_is_alone(model, batch, make(name, vit_layer=2 if where == "vit" else None))
+
+
+def assert_after_pixelprune_is_alone(model, batch, policy) -> None:
+    """On a batch without duplicate units PixelPrune keeps every unit, so ``[PixelPrune(), policy]`` must be the
+    policy alone: the same keep sets, bit-equal logits."""
     vtprune.wrap(model, policy)
     want, want_kept = model(**batch).logits, last_kept(model)
     vtprune.unwrap(model)

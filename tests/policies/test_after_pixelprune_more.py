@@ -18,9 +18,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import gen_kwargs, inputs, model_for, sample_alone, unmixed_specs, visual_positions
+from helpers import gen_kwargs, inputs, model_for, sample_alone, stages_of, unmixed_specs, visual_positions
 
 import vtprune
+from policies.test_after_pixelprune import assert_after_pixelprune_is_alone, spy
 from policies.test_leaders_vision_ops import grouped_oracle, prunesid_oracle
 from policies.test_pixelprune import hand_run_first_image, is_qwen, with_pattern
 from policies.test_views_after_pixelprune import clip_signals_on_kept
@@ -44,18 +45,6 @@ def make(name: str, **options):
     return PruneSID(**options) if name == "prunesid" else Pooling(**options)
 
 
-def stages_of(model) -> list[list[list[list[int]]]]:
-    """Per sample, per image: the kept lists of each stage, in pipeline order."""
-    return [
-        [[stage["kept"] for stage in img["stages"].values()] for img in s["images"]]
-        for s in vtprune.report(model).to_dict()["samples"]
-    ]
-
-
-def last_kept(model) -> list[list[list[int]]]:
-    return [[img[-1] for img in s] for s in stages_of(model)]
-
-
 # ----------------------------------------------------------------- no duplicates: the policy alone
 @torch.no_grad()
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
@@ -63,35 +52,10 @@ def last_kept(model) -> list[list[list[int]]]:
 def test_no_duplicates_is_the_policy_alone(family, name, options):
     model = model_for(family, "sdpa")
     batch = inputs(model, unmixed_specs(family))  # random pixels: PixelPrune keeps every unit
-    policy = make(name, **options)
-    vtprune.wrap(model, policy)
-    want, want_kept = model(**batch).logits, last_kept(model)
-    vtprune.unwrap(model)
-    vtprune.wrap(model, Pipeline([PixelPrune(), policy]))
-    got = model(**batch).logits
-    whole = [[list(range(img["tokens"])) for img in s["images"]] for s in vtprune.report(model).to_dict()["samples"]]
-    assert [[img[0] for img in s] for s in stages_of(model)] == whole  # PixelPrune kept every unit
-    assert last_kept(model) == want_kept
-    assert torch.equal(got, want)
+    assert_after_pixelprune_is_alone(model, batch, make(name, **options))
 
 
 # ----------------------------------------------------------------- duplicates: a hand computation on the kept units
-def spy(monkeypatch, cls, reads) -> dict:
-    """Record, per (sample, image), what the policy's `select_image` got and returned, and the signals `reads`."""
-    records: dict = {}
-    original = cls.select_image
-
-    def select_image(self, ctx, b, i, k):
-        sel = original(self, ctx, b, i, k)
-        records[(b, i)] = dict(
-            policy=self, k=k, alive=ctx.alive[b][i].cpu(), image=ctx.layouts[b].images[i], sel=sel, **reads(self, ctx, b, i)
-        )
-        return sel
-
-    monkeypatch.setattr(cls, "select_image", select_image)
-    return records
-
-
 def prunesid_reads(self, ctx, b, i):
     if self.variant == "qwen":
         views = image_views(ctx, b, i, None)[0] if ctx.layouts[b].images[i].kind == "video" else None

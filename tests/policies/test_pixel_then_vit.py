@@ -12,11 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gen_kwargs, inputs, mixed_specs, model_for, sample_alone, unmixed_specs
-from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+from helpers import gen_kwargs, inputs, mixed_specs, model_for, sample_alone, stages_of, unmixed_specs
 
 import vtprune
-from policies.test_pixelprune import _units, first_image_units, window_order, with_crop_pattern, with_pattern
+from policies.test_pixelprune import _units, first_image_units, kept_embeddings, window_order, with_crop_pattern, with_pattern
 from policies.test_vit_layer import crop_keep
 from vtprune.checks import BadValue
 from vtprune.patches import adapter_for, supported_pixel_then_vit
@@ -39,14 +38,6 @@ def image_batch(model, family):
     return with_pattern(model, batch, "duplicates")
 
 
-def stages_of(model) -> list[list[list[list[int]]]]:
-    """Per sample, per image: the kept lists of each vision-stage policy, in pipeline order."""
-    return [
-        [[stage["kept"] for stage in img["stages"].values()] for img in s["images"]]
-        for s in vtprune.report(model).to_dict()["samples"]
-    ]
-
-
 def segments(tower, grid, keep):
     """(one attention segment per image over the kept units, the windows, the kept units in window order)."""
     unit = tower.spatial_merge_size**2
@@ -60,21 +51,8 @@ def hand_run_two_stages(tower, pixel_values, grid, first, at, second):
     """The merger's output per unit of ``second`` (raster order): blocks before ``at`` on ``first``'s units,
     the blocks from ``at`` on ``second``'s (a subset)."""
     unit = tower.spatial_merge_size**2
-    raster = torch.nonzero(first).flatten()
-    rows = (raster[:, None] * unit + torch.arange(unit)).flatten()
-    hidden = tower.patch_embed(pixel_values[rows].to(tower.patch_embed.proj.weight.dtype))
-    if hasattr(tower, "pos_embed"):
-        idx, wts = get_vision_interpolation_indices_and_weights(
-            grid,
-            num_grid_per_side=tower.num_grid_per_side,
-            mode=tower.interpolation_mode,
-            align_corners=tower.interpolation_align_corners,
-            spatial_merge_size=tower.spatial_merge_size,
-        )
-        hidden = hidden + (tower.pos_embed(idx) * wts[:, :, None]).sum(1)[rows].to(hidden.dtype)
-    cos, sin = (x[rows] for x in tower.rotary_pos_emb(hidden, get_vision_position_ids(grid, tower.spatial_merge_size)))
     full = getattr(tower, "fullatt_block_indexes", range(len(tower.blocks)))
-    state = hidden, cos, sin  # raster order over `first`'s units
+    state = kept_embeddings(tower, pixel_values, grid, first)  # raster order over `first`'s units
     for keep, blocks in ((first, range(at)), (second, range(at, len(tower.blocks)))):
         subset = keep[first]  # which of `first`'s units run these blocks
         cu, windows, order = segments(tower, grid, keep)

@@ -153,15 +153,9 @@ def hand_run_first_image(model, batch, keep_units) -> torch.Tensor:
     return model.model.multi_modal_projector(states[model.config.vision_feature_layer][0, 1:])
 
 
-def hand_run_tower(tower, pixel_values, grid_thw, keep_units):
-    """The tower's blocks run by hand on the gathered patches, at their whole-grid positions.
-
-    Patch embeddings of the kept patches; the whole grid's rotary table and
-    (where the tower has one) its interpolated absolute position table,
-    gathered; one attention segment per image holding its kept patches
-    (`window_order`: the windows of Qwen2.5-VL's window-attention blocks).
-    Returns the merger's output per kept unit (raster order).
-    """
+def kept_embeddings(tower, pixel_values, grid_thw, keep_units):
+    """(patch embeddings plus the interpolated absolute positions where the tower has them, rotary cos, sin) of the
+    kept units' patches, each gathered from the whole grid's, raster order."""
     unit = tower.spatial_merge_size**2
     kept_units = torch.nonzero(keep_units).flatten()
     rows = (kept_units[:, None] * unit + torch.arange(unit)).flatten()
@@ -176,7 +170,21 @@ def hand_run_tower(tower, pixel_values, grid_thw, keep_units):
         )
         hidden = hidden + (tower.pos_embed(idx) * wts[:, :, None]).sum(1)[rows].to(hidden.dtype)
     positions = get_vision_position_ids(grid_thw, tower.spatial_merge_size)
-    rotary = tuple(x[rows] for x in tower.rotary_pos_emb(hidden, positions))
+    cos, sin = (x[rows] for x in tower.rotary_pos_emb(hidden, positions))
+    return hidden, cos, sin
+
+
+def hand_run_tower(tower, pixel_values, grid_thw, keep_units):
+    """The tower's blocks run by hand on the gathered patches, at their whole-grid positions.
+
+    Patch embeddings of the kept patches; the whole grid's rotary table and
+    (where the tower has one) its interpolated absolute position table,
+    gathered; one attention segment per image holding its kept patches
+    (`window_order`: the windows of Qwen2.5-VL's window-attention blocks).
+    Returns the merger's output per kept unit (raster order).
+    """
+    unit = tower.spatial_merge_size**2
+    hidden, *rotary = kept_embeddings(tower, pixel_values, grid_thw, keep_units)
     per_image = (grid_thw.prod(-1) // unit).tolist()
     counts = torch.tensor([int(k.sum()) * unit for k in torch.split(keep_units, per_image)])
     cu = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
