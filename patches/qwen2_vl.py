@@ -31,6 +31,11 @@ from .family import (
 )
 
 
+def unit_rows(units: torch.Tensor, unit: int) -> torch.Tensor:
+    """Merge-unit indices -> the indices of their patch rows (a unit's ``unit`` patches are consecutive rows)."""
+    return (units[:, None] * unit + torch.arange(unit, device=units.device)).flatten()
+
+
 class Qwen2VLSpec(FamilySpec):
     """The tiny Qwen2-VL model: M-RoPE decoder, a packed ViT with a 2x2 merger; inputs as its processor's
     (flattened patches, ``image_grid_thw``/``video_grid_thw``, vision start/end pairs, ``mm_token_type_ids``).
@@ -341,7 +346,7 @@ class Qwen2VLAdapter(Adapter):
         device = hidden_states.device
         keep = keep.to(device)
         kept_units = torch.nonzero(keep).flatten()
-        rows = (kept_units[:, None] * unit + torch.arange(unit, device=device)).flatten()
+        rows = unit_rows(kept_units, unit)
         extra = self.kept_tower_inputs(grid_thw, keep, rows)
         out = original(hidden_states[rows], grid_thw, **kwargs, **extra)
 
@@ -416,21 +421,18 @@ class Qwen2VLAdapter(Adapter):
         if first is not None:
             first = first.to(device)
             raster = torch.nonzero(first).flatten()
-            rows = (raster[:, None] * unit + torch.arange(unit, device=device)).flatten()
+            rows = unit_rows(raster, unit)
             kwargs = {**kwargs, **self.kept_tower_inputs(grid_thw, first, rows)}
             hidden_states = hidden_states[rows]
             running = first if order is None else first[order]
         state: dict[str, Any] = {}
-
-        def unit_rows(units: torch.Tensor) -> torch.Tensor:
-            return (units[:, None] * unit + torch.arange(unit, device=device)).flatten()
 
         def prune(_module, _args, output):
             hidden = output[0] if isinstance(output, tuple) else output
             every = hidden
             if running is not None:
                 every = hidden.new_zeros(n_units * unit, *hidden.shape[1:])
-                every[unit_rows(torch.nonzero(running).flatten())] = hidden
+                every[unit_rows(torch.nonzero(running).flatten(), unit)] = hidden
             keep, updates = choose(every)
             keep = keep.to(device)
             if first is not None:
@@ -439,9 +441,9 @@ class Qwen2VLAdapter(Adapter):
                 return None
             in_order = keep if order is None else keep[order]  # every unit, the ViT's order
             now = in_order if running is None else in_order[running]  # the units running now, the ViT's order
-            rows = unit_rows(torch.nonzero(now).flatten())
+            rows = unit_rows(torch.nonzero(now).flatten(), unit)
             raster = torch.nonzero(keep).flatten()
-            extra = self.kept_tower_inputs(grid_thw, keep, unit_rows(raster))
+            extra = self.kept_tower_inputs(grid_thw, keep, unit_rows(raster, unit))
             kept_units = torch.nonzero(in_order).flatten()
             slot = torch.full((keep.numel(),), -1, dtype=torch.long, device=device)
             slot[kept_units if order is None else order[kept_units]] = torch.arange(kept_units.numel(), device=device)
@@ -529,7 +531,7 @@ class Qwen2VLAdapter(Adapter):
         order = self.merger_order(grid_thw)
         in_order = keep if order is None else keep[order.to(values.device)]  # units in the tower's row order
         units = torch.nonzero(in_order).flatten()
-        rows = (units[:, None] * unit + torch.arange(unit, device=values.device)).flatten()
+        rows = unit_rows(units, unit)
         full = values.new_zeros(keep.numel() * unit, *values.shape[1:])
         full[rows] = values
         return full

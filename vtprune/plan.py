@@ -44,17 +44,17 @@ class Plan:
     @property
     def encoder_policy(self) -> Policy | None:
         """The policy that chooses which patches the vision tower encodes before its first block (PixelPrune), if any."""
-        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.encoder_prune == (0,)), None)
+        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.prunes_before_encoder), None)
 
     @property
     def inside_encoder_policy(self) -> Policy | None:
         """The policy that selects between two blocks of the vision tower (``vit_layer=k``), if any."""
-        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.encoder_prune[:1] > (0,)), None)
+        return next((p for p, s in zip(self.pipeline.policies, self.signals) if s.prunes_inside_encoder), None)
 
     @property
     def encoder_layer(self) -> int:
         """ViT blocks that run before `inside_encoder_policy` selects (0: none selects inside the tower)."""
-        return next((s.encoder_prune[0] for s in self.signals if s.encoder_prune[:1] > (0,)), 0)
+        return next((s.encoder_prune[0] for s in self.signals if s.prunes_inside_encoder), 0)
 
     def sub_blocks(self) -> list[tuple[int, Policy, int]]:
         """(index in the pipeline, policy, decoder layer) of every sub-block observation."""
@@ -123,8 +123,8 @@ def _build_plan(model: nn.Module, policy, keep, positions: str, options: dict, t
     for p, s in zip(bound.policies, signals):
         if len(s.encoder_prune) > 1:
             raise BadValue(f"{p.describe()}: the vision tower is pruned at one point; got {s.encoder_prune}")
-    before = [p.describe() for p, s in zip(bound.policies, signals) if s.encoder_prune == (0,)]
-    inside = [p.describe() for p, s in zip(bound.policies, signals) if s.encoder_prune[:1] > (0,)]
+    before = [p.describe() for p, s in zip(bound.policies, signals) if s.prunes_before_encoder]
+    inside = [p.describe() for p, s in zip(bound.policies, signals) if s.prunes_inside_encoder]
     for where, names in (("before", before), ("inside", inside)):
         if len(names) > 1:
             raise BadValue(f"only one policy of a Pipeline can prune {where} the vision encoder; got {names}")

@@ -474,12 +474,9 @@ class Runtime:
 
         captured = len(vision.pre_projector)
         rest = {k: v for k, v in kwargs.items() if k != "grid_thw"}
-        narrowed = None if first is None or bool(first.all()) else first
-        if narrowed is None:
-            out, merger_input = self.adapter.encode_pruned_after(original, pixels, grid, rest, at, choose)
-        else:
-            out, merger_input = self.adapter.encode_pruned_after(original, pixels, grid, rest, at, choose, first=narrowed)
-        if len(vision.pixel_keep) == n_call:  # the tower ran no block `at - 1` (it cannot: the plan checked `at`)
+        narrowed = None if first is None or bool(first.all()) else first  # nothing dropped: the tower starts whole
+        out, merger_input = self.adapter.encode_pruned_after(original, pixels, grid, rest, at, choose, first=narrowed)
+        if len(vision.pixel_keep) == n_call:  # block `at - 1`'s hook never ran: no keep set to report for this call
             raise RuntimeError(f"{policy.describe()}: the vision tower never reached block {at - 1}")
         if merger_input is not None and len(vision.pre_projector) > captured:
             vision.pre_projector[captured] = merger_input

@@ -165,6 +165,16 @@ class Signals:
         """Decoder layers something is captured from (their range is checked against the model's depth)."""
         return (*self.decoder_inputs, *self.sub_blocks, *self.decoder_queries)
 
+    @property
+    def prunes_before_encoder(self) -> bool:
+        """True where the tower encodes only the units this policy keeps (PixelPrune)."""
+        return self.encoder_prune == (0,)
+
+    @property
+    def prunes_inside_encoder(self) -> bool:
+        """True where this policy selects between two blocks of the tower (``vit_layer=k``)."""
+        return bool(self.encoder_prune) and self.encoder_prune[0] > 0
+
 
 @dataclass
 class Selection:
