@@ -87,6 +87,15 @@ class StageContext:
         media of that call's kind are laid out there; ``layouts[b].images[i].index`` is each one's place among all)."""
         return self.num_images(b)
 
+    def alive_rank(self, b: int, i: int) -> torch.Tensor:
+        """Image i's grid index -> its place among the image's alive tokens, -1 where no longer alive; ``(N,)``."""
+        alive = self.alive[b][i]
+        n = self.layouts[b].images[i].num_tokens
+        own = torch.nonzero(alive < n).flatten()  # rows inserted inside the LLM stand beyond the grid (N + g)
+        rank = torch.full((n,), -1, dtype=torch.long, device=alive.device)
+        rank[alive[own]] = own
+        return rank
+
     def features(self, b: int, i: int) -> torch.Tensor:
         """Current features of image i's alive tokens, ``(n, D)`` (post-projector at the projector stage)."""
         return self.hidden[b].index_select(0, self.seq_positions[b][i])  # one gather of rows (indexing: slower)

@@ -21,6 +21,7 @@ from helpers import gen_kwargs, inputs, model_for, sample_alone, stages_of, unmi
 
 import vtprune
 from policies.test_pixelprune import with_pattern
+from vtprune.context import StageContext
 from vtprune.layout import SubGrid
 from vtprune.patches import supported_pixel_prune, supported_pixel_then_vit
 from vtprune.policies import HiPrune, Pipeline, PixelPrune, Random, VisionZip
@@ -227,6 +228,7 @@ def test_hiprune_dropped_neighbours_leave_their_share_to_the_registers():
         alive=[[alive]],
         vision_attention=lambda b, i, layer: obj if layer == 0 else deep,
     )
+    ctx.alive_rank = lambda b, i: StageContext.alive_rank(ctx, b, i)  # the real mapping, on this stub's fields
     policy = HiPrune(keep=5, alpha=1.0, object_layer=1, deep_layer=2)  # round(1.0 * 5 / 5) = 1 anchor
     sel = policy.select_image(ctx, 0, 0, 5)
     kept = sorted(alive[sel.indices].tolist())

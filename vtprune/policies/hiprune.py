@@ -131,8 +131,7 @@ class HiPrune(Policy):
         deep = sanitize_scores(ctx.vision_attention(b, i, deep_layer), "deep-layer scores")
         n = obj.numel()  # the alive tokens (after PixelPrune: its kept units), grid order
         alive = ctx.alive[b][i].to(obj.device)
-        rank = torch.full((image.num_tokens,), -1, dtype=torch.long, device=obj.device)
-        rank[alive] = torch.arange(n, device=obj.device)  # grid index -> index among the alive tokens, -1: dropped
+        rank = ctx.alive_rank(b, i).to(obj.device)  # grid index -> index among the alive tokens, -1: dropped
         anchors = topk_indices(obj, min(n, round(self.alpha * k / 5)))
         chosen = torch.zeros(n, dtype=torch.bool, device=obj.device)
         chosen[anchors] = True

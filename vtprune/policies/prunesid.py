@@ -19,7 +19,7 @@ from ..ops.leaders import (
 )
 from ..ops.select import sanitize_scores
 from .base import Policy, Selection, Signals, register
-from .vision_views import image_views, resolve_layer, view_budgets
+from .vision_views import alive_views, image_views, resolve_layer, view_budgets
 
 VARIANTS = ("llava", "qwen")
 
@@ -233,18 +233,3 @@ class PruneSID(Policy):
 
     def describe(self) -> str:
         return f"prunesid(variant={self.variant}, seed={self.seed})"
-
-
-def alive_views(ctx: StageContext, b: int, i: int, views: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views given as grid indices of image i -> indices into its alive tokens, the dropped ones left out.
-
-    The identity on a whole grid; after PixelPrune each view holds its kept
-    units only (a view may then be empty).
-    """
-    alive = ctx.alive[b][i]
-    n, total = int(alive.numel()), ctx.layouts[b].images[i].num_tokens
-    if n == total:
-        return views
-    where = torch.full((total,), -1, dtype=torch.long, device=alive.device)
-    where[alive] = torch.arange(n, device=alive.device)
-    return [w[w >= 0].to(v.device) for v, w in ((v, where[v.to(alive.device)]) for v in views)]

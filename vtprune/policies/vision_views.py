@@ -58,6 +58,18 @@ def image_views(ctx: StageContext, b: int, i: int, layer: int | None) -> tuple[l
     return [torch.arange(g.offset, g.offset + g.size, device=device) for g in image.grids], None
 
 
+def alive_views(ctx: StageContext, b: int, i: int, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views given as grid indices of image i -> indices into its alive tokens, the dropped ones left out.
+
+    The identity on a whole grid; after PixelPrune each view holds its kept
+    units only (a view may then be empty).
+    """
+    if int(ctx.alive[b][i].numel()) == ctx.layouts[b].images[i].num_tokens:
+        return views
+    rank = ctx.alive_rank(b, i)
+    return [w[w >= 0].to(v.device) for v, w in ((v, rank[v.to(rank.device)]) for v in views)]
+
+
 def view_budgets(k: int, sizes: list[int]) -> list[int]:
     """``k`` over views of the given sizes: ``k // views`` each, the remainder to the base view (first).
 
@@ -141,17 +153,11 @@ def select_per_view(ctx: StageContext, b: int, i: int, k: int, layer: int | None
     whole grid; after PixelPrune each view holds its kept units only, and
     the budget is split over the views by those counts (`view_budgets`).
     """
-    image = ctx.layouts[b].images[i]
-    alive = ctx.alive[b][i]
-    n = int(alive.numel())
+    n = int(ctx.alive[b][i].numel())
     device = ctx.hidden.device
     if k >= n:
         return torch.arange(n, device=device)
-    views, _ = image_views(ctx, b, i, layer)
-    if n != image.num_tokens:  # after PixelPrune (the Pipeline allows no other policy before this one)
-        where = torch.full((image.num_tokens,), -1, dtype=torch.long, device=device)
-        where[alive.to(device)] = torch.arange(n, device=device)
-        views = [w[w >= 0] for w in (where[v.to(device)] for v in views)]
+    views = alive_views(ctx, b, i, image_views(ctx, b, i, layer)[0])
     kept = [view[pick(view, t).to(view.device)] for view, t in zip(views, view_budgets(k, [v.numel() for v in views])) if t > 0]
     return torch.sort(torch.cat(kept)).values.to(device)
 
